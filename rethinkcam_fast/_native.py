@@ -1,0 +1,66 @@
+"""Defensive loading of the native extension modules.
+
+``_C`` holds the torch-free C++ CPU kernels and always builds; ``_C_cuda`` holds the torch-free CUDA
+kernels and builds only where ``nvcc`` was found. Neither import may make ``import rethinkcam_fast``
+fail: ops fall back to their pure-PyTorch reference and say so once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from types import ModuleType
+
+import torch
+
+_modules: dict[str, ModuleType | None] = {}
+_errors: dict[str, str] = {}
+_warned: set[str] = set()
+
+
+def _load(name: str) -> ModuleType | None:
+    if name not in _modules:
+        try:
+            _modules[name] = importlib.import_module(f"rethinkcam_fast.{name}")
+        except ImportError as exc:  # missing build, ABI mismatch, missing CUDA runtime
+            _modules[name] = None
+            _errors[name] = f"{type(exc).__name__}: {exc}"
+    return _modules[name]
+
+
+def cpu_module() -> ModuleType | None:
+    """The CPU extension module, or ``None`` when it is not built."""
+    return _load("_C")
+
+
+def cuda_module() -> ModuleType | None:
+    """The CUDA extension module, or ``None`` when it was not built (no ``nvcc`` at build time)."""
+    return _load("_C_cuda")
+
+
+def has_native() -> bool:
+    """True when the C++ CPU kernels are importable (the CPU ops then run natively)."""
+    return cpu_module() is not None
+
+
+def has_cuda_kernels() -> bool:
+    """True when the CUDA extension is importable *and* a CUDA device is usable right now."""
+    return cuda_module() is not None and torch.cuda.is_available()
+
+
+def load_error(name: str) -> str | None:
+    """Why ``name`` (``"_C"`` or ``"_C_cuda"``) failed to import, if it did."""
+    _load(name)
+    return _errors.get(name)
+
+
+def warn_fallback(op: str, reason: str) -> None:
+    """Warn once per (op, reason) that an op runs its slow pure-PyTorch reference."""
+    key = f"{op}:{reason}"
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"rethinkcam_fast.{op}: {reason}; falling back to the pure-PyTorch reference (slower).",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,64 @@
+"""Optional Triton import.
+
+Triton ships with CUDA builds of PyTorch; on a CPU-only machine it is only needed to run the kernels
+under ``TRITON_INTERPRET=1`` (the tests do). Kernel modules import ``triton``/``tl`` from here so that
+their ``@triton.jit`` definitions still parse when Triton is absent; launching one then raises.
+"""
+
+from __future__ import annotations
+
+import os
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only on machines without triton
+    HAS_TRITON = False
+
+    class _MissingKernel:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            raise RuntimeError(
+                f"Triton is not installed, so the kernel {self.fn.__name__} cannot run; "
+                "install it with `pip install triton` or use another backend."
+            )
+
+    class _TritonStub:
+        @staticmethod
+        def jit(fn=None, **_kwargs):
+            return _MissingKernel(fn) if fn is not None else _MissingKernel
+
+        @staticmethod
+        def cdiv(a: int, b: int) -> int:
+            return -(-a // b)
+
+        @staticmethod
+        def next_power_of_2(n: int) -> int:
+            return 1 << max(0, (int(n) - 1).bit_length())
+
+    class _LanguageStub:
+        constexpr = "constexpr"
+
+    triton = _TritonStub()  # type: ignore[assignment]
+    tl = _LanguageStub()  # type: ignore[assignment]
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def can_launch_triton(device: "object") -> bool:
+    """Whether a Triton kernel can run on tensors of ``device`` right now."""
+    if not HAS_TRITON:
+        return False
+    if triton_interpreted():
+        return True
+    return getattr(device, "type", None) == "cuda"
+
+
+__all__ = ["HAS_TRITON", "can_launch_triton", "tl", "triton", "triton_interpreted"]

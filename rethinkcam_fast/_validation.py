@@ -1,0 +1,43 @@
+"""Argument checks shared by every op: clear errors that name the offending argument."""
+
+from __future__ import annotations
+
+from numbers import Real
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, value: object, ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must be a {ndim}-D tensor, got shape {tuple(value.shape)}")
+    return value
+
+
+def check_float_dtype(name: str, value: torch.Tensor) -> None:
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {value.dtype}"
+        )
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"tensors must be on one device: {listed}")
+
+
+def check_unit_interval(name: str, value: object, *, include_one: bool = False) -> float:
+    """``value`` as a float in ``[0, 1)`` (or ``[0, 1]``); ``TypeError``/``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    result = float(value)
+    upper_ok = result <= 1.0 if include_one else result < 1.0
+    if not (result >= 0.0 and upper_ok):  # also rejects NaN
+        interval = "[0, 1]" if include_one else "[0, 1)"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+    return result

@@ -1,0 +1,142 @@
+"""TAP as a module: drop-in shape, model surgery, training loop, torch.compile without graph breaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import rethinkcam_fast
+from rethinkcam_fast import TAP, replace_gap_with_tap
+
+
+class TinyResNetStyle(nn.Module):
+    """Head laid out like torchvision's ResNet: self.avgpool = AdaptiveAvgPool2d((1, 1)), flatten, fc."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class FastAdaptiveAvgPool(nn.Module):
+    """Same structure and attributes as timm's class of this name (mean over (2, 3), optional flatten)."""
+
+    def __init__(self, flatten: bool = False) -> None:
+        super().__init__()
+        self.flatten = flatten
+        self.dim = (2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(self.dim, keepdim=not self.flatten)
+
+
+class SelectAdaptivePool2d(nn.Module):
+    """timm-style wrapper: an inner pool module plus a flatten module."""
+
+    def __init__(self, fast: bool) -> None:
+        super().__init__()
+        self.pool = FastAdaptiveAvgPool(flatten=True) if fast else nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Identity() if fast else nn.Flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.flatten(self.pool(x))
+
+
+class TimmStyle(nn.Module):
+    def __init__(self, fast: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.global_pool = SelectAdaptivePool2d(fast)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.global_pool(torch.relu(self.conv(x))))
+
+
+def test_tap_module_is_a_drop_in_for_adaptive_avg_pool():
+    x = torch.randn(4, 5, 7, 7)
+    gap, pool = nn.AdaptiveAvgPool2d(1), TAP(0.1)
+    assert pool(x).shape == gap(x).shape == (4, 5, 1, 1)
+    torch.testing.assert_close(pool(x).flatten(1), rethinkcam_fast.tap(x, 0.1))
+    assert TAP(0.3, flatten=True)(x).shape == (4, 5)
+    assert "tau=0.3" in repr(TAP(0.3))
+
+
+def test_replace_gap_in_torchvision_style_and_vgg_style_models():
+    torch.manual_seed(0)
+    model = TinyResNetStyle()
+    x = torch.randn(2, 3, 9, 9)
+    features = model.features(x)
+    returned = replace_gap_with_tap(model, tau=0.2)
+    assert returned is model and isinstance(model.avgpool, TAP) and model.avgpool.tau == 0.2
+    torch.testing.assert_close(model(x), model.fc(rethinkcam_fast.tap(features, 0.2)))
+
+    vgg_like = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    replace_gap_with_tap(vgg_like)
+    assert isinstance(vgg_like[1], TAP) and vgg_like(x).shape == (2, 2)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["adaptive", "fast"])
+def test_replace_gap_in_timm_style_models(fast):
+    model = TimmStyle(fast)
+    x = torch.randn(2, 3, 8, 8)
+    want_shape = model(x).shape
+    replace_gap_with_tap(model, 0.1)
+    assert isinstance(model.global_pool.pool, TAP)
+    assert model.global_pool.pool.flatten is fast
+    assert model(x).shape == want_shape
+    torch.testing.assert_close(
+        model(x), model.head(rethinkcam_fast.tap(torch.relu(model.conv(x)), 0.1))
+    )
+
+
+def test_replace_gap_rejects_models_without_a_global_pool():
+    with pytest.raises(ValueError, match="no global average pool"):
+        replace_gap_with_tap(nn.Sequential(nn.Conv2d(3, 3, 1), nn.AdaptiveAvgPool2d(2)))
+    with pytest.raises(ValueError, match="tau must lie in"):
+        replace_gap_with_tap(TinyResNetStyle(), tau=1.0)
+
+
+def test_training_step_updates_parameters_through_tap():
+    torch.manual_seed(0)
+    model = replace_gap_with_tap(TinyResNetStyle())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 3, 9, 9), torch.randint(0, 3, (8,))
+    before = model.features[0].weight.detach().clone()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    assert model.features[0].weight.grad is not None and model.features[0].weight.grad.abs().sum() > 0
+    opt.step()
+    assert not torch.equal(before, model.features[0].weight)
+
+
+def test_bf16_autocast_on_cpu():
+    model = replace_gap_with_tap(TinyResNetStyle())
+    x = torch.randn(2, 3, 9, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().sum().backward()
+    assert torch.isfinite(model.fc.weight.grad).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_full_graph_forward_and_backward(backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = replace_gap_with_tap(TinyResNetStyle(), tau=0.1)
+    x = torch.randn(4, 3, 9, 9)
+    eager_out = model(x)
+    (eager_grad,) = torch.autograd.grad(eager_out.sum(), model.features[0].weight)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)  # fullgraph: a break raises
+    out = compiled(x)
+    (grad,) = torch.autograd.grad(out.sum(), model.features[0].weight)
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-5)
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
