@@ -235,4 +235,17 @@ RCAM_HD acc_t<T> tap_threshold(acc_t<T> m, acc_t<T> tau) {
   return round_to<T>(m * tau);
 }
 
+// Host-side dispatch on a dtype code: calls f with a value of the storage type (float, double,
+// half_t or bf16_t); an unknown code throws through check_dtype.
+template <typename F>
+void dispatch_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: f(float{}); break;
+    case kFloat64: f(double{}); break;
+    case kFloat16: f(half_t{}); break;
+    case kBFloat16: f(bf16_t{}); break;
+    default: check_dtype(dtype);
+  }
+}
+
 }  // namespace rcam

@@ -72,17 +72,6 @@ inline raw_t<T> to_raw(T v) {
   return r;
 }
 
-template <typename F>
-void dispatch_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case kFloat32: f(float{}); break;
-    case kFloat64: f(double{}); break;
-    case kFloat16: f(half_t{}); break;
-    case kBFloat16: f(bf16_t{}); break;
-    default: check_dtype(dtype);
-  }
-}
-
 // Channels per tile for the channels_last paths.  Each s step reads one contiguous run of `tile`
 // channels.  Long runs keep the hardware prefetchers streaming: measured on a 2-core Xeon, runs
 // short enough for a tile's slab to stay in L2 between the two forward passes (at a stride of

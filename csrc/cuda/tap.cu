@@ -433,17 +433,6 @@ void check_launch(const char* what) {
   }
 }
 
-template <typename F>
-void dispatch_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case kFloat32: f(float{}); break;
-    case kFloat64: f(double{}); break;
-    case kFloat16: f(half_t{}); break;
-    case kBFloat16: f(bf16_t{}); break;
-    default: check_dtype(dtype);
-  }
-}
-
 template <typename T, bool kVec>
 void launch_forward_rows(const T* x, acc_t<T>* out, acc_t<T>* thr, acc_t<T>* inv, int64_t rows,
                          int64_t C, int S, int64_t sn, int64_t sc, int64_t ss, acc_t<T> tau,

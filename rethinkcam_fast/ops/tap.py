@@ -94,6 +94,16 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 @triton.jit
+def _tap_program_rows(C, stride_n, stride_c, BLOCK_C: tl.constexpr):
+    """This program's (image n, channels c[BLOCK_C], their mask, int64 row offsets into x)."""
+    pid = tl.program_id(0)
+    num_c_blocks = tl.cdiv(C, BLOCK_C)
+    n = pid // num_c_blocks
+    c = (pid % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return n, c, c < C, n.to(tl.int64) * stride_n + c.to(tl.int64) * stride_c
+
+
+@triton.jit
 def _tap_tile_max(
     X_ptr, row_off, c_mask, s_start, s_stop, stride_s, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr
 ):
@@ -111,10 +121,10 @@ def _tap_tile_max(
 
 
 @triton.jit
-def _tap_threshold(row_max, row_nan, tau, IN_DTYPE: tl.constexpr, ACC: tl.constexpr):
+def _tap_threshold(row_max, row_nan, tau, IN_DTYPE: tl.constexpr, IN_BF16: tl.constexpr, ACC: tl.constexpr):
     """thr = max * tau rounded through the input dtype (as PyTorch computes it); NaN if the row had one."""
     thr = row_max * tau
-    if IN_DTYPE == tl.bfloat16:
+    if IN_BF16:
         # Round-to-nearest-even to bf16 by hand: Triton's interpreter truncates in `.to(tl.bfloat16)`,
         # so doing it on the bits gives the same threshold on the CPU interpreter and on the GPU.
         bits = thr.to(tl.uint32, bitcast=True)
@@ -147,28 +157,24 @@ def _tap_tile_sum(
 def _tap_fwd_kernel(
     X_ptr, Out_ptr, Thr_ptr, Inv_ptr,
     C, S, stride_n, stride_c, stride_s, tau,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE_TILE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE_TILE: tl.constexpr, IN_BF16: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """One program per (image, block of BLOCK_C channels): max pass, then threshold/sum/count pass."""
-    pid = tl.program_id(0)
-    num_c_blocks = tl.cdiv(C, BLOCK_C)
-    n = pid // num_c_blocks
-    c = (pid % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    row_off = n.to(tl.int64) * stride_n + c.to(tl.int64) * stride_c
+    n, c, c_mask, row_off = _tap_program_rows(C, stride_n, stride_c, BLOCK_C)
     if SINGLE_TILE:
         # Whole rows fit one tile: load once and keep them in registers for both passes.
         s = tl.arange(0, BLOCK_S)
         mask = c_mask[:, None] & (s[None, :] < S)
         x = tl.load(X_ptr + row_off[:, None] + s[None, :] * stride_s, mask=mask, other=float("-inf")).to(ACC)
         row_nan = tl.sum((x != x).to(tl.int32), axis=1)
-        thr = _tap_threshold(tl.max(x, axis=1), row_nan, tau, X_ptr.dtype.element_ty, ACC)
+        thr = _tap_threshold(tl.max(x, axis=1), row_nan, tau, X_ptr.dtype.element_ty, IN_BF16, ACC)
         kept = x > thr[:, None]  # padding holds -inf, which is never kept
         total = tl.sum(tl.where(kept, x, 0.0), axis=1)
         count = tl.sum((kept & (x > 0.0)).to(tl.int32), axis=1)
     else:
         row_max, row_nan = _tap_tile_max(X_ptr, row_off, c_mask, 0, S, stride_s, BLOCK_C, BLOCK_S, ACC)
-        thr = _tap_threshold(row_max, row_nan, tau, X_ptr.dtype.element_ty, ACC)
+        thr = _tap_threshold(row_max, row_nan, tau, X_ptr.dtype.element_ty, IN_BF16, ACC)
         total, count = _tap_tile_sum(X_ptr, row_off, c_mask, thr, 0, S, stride_s, BLOCK_C, BLOCK_S, ACC)
     inv = 1.0 / tl.maximum(count, 1).to(ACC)
     out_off = n * C + c
@@ -183,13 +189,8 @@ def _tap_split_max_kernel(
     NUM_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
     """Split path, stage 1: max over one of NUM_SPLITS slices of S (NaN where the slice held one)."""
-    pid = tl.program_id(0)
     split = tl.program_id(1)
-    num_c_blocks = tl.cdiv(C, BLOCK_C)
-    n = pid // num_c_blocks
-    c = (pid % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    row_off = n.to(tl.int64) * stride_n + c.to(tl.int64) * stride_c
+    n, c, c_mask, row_off = _tap_program_rows(C, stride_n, stride_c, BLOCK_C)
     s_start = split * SPLIT_LEN
     s_stop = tl.minimum(s_start + SPLIT_LEN, S)
     row_max, row_nan = _tap_tile_max(X_ptr, row_off, c_mask, s_start, s_stop, stride_s, BLOCK_C, BLOCK_S, ACC)
@@ -201,21 +202,17 @@ def _tap_split_max_kernel(
 def _tap_split_sum_kernel(
     X_ptr, PartMax_ptr, PartSum_ptr, PartCount_ptr, Thr_ptr,
     C, S, stride_n, stride_c, stride_s, SPLIT_LEN, tau,
-    NUM_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, IN_BF16: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Split path, stage 2: every slice re-reduces the partial maxima (cheap, deterministic), then sums."""
-    pid = tl.program_id(0)
     split = tl.program_id(1)
-    num_c_blocks = tl.cdiv(C, BLOCK_C)
-    n = pid // num_c_blocks
-    c = (pid % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    n, c, c_mask, row_off = _tap_program_rows(C, stride_n, stride_c, BLOCK_C)
     row = n * C + c
     k = tl.arange(0, NUM_SPLITS)
     part = tl.load(PartMax_ptr + row[:, None] * NUM_SPLITS + k[None, :], mask=c_mask[:, None], other=float("-inf"))
     row_nan = tl.sum((part != part).to(tl.int32), axis=1)
-    thr = _tap_threshold(tl.max(part, axis=1), row_nan, tau, X_ptr.dtype.element_ty, ACC)
-    row_off = n.to(tl.int64) * stride_n + c.to(tl.int64) * stride_c
+    thr = _tap_threshold(tl.max(part, axis=1), row_nan, tau, X_ptr.dtype.element_ty, IN_BF16, ACC)
     s_start = split * SPLIT_LEN
     s_stop = tl.minimum(s_start + SPLIT_LEN, S)
     total, count = _tap_tile_sum(X_ptr, row_off, c_mask, thr, s_start, s_stop, stride_s, BLOCK_C, BLOCK_S, ACC)
@@ -249,21 +246,15 @@ def _tap_bwd_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
     """grad[n, c, s] = (x > thr) * grad_out[n, c] * inv[n, c]; every element written exactly once."""
-    pid = tl.program_id(0)
-    num_c_blocks = tl.cdiv(C, BLOCK_C)
-    n = pid // num_c_blocks
-    c = (pid % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n, c, c_mask, row_off = _tap_program_rows(C, stride_n, stride_c, BLOCK_C)
     s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    c_mask = c < C
     row = n * C + c
     thr = tl.load(Thr_ptr + row, mask=c_mask, other=0.0)
     scale = tl.load(GradOut_ptr + row, mask=c_mask, other=0.0).to(ACC) * tl.load(Inv_ptr + row, mask=c_mask, other=0.0)
     mask = c_mask[:, None] & (s[None, :] < S)
-    n64 = n.to(tl.int64)
-    c64 = c.to(tl.int64)
-    x = tl.load(X_ptr + n64 * stride_n + c64[:, None] * stride_c + s[None, :] * stride_s, mask=mask, other=0.0).to(ACC)
+    x = tl.load(X_ptr + row_off[:, None] + s[None, :] * stride_s, mask=mask, other=0.0).to(ACC)
     grad = tl.where(x > thr[:, None], scale[:, None], 0.0)
-    g_off = n64 * g_stride_n + c64[:, None] * g_stride_c + s[None, :] * g_stride_s
+    g_off = n.to(tl.int64) * g_stride_n + c.to(tl.int64)[:, None] * g_stride_c + s[None, :] * g_stride_s
     tl.store(Grad_ptr + g_off, grad.to(Grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -280,6 +271,14 @@ def _spatial_strides(x: Tensor) -> tuple[Tensor, int, int, int]:
         return x, x.stride(0), x.stride(1), x.stride(3)
     x = x.contiguous()
     return x, x.stride(0), x.stride(1), x.stride(3)
+
+
+def _grad_buffer(x: Tensor) -> tuple[Tensor, Tensor, tuple[int, int, int], tuple[int, int, int]]:
+    """Allocate grad_x in x's memory format; return ``(grad, x', x strides, grad strides)`` as [N, C, H*W]."""
+    grad = torch.empty_like(x, memory_format=_memory_format(x))
+    x, *x_strides = _spatial_strides(x)
+    _, *g_strides = _spatial_strides(grad)
+    return grad, x, tuple(x_strides), tuple(g_strides)
 
 
 def _tile_config(c: int, s: int, stride_s: int) -> tuple[int, int]:
@@ -315,6 +314,7 @@ def tap_forward_triton(x: Tensor, tau: float, num_splits: int | None = None) -> 
     s = x.shape[2] * x.shape[3]
     acc = _acc_dtype(x.dtype)
     acc_tl = tl.float64 if acc == torch.float64 else tl.float32
+    in_bf16 = x.dtype == torch.bfloat16
     out = torch.empty((n, c), dtype=x.dtype, device=x.device)
     thr = torch.empty((n, c), dtype=acc, device=x.device)
     inv = torch.empty((n, c), dtype=acc, device=x.device)
@@ -326,7 +326,7 @@ def tap_forward_triton(x: Tensor, tau: float, num_splits: int | None = None) -> 
     if splits <= 1:
         _tap_fwd_kernel[(programs,)](
             x, out, thr, inv, c, s, stride_n, stride_c, stride_s, tau,
-            BLOCK_C=block_c, BLOCK_S=block_s, SINGLE_TILE=s <= block_s, ACC=acc_tl,
+            BLOCK_C=block_c, BLOCK_S=block_s, SINGLE_TILE=s <= block_s, IN_BF16=in_bf16, ACC=acc_tl,
         )
         return out, thr, inv
     if splits & (splits - 1):
@@ -342,7 +342,7 @@ def tap_forward_triton(x: Tensor, tau: float, num_splits: int | None = None) -> 
     )
     _tap_split_sum_kernel[grid](
         x, part_max, part_sum, part_count, thr, c, s, stride_n, stride_c, stride_s, split_len, tau,
-        NUM_SPLITS=splits, BLOCK_C=block_c, BLOCK_S=block_s, ACC=acc_tl,
+        NUM_SPLITS=splits, BLOCK_C=block_c, BLOCK_S=block_s, IN_BF16=in_bf16, ACC=acc_tl,
     )
     block_r = 128
     _tap_split_combine_kernel[(triton.cdiv(n * c, block_r),)](
@@ -353,12 +353,10 @@ def tap_forward_triton(x: Tensor, tau: float, num_splits: int | None = None) -> 
 
 def tap_backward_triton(grad_out: Tensor, x: Tensor, thr: Tensor, inv: Tensor) -> Tensor:
     """Triton backward: ``Tensor[N, C, H, W]`` in ``x``'s dtype and memory format."""
-    grad = torch.empty_like(x, memory_format=_memory_format(x))
+    grad, x, (stride_n, stride_c, stride_s), (g_stride_n, g_stride_c, g_stride_s) = _grad_buffer(x)
     if x.numel() == 0:
         return grad
     n, c = x.shape[:2]
-    x, stride_n, stride_c, stride_s = _spatial_strides(x)
-    _, g_stride_n, g_stride_c, g_stride_s = _spatial_strides(grad)
     s = x.shape[2] * x.shape[3]
     block_c, block_s = _tile_config(c, s, stride_s)
     grid = (n * triton.cdiv(c, block_c), triton.cdiv(s, block_s))
@@ -392,12 +390,10 @@ def _native_forward(module, x: Tensor, tau: float, last_arg: int) -> tuple[Tenso
 
 
 def _native_backward(module, grad_out: Tensor, x: Tensor, thr: Tensor, inv: Tensor, last_arg: int) -> Tensor:
-    grad = torch.empty_like(x, memory_format=_memory_format(x))
+    grad, x, (stride_n, stride_c, stride_s), (g_stride_n, g_stride_c, g_stride_s) = _grad_buffer(x)
     if x.numel() == 0:
         return grad
     n, c = x.shape[:2]
-    x, stride_n, stride_c, stride_s = _spatial_strides(x)
-    _, g_stride_n, g_stride_c, g_stride_s = _spatial_strides(grad)
     g = grad_out.to(thr.dtype).contiguous()
     module.tap_backward(
         g.data_ptr(), x.data_ptr(), thr.data_ptr(), inv.data_ptr(), grad.data_ptr(),

@@ -1,0 +1,122 @@
+"""Run the pytest-benchmark suites and print a ratio table against each group's baseline.
+
+    python benchmarks/report.py                       # runs every benchmarks/bench_*.py
+    python benchmarks/report.py -k tap --out out.md   # a subset, table also written to out.md
+    python benchmarks/report.py --json results.json   # only format an existing pytest-benchmark JSON
+
+Each benchmark declares ``extra_info["provider"]`` and ``extra_info["baseline"]``; ratios are
+median(provider) / median(baseline) within one group, i.e. measured in the same run on the same
+device. Lower is better; 1.00 is the baseline itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from _common import bench_device, device_name, git_commit  # noqa: E402
+
+
+def run_benchmarks(json_path: str, select: str | None, extra: list[str]) -> None:
+    # -P: do not put the working directory on sys.path, so the *installed* package (with its native
+    # extension) is benchmarked even when this runs from the repository root.
+    cmd = [sys.executable, "-P", "-m", "pytest", HERE, "-q", "-p", "no:cacheprovider", f"--benchmark-json={json_path}",
+           "-o", "python_files=bench_*.py", "--benchmark-disable-gc"]
+    if select:
+        cmd += ["-k", select]
+    cmd += extra
+    print("+", " ".join(cmd), flush=True)
+    result = subprocess.run(cmd)
+    if result.returncode not in (0, 5):
+        raise SystemExit(f"benchmarks failed with exit code {result.returncode}")
+
+
+def format_table(data: dict) -> str:
+    """One markdown table per op: a row per group, a column per provider, then ratios vs the baseline."""
+    ops: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    baselines: dict[str, str] = {}
+    providers: dict[str, list[str]] = defaultdict(list)
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info", {})
+        op = info.get("op", "benchmark")
+        provider = info.get("provider", bench["name"])
+        ops[op][bench["group"]][provider] = bench["stats"]["median"]
+        baselines[op] = info.get("baseline", provider)
+        if provider not in providers[op]:
+            providers[op].append(provider)
+    tables = []
+    for op in ops:
+        base = baselines[op]
+        cols = [base] + [p for p in providers[op] if p != base]
+        header = ["group"] + [f"{p} (median)" for p in cols] + [f"{p} / {base}" for p in cols[1:]]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+        for group in sorted(ops[op]):
+            row = ops[op][group]
+            cells = [group] + [_fmt_time(row[p]) if p in row else "-" for p in cols]
+            cells += [f"{row[p] / row[base]:.2f}x" if p in row and base in row else "-" for p in cols[1:]]
+            lines.append("| " + " | ".join(cells) + " |")
+        tables.append(f"**{op}** (baseline: {base})\n\n" + "\n".join(lines))
+    return "\n\n".join(tables)
+
+
+def _recorded(data: dict, key: str, default: str) -> str:
+    """What the benchmarks recorded about their own run (extra_info), so a re-formatted JSON stays true."""
+    for bench in data.get("benchmarks", []):
+        if key in bench.get("extra_info", {}):
+            return str(bench["extra_info"][key])
+    return default
+
+
+def _commit(data: dict) -> str:
+    info = data.get("commit_info") or {}
+    if info.get("id"):
+        return info["id"][:7] + ("-dirty" if info.get("dirty") else "")
+    return git_commit()
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="format this pytest-benchmark JSON instead of running")
+    parser.add_argument("-k", dest="select", help="pytest -k expression selecting benchmarks")
+    parser.add_argument("--out", help="also write the table (markdown) here")
+    parser.add_argument("--save-json", help="keep the raw pytest-benchmark JSON here")
+    args, extra = parser.parse_known_args(argv)
+
+    if args.json:
+        json_path = args.json
+    else:
+        json_path = args.save_json or os.path.join(tempfile.mkdtemp(), "bench.json")
+        run_benchmarks(json_path, args.select, extra)
+    with open(json_path) as fh:
+        data = json.load(fh)
+    header = (
+        f"device: {_recorded(data, 'device', device_name(bench_device()))} | "
+        f"torch {_recorded(data, 'torch', 'unknown')} | commit {_commit(data)}\n"
+        "ratios: median time / median time of the group's baseline, same run (lower is better)\n"
+    )
+    table = header + "\n" + format_table(data)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
