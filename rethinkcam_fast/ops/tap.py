@@ -461,9 +461,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return "reference"
 
 
-@torch.library.custom_op("rethinkcam_fast::tap_forward", mutates_args=())
-def tap_forward(x: Tensor, tau: float, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
-    """TAP forward: ``(out[N, C] in x.dtype, thr[N, C], inv_count[N, C])`` (acc dtype for the last two)."""
+def _forward_impl(x: Tensor, tau: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     chosen = _resolve_backend(backend, x.device)
     with _device_guard(x):
         if chosen == "triton":
@@ -471,6 +469,47 @@ def tap_forward(x: Tensor, tau: float, backend: str = "auto") -> tuple[Tensor, T
         if chosen in ("cuda", "native"):
             return _native_forward(_native_module(chosen), x, tau, _native_last_arg(x))
         return _tap_forward_reference(x, tau)
+
+
+def _backward_impl(grad_out: Tensor, x: Tensor, thr: Tensor, inv: Tensor, backend: str) -> Tensor:
+    check_same_device(grad_out=grad_out, x=x, thr=thr, inv=inv)
+    chosen = _resolve_backend(backend, x.device)
+    with _device_guard(x):
+        if chosen == "triton":
+            return tap_backward_triton(grad_out, x, thr, inv)
+        if chosen in ("cuda", "native"):
+            return _native_backward(_native_module(chosen), grad_out, x, thr, inv, _native_last_arg(x))
+        return _tap_backward_reference(grad_out, x, thr, inv)
+
+
+class TAPFunction(torch.autograd.Function):
+    """TAP as a plain autograd Function: the eager path (least per-call overhead).
+
+    ``TAPFunction.apply(x, tau, backend) -> Tensor[N, C]``; arguments are not validated here (use
+    :func:`tap`). The backward is first-order only (the mask is a constant; no double backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, tau: float, backend: str) -> Tensor:
+        out, thr, inv = _forward_impl(x, tau, backend)
+        ctx.save_for_backward(x, thr, inv)
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x, thr, inv = ctx.saved_tensors
+        return _backward_impl(grad_out, x, thr, inv, ctx.backend), None, None
+
+
+# Custom ops: what torch.compile sees (opaque to Dynamo, shapes from the fake implementations).
+
+
+@torch.library.custom_op("rethinkcam_fast::tap_forward", mutates_args=())
+def tap_forward(x: Tensor, tau: float, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """TAP forward: ``(out[N, C] in x.dtype, thr[N, C], inv_count[N, C])`` (acc dtype for the last two)."""
+    return _forward_impl(x, tau, backend)
 
 
 @tap_forward.register_fake
@@ -483,14 +522,7 @@ def _tap_forward_fake(x: Tensor, tau: float, backend: str = "auto") -> tuple[Ten
 @torch.library.custom_op("rethinkcam_fast::tap_backward", mutates_args=())
 def tap_backward(grad_out: Tensor, x: Tensor, thr: Tensor, inv: Tensor, backend: str = "auto") -> Tensor:
     """TAP backward: ``grad_x[N, C, H, W]`` (x's dtype and memory format) from ``grad_out[N, C]``."""
-    check_same_device(grad_out=grad_out, x=x, thr=thr, inv=inv)
-    chosen = _resolve_backend(backend, x.device)
-    with _device_guard(x):
-        if chosen == "triton":
-            return tap_backward_triton(grad_out, x, thr, inv)
-        if chosen in ("cuda", "native"):
-            return _native_backward(_native_module(chosen), grad_out, x, thr, inv, _native_last_arg(x))
-        return _tap_backward_reference(grad_out, x, thr, inv)
+    return _backward_impl(grad_out, x, thr, inv, backend)
 
 
 @tap_backward.register_fake
@@ -538,11 +570,14 @@ def tap(x: Tensor, tau: float = 0.1, *, backend: str = "auto") -> Tensor:
         raise ValueError(f"x must have a non-empty spatial extent, got shape {tuple(x.shape)}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return tap_forward(x, tau, backend)[0]
+    if torch.compiler.is_compiling():
+        return tap_forward(x, tau, backend)[0]
+    return TAPFunction.apply(x, tau, backend)
 
 
 __all__ = [
     "BACKENDS",
+    "TAPFunction",
     "tap",
     "tap_backward",
     "tap_backward_triton",
