@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from ._native import has_cuda_kernels, has_native
 from .modules import TAP, replace_gap_with_tap
-from .ops.tap import tap, tap_reference
+from .ops.tap import TAPFunction, tap, tap_reference
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TAP",
+    "TAPFunction",
     "__version__",
     "has_cuda_kernels",
     "has_native",
