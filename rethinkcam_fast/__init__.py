@@ -8,18 +8,25 @@ their pure-PyTorch reference (with a one-time warning); see :func:`has_native` a
 from __future__ import annotations
 
 from ._native import has_cuda_kernels, has_native
+from .engine import CAMEngine, CAMResult
 from .modules import TAP, replace_gap_with_tap
+from .ops.fuse_maps import fuse_maps
+from .ops.weighted_map import weighted_map
 from .ops.tap import TAPFunction, tap, tap_reference
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CAMEngine",
+    "CAMResult",
     "TAP",
     "TAPFunction",
     "__version__",
     "has_cuda_kernels",
     "has_native",
+    "fuse_maps",
     "replace_gap_with_tap",
     "tap",
     "tap_reference",
+    "weighted_map",
 ]

@@ -23,14 +23,13 @@ their fake implementations and autograd registration. Modules live in ``rethinkc
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
 from .. import _native
 from .._triton import can_launch_triton, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, check_unit_interval
+from ._launch import device_guard, flat_spatial
 
 BACKENDS = ("auto", "triton", "cuda", "native", "reference")
 _NATIVE_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -258,26 +257,11 @@ def _tap_bwd_kernel(
     tl.store(Grad_ptr + g_off, grad.to(Grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _spatial_strides(x: Tensor) -> tuple[Tensor, int, int, int]:
-    """``(x', stride_n, stride_c, stride_s)`` addressing ``x`` as ``[N, C, H*W]``.
-
-    NCHW-contiguous and channels_last both flatten (H, W) to one stride, so they are read in place;
-    any other layout where that fails is made contiguous first (one copy).
-    """
-    n, c, h, w = x.shape
-    if w == 1:
-        return x, x.stride(0), x.stride(1), x.stride(2)
-    if h == 1 or x.stride(2) == w * x.stride(3):
-        return x, x.stride(0), x.stride(1), x.stride(3)
-    x = x.contiguous()
-    return x, x.stride(0), x.stride(1), x.stride(3)
-
-
 def _grad_buffer(x: Tensor) -> tuple[Tensor, Tensor, tuple[int, int, int], tuple[int, int, int]]:
     """Allocate grad_x in x's memory format; return ``(grad, x', x strides, grad strides)`` as [N, C, H*W]."""
     grad = torch.empty_like(x, memory_format=_memory_format(x))
-    x, *x_strides = _spatial_strides(x)
-    _, *g_strides = _spatial_strides(grad)
+    x, *x_strides = flat_spatial(x)
+    _, *g_strides = flat_spatial(grad)
     return grad, x, tuple(x_strides), tuple(g_strides)
 
 
@@ -310,7 +294,7 @@ def tap_forward_triton(x: Tensor, tau: float, num_splits: int | None = None) -> 
     the device's SM count, 1 on the CPU interpreter).
     """
     n, c = x.shape[:2]
-    x, stride_n, stride_c, stride_s = _spatial_strides(x)
+    x, stride_n, stride_c, stride_s = flat_spatial(x)
     s = x.shape[2] * x.shape[3]
     acc = _acc_dtype(x.dtype)
     acc_tl = tl.float64 if acc == torch.float64 else tl.float32
@@ -375,7 +359,7 @@ def tap_backward_triton(grad_out: Tensor, x: Tensor, thr: Tensor, inv: Tensor) -
 
 def _native_forward(module, x: Tensor, tau: float, last_arg: int) -> tuple[Tensor, Tensor, Tensor]:
     n, c = x.shape[:2]
-    x, stride_n, stride_c, stride_s = _spatial_strides(x)
+    x, stride_n, stride_c, stride_s = flat_spatial(x)
     s = x.shape[2] * x.shape[3]
     acc = _acc_dtype(x.dtype)
     out = torch.empty((n, c), dtype=acc, device=x.device)
@@ -412,11 +396,6 @@ def _native_last_arg(x: Tensor) -> int:
 
 def _native_module(backend: str):
     return _native.cuda_module() if backend == "cuda" else _native.cpu_module()
-
-
-def _device_guard(x: Tensor):
-    """Triton and the CUDA extension launch on the calling thread's current device: make it x's."""
-    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -463,7 +442,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 def _forward_impl(x: Tensor, tau: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     chosen = _resolve_backend(backend, x.device)
-    with _device_guard(x):
+    with device_guard(x):
         if chosen == "triton":
             return tap_forward_triton(x, tau)
         if chosen in ("cuda", "native"):
@@ -474,7 +453,7 @@ def _forward_impl(x: Tensor, tau: float, backend: str) -> tuple[Tensor, Tensor, 
 def _backward_impl(grad_out: Tensor, x: Tensor, thr: Tensor, inv: Tensor, backend: str) -> Tensor:
     check_same_device(grad_out=grad_out, x=x, thr=thr, inv=inv)
     chosen = _resolve_backend(backend, x.device)
-    with _device_guard(x):
+    with device_guard(x):
         if chosen == "triton":
             return tap_backward_triton(grad_out, x, thr, inv)
         if chosen in ("cuda", "native"):

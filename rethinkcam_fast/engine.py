@@ -1,0 +1,362 @@
+"""The CAM engine: CAM (+NWC), Grad-CAM, Grad-CAM++, LayerCAM and Fully-CAM (CGM + FLM), batched, on the device.
+
+Data flow: model -> hooked activations (and gradients) -> per-layer maps at feature resolution
+(:func:`rethinkcam_fast.ops.weighted_map.weighted_map`) -> upsample + normalise + fuse
+(:func:`rethinkcam_fast.ops.fuse_maps.fuse_maps`) -> :class:`CAMResult`. Every tensor stays on the
+input's device. Hooks live only for the duration of one call, so an engine never leaves hooks behind.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ._validation import check_float_dtype, check_tensor
+from .ops.fuse_maps import FUSE_MODES, fuse_maps
+from .ops.weighted_map import weighted_map
+
+METHODS = ("cam", "gradcam", "gradcam++", "layercam", "fullycam")
+GRADCAM_PP_EPS = 1e-6  # pytorch-grad-cam's epsilon in the Grad-CAM++ denominator
+
+
+@dataclass
+class CAMResult:
+    """What the engine returns for a batch of ``N`` images.
+
+    Attributes:
+        labels: ``LongTensor[N]``, the classes explained.
+        scores: ``Tensor[N]`` (float32), their logits (the seed paper's "weight").
+        cams: ``Tensor[N, H, W]`` float32 in ``[0, 1]``, on the input's device.
+        degenerate: ``BoolTensor[N]``, images whose map was constant or non-finite (returned as zeros).
+        layer_maps: per-layer maps at feature resolution (``{name: Tensor[N, h, w]}``), on request.
+        boxes: ``LongTensor[N, 4]`` (x0, y0, x1, y1) once box extraction lands; ``None`` until then.
+    """
+
+    labels: Tensor
+    scores: Tensor
+    cams: Tensor
+    degenerate: Tensor
+    layer_maps: dict[str, Tensor] | None = None
+    boxes: Tensor | None = None
+
+
+@dataclass
+class _Capture:
+    """Activations (and, for Fully-CAM, per-layer maps) recorded during one call."""
+
+    activations: dict[int, Tensor] = field(default_factory=dict)
+    order: list[int] = field(default_factory=list)
+    maps: dict[int, Tensor] = field(default_factory=dict)
+
+
+def _contains_conv(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+
+
+class CAMEngine:
+    """Class activation maps for a batch of images, every method on the device.
+
+    Args:
+        model: an image classifier returning logits ``[N, C]``. Its mode (``eval()``/``train()``),
+            parameters, their ``.grad`` and ``requires_grad`` are left untouched.
+        method: ``"cam"``, ``"gradcam"``, ``"gradcam++"``, ``"layercam"`` or ``"fullycam"``.
+        target_layers: modules or their names (``model.named_modules()``). Default: the last
+            conv-like layer (the last module, in execution order, that contains a convolution and
+            outputs a 4-D map) for the single-layer methods; every ``nn.Conv2d`` for ``"fullycam"``.
+        classifier: for ``"cam"``: the ``nn.Linear`` (or 1x1 ``nn.Conv2d``) after the global pool.
+            Default: the last ``nn.Linear`` mapping the target layer's channels to the logits.
+        nwc: negative weight clamping for ``"cam"``: ``max(W, 0)`` in the map (logits unchanged).
+        output_size: ``(H, W)`` of the maps; default the input's size.
+        fuse: multi-layer fusion, ``"sum"`` (Fully-CAM's formula) or ``"max"`` (LayerCAM-style).
+        return_layer_maps: also return each layer's map at feature resolution.
+        warn_degenerate: warn when a map is constant or non-finite (costs one device sync).
+        backend: kernels: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"``, ``"reference"``.
+
+    Usage::
+
+        with CAMEngine(model, "gradcam") as engine:
+            result = engine(images)           # top-1 classes
+            result = engine(images, targets=labels)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str = "gradcam",
+        target_layers: list[nn.Module | str] | nn.Module | str | None = None,
+        *,
+        classifier: nn.Module | None = None,
+        nwc: bool = False,
+        output_size: tuple[int, int] | None = None,
+        fuse: str = "sum",
+        return_layer_maps: bool = False,
+        warn_degenerate: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if fuse not in FUSE_MODES:
+            raise ValueError(f"fuse must be one of {FUSE_MODES}, got {fuse!r}")
+        if nwc and method != "cam":
+            raise ValueError("nwc=True (negative weight clamping) applies to method='cam' only")
+        if classifier is not None and not isinstance(classifier, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"classifier must be an nn.Linear or a 1x1 nn.Conv2d, got {type(classifier).__name__}")
+        self.model = model
+        self.method = method
+        self.classifier = classifier
+        self.nwc = bool(nwc)
+        self.output_size = None if output_size is None else (int(output_size[0]), int(output_size[1]))
+        self.fuse = fuse
+        self.return_layer_maps = return_layer_maps
+        self.warn_degenerate = warn_degenerate
+        self.backend = backend
+        self._names = {id(m): name or type(model).__name__ for name, m in model.named_modules()}
+        self.target_layers = self._resolve_layers(target_layers)
+
+    # -- configuration ------------------------------------------------------------------------
+
+    def _resolve_layers(self, target_layers) -> list[nn.Module] | None:
+        if target_layers is None:
+            if self.method == "fullycam":
+                convs = [m for m in self.model.modules() if isinstance(m, nn.Conv2d)]
+                if not convs:
+                    raise ValueError(f"{type(self.model).__name__} has no nn.Conv2d for method='fullycam'")
+                return convs
+            return None  # the last conv-like layer, found on the first call
+        if isinstance(target_layers, (nn.Module, str)):
+            target_layers = [target_layers]
+        layers = []
+        for layer in target_layers:
+            if isinstance(layer, str):
+                try:
+                    layer = self.model.get_submodule(layer)
+                except AttributeError:
+                    raise ValueError(f"target layer {layer!r} is not a submodule of {type(self.model).__name__}") from None
+            elif not isinstance(layer, nn.Module) or id(layer) not in self._names:
+                raise ValueError(f"target layer {type(layer).__name__} is not a submodule of {type(self.model).__name__}")
+            layers.append(layer)
+        if not layers:
+            raise ValueError("target_layers is empty")
+        if len(layers) > 1 and self.method != "fullycam":
+            raise ValueError(f"method={self.method!r} takes one target layer, got {len(layers)}; use 'fullycam'")
+        return layers
+
+    def layer_name(self, module: nn.Module) -> str:
+        return self._names.get(id(module), type(module).__name__)
+
+    # -- context manager: hooks live only inside __call__, so there is nothing left to remove ----
+
+    def __enter__(self) -> CAMEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Nothing to release: hooks are removed at the end of every call (kept for symmetry)."""
+
+    # -- the call -----------------------------------------------------------------------------
+
+    def __call__(self, images: Tensor, targets: int | Tensor | None = None) -> CAMResult:
+        """Explain ``targets`` (default: top-1) for ``images[N, C, H, W]``; see :class:`CAMResult`.
+
+        Works inside ``torch.no_grad()`` too: gradient methods enable autograd for their own pass.
+        """
+        check_tensor("images", images, ndim=4)
+        check_float_dtype("images", images)
+        with torch.set_grad_enabled(self.method != "cam"):
+            return self._explain(images, targets)
+
+    def _explain(self, images: Tensor, targets: int | Tensor | None) -> CAMResult:
+        output_size = self.output_size or (images.shape[2], images.shape[3])
+        capture = _Capture()
+        layers = self.target_layers
+        candidates = layers if layers is not None else [
+            m for m in self.model.modules() if m is not self.model and _contains_conv(m)
+        ]
+        if not candidates:
+            raise ValueError(f"{type(self.model).__name__} has no convolutional layer to explain")
+        needs_grad = self.method != "cam"
+        handles = [m.register_forward_hook(self._forward_hook(capture)) for m in candidates]
+        if needs_grad:
+            # A graph must be recorded even for a frozen model; an input that requires grad does it
+            # without touching the parameters, and the backward never runs past the target layers.
+            images = images.detach().requires_grad_(True)
+        try:
+            logits = self.model(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not isinstance(logits, Tensor) or logits.dim() != 2:
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"the model must return logits [N, num_classes], got {shape}")
+        if layers is None:
+            if not capture.order:
+                raise ValueError("no conv-like layer produced a 4-D feature map during the forward pass")
+            layers = self.target_layers = [self._module_by_id(capture.order[-1])]
+        labels = self._resolve_targets(targets, logits)
+        scores = logits.gather(1, labels[:, None])[:, 0]
+        missing = [self.layer_name(m) for m in layers if id(m) not in capture.activations]
+        if missing:
+            raise ValueError(f"target layer(s) {missing} produced no 4-D tensor output during the forward pass")
+
+        if self.method == "fullycam":
+            maps = self._fully_cam_maps(layers, capture, scores)
+        else:
+            activation = capture.activations[id(layers[0])]
+            maps = [self._single_layer_map(activation, labels, scores, logits.shape[1])]
+        cams, degenerate = fuse_maps(maps, output_size, fuse=self.fuse, backend=self.backend)
+        if self.warn_degenerate and bool(degenerate.any()):
+            warnings.warn(
+                f"{int(degenerate.sum())} of {len(degenerate)} CAMs were constant or non-finite and were set to zeros",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        layer_maps = None
+        if self.return_layer_maps:
+            layer_maps = {self.layer_name(m): mp for m, mp in zip(layers, maps)}
+        return CAMResult(labels=labels, scores=scores.detach().float(), cams=cams, degenerate=degenerate,
+                         layer_maps=layer_maps)
+
+    def _module_by_id(self, key: int) -> nn.Module:
+        for module in self.model.modules():
+            if id(module) == key:
+                return module
+        raise KeyError(key)
+
+    def _forward_hook(self, capture: _Capture):
+        """Record a module's 4-D output. It is the tensor object itself: in-place ops that follow
+        (``ReLU(inplace=True)``) show in it, as in pytorch-grad-cam."""
+
+        def hook(module: nn.Module, _inputs, output) -> None:
+            if not isinstance(output, Tensor) or output.dim() != 4:
+                return
+            key = id(module)
+            capture.activations[key] = output
+            if key in capture.order:
+                capture.order.remove(key)
+            capture.order.append(key)
+
+        return hook
+
+    def _resolve_targets(self, targets, logits: Tensor) -> Tensor:
+        n, num_classes = logits.shape
+        if targets is None:
+            return logits.detach().argmax(dim=1)
+        if isinstance(targets, bool) or not isinstance(targets, (int, Tensor)):
+            raise TypeError(f"targets must be None, an int or a LongTensor[N], got {type(targets).__name__}")
+        if isinstance(targets, int):
+            if not 0 <= targets < num_classes:
+                raise ValueError(f"target class {targets} out of range for {num_classes} classes")
+            return torch.full((n,), targets, dtype=torch.long, device=logits.device)
+        if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+        if targets.shape != (n,):
+            raise ValueError(f"targets must have shape ({n},) to match the batch, got {tuple(targets.shape)}")
+        targets = targets.to(device=logits.device, dtype=torch.long)
+        if n and bool(((targets < 0) | (targets >= num_classes)).any()):
+            raise ValueError(f"targets out of range for {num_classes} classes: {targets.tolist()}")
+        return targets
+
+    # -- per-method maps ------------------------------------------------------------------------
+
+    def _single_layer_map(self, activation: Tensor, labels: Tensor, scores: Tensor, num_classes: int) -> Tensor:
+        if self.method == "cam":
+            weight = self._classifier_weight(activation.shape[1], num_classes)
+            if self.nwc:
+                weight = weight.clamp_min(0)
+            # No ReLU: plain CAM is min-max normalised as is (won-bae / wsolevaluation).
+            return weighted_map(activation.detach(), weight[labels], mode="channel", relu=False, backend=self.backend)
+        (grad,) = torch.autograd.grad(scores.sum(), activation)
+        activation = activation.detach()
+        if self.method == "layercam":
+            return weighted_map(activation, grads=grad, mode="layercam", relu=True, backend=self.backend)
+        g = grad.float()
+        if self.method == "gradcam":
+            weights = g.mean(dim=(2, 3))
+        else:  # gradcam++ as in the common PyTorch implementations (DESIGN.md §2)
+            g2 = g * g
+            denom = 2 * g2 + activation.float().sum(dim=(2, 3))[:, :, None, None] * g2 * g + GRADCAM_PP_EPS
+            alpha = torch.where(g != 0, g2 / denom, torch.zeros_like(g))
+            weights = (alpha * g.relu()).sum(dim=(2, 3))
+        return weighted_map(activation, weights, mode="channel", relu=True, backend=self.backend)
+
+    def _classifier_weight(self, channels: int, num_classes: int) -> Tensor:
+        classifier = self.classifier
+        if classifier is None:
+            found = [m for m in self.model.modules()
+                     if isinstance(m, nn.Linear) and m.in_features == channels and m.out_features == num_classes]
+            if not found:
+                raise ValueError(
+                    f"method='cam' needs the classifier after the global pool: {type(self.model).__name__} has no "
+                    f"nn.Linear({channels} -> {num_classes}); pass classifier=..."
+                )
+            classifier = self.classifier = found[-1]
+        weight = classifier.weight.detach()
+        if weight.dim() == 4:
+            if weight.shape[2:] != (1, 1):
+                raise ValueError(f"a conv classifier must be 1x1, got kernel {tuple(weight.shape[2:])}")
+            weight = weight[:, :, 0, 0]
+        if weight.shape != (num_classes, channels):
+            raise ValueError(
+                f"classifier weight {tuple(weight.shape)} does not map the target layer's {channels} channels "
+                f"to {num_classes} classes"
+            )
+        return weight
+
+    def _fully_cam_maps(self, layers: list[nn.Module], capture: _Capture, scores: Tensor) -> list[Tensor]:
+        """CGM: one backward from the target scores; FLM's per-layer reduction runs inside tensor hooks.
+
+        Each layer's gradient is reduced to ``M_n = sum_k relu(g) * relu(A)`` the moment autograd
+        produces it, so the gradients of all layers are never alive together.
+        """
+        keys = [id(m) for m in layers]
+        handles = []
+
+        def make_hook(key: int):
+            def hook(grad: Tensor) -> None:
+                activation = capture.activations.pop(key, None)
+                if activation is not None:
+                    capture.maps[key] = weighted_map(
+                        activation.detach(), grads=grad, mode="flm", relu=False, backend=self.backend
+                    )
+
+            return hook
+
+        for key in keys:
+            activation = capture.activations[key]
+            if activation.requires_grad:
+                handles.append(activation.register_hook(make_hook(key)))
+        first = min(keys, key=capture.order.index)  # earliest layer: every later one lies on its path
+        roots = [capture.activations[first]]
+        try:
+            grads = torch.autograd.grad(scores.sum(), roots, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if first not in capture.maps and grads[0] is not None:  # in case hooks on inputs did not fire
+            capture.maps[first] = weighted_map(
+                capture.activations[first].detach(), grads=grads[0], mode="flm", relu=False, backend=self.backend
+            )
+        maps = []
+        for module, key in zip(layers, keys):
+            if key not in capture.maps:
+                warnings.warn(
+                    f"layer {self.layer_name(module)} received no gradient from the target score; its map is zeros",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                act = capture.activations.get(key)
+                shape = act.shape if act is not None else (scores.shape[0], 1, 1, 1)
+                maps.append(torch.zeros((shape[0], shape[2], shape[3]), device=scores.device))
+            else:
+                maps.append(capture.maps[key])
+        return maps
+
+
+__all__ = ["CAMEngine", "CAMResult", "METHODS"]

@@ -1,0 +1,264 @@
+"""Upsample, normalise and fuse per-layer maps into one CAM per image (the CAM epilogue and FLM).
+
+For maps ``M_l[N, h_l, w_l]`` (one per layer, any sizes) and an output size ``(H, W)``::
+
+    U_l   = bilinear upsample of M_l to (H, W)        (align_corners=False, as F.interpolate)
+    P_l   = minmax(U_l)                               per image; constant / non-finite -> zeros
+    F     = sum_l P_l   (fuse="sum", the Fully-CAM formula)   or   max_l P_l  (fuse="max", LayerCAM)
+    out   = minmax(F)                                 per image, in [0, 1]
+
+With one layer this is the usual epilogue: ``out = minmax(upsample(M))``. ``degenerate[N]`` flags the
+images whose final map was constant or non-finite (returned as zeros, the wsolevaluation convention).
+The Triton kernel does all layers in one launch, one program per image, without materialising any
+per-layer upsampled map: pass 1 finds a layer's min/max on the fly, pass 2 accumulates.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._native import warn_fallback
+from .._triton import can_launch_triton, tl, triton
+from .._validation import check_float_dtype, check_same_device, check_tensor
+from ._launch import device_guard
+
+FUSE_MODES = ("sum", "max")
+
+
+def degenerate_maps(maps: Tensor) -> Tensor:
+    """``bool [N]``: maps that are constant or hold a non-finite value (they normalise to zeros)."""
+    flat = maps.float().flatten(1)
+    finite = torch.isfinite(flat).all(dim=1)
+    return ~finite | ~(flat.amax(dim=1) > flat.amin(dim=1))
+
+
+def minmax_normalize(maps: Tensor, degenerate: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-image min-max of ``maps[N, H, W]`` into ``[0, 1]``; constant or non-finite maps become zeros.
+
+    ``degenerate`` (``bool [N]``) forces images to zeros, e.g. maps that were constant *before* an
+    upsampling whose rounding made them not quite constant. Returns ``(float32 [N, H, W], bool [N])``.
+    """
+    flat = maps.float().flatten(1)
+    if flat.shape[1] == 0:
+        return maps.float(), torch.zeros(maps.shape[0], dtype=torch.bool, device=maps.device)
+    lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+    span = hi - lo
+    flagged = ~torch.isfinite(flat).all(dim=1) | ~(span > 0)
+    degenerate = flagged if degenerate is None else flagged | degenerate
+    safe_span = torch.where(degenerate, torch.ones_like(span), span)
+    out = (flat - lo[:, None]) / safe_span[:, None]
+    out = torch.where(degenerate[:, None], torch.zeros_like(out), out)
+    return out.view(maps.shape), degenerate
+
+
+def fuse_maps_reference(maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum") -> tuple[Tensor, Tensor]:
+    """Pure-PyTorch fusion: ``(cams float32 [N, H, W] in [0, 1], degenerate bool [N])``."""
+    fused = None
+    for m in maps:
+        up = F.interpolate(m.float()[:, None], size=tuple(output_size), mode="bilinear", align_corners=False)[:, 0]
+        # Constancy is decided on the source map: bilinear weights can round a constant to values
+        # that differ in the last bit, which min-max would blow up into noise.
+        norm, _ = minmax_normalize(up, degenerate_maps(m))
+        if fused is None:
+            fused = norm
+        else:
+            fused = fused + norm if fuse == "sum" else torch.maximum(fused, norm)
+    if len(maps) == 1:
+        _, degenerate = minmax_normalize(fused)  # already normalised; only the flags are needed
+        return fused, degenerate
+    return minmax_normalize(fused)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernel: one program per image, all layers in one launch.
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bilinear(Map_ptr, o, h, w, W, scale_h, scale_w, mask):
+    """Bilinear sample (PyTorch's align_corners=False convention) of an [h, w] map at flat outputs o."""
+    oy = o // W
+    ox = o - oy * W
+    sy = tl.maximum((oy.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
+    sx = tl.maximum((ox.to(tl.float32) + 0.5) * scale_w - 0.5, 0.0)
+    y0 = sy.to(tl.int32)  # sy >= 0, so truncation is floor
+    x0 = sx.to(tl.int32)
+    y1 = tl.minimum(y0 + 1, h - 1)
+    x1 = tl.minimum(x0 + 1, w - 1)
+    ly1 = sy - y0.to(tl.float32)
+    lx1 = sx - x0.to(tl.float32)
+    ly0 = 1.0 - ly1
+    lx0 = 1.0 - lx1
+    v00 = tl.load(Map_ptr + y0 * w + x0, mask=mask, other=0.0)
+    v01 = tl.load(Map_ptr + y0 * w + x1, mask=mask, other=0.0)
+    v10 = tl.load(Map_ptr + y1 * w + x0, mask=mask, other=0.0)
+    v11 = tl.load(Map_ptr + y1 * w + x1, mask=mask, other=0.0)
+    return ly0 * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
+
+
+@triton.jit
+def _fuse_maps_kernel(
+    Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Out_ptr, Degenerate_ptr,
+    L, H, W,
+    FUSE_MAX: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    n = tl.program_id(0)
+    HW = H * W
+    out_base = Out_ptr + n.to(tl.int64) * HW
+    idx = tl.arange(0, BLOCK)
+    for l in range(L):
+        h = tl.load(Heights_ptr + l)
+        w = tl.load(Widths_ptr + l)
+        map_base = Maps_ptr + tl.load(Offsets_ptr + l) + n.to(tl.int64) * (h * w)
+        scale_h = h.to(tl.float32) / H  # PyTorch: (float)input_size / output_size
+        scale_w = w.to(tl.float32) / W
+        # Pass 0: is the source map constant or non-finite? (Decided before upsampling, whose
+        # rounding can make a constant map differ in the last bit.)
+        lo = tl.full([BLOCK], float("inf"), tl.float32)
+        hi = tl.full([BLOCK], float("-inf"), tl.float32)
+        bad = tl.zeros([BLOCK], tl.int32)
+        for start in range(0, h * w, BLOCK):
+            i = start + idx
+            mask = i < h * w
+            v = tl.load(map_base + i, mask=mask, other=0.0)
+            finite = (v == v) & (tl.abs(v) < float("inf"))
+            bad += (mask & ~finite).to(tl.int32)
+            lo = tl.minimum(lo, tl.where(mask & finite, v, float("inf")))
+            hi = tl.maximum(hi, tl.where(mask & finite, v, float("-inf")))
+        source_degenerate = (tl.sum(bad, axis=0) > 0) | ~(tl.max(hi, axis=0) > tl.min(lo, axis=0))
+        # Pass 1: min and max of the upsampled map, computed on the fly and never stored.
+        lo = tl.full([BLOCK], float("inf"), tl.float32)
+        hi = tl.full([BLOCK], float("-inf"), tl.float32)
+        for start in range(0, HW, BLOCK):
+            o = start + idx
+            mask = o < HW
+            v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
+            lo = tl.minimum(lo, tl.where(mask, v, float("inf")))
+            hi = tl.maximum(hi, tl.where(mask, v, float("-inf")))
+        lo_s = tl.min(lo, axis=0)
+        span = tl.max(hi, axis=0) - lo_s
+        degenerate = source_degenerate | ~(span > 0.0)
+        inv_span = tl.where(degenerate, 0.0, 1.0 / tl.where(degenerate, 1.0, span))
+        # Pass 2: normalise and accumulate into the output (the first layer initialises it).
+        for start in range(0, HW, BLOCK):
+            o = start + idx
+            mask = o < HW
+            v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
+            p = tl.where(degenerate, 0.0, (v - lo_s) * inv_span)
+            if l > 0:
+                prev = tl.load(out_base + o, mask=mask, other=0.0)
+                if FUSE_MAX:
+                    p = tl.maximum(prev, p)
+                else:
+                    p = prev + p
+            tl.store(out_base + o, p, mask=mask)
+        if SINGLE:
+            tl.store(Degenerate_ptr + n, degenerate.to(tl.int8))
+    if not SINGLE:
+        # Final min-max over the fused map (in place; each program owns its image's row).
+        lo = tl.full([BLOCK], float("inf"), tl.float32)
+        hi = tl.full([BLOCK], float("-inf"), tl.float32)
+        for start in range(0, HW, BLOCK):
+            o = start + idx
+            mask = o < HW
+            v = tl.load(out_base + o, mask=mask, other=0.0)
+            lo = tl.minimum(lo, tl.where(mask, v, float("inf")))
+            hi = tl.maximum(hi, tl.where(mask, v, float("-inf")))
+        lo_s = tl.min(lo, axis=0)
+        span = tl.max(hi, axis=0) - lo_s
+        degenerate = ~(span > 0.0)
+        inv_span = tl.where(degenerate, 0.0, 1.0 / tl.where(degenerate, 1.0, span))
+        for start in range(0, HW, BLOCK):
+            o = start + idx
+            mask = o < HW
+            v = tl.load(out_base + o, mask=mask, other=0.0)
+            tl.store(out_base + o, tl.where(degenerate, 0.0, (v - lo_s) * inv_span), mask=mask)
+        tl.store(Degenerate_ptr + n, degenerate.to(tl.int8))
+
+
+def fuse_maps_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum") -> tuple[Tensor, Tensor]:
+    device = maps[0].device
+    n = maps[0].shape[0]
+    height, width = output_size
+    out = torch.empty((n, height, width), dtype=torch.float32, device=device)
+    degenerate = torch.zeros(n, dtype=torch.int8, device=device)
+    if n == 0 or height * width == 0:
+        return out, degenerate.bool()
+    flat = [m.float().reshape(-1) for m in maps]
+    packed = torch.cat(flat) if len(flat) > 1 else flat[0].contiguous()
+    sizes = torch.tensor([f.numel() for f in flat], dtype=torch.int64)
+    offsets = (torch.cumsum(sizes, 0) - sizes).to(device)
+    heights = torch.tensor([m.shape[1] for m in maps], dtype=torch.int32, device=device)
+    widths = torch.tensor([m.shape[2] for m in maps], dtype=torch.int32, device=device)
+    block = min(triton.next_power_of_2(height * width), 1024)
+    with device_guard(packed):
+        _fuse_maps_kernel[(n,)](
+            packed, offsets, heights, widths, out, degenerate, len(maps), height, width,
+            FUSE_MAX=fuse == "max", SINGLE=len(maps) == 1, BLOCK=block,
+        )
+    return out, degenerate.bool()
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom op + public entry point.
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("rethinkcam_fast::fuse_maps", mutates_args=())
+def _fuse_maps_op(maps: list[Tensor], output_size: list[int], fuse: str, backend: str) -> tuple[Tensor, Tensor]:
+    device = maps[0].device
+    use_triton = backend == "triton" or (backend == "auto" and device.type == "cuda")
+    if use_triton and can_launch_triton(device):
+        return fuse_maps_triton(maps, tuple(output_size), fuse)
+    if backend == "triton":
+        raise RuntimeError("backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1)")
+    if use_triton:
+        warn_fallback("fuse_maps", "Triton is not available")
+    return fuse_maps_reference(maps, tuple(output_size), fuse)
+
+
+@_fuse_maps_op.register_fake
+def _fuse_maps_fake(maps, output_size, fuse, backend):
+    n = maps[0].shape[0]
+    return (maps[0].new_empty((n, *output_size), dtype=torch.float32),
+            maps[0].new_empty((n,), dtype=torch.bool))
+
+
+def fuse_maps(
+    maps: list[Tensor] | Tensor, output_size: tuple[int, int], *, fuse: str = "sum", backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """Upsample, min-max normalise and fuse per-layer maps (see the module docstring).
+
+    Args:
+        maps: one ``Tensor[N, h, w]`` or a list of them (one per layer; sizes may differ, N may not).
+        output_size: ``(H, W)`` of the result.
+        fuse: ``"sum"`` (Fully-CAM) or ``"max"`` (LayerCAM-style); irrelevant for one map.
+        backend: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"reference"``.
+    Returns:
+        ``(cams float32 [N, H, W] in [0, 1], degenerate bool [N])``.
+    """
+    if isinstance(maps, Tensor):
+        maps = [maps]
+    if not maps:
+        raise ValueError("maps must hold at least one map")
+    for i, m in enumerate(maps):
+        check_tensor(f"maps[{i}]", m, ndim=3)
+        check_float_dtype(f"maps[{i}]", m)
+        if m.shape[0] != maps[0].shape[0]:
+            raise ValueError(f"maps[{i}] has batch {m.shape[0]}, maps[0] has {maps[0].shape[0]}")
+        if m.shape[1] * m.shape[2] == 0:
+            raise ValueError(f"maps[{i}] has an empty spatial extent {tuple(m.shape)}")
+    check_same_device(**{f"maps[{i}]": m for i, m in enumerate(maps)})
+    if fuse not in FUSE_MODES:
+        raise ValueError(f"fuse must be one of {FUSE_MODES}, got {fuse!r}")
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    height, width = (int(v) for v in output_size)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"output_size must be positive, got {tuple(output_size)}")
+    return _fuse_maps_op(list(maps), [height, width], fuse, backend)
+
+
+__all__ = ["FUSE_MODES", "degenerate_maps", "fuse_maps", "fuse_maps_reference", "fuse_maps_triton", "minmax_normalize"]

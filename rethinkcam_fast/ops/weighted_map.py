@@ -1,0 +1,175 @@
+"""Channel-weighted activation maps at feature resolution: the reduction at the heart of every CAM.
+
+For a feature map ``A[N, K, h, w]`` this op returns ``M[N, h, w]`` (float32), one of::
+
+    mode "channel":    M = sum_k W[n, k] * A[n, k]                  (CAM, Grad-CAM, Grad-CAM++)
+    mode "layercam":   M = sum_k relu(G[n, k]) * A[n, k]            (LayerCAM)
+    mode "flm":        M = sum_k relu(G[n, k]) * relu(A[n, k])      (Fully-CAM's FLM, per layer)
+
+optionally followed by a ReLU. The Triton kernel reads ``A`` (and ``G``) once, in place (NCHW or
+channels_last), and never materialises the ``[N, K, h, w]`` products; it accumulates in float32.
+The pure-PyTorch reference is the CPU path and the test oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._native import warn_fallback
+from .._triton import can_launch_triton, tl, triton
+from .._validation import check_float_dtype, check_same_device, check_tensor
+from ._launch import device_guard, flat_spatial
+
+MODES = ("channel", "layercam", "flm")
+_MODE_CODES = {mode: code for code, mode in enumerate(MODES)}
+
+
+def weighted_map_reference(
+    activations: Tensor, weights: Tensor | None = None, grads: Tensor | None = None,
+    mode: str = "channel", relu: bool = True,
+) -> Tensor:
+    """Pure-PyTorch ``M[N, h, w]`` in float32 (see the module docstring for the modes)."""
+    a = activations.float()
+    if mode == "channel":
+        m = torch.einsum("nk,nkhw->nhw", weights.float(), a)
+    elif mode == "layercam":
+        m = (grads.float().relu() * a).sum(dim=1)
+    else:
+        m = (grads.float().relu() * a.relu()).sum(dim=1)
+    return m.relu() if relu else m
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernel: one program per (image, block of BLOCK_S spatial positions), looping over channels.
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _weighted_map_kernel(
+    A_ptr, W_ptr, G_ptr, Out_ptr,
+    K, S, a_stride_n, a_stride_k, a_stride_s, w_stride_n, w_stride_k, g_stride_n, g_stride_k, g_stride_s,
+    MODE: tl.constexpr, RELU: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    n = tl.program_id(0)
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_mask = s < S
+    k_idx = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_S], tl.float32)
+    a_base = A_ptr + n.to(tl.int64) * a_stride_n
+    g_base = G_ptr + n.to(tl.int64) * g_stride_n
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + k_idx
+        mask = (k[:, None] < K) & s_mask[None, :]
+        a = tl.load(a_base + k[:, None].to(tl.int64) * a_stride_k + s[None, :] * a_stride_s, mask=mask, other=0.0)
+        a = a.to(tl.float32)
+        if MODE == 0:
+            w = tl.load(W_ptr + n * w_stride_n + k * w_stride_k, mask=k < K, other=0.0).to(tl.float32)
+            acc += tl.sum(w[:, None] * a, axis=0)
+        else:
+            g = tl.load(g_base + k[:, None].to(tl.int64) * g_stride_k + s[None, :] * g_stride_s, mask=mask, other=0.0)
+            g = tl.maximum(g.to(tl.float32), 0.0)
+            if MODE == 2:
+                a = tl.maximum(a, 0.0)
+            acc += tl.sum(g * a, axis=0)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(Out_ptr + n * S + s, acc, mask=s_mask)
+
+
+def weighted_map_triton(
+    activations: Tensor, weights: Tensor | None, grads: Tensor | None, mode: str, relu: bool
+) -> Tensor:
+    n, k, h, w = activations.shape
+    s = h * w
+    out = torch.empty((n, h, w), dtype=torch.float32, device=activations.device)
+    if out.numel() == 0:
+        return out.zero_()
+    a, a_sn, a_sk, a_ss = flat_spatial(activations)
+    if mode == "channel":
+        g, g_sn, g_sk, g_ss = a, 0, 0, 0  # unused
+        wt, w_sn, w_sk = weights, weights.stride(0), weights.stride(1)
+    else:
+        g, g_sn, g_sk, g_ss = flat_spatial(grads)
+        wt, w_sn, w_sk = a, 0, 0  # unused
+    channels_last = a_sk == 1 and k > 1
+    block_s = min(triton.next_power_of_2(s), 32 if channels_last else 128)
+    block_k = max(1, min(triton.next_power_of_2(k), 4096 // block_s, 64))
+    grid = (n, triton.cdiv(s, block_s))
+    _weighted_map_kernel[grid](
+        a, wt, g, out, k, s, a_sn, a_sk, a_ss, w_sn, w_sk, g_sn, g_sk, g_ss,
+        MODE=_MODE_CODES[mode], RELU=relu, BLOCK_K=block_k, BLOCK_S=block_s,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom op + public entry point.
+# --------------------------------------------------------------------------------------------------
+
+
+def _weighted_map_impl(activations, weights, grads, mode, relu, backend):
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    use_triton = backend == "triton" or (backend == "auto" and activations.device.type == "cuda")
+    if use_triton:
+        if not can_launch_triton(activations.device):
+            if backend == "triton":
+                raise RuntimeError("backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1)")
+            warn_fallback("weighted_map", "Triton is not available")
+        else:
+            with device_guard(activations):
+                return weighted_map_triton(activations, weights, grads, mode, relu)
+    return weighted_map_reference(activations, weights, grads, mode, relu)
+
+
+@torch.library.custom_op("rethinkcam_fast::weighted_map", mutates_args=())
+def _weighted_map_op(
+    activations: Tensor, weights: Tensor | None, grads: Tensor | None, mode: str, relu: bool, backend: str
+) -> Tensor:
+    return _weighted_map_impl(activations, weights, grads, mode, relu, backend)
+
+
+@_weighted_map_op.register_fake
+def _weighted_map_fake(activations, weights, grads, mode, relu, backend):
+    n, _, h, w = activations.shape
+    return activations.new_empty((n, h, w), dtype=torch.float32)
+
+
+def weighted_map(
+    activations: Tensor, weights: Tensor | None = None, grads: Tensor | None = None, *,
+    mode: str = "channel", relu: bool = True, backend: str = "auto",
+) -> Tensor:
+    """Channel-weighted map at feature resolution (no autograd: an inference op).
+
+    Args:
+        activations: ``Tensor[N, K, h, w]``, floating, NCHW or channels_last.
+        weights: ``Tensor[N, K]`` for ``mode="channel"``.
+        grads: ``Tensor[N, K, h, w]`` (same shape as ``activations``) for ``"layercam"`` / ``"flm"``.
+        mode: ``"channel"``, ``"layercam"`` or ``"flm"``.
+        relu: apply a ReLU to the summed map.
+        backend: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"reference"``.
+    Returns:
+        ``Tensor[N, h, w]`` float32 on the activations' device.
+    """
+    check_tensor("activations", activations, ndim=4)
+    check_float_dtype("activations", activations)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    n, k = activations.shape[:2]
+    if mode == "channel":
+        check_tensor("weights", weights, ndim=2)
+        check_float_dtype("weights", weights)
+        if tuple(weights.shape) != (n, k):
+            raise ValueError(f"weights must have shape {(n, k)} to match activations, got {tuple(weights.shape)}")
+        check_same_device(activations=activations, weights=weights)
+    else:
+        check_tensor("grads", grads, ndim=4)
+        check_float_dtype("grads", grads)
+        if grads.shape != activations.shape:
+            raise ValueError(f"grads must have the activations' shape {tuple(activations.shape)}, got {tuple(grads.shape)}")
+        check_same_device(activations=activations, grads=grads)
+    return _weighted_map_op(activations, weights, grads, mode, bool(relu), backend)
+
+
+__all__ = ["MODES", "weighted_map", "weighted_map_reference", "weighted_map_triton"]

@@ -1,0 +1,60 @@
+"""CAM ops and engine on a CUDA device (Triton kernels) against the CPU reference (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _models import MiniResNet, make
+from test_cam_ops import oracle_fuse, oracle_weighted
+
+from rethinkcam_fast import CAMEngine, fuse_maps, weighted_map
+
+pytestmark = pytest.mark.cuda
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [(64, 2048, 7, 7), (8, 512, 28, 28), (2, 64, 112, 112)], ids=str)
+def test_weighted_map_on_gpu(dtype, layout, shape):
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(shape, generator=gen).to(dtype)
+    g = torch.randn(shape, generator=gen).to(dtype)
+    w = torch.randn(shape[:2], generator=gen).to(dtype)
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    ac, gc, wc = a.cuda().to(memory_format=fmt), g.cuda().to(memory_format=fmt), w.cuda()
+    for mode in ("channel", "layercam", "flm"):
+        got = weighted_map(ac, wc, gc, mode=mode, relu=True).cpu()
+        want = oracle_weighted(a, w, g, mode, True)
+        torch.testing.assert_close(got.double(), want, atol=1e-4 * shape[1] ** 0.5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("fuse", ["sum", "max"])
+def test_fuse_maps_on_gpu(fuse):
+    gen = torch.Generator().manual_seed(1)
+    sizes = [(112, 112), (56, 56), (28, 28), (14, 14), (7, 7)]
+    maps = [torch.rand((16, *s), generator=gen) for s in sizes]
+    maps[2][3] = 1.0
+    got, degenerate = fuse_maps([m.cuda() for m in maps], (224, 224), fuse=fuse)
+    torch.testing.assert_close(got.cpu().double(), oracle_fuse(maps, (224, 224), fuse), atol=1e-5, rtol=1e-5)
+    assert not degenerate.any()
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam", "gradcam++", "layercam", "fullycam"])
+def test_engine_gpu_matches_cpu_reference(method):
+    model = make(MiniResNet)
+    images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    cpu = CAMEngine(model, method, backend="reference", warn_degenerate=False)(images)
+    gpu = CAMEngine(model.cuda(), method, warn_degenerate=False)(images.cuda())
+    model.cpu()
+    assert gpu.cams.is_cuda and torch.equal(gpu.labels.cpu(), cpu.labels)
+    torch.testing.assert_close(gpu.cams.cpu(), cpu.cams, atol=2e-3, rtol=1e-3)
+
+
+def test_engine_bf16_autocast_channels_last_on_gpu():
+    model = make(MiniResNet).cuda().to(memory_format=torch.channels_last)
+    images = torch.randn(4, 3, 64, 64, device="cuda").to(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        result = CAMEngine(model, "gradcam", warn_degenerate=False)(images)
+    assert result.cams.shape == (4, 64, 64) and result.cams.min() >= 0 and result.cams.max() <= 1

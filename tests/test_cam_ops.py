@@ -1,0 +1,140 @@
+"""The CAM epilogue ops: weighted_map and fuse_maps, every backend against float64 oracles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import requires_triton
+
+from rethinkcam_fast import fuse_maps, weighted_map
+from rethinkcam_fast.ops.fuse_maps import minmax_normalize
+
+BACKENDS = ["reference", pytest.param("triton", marks=requires_triton)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3, torch.float64: 1e-6}
+
+
+def oracle_weighted(a, w, g, mode, relu):
+    a, g = a.double(), None if g is None else g.double()
+    if mode == "channel":
+        m = (w.double()[:, :, None, None] * a).sum(1)
+    elif mode == "layercam":
+        m = (g.clamp_min(0) * a).sum(1)
+    else:
+        m = (g.clamp_min(0) * a.clamp_min(0)).sum(1)
+    return m.clamp_min(0) if relu else m
+
+
+def oracle_fuse(maps, size, fuse):
+    def norm(x):
+        out = torch.zeros_like(x)
+        for i, m in enumerate(x):
+            if torch.isfinite(m).all() and m.max() > m.min():
+                out[i] = (m - m.min()) / (m.max() - m.min())
+        return out
+
+    fused = None
+    for m in maps:
+        src_const = [not (torch.isfinite(x).all() and x.max() > x.min()) for x in m]
+        up = F.interpolate(m.double()[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        p = norm(up)
+        p[torch.tensor(src_const, dtype=torch.bool)] = 0
+        fused = p if fused is None else (fused + p if fuse == "sum" else torch.maximum(fused, p))
+    return norm(fused)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [(2, 37, 5, 6), (1, 3, 1, 1), (3, 130, 7, 7)], ids=str)
+def test_weighted_map_matches_oracle(backend, dtype, layout, shape):
+    gen = torch.Generator().manual_seed(sum(shape))
+    a = torch.randn(shape, generator=gen).to(dtype)
+    g = torch.randn(shape, generator=gen).to(dtype)
+    w = torch.randn(shape[:2], generator=gen).to(dtype)
+    if layout == "nhwc":
+        a, g = a.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
+    for mode in ("channel", "layercam", "flm"):
+        for relu in (True, False):
+            got = weighted_map(a, w, g, mode=mode, relu=relu, backend=backend)
+            want = oracle_weighted(a, w, g, mode, relu)
+            assert got.dtype == torch.float32 and got.shape == (shape[0], shape[2], shape[3])
+            torch.testing.assert_close(got.double(), want, atol=TOL[dtype] * shape[1] ** 0.5, rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_map_empty_batch(backend):
+    out = weighted_map(torch.randn(0, 4, 3, 3), torch.randn(0, 4), backend=backend)
+    assert out.shape == (0, 3, 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fuse", ["sum", "max"])
+@pytest.mark.parametrize("sizes", [[(5, 6)], [(3, 3), (10, 12)], [(1, 1), (4, 4), (7, 5)]], ids=str)
+@pytest.mark.parametrize("out_size", [(20, 24), (5, 6), (3, 2)], ids=str)
+def test_fuse_maps_matches_oracle(backend, fuse, sizes, out_size):
+    gen = torch.Generator().manual_seed(len(sizes) + out_size[0])
+    maps = [torch.rand((3, *s), generator=gen) for s in sizes]
+    maps[-1][1] = 0.5  # a constant map contributes zeros
+    got, degenerate = fuse_maps(maps, out_size, fuse=fuse, backend=backend)
+    want = oracle_fuse(maps, out_size, fuse)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    want_degenerate = torch.tensor([bool((w == 0).all()) for w in want])
+    assert torch.equal(degenerate.cpu(), want_degenerate)
+    assert got.min() >= 0 and got.max() <= 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuse_maps_nonfinite_and_constant_maps_become_zeros(backend):
+    m = torch.rand(4, 5, 5)
+    m[0, 1, 1] = float("nan")
+    m[1, 0, 0] = float("inf")
+    m[2] = 3.0
+    got, degenerate = fuse_maps(m, (10, 10), backend=backend)
+    assert degenerate.tolist() == [True, True, True, False]
+    assert (got[:3] == 0).all() and torch.isfinite(got).all()
+    torch.testing.assert_close(got[3:].double(), oracle_fuse([m[3:]], (10, 10), "sum"), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuse_maps_empty_batch(backend):
+    got, degenerate = fuse_maps(torch.rand(0, 3, 3), (6, 6), backend=backend)
+    assert got.shape == (0, 6, 6) and degenerate.shape == (0,)
+
+
+def test_minmax_normalize_reference_conventions():
+    maps = torch.tensor([[[1.0, 3.0]], [[2.0, 2.0]], [[float("nan"), 1.0]]])
+    out, degenerate = minmax_normalize(maps)
+    assert out.tolist() == [[[0.0, 1.0]], [[0.0, 0.0]], [[0.0, 0.0]]]
+    assert degenerate.tolist() == [False, True, True]
+
+
+def test_opcheck_on_the_custom_ops():
+    a, g, w = torch.randn(2, 5, 3, 4), torch.randn(2, 5, 3, 4), torch.randn(2, 5)
+    torch.library.opcheck(torch.ops.rethinkcam_fast.weighted_map, (a, w, None, "channel", True, "reference"))
+    torch.library.opcheck(torch.ops.rethinkcam_fast.weighted_map, (a, None, g, "flm", False, "reference"))
+    maps = [torch.rand(2, 3, 4), torch.rand(2, 5, 5)]
+    torch.library.opcheck(torch.ops.rethinkcam_fast.fuse_maps, (maps, [8, 8], "sum", "reference"))
+
+
+def test_bad_input_raises_clear_errors():
+    a = torch.randn(2, 5, 3, 4)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        weighted_map(a, torch.randn(2, 4))
+    with pytest.raises(ValueError, match="grads must have the activations' shape"):
+        weighted_map(a, grads=torch.randn(2, 5, 3, 3), mode="layercam")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        weighted_map(a, torch.randn(2, 5), mode="sum")
+    with pytest.raises(TypeError, match="activations must have a floating dtype"):
+        weighted_map(a.long(), torch.randn(2, 5))
+    with pytest.raises(ValueError, match="activations must be a 4-D"):
+        weighted_map(a[0], torch.randn(2, 5))
+    with pytest.raises(ValueError, match="maps must hold at least one"):
+        fuse_maps([], (4, 4))
+    with pytest.raises(ValueError, match=r"maps\[1\] has batch 3"):
+        fuse_maps([torch.rand(2, 3, 3), torch.rand(3, 3, 3)], (4, 4))
+    with pytest.raises(ValueError, match="fuse must be one of"):
+        fuse_maps(torch.rand(2, 3, 3), (4, 4), fuse="mean")
+    with pytest.raises(ValueError, match="output_size must be positive"):
+        fuse_maps(torch.rand(2, 3, 3), (0, 4))

@@ -1,0 +1,255 @@
+"""The CAM engine against an independent oracle written from DESIGN.md §2 (plain autograd, float64)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _models import MiniResNet, MiniVGGGAP, SmallCNN, make
+from conftest import requires_triton
+from torch import nn
+
+import rethinkcam_fast
+from rethinkcam_fast import TAP, CAMEngine, replace_gap_with_tap
+
+SINGLE_METHODS = ["cam", "gradcam", "gradcam++", "layercam"]
+BACKENDS = ["reference", pytest.param("triton", marks=requires_triton)]
+
+
+def normalize(maps: torch.Tensor) -> torch.Tensor:
+    out = []
+    for m in maps:
+        lo, hi = m.min(), m.max()
+        out.append(torch.zeros_like(m) if not torch.isfinite(m).all() or hi <= lo else (m - lo) / (hi - lo))
+    return torch.stack(out) if out else maps
+
+
+def upsample(m: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def capture(model, layers, images):
+    acts = {}
+    hooks = [layer.register_forward_hook(lambda mod, i, o, key=i_: acts.__setitem__(key, o)) for i_, layer in enumerate(layers)]
+    images = images.detach().requires_grad_(True)
+    logits = model(images)
+    for h in hooks:
+        h.remove()
+    return logits, [acts[i] for i in range(len(layers))]
+
+
+def oracle_single(model, layer, images, labels, method, classifier=None, nwc=False):
+    logits, (act,) = capture(model, [layer], images)
+    score = logits.gather(1, labels[:, None]).sum()
+    a = act.detach().double()
+    if method == "cam":
+        w = classifier.weight.detach().double()
+        w = w.clamp_min(0) if nwc else w
+        m = torch.einsum("nk,nkhw->nhw", w[labels], a)
+    else:
+        (g,) = torch.autograd.grad(score, act)
+        g = g.double()
+        if method == "gradcam":
+            m = (g.mean(dim=(2, 3))[:, :, None, None] * a).sum(1).relu()
+        elif method == "gradcam++":
+            denom = 2 * g**2 + a.sum(dim=(2, 3))[:, :, None, None] * g**3 + 1e-6
+            alpha = torch.where(g != 0, g**2 / denom, 0.0)
+            m = ((alpha * g.relu()).sum(dim=(2, 3))[:, :, None, None] * a).sum(1).relu()
+        else:
+            m = (g.relu() * a).sum(1).relu()
+    return normalize(upsample(m, images.shape[-2:]))
+
+
+def oracle_fully(model, layers, images, labels, fuse):
+    logits, acts = capture(model, layers, images)
+    grads = torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), acts)
+    fused = None
+    for a, g in zip(acts, grads):
+        m = (g.double().relu() * a.detach().double().relu()).sum(1)
+        p = normalize(upsample(m, images.shape[-2:]))
+        fused = p if fused is None else (fused + p if fuse == "sum" else torch.maximum(fused, p))
+    return normalize(fused)
+
+
+def images_for(seed=0, n=3, size=20):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", SINGLE_METHODS)
+def test_single_layer_methods_match_oracle_on_small_cnn(method, backend):
+    model = make(SmallCNN)
+    images = images_for()
+    result = CAMEngine(model, method, model.features, backend=backend)(images)
+    want_labels = model(images).argmax(1)
+    assert torch.equal(result.labels, want_labels)
+    torch.testing.assert_close(result.scores, model(images).gather(1, want_labels[:, None])[:, 0])
+    want = oracle_single(model, model.features, images, want_labels, method, classifier=model.fc)
+    assert result.cams.shape == (3, 20, 20) and result.cams.dtype == torch.float32
+    torch.testing.assert_close(result.cams.double(), want, atol=2e-5, rtol=1e-4)
+    assert result.cams.min() >= 0 and result.cams.max() <= 1
+
+
+@pytest.mark.filterwarnings("ignore:1 of 2 CAMs were constant")  # an all-negative Grad-CAM of a random net
+@pytest.mark.parametrize("method", SINGLE_METHODS)
+@pytest.mark.parametrize("model_cls", [MiniResNet, MiniVGGGAP], ids=["resnet", "vgg-gap"])
+def test_default_layer_and_oracle_on_resnet_and_vgg_shapes(model_cls, method):
+    model = make(model_cls)
+    images = images_for(1, n=2, size=32)
+    engine = CAMEngine(model, method)
+    targets = torch.tensor([1, 3])
+    result = engine(images, targets=targets)
+    expected_layer = model.layer3 if model_cls is MiniResNet else model.features
+    assert engine.target_layers == [expected_layer]
+    classifier = model.fc if model_cls is MiniResNet else model.classifier
+    want = oracle_single(model, expected_layer, images, targets, method, classifier=classifier)
+    torch.testing.assert_close(result.cams.double(), want, atol=2e-5, rtol=1e-4)
+    assert torch.equal(result.labels, targets)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fuse", ["sum", "max"])
+def test_fully_cam_matches_oracle_over_every_conv(fuse, backend):
+    model = make(MiniResNet)
+    images = images_for(2, n=2, size=32)
+    engine = CAMEngine(model, "fullycam", fuse=fuse, return_layer_maps=True, backend=backend)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert engine.target_layers == convs and len(convs) == 13
+    result = engine(images)
+    want = oracle_fully(model, convs, images, result.labels, fuse)
+    torch.testing.assert_close(result.cams.double(), want, atol=5e-5, rtol=1e-4)
+    assert len(result.layer_maps) == 13 and "layer2.0.downsample.0" in result.layer_maps
+
+
+def test_fully_cam_on_one_rectified_layer_equals_layercam():
+    """Σ relu(g)·relu(A) = relu(Σ relu(g)·A) when A >= 0, e.g. a ReLU'd block output."""
+    model = make(MiniResNet)
+    images = images_for(3, n=2, size=32)
+    fully = CAMEngine(model, "fullycam", model.layer2)(images)
+    layer = CAMEngine(model, "layercam", model.layer2)(images)
+    torch.testing.assert_close(fully.cams, layer.cams, atol=1e-6, rtol=1e-5)
+
+
+def test_cam_on_tap_model_uses_unthresholded_features():
+    model = replace_gap_with_tap(make(MiniVGGGAP), tau=0.3)
+    assert isinstance(model.avgpool, TAP)
+    images = images_for(4, n=2, size=24)
+    result = CAMEngine(model, "cam")(images)
+    want = oracle_single(model, model.features, images, result.labels, "cam", classifier=model.classifier)
+    torch.testing.assert_close(result.cams.double(), want, atol=2e-5, rtol=1e-4)
+
+
+def test_nwc_changes_the_map_and_never_the_logits():
+    model = make(MiniVGGGAP)
+    assert (model.classifier.weight < 0).any()
+    images = images_for(5, n=3, size=24)
+    plain = CAMEngine(model, "cam")(images)
+    clamped = CAMEngine(model, "cam", nwc=True)(images)
+    assert torch.equal(plain.scores, clamped.scores) and torch.equal(plain.labels, clamped.labels)
+    assert not torch.allclose(plain.cams, clamped.cams)
+    want = oracle_single(model, model.features, images, plain.labels, "cam", classifier=model.classifier, nwc=True)
+    torch.testing.assert_close(clamped.cams.double(), want, atol=2e-5, rtol=1e-4)
+
+
+def test_engine_leaves_the_model_as_it_found_it():
+    model = make(MiniResNet)
+    model.layer1.requires_grad_(False)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    images = images_for(6, n=2, size=32)
+    for method in ["gradcam", "fullycam", "cam"]:
+        with CAMEngine(model, method) as engine:
+            engine(images)
+    for module in model.modules():
+        assert not module._forward_hooks and not module._backward_hooks
+    for name, p in model.named_parameters():
+        assert p.grad is None and p.requires_grad == flags[name]
+    assert not model.training
+
+
+def test_frozen_model_and_no_grad_context():
+    model = make(SmallCNN).requires_grad_(False)
+    images = images_for(7)
+    with torch.no_grad():
+        result = CAMEngine(model, "gradcam", model.features)(images)
+    want = oracle_single(model, model.features, images, result.labels, "gradcam")
+    torch.testing.assert_close(result.cams.double(), want, atol=2e-5, rtol=1e-4)
+
+
+def test_channels_last_and_batch_sizes():
+    model = make(MiniResNet)
+    images = images_for(8, n=4, size=32)
+    engine = CAMEngine(model, "gradcam")
+    full = engine(images)
+    cl = engine(images.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(cl.cams, full.cams, atol=1e-5, rtol=1e-4)
+    one = engine(images[2:3])
+    torch.testing.assert_close(one.cams, full.cams[2:3], atol=1e-5, rtol=1e-4)
+    empty = engine(images[:0])
+    assert empty.cams.shape == (0, 32, 32) and empty.labels.shape == (0,)
+
+
+def test_bf16_autocast_on_cpu():
+    model = make(MiniResNet)
+    images = images_for(9, n=2, size=32)
+    fp32 = CAMEngine(model, "gradcam")(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = CAMEngine(model, "gradcam")(images)
+    assert bf16.cams.dtype == torch.float32 and bf16.cams.min() >= 0 and bf16.cams.max() <= 1
+    assert (bf16.cams - fp32.cams).abs().mean() < 0.05
+
+
+def test_output_size_and_layer_maps():
+    model = make(SmallCNN)
+    result = CAMEngine(model, "layercam", "features", output_size=(7, 9), return_layer_maps=True)(images_for())
+    assert result.cams.shape == (3, 7, 9)
+    assert list(result.layer_maps) == ["features"] and result.layer_maps["features"].shape == (3, 10, 10)
+
+
+def test_constant_map_becomes_zeros_with_a_warning():
+    model = make(SmallCNN)
+    nn.init.zeros_(model.features[5].weight)
+    nn.init.zeros_(model.features[5].bias)  # the last conv outputs zeros everywhere
+    with pytest.warns(RuntimeWarning, match="constant or non-finite"):
+        result = CAMEngine(model, "cam", model.features)(images_for())
+    assert result.degenerate.all() and (result.cams == 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CAMEngine(model, "cam", model.features, warn_degenerate=False)(images_for())
+
+
+def test_bad_input_raises_clear_errors():
+    model = make(SmallCNN)
+    with pytest.raises(ValueError, match="method must be one of"):
+        CAMEngine(model, "scorecam")
+    with pytest.raises(ValueError, match="'nope' is not a submodule"):
+        CAMEngine(model, "gradcam", "nope")
+    with pytest.raises(ValueError, match="Conv2d is not a submodule"):
+        CAMEngine(model, "gradcam", nn.Conv2d(3, 3, 1))
+    with pytest.raises(ValueError, match="takes one target layer"):
+        CAMEngine(model, "gradcam", [model.features[0], model.features[2]])
+    with pytest.raises(ValueError, match="nwc=True"):
+        CAMEngine(model, "gradcam", nwc=True)
+    engine = CAMEngine(model, "gradcam", model.features)
+    with pytest.raises(ValueError, match="images must be a 4-D"):
+        engine(torch.randn(3, 20, 20))
+    with pytest.raises(ValueError, match="out of range"):
+        engine(images_for(), targets=5)
+    with pytest.raises(ValueError, match="out of range"):
+        engine(images_for(), targets=torch.tensor([0, 1, 7]))
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        engine(images_for(), targets=torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="integer tensor"):
+        engine(images_for(), targets=torch.tensor([0.0, 1.0, 2.0]))
+    headless = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2, bias=False))
+    headless[4] = nn.Identity()  # logits straight from the pool: no classifier to build a CAM from
+    with pytest.raises(ValueError, match="needs the classifier"):
+        CAMEngine(headless, "cam")(images_for())
+    with pytest.raises(ValueError, match="logits"):
+        CAMEngine(nn.Sequential(nn.Conv2d(3, 4, 3)), "gradcam")(images_for())
+
+
+def test_exports():
+    assert rethinkcam_fast.CAMEngine is CAMEngine
+    assert {"cam", "gradcam", "gradcam++", "layercam", "fullycam"} == set(rethinkcam_fast.engine.METHODS)
