@@ -20,16 +20,26 @@ grep -E "CUDA|Built target|-- rethinkcam" "$OUT_DIR/build.log" | tail -8 | tee -
 python -P -m rethinkcam_fast info 2>&1 | tee -a "$OUT_DIR/summary.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$OUT_DIR/summary.txt"
 
+if [ -d benchmarks/peer_wheels ]; then
+  step "peer libraries from benchmarks/peer_wheels (offline)"
+  pip install -q --no-index --no-deps --target /tmp/rethinkcam_peers benchmarks/peer_wheels/*.whl \
+    2>&1 | tail -3 | tee -a "$OUT_DIR/summary.txt"
+  export PYTHONPATH="/tmp/rethinkcam_peers${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
 step "CUDA tests"
-timeout 200 python -P -m pytest tests -q -m cuda -p no:cacheprovider -x >"$OUT_DIR/tests_cuda.txt" 2>&1
+timeout 150 python -P -m pytest tests -q -m cuda -p no:cacheprovider -x >"$OUT_DIR/tests_cuda.txt" 2>&1
 echo "exit code $?" >>"$OUT_DIR/tests_cuda.txt"
 tail -15 "$OUT_DIR/tests_cuda.txt" | tee -a "$OUT_DIR/summary.txt"
 
-step "benchmarks"
-timeout 200 python benchmarks/report.py --out "$OUT_DIR/bench.md" --save-json "$OUT_DIR/bench.json" \
-  >"$OUT_DIR/bench.log" 2>&1
-echo "exit code $?" >>"$OUT_DIR/bench.log"
-cat "$OUT_DIR/bench.md" 2>/dev/null | tee -a "$OUT_DIR/summary.txt" || tail -30 "$OUT_DIR/bench.log"
+# Each suite has its own time box, so one slow suite cannot starve the others.
+for suite in tap cam; do
+  step "benchmarks: $suite"
+  timeout "$([ $suite = tap ] && echo 90 || echo 200)" python benchmarks/report.py --suite "$suite" \
+    --out "$OUT_DIR/bench_$suite.md" --save-json "$OUT_DIR/bench_$suite.json" >"$OUT_DIR/bench_$suite.log" 2>&1
+  echo "exit code $?" >>"$OUT_DIR/bench_$suite.log"
+  cat "$OUT_DIR/bench_$suite.md" 2>/dev/null | tee -a "$OUT_DIR/summary.txt" || tail -30 "$OUT_DIR/bench_$suite.log"
+done
 
 step "rest of the test suite (CPU paths on this machine)"
 timeout 120 python -P -m pytest tests -q -m "not cuda" -p no:cacheprovider >"$OUT_DIR/tests_rest.txt" 2>&1

@@ -1,6 +1,7 @@
 """Run the pytest-benchmark suites and print a ratio table against each group's baseline.
 
     python benchmarks/report.py                       # runs every benchmarks/bench_*.py
+    python benchmarks/report.py --suite cam           # only benchmarks/bench_cam.py
     python benchmarks/report.py -k tap --out out.md   # a subset, table also written to out.md
     python benchmarks/report.py --json results.json   # only format an existing pytest-benchmark JSON
 
@@ -25,10 +26,11 @@ sys.path.insert(0, HERE)
 from _common import bench_device, device_name, git_commit  # noqa: E402
 
 
-def run_benchmarks(json_path: str, select: str | None, extra: list[str]) -> None:
+def run_benchmarks(json_path: str, select: str | None, suite: str | None, extra: list[str]) -> None:
+    target = os.path.join(HERE, f"bench_{suite}.py") if suite else HERE
     # -P: do not put the working directory on sys.path, so the *installed* package (with its native
     # extension) is benchmarked even when this runs from the repository root.
-    cmd = [sys.executable, "-P", "-m", "pytest", HERE, "-q", "-p", "no:cacheprovider", f"--benchmark-json={json_path}",
+    cmd = [sys.executable, "-P", "-m", "pytest", target, "-q", "-p", "no:cacheprovider", f"--benchmark-json={json_path}",
            "-o", "python_files=bench_*.py", "--benchmark-disable-gc"]
     if select:
         cmd += ["-k", select]
@@ -42,6 +44,7 @@ def run_benchmarks(json_path: str, select: str | None, extra: list[str]) -> None
 def format_table(data: dict) -> str:
     """One markdown table per op: a row per group, a column per provider, then ratios vs the baseline."""
     ops: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    memory: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     baselines: dict[str, str] = {}
     providers: dict[str, list[str]] = defaultdict(list)
     for bench in data["benchmarks"]:
@@ -49,6 +52,8 @@ def format_table(data: dict) -> str:
         op = info.get("op", "benchmark")
         provider = info.get("provider", bench["name"])
         ops[op][bench["group"]][provider] = bench["stats"]["median"]
+        if "peak_mem_mb" in info:
+            memory[op][bench["group"]][provider] = info["peak_mem_mb"]
         baselines[op] = info.get("baseline", provider)
         if provider not in providers[op]:
             providers[op].append(provider)
@@ -56,15 +61,23 @@ def format_table(data: dict) -> str:
     for op in ops:
         base = baselines[op]
         cols = [base] + [p for p in providers[op] if p != base]
-        header = ["group"] + [f"{p} (median)" for p in cols] + [f"{p} / {base}" for p in cols[1:]]
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
-        for group in sorted(ops[op]):
-            row = ops[op][group]
-            cells = [group] + [_fmt_time(row[p]) if p in row else "-" for p in cols]
-            cells += [f"{row[p] / row[base]:.2f}x" if p in row and base in row else "-" for p in cols[1:]]
-            lines.append("| " + " | ".join(cells) + " |")
-        tables.append(f"**{op}** (baseline: {base})\n\n" + "\n".join(lines))
+        tables.append(_ratio_table(f"**{op}** (baseline: {base})", ops[op], cols, _fmt_time))
+        if memory.get(op):
+            tables.append(_ratio_table(f"**{op}: peak memory above the inputs** (baseline: {base})", memory[op],
+                                       cols, lambda mb: f"{mb:.0f} MB"))
     return "\n\n".join(tables)
+
+
+def _ratio_table(title: str, rows: dict[str, dict[str, float]], cols: list[str], fmt) -> str:
+    base = cols[0]
+    header = ["group"] + cols + [f"{p} / {base}" for p in cols[1:]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    for group in sorted(rows):
+        row = rows[group]
+        cells = [group] + [fmt(row[p]) if p in row else "-" for p in cols]
+        cells += [f"{row[p] / row[base]:.2f}x" if p in row and row.get(base) else "-" for p in cols[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return title + "\n\n" + "\n".join(lines)
 
 
 def _recorded(data: dict, key: str, default: str) -> str:
@@ -94,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="format this pytest-benchmark JSON instead of running")
     parser.add_argument("-k", dest="select", help="pytest -k expression selecting benchmarks")
+    parser.add_argument("--suite", help="run only benchmarks/bench_<SUITE>.py (e.g. tap, cam)")
     parser.add_argument("--out", help="also write the table (markdown) here")
     parser.add_argument("--save-json", help="keep the raw pytest-benchmark JSON here")
     args, extra = parser.parse_known_args(argv)
@@ -102,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         json_path = args.json
     else:
         json_path = args.save_json or os.path.join(tempfile.mkdtemp(), "bench.json")
-        run_benchmarks(json_path, args.select, extra)
+        run_benchmarks(json_path, args.select, args.suite, extra)
     with open(json_path) as fh:
         data = json.load(fh)
     header = (
