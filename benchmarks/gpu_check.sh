@@ -33,9 +33,10 @@ echo "exit code $?" >>"$OUT_DIR/tests_cuda.txt"
 tail -15 "$OUT_DIR/tests_cuda.txt" | tee -a "$OUT_DIR/summary.txt"
 
 # Each suite has its own time box, so one slow suite cannot starve the others.
-for suite in tap cam; do
+for suite in tap cam pas; do
   step "benchmarks: $suite"
-  timeout "$([ $suite = tap ] && echo 90 || echo 200)" python benchmarks/report.py --suite "$suite" \
+  case $suite in tap) box=90 ;; cam) box=200 ;; *) box=60 ;; esac
+  timeout "$box" python benchmarks/report.py --suite "$suite" \
     --out "$OUT_DIR/bench_$suite.md" --save-json "$OUT_DIR/bench_$suite.json" >"$OUT_DIR/bench_$suite.log" 2>&1
   echo "exit code $?" >>"$OUT_DIR/bench_$suite.log"
   cat "$OUT_DIR/bench_$suite.md" 2>/dev/null | tee -a "$OUT_DIR/summary.txt" || tail -30 "$OUT_DIR/bench_$suite.log"

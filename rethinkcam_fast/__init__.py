@@ -11,6 +11,7 @@ from ._native import has_cuda_kernels, has_native
 from .engine import CAMEngine, CAMResult
 from .modules import TAP, replace_gap_with_tap
 from .ops.fuse_maps import fuse_maps
+from .ops.percentile_threshold import percentile_threshold
 from .ops.weighted_map import weighted_map
 from .ops.tap import TAPFunction, tap, tap_reference
 
@@ -25,6 +26,7 @@ __all__ = [
     "has_cuda_kernels",
     "has_native",
     "fuse_maps",
+    "percentile_threshold",
     "replace_gap_with_tap",
     "tap",
     "tap_reference",

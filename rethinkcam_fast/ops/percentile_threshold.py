@@ -1,0 +1,148 @@
+"""PaS — percentile as a standard: the box threshold of each CAM, exactly as the reference computes it.
+
+Reference (won-bae/rethinkingCAM ``extract_bbox``; DESIGN.md §2)::
+
+    u8        = uint8(255 * cam)                      # truncation
+    threshold = int(theta * np.percentile(u8, q))     # numpy's default "linear" method
+
+PaS uses ``q = 90, theta = 0.35``; plain CAM thresholding is ``q = 100, theta = 0.2``.
+
+Instead of sorting, each image's 256-level histogram gives the order statistics numpy interpolates
+between (its cumulative counts locate the k-th smallest level), so the result is exact and costs one
+pass over the map. numpy's arithmetic is replayed in float64: the virtual index ``(n - 1) * q / 100``,
+its floor and fractional part ``gamma``, and ``_lerp``'s two-sided formula
+(``a + (b - a) * gamma`` below 0.5, ``b - (b - a) * (1 - gamma)`` from 0.5 on).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from .._triton import can_launch_triton, tl, triton
+from .._validation import check_float_dtype, check_tensor
+from ._launch import device_guard
+
+
+def to_uint8_levels(cams: Tensor) -> Tensor:
+    """``int64 [N, H*W]`` levels ``trunc(255 * x)``, computed in float32 (float64 for float64 maps)."""
+    work = cams.double() if cams.dtype == torch.float64 else cams.float()
+    return (work * 255).to(torch.int64).flatten(1)
+
+
+def level_histogram_reference(cams: Tensor) -> Tensor:
+    """``int64 [N, 256]`` counts of the uint8 levels of each map (integer adds: exact)."""
+    levels = to_uint8_levels(cams)
+    hist = torch.zeros((cams.shape[0], 256), dtype=torch.int64, device=cams.device)
+    return hist.scatter_add_(1, levels, torch.ones_like(levels))
+
+
+@triton.jit
+def _level_histogram_kernel(X_ptr, Hist_ptr, S, stride_n, BLOCK: tl.constexpr, F64: tl.constexpr):
+    """One program per map: a 256-bin histogram of trunc(255 * x), accumulated in registers."""
+    n = tl.program_id(0)
+    base = X_ptr + n.to(tl.int64) * stride_n
+    hist = tl.zeros([256], tl.int32)
+    for start in range(0, S, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(base + offs, mask=offs < S, other=0.0)
+        x = x.to(tl.float64) if F64 else x.to(tl.float32)
+        hist += tl.histogram((x * 255).to(tl.int32), 256)  # padding lanes land in bin 0
+    padding = tl.cdiv(S, BLOCK) * BLOCK - S
+    bins = tl.arange(0, 256)
+    hist -= tl.where(bins == 0, padding, 0)
+    tl.store(Hist_ptr + n * 256 + bins, hist.to(tl.int64))
+
+
+def level_histogram_triton(cams: Tensor) -> Tensor:
+    """Triton version of :func:`level_histogram_reference` (deterministic: no atomics)."""
+    flat = cams.flatten(1).contiguous()
+    hist = torch.empty((cams.shape[0], 256), dtype=torch.int64, device=cams.device)
+    if cams.shape[0] == 0:
+        return hist
+    block = min(triton.next_power_of_2(flat.shape[1]), 2048)
+    with device_guard(flat):
+        _level_histogram_kernel[(cams.shape[0],)](
+            flat, hist, flat.shape[1], flat.stride(0), BLOCK=block, F64=cams.dtype == torch.float64
+        )
+    return hist
+
+
+def percentile_plan(n: int, q: float) -> tuple[int, int, float]:
+    """numpy's linear-percentile bookkeeping for ``n`` values: ``(rank_lo, rank_hi, gamma)``."""
+    virtual_index = (n - 1) * (q / 100)
+    if virtual_index >= n - 1:
+        return n - 1, n - 1, 0.0
+    previous = math.floor(virtual_index)
+    return previous, previous + 1, virtual_index - previous
+
+
+def lerp_like_numpy(a: Tensor, b: Tensor, gamma: float) -> Tensor:
+    """numpy's ``_lerp`` on float64 tensors with a scalar weight (same rounding as numpy)."""
+    diff = b - a
+    return b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma
+
+
+def _validate_maps(cams: Tensor) -> None:
+    """Non-finite or out-of-[0, 1] values raise ``ValueError`` naming the first offending image."""
+    flat = cams.flatten(1)
+    finite = torch.isfinite(flat).all(dim=1)
+    in_range = ((flat >= 0) & (flat <= 1)).all(dim=1)
+    bad = ~(finite & in_range)
+    if cams.shape[0] and bool(bad.any()):
+        index = int(bad.nonzero()[0, 0])
+        what = "non-finite values" if not bool(finite[index]) else "values outside [0, 1]"
+        raise ValueError(f"cams[{index}] has {what}; percentile_threshold expects min-max normalised maps")
+
+
+def percentile_threshold(
+    cams: Tensor, q: float = 90.0, theta: float = 0.35, *, validate: bool = True, backend: str = "auto"
+) -> Tensor:
+    """PaS box thresholds: ``int(theta * np.percentile(uint8(255 * cam), q))`` per image, exactly.
+
+    Args:
+        cams: ``Tensor[N, H, W]`` in ``[0, 1]`` (e.g. ``CAMResult.cams``), any float dtype and device.
+        q: the percentile, in ``[0, 100]`` (90 for PaS, 100 for plain CAM thresholding).
+        theta: the fraction of that percentile, in ``[0, 1]`` (0.35 for PaS, 0.2 for plain CAM).
+        validate: check that every map is finite and inside ``[0, 1]`` (one device sync).
+        backend: the histogram: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"``, ``"reference"``.
+    Returns:
+        ``LongTensor[N]`` on ``cams``' device: uint8 levels; the foreground is ``uint8(255·x) > threshold``.
+    Raises:
+        TypeError: ``cams`` not a tensor or not floating; ``q``/``theta`` not real numbers.
+        ValueError: ``cams`` not 3-D or empty in H·W; ``q``/``theta`` out of range; with ``validate``,
+            an image with non-finite values or values outside ``[0, 1]`` (its index is named).
+    """
+    check_tensor("cams", cams, ndim=3)
+    check_float_dtype("cams", cams)
+    for name, value, upper in (("q", q, 100.0), ("theta", theta, 1.0)):
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        if not 0.0 <= float(value) <= upper:
+            raise ValueError(f"{name} must lie in [0, {upper:g}], got {value!r}")
+    n_pixels = cams.shape[1] * cams.shape[2]
+    if n_pixels == 0:
+        raise ValueError(f"cams must have a non-empty spatial extent, got shape {tuple(cams.shape)}")
+    if validate:
+        _validate_maps(cams)
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    use_triton = backend == "triton" or (backend == "auto" and cams.device.type == "cuda")
+    if use_triton and not can_launch_triton(cams.device):
+        if backend == "triton":
+            raise RuntimeError("backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1)")
+        use_triton = False
+    hist = level_histogram_triton(cams) if use_triton else level_histogram_reference(cams)
+    cumulative = hist.cumsum(dim=1)
+    rank_lo, rank_hi, gamma = percentile_plan(n_pixels, float(q))
+    ranks = torch.tensor([rank_lo, rank_hi], dtype=torch.int64, device=cams.device).expand(cams.shape[0], 2)
+    # The k-th smallest level (0-based k) is the first level whose running count exceeds k.
+    lo_hi = torch.searchsorted(cumulative, ranks.contiguous(), right=True).double()
+    value = lerp_like_numpy(lo_hi[:, 0], lo_hi[:, 1], gamma)
+    return (float(theta) * value).to(torch.int64)  # values >= 0: truncation is int()
+
+
+__all__ = ["level_histogram_reference", "level_histogram_triton", "lerp_like_numpy", "percentile_plan", "percentile_threshold", "to_uint8_levels"]

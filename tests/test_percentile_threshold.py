@@ -1,0 +1,110 @@
+"""PaS thresholds against the reference expression, literally: int(theta * np.percentile(uint8(255*cam), q))."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import requires_triton
+
+from rethinkcam_fast import percentile_threshold
+from rethinkcam_fast.ops.percentile_threshold import level_histogram_reference, level_histogram_triton
+
+
+def reference(cam: torch.Tensor, q: float, theta: float) -> int:
+    u8 = (255 * cam.numpy().astype(np.float32)).astype(np.uint8)
+    return int(theta * np.percentile(u8, q))
+
+
+def check(cams: torch.Tensor, q: float, theta: float) -> None:
+    got = percentile_threshold(cams, q, theta)
+    want = [reference(c, q, theta) for c in cams]
+    assert got.dtype == torch.int64 and got.tolist() == want
+
+
+@pytest.mark.parametrize("q, theta", [(90.0, 0.35), (100.0, 0.2), (0.0, 1.0), (50.0, 0.5), (99.9, 0.35), (12.5, 1.0)])
+@pytest.mark.parametrize("size", [(1, 1), (1, 2), (2, 3), (7, 7), (224, 224), (13, 31)])
+def test_matches_numpy_on_smooth_and_random_maps(q, theta, size):
+    gen = torch.Generator().manual_seed(size[0] * 1000 + size[1])
+    random = torch.rand((3, *size), generator=gen)
+    low = torch.rand((2, 1, 1, max(1, size[0] // 4), max(1, size[1] // 4)), generator=gen)
+    smooth = torch.nn.functional.interpolate(low[:, 0], size=size, mode="bilinear", align_corners=False)[:, 0]
+    smooth = (smooth - smooth.amin((1, 2), keepdim=True)) / (smooth.amax((1, 2), keepdim=True) - smooth.amin((1, 2), keepdim=True)).clamp_min(1e-12)
+    check(torch.cat([random, smooth.clamp(0, 1)]), q, theta)
+
+
+def test_exhaustive_virtual_index_grid():
+    """Every q on a fine grid for several sizes: numpy's float64 index and lerp rounding, replayed."""
+    gen = torch.Generator().manual_seed(7)
+    for n in (1, 2, 3, 10, 99, 100, 101, 257):
+        cams = torch.randint(0, 256, (2, 1, n), generator=gen).float() / 255
+        for q in np.linspace(0, 100, 401):
+            for theta in (0.35, 0.2, 1.0):
+                check(cams, float(q), theta)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    h=st.integers(1, 12), w=st.integers(1, 12), q=st.floats(0, 100), theta=st.floats(0, 1),
+    levels=st.integers(1, 256), seed=st.integers(0, 2**16),
+)
+def test_property_matches_numpy(h, w, q, theta, levels, seed):
+    gen = torch.Generator().manual_seed(seed)
+    # Few distinct levels -> many ties; values exactly on k/255 hit the truncation boundary.
+    cams = torch.randint(0, levels, (2, h, w), generator=gen).float() / (levels - 1 if levels > 1 else 1)
+    check(cams.clamp(0, 1), q, theta)
+
+
+@requires_triton
+@pytest.mark.parametrize("size", [(1, 1), (3, 5), (45, 45), (64, 64)])
+def test_triton_histogram_and_thresholds_match(size):
+    gen = torch.Generator().manual_seed(size[0])
+    cams = torch.rand((3, *size), generator=gen)
+    cams[0] = torch.round(cams[0] * 4) / 4  # heavy ties, exact 1.0 values
+    for dtype in (torch.float32, torch.float64):
+        assert torch.equal(level_histogram_triton(cams.to(dtype)), level_histogram_reference(cams.to(dtype)))
+    for q, theta in ((90.0, 0.35), (100.0, 0.2), (37.5, 0.9)):
+        assert percentile_threshold(cams, q, theta, backend="triton").tolist() == [reference(c, q, theta) for c in cams]
+
+
+def test_dtypes_and_empty_batch():
+    cams = torch.rand(4, 9, 9, generator=torch.Generator().manual_seed(3))
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        lowered = cams.to(dtype)
+        got = percentile_threshold(lowered)
+        u8 = (255 * lowered.double().numpy() if dtype == torch.float64 else 255 * lowered.float().numpy()).astype(np.uint8)
+        assert got.tolist() == [int(0.35 * np.percentile(u, 90)) for u in u8]
+    assert percentile_threshold(torch.rand(0, 5, 5)).shape == (0,)
+
+
+def test_bad_input_raises_clear_errors():
+    cams = torch.rand(3, 4, 4)
+    bad = cams.clone()
+    bad[2, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"cams\[2\] has non-finite values"):
+        percentile_threshold(bad)
+    bad[2, 1, 1] = 1.5
+    with pytest.raises(ValueError, match=r"cams\[2\] has values outside \[0, 1\]"):
+        percentile_threshold(bad)
+    with pytest.raises(ValueError, match="cams must be a 3-D"):
+        percentile_threshold(cams[0])
+    with pytest.raises(TypeError, match="floating dtype"):
+        percentile_threshold((cams * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match=r"q must lie in \[0, 100\]"):
+        percentile_threshold(cams, q=101)
+    with pytest.raises(ValueError, match=r"theta must lie in \[0, 1\]"):
+        percentile_threshold(cams, theta=-0.1)
+    with pytest.raises(TypeError, match="q must be a real number"):
+        percentile_threshold(cams, q="90")
+
+
+@pytest.mark.cuda
+def test_gpu_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    cams = torch.rand(64, 224, 224, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(percentile_threshold(cams.cuda()).cpu(), percentile_threshold(cams))
+    assert torch.equal(percentile_threshold(cams.cuda(), backend="reference").cpu(), percentile_threshold(cams))
