@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._native import has_cuda_kernels, has_native
 from .engine import CAMEngine, CAMResult
 from .modules import TAP, replace_gap_with_tap
+from .ops.boxes import RaggedBoxes, boxes_from_cams
 from .ops.fuse_maps import fuse_maps
 from .ops.percentile_threshold import percentile_threshold
 from .ops.weighted_map import weighted_map
@@ -20,9 +21,11 @@ __version__ = "0.1.0"
 __all__ = [
     "CAMEngine",
     "CAMResult",
+    "RaggedBoxes",
     "TAP",
     "TAPFunction",
     "__version__",
+    "boxes_from_cams",
     "has_cuda_kernels",
     "has_native",
     "fuse_maps",

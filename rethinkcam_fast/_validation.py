@@ -41,3 +41,18 @@ def check_unit_interval(name: str, value: object, *, include_one: bool = False) 
         interval = "[0, 1]" if include_one else "[0, 1)"
         raise ValueError(f"{name} must lie in {interval}, got {value!r}")
     return result
+
+
+def check_unit_maps(name: str, maps: torch.Tensor) -> None:
+    """Maps ``[N, ...]`` must be finite and inside ``[0, 1]``; ``ValueError`` names the first bad image.
+
+    One device sync (the check's result is read on the host).
+    """
+    flat = maps.flatten(1)
+    finite = torch.isfinite(flat).all(dim=1)
+    in_range = ((flat >= 0) & (flat <= 1)).all(dim=1)
+    bad = ~(finite & in_range)
+    if maps.shape[0] and bool(bad.any()):
+        index = int(bad.nonzero()[0, 0])
+        what = "non-finite values" if not bool(finite[index]) else "values outside [0, 1]"
+        raise ValueError(f"{name}[{index}] has {what}; expected min-max normalised maps in [0, 1]")

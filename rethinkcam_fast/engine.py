@@ -15,7 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from ._validation import check_float_dtype, check_tensor
+from .ops.boxes import CONVENTIONS, boxes_from_cams
 from .ops.fuse_maps import FUSE_MODES, fuse_maps
+from .ops.percentile_threshold import percentile_threshold
 from .ops.weighted_map import weighted_map
 
 METHODS = ("cam", "gradcam", "gradcam++", "layercam", "fullycam")
@@ -32,7 +34,9 @@ class CAMResult:
         cams: ``Tensor[N, H, W]`` float32 in ``[0, 1]``, on the input's device.
         degenerate: ``BoolTensor[N]``, images whose map was constant or non-finite (returned as zeros).
         layer_maps: per-layer maps at feature resolution (``{name: Tensor[N, h, w]}``), on request.
-        boxes: ``LongTensor[N, 4]`` (x0, y0, x1, y1) once box extraction lands; ``None`` until then.
+        boxes: ``LongTensor[N, 4]`` (x0, y0, x1, y1) of the largest contour above the PaS threshold
+            (``None`` with ``boxes=False``); ``[0, 0, 0, 0]`` for an empty mask.
+        thresholds: ``LongTensor[N]``, the uint8 PaS thresholds the boxes were cut at.
     """
 
     labels: Tensor
@@ -41,6 +45,7 @@ class CAMResult:
     degenerate: Tensor
     layer_maps: dict[str, Tensor] | None = None
     boxes: Tensor | None = None
+    thresholds: Tensor | None = None
 
 
 @dataclass
@@ -73,6 +78,11 @@ class CAMEngine:
         fuse: multi-layer fusion, ``"sum"`` (Fully-CAM's formula) or ``"max"`` (LayerCAM-style).
         return_layer_maps: also return each layer's map at feature resolution.
         warn_degenerate: warn when a map is constant or non-finite (costs one device sync).
+        boxes: also return PaS boxes (``result.boxes``; the contour kernel runs on the CPU, so CUDA
+            maps are copied to the host as uint8 levels).
+        pas_q, pas_theta: the PaS threshold ``int(pas_theta * percentile(uint8 map, pas_q))``
+            (defaults 90 and 0.35; ``100, 0.2`` is plain CAM thresholding).
+        box_convention: ``"wsol"`` (the reference's, 1 px large) or ``"exact"`` (inclusive extents).
         backend: kernels: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"``, ``"reference"``.
 
     Usage::
@@ -94,6 +104,10 @@ class CAMEngine:
         fuse: str = "sum",
         return_layer_maps: bool = False,
         warn_degenerate: bool = True,
+        boxes: bool = True,
+        pas_q: float = 90.0,
+        pas_theta: float = 0.35,
+        box_convention: str = "wsol",
         backend: str = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -114,6 +128,12 @@ class CAMEngine:
         self.fuse = fuse
         self.return_layer_maps = return_layer_maps
         self.warn_degenerate = warn_degenerate
+        if box_convention not in CONVENTIONS:
+            raise ValueError(f"box_convention must be one of {CONVENTIONS}, got {box_convention!r}")
+        self.boxes = bool(boxes)
+        self.pas_q, self.pas_theta, self.box_convention = pas_q, pas_theta, box_convention
+        if self.boxes:  # validate q and theta now rather than after a forward pass
+            percentile_threshold(torch.zeros(0, 1, 1), pas_q, pas_theta)
         self.backend = backend
         self._names = {id(m): name or type(model).__name__ for name, m in model.named_modules()}
         self.target_layers = self._resolve_layers(target_layers)
@@ -220,8 +240,13 @@ class CAMEngine:
         layer_maps = None
         if self.return_layer_maps:
             layer_maps = {self.layer_name(m): mp for m, mp in zip(layers, maps)}
-        return CAMResult(labels=labels, scores=scores.detach().float(), cams=cams, degenerate=degenerate,
-                         layer_maps=layer_maps)
+        result = CAMResult(labels=labels, scores=scores.detach().float(), cams=cams, degenerate=degenerate,
+                           layer_maps=layer_maps)
+        if self.boxes:  # the maps come out of fuse_maps finite and in [0, 1]: no need to re-validate
+            result.thresholds = percentile_threshold(cams, self.pas_q, self.pas_theta, validate=False,
+                                                     backend=self.backend)
+            result.boxes = boxes_from_cams(cams, result.thresholds, "largest", self.box_convention, validate=False)
+        return result
 
     def _module_by_id(self, key: int) -> nn.Module:
         for module in self.model.modules():

@@ -250,6 +250,29 @@ def test_bad_input_raises_clear_errors():
         CAMEngine(nn.Sequential(nn.Conv2d(3, 4, 3)), "gradcam")(images_for())
 
 
+def test_pas_boxes_follow_the_reference_pipeline():
+    cv2 = pytest.importorskip("cv2")
+    import numpy as np
+
+    model = make(MiniResNet)
+    images = images_for(10, n=3, size=32)
+    result = CAMEngine(model, "gradcam")(images)
+    assert result.boxes.shape == (3, 4) and result.thresholds.shape == (3,)
+    for cam, thr, box in zip(result.cams, result.thresholds, result.boxes):
+        u8 = (255 * cam.numpy()).astype(np.uint8)
+        assert int(thr) == int(0.35 * np.percentile(u8, 90))
+        contours, _ = cv2.findContours((u8 > int(thr)).astype(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
+        x, y, w, h = cv2.boundingRect(max(contours, key=cv2.contourArea)) if contours else (0, 0, 0, 0)
+        want = [x, y, min(x + w, 31), min(y + h, 31)] if contours else [0, 0, 0, 0]
+        assert box.tolist() == want
+    plain = CAMEngine(model, "gradcam", boxes=False)(images)
+    assert plain.boxes is None and plain.thresholds is None
+    with pytest.raises(ValueError, match="theta must lie"):
+        CAMEngine(model, "gradcam", pas_theta=2.0)
+    with pytest.raises(ValueError, match="box_convention"):
+        CAMEngine(model, "gradcam", box_convention="xywh")
+
+
 def test_exports():
     assert rethinkcam_fast.CAMEngine is CAMEngine
     assert {"cam", "gradcam", "gradcam++", "layercam", "fullycam"} == set(rethinkcam_fast.engine.METHODS)

@@ -1,11 +1,16 @@
 // pybind11 bindings for the CPU kernels: rethinkcam_fast._C
 //
 // All tensors are passed as integer addresses (tensor.data_ptr()), sizes and strides in elements.
-// The GIL is released while the kernels run.
+// The GIL is released while the kernels run (contour_boxes creates its numpy outputs with the GIL
+// held, once the total size is known, and fills them with it released).
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
+#include "contours.h"
 #include "tap.h"
 
 namespace py = pybind11;
@@ -58,4 +63,56 @@ PYBIND11_MODULE(_C, m) {
       py::call_guard<py::gil_scoped_release>(),
       "TAP backward.  grad_out, thr, inv: contiguous [N, C] accumulation-type buffers; x and\n"
       "grad_in: [N, C, S] of dtype with their own strides.  grad_in = (x > thr) * grad_out * inv.");
+
+  m.def(
+      "contour_boxes",
+      [](uintptr_t levels_ptr, uintptr_t thresholds_ptr, int64_t N, int64_t H, int64_t W,
+         int64_t T, int num_threads) {
+        rcam::cpu::ContourBoxes res;
+        {
+          py::gil_scoped_release release;
+          res = rcam::cpu::contour_boxes(as_ptr<const uint8_t>(levels_ptr),
+                                         as_ptr<const int64_t>(thresholds_ptr), N, H, W, T,
+                                         num_threads);
+        }
+        const py::ssize_t total = static_cast<py::ssize_t>(res.total);
+        py::array_t<int64_t> counts(static_cast<py::ssize_t>(res.counts.size()));
+        py::array_t<int64_t> boxes(std::vector<py::ssize_t>{total, 4});
+        py::array_t<double> areas(total);
+        py::array_t<uint8_t> is_hole(total);
+        int64_t* counts_p = counts.mutable_data();
+        int64_t* boxes_p = boxes.mutable_data();
+        double* areas_p = areas.mutable_data();
+        uint8_t* is_hole_p = is_hole.mutable_data();
+        {
+          py::gil_scoped_release release;
+          if (!res.counts.empty()) {
+            std::memcpy(counts_p, res.counts.data(), res.counts.size() * sizeof(int64_t));
+          }
+          res.copy_to(boxes_p, areas_p, is_hole_p);
+        }
+        return py::make_tuple(counts, boxes, areas, is_hole);
+      },
+      py::arg("levels_ptr"), py::arg("thresholds_ptr"), py::arg("N"), py::arg("H"), py::arg("W"),
+      py::arg("T"), py::arg("num_threads"),
+      "All contours of mask = levels[n] > thresholds[n, t] as cv2.findContours(mask, RETR_TREE,\n"
+      "CHAIN_APPROX_SIMPLE) lists them.  levels: uint8 [N, H, W], thresholds: int64 [N, T], both\n"
+      "contiguous.  Returns (counts int64 [N*T], boxes int64 [total, 4] (x, y, w, h) as\n"
+      "cv2.boundingRect, areas float64 [total] as cv2.contourArea, is_hole uint8 [total]), contours\n"
+      "in cv2 order within each (n, t), (n, t) blocks in row-major order.");
+
+  m.def(
+      "contour_largest_boxes",
+      [](uintptr_t levels_ptr, uintptr_t thresholds_ptr, uintptr_t out_ptr, int64_t N, int64_t H,
+         int64_t W, int64_t T, int num_threads) {
+        rcam::cpu::contour_largest_boxes(as_ptr<const uint8_t>(levels_ptr),
+                                         as_ptr<const int64_t>(thresholds_ptr),
+                                         as_ptr<int64_t>(out_ptr), N, H, W, T, num_threads);
+      },
+      py::arg("levels_ptr"), py::arg("thresholds_ptr"), py::arg("out_ptr"), py::arg("N"),
+      py::arg("H"), py::arg("W"), py::arg("T"), py::arg("num_threads"),
+      py::call_guard<py::gil_scoped_release>(),
+      "out: int64 [N, T, 4] <- (x, y, w, h) of max(contours, key=cv2.contourArea) (the first\n"
+      "maximum in cv2 order) of mask = levels[n] > thresholds[n, t], or (0, 0, 0, 0) for an empty\n"
+      "mask.  levels: uint8 [N, H, W], thresholds: int64 [N, T], out: all contiguous.");
 }

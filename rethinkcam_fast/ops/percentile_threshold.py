@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .._triton import can_launch_triton, tl, triton
-from .._validation import check_float_dtype, check_tensor
+from .._validation import check_float_dtype, check_tensor, check_unit_maps
 from ._launch import device_guard
 
 
@@ -86,18 +86,6 @@ def lerp_like_numpy(a: Tensor, b: Tensor, gamma: float) -> Tensor:
     return b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma
 
 
-def _validate_maps(cams: Tensor) -> None:
-    """Non-finite or out-of-[0, 1] values raise ``ValueError`` naming the first offending image."""
-    flat = cams.flatten(1)
-    finite = torch.isfinite(flat).all(dim=1)
-    in_range = ((flat >= 0) & (flat <= 1)).all(dim=1)
-    bad = ~(finite & in_range)
-    if cams.shape[0] and bool(bad.any()):
-        index = int(bad.nonzero()[0, 0])
-        what = "non-finite values" if not bool(finite[index]) else "values outside [0, 1]"
-        raise ValueError(f"cams[{index}] has {what}; percentile_threshold expects min-max normalised maps")
-
-
 def percentile_threshold(
     cams: Tensor, q: float = 90.0, theta: float = 0.35, *, validate: bool = True, backend: str = "auto"
 ) -> Tensor:
@@ -127,7 +115,7 @@ def percentile_threshold(
     if n_pixels == 0:
         raise ValueError(f"cams must have a non-empty spatial extent, got shape {tuple(cams.shape)}")
     if validate:
-        _validate_maps(cams)
+        check_unit_maps("cams", cams)
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
     use_triton = backend == "triton" or (backend == "auto" and cams.device.type == "cuda")

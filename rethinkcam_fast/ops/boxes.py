@@ -1,0 +1,195 @@
+"""Boxes from CAMs, exactly as OpenCV's contours give them (the WSOL reference protocol).
+
+For each map and uint8 threshold (DESIGN.md §2)::
+
+    mask     = uint8(255 * cam) > threshold
+    contours = cv2.findContours(mask, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)   # holes included
+    box      = cv2.boundingRect(c)  ->  (x, y, w, h)
+
+``mode="largest"`` keeps ``max(contours, key=cv2.contourArea)`` (the polygon area of the traced
+border: a one-pixel or one-pixel-wide blob has area 0; ties go to the first in OpenCV's order);
+``mode="all"`` keeps every contour. Conventions: ``"wsol"`` is wsolevaluation's
+``[x, y, min(x + w, W - 1), min(y + h, H - 1)]`` (one pixel too large, reproduced on purpose);
+``"exact"`` is the inclusive pixel extent ``[x, y, x + w - 1, y + h - 1]``. An empty mask gives
+``[0, 0, 0, 0]`` in both.
+
+The native C++ kernel (``csrc/cpu/contours.cpp``, Suzuki-Abe border following written for this
+project, contour order replicated from OpenCV) runs on the CPU, parallel over (image, threshold);
+CUDA maps are copied to the host for it (a device kernel is future work). Without the native
+extension the op falls back to OpenCV itself, if installed, with a warning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import _native
+from .._validation import check_float_dtype, check_tensor, check_unit_maps
+from .percentile_threshold import to_uint8_levels
+
+MODES = ("largest", "all")
+CONVENTIONS = ("wsol", "exact")
+
+
+@dataclass
+class RaggedBoxes:
+    """Every contour box of every (image, threshold), as ``mode="all"`` returns them.
+
+    Attributes:
+        boxes: ``LongTensor[total, 4]`` (x0, y0, x1, y1) in the requested convention, OpenCV's order.
+        offsets: ``LongTensor[N, T + 1]``: the boxes of image ``n`` at threshold ``t`` are
+            ``boxes[offsets[n, t]:offsets[n, t + 1]]`` (the rows of ``offsets`` chain: row ``n + 1``
+            starts where row ``n`` ends).
+        is_hole: ``BoolTensor[total]``, True for the inner border of a hole.
+        areas: ``DoubleTensor[total]``, ``cv2.contourArea`` of each contour.
+    """
+
+    boxes: Tensor
+    offsets: Tensor
+    is_hole: Tensor
+    areas: Tensor
+
+    def boxes_of(self, n: int, t: int = 0) -> Tensor:
+        """``LongTensor[k, 4]``: the boxes of image ``n`` at threshold index ``t``."""
+        return self.boxes[int(self.offsets[n, t]) : int(self.offsets[n, t + 1])]
+
+
+def _to_convention(xywh: Tensor, height: int, width: int, convention: str) -> Tensor:
+    """(x, y, w, h) -> (x0, y0, x1, y1); rows with w == 0 (no contour) become zeros."""
+    x, y, w, h = xywh.unbind(-1)
+    if convention == "wsol":
+        x1 = torch.clamp(x + w, max=width - 1)
+        y1 = torch.clamp(y + h, max=height - 1)
+    else:
+        x1, y1 = x + w - 1, y + h - 1
+    out = torch.stack([x, y, x1, y1], dim=-1)
+    return torch.where((w > 0)[..., None], out, torch.zeros_like(out))
+
+
+def _thresholds_2d(thresholds: int | Tensor, n: int) -> tuple[Tensor, bool]:
+    """``(int64 [N, T] on the CPU, whether the caller gave one threshold per image)``."""
+    if isinstance(thresholds, bool) or not isinstance(thresholds, (int, Tensor)):
+        raise TypeError(f"thresholds must be an int or an integer tensor, got {type(thresholds).__name__}")
+    if isinstance(thresholds, int):
+        thresholds = torch.full((n,), thresholds, dtype=torch.int64)
+    if thresholds.dtype.is_floating_point or thresholds.dtype == torch.bool:
+        raise TypeError(f"thresholds must be integer uint8 levels, got {thresholds.dtype}")
+    single = thresholds.dim() == 1
+    if thresholds.dim() not in (1, 2) or thresholds.shape[0] != n:
+        raise ValueError(f"thresholds must have shape ({n},) or ({n}, T), got {tuple(thresholds.shape)}")
+    table = (thresholds[:, None] if single else thresholds).to(device="cpu", dtype=torch.int64).contiguous()
+    if table.numel() and (int(table.min()) < 0 or int(table.max()) > 255):
+        raise ValueError("thresholds must be uint8 levels in [0, 255]")
+    return table, single
+
+
+def _contours_opencv(levels: np.ndarray, table: np.ndarray):
+    """OpenCV fallback with the native kernel's outputs: (counts, xywh, areas, is_hole)."""
+    import cv2
+
+    counts, boxes, areas, holes = [], [], [], []
+    for n in range(levels.shape[0]):
+        for thr in table[n]:
+            mask = (levels[n] > thr).astype(np.uint8)
+            contours, hierarchy = cv2.findContours(mask, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
+            counts.append(len(contours))
+            for i, c in enumerate(contours):
+                boxes.append(cv2.boundingRect(c))
+                areas.append(cv2.contourArea(c))
+                depth, parent = 0, hierarchy[0][i][3]
+                while parent >= 0:
+                    depth, parent = depth + 1, hierarchy[0][parent][3]
+                holes.append(depth % 2 == 1)
+    return (np.asarray(counts, np.int64), np.asarray(boxes, np.int64).reshape(-1, 4),
+            np.asarray(areas, np.float64), np.asarray(holes, np.uint8))
+
+
+def _all_contours(levels: Tensor, table: Tensor):
+    module = _native.cpu_module()
+    n, height, width = levels.shape
+    if module is not None and hasattr(module, "contour_boxes"):
+        return module.contour_boxes(levels.data_ptr(), table.data_ptr(), n, height, width, table.shape[1],
+                                    torch.get_num_threads())
+    _native.warn_fallback("boxes_from_cams", f"the C++ extension is not available ({_native.load_error('_C')})")
+    return _contours_opencv(levels.numpy(), table.numpy())
+
+
+def _largest_xywh(levels: Tensor, table: Tensor) -> Tensor:
+    module = _native.cpu_module()
+    n, height, width = levels.shape
+    out = torch.zeros((n, table.shape[1], 4), dtype=torch.int64)
+    if module is not None and hasattr(module, "contour_largest_boxes"):
+        if out.numel():
+            module.contour_largest_boxes(levels.data_ptr(), table.data_ptr(), out.data_ptr(), n, height, width,
+                                         table.shape[1], torch.get_num_threads())
+        return out
+    counts, xywh, areas, _ = _all_contours(levels, table)
+    start = 0
+    for job, count in enumerate(counts.tolist()):
+        if count:
+            best = start + int(np.argmax(areas[start : start + count]))  # first maximum, like max()
+            out.view(-1, 4)[job] = torch.from_numpy(xywh[best])
+        start += count
+    return out
+
+
+def boxes_from_cams(
+    cams: Tensor,
+    thresholds: int | Tensor,
+    mode: str = "largest",
+    convention: str = "wsol",
+    *,
+    validate: bool = True,
+) -> Tensor | RaggedBoxes:
+    """Boxes of the thresholded CAMs, exact to OpenCV's ``findContours`` + ``boundingRect``.
+
+    Args:
+        cams: ``Tensor[N, H, W]`` in ``[0, 1]``, any float dtype and device (levels are ``uint8(255·x)``).
+        thresholds: uint8 levels (foreground is ``level > threshold``): an int for every image,
+            ``LongTensor[N]`` (one per image, e.g. :func:`percentile_threshold`) or ``LongTensor[N, T]``.
+        mode: ``"largest"`` -> ``LongTensor[N, 4]`` (``[N, T, 4]`` for 2-D thresholds);
+            ``"all"`` -> :class:`RaggedBoxes`.
+        convention: ``"wsol"`` (the reference's ``[x, y, x+w, y+h]`` clipped to ``W-1, H-1``) or
+            ``"exact"`` (inclusive pixel extents).
+        validate: check that the maps are finite and inside ``[0, 1]`` (one device sync).
+    Returns:
+        Boxes ``(x0, y0, x1, y1)`` on ``cams``' device; ``[0, 0, 0, 0]`` where the mask is empty.
+    Raises:
+        TypeError / ValueError: bad ranks, dtypes, modes, conventions, thresholds outside 0..255, and
+        (with ``validate``) maps with non-finite values or values outside ``[0, 1]``, naming the image.
+    """
+    check_tensor("cams", cams, ndim=3)
+    check_float_dtype("cams", cams)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    n, height, width = cams.shape
+    table, single = _thresholds_2d(thresholds, n)
+    if validate:
+        check_unit_maps("cams", cams)
+    levels = to_uint8_levels(cams).to(torch.uint8).reshape(n, height, width).cpu().contiguous()
+    if mode == "largest":
+        xywh = _largest_xywh(levels, table)
+        boxes = _to_convention(xywh, height, width, convention)
+        return (boxes[:, 0] if single else boxes).to(cams.device)
+    counts, xywh, areas, holes = _all_contours(levels, table)
+    counts = torch.from_numpy(np.asarray(counts, np.int64))
+    flat_offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=flat_offsets[1:])
+    t = table.shape[1]
+    rows = torch.arange(n)[:, None] * t + torch.arange(t + 1)[None, :]
+    return RaggedBoxes(
+        boxes=_to_convention(torch.from_numpy(np.asarray(xywh, np.int64)).reshape(-1, 4), height, width,
+                             convention).to(cams.device),
+        offsets=flat_offsets[rows].to(cams.device),
+        is_hole=torch.from_numpy(np.asarray(holes, np.uint8)).bool().to(cams.device),
+        areas=torch.from_numpy(np.asarray(areas, np.float64)).to(cams.device),
+    )
+
+
+__all__ = ["CONVENTIONS", "MODES", "RaggedBoxes", "boxes_from_cams"]

@@ -1,0 +1,170 @@
+"""boxes_from_cams against OpenCV itself: findContours(RETR_TREE, CHAIN_APPROX_SIMPLE) + boundingRect."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rethinkcam_fast import boxes_from_cams
+
+cv2 = pytest.importorskip("cv2")
+
+
+def levels_of(cams: torch.Tensor) -> np.ndarray:
+    return (255 * cams.float().numpy()).astype(np.uint8)
+
+
+def reference_contours(level_map: np.ndarray, threshold: int):
+    mask = (level_map > threshold).astype(np.uint8)
+    contours, _ = cv2.findContours(mask, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
+    return contours
+
+
+def to_convention(rect, height, width, convention):
+    x, y, w, h = rect
+    if convention == "wsol":  # wsolevaluation's compute_bboxes_from_scoremaps
+        return [x, y, min(x + w, width - 1), min(y + h, height - 1)]
+    return [x, y, x + w - 1, y + h - 1]
+
+
+def reference_largest(level_map, threshold, convention):
+    contours = reference_contours(level_map, threshold)
+    if not contours:
+        return [0, 0, 0, 0]
+    best = max(contours, key=cv2.contourArea)
+    return to_convention(cv2.boundingRect(best), *level_map.shape, convention)
+
+
+def reference_all(level_map, threshold, convention):
+    return [to_convention(cv2.boundingRect(c), *level_map.shape, convention) for c in reference_contours(level_map, threshold)]
+
+
+def masks_to_cams(masks: np.ndarray) -> torch.Tensor:
+    """Binary masks as maps whose uint8 level is 255 on the foreground, 0 elsewhere (threshold 0)."""
+    return torch.from_numpy(masks.astype(np.float32))
+
+
+def assert_matches(cams: torch.Tensor, thresholds: torch.Tensor, convention: str = "wsol") -> None:
+    levels = levels_of(cams)
+    table = thresholds.reshape(len(cams), -1)
+    got = boxes_from_cams(cams, thresholds, "largest", convention)
+    got = got.reshape(len(cams), -1, 4)
+    ragged = boxes_from_cams(cams, thresholds, "all", convention)
+    for n in range(len(cams)):
+        for t, thr in enumerate(table[n].tolist()):
+            assert got[n, t].tolist() == reference_largest(levels[n], thr, convention), (n, thr)
+            assert ragged.boxes_of(n, t).tolist() == reference_all(levels[n], thr, convention), (n, thr)
+
+
+ADVERSARIAL = {
+    "single pixels": [(1, 1), (1, 5), (5, 2), (7, 9)],
+    "diagonal chain": [(i, i) for i in range(6)],
+    "anti-diagonal": [(i, 7 - i) for i in range(8)],
+}
+
+
+def adversarial_masks() -> np.ndarray:
+    masks = []
+    for pixels in ADVERSARIAL.values():
+        m = np.zeros((10, 12), np.uint8)
+        for r, c in pixels:
+            m[r, c] = 1
+        masks.append(m)
+    ring = np.zeros((10, 12), np.uint8)
+    ring[1:9, 1:10] = 1
+    ring[3:7, 3:8] = 0
+    ring[4:6, 5] = 1  # a component inside the hole
+    masks.append(ring)
+    nested = np.zeros((10, 12), np.uint8)
+    nested[0:10, 0:12] = 1
+    nested[1:9, 1:11] = 0
+    nested[2:8, 2:10] = 1
+    nested[3:7, 3:9] = 0
+    nested[4:6, 4:8] = 1  # rings inside rings, touching every border
+    masks.append(nested)
+    line = np.zeros((10, 12), np.uint8)
+    line[5, 1:11] = 1  # one pixel wide: area 0
+    line[1, 2:5] = 1
+    masks.append(line)
+    ties = np.zeros((10, 12), np.uint8)
+    ties[1:3, 1:3] = 1
+    ties[1:3, 6:8] = 1
+    ties[6:8, 3:5] = 1  # three equal areas
+    masks.append(ties)
+    checker = (np.indices((10, 12)).sum(0) % 2).astype(np.uint8)
+    masks.append(checker)
+    masks.append(np.ones((10, 12), np.uint8))
+    masks.append(np.zeros((10, 12), np.uint8))
+    diagonal_holes = np.ones((10, 12), np.uint8)
+    diagonal_holes[3, 3] = diagonal_holes[4, 4] = diagonal_holes[6, 8] = 0
+    masks.append(diagonal_holes)
+    return np.stack(masks)
+
+
+@pytest.mark.parametrize("convention", ["wsol", "exact"])
+def test_adversarial_shapes(convention):
+    cams = masks_to_cams(adversarial_masks())
+    assert_matches(cams, torch.zeros(len(cams), dtype=torch.long), convention)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 9), (9, 1), (5, 5), (17, 23), (64, 64)])
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+def test_random_masks(size, density):
+    rng = np.random.default_rng(size[0] * 100 + size[1] + int(density * 10))
+    masks = (rng.random((4, *size)) < density).astype(np.uint8)
+    assert_matches(masks_to_cams(masks), torch.zeros(4, dtype=torch.long))
+
+
+def test_smooth_maps_many_thresholds():
+    gen = torch.Generator().manual_seed(0)
+    low = torch.rand((3, 1, 7, 7), generator=gen)
+    up = torch.nn.functional.interpolate(low, size=(56, 56), mode="bilinear", align_corners=False)[:, 0]
+    cams = (up - up.amin((1, 2), keepdim=True)) / (up.amax((1, 2), keepdim=True) - up.amin((1, 2), keepdim=True))
+    thresholds = torch.arange(0, 256, 5).repeat(3, 1)
+    assert_matches(cams, thresholds)
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(1, 16), w=st.integers(1, 16), density=st.floats(0.05, 0.95), seed=st.integers(0, 2**16))
+def test_property_random_masks(h, w, density, seed):
+    masks = (np.random.default_rng(seed).random((2, h, w)) < density).astype(np.uint8)
+    assert_matches(masks_to_cams(masks), torch.zeros(2, dtype=torch.long))
+
+
+def test_threshold_forms_and_shapes():
+    cams = torch.rand(3, 20, 20, generator=torch.Generator().manual_seed(1))
+    assert boxes_from_cams(cams, 128).shape == (3, 4)
+    assert boxes_from_cams(cams, torch.tensor([10, 128, 250])).shape == (3, 4)
+    assert boxes_from_cams(cams, torch.tensor([[10, 128], [0, 5], [254, 255]])).shape == (3, 2, 4)
+    full = boxes_from_cams(cams, torch.tensor([[255]] * 3))  # nothing is > 255: empty masks
+    assert (full == 0).all()
+    ragged = boxes_from_cams(cams, torch.tensor([[10, 128], [0, 5], [254, 255]]), "all")
+    assert ragged.offsets.shape == (3, 3) and int(ragged.offsets[-1, -1]) == len(ragged.boxes)
+    assert torch.equal(ragged.offsets[1:, 0], ragged.offsets[:-1, -1])
+    empty = boxes_from_cams(torch.rand(0, 5, 5), torch.zeros(0, dtype=torch.long))
+    assert empty.shape == (0, 4)
+
+
+def test_bad_input_raises_clear_errors():
+    cams = torch.rand(2, 6, 6)
+    with pytest.raises(ValueError, match=r"thresholds must be uint8 levels"):
+        boxes_from_cams(cams, 256)
+    with pytest.raises(ValueError, match=r"thresholds must be uint8 levels"):
+        boxes_from_cams(cams, torch.tensor([-1, 3]))
+    with pytest.raises(ValueError, match=r"shape \(2,\) or \(2, T\)"):
+        boxes_from_cams(cams, torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="integer uint8 levels"):
+        boxes_from_cams(cams, torch.tensor([0.5, 0.2]))
+    bad = cams.clone()
+    bad[1, 2, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"cams\[1\] has non-finite values"):
+        boxes_from_cams(bad, 0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        boxes_from_cams(cams, 0, mode="biggest")
+    with pytest.raises(ValueError, match="convention must be one of"):
+        boxes_from_cams(cams, 0, convention="xyxy")
+    with pytest.raises(ValueError, match="cams must be a 3-D"):
+        boxes_from_cams(cams[None], 0)
