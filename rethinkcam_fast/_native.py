@@ -54,13 +54,13 @@ def load_error(name: str) -> str | None:
     return _errors.get(name)
 
 
-def warn_fallback(op: str, reason: str) -> None:
-    """Warn once per (op, reason) that an op runs its slow pure-PyTorch reference."""
+def warn_fallback(op: str, reason: str, fallback: str = "the pure-PyTorch reference") -> None:
+    """Warn once per (op, reason) that an op runs a slower fallback implementation."""
     key = f"{op}:{reason}"
     if key not in _warned:
         _warned.add(key)
         warnings.warn(
-            f"rethinkcam_fast.{op}: {reason}; falling back to the pure-PyTorch reference (slower).",
+            f"rethinkcam_fast.{op}: {reason}; falling back to {fallback} (slower).",
             RuntimeWarning,
             stacklevel=3,
         )

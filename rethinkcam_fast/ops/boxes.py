@@ -29,7 +29,6 @@ from torch import Tensor
 
 from .. import _native
 from .._validation import check_float_dtype, check_tensor, check_unit_maps
-from .percentile_threshold import to_uint8_levels
 
 MODES = ("largest", "all")
 CONVENTIONS = ("wsol", "exact")
@@ -114,7 +113,8 @@ def _all_contours(levels: Tensor, table: Tensor):
     if module is not None and hasattr(module, "contour_boxes"):
         return module.contour_boxes(levels.data_ptr(), table.data_ptr(), n, height, width, table.shape[1],
                                     torch.get_num_threads())
-    _native.warn_fallback("boxes_from_cams", f"the C++ extension is not available ({_native.load_error('_C')})")
+    _native.warn_fallback("boxes_from_cams", f"the C++ extension is not available ({_native.load_error('_C')})",
+                          fallback="an OpenCV loop")
     return _contours_opencv(levels.numpy(), table.numpy())
 
 
@@ -172,7 +172,9 @@ def boxes_from_cams(
     table, single = _thresholds_2d(thresholds, n)
     if validate:
         check_unit_maps("cams", cams)
-    levels = to_uint8_levels(cams).to(torch.uint8).reshape(n, height, width).cpu().contiguous()
+    # trunc(255·x) straight to uint8 (values are in [0, 1]), then to the host for the C++ kernel.
+    work = cams.double() if cams.dtype == torch.float64 else cams.float()
+    levels = (work * 255).to(torch.uint8).cpu().contiguous()
     if mode == "largest":
         xywh = _largest_xywh(levels, table)
         boxes = _to_convention(xywh, height, width, convention)
