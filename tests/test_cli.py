@@ -7,7 +7,7 @@ import json
 import torch
 
 from rethinkcam_fast import cli
-from rethinkcam_fast.demo import make_shapes, run_demo
+from rethinkcam_fast.demo import box_iou, make_shapes, run_demo
 
 
 def test_make_shapes_is_deterministic_with_exact_boxes():
@@ -27,10 +27,17 @@ def test_demo_trains_both_pools_and_writes_json(tmp_path, capsys):
     results = run_demo(out_dir=str(tmp_path), epochs=1, train_size=128, test_size=64, seed=1)
     assert [r.pool for r in results] == ["gap", "tap"]
     for r in results:
-        assert 0.0 <= r.test_accuracy <= 100.0 and 0.0 <= r.cam_pointing_accuracy <= 100.0
+        assert 0.0 <= r.test_accuracy <= 100.0
+        assert 0.0 <= r.box_accuracy_cam <= 100.0 and 0.0 <= r.box_accuracy_pas <= 100.0
     saved = json.loads((tmp_path / "demo.json").read_text())
     assert [r["pool"] for r in saved["results"]] == ["gap", "tap"]
-    assert "CAM pointing %" in capsys.readouterr().out
+    assert "box acc PaS %" in capsys.readouterr().out
+
+
+def test_box_iou_inclusive_convention():
+    a = torch.tensor([[0, 0, 9, 9], [0, 0, 4, 4], [5, 5, 5, 5]])
+    b = torch.tensor([[0, 0, 9, 9], [5, 5, 9, 9], [5, 5, 6, 6]])
+    assert box_iou(a, b).tolist() == [1.0, 0.0, 0.25]
 
 
 def test_cli_info_reports_live_paths(capsys):
