@@ -233,3 +233,13 @@ def test_native_extension_status():
     assert isinstance(rethinkcam_fast.has_cuda_kernels(), bool)
     if not torch.cuda.is_available():
         assert not rethinkcam_fast.has_cuda_kernels()
+
+
+def test_import_does_not_touch_the_gpu():
+    """DESIGN.md §5: never query the GPU at import time (a fresh interpreter, so nothing else did)."""
+    import subprocess
+    import sys
+
+    code = "import torch, rethinkcam_fast; print(torch.cuda.is_initialized())"
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
