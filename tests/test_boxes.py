@@ -134,6 +134,19 @@ def test_property_random_masks(h, w, density, seed):
     assert_matches(masks_to_cams(masks), torch.zeros(2, dtype=torch.long))
 
 
+def test_repeated_thresholds_are_traced_once_with_the_same_result():
+    gen = torch.Generator().manual_seed(4)
+    cams = torch.rand(3, 24, 24, generator=gen)
+    table = (torch.arange(1000, dtype=torch.float64) / 1000 * 255).long().repeat(3, 1)  # 256 distinct
+    got = boxes_from_cams(cams, table)
+    assert got.shape == (3, 1000, 4)
+    for n in range(3):
+        for t in (0, 1, 2, 3, 500, 998, 999):
+            assert got[n, t].tolist() == reference_largest(levels_of(cams)[n], int(table[n, t]), "wsol")
+    perm = torch.randperm(1000, generator=gen)
+    assert torch.equal(boxes_from_cams(cams, table[:, perm]), got[:, perm])  # order of thresholds is free
+
+
 def test_threshold_forms_and_shapes():
     cams = torch.rand(3, 20, 20, generator=torch.Generator().manual_seed(1))
     assert boxes_from_cams(cams, 128).shape == (3, 4)
