@@ -138,3 +138,7 @@ def test_bad_input_raises_clear_errors():
         fuse_maps(torch.rand(2, 3, 3), (4, 4), fuse="mean")
     with pytest.raises(ValueError, match="output_size must be positive"):
         fuse_maps(torch.rand(2, 3, 3), (0, 4))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        weighted_map(a, torch.randn(2, 5), backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fuse_maps(torch.rand(2, 3, 3), (4, 4), backend="native")

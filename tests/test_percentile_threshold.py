@@ -99,6 +99,8 @@ def test_bad_input_raises_clear_errors():
         percentile_threshold(cams, theta=-0.1)
     with pytest.raises(TypeError, match="q must be a real number"):
         percentile_threshold(cams, q="90")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        percentile_threshold(cams, backend="cuda")
 
 
 @pytest.mark.cuda

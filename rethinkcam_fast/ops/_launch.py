@@ -7,6 +7,11 @@ import contextlib
 import torch
 from torch import Tensor
 
+from .._native import warn_fallback
+from .._triton import can_launch_triton
+
+TRITON_OR_REFERENCE = ("auto", "triton", "reference")
+
 
 def device_guard(t: Tensor):
     """Triton and the CUDA extension launch on the calling thread's current device: make it t's."""
@@ -26,3 +31,22 @@ def flat_spatial(t: Tensor) -> tuple[Tensor, int, int, int]:
         return t, t.stride(0), t.stride(1), t.stride(3)
     t = t.contiguous()
     return t, t.stride(0), t.stride(1), t.stride(3)
+
+
+def check_backend(backend: str) -> None:
+    """For ops with a Triton kernel and a PyTorch reference only."""
+    if backend not in TRITON_OR_REFERENCE:
+        raise ValueError(f"backend must be one of {TRITON_OR_REFERENCE}, got {backend!r}")
+
+
+def use_triton(op: str, backend: str, device: torch.device) -> bool:
+    """Whether ``op`` runs its Triton kernel on ``device``: ``auto`` means on CUDA (falling back to the
+    reference with a one-time warning when Triton is missing); ``triton`` must run or raise."""
+    check_backend(backend)
+    wanted = backend == "triton" or (backend == "auto" and device.type == "cuda")
+    if wanted and not can_launch_triton(device):
+        if backend == "triton":
+            raise RuntimeError("backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1)")
+        warn_fallback(op, "Triton is not available")
+        return False
+    return wanted

@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._native import warn_fallback
-from .._triton import can_launch_triton, tl, triton
+from .._triton import tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor
-from ._launch import device_guard
+from ._launch import check_backend, device_guard, use_triton
 
 FUSE_MODES = ("sum", "max")
 
@@ -208,14 +207,8 @@ def fuse_maps_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str
 
 @torch.library.custom_op("rethinkcam_fast::fuse_maps", mutates_args=())
 def _fuse_maps_op(maps: list[Tensor], output_size: list[int], fuse: str, backend: str) -> tuple[Tensor, Tensor]:
-    device = maps[0].device
-    use_triton = backend == "triton" or (backend == "auto" and device.type == "cuda")
-    if use_triton and can_launch_triton(device):
+    if use_triton("fuse_maps", backend, maps[0].device):
         return fuse_maps_triton(maps, tuple(output_size), fuse)
-    if backend == "triton":
-        raise RuntimeError("backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1)")
-    if use_triton:
-        warn_fallback("fuse_maps", "Triton is not available")
     return fuse_maps_reference(maps, tuple(output_size), fuse)
 
 
@@ -253,8 +246,7 @@ def fuse_maps(
     check_same_device(**{f"maps[{i}]": m for i, m in enumerate(maps)})
     if fuse not in FUSE_MODES:
         raise ValueError(f"fuse must be one of {FUSE_MODES}, got {fuse!r}")
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    check_backend(backend)
     height, width = (int(v) for v in output_size)
     if height <= 0 or width <= 0:
         raise ValueError(f"output_size must be positive, got {tuple(output_size)}")

@@ -22,9 +22,9 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from .._triton import can_launch_triton, tl, triton
+from .._triton import tl, triton
 from .._validation import check_float_dtype, check_tensor, check_unit_maps
-from ._launch import device_guard
+from ._launch import device_guard, use_triton
 
 
 def to_uint8_levels(cams: Tensor) -> Tensor:
@@ -116,14 +116,8 @@ def percentile_threshold(
         raise ValueError(f"cams must have a non-empty spatial extent, got shape {tuple(cams.shape)}")
     if validate:
         check_unit_maps("cams", cams)
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
-    use_triton = backend == "triton" or (backend == "auto" and cams.device.type == "cuda")
-    if use_triton and not can_launch_triton(cams.device):
-        if backend == "triton":
-            raise RuntimeError("backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1)")
-        use_triton = False
-    hist = level_histogram_triton(cams) if use_triton else level_histogram_reference(cams)
+    triton_path = use_triton("percentile_threshold", backend, cams.device)
+    hist = level_histogram_triton(cams) if triton_path else level_histogram_reference(cams)
     cumulative = hist.cumsum(dim=1)
     rank_lo, rank_hi, gamma = percentile_plan(n_pixels, float(q))
     ranks = torch.tensor([rank_lo, rank_hi], dtype=torch.int64, device=cams.device).expand(cams.shape[0], 2)

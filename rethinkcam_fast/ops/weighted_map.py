@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._native import warn_fallback
-from .._triton import can_launch_triton, tl, triton
+from .._triton import tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor
-from ._launch import device_guard, flat_spatial
+from ._launch import check_backend, device_guard, flat_spatial, use_triton
 
 MODES = ("channel", "layercam", "flm")
 _MODE_CODES = {mode: code for code, mode in enumerate(MODES)}
@@ -109,17 +108,9 @@ def weighted_map_triton(
 
 
 def _weighted_map_impl(activations, weights, grads, mode, relu, backend):
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
-    use_triton = backend == "triton" or (backend == "auto" and activations.device.type == "cuda")
-    if use_triton:
-        if not can_launch_triton(activations.device):
-            if backend == "triton":
-                raise RuntimeError("backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1)")
-            warn_fallback("weighted_map", "Triton is not available")
-        else:
-            with device_guard(activations):
-                return weighted_map_triton(activations, weights, grads, mode, relu)
+    if use_triton("weighted_map", backend, activations.device):
+        with device_guard(activations):
+            return weighted_map_triton(activations, weights, grads, mode, relu)
     return weighted_map_reference(activations, weights, grads, mode, relu)
 
 
@@ -169,6 +160,7 @@ def weighted_map(
         if grads.shape != activations.shape:
             raise ValueError(f"grads must have the activations' shape {tuple(activations.shape)}, got {tuple(grads.shape)}")
         check_same_device(activations=activations, grads=grads)
+    check_backend(backend)
     return _weighted_map_op(activations, weights, grads, mode, bool(relu), backend)
 
 
