@@ -53,7 +53,7 @@ class _Capture:
     """Activations (and, for Fully-CAM, per-layer maps) recorded during one call."""
 
     activations: dict[int, Tensor] = field(default_factory=dict)
-    order: list[int] = field(default_factory=list)
+    order: list[nn.Module] = field(default_factory=list)  # modules in the order their forward finished
     maps: dict[int, Tensor] = field(default_factory=dict)
 
 
@@ -218,7 +218,7 @@ class CAMEngine:
         if layers is None:
             if not capture.order:
                 raise ValueError("no conv-like layer produced a 4-D feature map during the forward pass")
-            layers = self.target_layers = [self._module_by_id(capture.order[-1])]
+            layers = self.target_layers = [capture.order[-1]]
         labels = self._resolve_targets(targets, logits)
         scores = logits.gather(1, labels[:, None])[:, 0]
         missing = [self.layer_name(m) for m in layers if id(m) not in capture.activations]
@@ -248,12 +248,6 @@ class CAMEngine:
             result.boxes = boxes_from_cams(cams, result.thresholds, "largest", self.box_convention, validate=False)
         return result
 
-    def _module_by_id(self, key: int) -> nn.Module:
-        for module in self.model.modules():
-            if id(module) == key:
-                return module
-        raise KeyError(key)
-
     def _forward_hook(self, capture: _Capture):
         """Record a module's 4-D output. It is the tensor object itself: in-place ops that follow
         (``ReLU(inplace=True)``) show in it, as in pytorch-grad-cam."""
@@ -262,10 +256,10 @@ class CAMEngine:
             if not isinstance(output, Tensor) or output.dim() != 4:
                 return
             key = id(module)
+            if key in capture.activations:  # a module run twice counts where it last finished
+                capture.order.remove(module)
             capture.activations[key] = output
-            if key in capture.order:
-                capture.order.remove(key)
-            capture.order.append(key)
+            capture.order.append(module)
 
         return hook
 
@@ -357,7 +351,7 @@ class CAMEngine:
             activation = capture.activations[key]
             if activation.requires_grad:
                 handles.append(activation.register_hook(make_hook(key)))
-        first = min(keys, key=capture.order.index)  # earliest layer: every later one lies on its path
+        first = id(min(layers, key=capture.order.index))  # earliest layer: every later one lies on its path
         roots = [capture.activations[first]]
         try:
             grads = torch.autograd.grad(scores.sum(), roots, allow_unused=True)
