@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .. import _native
 from .._validation import check_float_dtype, check_tensor, check_unit_maps
+from .percentile_threshold import scaled_levels
 
 MODES = ("largest", "all")
 CONVENTIONS = ("wsol", "exact")
@@ -187,8 +188,7 @@ def boxes_from_cams(
     if validate:
         check_unit_maps("cams", cams)
     # trunc(255·x) straight to uint8 (values are in [0, 1]), then to the host for the C++ kernel.
-    work = cams.double() if cams.dtype == torch.float64 else cams.float()
-    levels = (work * 255).to(torch.uint8).cpu().contiguous()
+    levels = scaled_levels(cams, torch.uint8).cpu().contiguous()
     if mode == "largest":
         xywh = _largest_xywh(levels, table)
         boxes = _to_convention(xywh, height, width, convention)

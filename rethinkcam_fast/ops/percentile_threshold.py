@@ -27,10 +27,16 @@ from .._validation import check_float_dtype, check_tensor, check_unit_maps
 from ._launch import device_guard, use_triton
 
 
-def to_uint8_levels(cams: Tensor) -> Tensor:
-    """``int64 [N, H*W]`` levels ``trunc(255 * x)``, computed in float32 (float64 for float64 maps)."""
+def scaled_levels(cams: Tensor, dtype: torch.dtype) -> Tensor:
+    """``trunc(255 * x)`` as ``dtype``, computed in float32 (float64 for float64 maps), as the
+    reference's ``uint8(255 * cam)`` on its float32 maps."""
     work = cams.double() if cams.dtype == torch.float64 else cams.float()
-    return (work * 255).to(torch.int64).flatten(1)
+    return (work * 255).to(dtype)
+
+
+def to_uint8_levels(cams: Tensor) -> Tensor:
+    """``int64 [N, H*W]`` levels ``trunc(255 * x)`` (int64: usable as scatter indices)."""
+    return scaled_levels(cams, torch.int64).flatten(1)
 
 
 def level_histogram_reference(cams: Tensor) -> Tensor:
@@ -127,4 +133,4 @@ def percentile_threshold(
     return (float(theta) * value).to(torch.int64)  # values >= 0: truncation is int()
 
 
-__all__ = ["level_histogram_reference", "level_histogram_triton", "lerp_like_numpy", "percentile_plan", "percentile_threshold", "to_uint8_levels"]
+__all__ = ["level_histogram_reference", "level_histogram_triton", "lerp_like_numpy", "percentile_plan", "percentile_threshold", "scaled_levels", "to_uint8_levels"]
