@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._native import has_cuda_kernels, has_native
 from .engine import CAMEngine, CAMResult
 from .modules import TAP, replace_gap_with_tap
+from .ops.box_ious import best_box_ious, box_iou_matrix, cam_curve_thresholds, protocol_thresholds
 from .ops.boxes import RaggedBoxes, boxes_from_cams
 from .ops.fuse_maps import fuse_maps
 from .ops.percentile_threshold import percentile_threshold
@@ -25,11 +26,15 @@ __all__ = [
     "TAP",
     "TAPFunction",
     "__version__",
+    "best_box_ious",
+    "box_iou_matrix",
     "boxes_from_cams",
+    "cam_curve_thresholds",
     "has_cuda_kernels",
     "has_native",
     "fuse_maps",
     "percentile_threshold",
+    "protocol_thresholds",
     "replace_gap_with_tap",
     "tap",
     "tap_reference",
