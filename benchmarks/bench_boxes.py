@@ -1,4 +1,6 @@
-"""Largest-contour boxes per image vs the reference's OpenCV loop, for 1, 100, 256 and 1,000 thresholds.
+"""Largest-contour boxes per image vs the reference's OpenCV loop, for 1, 100, 256 and 1,000 thresholds,
+and the evaluation core (best IoU per threshold against the GT boxes, all contours or the largest)
+vs the reference's per-threshold loop, for the protocol's 100 and 1,000 thresholds.
 
 The baseline is the per-threshold loop of the reference (``findContours`` + ``max(contourArea)`` +
 ``boundingRect``) on one core; ours is ``boxes_from_cams(..., mode="largest")`` with one thread
@@ -13,7 +15,7 @@ import pytest
 import torch
 from _common import bench_device, device_name
 
-from rethinkcam_fast import boxes_from_cams
+from rethinkcam_fast import best_box_ious, boxes_from_cams, cam_curve_thresholds, protocol_thresholds
 
 cv2 = pytest.importorskip("cv2")
 RUN_INFO = {"device": device_name(torch.device("cpu")), "torch": torch.__version__}
@@ -50,7 +52,7 @@ def test_largest_box(benchmark, provider, count):
         per_call = 1
     else:
         batch_table = table.repeat(BATCH, 1)
-        threads = 1 if provider == "ours-1-thread" else torch.get_num_threads()
+        threads = _threads(provider)
 
         def fn():
             previous = torch.get_num_threads()
@@ -66,3 +68,67 @@ def test_largest_box(benchmark, provider, count):
     benchmark.extra_info.update(provider=provider, baseline="opencv-loop", op="boxes_largest",
                                 images_per_call=per_call, **RUN_INFO)
     benchmark.pedantic(fn, rounds=5 if count < 1000 else 3, iterations=1)
+
+
+def _threads(provider: str) -> int:
+    return 1 if provider.endswith("1-thread") else torch.get_num_threads()
+
+
+@pytest.mark.parametrize("provider", ["opencv-loop", "ours-1-thread", "ours-all-threads"])
+@pytest.mark.parametrize("multi_contour", [True, False], ids=["all-contours", "largest-contour"])
+@pytest.mark.parametrize("interval", [0.01, 0.001])
+def test_best_box_ious(benchmark, provider, multi_contour, interval):
+    cams = _smooth_maps(BATCH)
+    gt = torch.tensor([[40, 30, 150, 170], [100, 120, 200, 210]])
+    if provider == "opencv-loop":
+        # wsolevaluation's accumulate() for one map: boxes per threshold, then the best IoU.
+        scoremap = cams[0].numpy()
+        thresholds = cam_curve_thresholds(interval)
+        gt_np = gt.numpy()
+
+        def fn():
+            u8 = (scoremap * 255).astype(np.uint8)
+            best = []
+            for t in thresholds:
+                contours, _ = cv2.findContours((u8 > int(t * np.max(u8))).astype(np.uint8), cv2.RETR_TREE,
+                                               cv2.CHAIN_APPROX_SIMPLE)
+                if not contours:
+                    boxes = np.zeros((1, 4), np.int64)
+                else:
+                    if not multi_contour:
+                        contours = [max(contours, key=cv2.contourArea)]
+                    rects = np.asarray([cv2.boundingRect(c) for c in contours])
+                    boxes = np.stack([rects[:, 0], rects[:, 1], np.minimum(rects[:, 0] + rects[:, 2], 223),
+                                      np.minimum(rects[:, 1] + rects[:, 3], 223)], axis=1)
+                iw = np.maximum(0, np.minimum(boxes[:, None, 2], gt_np[None, :, 2])
+                                - np.maximum(boxes[:, None, 0], gt_np[None, :, 0]) + 1)
+                ih = np.maximum(0, np.minimum(boxes[:, None, 3], gt_np[None, :, 3])
+                                - np.maximum(boxes[:, None, 1], gt_np[None, :, 1]) + 1)
+                inter = iw * ih
+                area_a = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+                area_b = (gt_np[:, 2] - gt_np[:, 0] + 1) * (gt_np[:, 3] - gt_np[:, 1] + 1)
+                best.append((inter / (area_a[:, None] + area_b[None, :] - inter)).max())
+
+        per_call = 1
+    else:
+        batch_gt = gt.repeat(BATCH, 1)
+        offsets = torch.arange(0, 2 * BATCH + 1, 2)
+        thresholds = cam_curve_thresholds(interval)
+        threads = _threads(provider)
+
+        def fn():
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                table = protocol_thresholds(cams, thresholds)
+                best_box_ious(cams, table, batch_gt, offsets, multi_contour)
+            finally:
+                torch.set_num_threads(previous)
+
+        per_call = BATCH
+    fn()
+    which = "all contours" if multi_contour else "largest contour"
+    benchmark.group = f"best IoU per threshold ({which}), interval {interval}, per image, 224x224"
+    benchmark.extra_info.update(provider=provider, baseline="opencv-loop", op="box_ious",
+                                images_per_call=per_call, **RUN_INFO)
+    benchmark.pedantic(fn, rounds=5 if interval > 0.005 else 3, iterations=1)

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <vector>
 
+#include "component_tree.h"
 #include "contours.h"
 #include "tap.h"
 
@@ -115,4 +116,37 @@ PYBIND11_MODULE(_C, m) {
       "out: int64 [N, T, 4] <- (x, y, w, h) of max(contours, key=cv2.contourArea) (the first\n"
       "maximum in cv2 order) of mask = levels[n] > thresholds[n, t], or (0, 0, 0, 0) for an empty\n"
       "mask.  levels: uint8 [N, H, W], thresholds: int64 [N, T], out: all contiguous.");
+
+  m.def(
+      "threshold_box_ious",
+      [](uintptr_t levels_ptr, uintptr_t thresholds_ptr, int64_t N, int64_t H, int64_t W, int64_t T,
+         uintptr_t gt_boxes_ptr, uintptr_t gt_offsets_ptr, bool multi_contour, uintptr_t out_ptr,
+         int num_threads) {
+        rcam::cpu::threshold_box_ious(as_ptr<const uint8_t>(levels_ptr),
+                                      as_ptr<const int64_t>(thresholds_ptr), N, H, W, T,
+                                      as_ptr<const int64_t>(gt_boxes_ptr),
+                                      as_ptr<const int64_t>(gt_offsets_ptr), multi_contour,
+                                      as_ptr<double>(out_ptr), num_threads);
+      },
+      py::arg("levels_ptr"), py::arg("thresholds_ptr"), py::arg("N"), py::arg("H"), py::arg("W"),
+      py::arg("T"), py::arg("gt_boxes_ptr"), py::arg("gt_offsets_ptr"), py::arg("multi_contour"),
+      py::arg("out_ptr"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+      "out: float64 [N, T] <- best IoU of the contour boxes of levels[n] > thresholds[n, t] (all\n"
+      "contours, or the largest) against gt_boxes[gt_offsets[n]:gt_offsets[n + 1]], as\n"
+      "wsolevaluation computes it; one pass over all thresholds of an image (component trees).\n"
+      "levels: uint8 [N, H, W]; thresholds: int64 [N, T]; gt_boxes: int64 [G, 4]; gt_offsets:\n"
+      "int64 [N + 1]; all contiguous.");
+
+  m.def(
+      "tree_largest_boxes",
+      [](uintptr_t levels_ptr, uintptr_t thresholds_ptr, uintptr_t out_ptr, int64_t N, int64_t H,
+         int64_t W, int64_t T, int num_threads) {
+        rcam::cpu::tree_largest_boxes(as_ptr<const uint8_t>(levels_ptr),
+                                      as_ptr<const int64_t>(thresholds_ptr),
+                                      as_ptr<int64_t>(out_ptr), N, H, W, T, num_threads);
+      },
+      py::arg("levels_ptr"), py::arg("thresholds_ptr"), py::arg("out_ptr"), py::arg("N"),
+      py::arg("H"), py::arg("W"), py::arg("T"), py::arg("num_threads"),
+      py::call_guard<py::gil_scoped_release>(),
+      "As contour_largest_boxes (same result), from one pass over all thresholds of each image.");
 }

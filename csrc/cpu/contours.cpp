@@ -467,6 +467,56 @@ ContourBoxes contour_boxes(const uint8_t* levels, const int64_t* thresholds, int
   return res;
 }
 
+namespace {
+
+// (x, y, w, h) of the first contour of maximum area in cv2 order (strict >, like Python's max();
+// twice the area in int64 is exact, as cv2's double areas are), from a tracer that ran.
+void largest_of(const Tracer& tr, int64_t* o) {
+  const Border* best = nullptr;
+  int64_t best_a = -1;
+  tr.visit_in_order([&](const Border& b) {
+    const int64_t a = std::llabs(b.area2);
+    if (a > best_a) {
+      best_a = a;
+      best = &b;
+    }
+  });
+  if (best == nullptr) {  // (a nonempty mask always has a border)
+    o[0] = o[1] = o[2] = o[3] = 0;
+    return;
+  }
+  o[0] = best->x0;
+  o[1] = best->y0;
+  o[2] = int64_t{best->x1} - best->x0 + 1;
+  o[3] = int64_t{best->y1} - best->y0 + 1;
+}
+
+}  // namespace
+
+struct LargestContourFinder::Impl {
+  Impl(int64_t H, int64_t W) : tracer(H, W), H(H), W(W) {}
+  Tracer tracer;
+  int64_t H, W;
+};
+
+LargestContourFinder::LargestContourFinder(int64_t H, int64_t W) : impl_(new Impl(H, W)) {}
+LargestContourFinder::~LargestContourFinder() { delete impl_; }
+
+void LargestContourFinder::find(const uint8_t* level, int64_t thr, int64_t xywh[4]) {
+  int lo = 0, hi = 0;
+  level_range(level, impl_->H * impl_->W, &lo, &hi);
+  if (thr >= hi) {
+    xywh[0] = xywh[1] = xywh[2] = xywh[3] = 0;
+  } else if (thr < lo) {
+    xywh[0] = xywh[1] = 0;
+    xywh[2] = impl_->W;
+    xywh[3] = impl_->H;
+  } else {
+    impl_->tracer.run(level, thr);
+    largest_of(impl_->tracer, xywh);
+  }
+}
+
 void contour_largest_boxes(const uint8_t* levels, const int64_t* thresholds, int64_t* out,
                            int64_t N, int64_t H, int64_t W, int64_t T, int num_threads) {
   check_args("contour_largest_boxes", levels, thresholds, out, true, N, H, W, T);
@@ -486,25 +536,7 @@ void contour_largest_boxes(const uint8_t* levels, const int64_t* thresholds, int
                    o[2] = W;
                    o[3] = H;
                  } else {
-                   // First maximum in cv2 order (strict >), like Python's max().  Comparing
-                   // twice the area in int64 is exact, as cv2's double areas are.
-                   const Border* best = nullptr;
-                   int64_t best_a = -1;
-                   tr->visit_in_order([&](const Border& b) {
-                     const int64_t a = std::llabs(b.area2);
-                     if (a > best_a) {
-                       best_a = a;
-                       best = &b;
-                     }
-                   });
-                   if (best == nullptr) {  // (a nonempty mask always has a border)
-                     o[0] = o[1] = o[2] = o[3] = 0;
-                     return;
-                   }
-                   o[0] = best->x0;
-                   o[1] = best->y0;
-                   o[2] = int64_t{best->x1} - best->x0 + 1;
-                   o[3] = int64_t{best->y1} - best->y0 + 1;
+                   largest_of(*tr, o);
                  }
                });
     }

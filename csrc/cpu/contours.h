@@ -41,5 +41,21 @@ ContourBoxes contour_boxes(const uint8_t* levels, const int64_t* thresholds, int
 void contour_largest_boxes(const uint8_t* levels, const int64_t* thresholds, int64_t* out,
                            int64_t N, int64_t H, int64_t W, int64_t T, int num_threads);
 
+// Traces single masks (level > thr) of one fixed size, reusing its buffers across calls: for callers
+// that need the exact contour order only now and then (component_tree.cpp's tie-break).
+class LargestContourFinder {
+ public:
+  LargestContourFinder(int64_t H, int64_t W);
+  ~LargestContourFinder();
+  LargestContourFinder(const LargestContourFinder&) = delete;
+  LargestContourFinder& operator=(const LargestContourFinder&) = delete;
+  // xywh <- the box of max(contours, key=cv2.contourArea), or (0, 0, 0, 0) for an empty mask.
+  void find(const uint8_t* level, int64_t thr, int64_t xywh[4]);
+
+ private:
+  struct Impl;
+  Impl* impl_;
+};
+
 }  // namespace cpu
 }  // namespace rcam

@@ -1,0 +1,568 @@
+// All thresholds of a uint8 map in one pass (DESIGN.md §3): the contour boxes and contour areas of
+// findContours(level > thr, RETR_TREE) for every wanted thr, without one mask per threshold.
+//
+// What OpenCV returns for a mask, in terms of connected components (foreground 8-connected,
+// background 4-connected, the image surrounded by a background frame):
+//   * one outer border per foreground component C; its boundingRect is C's bounding box;
+//   * one hole border per background component H that does not reach the frame (a hole); it runs
+//     through the foreground pixels 4-adjacent to H, so its boundingRect is H's box grown by one
+//     pixel on every side (the four pixels next to H's extreme pixels are such pixels).
+// contourArea is the area of the polygon through the traced pixel centres.  Cut the plane into
+// the unit cells between four pixel centres: the polygon of the foreground covers, per cell, the
+// full cell when the cell's four pixels are foreground, half of it (a triangle) when three are,
+// nothing otherwise; a hole's polygon covers the rest of the cells its pixels touch, split between
+// the background components present (one pixel alone or two diagonal pixels: half a cell each;
+// two adjacent, three or four pixels: the whole cell).  So, in units of half a cell,
+//     area2(outer border of C) = fg_area2(C) + sum of area2(H) over the holes H of C,
+//     area2(hole border of H)  = bg_area2(H),
+// where fg_area2 / bg_area2 sum the per-cell shares of the component's own pixels.  Both sums
+// change only in the four cells around a pixel when it joins a component, by an amount fixed by
+// its 8 neighbours (a lookup table below), and add up when components merge.
+//
+// Components only merge as pixels are added, so two union-find sweeps over the pixels in level
+// order (a counting sort) give every threshold:
+//   1. background, thr rising: a pixel joins at thr = its level; after each wanted thr the live
+//      roots other than the frame's are the holes: record box, area2 and an anchor, the pixel above
+//      the hole's first pixel in raster order (roots are the smallest index of their component, so
+//      that first pixel is the root).  That pixel is foreground and belongs to the component the
+//      hole lies in (a component inside the hole would have hole pixels above it, earlier).
+//   2. foreground, thr falling: a pixel joins at thr = its level - 1; at each wanted thr every live
+//      root is an outer border, and each recorded hole adds its area to find(anchor).
+// The frame is a background component that is never a hole (all frame pixels share root 0).
+//
+// Largest contour: the one of maximum area, first in OpenCV's order on a tie.  That order is a
+// property of the border tree this method does not rebuild, so a level whose maximum is shared by
+// two or more contours is traced with the border follower (contours.cpp) instead.  Areas and boxes
+// are exact integers, so "shared" is decided exactly.  Tests compare both modes with OpenCV.
+#include "component_tree.h"
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "contours.h"
+#include "parallel.h"
+
+namespace rcam {
+namespace cpu {
+namespace {
+
+// A contour: inclusive pixel extents (image coordinates) and twice its contourArea.
+struct Contour {
+  int32_t x0, y0, x1, y1;
+  int64_t area2;
+};
+
+// Per-root component record (valid at union-find roots only); 16 bytes, as the sweeps touch it at
+// random places.  area2 <= 2 * H * W and size <= H * W fit int32 under kMaxPixels.
+struct Component {
+  uint16_t x0, y0, x1, y1;
+  int32_t area2;  // fg_area2 or bg_area2
+  int32_t size;   // pixels (foreground: union by size)
+};
+
+// Neighbour bits of a pixel: 0 NW, 1 N, 2 NE, 3 W, 4 E, 5 SW, 6 S, 7 SE.  The four cells around the
+// pixel hold it, one diagonal neighbour and two edge neighbours (kCells).  When the pixel joins, a
+// cell with k of its other three pixels already present changes share:
+//   foreground (share 0, 0, 0, 1, 2 for 0..4 present): +1 when k >= 2;
+//   background (the pixel's own component gains): +1 when k <= 1 (alone: half a cell; next to one
+//   adjacent pixel: whole cell instead of that pixel's half; next to the diagonal one only: its own
+//   half, the diagonal keeps its half), 0 when k >= 2 (the cell was and stays one component's whole).
+// Every cell with a changed share has all its present pixels 8-adjacent (foreground) or, where the
+// share changes, 4-connected through the cell (background) to the new pixel, so the whole change
+// goes to the new pixel's root after its unions.
+//
+// euler4: the change of 4 * (Euler number of the 8-connected foreground) = Q1 - Q3 - 2 QD over the
+// cells (Gray's bit quads: cells with one, three, or two diagonal foreground pixels).  The Euler
+// number is components - holes, which tells the foreground sweep how many holes a level has.
+struct DeltaTables {
+  std::array<int8_t, 256> fg{}, bg{}, euler4{};
+  DeltaTables() {
+    // Each cell: the pixel's diagonal neighbour in it, then its two edge neighbours in it.
+    static constexpr int kCells[4][3] = {{0, 1, 3}, {2, 1, 4}, {5, 3, 6}, {7, 4, 6}};
+    auto quad = [](int self, int diag, int edge_a, int edge_b) {
+      const int k = self + diag + edge_a + edge_b;
+      const bool diagonal_pair = k == 2 && ((self && diag) || (edge_a && edge_b));
+      return (k == 1) - (k == 3) - 2 * diagonal_pair;
+    };
+    for (int bits = 0; bits < 256; ++bits) {
+      int f = 0, b = 0, e = 0;
+      for (const auto& cell : kCells) {
+        const int d = (bits >> cell[0]) & 1, ea = (bits >> cell[1]) & 1, eb = (bits >> cell[2]) & 1;
+        const int k = d + ea + eb;
+        f += k >= 2;
+        b += k <= 1;
+        e += quad(1, d, ea, eb) - quad(0, d, ea, eb);
+      }
+      fg[static_cast<size_t>(bits)] = static_cast<int8_t>(f);
+      bg[static_cast<size_t>(bits)] = static_cast<int8_t>(b);
+      euler4[static_cast<size_t>(bits)] = static_cast<int8_t>(e);
+    }
+  }
+};
+const DeltaTables kDelta;
+
+constexpr int64_t kMaxSide = 65534;               // pixel coordinates are packed as 16-bit pairs
+constexpr int64_t kMaxPixels = int64_t{1} << 29;  // areas (twice, in half cells) fit int32
+
+// Both sweeps for images of one size; buffers are reused across images (one instance per thread).
+//
+// Order of work per image: the foreground sweep runs first and also keeps the component count and
+// the Euler number, so it knows each wanted level's number of holes.  Levels without holes are
+// complete at once (outer areas are the foreground areas).  Only when some wanted level has holes
+// does the background sweep run (up to the highest such level); the outers of those levels were
+// kept with their roots, and each hole finds its enclosing component at its level through the link
+// tree: the foreground unions, union by size (depth O(log n)), each link stamped with the level it
+// was made at (a link made at thr exists at every thr' <= thr).
+class ComponentTrees {
+ public:
+  ComponentTrees(int64_t H, int64_t W)
+      : H_(H),
+        W_(W),
+        S_(W + 2),
+        size_((H + 2) * (W + 2)),
+        on_(new uint8_t[static_cast<size_t>(size_)]),
+        parent_(new int32_t[static_cast<size_t>(size_)]),
+        link_(new int32_t[static_cast<size_t>(size_)]),
+        link_level_(new uint8_t[static_cast<size_t>(size_)]),
+        comp_(new Component[static_cast<size_t>(size_)]),
+        slot_(new int32_t[static_cast<size_t>(size_)]),
+        order_(new uint32_t[static_cast<size_t>(H * W)]) {
+    roots_.reserve(static_cast<size_t>(H * W));
+  }
+
+  // Calls fn(thr, outers, holes, num_holes) once for every thr in [0, 255] with wanted[thr] (in no
+  // particular order): the contours of (level > thr), outer borders with their full contour area.
+  template <typename F>
+  void run(const uint8_t* level, const bool* wanted, const F& fn) {
+    int lo = 256;
+    for (int t = 255; t >= 0; --t) {
+      if (wanted[t]) lo = t;
+    }
+    if (lo > 255) return;
+    sort_pixels(level);
+    foreground_sweep(wanted, lo, fn);
+    if (pending_.empty()) return;
+    bool with_holes[256] = {false};
+    int hi = 0;
+    for (const Pending& pl : pending_) {
+      with_holes[pl.thr] = true;
+      hi = std::max(hi, pl.thr);
+    }
+    background_sweep(with_holes, hi);
+    for (const Pending& pl : pending_) finish_level(pl, fn);
+  }
+
+ private:
+  struct Pending {
+    int thr;
+    int64_t holes;              // number of holes (from the Euler number)
+    size_t begin, end;          // its outers in kept_ / kept_roots_
+  };
+
+  // order_ <- the pixels as packed (y << 16 | x), by level; start_[v] .. start_[v + 1] hold level v.
+  void sort_pixels(const uint8_t* level) {
+    int64_t count[256] = {0};
+    const int64_t HW = H_ * W_;
+    for (int64_t k = 0; k < HW; ++k) ++count[level[k]];
+    start_[0] = 0;
+    for (int v = 0; v < 256; ++v) start_[v + 1] = start_[v] + count[v];
+    int64_t at[256];
+    std::memcpy(at, start_, sizeof(at));
+    for (int64_t y = 0; y < H_; ++y) {
+      const uint8_t* row = level + y * W_;
+      for (int64_t x = 0; x < W_; ++x) {
+        order_[static_cast<size_t>(at[row[x]]++)] = static_cast<uint32_t>((y << 16) | x);
+      }
+    }
+  }
+
+  int32_t find(int32_t p) const {
+    int32_t* par = parent_.get();
+    while (par[p] != p) {
+      par[p] = par[par[p]];  // path halving
+      p = par[p];
+    }
+    return p;
+  }
+
+  // Unites root r with the component of q; returns the new root.  Foreground: the larger component
+  // keeps its root and the link is recorded at thr; background: the smaller index stays root (so a
+  // root is its component's first pixel in raster order).
+  template <bool kForeground>
+  int32_t unite(int32_t r, int32_t q, int thr) {
+    const int32_t s = find(q);
+    if (s == r) return r;
+    int32_t keep, gone;
+    if (kForeground) {
+      const bool r_big = comp_[static_cast<size_t>(r)].size >= comp_[static_cast<size_t>(s)].size;
+      keep = r_big ? r : s;
+      gone = r_big ? s : r;
+      link_[static_cast<size_t>(gone)] = keep;
+      link_level_[static_cast<size_t>(gone)] = static_cast<uint8_t>(thr);
+      --components_;
+    } else {
+      keep = std::min(r, s);
+      gone = std::max(r, s);
+    }
+    parent_[static_cast<size_t>(gone)] = keep;
+    Component& a = comp_[static_cast<size_t>(keep)];
+    const Component& b = comp_[static_cast<size_t>(gone)];
+    a.x0 = std::min(a.x0, b.x0);
+    a.y0 = std::min(a.y0, b.y0);
+    a.x1 = std::max(a.x1, b.x1);
+    a.y1 = std::max(a.y1, b.y1);
+    a.area2 += b.area2;
+    a.size += b.size;
+    return keep;
+  }
+
+  // Live roots, dropping the merged ones from roots_ (each pixel is listed once when it joins).
+  void compact_roots() {
+    size_t keep = 0;
+    for (const int32_t r : roots_) {
+      if (parent_[static_cast<size_t>(r)] == r) roots_[keep++] = r;
+    }
+    roots_.resize(keep);
+  }
+
+  // Adds the pixel at packed coordinates xy at threshold thr: unites it with its 8 neighbours
+  // present (foreground) or its 4 edge neighbours (background) and updates its root's area.
+  template <bool kForeground>
+  void add_pixel(uint32_t xy, int thr) {
+    const uint16_t x = static_cast<uint16_t>(xy & 0xFFFF), y = static_cast<uint16_t>(xy >> 16);
+    const int64_t S = S_;
+    const int32_t p = static_cast<int32_t>((y + 1) * S + x + 1);
+    const uint8_t* on = on_.get();
+    const unsigned bits = on[p - S - 1] | (on[p - S] << 1) | (on[p - S + 1] << 2) |
+                          (on[p - 1] << 3) | (on[p + 1] << 4) | (on[p + S - 1] << 5) |
+                          (on[p + S] << 6) | (on[p + S + 1] << 7);
+    on_[static_cast<size_t>(p)] = 1;
+    parent_[static_cast<size_t>(p)] = p;
+    comp_[static_cast<size_t>(p)] = Component{x, y, x, y, 0, 1};
+    roots_.push_back(p);
+    int32_t r = p;
+    const int32_t s = static_cast<int32_t>(S);
+    if (kForeground) {
+      link_[static_cast<size_t>(p)] = p;
+      ++components_;
+      euler4_ += kDelta.euler4[bits];
+      // A corner neighbour 8-adjacent to a present edge neighbour is already in its component.
+      const unsigned edges = bits & 0x5A;  // N, W, E, S
+      unsigned corners = bits & 0xA5;      // NW, NE, SW, SE
+      if (edges & 0x02) corners &= ~0x05u;  // N covers NW, NE
+      if (edges & 0x08) corners &= ~0x21u;  // W covers NW, SW
+      if (edges & 0x10) corners &= ~0x84u;  // E covers NE, SE
+      if (edges & 0x40) corners &= ~0xA0u;  // S covers SW, SE
+      if (edges & 0x02) r = unite<true>(r, p - s, thr);
+      if (edges & 0x08) r = unite<true>(r, p - 1, thr);
+      if (edges & 0x10) r = unite<true>(r, p + 1, thr);
+      if (edges & 0x40) r = unite<true>(r, p + s, thr);
+      if (corners & 0x01) r = unite<true>(r, p - s - 1, thr);
+      if (corners & 0x04) r = unite<true>(r, p - s + 1, thr);
+      if (corners & 0x20) r = unite<true>(r, p + s - 1, thr);
+      if (corners & 0x80) r = unite<true>(r, p + s + 1, thr);
+      comp_[static_cast<size_t>(r)].area2 += kDelta.fg[bits];
+    } else {
+      if (bits & 0x02) r = unite<false>(r, p - s, thr);
+      if (bits & 0x08) r = unite<false>(r, p - 1, thr);
+      if (bits & 0x10) r = unite<false>(r, p + 1, thr);
+      if (bits & 0x40) r = unite<false>(r, p + s, thr);
+      comp_[static_cast<size_t>(r)].area2 += kDelta.bg[bits];
+    }
+  }
+
+  // on_ <- 0 inside, `frame` on the frame; frame pixels all have root 0 (background only).
+  void reset(uint8_t frame) {
+    std::memset(on_.get(), 0, static_cast<size_t>(size_));
+    roots_.clear();
+    if (frame == 0) return;
+    const int64_t S = S_, H = H_;
+    auto mark = [&](int64_t p) {
+      on_[static_cast<size_t>(p)] = 1;
+      parent_[static_cast<size_t>(p)] = 0;
+    };
+    for (int64_t x = 0; x < S; ++x) {
+      mark(x);
+      mark((H + 1) * S + x);
+    }
+    for (int64_t y = 1; y <= H; ++y) {
+      mark(y * S);
+      mark(y * S + S - 1);
+    }
+  }
+
+  static Contour as_contour(const Component& c, int64_t area2) {
+    return Contour{c.x0, c.y0, c.x1, c.y1, area2};
+  }
+
+  // Foreground (level > thr) for thr = 255 .. lo.  Wanted levels without holes go to fn at once;
+  // the others are kept in pending_ with their outers' roots.
+  template <typename F>
+  void foreground_sweep(const bool* wanted, int lo, const F& fn) {
+    reset(0);
+    components_ = 0;
+    euler4_ = 0;
+    pending_.clear();
+    kept_.clear();
+    kept_roots_.clear();
+    for (int thr = 255; thr >= lo; --thr) {
+      if (thr < 255) {  // pixels of level thr + 1 join
+        for (int64_t k = start_[thr + 1]; k < start_[thr + 2]; ++k) {
+          add_pixel<true>(order_[static_cast<size_t>(k)], thr);
+        }
+      }
+      if (!wanted[thr]) continue;
+      compact_roots();
+      const int64_t holes = components_ - euler4_ / 4;
+      if (holes == 0) {
+        outers_.clear();
+        for (const int32_t r : roots_) {
+          const Component& c = comp_[static_cast<size_t>(r)];
+          outers_.push_back(as_contour(c, c.area2));
+        }
+        fn(thr, outers_, static_cast<const Contour*>(nullptr), int64_t{0});
+        continue;
+      }
+      Pending pl{thr, holes, kept_.size(), 0};
+      for (const int32_t r : roots_) {
+        const Component& c = comp_[static_cast<size_t>(r)];
+        kept_.push_back(as_contour(c, c.area2));
+        kept_roots_.push_back(r);
+      }
+      pl.end = kept_.size();
+      pending_.push_back(pl);
+    }
+  }
+
+  // Background (level <= thr) for thr = 0 .. hi; records the holes of each level in with_holes.
+  void background_sweep(const bool* with_holes, int hi) {
+    reset(1);
+    holes_.clear();
+    anchors_.clear();
+    const int64_t S = S_;
+    for (int thr = 0; thr <= hi; ++thr) {
+      hole_begin_[thr] = static_cast<int64_t>(holes_.size());
+      for (int64_t k = start_[thr]; k < start_[thr + 1]; ++k) {
+        add_pixel<false>(order_[static_cast<size_t>(k)], thr);
+      }
+      if (with_holes[thr]) {
+        compact_roots();  // the frame's root 0 is never listed: only holes remain
+        for (const int32_t r : roots_) {
+          const Component& c = comp_[static_cast<size_t>(r)];
+          holes_.push_back(Contour{c.x0 - 1, c.y0 - 1, c.x1 + 1, c.y1 + 1, int64_t{c.area2}});
+          anchors_.push_back(static_cast<int32_t>(r - S));
+        }
+      }
+      hole_end_[thr] = static_cast<int64_t>(holes_.size());
+    }
+  }
+
+  // The foreground root, at threshold thr, of the component holding pixel p (present at thr).
+  int32_t root_at(int32_t p, int thr) const {
+    while (link_[static_cast<size_t>(p)] != p && link_level_[static_cast<size_t>(p)] >= thr) {
+      p = link_[static_cast<size_t>(p)];
+    }
+    return p;
+  }
+
+  // A level with holes: each hole's area joins the outer border of the component it lies in.
+  template <typename F>
+  void finish_level(const Pending& pl, const F& fn) {
+    const int thr = pl.thr;
+    const int64_t num_holes = hole_end_[thr] - hole_begin_[thr];
+    if (num_holes != pl.holes) {
+      throw std::logic_error("rethinkcam_fast: component tree hole count disagrees with the Euler number");
+    }
+    for (size_t k = pl.begin; k < pl.end; ++k) slot_[static_cast<size_t>(kept_roots_[k])] = static_cast<int32_t>(k);
+    const Contour* holes = holes_.data() + hole_begin_[thr];
+    for (int64_t h = 0; h < num_holes; ++h) {
+      const int32_t r = root_at(anchors_[static_cast<size_t>(hole_begin_[thr] + h)], thr);
+      kept_[static_cast<size_t>(slot_[static_cast<size_t>(r)])].area2 += holes[h].area2;
+    }
+    outers_.assign(kept_.begin() + static_cast<std::ptrdiff_t>(pl.begin),
+                   kept_.begin() + static_cast<std::ptrdiff_t>(pl.end));
+    fn(thr, outers_, holes, num_holes);
+  }
+
+  int64_t H_, W_, S_, size_;
+  std::unique_ptr<uint8_t[]> on_;
+  std::unique_ptr<int32_t[]> parent_;
+  std::unique_ptr<int32_t[]> link_;         // foreground link tree (never compressed)
+  std::unique_ptr<uint8_t[]> link_level_;   // the threshold each link was made at
+  std::unique_ptr<Component[]> comp_;
+  std::unique_ptr<int32_t[]> slot_;         // root -> index in kept_ (per pending level)
+  std::unique_ptr<uint32_t[]> order_;
+  int64_t start_[258] = {0};
+  int64_t hole_begin_[256] = {0}, hole_end_[256] = {0};
+  int64_t components_ = 0, euler4_ = 0;
+  std::vector<int32_t> roots_;
+  std::vector<Contour> holes_;
+  std::vector<int32_t> anchors_;
+  std::vector<Contour> outers_;
+  std::vector<Pending> pending_;
+  std::vector<Contour> kept_;
+  std::vector<int32_t> kept_roots_;
+};
+
+// The reference's box for a contour: [x, y, min(x + w, W - 1), min(y + h, H - 1)].
+struct WsolBox {
+  int64_t x0, y0, x1, y1;
+};
+
+inline WsolBox wsol_box(int64_t x0, int64_t y0, int64_t x1_incl, int64_t y1_incl, int64_t H, int64_t W) {
+  return WsolBox{x0, y0, std::min(x1_incl + 1, W - 1), std::min(y1_incl + 1, H - 1)};
+}
+
+// Best IoU of one box against n GT boxes, wsolevaluation's arithmetic (inclusive areas).
+inline double best_iou(const WsolBox& a, const int64_t* gt, int64_t n) {
+  double best = 0.0;
+  bool any = false;
+  const int64_t area_a = (a.x1 - a.x0 + 1) * (a.y1 - a.y0 + 1);
+  for (int64_t g = 0; g < n; ++g) {
+    const int64_t* b = gt + 4 * g;
+    const int64_t iw = std::max<int64_t>(0, std::min(a.x1, b[2]) - std::max(a.x0, b[0]) + 1);
+    const int64_t ih = std::max<int64_t>(0, std::min(a.y1, b[3]) - std::max(a.y0, b[1]) + 1);
+    const int64_t inter = iw * ih;
+    const int64_t uni = area_a + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - inter;
+    const double iou = uni <= 0 ? 0.0 : static_cast<double>(inter) / static_cast<double>(uni);
+    if (!any || iou > best) best = iou;
+    any = true;
+  }
+  return best;
+}
+
+// The largest contour of one level (outers and holes as the sweep gives them); false when two or
+// more contours share the maximum area (the caller traces the level for OpenCV's order).
+bool unique_largest(const std::vector<Contour>& outers, const Contour* holes, int64_t num_holes,
+                    Contour* best) {
+  int64_t best_a = -1, ties = 0;
+  auto consider = [&](const Contour& c) {
+    if (c.area2 > best_a) {
+      best_a = c.area2;
+      *best = c;
+      ties = 1;
+    } else if (c.area2 == best_a) {
+      ++ties;
+    }
+  };
+  for (const Contour& c : outers) consider(c);
+  for (int64_t h = 0; h < num_holes; ++h) consider(holes[h]);
+  return ties == 1;
+}
+
+void check_args(const char* name, int64_t N, int64_t H, int64_t W, int64_t T) {
+  const std::string fn = std::string("rethinkcam_fast.") + name;
+  if (N < 0 || H < 0 || W < 0 || T < 0) throw std::invalid_argument(fn + ": negative size");
+  if (H > kMaxSide || W > kMaxSide || H * W > kMaxPixels) {
+    throw std::invalid_argument(fn + ": maps larger than 65534 pixels on a side or 2^29 pixels are not supported");
+  }
+}
+
+// Runs per_image(trees, finder, n) for every image, in parallel; the per-thread state is created
+// once per thread.
+template <typename F>
+void for_each_image(int64_t N, int64_t H, int64_t W, int64_t T, int num_threads, const F& per_image) {
+  const int nthreads = effective_threads(N * std::max<int64_t>(H * W, 1) * 4, num_threads, 65536);
+  parallel_for(0, N, std::min<int64_t>(nthreads, N), [&](int64_t b, int64_t e) {
+    ComponentTrees trees(H, W);
+    LargestContourFinder finder(H, W);
+    for (int64_t n = b; n < e; ++n) per_image(trees, finder, n);
+  });
+  (void)T;
+}
+
+// The distinct wanted thresholds of one image's row.
+void wanted_levels(const int64_t* row, int64_t T, bool* wanted) {
+  std::fill(wanted, wanted + 256, false);
+  for (int64_t t = 0; t < T; ++t) {
+    if (row[t] < 0 || row[t] > 255) throw std::invalid_argument("rethinkcam_fast: thresholds must lie in 0..255");
+    wanted[row[t]] = true;
+  }
+}
+
+}  // namespace
+
+void threshold_box_ious(const uint8_t* levels, const int64_t* thresholds, int64_t N, int64_t H,
+                        int64_t W, int64_t T, const int64_t* gt_boxes, const int64_t* gt_offsets,
+                        bool multi_contour, double* out, int num_threads) {
+  check_args("threshold_box_ious", N, H, W, T);
+  if (N == 0 || T == 0) return;
+  if (H == 0 || W == 0) throw std::invalid_argument("rethinkcam_fast.threshold_box_ious: empty maps");
+  for_each_image(N, H, W, T, num_threads, [&](ComponentTrees& trees, LargestContourFinder& finder, int64_t n) {
+    const uint8_t* level = levels + n * H * W;
+    const int64_t* row = thresholds + n * T;
+    const int64_t* gt = gt_boxes + 4 * gt_offsets[n];
+    const int64_t num_gt = gt_offsets[n + 1] - gt_offsets[n];
+    bool wanted[256];
+    wanted_levels(row, T, wanted);
+    double best_at[256];
+    const double empty = best_iou(WsolBox{0, 0, 0, 0}, gt, num_gt);
+    trees.run(level, wanted, [&](int thr, const std::vector<Contour>& outers, const Contour* holes,
+                                 int64_t num_holes) {
+      if (outers.empty()) {
+        best_at[thr] = empty;
+        return;
+      }
+      if (multi_contour) {
+        double best = 0.0;
+        for (const Contour& c : outers) best = std::max(best, best_iou(wsol_box(c.x0, c.y0, c.x1, c.y1, H, W), gt, num_gt));
+        for (int64_t h = 0; h < num_holes; ++h) {
+          const Contour& c = holes[h];
+          best = std::max(best, best_iou(wsol_box(c.x0, c.y0, c.x1, c.y1, H, W), gt, num_gt));
+        }
+        best_at[thr] = best;
+        return;
+      }
+      Contour c;
+      if (unique_largest(outers, holes, num_holes, &c)) {
+        best_at[thr] = best_iou(wsol_box(c.x0, c.y0, c.x1, c.y1, H, W), gt, num_gt);
+      } else {
+        int64_t b[4];
+        finder.find(level, thr, b);
+        best_at[thr] = best_iou(WsolBox{b[0], b[1], std::min(b[0] + b[2], W - 1), std::min(b[1] + b[3], H - 1)},
+                                gt, num_gt);
+      }
+    });
+    for (int64_t t = 0; t < T; ++t) out[n * T + t] = best_at[row[t]];
+  });
+}
+
+void tree_largest_boxes(const uint8_t* levels, const int64_t* thresholds, int64_t* out, int64_t N,
+                        int64_t H, int64_t W, int64_t T, int num_threads) {
+  check_args("tree_largest_boxes", N, H, W, T);
+  if (N == 0 || T == 0) return;
+  if (H == 0 || W == 0) throw std::invalid_argument("rethinkcam_fast.tree_largest_boxes: empty maps");
+  for_each_image(N, H, W, T, num_threads, [&](ComponentTrees& trees, LargestContourFinder& finder, int64_t n) {
+    const uint8_t* level = levels + n * H * W;
+    const int64_t* row = thresholds + n * T;
+    bool wanted[256];
+    wanted_levels(row, T, wanted);
+    int64_t box_at[256][4];
+    trees.run(level, wanted, [&](int thr, const std::vector<Contour>& outers, const Contour* holes,
+                                 int64_t num_holes) {
+      int64_t* b = box_at[thr];
+      Contour c;
+      if (outers.empty()) {
+        b[0] = b[1] = b[2] = b[3] = 0;
+      } else if (unique_largest(outers, holes, num_holes, &c)) {
+        b[0] = c.x0;
+        b[1] = c.y0;
+        b[2] = int64_t{c.x1} - c.x0 + 1;
+        b[3] = int64_t{c.y1} - c.y0 + 1;
+      } else {
+        finder.find(level, thr, b);
+      }
+    });
+    for (int64_t t = 0; t < T; ++t) std::memcpy(out + 4 * (n * T + t), box_at[row[t]], 4 * sizeof(int64_t));
+  });
+}
+
+}  // namespace cpu
+}  // namespace rcam

@@ -1,0 +1,237 @@
+"""best_box_ious (component trees) against an oracle written from wsolevaluation's semantics with OpenCV.
+
+The oracle below calls OpenCV directly for every (image, threshold) — it shares no code with the op —
+and applies DESIGN.md §3: contour boxes in the reference's convention, the largest contour only
+unless multi_contour, ``[0, 0, 0, 0]`` for an empty mask, inclusive-area IoU, best over boxes x GT.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_boxes import adversarial_masks, reference_largest
+
+import rethinkcam_fast
+from rethinkcam_fast import (
+    best_box_ious,
+    box_iou_matrix,
+    boxes_from_cams,
+    cam_curve_thresholds,
+    protocol_thresholds,
+)
+from rethinkcam_fast.ops.box_ious import best_box_ious_reference
+from rethinkcam_fast.ops.boxes import TREE_MIN_LEVELS
+
+cv2 = pytest.importorskip("cv2")
+requires_tree = pytest.mark.skipif(
+    not hasattr(rethinkcam_fast._native.cpu_module(), "threshold_box_ious"), reason="native _C not built"
+)
+
+
+def numpy_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU with inclusive areas; 0 where the union is not positive."""
+    ious = np.zeros((len(a), len(b)))
+    for i, p in enumerate(a):
+        for j, q in enumerate(b):
+            iw = max(0, min(p[2], q[2]) - max(p[0], q[0]) + 1)
+            ih = max(0, min(p[3], q[3]) - max(p[1], q[1]) + 1)
+            inter = iw * ih
+            union = (p[2] - p[0] + 1) * (p[3] - p[1] + 1) + (q[2] - q[0] + 1) * (q[3] - q[1] + 1) - inter
+            ious[i, j] = inter / union if union > 0 else 0.0
+    return ious
+
+
+def oracle(level_map: np.ndarray, thresholds, gt: np.ndarray, multi_contour: bool) -> list[float]:
+    height, width = level_map.shape
+    best = []
+    for thr in thresholds:
+        contours, _ = cv2.findContours((level_map > thr).astype(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
+        if not contours:
+            boxes = [[0, 0, 0, 0]]
+        else:
+            if not multi_contour:
+                contours = [max(contours, key=cv2.contourArea)]
+            boxes = []
+            for c in contours:
+                x, y, w, h = cv2.boundingRect(c)
+                boxes.append([x, y, min(x + w, width - 1), min(y + h, height - 1)])
+        best.append(float(numpy_iou(np.asarray(boxes), gt).max()))
+    return best
+
+
+def random_gt(rng: np.random.Generator, counts: list[int], height: int, width: int):
+    boxes = []
+    for _ in range(sum(counts)):
+        xs = np.sort(rng.integers(0, width, 2))
+        ys = np.sort(rng.integers(0, height, 2))
+        boxes.append([xs[0], ys[0], xs[1], ys[1]])
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    return torch.tensor(boxes, dtype=torch.long).reshape(-1, 4), torch.tensor(offsets, dtype=torch.long)
+
+
+def assert_matches_oracle(cams: torch.Tensor, table: torch.Tensor, gt: torch.Tensor, offsets: torch.Tensor) -> None:
+    levels = (255 * cams.float().numpy()).astype(np.uint8)
+    for multi in (True, False):
+        got = best_box_ious(cams, table, gt, offsets, multi)
+        assert got.dtype == torch.float64 and got.shape == table.shape
+        for n in range(len(cams)):
+            expected = oracle(levels[n], table[n].tolist(), gt[offsets[n] : offsets[n + 1]].numpy(), multi)
+            assert got[n].tolist() == expected, (n, multi)  # identical doubles, not approximately
+
+
+def multilevel_maps(rng: np.random.Generator, n: int, height: int, width: int, num_levels: int) -> torch.Tensor:
+    """Maps with few distinct levels: nested rings, holes inside components inside holes, ties."""
+    values = rng.integers(0, num_levels, size=(n, height, width))
+    return torch.from_numpy((values * (255 // (num_levels - 1))).astype(np.float32) / 255)
+
+
+@requires_tree
+@pytest.mark.parametrize("seed", range(6))
+def test_multilevel_maps_all_thresholds(seed):
+    rng = np.random.default_rng(seed)
+    height, width = int(rng.integers(1, 30)), int(rng.integers(1, 30))
+    cams = multilevel_maps(rng, 3, height, width, int(rng.integers(2, 6)))
+    table = torch.arange(256).repeat(3, 1)
+    gt, offsets = random_gt(rng, [1, 2, 3], height, width)
+    assert_matches_oracle(cams, table, gt, offsets)
+
+
+@requires_tree
+def test_adversarial_shapes():
+    masks = adversarial_masks()
+    cams = torch.from_numpy(masks.astype(np.float32))
+    rng = np.random.default_rng(7)
+    gt, offsets = random_gt(rng, [2] * len(masks), *masks.shape[1:])
+    assert_matches_oracle(cams, torch.tensor([[0, 254, 255]] * len(masks)), gt, offsets)
+
+
+@requires_tree
+@pytest.mark.parametrize("interval", [0.01, 0.001])
+def test_smooth_maps_protocol_thresholds(interval):
+    gen = torch.Generator().manual_seed(3)
+    low = torch.rand((3, 1, 7, 7), generator=gen)
+    up = torch.nn.functional.interpolate(low, size=(48, 40), mode="bilinear", align_corners=False)[:, 0]
+    cams = (up - up.amin((1, 2), keepdim=True)) / (up.amax((1, 2), keepdim=True) - up.amin((1, 2), keepdim=True))
+    table = protocol_thresholds(cams, cam_curve_thresholds(interval))
+    gt, offsets = random_gt(np.random.default_rng(1), [1, 3, 2], 48, 40)
+    if interval == 0.001:  # 1,000 columns: compare on the distinct levels, then check the gather
+        distinct = torch.unique(table)
+        assert_matches_oracle(cams, distinct.repeat(3, 1), gt, offsets)
+        full = best_box_ious(cams, table, gt, offsets)
+        per_level = best_box_ious(cams, distinct.repeat(3, 1), gt, offsets)
+        index = torch.searchsorted(distinct, table)
+        assert torch.equal(full, per_level.gather(1, index))
+    else:
+        assert_matches_oracle(cams, table, gt, offsets)
+
+
+@requires_tree
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(1, 14), w=st.integers(1, 14), levels=st.integers(2, 5), seed=st.integers(0, 2**16))
+def test_property_random_maps(h, w, levels, seed):
+    rng = np.random.default_rng(seed)
+    cams = multilevel_maps(rng, 2, h, w, levels)
+    table = torch.from_numpy(rng.integers(0, 256, size=(2, 6)))
+    gt, offsets = random_gt(rng, [1, 2], h, w)
+    assert_matches_oracle(cams, table, gt, offsets)
+
+
+@requires_tree
+def test_native_equals_reference_fallback():
+    rng = np.random.default_rng(11)
+    cams = multilevel_maps(rng, 4, 21, 17, 4)
+    table = torch.from_numpy(rng.integers(0, 256, size=(4, 9)))
+    gt, offsets = random_gt(rng, [1, 1, 2, 3], 21, 17)
+    levels = (cams * 255).to(torch.uint8)
+    for multi in (True, False):
+        assert torch.equal(best_box_ious(cams, table, gt, offsets, multi),
+                           best_box_ious_reference(levels, table, gt, offsets, multi))
+
+
+@requires_tree
+@pytest.mark.parametrize("seed", range(4))
+def test_tree_largest_boxes_equal_border_following(seed):
+    """boxes_from_cams switches to the component trees from TREE_MIN_LEVELS distinct thresholds on."""
+    rng = np.random.default_rng(seed)
+    cams = multilevel_maps(rng, 3, 19, 23, 3 + seed) if seed % 2 else torch.rand(3, 19, 23)
+    table = torch.arange(256).repeat(3, 1)
+    assert TREE_MIN_LEVELS <= 256
+    got = boxes_from_cams(cams, table, convention="exact")
+    module = rethinkcam_fast._native.cpu_module()
+    traced = torch.zeros((3, 256, 4), dtype=torch.int64)
+    levels = (cams * 255).to(torch.uint8).contiguous()
+    module.contour_largest_boxes(levels.data_ptr(), table.data_ptr(), traced.data_ptr(), 3, 19, 23, 256, 1)
+    exact = torch.cat([traced[..., :2], traced[..., :2] + traced[..., 2:] - 1], dim=-1)
+    exact[(traced == 0).all(-1)] = 0
+    assert torch.equal(got, exact)
+    for n, t in [(0, 0), (1, 100), (2, 200)]:
+        assert got[n, t].tolist() == reference_largest(levels[n].numpy(), t, "exact")
+
+
+def test_protocol_thresholds_match_numpy():
+    cams = torch.rand(4, 9, 11, generator=torch.Generator().manual_seed(5)).double()
+    cams[3] = 0  # all-zero map: every threshold is 0
+    ts = cam_curve_thresholds(0.001)
+    got = protocol_thresholds(cams, ts)
+    for n in range(4):
+        u8 = (cams[n].numpy() * 255).astype(np.uint8)
+        assert got[n].tolist() == [int(t * np.max(u8)) for t in ts]
+    assert protocol_thresholds(cams[:0], ts).shape == (0, len(ts))
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        protocol_thresholds(cams, [0.5, 1.0])
+    with pytest.raises(ValueError, match="cam_curve_interval"):
+        cam_curve_thresholds(0)
+
+
+def test_box_iou_matrix_matches_inclusive_formula():
+    rng = np.random.default_rng(2)
+    a = torch.from_numpy(rng.integers(0, 20, size=(7, 4)))
+    b = torch.from_numpy(rng.integers(0, 20, size=(5, 4)))
+    a[:, 2:] = a[:, :2] + a[:, 2:] // 3  # valid boxes
+    b[:, 2:] = b[:, :2] + b[:, 2:] // 3
+    b[0] = torch.tensor([5, 5, 3, 3])  # inverted: a union <= 0 scores 0
+    assert box_iou_matrix(a, b).numpy().tolist() == numpy_iou(a.numpy(), b.numpy()).tolist()
+
+
+@requires_tree
+def test_edge_cases():
+    gt = torch.tensor([[0, 0, 0, 0], [2, 2, 5, 5]])
+    zeros = torch.zeros(2, 8, 8)  # all-zero maps: empty masks score the [0, 0, 0, 0] box
+    got = best_box_ious(zeros, torch.tensor([[0, 100]] * 2), gt, torch.tensor([0, 1, 2]))
+    assert got.tolist() == [[1.0, 1.0], [0.0, 0.0]]
+    one_pixel = torch.zeros(1, 8, 8)
+    one_pixel[0, 3, 4] = 1.0
+    got = best_box_ious(one_pixel, torch.tensor([0]), torch.tensor([[4, 3, 5, 4]]), torch.tensor([0, 1]))
+    assert got.tolist() == [1.0]  # wsol box of a single pixel: [x, y, x + 1, y + 1]
+    empty = best_box_ious(torch.zeros(0, 8, 8), torch.zeros(0, 5, dtype=torch.long),
+                          torch.zeros(0, 4, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    assert empty.shape == (0, 5)
+    single = best_box_ious(torch.rand(2, 8, 8), torch.tensor([10, 20]), gt, torch.tensor([0, 1, 2]))
+    assert single.shape == (2,)
+
+
+def test_bad_input_raises_clear_errors():
+    cams = torch.rand(2, 6, 6)
+    gt = torch.tensor([[0, 0, 3, 3], [1, 1, 4, 4]])
+    offsets = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="N \\+ 1 = 3 entries"):
+        best_box_ious(cams, 0, gt, torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="image 1 has no ground-truth box"):
+        best_box_ious(cams, 0, gt, torch.tensor([0, 2, 2]))
+    with pytest.raises(ValueError, match="rise from 0"):
+        best_box_ious(cams, 0, gt, torch.tensor([0, 1, 3]))
+    with pytest.raises(TypeError, match="integer tensors"):
+        best_box_ious(cams, 0, gt.float(), offsets)
+    with pytest.raises(ValueError, match=r"shape \(G, 4\)"):
+        best_box_ious(cams, 0, gt[:, :3], offsets)
+    with pytest.raises(ValueError, match="uint8 levels"):
+        best_box_ious(cams, 300, gt, offsets)
+    bad = cams.clone()
+    bad[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"cams\[1\] has non-finite values"):
+        best_box_ious(bad, 0, gt, offsets)
+    with pytest.raises(TypeError, match="floating dtype"):
+        best_box_ious(cams.long(), 0, gt, offsets)
