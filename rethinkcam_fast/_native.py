@@ -13,6 +13,9 @@ from types import ModuleType
 
 import torch
 
+# The dtype codes of csrc/common/dtype.h.
+NATIVE_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
 _modules: dict[str, ModuleType | None] = {}
 _errors: dict[str, str] = {}
 _warned: set[str] = set()

@@ -110,3 +110,17 @@ def test_gpu_matches_cpu():
     cams = torch.rand(64, 224, 224, generator=torch.Generator().manual_seed(1))
     assert torch.equal(percentile_threshold(cams.cuda()).cpu(), percentile_threshold(cams))
     assert torch.equal(percentile_threshold(cams.cuda(), backend="reference").cpu(), percentile_threshold(cams))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_host_levels_equal_scaled_levels(dtype):
+    """The native uint8 conversion the box kernels use gives torch's trunc(255 * x), every level."""
+    from rethinkcam_fast.ops.percentile_threshold import host_levels, scaled_levels
+
+    maps = torch.rand(3, 37, 53, generator=torch.Generator().manual_seed(2)).to(dtype)
+    maps[1].view(-1)[:256] = (torch.arange(256, dtype=torch.float64) / 255).to(dtype)  # every exact level
+    maps[2, 0, :3] = torch.tensor([0.0, 1.0, 0.99999994]).to(dtype)
+    for layout in (maps, maps.transpose(1, 2)):  # contiguous and not
+        assert torch.equal(host_levels(layout), scaled_levels(layout, torch.uint8))
+    outside = torch.tensor([[[float("nan"), -1.0, 2.0, float("inf")]]], dtype=dtype)
+    assert host_levels(outside).tolist() == [[[0, 0, 255, 255]]]  # clamped, not undefined

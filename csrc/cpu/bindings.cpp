@@ -12,6 +12,7 @@
 
 #include "component_tree.h"
 #include "contours.h"
+#include "levels.h"
 #include "tap.h"
 
 namespace py = pybind11;
@@ -149,4 +150,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("H"), py::arg("W"), py::arg("T"), py::arg("num_threads"),
       py::call_guard<py::gil_scoped_release>(),
       "As contour_largest_boxes (same result), from one pass over all thresholds of each image.");
+
+  m.def(
+      "uint8_levels",
+      [](uintptr_t x_ptr, int dtype, int64_t count, uintptr_t out_ptr, int num_threads) {
+        rcam::cpu::uint8_levels(as_ptr<const void>(x_ptr), dtype, count, as_ptr<uint8_t>(out_ptr),
+                                num_threads);
+      },
+      py::arg("x_ptr"), py::arg("dtype"), py::arg("count"), py::arg("out_ptr"),
+      py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+      "out: uint8 [count] <- trunc(255 * x) in the accumulation type (float64 for float64 x,\n"
+      "float32 otherwise), clamped to 0..255 (NaN -> 0).  x: contiguous, dtype 0=f32, 1=f64, 2=f16,\n"
+      "3=bf16.");
 }

@@ -19,15 +19,18 @@
 // change only in the four cells around a pixel when it joins a component, by an amount fixed by
 // its 8 neighbours (a lookup table below), and add up when components merge.
 //
-// Components only merge as pixels are added, so two union-find sweeps over the pixels in level
-// order (a counting sort) give every threshold:
-//   1. background, thr rising: a pixel joins at thr = its level; after each wanted thr the live
-//      roots other than the frame's are the holes: record box, area2 and an anchor, the pixel above
-//      the hole's first pixel in raster order (roots are the smallest index of their component, so
-//      that first pixel is the root).  That pixel is foreground and belongs to the component the
-//      hole lies in (a component inside the hole would have hole pixels above it, earlier).
-//   2. foreground, thr falling: a pixel joins at thr = its level - 1; at each wanted thr every live
-//      root is an outer border, and each recorded hole adds its area to find(anchor).
+// Components only merge as pixels are added, so union-find sweeps over the pixels in level order
+// (a counting sort) give every threshold (union by size, path halving, branch-free neighbour lists):
+//   1. foreground, thr falling: a pixel joins at thr = its level - 1.  At each wanted thr every live
+//      root is an outer border; the component count and the Euler number (bit quads) give the
+//      number of holes, and a level without holes is complete.
+//   2. only if some wanted level has holes — background, thr rising up to the highest such level:
+//      a pixel joins at thr = its level; at those levels the live roots other than the frame's are
+//      the holes: record box, area2 and an anchor, the pixel above the hole's first pixel in raster
+//      order.  That pixel is foreground and belongs to the component the hole lies in (a component
+//      inside the hole would have hole pixels above it, earlier in raster order).  Each hole adds
+//      its area to that component's outer border, found through the foreground link tree: every
+//      union of sweep 1 stamped with its threshold (a link made at thr exists at each thr' <= thr).
 // The frame is a background component that is never a hole (all frame pixels share root 0).
 //
 // Largest contour: the one of maximum area, first in OpenCV's order on a tie.  That order is a
@@ -59,12 +62,12 @@ struct Contour {
   int64_t area2;
 };
 
-// Per-root component record (valid at union-find roots only); 16 bytes, as the sweeps touch it at
-// random places.  area2 <= 2 * H * W and size <= H * W fit int32 under kMaxPixels.
+// Per-root component record, dense in comps_ (see find()).  area2 <= 2 * H * W and size <= H * W fit int32 under kMaxPixels.
 struct Component {
   uint16_t x0, y0, x1, y1;
   int32_t area2;  // fg_area2 or bg_area2
-  int32_t size;   // pixels (foreground: union by size)
+  int32_t size;   // pixels (union by size)
+  int32_t first;  // smallest padded index, i.e. first pixel in raster order (background holes)
 };
 
 // Neighbour bits of a pixel: 0 NW, 1 N, 2 NE, 3 W, 4 E, 5 SW, 6 S, 7 SE.  The four cells around the
@@ -83,7 +86,31 @@ struct Component {
 // number is components - holes, which tells the foreground sweep how many holes a level has.
 struct DeltaTables {
   std::array<int8_t, 256> fg{}, bg{}, euler4{};
+  // The neighbours to unite with, as bit numbers: foreground = the present edge neighbours, then
+  // the present corners not 8-adjacent to a present edge neighbour (those are already in its
+  // component); background = the present edge neighbours.  Branch-free lists for add_pixel.
+  std::array<std::array<uint8_t, 8>, 256> fg_list{}, bg_list{};
+  std::array<uint8_t, 256> fg_count{}, bg_count{};
   DeltaTables() {
+    for (int bits = 0; bits < 256; ++bits) {
+      auto has = [&](int k) { return ((bits >> k) & 1) != 0; };
+      int nf = 0, nb = 0;
+      for (int k : {1, 3, 4, 6}) {
+        if (has(k)) {
+          fg_list[static_cast<size_t>(bits)][static_cast<size_t>(nf++)] = static_cast<uint8_t>(k);
+          bg_list[static_cast<size_t>(bits)][static_cast<size_t>(nb++)] = static_cast<uint8_t>(k);
+        }
+      }
+      // corner -> its two edge neighbours: NW(0): N, W; NE(2): N, E; SW(5): W, S; SE(7): E, S
+      static constexpr int kCorner[4][3] = {{0, 1, 3}, {2, 1, 4}, {5, 3, 6}, {7, 4, 6}};
+      for (const auto& c : kCorner) {
+        if (has(c[0]) && !has(c[1]) && !has(c[2])) {
+          fg_list[static_cast<size_t>(bits)][static_cast<size_t>(nf++)] = static_cast<uint8_t>(c[0]);
+        }
+      }
+      fg_count[static_cast<size_t>(bits)] = static_cast<uint8_t>(nf);
+      bg_count[static_cast<size_t>(bits)] = static_cast<uint8_t>(nb);
+    }
     // Each cell: the pixel's diagonal neighbour in it, then its two edge neighbours in it.
     static constexpr int kCells[4][3] = {{0, 1, 3}, {2, 1, 4}, {5, 3, 6}, {7, 4, 6}};
     auto quad = [](int self, int diag, int edge_a, int edge_b) {
@@ -131,10 +158,13 @@ class ComponentTrees {
         parent_(new int32_t[static_cast<size_t>(size_)]),
         link_(new int32_t[static_cast<size_t>(size_)]),
         link_level_(new uint8_t[static_cast<size_t>(size_)]),
-        comp_(new Component[static_cast<size_t>(size_)]),
         slot_(new int32_t[static_cast<size_t>(size_)]),
         order_(new uint32_t[static_cast<size_t>(H * W)]) {
     roots_.reserve(static_cast<size_t>(H * W));
+    comps_.reserve(1024);
+    const int32_t S32 = static_cast<int32_t>(S_);
+    const int32_t offsets[8] = {-S32 - 1, -S32, -S32 + 1, -1, 1, S32 - 1, S32, S32 + 1};
+    std::copy(offsets, offsets + 8, offset_);
   }
 
   // Calls fn(thr, outers, holes, num_holes) once for every thr in [0, 255] with wanted[thr] (in no
@@ -183,57 +213,79 @@ class ComponentTrees {
     }
   }
 
+  // Union-find: parent_[p] >= 0 is p's parent pixel; a root holds ~(its record's index in comps_)
+  // (negative), so the records of the few live components stay dense and in cache.
   int32_t find(int32_t p) const {
     int32_t* par = parent_.get();
-    while (par[p] != p) {
-      par[p] = par[par[p]];  // path halving
+    while (par[p] >= 0) {
+      const int32_t up = par[p];
+      if (par[up] >= 0) par[p] = par[up];  // path halving
       p = par[p];
     }
     return p;
   }
 
-  // Unites root r with the component of q; returns the new root.  Foreground: the larger component
-  // keeps its root and the link is recorded at thr; background: the smaller index stays root (so a
-  // root is its component's first pixel in raster order).
+  Component& comp(int32_t root) { return comps_[static_cast<size_t>(~parent_[static_cast<size_t>(root)])]; }
+
+  // Makes pixel p (packed x, y) a new one-pixel component.
+  void new_component(int32_t p, uint16_t x, uint16_t y) {
+    parent_[static_cast<size_t>(p)] = ~static_cast<int32_t>(comps_.size());
+    comps_.push_back(Component{x, y, x, y, 0, 1, p});
+    roots_.push_back(p);
+  }
+
+  // Unites root r with the component of q; returns the new root, the larger component's (union by
+  // size).  Foreground links are recorded with their threshold.
   template <bool kForeground>
   int32_t unite(int32_t r, int32_t q, int thr) {
-    const int32_t s = find(q);
+    int32_t s = parent_[static_cast<size_t>(q)];
+    if (s == r) return r;  // the common case: q hangs right under r
+    s = s < 0 ? q : find(s);
     if (s == r) return r;
-    int32_t keep, gone;
+    const bool r_big = comp(r).size >= comp(s).size;
+    const int32_t keep = r_big ? r : s, gone = r_big ? s : r;
     if (kForeground) {
-      const bool r_big = comp_[static_cast<size_t>(r)].size >= comp_[static_cast<size_t>(s)].size;
-      keep = r_big ? r : s;
-      gone = r_big ? s : r;
       link_[static_cast<size_t>(gone)] = keep;
       link_level_[static_cast<size_t>(gone)] = static_cast<uint8_t>(thr);
       --components_;
-    } else {
-      keep = std::min(r, s);
-      gone = std::max(r, s);
     }
+    const Component b = comp(gone);
     parent_[static_cast<size_t>(gone)] = keep;
-    Component& a = comp_[static_cast<size_t>(keep)];
-    const Component& b = comp_[static_cast<size_t>(gone)];
+    Component& a = comp(keep);
     a.x0 = std::min(a.x0, b.x0);
     a.y0 = std::min(a.y0, b.y0);
     a.x1 = std::max(a.x1, b.x1);
     a.y1 = std::max(a.y1, b.y1);
     a.area2 += b.area2;
     a.size += b.size;
+    a.first = std::min(a.first, b.first);
     return keep;
   }
 
-  // Live roots, dropping the merged ones from roots_ (each pixel is listed once when it joins).
+  // Live roots, dropping the merged ones from roots_ (each component is listed once when born).
   void compact_roots() {
     size_t keep = 0;
     for (const int32_t r : roots_) {
-      if (parent_[static_cast<size_t>(r)] == r) roots_[keep++] = r;
+      if (parent_[static_cast<size_t>(r)] < 0) roots_[keep++] = r;
     }
     roots_.resize(keep);
   }
 
+  // Adds pixel p to the component of root r (p is not a root).
+  void join(int32_t p, int32_t r, uint16_t x, uint16_t y) {
+    parent_[static_cast<size_t>(p)] = r;
+    Component& c = comp(r);
+    c.x0 = std::min(c.x0, x);
+    c.y0 = std::min(c.y0, y);
+    c.x1 = std::max(c.x1, x);
+    c.y1 = std::max(c.y1, y);
+    c.size += 1;
+    c.first = std::min(c.first, p);
+  }
+
   // Adds the pixel at packed coordinates xy at threshold thr: unites it with its 8 neighbours
-  // present (foreground) or its 4 edge neighbours (background) and updates its root's area.
+  // present (foreground) or its 4 edge neighbours (background) and updates its root's area.  A
+  // pixel with a neighbour present joins that neighbour's component directly.
   template <bool kForeground>
   void add_pixel(uint32_t xy, int thr) {
     const uint16_t x = static_cast<uint16_t>(xy & 0xFFFF), y = static_cast<uint16_t>(xy >> 16);
@@ -244,45 +296,39 @@ class ComponentTrees {
                           (on[p - 1] << 3) | (on[p + 1] << 4) | (on[p + S - 1] << 5) |
                           (on[p + S] << 6) | (on[p + S + 1] << 7);
     on_[static_cast<size_t>(p)] = 1;
-    parent_[static_cast<size_t>(p)] = p;
-    comp_[static_cast<size_t>(p)] = Component{x, y, x, y, 0, 1};
-    roots_.push_back(p);
-    int32_t r = p;
-    const int32_t s = static_cast<int32_t>(S);
-    if (kForeground) {
-      link_[static_cast<size_t>(p)] = p;
-      ++components_;
-      euler4_ += kDelta.euler4[bits];
-      // A corner neighbour 8-adjacent to a present edge neighbour is already in its component.
-      const unsigned edges = bits & 0x5A;  // N, W, E, S
-      unsigned corners = bits & 0xA5;      // NW, NE, SW, SE
-      if (edges & 0x02) corners &= ~0x05u;  // N covers NW, NE
-      if (edges & 0x08) corners &= ~0x21u;  // W covers NW, SW
-      if (edges & 0x10) corners &= ~0x84u;  // E covers NE, SE
-      if (edges & 0x40) corners &= ~0xA0u;  // S covers SW, SE
-      if (edges & 0x02) r = unite<true>(r, p - s, thr);
-      if (edges & 0x08) r = unite<true>(r, p - 1, thr);
-      if (edges & 0x10) r = unite<true>(r, p + 1, thr);
-      if (edges & 0x40) r = unite<true>(r, p + s, thr);
-      if (corners & 0x01) r = unite<true>(r, p - s - 1, thr);
-      if (corners & 0x04) r = unite<true>(r, p - s + 1, thr);
-      if (corners & 0x20) r = unite<true>(r, p + s - 1, thr);
-      if (corners & 0x80) r = unite<true>(r, p + s + 1, thr);
-      comp_[static_cast<size_t>(r)].area2 += kDelta.fg[bits];
+    if (kForeground) euler4_ += kDelta.euler4[bits];
+    const uint8_t* list = kForeground ? kDelta.fg_list[bits].data() : kDelta.bg_list[bits].data();
+    const int count = kForeground ? kDelta.fg_count[bits] : kDelta.bg_count[bits];
+    int32_t nb[8];
+    for (int k = 0; k < count; ++k) nb[k] = p + offset_[list[k]];
+    int32_t r;
+    if (count == 0) {
+      new_component(p, x, y);
+      r = p;
+      if (kForeground) {
+        link_[static_cast<size_t>(p)] = p;
+        ++components_;
+      }
     } else {
-      if (bits & 0x02) r = unite<false>(r, p - s, thr);
-      if (bits & 0x08) r = unite<false>(r, p - 1, thr);
-      if (bits & 0x10) r = unite<false>(r, p + 1, thr);
-      if (bits & 0x40) r = unite<false>(r, p + s, thr);
-      comp_[static_cast<size_t>(r)].area2 += kDelta.bg[bits];
+      r = find(nb[0]);
+      join(p, r, x, y);
+      if (kForeground) {
+        link_[static_cast<size_t>(p)] = r;
+        link_level_[static_cast<size_t>(p)] = static_cast<uint8_t>(thr);
+      }
+      for (int k = 1; k < count; ++k) r = unite<kForeground>(r, nb[k], thr);
     }
+    comp(r).area2 += kForeground ? kDelta.fg[bits] : kDelta.bg[bits];
   }
 
   // on_ <- 0 inside, `frame` on the frame; frame pixels all have root 0 (background only).
   void reset(uint8_t frame) {
     std::memset(on_.get(), 0, static_cast<size_t>(size_));
     roots_.clear();
+    comps_.clear();
     if (frame == 0) return;
+    // The frame's record: never a hole; its size keeps it the root of every union it takes part in.
+    comps_.push_back(Component{0, 0, 0, 0, 0, std::numeric_limits<int32_t>::max() / 2, 0});
     const int64_t S = S_, H = H_;
     auto mark = [&](int64_t p) {
       on_[static_cast<size_t>(p)] = 1;
@@ -296,6 +342,7 @@ class ComponentTrees {
       mark(y * S);
       mark(y * S + S - 1);
     }
+    parent_[0] = ~0;  // root of the frame, record 0
   }
 
   static Contour as_contour(const Component& c, int64_t area2) {
@@ -324,7 +371,7 @@ class ComponentTrees {
       if (holes == 0) {
         outers_.clear();
         for (const int32_t r : roots_) {
-          const Component& c = comp_[static_cast<size_t>(r)];
+          const Component& c = comp(r);
           outers_.push_back(as_contour(c, c.area2));
         }
         fn(thr, outers_, static_cast<const Contour*>(nullptr), int64_t{0});
@@ -332,7 +379,7 @@ class ComponentTrees {
       }
       Pending pl{thr, holes, kept_.size(), 0};
       for (const int32_t r : roots_) {
-        const Component& c = comp_[static_cast<size_t>(r)];
+        const Component& c = comp(r);
         kept_.push_back(as_contour(c, c.area2));
         kept_roots_.push_back(r);
       }
@@ -355,9 +402,9 @@ class ComponentTrees {
       if (with_holes[thr]) {
         compact_roots();  // the frame's root 0 is never listed: only holes remain
         for (const int32_t r : roots_) {
-          const Component& c = comp_[static_cast<size_t>(r)];
+          const Component& c = comp(r);
           holes_.push_back(Contour{c.x0 - 1, c.y0 - 1, c.x1 + 1, c.y1 + 1, int64_t{c.area2}});
-          anchors_.push_back(static_cast<int32_t>(r - S));
+          anchors_.push_back(static_cast<int32_t>(c.first - S));
         }
       }
       hole_end_[thr] = static_cast<int64_t>(holes_.size());
@@ -392,11 +439,12 @@ class ComponentTrees {
   }
 
   int64_t H_, W_, S_, size_;
+  int32_t offset_[8];  // padded-index offsets of the neighbour bits
   std::unique_ptr<uint8_t[]> on_;
   std::unique_ptr<int32_t[]> parent_;
   std::unique_ptr<int32_t[]> link_;         // foreground link tree (never compressed)
   std::unique_ptr<uint8_t[]> link_level_;   // the threshold each link was made at
-  std::unique_ptr<Component[]> comp_;
+  std::vector<Component> comps_;  // records of the components born in this sweep
   std::unique_ptr<int32_t[]> slot_;         // root -> index in kept_ (per pending level)
   std::unique_ptr<uint32_t[]> order_;
   int64_t start_[258] = {0};

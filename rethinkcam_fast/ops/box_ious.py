@@ -28,7 +28,7 @@ from torch import Tensor
 from .. import _native
 from .._validation import check_float_dtype, check_tensor, check_unit_maps
 from .boxes import _thresholds_2d, boxes_from_cams
-from .percentile_threshold import scaled_levels
+from .percentile_threshold import host_levels, scaled_levels
 
 
 def box_iou_matrix(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
@@ -156,7 +156,7 @@ def best_box_ious(
     gt, offsets = _check_gt(gt_boxes, gt_offsets, n)
     if validate:
         check_unit_maps("cams", cams)
-    levels = scaled_levels(cams, torch.uint8).cpu().contiguous()
+    levels = host_levels(cams)
     module = _native.cpu_module()
     if module is not None and hasattr(module, "threshold_box_ious"):
         out = torch.zeros(table.shape, dtype=torch.float64)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import _native
 from .._validation import check_float_dtype, check_tensor, check_unit_maps
-from .percentile_threshold import scaled_levels
+from .percentile_threshold import host_levels
 
 MODES = ("largest", "all")
 CONVENTIONS = ("wsol", "exact")
@@ -202,7 +202,7 @@ def boxes_from_cams(
     if validate:
         check_unit_maps("cams", cams)
     # trunc(255·x) straight to uint8 (values are in [0, 1]), then to the host for the C++ kernel.
-    levels = scaled_levels(cams, torch.uint8).cpu().contiguous()
+    levels = host_levels(cams)
     if mode == "largest":
         xywh = _largest_xywh(levels, table)
         boxes = _to_convention(xywh, height, width, convention)

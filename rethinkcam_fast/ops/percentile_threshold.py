@@ -22,6 +22,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+from .. import _native
 from .._triton import tl, triton
 from .._validation import check_float_dtype, check_tensor, check_unit_maps
 from ._launch import device_guard, use_triton
@@ -32,6 +33,22 @@ def scaled_levels(cams: Tensor, dtype: torch.dtype) -> Tensor:
     reference's ``uint8(255 * cam)`` on its float32 maps."""
     work = cams.double() if cams.dtype == torch.float64 else cams.float()
     return (work * 255).to(dtype)
+
+
+def host_levels(cams: Tensor) -> Tensor:
+    """``uint8 [N, H, W]`` levels ``trunc(255 * x)`` on the CPU, contiguous, for the C++ kernels.
+
+    CPU maps go through the native conversion (one pass, parallel); others through
+    :func:`scaled_levels` on their device, then to the host. Same values either way.
+    """
+    module = _native.cpu_module()
+    if cams.device.type == "cpu" and module is not None and hasattr(module, "uint8_levels"):
+        source = cams.contiguous()
+        out = torch.empty(cams.shape, dtype=torch.uint8)
+        module.uint8_levels(source.data_ptr(), _native.NATIVE_DTYPE_CODES[cams.dtype], source.numel(),
+                            out.data_ptr(), torch.get_num_threads())
+        return out
+    return scaled_levels(cams, torch.uint8).cpu().contiguous()
 
 
 def to_uint8_levels(cams: Tensor) -> Tensor:

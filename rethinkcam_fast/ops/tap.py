@@ -32,7 +32,6 @@ from .._validation import check_float_dtype, check_same_device, check_tensor, ch
 from ._launch import device_guard, flat_spatial
 
 BACKENDS = ("auto", "triton", "cuda", "native", "reference")
-_NATIVE_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -368,7 +367,7 @@ def _native_forward(module, x: Tensor, tau: float, last_arg: int) -> tuple[Tenso
     if n * c:
         module.tap_forward(
             x.data_ptr(), out.data_ptr(), thr.data_ptr(), inv.data_ptr(),
-            n, c, s, stride_n, stride_c, stride_s, tau, _NATIVE_DTYPE_CODES[x.dtype], last_arg,
+            n, c, s, stride_n, stride_c, stride_s, tau, _native.NATIVE_DTYPE_CODES[x.dtype], last_arg,
         )
     return out.to(x.dtype), thr, inv
 
@@ -382,7 +381,7 @@ def _native_backward(module, grad_out: Tensor, x: Tensor, thr: Tensor, inv: Tens
     module.tap_backward(
         g.data_ptr(), x.data_ptr(), thr.data_ptr(), inv.data_ptr(), grad.data_ptr(),
         n, c, x.shape[2] * x.shape[3], stride_n, stride_c, stride_s, g_stride_n, g_stride_c, g_stride_s,
-        _NATIVE_DTYPE_CODES[x.dtype], last_arg,
+        _native.NATIVE_DTYPE_CODES[x.dtype], last_arg,
     )
     return grad
 

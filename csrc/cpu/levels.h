@@ -1,0 +1,16 @@
+// uint8 levels of min-max normalised maps: trunc(255 * x), the reference's np.uint8(255 * cam).
+#pragma once
+
+#include <cstdint>
+
+namespace rcam {
+namespace cpu {
+
+// out[k] <- trunc(255 * x[k]) computed in the dtype's accumulation type (float32; float64 for
+// float64 maps), like torch's (x.float() * 255).to(torch.uint8).  Values are expected in [0, 1];
+// anything else is clamped to 0..255 (NaN -> 0) instead of being undefined.  x: `count` contiguous
+// elements of dtype (0=f32, 1=f64, 2=f16, 3=bf16).
+void uint8_levels(const void* x, int dtype, int64_t count, uint8_t* out, int num_threads);
+
+}  // namespace cpu
+}  // namespace rcam
