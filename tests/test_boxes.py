@@ -181,3 +181,18 @@ def test_bad_input_raises_clear_errors():
         boxes_from_cams(cams, 0, convention="xyxy")
     with pytest.raises(ValueError, match="cams must be a 3-D"):
         boxes_from_cams(cams[None], 0)
+
+
+def test_all_mode_traces_repeated_thresholds_once_with_the_same_result():
+    gen = torch.Generator().manual_seed(6)
+    cams = torch.rand(2, 15, 18, generator=gen)
+    table = torch.tensor([[0, 40, 40, 255, 0, 128], [128, 0, 40, 40, 40, 7]])  # 5 distinct < 6 columns
+    ragged = boxes_from_cams(cams, table, "all")
+    levels = levels_of(cams)
+    for n in range(2):
+        for t, thr in enumerate(table[n].tolist()):
+            assert ragged.boxes_of(n, t).tolist() == reference_all(levels[n], thr, "wsol"), (n, t)
+            alone = boxes_from_cams(cams[n : n + 1], torch.tensor([[thr]]), "all")
+            start, stop = int(ragged.offsets[n, t]), int(ragged.offsets[n, t + 1])
+            assert torch.equal(ragged.areas[start:stop], alone.areas)
+            assert torch.equal(ragged.is_hole[start:stop], alone.is_hole)

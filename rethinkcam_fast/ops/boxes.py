@@ -125,6 +125,27 @@ def _all_contours(levels: Tensor, table: Tensor):
 TREE_MIN_LEVELS = 128
 
 
+def _all_contours_once_per_level(levels: Tensor, table: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``_all_contours`` as tensors ``(counts [N*T], xywh [total, 4], areas [total], is_hole [total])``,
+    tracing each distinct threshold once when the table repeats levels (as the protocol's does) and
+    gathering every (image, threshold)'s run of contours back in place."""
+    distinct, inverse = torch.unique(table, return_inverse=True)
+    n, t = table.shape
+    repeat = distinct.numel() < t
+    traced = distinct.expand(n, -1).contiguous() if repeat else table
+    counts, xywh, areas, holes = (torch.from_numpy(np.asarray(a)) for a in _all_contours(levels, traced))
+    xywh = xywh.reshape(-1, 4).to(torch.int64)
+    if not repeat:
+        return counts.to(torch.int64), xywh, areas.double(), holes
+    counts = counts.to(torch.int64)
+    starts = torch.cumsum(counts, 0) - counts  # first contour of each traced (image, level)
+    source = (torch.arange(n)[:, None] * distinct.numel() + inverse).flatten()  # traced job per (n, t)
+    out_counts, out_starts = counts[source], starts[source]
+    out_first = torch.cumsum(out_counts, 0) - out_counts
+    index = torch.repeat_interleave(out_starts - out_first, out_counts) + torch.arange(int(out_counts.sum()))
+    return out_counts, xywh[index], areas.double()[index], holes[index]
+
+
 def _largest_xywh(levels: Tensor, table: Tensor) -> Tensor:
     """``int64 [N, T, 4]`` (x, y, w, h) of the largest contour per (image, threshold).
 
@@ -207,18 +228,16 @@ def boxes_from_cams(
         xywh = _largest_xywh(levels, table)
         boxes = _to_convention(xywh, height, width, convention)
         return (boxes[:, 0] if single else boxes).to(cams.device)
-    counts, xywh, areas, holes = _all_contours(levels, table)
-    counts = torch.from_numpy(np.asarray(counts, np.int64))
+    counts, xywh, areas, holes = _all_contours_once_per_level(levels, table)
     flat_offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=flat_offsets[1:])
     t = table.shape[1]
     rows = torch.arange(n)[:, None] * t + torch.arange(t + 1)[None, :]
     return RaggedBoxes(
-        boxes=_to_convention(torch.from_numpy(np.asarray(xywh, np.int64)).reshape(-1, 4), height, width,
-                             convention).to(cams.device),
+        boxes=_to_convention(xywh, height, width, convention).to(cams.device),
         offsets=flat_offsets[rows].to(cams.device),
-        is_hole=torch.from_numpy(np.asarray(holes, np.uint8)).bool().to(cams.device),
-        areas=torch.from_numpy(np.asarray(areas, np.float64)).to(cams.device),
+        is_hole=holes.bool().to(cams.device),
+        areas=areas.to(cams.device),
     )
 
 
