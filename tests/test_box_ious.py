@@ -235,3 +235,18 @@ def test_bad_input_raises_clear_errors():
         best_box_ious(bad, 0, gt, offsets)
     with pytest.raises(TypeError, match="floating dtype"):
         best_box_ious(cams.long(), 0, gt, offsets)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_maps_give_the_cpu_result_on_the_device():
+    rng = np.random.default_rng(9)
+    cams = multilevel_maps(rng, 3, 33, 29, 4)
+    table = protocol_thresholds(cams, cam_curve_thresholds(0.01))
+    gt, offsets = random_gt(rng, [1, 2, 1], 33, 29)
+    for multi in (True, False):
+        cpu = best_box_ious(cams, table, gt, offsets, multi)
+        gpu = best_box_ious(cams.cuda(), table.cuda(), gt.cuda(), offsets.cuda(), multi)
+        assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+    assert torch.equal(protocol_thresholds(cams.cuda(), cam_curve_thresholds(0.01)).cpu(), table)
+    assert torch.equal(boxes_from_cams(cams.cuda(), table.cuda()).cpu(), boxes_from_cams(cams, table))
