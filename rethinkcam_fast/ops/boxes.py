@@ -29,7 +29,8 @@ from torch import Tensor
 
 from .. import _native
 from .._validation import check_float_dtype, check_tensor, check_unit_maps
-from .percentile_threshold import host_levels
+from .level_jobs import gpu_level_jobs_enabled, level_jobs
+from .percentile_threshold import host_levels, scaled_levels
 
 MODES = ("largest", "all")
 CONVENTIONS = ("wsol", "exact")
@@ -222,6 +223,12 @@ def boxes_from_cams(
     table, single = _thresholds_2d(thresholds, n)
     if validate:
         check_unit_maps("cams", cams)
+    if mode == "largest" and gpu_level_jobs_enabled(cams):
+        no_gt = torch.zeros((n, 4), dtype=torch.int64, device=cams.device)  # IoUs are not wanted here
+        xywh = level_jobs(scaled_levels(cams, torch.uint8), table.to(cams.device), no_gt,
+                          torch.arange(n + 1, device=cams.device), multi_contour=False)[1]
+        boxes = _to_convention(xywh, height, width, convention)
+        return boxes[:, 0] if single else boxes
     # trunc(255·x) straight to uint8 (values are in [0, 1]), then to the host for the C++ kernel.
     levels = host_levels(cams)
     if mode == "largest":
