@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from .engine import CAMEngine
+from .ops.boxes import boxes_from_cams
+from .ops.percentile_threshold import percentile_threshold
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -193,6 +195,10 @@ class VideoLocalizer:
         bf16: run the model under bfloat16 autocast.
         keep_cams: attach each frame's map to its result (for overlays).
         prefetch_frames: decode queue depth (frames decoded ahead of the compute).
+        cuda_graph: on CUDA, capture preprocessing + forward + backward to the target layer + CAM +
+            PaS threshold once per batch shape and replay it (boxes are cut after the replay). Frames
+            of one size in full batches replay; other batches run eagerly. Needs a model without
+            data-dependent control flow and without host syncs in its forward.
     """
 
     def __init__(
@@ -208,6 +214,7 @@ class VideoLocalizer:
         bf16: bool = False,
         keep_cams: bool = False,
         prefetch_frames: int = 32,
+        cuda_graph: bool = False,
         **engine_options,
     ) -> None:
         if batch_size < 1:
@@ -224,9 +231,18 @@ class VideoLocalizer:
         self.bf16 = bool(bf16)
         self.keep_cams = bool(keep_cams)
         self.prefetch_frames = int(prefetch_frames)
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got {self.device}")
+        self.cuda_graph = bool(cuda_graph)
+        self._graphs: dict[tuple[int, ...], _CapturedBatch] = {}
         engine_options.setdefault("warn_degenerate", False)  # no per-batch device sync for a warning
-        engine_options["box_convention"] = "exact"
+        # PaS and the box are cut here, after the (possibly replayed) CAM, not inside the engine.
+        self.pas_q = float(engine_options.pop("pas_q", 90.0))
+        self.pas_theta = float(engine_options.pop("pas_theta", 0.35))
+        engine_options.pop("box_convention", None)
+        engine_options["boxes"] = False
         self.engine = CAMEngine(model, method, **engine_options)
+        percentile_threshold(torch.zeros(0, 1, 1), self.pas_q, self.pas_theta)  # validate q and theta now
         self._mean = None if mean is None else torch.tensor(mean, dtype=torch.float32, device=self.device)
         self._std = None if std is None else torch.tensor(std, dtype=torch.float32, device=self.device)
         if self._mean is not None and (self._mean.numel() != 3 or self._std.numel() != 3):
@@ -252,16 +268,32 @@ class VideoLocalizer:
 
     # -- the stream ---------------------------------------------------------------------------
 
-    def _run_batch(self, first_index: int, frames: list[Tensor], targets: int | None) -> list[FrameResult]:
-        height, width = frames[0].shape[:2]
-        images = self.preprocess(self._to_device(frames))
-        self.engine.output_size = (height, width)  # maps (and boxes) in the frame's own pixels
+    def explain(self, batch_u8: Tensor, targets: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Device ``uint8 [B, H, W, 3]`` -> ``(labels, scores, cams [B, H, W], PaS thresholds)``, all on
+        the device, no host sync (so that it can be captured in a CUDA graph)."""
+        images = self.preprocess(batch_u8)
+        self.engine.output_size = (batch_u8.shape[1], batch_u8.shape[2])  # maps in the frame's own pixels
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             result = self.engine(images, targets)
-        labels, scores, boxes = (t.tolist() for t in (result.labels.cpu(), result.scores.cpu(), result.boxes.cpu()))
+        thresholds = percentile_threshold(result.cams, self.pas_q, self.pas_theta, validate=False)
+        return result.labels, result.scores, result.cams, thresholds
+
+    def _run_batch(self, first_index: int, frames: list[Tensor], targets: int | None) -> list[FrameResult]:
+        batch_u8 = self._to_device(frames)
+        if self.cuda_graph and len(frames) == self.batch_size:
+            key = tuple(batch_u8.shape) + (-1 if targets is None else int(targets),)
+            if key not in self._graphs:
+                if len(self._graphs) >= 4:  # a few frame sizes at most; drop the oldest capture
+                    self._graphs.pop(next(iter(self._graphs)))
+                self._graphs[key] = _CapturedBatch(lambda u8: self.explain(u8, targets), batch_u8)
+            labels, scores, cams, thresholds = self._graphs[key](batch_u8)
+        else:
+            labels, scores, cams, thresholds = self.explain(batch_u8, targets)
+        boxes = boxes_from_cams(cams, thresholds, "largest", "exact", validate=False)
+        labels, scores, boxes = (t.tolist() for t in (labels.cpu(), scores.cpu(), boxes.cpu()))
         return [
             FrameResult(index=first_index + k, label=int(labels[k]), score=float(scores[k]),
-                        box=tuple(int(v) for v in boxes[k]), cam=result.cams[k] if self.keep_cams else None)
+                        box=tuple(int(v) for v in boxes[k]), cam=cams[k].clone() if self.keep_cams else None)
             for k in range(len(frames))
         ]
 
@@ -288,6 +320,28 @@ class VideoLocalizer:
                 pending, first = [], index
         if pending:
             yield from self._run_batch(first, pending, targets)
+
+
+class _CapturedBatch:
+    """``fn(static_u8)`` captured in a CUDA graph for one batch shape; calling it copies the batch in
+    and replays. The outputs are the graph's static tensors (overwritten by the next replay)."""
+
+    def __init__(self, fn: Callable[[Tensor], tuple[Tensor, ...]], example: Tensor, warmup: int = 2) -> None:
+        self.static_in = example.clone()
+        side = torch.cuda.Stream(device=example.device)
+        side.wait_stream(torch.cuda.current_stream(example.device))
+        with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles, allocator settles
+            for _ in range(warmup):
+                fn(self.static_in)
+        torch.cuda.current_stream(example.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = fn(self.static_in)
+
+    def __call__(self, batch: Tensor) -> tuple[Tensor, ...]:
+        self.static_in.copy_(batch, non_blocking=True)
+        self.graph.replay()
+        return self.static_out
 
 
 def localize_video(

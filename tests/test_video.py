@@ -165,3 +165,21 @@ def test_bad_input_raises_clear_errors(model):
         VideoLocalizer(model, mean=(0.5, 0.5, 0.5), std=None)
     with pytest.raises(ValueError, match="keep_cams"):
         localize_video(localizer, random_frames(1), out_video="never.mp4")
+
+
+def test_cuda_graph_needs_cuda(model):
+    with pytest.raises(ValueError, match="CUDA device"):
+        VideoLocalizer(model, cuda_graph=True, device="cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["cam", "gradcam"])
+def test_cuda_graph_replay_equals_eager(method):
+    model = make(SmallCNN, classes=4).cuda().eval()
+    frames = random_frames(12, 48, 64)
+    eager = list(VideoLocalizer(model, method, input_size=(32, 32), batch_size=4).stream(frames))
+    graphed = VideoLocalizer(model, method, input_size=(32, 32), batch_size=4, cuda_graph=True)
+    replayed = list(graphed.stream(frames))
+    assert len(graphed._graphs) == 1  # one capture, replayed for the three batches
+    assert [(r.label, r.box) for r in replayed] == [(r.label, r.box) for r in eager]
