@@ -204,7 +204,8 @@ RCAM_JOB_HD void phase_init(const Job& job, Scratch s, Reduction* red, int64_t t
 RCAM_JOB_HD void phase_union(const Job& job, Scratch s, int64_t tid, int64_t nthreads) {
   const int64_t H = job.H, W = job.W, HW = H * W;
   for (int64_t p = tid; p < HW; p += nthreads) {
-    const int64_t x = p % W, y = p / W;
+    const int32_t x = static_cast<int32_t>(p) % static_cast<int32_t>(W);  // 32-bit division: HW < 2^29
+    const int32_t y = static_cast<int32_t>(p) / static_cast<int32_t>(W);
     const int32_t q = static_cast<int32_t>(p);
     if (s.fg[p] >= 0) {
       if (x > 0 && s.fg[p - 1] >= 0) unite(s.fg, q, q - 1);
@@ -240,7 +241,8 @@ RCAM_JOB_HD void phase_flatten(const Job& job, Scratch s, int64_t tid, int64_t n
 RCAM_JOB_HD void phase_stats(const Job& job, Scratch s, int64_t tid, int64_t nthreads) {
   const int64_t H = job.H, W = job.W, HW = H * W;
   for (int64_t p = tid; p < HW; p += nthreads) {
-    const int32_t x = static_cast<int32_t>(p % W), y = static_cast<int32_t>(p / W);
+    const int32_t x = static_cast<int32_t>(p) % static_cast<int32_t>(W);
+    const int32_t y = static_cast<int32_t>(p) / static_cast<int32_t>(W);
     int32_t root;
     if (s.fg[p] >= 0) {
       root = s.fg[p];
@@ -304,7 +306,7 @@ RCAM_JOB_HD void phase_candidates(const Job& job, Scratch s, Reduction* red, int
     const int32_t q = static_cast<int32_t>(p);
     if (job.multi_contour) {
       const int64_t grow = hole ? 1 : 0;
-      const double iou = contour_iou(load_label(s.x0, q) - grow, p / W - grow, load_label(s.x1, q) + grow,
+      const double iou = contour_iou(load_label(s.x0, q) - grow, q / static_cast<int32_t>(W) - grow, load_label(s.x1, q) + grow,
                                      load_label(s.y1, q) + grow, H, W, job.gt, job.num_gt);
       atomic_max_nonneg_double(&red->best_iou_bits, iou);
     } else {
@@ -324,7 +326,7 @@ RCAM_JOB_HD void phase_largest(const Job& job, Scratch s, Reduction* red, int64_
     const int32_t q = static_cast<int32_t>(p);
     if ((!outer && !hole) || load_label(s.area2, q) != red->best_area2) continue;
     if (atomic_add_i32(&red->ties, 1) == 0) {
-      const int32_t grow = hole ? 1 : 0, x0 = load_label(s.x0, q), y0 = static_cast<int32_t>(p / W);
+      const int32_t grow = hole ? 1 : 0, x0 = load_label(s.x0, q), y0 = q / static_cast<int32_t>(W);
       red->box[0] = x0 - grow;
       red->box[1] = y0 - grow;
       red->box[2] = load_label(s.x1, q) - x0 + 1 + 2 * grow;

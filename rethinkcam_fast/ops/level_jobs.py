@@ -45,6 +45,8 @@ def level_jobs(levels: Tensor, table: Tensor, gt_boxes: Tensor, gt_offsets: Tens
             gt_offsets: int64 ``[N + 1]``, all on the same device.
     """
     n, height, width = levels.shape
+    if height * width >= 2**29 or height < 1 or width < 1:
+        raise ValueError(f"level jobs need maps with 1 to 2^29 pixels, got {height}x{width}")
     device = levels.device
     wanted = torch.zeros((n, 256), dtype=torch.bool, device=device)
     wanted.scatter_(1, table, True)
