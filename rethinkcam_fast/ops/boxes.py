@@ -155,6 +155,8 @@ def _largest_xywh(levels: Tensor, table: Tensor) -> Tensor:
     and the boxes are gathered back, which changes nothing in the result. With many distinct levels
     the native component trees (``csrc/cpu/component_tree.cpp``) read them all off one pass instead.
     """
+    if table.shape[1] == 1:  # one threshold per image (PaS): nothing repeats
+        return _largest_xywh_traced(levels, table)
     distinct, inverse = torch.unique(table, return_inverse=True)
     module = _native.cpu_module()
     if distinct.numel() >= TREE_MIN_LEVELS and module is not None and hasattr(module, "tree_largest_boxes"):
