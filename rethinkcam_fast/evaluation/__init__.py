@@ -1,0 +1,27 @@
+"""WSOL evaluation with the field's standard protocol (wsolevaluation; DESIGN.md §3).
+
+* :class:`BoxEvaluator` — MaxBoxAcc per IoU threshold, MaxBoxAccV2, GT-known and Top-1 Loc.
+* :class:`MaskEvaluator` — PxAP with ignore regions.
+* :func:`load_metadata` / :func:`read_metadata` — the standard metadata layout.
+
+Evaluator state is a few int64 tensors on the maps' device: ``merge()``, ``state_dict()`` /
+``load_state_dict()`` and ``all_reduce()`` combine shards into exactly the one-pass numbers.
+"""
+
+from __future__ import annotations
+
+from .box_evaluator import BoxEvaluator, BoxMetrics
+from .mask_evaluator import MaskEvaluator, MaskMetrics
+from .metadata import DATASETS, MetadataError, WSOLMetadata, load_metadata, read_metadata
+
+__all__ = [
+    "DATASETS",
+    "BoxEvaluator",
+    "BoxMetrics",
+    "MaskEvaluator",
+    "MaskMetrics",
+    "MetadataError",
+    "WSOLMetadata",
+    "load_metadata",
+    "read_metadata",
+]
