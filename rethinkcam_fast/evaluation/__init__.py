@@ -3,6 +3,7 @@
 * :class:`BoxEvaluator` — MaxBoxAcc per IoU threshold, MaxBoxAccV2, GT-known and Top-1 Loc.
 * :class:`MaskEvaluator` — PxAP with ignore regions.
 * :func:`load_metadata` / :func:`read_metadata` — the standard metadata layout.
+* :func:`evaluate_scoremaps` — saved ``.npy`` score maps (``rethinkcam evaluate``), resumable, ``torchrun``-aware.
 
 Evaluator state is a few int64 tensors on the maps' device: ``merge()``, ``state_dict()`` /
 ``load_state_dict()`` and ``all_reduce()`` combine shards into exactly the one-pass numbers.
@@ -13,6 +14,7 @@ from __future__ import annotations
 from .box_evaluator import BoxEvaluator, BoxMetrics
 from .mask_evaluator import MaskEvaluator, MaskMetrics
 from .metadata import DATASETS, MetadataError, WSOLMetadata, load_metadata, read_metadata
+from .scoremaps import evaluate_scoremaps, load_scoremap, make_evaluator
 
 __all__ = [
     "DATASETS",
@@ -22,6 +24,9 @@ __all__ = [
     "MaskMetrics",
     "MetadataError",
     "WSOLMetadata",
+    "evaluate_scoremaps",
     "load_metadata",
+    "load_scoremap",
+    "make_evaluator",
     "read_metadata",
 ]
