@@ -1,6 +1,6 @@
-"""``rethinkcam evaluate``: WSOL metrics of saved score maps.
+"""``rethinkcam evaluate`` (saved score maps) and ``rethinkcam evaluate-model`` (a model, no files).
 
-It prints a table; with ``--json`` the last stdout line is one JSON object (``MaxBoxAcc`` per δ,
+Both print a table; with ``--json`` the last stdout line is one JSON object (``MaxBoxAcc`` per δ,
 ``MaxBoxAccV2``, ... for boxes; ``PxAP`` for masks). Under ``torchrun`` every rank evaluates its shard,
 the counters are all-reduced and rank 0 prints.
 """
@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any
 
+from ..cli import _positive_int
 from .metadata import DATASETS
 
 
@@ -45,12 +46,24 @@ def _add_protocol_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_evaluate_commands(sub: Any) -> None:
-    """Register ``evaluate`` on the ``rethinkcam`` subparsers."""
+    """Register ``evaluate`` and ``evaluate-model`` on the ``rethinkcam`` subparsers."""
     evaluate = sub.add_parser("evaluate", help="WSOL metrics (MaxBoxAcc, MaxBoxAccV2, PxAP) of saved score maps")
     evaluate.add_argument("--scoremap-root", required=True, help="holds <image_id>.npy score maps in [0, 1]")
     _add_protocol_flags(evaluate)
     evaluate.add_argument("--resume", metavar="FILE", help="keep the state here after every batch; continue from it")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    model = sub.add_parser("evaluate-model", help="WSOL metrics of a model's CAMs, computed on the fly")
+    model.add_argument("--model", required=True, help="MODULE:CALLABLE or FILE.py:CALLABLE returning the nn.Module")
+    model.add_argument("--checkpoint", help="state_dict to load (torch.load with weights_only=True)")
+    model.add_argument("--data-root", required=True, help="holds the images <image_id>")
+    _add_protocol_flags(model)
+    model.add_argument("--method", default="cam", help="CAM method (cam, gradcam, gradcam++, layercam, fullycam)")
+    model.add_argument("--target-layer", help="module name of the layer to explain (default: the last conv-like)")
+    model.add_argument("--image-size", type=_positive_int, default=224, help="images are resized to this square")
+    model.add_argument("--batch-size", type=_positive_int, default=32)
+    model.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    model.set_defaults(func=_cmd_evaluate_model)
 
 
 def format_metrics(metrics: Any, title: str) -> str:
@@ -119,6 +132,31 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             args.scoremap_root, args.metadata_root, args.dataset_name, args.split, mask_root=args.mask_root,
             cam_curve_interval=args.cam_curve_interval, iou_thresholds=args.iou_thresholds,
             multi_contour=args.multi_contour, device=device, resume=args.resume, progress=True)
+
+    return _run(args, evaluate)
+
+
+def _cmd_evaluate_model(args: argparse.Namespace) -> int:
+    def evaluate(device: Any) -> Any:
+        import torch
+
+        from ..engine import CAMEngine
+        from .distributed import rank_and_world
+        from .metadata import load_metadata
+        from .model import WSOLImageDataset, evaluate_model, load_model
+        from .scoremaps import make_evaluator
+
+        metadata = load_metadata(args.metadata_root, args.dataset_name, args.split)
+        evaluator = make_evaluator(metadata, cam_curve_interval=args.cam_curve_interval,
+                                   iou_thresholds=args.iou_thresholds, multi_contour=args.multi_contour,
+                                   mask_root=args.mask_root, device=device)
+        model = load_model(args.model, args.checkpoint).to(device).eval()
+        engine = CAMEngine(model, args.method, args.target_layer, boxes=False, warn_degenerate=False)
+        dataset = WSOLImageDataset(args.data_root, metadata, args.image_size)
+        rank, world = rank_and_world()
+        shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))  # no padding duplicates
+        loader = torch.utils.data.DataLoader(shard, batch_size=args.batch_size, num_workers=args.num_workers)
+        return evaluate_model(engine, loader, evaluator, device=device, progress=rank == 0)
 
     return _run(args, evaluate)
 
