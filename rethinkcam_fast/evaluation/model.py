@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from ..engine import CAMEngine
 from .box_evaluator import BoxEvaluator, BoxMetrics
@@ -106,8 +107,6 @@ def evaluate_model(
         distributed: all-reduce the counters over the default process group before computing
             (default: when one is initialised). Each rank must feed its own shard of the data.
     """
-    from tqdm import tqdm
-
     if not isinstance(engine, CAMEngine):
         raise TypeError(f"engine must be a CAMEngine, got {type(engine).__name__}")
     device = torch.device(device) if device is not None else _model_device(engine.model)
