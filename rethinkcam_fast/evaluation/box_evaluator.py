@@ -23,7 +23,6 @@ from ..ops.box_ious import best_box_ious, protocol_thresholds
 from ._accumulator import CountingEvaluator, check_score_maps, describe_image
 from .metadata import WSOLMetadata
 
-LEVELS = 256  # uint8 levels: at most this many distinct masks per image
 
 
 @dataclass(frozen=True)
@@ -191,13 +190,8 @@ class BoxEvaluator(CountingEvaluator):
         # The reference takes uint8(255 * x) of float64 maps. The levels computed from float32 maps are
         # the same: the float32 product 255 * x never rounds across an integer (half types: exact).
         table = protocol_thresholds(maps, self.cam_thresholds)  # [N, T] uint8 levels
-        if table.shape[1] > LEVELS:
-            # More thresholds than levels: score every level once and look the thresholds up.
-            every_level = torch.arange(LEVELS, device=device).expand(n, LEVELS)
-            ious = best_box_ious(maps, every_level, boxes, offsets, self.multi_contour, validate=False)
-            ious = ious.gather(1, table)
-        else:
-            ious = best_box_ious(maps, table, boxes, offsets, self.multi_contour, validate=False)
+        # (best_box_ious scores each distinct level of an image once, however many thresholds map to it)
+        ious = best_box_ious(maps, table, boxes, offsets, self.multi_contour, validate=False)
         # delta / 100 in Python float64, as the reference's `_THRESHOLD / 100`.
         cuts = torch.tensor([delta / 100 for delta in self.iou_thresholds], dtype=torch.float64, device=device)
         hits = ious[None, :, :] >= cuts[:, None, None]  # [D, N, T]
