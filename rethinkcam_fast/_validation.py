@@ -43,19 +43,27 @@ def check_unit_interval(name: str, value: object, *, include_one: bool = False) 
     return result
 
 
-def check_unit_maps(name: str, maps: torch.Tensor) -> None:
-    """Maps ``[N, ...]`` must be finite and inside ``[0, 1]``; ``ValueError`` names the first bad image.
+def first_bad_unit_map(maps: torch.Tensor) -> tuple[int, str] | None:
+    """``(index, problem)`` of the first map of ``maps[N, ...]`` that is not finite and inside ``[0, 1]``.
 
-    One device sync (the check's result is read on the host).
+    One pass (NaN propagates through min/max and inf lands at an extreme, so both fail the range test;
+    the finer diagnosis runs only for the image reported) and one device sync.
     """
     if maps.shape[0] == 0 or maps[0].numel() == 0:
-        return
-    # One pass: NaN propagates through min/max and inf lands at an extreme, so both fail the range
-    # test; the finer diagnosis runs only for the image reported.
-    lo, hi = torch.aminmax(maps.flatten(1), dim=1)
+        return None
+    flat = maps.flatten(1)
+    lo, hi = flat.amin(dim=1), flat.amax(dim=1)  # (torch.aminmax along a dim is ~10x slower on CPU)
     bad = ~((lo >= 0) & (hi <= 1))
-    if bool(bad.any()):
-        index = int(bad.nonzero()[0, 0])
-        finite = bool(torch.isfinite(maps[index]).all())
-        what = "non-finite values" if not finite else "values outside [0, 1]"
+    if not bool(bad.any()):
+        return None
+    index = int(bad.nonzero()[0, 0])
+    finite = bool(torch.isfinite(maps[index]).all())
+    return index, "non-finite values" if not finite else "values outside [0, 1]"
+
+
+def check_unit_maps(name: str, maps: torch.Tensor) -> None:
+    """Maps ``[N, ...]`` must be finite and inside ``[0, 1]``; ``ValueError`` names the first bad image."""
+    found = first_bad_unit_map(maps)
+    if found is not None:
+        index, what = found
         raise ValueError(f"{name}[{index}] has {what}; expected min-max normalised maps in [0, 1]")

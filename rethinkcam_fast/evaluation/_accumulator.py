@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._validation import check_float_dtype, check_tensor
+from .._validation import check_float_dtype, check_tensor, first_bad_unit_map
 from ..ops.box_ious import cam_curve_thresholds
 
 
@@ -146,13 +146,9 @@ def check_score_maps(maps: Tensor, image_ids: Sequence[str] | None) -> None:
     check_float_dtype("maps", maps)
     if image_ids is not None and len(image_ids) != maps.shape[0]:
         raise ValueError(f"got {len(image_ids)} image ids for {maps.shape[0]} maps")
-    if maps.shape[0] == 0 or maps[0].numel() == 0:
-        return
-    low, high = torch.aminmax(maps.flatten(1), dim=1)  # NaN propagates; one pass over the maps
-    bad = ~((low >= 0) & (high <= 1))
-    if bool(bad.any()):  # one host sync per batch
-        index = int(bad.nonzero()[0, 0])
-        problem = "non-finite values" if not bool(torch.isfinite(maps[index]).all()) else "values outside [0, 1]"
+    found = first_bad_unit_map(maps)  # one pass, one host sync per batch
+    if found is not None:
+        index, problem = found
         raise ValueError(f"score map of {describe_image(image_ids, index)} has {problem}")
 
 

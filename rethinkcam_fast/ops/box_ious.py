@@ -79,7 +79,8 @@ def protocol_thresholds(cams: Tensor, cam_thresholds: Sequence[float] | np.ndarr
         raise ValueError("cam_thresholds must lie in [0, 1)")
     if cams.shape[0] == 0 or cams[0].numel() == 0:
         return torch.zeros((cams.shape[0], t.numel()), dtype=torch.int64, device=cams.device)
-    top = scaled_levels(cams.flatten(1), torch.int64).amax(dim=1).double()
+    # trunc(255·x) never decreases as x grows, so the largest level is the level of the largest value.
+    top = scaled_levels(cams.flatten(1).amax(dim=1), torch.int64).double()
     return (t[None, :] * top[:, None]).to(torch.int64)  # values >= 0: the cast truncates like int()
 
 
