@@ -107,7 +107,7 @@ def _cam_reduce_bwd_kernel(
         mask = k_mask[:, None] & (s < S)[None, :]
         dm = tl.load(DM_ptr + n * S + s, mask=s < S, other=0.0).to(ACC)
         a = tl.load(a_rows + s[None, :] * a_stride_s, mask=mask, other=0.0).to(ACC)
-        dw += tl.sum(a * dm[None, :], axis=1)
+        dw += tl.sum(tl.where(dm[None, :] != 0.0, a * dm[None, :], 0.0), axis=1)  # 0 * NaN counts as 0
         tl.store(da_rows + s[None, :] * da_stride_s, (wk[:, None] * dm[None, :]).to(DA_ptr.dtype.element_ty), mask=mask)
     tl.store(DWRows_ptr + n * K + k, dw, mask=k_mask)
 
@@ -182,7 +182,8 @@ def cam_reduce_backward_reference(
         w = w.relu()
     d_features = (w[labels][:, :, None, None] * grad[:, None]).to(features.dtype)
     d_features = d_features.contiguous(memory_format=_memory_format(features))
-    dw_rows = torch.einsum("nhw,nkhw->nk", grad, features.to(acc))
+    live = (grad != 0)[:, None]  # a zero upstream gradient contributes exactly 0, even against NaN features
+    dw_rows = torch.einsum("nhw,nkhw->nk", grad, torch.where(live, features.to(acc), 0))
     return d_features, _weight_grad(dw_rows, weight, labels, nwc)
 
 

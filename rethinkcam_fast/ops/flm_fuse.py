@@ -72,8 +72,9 @@ def _flm_reduce_bwd_kernel(
     g = tl.load(G_ptr + n * g_stride_n + k[:, None] * g_stride_k + s[None, :] * g_stride_s, mask=mask, other=0.0)
     a = a.to(ACC)
     g = g.to(ACC)
-    da = tl.where(a > 0.0, dm * tl.where(g > 0.0, g, 0.0), 0.0)
-    dg = tl.where(g > 0.0, dm * tl.where(a > 0.0, a, 0.0), 0.0)
+    live = dm != 0.0  # a zero upstream gradient contributes exactly 0, even against inf (NaN policy)
+    da = tl.where(live & (a > 0.0), dm * tl.where(g > 0.0, g, 0.0), 0.0)
+    dg = tl.where(live & (g > 0.0), dm * tl.where(a > 0.0, a, 0.0), 0.0)
     tl.store(DA_ptr + n * da_stride_n + k[:, None] * da_stride_k + s[None, :] * da_stride_s,
              da.to(DA_ptr.dtype.element_ty), mask=mask)
     tl.store(DG_ptr + n * dg_stride_n + k[:, None] * dg_stride_k + s[None, :] * dg_stride_s,
@@ -102,8 +103,9 @@ def flm_reduce_backward_reference(grad_maps: Tensor, activation: Tensor, gradien
     acc = acc_dtype(activation, gradient)
     grad = grad_maps.to(acc)[:, None]
     a, g = activation.to(acc), gradient.to(acc)
-    d_act = torch.where(a > 0, grad * _relu(g), torch.zeros_like(a)).to(activation.dtype)
-    d_grad = torch.where(g > 0, grad * _relu(a), torch.zeros_like(g)).to(gradient.dtype)
+    live = grad != 0  # a zero upstream gradient contributes exactly 0, even against inf (NaN policy)
+    d_act = torch.where(live & (a > 0), grad * _relu(g), torch.zeros_like(a)).to(activation.dtype)
+    d_grad = torch.where(live & (g > 0), grad * _relu(a), torch.zeros_like(g)).to(gradient.dtype)
     return (d_act.contiguous(memory_format=_memory_format(activation)),
             d_grad.contiguous(memory_format=_memory_format(gradient)))
 

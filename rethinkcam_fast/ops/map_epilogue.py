@@ -446,8 +446,8 @@ def map_epilogue_backward_triton(
             ACC=_tl_dtype(acc),
         )
     grads, start = [], 0
-    for m in maps:
-        grads.append(d_maps[start:start + m.numel()].view(m.shape).to(m.dtype))
+    for m in maps:  # separate tensors: outputs of a custom op may not alias each other
+        grads.append(d_maps[start:start + m.numel()].view(m.shape).to(m.dtype, copy=layers > 1))
         start += m.numel()
     return grads
 
