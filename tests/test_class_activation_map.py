@@ -224,8 +224,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "nchw"), (torch.bfloat16, "nhwc")], ids=str)
 def test_resnet50_shapes_on_gpu(dtype, layout):
     features, weight, labels = make_inputs((64, 2048, 7, 7), 1000, dtype, layout, seed=9)
     features = features.detach().cuda().requires_grad_(True)

@@ -232,8 +232,7 @@ def test_exports():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("fuse", ["sum", "max"])
+@pytest.mark.parametrize("dtype,fuse", [(torch.float32, "sum"), (torch.bfloat16, "max")], ids=str)
 def test_resnet_like_layers_on_gpu(dtype, fuse):
     shapes = [(8, 64, 112, 112), (8, 256, 56, 56), (8, 512, 28, 28), (8, 2048, 7, 7)]
     acts, grads = make_layers(shapes, dtype, "nhwc", seed=8)

@@ -66,7 +66,8 @@ def _channel_reduce_kernel(
     acc = tl.zeros([BLOCK_S], ACC)
     a_base = A_ptr + n.to(tl.int64) * a_stride_n
     g_base = G_ptr + n.to(tl.int64) * g_stride_n
-    w_base = W_ptr + tl.load(Labels_ptr + n).to(tl.int64) * w_stride_c
+    if MODE == 0:
+        w_base = W_ptr + tl.load(Labels_ptr + n).to(tl.int64) * w_stride_c
     for k0 in range(0, K, BLOCK_K):
         k = k0 + k_idx
         mask = (k[:, None] < K) & s_mask[None, :]

@@ -391,7 +391,7 @@ def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str,
     device = maps[0].device
     multi = layers > 1
     fuse_max = multi and fuse == "max"
-    out = torch.empty((n, height, width), dtype=acc, device=device)
+    out = torch.empty((n, height, width) if store_out else (0,), dtype=acc, device=device)
     fused = torch.empty((n, height, width) if multi else (0,), dtype=acc, device=device)
     count = torch.empty((n, height, width) if fuse_max else (0,), dtype=acc, device=device)
     stats = torch.empty((n, layers, _STATS), dtype=acc, device=device)
