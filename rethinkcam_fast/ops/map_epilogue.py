@@ -38,6 +38,9 @@ from ._launch import device_guard, use_triton
 from .fuse_maps import _bilinear, degenerate_maps
 
 _STATS = 5  # per (image, layer): min, max, 1/span (0 when degenerate), #pixels at min, #pixels at max
+# The backward recomputes upsampled values in other kernels and finds the pixels at the min, at the max
+# and at the fused maximum by equality, so every kernel here must round identically: no FMA contraction.
+_EXACT = {"enable_fp_fusion": False}
 
 
 def acc_dtype(*tensors: Tensor) -> torch.dtype:
@@ -402,7 +405,7 @@ def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str,
         _epilogue_fwd_kernel[(n,)](
             *packing, out, fused, count, stats, final, degenerate, layers, height, width,
             NORMALIZE=normalize, MULTI=multi, FUSE_MAX=fuse_max, STORE_OUT=store_out,
-            BLOCK=min(triton.next_power_of_2(height * width), 1024), ACC=_tl_dtype(acc),
+            BLOCK=min(triton.next_power_of_2(height * width), 1024), ACC=_tl_dtype(acc), **_EXACT,
         )
     return out, degenerate.bool(), fused, count, stats, final, packing
 
@@ -437,13 +440,14 @@ def map_epilogue_backward_triton(
         block = min(triton.next_power_of_2(height * width), 1024)
         if layers > 1:
             d_fused = torch.empty_like(fused)
-            _final_norm_bwd_kernel[(n,)](grad, fused, final, d_fused, height * width, BLOCK=block, ACC=_tl_dtype(acc))
+            _final_norm_bwd_kernel[(n,)](grad, fused, final, d_fused, height * width, BLOCK=block, ACC=_tl_dtype(acc),
+                                         **_EXACT)
             grad = d_fused
         _layer_bwd_kernel[(n, layers)](
             *packing, stats, grad, fused, count, d_maps, layers, height, width,
             NORMALIZE=normalize, FUSE_MAX=layers > 1 and fuse == "max", BLOCK=block,
             BY=_tile(max(m.shape[1] for m in maps)), BX=_tile(max(m.shape[2] for m in maps)), BOY=32, BOX=64,
-            ACC=_tl_dtype(acc),
+            ACC=_tl_dtype(acc), **_EXACT,
         )
     grads, start = [], 0
     for m in maps:  # separate tensors: outputs of a custom op may not alias each other
