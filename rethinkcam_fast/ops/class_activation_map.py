@@ -183,8 +183,11 @@ def cam_reduce_backward_reference(
         w = w.relu()
     d_features = (w[labels][:, :, None, None] * grad[:, None]).to(features.dtype)
     d_features = d_features.contiguous(memory_format=_memory_format(features))
-    live = (grad != 0)[:, None]  # a zero upstream gradient contributes exactly 0, even against NaN features
-    dw_rows = torch.einsum("nhw,nkhw->nk", grad, torch.where(live, features.to(acc), 0))
+    a = features.to(acc)
+    dead = (grad == 0).flatten(1).all(dim=1)  # images with a zero upstream gradient contribute exactly 0,
+    if bool(dead.any()):  # even against NaN features (the NaN policy)
+        a = torch.where(dead[:, None, None, None], 0, a)
+    dw_rows = torch.einsum("nhw,nkhw->nk", grad, a)
     return d_features, _weight_grad(dw_rows, weight, labels, nwc)
 
 

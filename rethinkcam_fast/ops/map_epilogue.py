@@ -57,15 +57,17 @@ def _minmax_differentiable(maps: Tensor, forced: Tensor | None = None) -> tuple[
     """``fuse_maps.minmax_normalize`` with a gradient: same values, zeros (and zero gradient) where
     degenerate; non-finite rows are zeroed *before* the min/max so no NaN leaks into the gradient."""
     flat = maps.flatten(1)
-    bad = ~torch.isfinite(flat).all(dim=1)
+    lo, hi = flat.amin(dim=1), flat.amax(dim=1)  # NaN propagates and inf lands at an extreme
+    bad = ~(torch.isfinite(lo) & torch.isfinite(hi))
     if forced is not None:
         bad = bad | forced
-    safe = torch.where(bad[:, None], torch.zeros_like(flat), flat)
-    lo, hi = safe.amin(dim=1), safe.amax(dim=1)
+    if bool(bad.any()):  # rare: recompute the min/max of the rows with the bad ones zeroed
+        flat = torch.where(bad[:, None], 0, flat)
+        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
     span = hi - lo
     degenerate = bad | ~(span > 0)
-    out = (safe - lo[:, None]) / torch.where(degenerate, torch.ones_like(span), span)[:, None]
-    return torch.where(degenerate[:, None], torch.zeros_like(out), out).view(maps.shape), degenerate
+    out = (flat - lo[:, None]) / torch.where(degenerate, 1, span)[:, None]
+    return torch.where(degenerate[:, None], 0, out).view(maps.shape), degenerate
 
 
 def map_epilogue_reference(
@@ -460,19 +462,22 @@ def _minmax_backward(grad: Tensor, maps: Tensor, forced: Tensor | None = None) -
     """Backward of :func:`_minmax_differentiable` written out: ``out = (x - lo) / span`` with the
     gradients of ``lo = amin x`` and ``hi = amax x`` shared evenly by their tied pixels."""
     flat, g = maps.flatten(1), grad.flatten(1)
-    bad = ~torch.isfinite(flat).all(dim=1)
+    lo, hi = torch.aminmax(flat, dim=1, keepdim=True)
+    bad = ~(torch.isfinite(lo) & torch.isfinite(hi))
     if forced is not None:
-        bad = bad | forced
-    safe = torch.where(bad[:, None], torch.zeros_like(flat), flat)
-    lo, hi = safe.amin(dim=1, keepdim=True), safe.amax(dim=1, keepdim=True)
-    degenerate = bad[:, None] | ~(hi - lo > 0)
-    inv = torch.where(degenerate, torch.zeros_like(lo), 1 / torch.where(degenerate, torch.ones_like(lo), hi - lo))
-    at_lo, at_hi = (safe == lo).to(flat.dtype), (safe == hi).to(flat.dtype)
+        bad = bad | forced[:, None]
+    if bool(bad.any()):
+        flat = torch.where(bad, 0, flat)
+        lo, hi = torch.aminmax(flat, dim=1, keepdim=True)
+    degenerate = bad | ~(hi - lo > 0)
+    inv = torch.where(degenerate, 0, 1 / torch.where(degenerate, 1, hi - lo))
+    at_lo, at_hi = flat == lo, flat == hi
     s1 = g.sum(dim=1, keepdim=True)
-    s2 = (g * (safe - lo) * inv).sum(dim=1, keepdim=True)
-    d = g * inv + at_lo * (inv * (s2 - s1) / at_lo.sum(dim=1, keepdim=True))
-    d = d - at_hi * (inv * s2 / at_hi.sum(dim=1, keepdim=True))
-    return torch.where(degenerate, torch.zeros_like(d), d).view(maps.shape)
+    s2 = (g * (flat - lo)).sum(dim=1, keepdim=True) * inv
+    a_lo = inv * (s2 - s1) / at_lo.sum(dim=1, keepdim=True)
+    a_hi = -inv * s2 / at_hi.sum(dim=1, keepdim=True)
+    d = g * inv + torch.where(at_lo, a_lo, 0) + torch.where(at_hi, a_hi, 0)
+    return d.masked_fill_(degenerate, 0).view(maps.shape)
 
 
 def _upsample_adjoint(grad: Tensor, source: Tensor) -> Tensor:
