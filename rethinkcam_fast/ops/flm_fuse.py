@@ -38,7 +38,8 @@ from .tap import _grad_buffer, _memory_format, _tile_config
 
 
 def _relu(x: Tensor) -> Tensor:
-    return torch.where(x > 0, x, torch.zeros_like(x))
+    """``max(x, 0)`` with ``relu(NaN) = 0`` (``fmax`` ignores NaN), as the kernels compute it."""
+    return torch.fmax(x, x.new_zeros(()))
 
 
 def flm_reduce_reference(activation: Tensor, gradient: Tensor) -> Tensor:
@@ -101,11 +102,15 @@ def flm_reduce_backward_triton(grad_maps: Tensor, activation: Tensor, gradient: 
 def flm_reduce_backward_reference(grad_maps: Tensor, activation: Tensor, gradient: Tensor) -> tuple[Tensor, Tensor]:
     """The backward of :func:`flm_reduce_reference` written out (the CPU path)."""
     acc = acc_dtype(activation, gradient)
-    grad = grad_maps.to(acc)[:, None]
+    grad = grad_maps.to(acc)
     a, g = activation.to(acc), gradient.to(acc)
-    live = grad != 0  # a zero upstream gradient contributes exactly 0, even against inf (NaN policy)
-    d_act = torch.where(live & (a > 0), grad * _relu(g), torch.zeros_like(a)).to(activation.dtype)
-    d_grad = torch.where(live & (g > 0), grad * _relu(a), torch.zeros_like(g)).to(gradient.dtype)
+    dead = (grad == 0).flatten(1).all(dim=1)  # images whose map got no gradient contribute exactly 0,
+    if bool(dead.any()):  # even against inf inputs (the NaN policy)
+        a = torch.where(dead[:, None, None, None], 0, a)
+        g = torch.where(dead[:, None, None, None], 0, g)
+    grad = grad[:, None]
+    d_act = (grad * _relu(g) * (a > 0)).to(activation.dtype)
+    d_grad = (grad * _relu(a) * (g > 0)).to(gradient.dtype)
     return (d_act.contiguous(memory_format=_memory_format(activation)),
             d_grad.contiguous(memory_format=_memory_format(gradient)))
 
