@@ -3,7 +3,8 @@ PyTorch formulation (time and peak memory), and the cost of a CAM loss in a trai
 (``CAMEngine(differentiable=True)``).
 
 Run: ``python benchmarks/report.py --suite diffcam`` (``RETHINKCAM_BENCH_QUICK=1``: small batches for the
-2-core CPU). Every provider of a group runs in the same process on the same input; each timed call
+2-core CPU), or ``python benchmarks/bench_diffcam.py`` for the same cases run alternately (minimum and
+median of 15 rounds each: robust where other jobs share the CPU). Every provider of a group runs in the same process on the same input; each timed call
 synchronises the device. Peak memory (``peak_mem_mb``, above what was allocated before the call) comes
 from ``torch.cuda.max_memory_allocated`` on CUDA and from the profiler's allocation timeline on the CPU,
 measured in one extra untimed call.
@@ -99,10 +100,8 @@ def _fwd_bwd(fn, inputs, grad_out):
     return step
 
 
-@pytest.mark.parametrize("provider", ["eager", "ours"])
-@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", list(DTYPES))
-def test_class_activation_map_fwd_bwd(benchmark, dtype, layout, provider):
+def cam_case(dtype: str, layout: str, provider: str):
+    """``(group, step)``: forward+backward of one CAM provider on ResNet50 layer4 shapes."""
     torch.manual_seed(0)
     features = torch.randn(CAM_BATCH, 2048, 7, 7, device=DEVICE, dtype=DTYPES[dtype]).relu_()
     if layout == "nhwc":
@@ -115,14 +114,11 @@ def test_class_activation_map_fwd_bwd(benchmark, dtype, layout, provider):
         fn = lambda: eager_cam(features, weight, labels, SIZE)  # noqa: E731
     else:
         fn = lambda: class_activation_map(features, weight, labels, output_size=SIZE)  # noqa: E731
-    group = f"cam {CAM_BATCH}x2048x7x7->224 {dtype} {layout}"
-    _measure(benchmark, group, provider, "eager", "class_activation_map fwd+bwd", _fwd_bwd(fn, [features, weight], grad_out))
+    return f"cam {CAM_BATCH}x2048x7x7->224 {dtype} {layout}", _fwd_bwd(fn, [features, weight], grad_out)
 
 
-@pytest.mark.parametrize("provider", ["eager", "ours"])
-@pytest.mark.parametrize("fuse", ["sum", "max"])
-@pytest.mark.parametrize("dtype", list(DTYPES))
-def test_flm_fuse_fwd_bwd(benchmark, dtype, fuse, provider):
+def flm_case(dtype: str, fuse: str, provider: str):
+    """``(group, step)``: forward+backward of one FLM provider on four ResNet50 stage outputs."""
     torch.manual_seed(0)
     fmt = torch.channels_last
     acts = [torch.randn(FLM_BATCH, k, s, s, device=DEVICE, dtype=DTYPES[dtype]).to(memory_format=fmt).requires_grad_(True)
@@ -134,7 +130,23 @@ def test_flm_fuse_fwd_bwd(benchmark, dtype, fuse, provider):
     else:
         fn = lambda: flm_fuse(acts, grads, SIZE, fuse)  # noqa: E731
     group = f"flm {FLM_BATCH}x[{','.join(f'{k}x{s}²' for k, s in FLM_LAYERS)}]->224 {dtype} {fuse}"
-    _measure(benchmark, group, provider, "eager", "flm_fuse fwd+bwd", _fwd_bwd(fn, acts + grads, grad_out))
+    return group, _fwd_bwd(fn, acts + grads, grad_out)
+
+
+@pytest.mark.parametrize("provider", ["eager", "ours"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_class_activation_map_fwd_bwd(benchmark, dtype, layout, provider):
+    group, step = cam_case(dtype, layout, provider)
+    _measure(benchmark, group, provider, "eager", "class_activation_map fwd+bwd", step)
+
+
+@pytest.mark.parametrize("provider", ["eager", "ours"])
+@pytest.mark.parametrize("fuse", ["sum", "max"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_flm_fuse_fwd_bwd(benchmark, dtype, fuse, provider):
+    group, step = flm_case(dtype, fuse, provider)
+    _measure(benchmark, group, provider, "eager", "flm_fuse fwd+bwd", step)
 
 
 # -- a training step with a CAM loss -------------------------------------------------------------------
@@ -170,9 +182,12 @@ def _train_setup():
     return model, target, images, labels
 
 
-@pytest.mark.parametrize("provider", ["train-step", "+cam-loss", "+gradcam-loss", "+fullycam-loss"])
-def test_train_step_with_cam_loss(benchmark, provider):
-    """One SGD step (bf16 autocast on CUDA, fp32 on the CPU) with and without a CAM-area loss."""
+TRAIN_PROVIDERS = ["train-step", "+cam-loss", "+gradcam-loss", "+fullycam-loss"]
+
+
+def train_case(provider: str):
+    """``(group, step)``: one SGD step (bf16 autocast on CUDA, fp32 on the CPU), with or without a
+    CAM-area loss through ``CAMEngine(differentiable=True)``."""
     model, target, images, labels = _train_setup()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     dtype = torch.bfloat16 if CUDA else torch.float32
@@ -194,6 +209,12 @@ def test_train_step_with_cam_loss(benchmark, provider):
         opt.step()
 
     group = f"train step {'resnet50' if CUDA else 'small resnet'} b{images.shape[0]} {'bf16' if CUDA else 'fp32'}"
+    return group, step
+
+
+@pytest.mark.parametrize("provider", TRAIN_PROVIDERS)
+def test_train_step_with_cam_loss(benchmark, provider):
+    group, step = train_case(provider)
     _measure(benchmark, group, provider, "train-step", "train step with a CAM loss", step, rounds=10 if CUDA else 5)
 
 
@@ -201,3 +222,34 @@ def test_backend_is_live():
     """Not a timing: record which kernels the numbers above used."""
     print(f"rethinkcam_fast native={rethinkcam_fast.has_native()} cuda_kernels={rethinkcam_fast.has_cuda_kernels()} "
           f"device={DEVICE}")
+
+
+def interleaved(rounds: int = 15) -> None:
+    """Providers of a group run alternately, ``rounds`` times each; prints the minimum and the median
+    per provider and the ratio of the minima — robust where other jobs share the CPU (medians are not)."""
+    import time
+
+    cases = [[cam_case(d, layout, p) for p in ("eager", "ours")] for d in DTYPES for layout in ("nchw", "nhwc")]
+    cases += [[flm_case(d, fuse, p) for p in ("eager", "ours")] for d in DTYPES for fuse in ("sum", "max")]
+    cases += [[train_case(p) for p in TRAIN_PROVIDERS]]
+    print(f"device: {RUN_INFO['device']} | torch {torch.__version__} | min / median of {rounds} interleaved rounds")
+    for case in cases:
+        times: list[list[float]] = [[] for _ in case]
+        for step in [s for _, s in case] * 2:  # warm-up
+            step()
+        for _ in range(rounds):
+            for i, (_, step) in enumerate(case):
+                synchronize(DEVICE)
+                start = time.perf_counter()
+                step()
+                synchronize(DEVICE)
+                times[i].append(time.perf_counter() - start)
+        cells = []
+        for t in times:
+            t.sort()
+            cells.append(f"{t[0] * 1e3:.1f} / {t[len(t) // 2] * 1e3:.1f} ms ({t[0] / times[0][0]:.2f}x)")
+        print(f"| {case[0][0]} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    interleaved()
