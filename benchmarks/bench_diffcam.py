@@ -133,20 +133,16 @@ def flm_case(dtype: str, fuse: str, provider: str):
     return group, _fwd_bwd(fn, acts + grads, grad_out)
 
 
-@pytest.mark.parametrize("provider", ["eager", "ours"])
-@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", list(DTYPES))
-def test_class_activation_map_fwd_bwd(benchmark, dtype, layout, provider):
-    group, step = cam_case(dtype, layout, provider)
-    _measure(benchmark, group, provider, "eager", "class_activation_map fwd+bwd", step)
+OP_CASES = [("class_activation_map", cam_case, dtype, layout) for dtype in DTYPES for layout in ("nchw", "nhwc")]
+OP_CASES += [("flm_fuse", flm_case, dtype, fuse) for dtype in DTYPES for fuse in ("sum", "max")]
 
 
 @pytest.mark.parametrize("provider", ["eager", "ours"])
-@pytest.mark.parametrize("fuse", ["sum", "max"])
-@pytest.mark.parametrize("dtype", list(DTYPES))
-def test_flm_fuse_fwd_bwd(benchmark, dtype, fuse, provider):
-    group, step = flm_case(dtype, fuse, provider)
-    _measure(benchmark, group, provider, "eager", "flm_fuse fwd+bwd", step)
+@pytest.mark.parametrize("op,build,dtype,variant", OP_CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_op_fwd_bwd(benchmark, op, build, dtype, variant, provider):
+    """``class_activation_map`` (variant: layout) and ``flm_fuse`` (variant: fusion) against eager."""
+    group, step = build(dtype, variant, provider)
+    _measure(benchmark, group, provider, "eager", f"{op} fwd+bwd", step)
 
 
 # -- a training step with a CAM loss -------------------------------------------------------------------
@@ -229,8 +225,7 @@ def interleaved(rounds: int = 15) -> None:
     per provider and the ratio of the minima — robust where other jobs share the CPU (medians are not)."""
     import time
 
-    cases = [[cam_case(d, layout, p) for p in ("eager", "ours")] for d in DTYPES for layout in ("nchw", "nhwc")]
-    cases += [[flm_case(d, fuse, p) for p in ("eager", "ours")] for d in DTYPES for fuse in ("sum", "max")]
+    cases = [[build(dtype, variant, p) for p in ("eager", "ours")] for _, build, dtype, variant in OP_CASES]
     cases += [[train_case(p) for p in TRAIN_PROVIDERS]]
     print(f"device: {RUN_INFO['device']} | torch {torch.__version__} | min / median of {rounds} interleaved rounds")
     for case in cases:
