@@ -326,7 +326,8 @@ class CAMEngine:
         (grad,) = torch.autograd.grad(scores.sum(), activation, create_graph=self.differentiable)
         if self.differentiable:  # plain PyTorch ops: the graph runs through the activation and its gradient
             def reduce(a, weights=None, grads=None, mode="channel", relu=True):
-                return weighted_map_reference(a, weights, grads, mode, relu)
+                with torch.autocast(a.device.type, enabled=False):  # float32 sums, as the kernel's
+                    return weighted_map_reference(a, weights, grads, mode, relu)
         else:
             activation = activation.detach()
 

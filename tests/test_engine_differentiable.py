@@ -128,6 +128,20 @@ def test_frozen_model_under_no_grad_passes_gradient_to_the_images():
     torch.testing.assert_close(again.cams, result.cams)
 
 
+def test_bf16_autocast_on_cpu():
+    model = make(SmallCNN)
+    images = images_for(8)
+    for method in ("cam", "gradcam", "fullycam"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = engine(model, method, boxes=False)(images)
+            result = engine(model, method, differentiable=True, boxes=False)(images)
+        assert result.cams.dtype == torch.float32
+        # bf16 level: on the CPU the default path's Grad-CAM sum runs under autocast, ours in float32.
+        torch.testing.assert_close(result.cams, plain.cams, atol=2e-2, rtol=0)
+        (grad,) = torch.autograd.grad(result.cams.square().mean(), model.features[0].weight)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("method,fuse", [("cam", "sum"), ("gradcam", "sum"), ("fullycam", "max")])
 def test_differentiable_engine_on_gpu_matches_cpu(method, fuse):

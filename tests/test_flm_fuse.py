@@ -231,6 +231,20 @@ def test_exports():
     assert rethinkcam_fast.FLMFuseFunction is flm_mod.FLMFuseFunction
 
 
+@pytest.mark.slow
+def test_torch_compile_fullgraph_forward_and_backward():
+    acts, grads = make_layers([(2, 3, 3, 4), (2, 2, 5, 5)], torch.float32, seed=9)
+
+    def loss(*tensors):
+        return flm_fuse(list(tensors[:2]), list(tensors[2:]), (6, 7), "max", backend="reference").square().mean()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(*acts, *grads), acts + grads)
+    want = torch.autograd.grad(loss(*acts, *grads), acts + grads)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype,fuse", [(torch.float32, "sum"), (torch.bfloat16, "max")], ids=str)
 def test_resnet_like_layers_on_gpu(dtype, fuse):
