@@ -123,6 +123,22 @@ def test_epilogue_backward_is_exact(backend, sizes, out_size, fuse, normalize):
         torch.testing.assert_close(out, want_out, atol=1e-12, rtol=0)
 
 
+@requires_triton
+@pytest.mark.parametrize("num_splits", [2, 4])
+@pytest.mark.parametrize("sizes,out_size,fuse,normalize", EPILOGUE_CASES[1:4], ids=str)
+def test_epilogue_backward_split_over_output_bands_is_exact(num_splits, sizes, out_size, fuse, normalize):
+    """The GPU launch splits each (image, layer) over output bands; forced here on the interpreter."""
+    gen = torch.Generator().manual_seed(11)
+    maps = [torch.rand((2, *s), generator=gen, dtype=torch.float64, requires_grad=True) for s in sizes]
+    want_out, _ = epi.map_epilogue_reference(maps, out_size, fuse, normalize)
+    grad_out = torch.randn(want_out.shape, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad(want_out, maps, grad_out)
+    got = epi.map_epilogue_backward_triton(grad_out, [m.detach() for m in maps], out_size, fuse, normalize,
+                                           num_splits=num_splits)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ties_between_layers_and_degenerate_layers(backend):
     """Max fusion: layers tied at a pixel share its gradient; a constant layer gets none."""

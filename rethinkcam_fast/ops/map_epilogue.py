@@ -29,6 +29,8 @@ so the op saves only its input maps.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -155,6 +157,15 @@ def _store_stats(stats_base, lo, hi, inv, c_lo, c_hi):
 
 
 @triton.jit
+def _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, l, H, W, ACC: tl.constexpr):
+    """(h, w, offset of image n's block of layer l in the packed maps, 1-D scales) of one layer."""
+    h = tl.load(Heights_ptr + l)
+    w = tl.load(Widths_ptr + l)
+    block = tl.load(Offsets_ptr + l) + n.to(tl.int64) * (h * w)
+    return h, w, block, h.to(ACC) / H, w.to(ACC) / W  # scales as PyTorch: (float)input_size / output_size
+
+
+@triton.jit
 def _epilogue_fwd_kernel(
     Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Out_ptr, Fused_ptr, Count_ptr, Stats_ptr, Final_ptr,
     Degenerate_ptr, L, H, W,
@@ -167,11 +178,8 @@ def _epilogue_fwd_kernel(
     row = n.to(tl.int64) * HW
     idx = tl.arange(0, BLOCK)
     for l in range(L):
-        h = tl.load(Heights_ptr + l)
-        w = tl.load(Widths_ptr + l)
-        map_base = Maps_ptr + tl.load(Offsets_ptr + l) + n.to(tl.int64) * (h * w)
-        scale_h = h.to(ACC) / H  # PyTorch: (float)input_size / output_size
-        scale_w = w.to(ACC) / W
+        h, w, block, scale_h, scale_w = _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, l, H, W, ACC)
+        map_base = Maps_ptr + block
         if NORMALIZE:
             src_lo, src_hi, src_bad = _range(map_base, h * w, BLOCK, ACC)
             lo, hi = _upsampled_range(map_base, h, w, H, W, scale_h, scale_w, BLOCK, ACC)
@@ -308,23 +316,52 @@ def _layer_grad(d_ptr, Fused_ptr, Count_ptr, row, o, mask, map_base, h, w, W, sc
 
 
 @triton.jit
-def _layer_bwd_kernel(
-    Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Stats_ptr, DFused_ptr, Fused_ptr, Count_ptr, DMaps_ptr,
-    L, H, W,
-    NORMALIZE: tl.constexpr, FUSE_MAX: tl.constexpr, BLOCK: tl.constexpr, BY: tl.constexpr, BX: tl.constexpr,
-    BOY: tl.constexpr, BOX: tl.constexpr, ACC: tl.constexpr,
+def _layer_bwd_sums_kernel(
+    Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Stats_ptr, DFused_ptr, Fused_ptr, Count_ptr, Partial_ptr,
+    L, H, W, CHUNK,
+    SPLITS: tl.constexpr, FUSE_MAX: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
-    """dL/dM_l for image n = program_id(0), layer l = program_id(1): min-max backward, then R_h^T dU R_w."""
+    """Partial sums S1 = sum dP and S2 = sum dP * P over one chunk of outputs (image, layer, chunk)."""
     n = tl.program_id(0)
     l = tl.program_id(1)
+    part = tl.program_id(2)
     HW = H * W
     row = n.to(tl.int64) * HW
-    h = tl.load(Heights_ptr + l)
-    w = tl.load(Widths_ptr + l)
-    block = tl.load(Offsets_ptr + l) + n.to(tl.int64) * (h * w)
+    h, w, block, scale_h, scale_w = _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, l, H, W, ACC)
+    stats = Stats_ptr + (n * L + l) * 5
+    lo = tl.load(stats + 0)
+    hi = tl.load(stats + 1)
+    inv = tl.load(stats + 2)
+    s1 = tl.zeros([BLOCK], ACC)
+    s2 = tl.zeros([BLOCK], ACC)
+    stop = tl.minimum(part * CHUNK + CHUNK, HW)
+    for start in range(part * CHUNK, stop, BLOCK):
+        o = start + tl.arange(0, BLOCK)
+        mask = o < stop
+        _, d, p = _layer_grad(DFused_ptr, Fused_ptr, Count_ptr, row, o, mask, Maps_ptr + block, h, w, W, scale_h,
+                              scale_w, lo, hi, inv, 0.0, 0.0, True, FUSE_MAX)
+        s1 += d
+        s2 += d * p
+    out = Partial_ptr + ((n * L + l) * SPLITS + part) * 2
+    tl.store(out, tl.sum(s1, axis=0))
+    tl.store(out + 1, tl.sum(s2, axis=0))
+
+
+@triton.jit
+def _layer_bwd_kernel(
+    Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Stats_ptr, Partial_ptr, DFused_ptr, Fused_ptr, Count_ptr,
+    DMaps_ptr, L, H, W, BAND_ROWS, TOTAL,
+    NORMALIZE: tl.constexpr, FUSE_MAX: tl.constexpr, SPLITS: tl.constexpr, BY: tl.constexpr, BX: tl.constexpr,
+    BOY: tl.constexpr, BOX: tl.constexpr, ACC: tl.constexpr,
+):
+    """Image n's part of dL/dM_l from output rows [band * BAND_ROWS, +BAND_ROWS): min-max backward, then
+    R_h^T dU R_w; each band writes its own partial map (summed in a fixed order by the launcher)."""
+    n = tl.program_id(0)
+    l = tl.program_id(1)
+    band = tl.program_id(2)
+    row = n.to(tl.int64) * (H * W)
+    h, w, block, scale_h, scale_w = _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, l, H, W, ACC)
     map_base = Maps_ptr + block
-    scale_h = h.to(ACC) / H
-    scale_w = w.to(ACC) / W
     lo = 0.0
     hi = 0.0
     inv = 1.0
@@ -335,22 +372,18 @@ def _layer_bwd_kernel(
         lo = tl.load(stats + 0)
         hi = tl.load(stats + 1)
         inv = tl.load(stats + 2)
-        s1 = tl.zeros([BLOCK], ACC)
-        s2 = tl.zeros([BLOCK], ACC)
-        idx = tl.arange(0, BLOCK)
-        for start in range(0, HW, BLOCK):
-            o = start + idx
-            mask = o < HW
-            _, d, p = _layer_grad(DFused_ptr, Fused_ptr, Count_ptr, row, o, mask, map_base, h, w, W, scale_h,
-                                  scale_w, lo, hi, inv, a_lo, a_hi, NORMALIZE, FUSE_MAX)
-            s1 += d
-            s2 += d * p
+        parts = Partial_ptr + ((n * L + l) * SPLITS + tl.arange(0, SPLITS)) * 2
         a_lo, a_hi = _minmax_grad_coefficients(
-            tl.sum(s1, axis=0), tl.sum(s2, axis=0), inv, tl.load(stats + 3), tl.load(stats + 4)
+            tl.sum(tl.load(parts), axis=0), tl.sum(tl.load(parts + 1), axis=0), inv, tl.load(stats + 3),
+            tl.load(stats + 4),
         )
+    band_lo = band * BAND_ROWS
+    band_hi = tl.minimum(band_lo + BAND_ROWS, H)
     for y_start in range(0, h, BY):
         ys = y_start + tl.arange(0, BY)
         oy_lo, oy_hi = _output_support(y_start, BY, h, H)
+        oy_lo = tl.maximum(oy_lo, band_lo)
+        oy_hi = tl.minimum(oy_hi, band_hi)
         for x_start in range(0, w, BX):
             xs = x_start + tl.arange(0, BX)
             ox_lo, ox_hi = _output_support(x_start, BX, w, W)
@@ -369,7 +402,7 @@ def _layer_bwd_kernel(
                 ry = _interp_matrix(oy, ys, h, oy_hi, scale_h).to(ACC)
                 acc += tl.dot(tl.trans(ry), t, input_precision="ieee", out_dtype=ACC)
             src = ys[:, None] * w + xs[None, :]
-            tl.store(DMaps_ptr + block + src, acc, mask=(ys < h)[:, None] & (xs < w)[None, :])
+            tl.store(DMaps_ptr + band * TOTAL + block + src, acc, mask=(ys < h)[:, None] & (xs < w)[None, :])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,16 +410,22 @@ def _layer_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=64)
+def _layer_table(shapes: tuple[tuple[int, int, int], ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """``(int64 offsets, int32 heights, int32 widths)`` of packed ``[N, h_l, w_l]`` maps on ``device``,
+    cached: no host-to-device copies per call once a layer layout has been seen."""
+    sizes = torch.tensor([n * h * w for n, h, w in shapes], dtype=torch.int64)
+    offsets = (torch.cumsum(sizes, 0) - sizes).to(device)
+    heights = torch.tensor([h for _, h, _ in shapes], dtype=torch.int32, device=device)
+    widths = torch.tensor([w for _, _, w in shapes], dtype=torch.int32, device=device)
+    return offsets, heights, widths
+
+
 def _pack(maps: list[Tensor], acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(packed maps, int64 offsets, int32 heights, int32 widths)`` on the maps' device."""
-    device = maps[0].device
     flat = [m.to(acc).reshape(-1) for m in maps]
     packed = torch.cat(flat) if len(flat) > 1 else flat[0].contiguous()
-    sizes = torch.tensor([f.numel() for f in flat], dtype=torch.int64)
-    offsets = (torch.cumsum(sizes, 0) - sizes).to(device)
-    heights = torch.tensor([m.shape[1] for m in maps], dtype=torch.int32, device=device)
-    widths = torch.tensor([m.shape[2] for m in maps], dtype=torch.int32, device=device)
-    return packed, offsets, heights, widths
+    return (packed, *_layer_table(tuple(tuple(m.shape) for m in maps), maps[0].device))
 
 
 def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str, normalize: bool, store_out: bool):
@@ -403,7 +442,7 @@ def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str,
     final = torch.empty((n, _STATS), dtype=acc, device=device)
     degenerate = torch.zeros(n, dtype=torch.int8, device=device)
     packing = _pack(maps, acc)
-    if n and height * width:
+    if n and height * width and (normalize or store_out):  # plain upsampling has no statistics to recompute
         _epilogue_fwd_kernel[(n,)](
             *packing, out, fused, count, stats, final, degenerate, layers, height, width,
             NORMALIZE=normalize, MULTI=multi, FUSE_MAX=fuse_max, STORE_OUT=store_out,
@@ -428,15 +467,34 @@ def _tile(size: int) -> int:
     return 16 if size <= 16 else 32
 
 
+def _num_splits(programs: int, rows: int, device: torch.device) -> int:
+    """Output bands per (image, layer) in the backward, a power of two: enough programs to fill the GPU
+    (about 4 per SM) when images x layers alone cannot; 1 on the CPU interpreter."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = triton.cdiv(4 * sms, max(programs, 1))
+    return max(1, min(triton.next_power_of_2(wanted), 64, triton.next_power_of_2(triton.cdiv(rows, 32))))
+
+
 def map_epilogue_backward_triton(
-    grad_out: Tensor, maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum", normalize: bool = True
+    grad_out: Tensor, maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum", normalize: bool = True,
+    num_splits: int | None = None,
 ) -> list[Tensor]:
-    """Triton backward: ``dL/dM_l`` (each map's shape and dtype) from ``grad_out [N, H, W]``."""
+    """Triton backward: ``dL/dM_l`` (each map's shape and dtype) from ``grad_out [N, H, W]``.
+
+    ``num_splits`` (a power of two) forces how many output bands share one (image, layer); default:
+    from the device's SM count, 1 on the CPU interpreter.
+    """
     height, width = output_size
     _, _, fused, count, stats, final, packing = _forward_triton(maps, output_size, fuse, normalize, store_out=False)
     acc = packing[0].dtype
     n, layers = maps[0].shape[0], len(maps)
-    d_maps = torch.zeros_like(packing[0])
+    splits = num_splits if num_splits is not None else _num_splits(n * layers, height, packing[0].device)
+    if splits < 1 or splits & (splits - 1):
+        raise ValueError(f"num_splits must be a power of two, got {splits}")
+    total = packing[0].numel()
+    d_maps = torch.zeros((splits, total), dtype=acc, device=packing[0].device)
     grad = grad_out.to(acc).contiguous()
     if n and height * width:
         block = min(triton.next_power_of_2(height * width), 1024)
@@ -445,12 +503,22 @@ def map_epilogue_backward_triton(
             _final_norm_bwd_kernel[(n,)](grad, fused, final, d_fused, height * width, BLOCK=block, ACC=_tl_dtype(acc),
                                          **_EXACT)
             grad = d_fused
-        _layer_bwd_kernel[(n, layers)](
-            *packing, stats, grad, fused, count, d_maps, layers, height, width,
-            NORMALIZE=normalize, FUSE_MAX=layers > 1 and fuse == "max", BLOCK=block,
+        fuse_max = layers > 1 and fuse == "max"
+        partial = torch.empty((n, layers, splits, 2), dtype=acc, device=d_maps.device)
+        if normalize:
+            chunk = triton.cdiv(triton.cdiv(height * width, splits), block) * block
+            _layer_bwd_sums_kernel[(n, layers, splits)](
+                *packing, stats, grad, fused, count, partial, layers, height, width, chunk,
+                SPLITS=splits, FUSE_MAX=fuse_max, BLOCK=block, ACC=_tl_dtype(acc), **_EXACT,
+            )
+        band_rows = triton.cdiv(triton.cdiv(height, splits), 32) * 32
+        _layer_bwd_kernel[(n, layers, splits)](
+            *packing, stats, partial, grad, fused, count, d_maps, layers, height, width, band_rows, total,
+            NORMALIZE=normalize, FUSE_MAX=fuse_max, SPLITS=splits,
             BY=_tile(max(m.shape[1] for m in maps)), BX=_tile(max(m.shape[2] for m in maps)), BOY=32, BOX=64,
             ACC=_tl_dtype(acc), **_EXACT,
         )
+    d_maps = d_maps.sum(dim=0) if splits > 1 else d_maps[0]  # a fixed-order sum: deterministic
     grads, start = [], 0
     for m in maps:  # separate tensors: outputs of a custom op may not alias each other
         grads.append(d_maps[start:start + m.numel()].view(m.shape).to(m.dtype, copy=layers > 1))
