@@ -19,12 +19,15 @@ per-image reduction. Max fusion likewise splits the gradient evenly between the 
 pixel (``amax`` over the stacked layers). A degenerate map (constant or non-finite) is zeros with a
 zero gradient.
 
-Triton backward, per image and layer (grid ``(N, L)``): a pass for the two sums the min-max
-gradient needs, then the adjoint of the bilinear upsampling as two small dense products per tile
-(``R_h^T dU R_w``, separable and deterministic — no atomics), with ``dU`` recomputed on the fly from
-the upstream gradient; nothing per-layer is stored at output resolution. The forward statistics
-(minimum, maximum, tie counts, the fused map) are recomputed in the backward by the forward kernel,
-so the op saves only its input maps.
+Triton forward: one map (the CAM) splits each image over output chunks (partial min/max, then a
+normalising pass); several maps run one program per image through the layers (the fusion is
+sequential). Triton backward, per image, layer and band of output rows (grid ``(N, L, splits)``,
+``splits`` chosen to fill the GPU): partial sums for the min-max gradient, then the adjoint of the
+bilinear upsampling as two small dense products per tile (``R_h^T dU R_w``, separable), with ``dU``
+recomputed on the fly from the upstream gradient; partial results are combined in a fixed order, so
+it is deterministic (no atomics), and nothing per layer is stored at output resolution. The forward
+statistics (minimum, maximum, tie counts, the fused map) are recomputed in the backward by the
+forward kernels, so the op saves only its input maps.
 """
 
 from __future__ import annotations
@@ -120,14 +123,14 @@ def _range(base, count, BLOCK: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _upsampled_range(map_base, h, w, H, W, scale_h, scale_w, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """(min, max) of the bilinear upsampling of one map, computed on the fly."""
+def _upsampled_range(map_base, h, w, W, scale_h, scale_w, first, stop, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """(min, max) of the bilinear upsampling of one map over flat outputs [first, stop), on the fly."""
     idx = tl.arange(0, BLOCK)
     lo = tl.full([BLOCK], float("inf"), ACC)
     hi = tl.full([BLOCK], float("-inf"), ACC)
-    for start in range(0, H * W, BLOCK):
+    for start in range(first, stop, BLOCK):
         o = start + idx
-        mask = o < H * W
+        mask = o < stop
         v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
         lo = tl.minimum(lo, tl.where(mask, v, float("inf")))
         hi = tl.maximum(hi, tl.where(mask, v, float("-inf")))
@@ -166,13 +169,79 @@ def _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, l, H, W, ACC: t
 
 
 @triton.jit
-def _epilogue_fwd_kernel(
+def _source_degenerate(map_base, h, w, lo, hi, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """A map normalises to zeros when its source is constant or non-finite (decided on the source:
+    bilinear rounding can break a constant's ties) or its upsampling has no span."""
+    src_lo, src_hi, src_bad = _range(map_base, h * w, BLOCK, ACC)
+    return (src_bad > 0) | ~(src_hi > src_lo) | ~(hi - lo > 0.0)
+
+
+@triton.jit
+def _single_range_kernel(
+    Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Partial_ptr, H, W, CHUNK,
+    SPLITS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    """One map: partial (min, max) of its upsampling over one chunk of outputs (image, chunk)."""
+    n = tl.program_id(0)
+    part = tl.program_id(1)
+    h, w, block, scale_h, scale_w = _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, 0, H, W, ACC)
+    stop = tl.minimum(part * CHUNK + CHUNK, H * W)
+    lo, hi = _upsampled_range(Maps_ptr + block, h, w, W, scale_h, scale_w, part * CHUNK, stop, BLOCK, ACC)
+    out = Partial_ptr + (n * SPLITS + part) * 2
+    tl.store(out, lo)
+    tl.store(out + 1, hi)
+
+
+@triton.jit
+def _single_normalize_kernel(
+    Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Partial_ptr, Out_ptr, Stats_ptr, Counts_ptr, Degenerate_ptr,
+    H, W, CHUNK,
+    SPLITS: tl.constexpr, NORMALIZE: tl.constexpr, STORE_OUT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    """One map, one chunk of outputs: min-max normalise with the combined partial range (the values are
+    fuse_maps'); partial counts of the pixels at the min and the max; chunk 0 stores the statistics."""
+    n = tl.program_id(0)
+    part = tl.program_id(1)
+    row = n.to(tl.int64) * (H * W)
+    h, w, block, scale_h, scale_w = _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, 0, H, W, ACC)
+    map_base = Maps_ptr + block
+    first = part * CHUNK
+    stop = tl.minimum(first + CHUNK, H * W)
+    idx = tl.arange(0, BLOCK)
+    if NORMALIZE:
+        parts = Partial_ptr + (n * SPLITS + tl.arange(0, SPLITS)) * 2
+        lo = tl.min(tl.load(parts), axis=0)
+        hi = tl.max(tl.load(parts + 1), axis=0)
+        degenerate = _source_degenerate(map_base, h, w, lo, hi, BLOCK, ACC)
+        inv, c_lo, c_hi = _normalizer(lo, hi, degenerate, BLOCK, ACC)
+        for start in range(first, stop, BLOCK):
+            o = start + idx
+            mask = o < stop
+            v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
+            c_lo, c_hi = _count_extremes(c_lo, c_hi, v, lo, hi, mask, ACC)
+            if STORE_OUT:
+                tl.store(Out_ptr + row + o, tl.where(degenerate, 0.0, (v - lo) * inv), mask=mask)
+        counts = Counts_ptr + (n * SPLITS + part) * 2
+        tl.store(counts, tl.sum(c_lo, axis=0))
+        tl.store(counts + 1, tl.sum(c_hi, axis=0))
+        if part == 0:
+            _store_stats(Stats_ptr + n * 5, lo, hi, inv, 0.0, 0.0)  # counts: summed by the launcher
+            tl.store(Degenerate_ptr + n, degenerate.to(tl.int8))
+    else:  # plain upsampling
+        for start in range(first, stop, BLOCK):
+            o = start + idx
+            mask = o < stop
+            tl.store(Out_ptr + row + o, _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask), mask=mask)
+
+
+@triton.jit
+def _fused_fwd_kernel(
     Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Out_ptr, Fused_ptr, Count_ptr, Stats_ptr, Final_ptr,
     Degenerate_ptr, L, H, W,
-    NORMALIZE: tl.constexpr, MULTI: tl.constexpr, FUSE_MAX: tl.constexpr, STORE_OUT: tl.constexpr,
-    BLOCK: tl.constexpr, ACC: tl.constexpr,
+    FUSE_MAX: tl.constexpr, STORE_OUT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
-    """One program per image; the values are fuse_maps' and the statistics are what the backward needs."""
+    """Several maps, one program per image: the values are fuse_maps'; the statistics, the fused map
+    (and for max fusion the number of layers tied at each pixel) are what the backward needs."""
     n = tl.program_id(0)
     HW = H * W
     row = n.to(tl.int64) * HW
@@ -180,52 +249,38 @@ def _epilogue_fwd_kernel(
     for l in range(L):
         h, w, block, scale_h, scale_w = _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, l, H, W, ACC)
         map_base = Maps_ptr + block
-        if NORMALIZE:
-            src_lo, src_hi, src_bad = _range(map_base, h * w, BLOCK, ACC)
-            lo, hi = _upsampled_range(map_base, h, w, H, W, scale_h, scale_w, BLOCK, ACC)
-            # Constancy is decided on the source map (bilinear rounding can break a constant's ties).
-            degenerate = (src_bad > 0) | ~(src_hi > src_lo) | ~(hi - lo > 0.0)
-            inv, c_lo, c_hi = _normalizer(lo, hi, degenerate, BLOCK, ACC)
-            for start in range(0, HW, BLOCK):
-                o = start + idx
-                mask = o < HW
-                v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
-                c_lo, c_hi = _count_extremes(c_lo, c_hi, v, lo, hi, mask, ACC)
-                p = tl.where(degenerate, 0.0, (v - lo) * inv)
-                if MULTI:
-                    first = l == 0
-                    if FUSE_MAX:
-                        prev = tl.load(Fused_ptr + row + o, mask=mask & ~first, other=float("-inf"))
-                        count = tl.load(Count_ptr + row + o, mask=mask & ~first, other=0.0)
-                        count = tl.where(p > prev, 1.0, tl.where(p == prev, count + 1.0, count))
-                        tl.store(Count_ptr + row + o, count, mask=mask)
-                        p = tl.maximum(prev, p)
-                    else:
-                        p = tl.load(Fused_ptr + row + o, mask=mask & ~first, other=0.0) + p
-                    tl.store(Fused_ptr + row + o, p, mask=mask)
-                elif STORE_OUT:
-                    tl.store(Out_ptr + row + o, p, mask=mask)
-            _store_stats(Stats_ptr + (n * L + l) * 5, lo, hi, inv, tl.sum(c_lo, axis=0), tl.sum(c_hi, axis=0))
-            if not MULTI:
-                tl.store(Degenerate_ptr + n, degenerate.to(tl.int8))
-        elif STORE_OUT:  # one map, plain upsampling
-            for start in range(0, HW, BLOCK):
-                o = start + idx
-                mask = o < HW
-                tl.store(Out_ptr + row + o, _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask), mask=mask)
-    if MULTI:
-        lo, hi, _ = _range(Fused_ptr + row, HW, BLOCK, ACC)
-        degenerate = ~(hi - lo > 0.0)
+        lo, hi = _upsampled_range(map_base, h, w, W, scale_h, scale_w, 0, HW, BLOCK, ACC)
+        degenerate = _source_degenerate(map_base, h, w, lo, hi, BLOCK, ACC)
         inv, c_lo, c_hi = _normalizer(lo, hi, degenerate, BLOCK, ACC)
         for start in range(0, HW, BLOCK):
             o = start + idx
             mask = o < HW
-            f = tl.load(Fused_ptr + row + o, mask=mask, other=0.0)
-            c_lo, c_hi = _count_extremes(c_lo, c_hi, f, lo, hi, mask, ACC)
-            if STORE_OUT:
-                tl.store(Out_ptr + row + o, tl.where(degenerate, 0.0, (f - lo) * inv), mask=mask)
-        _store_stats(Final_ptr + n * 5, lo, hi, inv, tl.sum(c_lo, axis=0), tl.sum(c_hi, axis=0))
-        tl.store(Degenerate_ptr + n, degenerate.to(tl.int8))
+            v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
+            c_lo, c_hi = _count_extremes(c_lo, c_hi, v, lo, hi, mask, ACC)
+            p = tl.where(degenerate, 0.0, (v - lo) * inv)
+            first = l == 0
+            if FUSE_MAX:
+                prev = tl.load(Fused_ptr + row + o, mask=mask & ~first, other=float("-inf"))
+                count = tl.load(Count_ptr + row + o, mask=mask & ~first, other=0.0)
+                count = tl.where(p > prev, 1.0, tl.where(p == prev, count + 1.0, count))
+                tl.store(Count_ptr + row + o, count, mask=mask)
+                p = tl.maximum(prev, p)
+            else:
+                p = tl.load(Fused_ptr + row + o, mask=mask & ~first, other=0.0) + p
+            tl.store(Fused_ptr + row + o, p, mask=mask)
+        _store_stats(Stats_ptr + (n * L + l) * 5, lo, hi, inv, tl.sum(c_lo, axis=0), tl.sum(c_hi, axis=0))
+    lo, hi, _ = _range(Fused_ptr + row, HW, BLOCK, ACC)
+    degenerate = ~(hi - lo > 0.0)
+    inv, c_lo, c_hi = _normalizer(lo, hi, degenerate, BLOCK, ACC)
+    for start in range(0, HW, BLOCK):
+        o = start + idx
+        mask = o < HW
+        f = tl.load(Fused_ptr + row + o, mask=mask, other=0.0)
+        c_lo, c_hi = _count_extremes(c_lo, c_hi, f, lo, hi, mask, ACC)
+        if STORE_OUT:
+            tl.store(Out_ptr + row + o, tl.where(degenerate, 0.0, (f - lo) * inv), mask=mask)
+    _store_stats(Final_ptr + n * 5, lo, hi, inv, tl.sum(c_lo, axis=0), tl.sum(c_hi, axis=0))
+    tl.store(Degenerate_ptr + n, degenerate.to(tl.int8))
 
 
 @triton.jit
@@ -428,7 +483,22 @@ def _pack(maps: list[Tensor], acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor,
     return (packed, *_layer_table(tuple(tuple(m.shape) for m in maps), maps[0].device))
 
 
-def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str, normalize: bool, store_out: bool):
+def _splits(forced: int | None, programs: int, rows: int, device: torch.device) -> int:
+    """Programs sharing one (image, layer), a power of two: ``forced``, else enough to fill the GPU
+    (about 4 per SM) when images x layers alone cannot; 1 on the CPU interpreter."""
+    if forced is not None:
+        if forced < 1 or forced & (forced - 1):
+            raise ValueError(f"num_splits must be a power of two, got {forced}")
+        return forced
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = triton.cdiv(4 * sms, max(programs, 1))
+    return max(1, min(triton.next_power_of_2(wanted), 64, triton.next_power_of_2(triton.cdiv(rows, 32))))
+
+
+def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str, normalize: bool, store_out: bool,
+                    num_splits: int | None = None):
     """``(out, degenerate, fused, count, stats, final, packing)``; see :func:`map_epilogue_triton`."""
     acc = acc_dtype(*maps)
     n, (height, width), layers = maps[0].shape[0], output_size, len(maps)
@@ -438,16 +508,33 @@ def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str,
     out = torch.empty((n, height, width) if store_out else (0,), dtype=acc, device=device)
     fused = torch.empty((n, height, width) if multi else (0,), dtype=acc, device=device)
     count = torch.empty((n, height, width) if fuse_max else (0,), dtype=acc, device=device)
-    stats = torch.empty((n, layers, _STATS), dtype=acc, device=device)
+    stats = torch.zeros((n, layers, _STATS), dtype=acc, device=device)
     final = torch.empty((n, _STATS), dtype=acc, device=device)
     degenerate = torch.zeros(n, dtype=torch.int8, device=device)
     packing = _pack(maps, acc)
-    if n and height * width and (normalize or store_out):  # plain upsampling has no statistics to recompute
-        _epilogue_fwd_kernel[(n,)](
+    block = min(triton.next_power_of_2(height * width), 1024)
+    if n == 0 or height * width == 0 or not (normalize or store_out):  # plain upsampling has no statistics
+        pass
+    elif multi:
+        _fused_fwd_kernel[(n,)](
             *packing, out, fused, count, stats, final, degenerate, layers, height, width,
-            NORMALIZE=normalize, MULTI=multi, FUSE_MAX=fuse_max, STORE_OUT=store_out,
-            BLOCK=min(triton.next_power_of_2(height * width), 1024), ACC=_tl_dtype(acc), **_EXACT,
+            FUSE_MAX=fuse_max, STORE_OUT=store_out, BLOCK=block, ACC=_tl_dtype(acc), **_EXACT,
         )
+    else:  # one map: each image split over output chunks, so that a batch fills the GPU
+        splits = _splits(num_splits, n, height, device)
+        chunk = triton.cdiv(triton.cdiv(height * width, splits), block) * block
+        partial = torch.empty((n, splits, 2), dtype=acc, device=device)
+        counts = torch.empty((n, splits, 2), dtype=acc, device=device)
+        if normalize:
+            _single_range_kernel[(n, splits)](
+                *packing, partial, height, width, chunk, SPLITS=splits, BLOCK=block, ACC=_tl_dtype(acc), **_EXACT,
+            )
+        _single_normalize_kernel[(n, splits)](
+            *packing, partial, out, stats, counts, degenerate, height, width, chunk,
+            SPLITS=splits, NORMALIZE=normalize, STORE_OUT=store_out, BLOCK=block, ACC=_tl_dtype(acc), **_EXACT,
+        )
+        if normalize:
+            stats[:, 0, 3:] = counts.sum(dim=1)  # tie counts: exact integers in a fixed order
     return out, degenerate.bool(), fused, count, stats, final, packing
 
 
@@ -456,10 +543,15 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 def map_epilogue_triton(
-    maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum", normalize: bool = True
+    maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum", normalize: bool = True,
+    num_splits: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Triton forward: ``(out [N, H, W], degenerate bool [N])``, as :func:`map_epilogue_reference`."""
-    out, degenerate, *_ = _forward_triton(maps, output_size, fuse, normalize, store_out=True)
+    """Triton forward: ``(out [N, H, W], degenerate bool [N])``, as :func:`map_epilogue_reference`.
+
+    ``num_splits`` (a power of two) forces how many programs share one image of a single map; default:
+    from the device's SM count, 1 on the CPU interpreter.
+    """
+    out, degenerate, *_ = _forward_triton(maps, output_size, fuse, normalize, store_out=True, num_splits=num_splits)
     return out, degenerate
 
 
@@ -467,14 +559,6 @@ def _tile(size: int) -> int:
     return 16 if size <= 16 else 32
 
 
-def _num_splits(programs: int, rows: int, device: torch.device) -> int:
-    """Output bands per (image, layer) in the backward, a power of two: enough programs to fill the GPU
-    (about 4 per SM) when images x layers alone cannot; 1 on the CPU interpreter."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = triton.cdiv(4 * sms, max(programs, 1))
-    return max(1, min(triton.next_power_of_2(wanted), 64, triton.next_power_of_2(triton.cdiv(rows, 32))))
 
 
 def map_epilogue_backward_triton(
@@ -487,12 +571,11 @@ def map_epilogue_backward_triton(
     from the device's SM count, 1 on the CPU interpreter.
     """
     height, width = output_size
-    _, _, fused, count, stats, final, packing = _forward_triton(maps, output_size, fuse, normalize, store_out=False)
+    _, _, fused, count, stats, final, packing = _forward_triton(maps, output_size, fuse, normalize, store_out=False,
+                                                                num_splits=num_splits)
     acc = packing[0].dtype
     n, layers = maps[0].shape[0], len(maps)
-    splits = num_splits if num_splits is not None else _num_splits(n * layers, height, packing[0].device)
-    if splits < 1 or splits & (splits - 1):
-        raise ValueError(f"num_splits must be a power of two, got {splits}")
+    splits = _splits(num_splits, n * layers, height, packing[0].device)
     total = packing[0].numel()
     d_maps = torch.zeros((splits, total), dtype=acc, device=packing[0].device)
     grad = grad_out.to(acc).contiguous()
