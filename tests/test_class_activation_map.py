@@ -96,6 +96,22 @@ def test_block_branches_and_sizes(backend, shape, size):
     check_against_oracle(features, weight, labels, backend, False, size)
 
 
+@requires_triton
+@pytest.mark.parametrize("num_splits", [2, 4])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_channel_reduction_split_over_channel_chunks(num_splits, layout):
+    """The GPU launch splits the channel sum over programs; forced here on the interpreter."""
+    features, weight, labels = make_inputs((2, 150, 3, 4), 4, torch.float64, layout, seed=12)
+    got = cam_mod.channel_reduce_triton(features.detach(), cam_mod.MODE_CAM, weight=weight.detach(), labels=labels,
+                                        nwc=True, num_splits=num_splits)
+    want = cam_mod.cam_reduce_reference(features.detach(), weight.detach(), labels, nwc=True)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    grads = torch.randn(features.shape, dtype=torch.float64)
+    got = cam_mod.channel_reduce_triton(features.detach(), cam_mod.MODE_FLM, gradients=grads, num_splits=num_splits)
+    want = (grads.clamp_min(0) * features.detach().clamp_min(0)).sum(1)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unnormalised_and_feature_resolution(backend):
     features, weight, labels = make_inputs((2, 4, 3, 5), 3, torch.float32, seed=2)

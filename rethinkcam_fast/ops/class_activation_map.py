@@ -54,13 +54,16 @@ MODE_FLM = 1
 @triton.jit
 def _channel_reduce_kernel(
     A_ptr, W_ptr, Labels_ptr, G_ptr, Out_ptr,
-    K, S, a_stride_n, a_stride_k, a_stride_s, w_stride_c, w_stride_k, g_stride_n, g_stride_k, g_stride_s,
+    K, S, K_CHUNK, a_stride_n, a_stride_k, a_stride_s, w_stride_c, w_stride_k, g_stride_n, g_stride_k, g_stride_s,
     MODE: tl.constexpr, NWC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
     """M[n, s] = sum_k W'[y_n, k] A[n, k, s] (CAM) or sum_k relu(G) relu(A) (FLM); one program per
-    (image, block of BLOCK_S positions), looping over channels."""
+    (image, block of BLOCK_S positions, chunk of K_CHUNK channels), looping over its channels; chunk
+    c writes its partial sums to Out[c] (the launcher sums them in a fixed order)."""
     n = tl.program_id(0)
     s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    chunk = tl.program_id(2)
+    k_stop = tl.minimum(chunk * K_CHUNK + K_CHUNK, K)
     s_mask = s < S
     k_idx = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_S], ACC)
@@ -68,13 +71,13 @@ def _channel_reduce_kernel(
     g_base = G_ptr + n.to(tl.int64) * g_stride_n
     if MODE == 0:
         w_base = W_ptr + tl.load(Labels_ptr + n).to(tl.int64) * w_stride_c
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(chunk * K_CHUNK, k_stop, BLOCK_K):
         k = k0 + k_idx
-        mask = (k[:, None] < K) & s_mask[None, :]
+        mask = (k[:, None] < k_stop) & s_mask[None, :]
         a = tl.load(a_base + k[:, None].to(tl.int64) * a_stride_k + s[None, :] * a_stride_s, mask=mask, other=0.0)
         a = a.to(ACC)
         if MODE == 0:
-            wk = tl.load(w_base + k * w_stride_k, mask=k < K, other=0.0).to(ACC)
+            wk = tl.load(w_base + k * w_stride_k, mask=k < k_stop, other=0.0).to(ACC)
             if NWC:
                 wk = tl.where(wk > 0.0, wk, 0.0)
             acc += tl.sum(wk[:, None] * a, axis=0)
@@ -83,7 +86,7 @@ def _channel_reduce_kernel(
             g = g.to(ACC)
             # relu as where(x > 0, x, 0): NaN maps to 0 the same way on the GPU and in the interpreter.
             acc += tl.sum(tl.where(g > 0.0, g, 0.0) * tl.where(a > 0.0, a, 0.0), axis=0)
-    tl.store(Out_ptr + n * S + s, acc, mask=s_mask)
+    tl.store(Out_ptr + chunk.to(tl.int64) * tl.num_programs(0) * S + n * S + s, acc, mask=s_mask)
 
 
 @triton.jit
@@ -117,17 +120,30 @@ def tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _channel_splits(programs: int, k: int, block_k: int, device: torch.device) -> int:
+    """Channel chunks per (image, position block), a power of two: enough programs to fill the GPU
+    (about 4 per SM) when images x position blocks alone cannot; 1 on the CPU interpreter."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = triton.cdiv(4 * sms, max(programs, 1))
+    return max(1, min(triton.next_power_of_2(wanted), 32, triton.next_power_of_2(triton.cdiv(k, block_k))))
+
+
 def channel_reduce_triton(
     features: Tensor, mode: int, weight: Tensor | None = None, labels: Tensor | None = None,
-    gradients: Tensor | None = None, nwc: bool = False,
+    gradients: Tensor | None = None, nwc: bool = False, num_splits: int | None = None,
 ) -> Tensor:
-    """Triton forward reduction: ``M[N, h, w]`` (acc dtype) for ``MODE_CAM`` or ``MODE_FLM``."""
+    """Triton forward reduction: ``M[N, h, w]`` (acc dtype) for ``MODE_CAM`` or ``MODE_FLM``.
+
+    ``num_splits`` forces the number of channel chunks reduced by separate programs (default: from
+    the device's SM count, 1 on the CPU interpreter); their partial sums are added in a fixed order.
+    """
     n, k, h, w = features.shape
     s = h * w
     acc = acc_dtype(features, *(t for t in (weight, gradients) if t is not None))
-    out = torch.empty((n, h, w), dtype=acc, device=features.device)
-    if out.numel() == 0:
-        return out.zero_()
+    if n * s == 0:
+        return torch.zeros((n, h, w), dtype=acc, device=features.device)
     a, a_sn, a_sk, a_ss = flat_spatial(features)
     if mode == MODE_CAM:
         g, g_sn, g_sk, g_ss = a, 0, 0, 0  # unused
@@ -138,11 +154,15 @@ def channel_reduce_triton(
     channels_last = a_sk == 1 and k > 1
     block_s = min(triton.next_power_of_2(s), 32 if channels_last else 128)
     block_k = max(1, min(triton.next_power_of_2(k), 4096 // block_s, 64))
-    _channel_reduce_kernel[(n, triton.cdiv(s, block_s))](
-        a, wt, lab, g, out, k, s, a_sn, a_sk, a_ss, w_sc, w_sk, g_sn, g_sk, g_ss,
+    s_blocks = triton.cdiv(s, block_s)
+    splits = num_splits or _channel_splits(n * s_blocks, k, block_k, features.device)
+    k_chunk = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    out = torch.empty((splits, n, h, w), dtype=acc, device=features.device)
+    _channel_reduce_kernel[(n, s_blocks, splits)](
+        a, wt, lab, g, out, k, s, k_chunk, a_sn, a_sk, a_ss, w_sc, w_sk, g_sn, g_sk, g_ss,
         MODE=mode, NWC=nwc, BLOCK_K=block_k, BLOCK_S=block_s, ACC=tl_acc(acc),
     )
-    return out
+    return out.sum(dim=0) if splits > 1 else out[0]
 
 
 def cam_reduce_backward_triton(
