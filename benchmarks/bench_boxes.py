@@ -13,13 +13,41 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _common import bench_device, device_name
+import os
 
-from rethinkcam_fast import best_box_ious, boxes_from_cams, cam_curve_thresholds, protocol_thresholds
+from _common import device_name, synchronize
+
+from rethinkcam_fast import _native, best_box_ious, boxes_from_cams, cam_curve_thresholds, protocol_thresholds
+from rethinkcam_fast.ops.level_jobs import GPU_BOXES_ENV
 
 cv2 = pytest.importorskip("cv2")
 RUN_INFO = {"device": device_name(torch.device("cpu")), "torch": torch.__version__}
 BATCH = 8
+GPU_BATCH = 256  # the CUDA level-job kernel needs many jobs in flight
+PROVIDERS = ["opencv-loop", "ours-1-thread", "ours-all-threads", "ours-gpu"]
+
+
+def _gpu_fn(call, cams: torch.Tensor):
+    """The CUDA level-job kernel (opt-in through its environment switch) on GPU_BATCH maps on the device;
+    skips without a GPU."""
+    if not torch.cuda.is_available() or _native.cuda_module() is None:
+        pytest.skip("needs a CUDA device and the CUDA extension")
+    device = torch.device("cuda")
+    maps = cams.repeat((GPU_BATCH + len(cams) - 1) // len(cams), 1, 1)[:GPU_BATCH].to(device)
+
+    def fn():
+        previous = os.environ.get(GPU_BOXES_ENV)
+        os.environ[GPU_BOXES_ENV] = "1"
+        try:
+            call(maps)
+            synchronize(device)
+        finally:
+            if previous is None:
+                os.environ.pop(GPU_BOXES_ENV)
+            else:
+                os.environ[GPU_BOXES_ENV] = previous
+
+    return fn
 
 
 def _smooth_maps(n: int) -> torch.Tensor:
@@ -34,7 +62,7 @@ def _thresholds(count: int) -> torch.Tensor:
     return (torch.arange(count, dtype=torch.float64) / count * 255).long()
 
 
-@pytest.mark.parametrize("provider", ["opencv-loop", "ours-1-thread", "ours-all-threads"])
+@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("count", [1, 100, 256, 1000])
 def test_largest_box(benchmark, provider, count):
     cams = _smooth_maps(BATCH)
@@ -50,6 +78,10 @@ def test_largest_box(benchmark, provider, count):
                     cv2.boundingRect(max(contours, key=cv2.contourArea))
 
         per_call = 1
+    elif provider == "ours-gpu":
+        fn = _gpu_fn(lambda maps: boxes_from_cams(maps, table.repeat(len(maps), 1).to(maps.device), "largest",
+                                                  validate=False), cams)
+        per_call = GPU_BATCH
     else:
         batch_table = table.repeat(BATCH, 1)
         threads = _threads(provider)
@@ -74,7 +106,7 @@ def _threads(provider: str) -> int:
     return 1 if provider.endswith("1-thread") else torch.get_num_threads()
 
 
-@pytest.mark.parametrize("provider", ["opencv-loop", "ours-1-thread", "ours-all-threads"])
+@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("multi_contour", [True, False], ids=["all-contours", "largest-contour"])
 @pytest.mark.parametrize("interval", [0.01, 0.001])
 def test_best_box_ious(benchmark, provider, multi_contour, interval):
@@ -110,6 +142,16 @@ def test_best_box_ious(benchmark, provider, multi_contour, interval):
                 best.append((inter / (area_a[:, None] + area_b[None, :] - inter)).max())
 
         per_call = 1
+    elif provider == "ours-gpu":
+        thresholds = cam_curve_thresholds(interval)
+
+        def call(maps):
+            table = protocol_thresholds(maps, thresholds)
+            best_box_ious(maps, table, gt.repeat(len(maps), 1).to(maps.device),
+                          torch.arange(0, 2 * len(maps) + 1, 2, device=maps.device), multi_contour, validate=False)
+
+        fn = _gpu_fn(call, cams)
+        per_call = GPU_BATCH
     else:
         batch_gt = gt.repeat(BATCH, 1)
         offsets = torch.arange(0, 2 * BATCH + 1, 2)

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="which kernels (native, CUDA, Triton) are live here")
     info.set_defaults(func=_cmd_info)
+
+    from .evaluation.cli import add_evaluate_commands
+
+    add_evaluate_commands(sub)
     return parser
 
 

@@ -23,6 +23,7 @@ from rethinkcam_fast import (
     protocol_thresholds,
 )
 from rethinkcam_fast.ops.box_ious import best_box_ious_reference
+from rethinkcam_fast.ops.level_jobs import GPU_BOXES_ENV, level_jobs
 from rethinkcam_fast.ops.boxes import TREE_MIN_LEVELS
 
 cv2 = pytest.importorskip("cv2")
@@ -235,3 +236,79 @@ def test_bad_input_raises_clear_errors():
         best_box_ious(bad, 0, gt, offsets)
     with pytest.raises(TypeError, match="floating dtype"):
         best_box_ious(cams.long(), 0, gt, offsets)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_maps_give_the_cpu_result_on_the_device():
+    rng = np.random.default_rng(9)
+    cams = multilevel_maps(rng, 3, 33, 29, 4)
+    table = protocol_thresholds(cams, cam_curve_thresholds(0.01))
+    gt, offsets = random_gt(rng, [1, 2, 1], 33, 29)
+    for multi in (True, False):
+        cpu = best_box_ious(cams, table, gt, offsets, multi)
+        gpu = best_box_ious(cams.cuda(), table.cuda(), gt.cuda(), offsets.cuda(), multi)
+        assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+    assert torch.equal(protocol_thresholds(cams.cuda(), cam_curve_thresholds(0.01)).cpu(), table)
+    assert torch.equal(boxes_from_cams(cams.cuda(), table.cuda()).cpu(), boxes_from_cams(cams, table))
+
+
+def emulated_matches_cpu(cams: torch.Tensor, table: torch.Tensor, gt, offsets, block_threads: int) -> None:
+    """The CUDA level-job kernel's code, run phase by phase on the CPU, equals the CPU kernels."""
+    levels = (cams * 255).to(torch.uint8).contiguous()
+    n, height, width = levels.shape
+    for multi in (True, False):
+        iou, xywh = level_jobs(levels, table, gt, offsets, multi, emulate=True, block_threads=block_threads)
+        assert torch.equal(iou, best_box_ious(cams, table, gt, offsets, multi)), multi
+        if not multi:
+            traced = torch.zeros((n, table.shape[1], 4), dtype=torch.int64)
+            rethinkcam_fast._native.cpu_module().contour_largest_boxes(
+                levels.data_ptr(), table.contiguous().data_ptr(), traced.data_ptr(), n, height, width,
+                table.shape[1], 1)
+            assert torch.equal(xywh, traced)
+
+
+@requires_tree
+@pytest.mark.parametrize("block_threads", [1, 7, 64])
+@pytest.mark.parametrize("seed", range(4))
+def test_gpu_level_job_code_emulated(seed, block_threads):
+    rng = np.random.default_rng(100 + seed)
+    height, width = int(rng.integers(1, 26)), int(rng.integers(1, 26))
+    if seed % 2:
+        cams = multilevel_maps(rng, 3, height, width, int(rng.integers(2, 6)))
+    else:
+        cams = torch.from_numpy((rng.random((3, height, width)) < 0.5).astype(np.float32))
+    table = torch.from_numpy(rng.integers(0, 256, size=(3, 10)))
+    table[:, :3] = torch.tensor([0, 85, 254])
+    gt, offsets = random_gt(rng, [1, 2, 1], height, width)
+    emulated_matches_cpu(cams, table, gt, offsets, block_threads)
+
+
+@requires_tree
+def test_gpu_level_job_code_emulated_on_adversarial_shapes():
+    masks = adversarial_masks()
+    cams = torch.from_numpy(masks.astype(np.float32))
+    gt, offsets = random_gt(np.random.default_rng(3), [1] * len(masks), *masks.shape[1:])
+    emulated_matches_cpu(cams, torch.tensor([[0, 254]] * len(masks)), gt, offsets, block_threads=5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(rethinkcam_fast._native.cuda_module() is None, reason="CUDA extension not built")
+@pytest.mark.parametrize("interval", [0.01, 0.001])
+def test_cuda_level_jobs_equal_the_cpu_kernels(monkeypatch, interval):
+    """The CUDA kernel itself (opt-in until verified here): identical IoUs and boxes to the CPU."""
+    monkeypatch.setenv(GPU_BOXES_ENV, "1")
+    rng = np.random.default_rng(21)
+    gen = torch.Generator().manual_seed(21)
+    low = torch.rand((6, 1, 7, 7), generator=gen)
+    up = torch.nn.functional.interpolate(low, size=(224, 224), mode="bicubic", align_corners=False)[:, 0]
+    smooth = ((up - up.amin((1, 2), keepdim=True)) / (up.amax((1, 2), keepdim=True) - up.amin((1, 2), keepdim=True)))
+    cams = torch.cat([smooth.clamp(0, 1), multilevel_maps(rng, 4, 224, 224, 4)])
+    table = protocol_thresholds(cams, cam_curve_thresholds(interval))
+    gt, offsets = random_gt(rng, [1, 2] * 5, 224, 224)
+    for multi in (True, False):
+        cpu = best_box_ious(cams, table, gt, offsets, multi)
+        gpu = best_box_ious(cams.cuda(), table.cuda(), gt.cuda(), offsets.cuda(), multi)
+        assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu), multi
+    assert torch.equal(boxes_from_cams(cams.cuda(), table.cuda()).cpu(), boxes_from_cams(cams, table))

@@ -12,6 +12,7 @@
 
 #include "component_tree.h"
 #include "contours.h"
+#include "level_jobs_emulated.h"
 #include "levels.h"
 #include "tap.h"
 
@@ -162,4 +163,22 @@ PYBIND11_MODULE(_C, m) {
       "out: uint8 [count] <- trunc(255 * x) in the accumulation type (float64 for float64 x,\n"
       "float32 otherwise), clamped to 0..255 (NaN -> 0).  x: contiguous, dtype 0=f32, 1=f64, 2=f16,\n"
       "3=bf16.");
+
+  m.def(
+      "emulate_level_jobs",
+      [](uintptr_t levels_ptr, int64_t N, int64_t H, int64_t W, uintptr_t jobs_ptr, int64_t J,
+         uintptr_t gt_boxes_ptr, uintptr_t gt_offsets_ptr, bool multi_contour, int64_t block_threads,
+         uintptr_t iou_ptr, uintptr_t xywh_ptr, uintptr_t needs_trace_ptr) {
+        rcam::cpu::emulate_level_jobs(as_ptr<const uint8_t>(levels_ptr), N, H, W, as_ptr<const int32_t>(jobs_ptr), J,
+                                      as_ptr<const int64_t>(gt_boxes_ptr), as_ptr<const int64_t>(gt_offsets_ptr),
+                                      multi_contour, block_threads, as_ptr<double>(iou_ptr),
+                                      as_ptr<int64_t>(xywh_ptr), as_ptr<int32_t>(needs_trace_ptr));
+      },
+      py::arg("levels_ptr"), py::arg("N"), py::arg("H"), py::arg("W"), py::arg("jobs_ptr"), py::arg("J"),
+      py::arg("gt_boxes_ptr"), py::arg("gt_offsets_ptr"), py::arg("multi_contour"), py::arg("block_threads"),
+      py::arg("iou_ptr"), py::arg("xywh_ptr"), py::arg("needs_trace_ptr"),
+      py::call_guard<py::gil_scoped_release>(),
+      "The CUDA level-job kernel's code run on the CPU, each phase thread by thread (for tests):\n"
+      "jobs int32 [J, 2] (image, threshold) -> iou float64 [J], xywh int64 [J, 4] (largest mode),\n"
+      "needs_trace int32 [J] (a shared maximum area: trace the level for OpenCV's order).");
 }

@@ -28,6 +28,7 @@ from torch import Tensor
 from .. import _native
 from .._validation import check_float_dtype, check_tensor, check_unit_maps
 from .boxes import _thresholds_2d, boxes_from_cams
+from .level_jobs import gpu_level_jobs_enabled, level_jobs
 from .percentile_threshold import host_levels, scaled_levels
 
 
@@ -156,6 +157,11 @@ def best_box_ious(
     gt, offsets = _check_gt(gt_boxes, gt_offsets, n)
     if validate:
         check_unit_maps("cams", cams)
+    if gpu_level_jobs_enabled(cams):
+        levels = scaled_levels(cams, torch.uint8)
+        out = level_jobs(levels, table.to(cams.device), gt.to(cams.device), offsets.to(cams.device),
+                         multi_contour)[0]
+        return out[:, 0] if single else out
     levels = host_levels(cams)
     module = _native.cpu_module()
     if module is not None and hasattr(module, "threshold_box_ious"):

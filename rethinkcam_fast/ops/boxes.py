@@ -29,7 +29,8 @@ from torch import Tensor
 
 from .. import _native
 from .._validation import check_float_dtype, check_tensor, check_unit_maps
-from .percentile_threshold import host_levels
+from .level_jobs import gpu_level_jobs_enabled, level_jobs
+from .percentile_threshold import host_levels, scaled_levels
 
 MODES = ("largest", "all")
 CONVENTIONS = ("wsol", "exact")
@@ -154,6 +155,8 @@ def _largest_xywh(levels: Tensor, table: Tensor) -> Tensor:
     and the boxes are gathered back, which changes nothing in the result. With many distinct levels
     the native component trees (``csrc/cpu/component_tree.cpp``) read them all off one pass instead.
     """
+    if table.shape[1] == 1:  # one threshold per image (PaS): nothing repeats
+        return _largest_xywh_traced(levels, table)
     distinct, inverse = torch.unique(table, return_inverse=True)
     module = _native.cpu_module()
     if distinct.numel() >= TREE_MIN_LEVELS and module is not None and hasattr(module, "tree_largest_boxes"):
@@ -222,6 +225,12 @@ def boxes_from_cams(
     table, single = _thresholds_2d(thresholds, n)
     if validate:
         check_unit_maps("cams", cams)
+    if mode == "largest" and gpu_level_jobs_enabled(cams):
+        no_gt = torch.zeros((n, 4), dtype=torch.int64, device=cams.device)  # IoUs are not wanted here
+        xywh = level_jobs(scaled_levels(cams, torch.uint8), table.to(cams.device), no_gt,
+                          torch.arange(n + 1, device=cams.device), multi_contour=False)[1]
+        boxes = _to_convention(xywh, height, width, convention)
+        return boxes[:, 0] if single else boxes
     # trunc(255·x) straight to uint8 (values are in [0, 1]), then to the host for the C++ kernel.
     levels = host_levels(cams)
     if mode == "largest":

@@ -1,0 +1,164 @@
+"""``rethinkcam evaluate`` (saved score maps) and ``rethinkcam evaluate-model`` (a model, no files).
+
+Both print a table; with ``--json`` the last stdout line is one JSON object (``MaxBoxAcc`` per δ,
+``MaxBoxAccV2``, ... for boxes; ``PxAP`` for masks). Under ``torchrun`` every rank evaluates its shard,
+the counters are all-reduced and rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from ..cli import _positive_int
+from .metadata import DATASETS
+
+
+def _percentage(text: str) -> float | int:
+    value = float(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"IoU thresholds are percentages in [0, 100], got {text}")
+    return int(value) if value.is_integer() else value
+
+
+def _interval(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
+    return value
+
+
+def _add_protocol_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metadata-root", required=True, help="holds <dataset>/<split>/{image_ids,...}.txt")
+    parser.add_argument("--mask-root", help="PNG masks (OpenImages): paths relative to it or to <it>/OpenImages")
+    parser.add_argument("--dataset-name", required=True, choices=DATASETS)
+    parser.add_argument("--split", required=True, help="e.g. val or test")
+    parser.add_argument("--cam-curve-interval", type=_interval, default=0.001,
+                        help="CAM thresholds np.arange(0, 1, interval) (default 0.001: 1,000 thresholds)")
+    parser.add_argument("--iou-thresholds", type=_percentage, nargs="+", default=[30, 50, 70],
+                        help="IoU thresholds δ in percent (default 30 50 70)")
+    parser.add_argument("--multi-contour", action=argparse.BooleanOptionalAction, default=True,
+                        help="boxes of every contour (MaxBoxAccV2, default) or of the largest only (MaxBoxAcc v1)")
+    parser.add_argument("--json", action="store_true", help="end with one line of JSON on stdout")
+
+
+def add_evaluate_commands(sub: Any) -> None:
+    """Register ``evaluate`` and ``evaluate-model`` on the ``rethinkcam`` subparsers."""
+    evaluate = sub.add_parser("evaluate", help="WSOL metrics (MaxBoxAcc, MaxBoxAccV2, PxAP) of saved score maps")
+    evaluate.add_argument("--scoremap-root", required=True, help="holds <image_id>.npy score maps in [0, 1]")
+    _add_protocol_flags(evaluate)
+    evaluate.add_argument("--resume", metavar="FILE", help="keep the state here after every batch; continue from it")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    model = sub.add_parser("evaluate-model", help="WSOL metrics of a model's CAMs, computed on the fly")
+    model.add_argument("--model", required=True, help="MODULE:CALLABLE or FILE.py:CALLABLE returning the nn.Module")
+    model.add_argument("--checkpoint", help="state_dict to load (torch.load with weights_only=True)")
+    model.add_argument("--data-root", required=True, help="holds the images <image_id>")
+    _add_protocol_flags(model)
+    model.add_argument("--method", default="cam", help="CAM method (cam, gradcam, gradcam++, layercam, fullycam)")
+    model.add_argument("--target-layer", help="module name of the layer to explain (default: the last conv-like)")
+    model.add_argument("--image-size", type=_positive_int, default=224, help="images are resized to this square")
+    model.add_argument("--batch-size", type=_positive_int, default=32)
+    model.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    model.set_defaults(func=_cmd_evaluate_model)
+
+
+def format_metrics(metrics: Any, title: str) -> str:
+    """The readable table of a :class:`BoxMetrics` or :class:`MaskMetrics`."""
+    result = metrics.to_dict()
+    lines = [title]
+    if "PxAP" in result:
+        lines.append(f"PxAP %: {result['PxAP']:.4f}")
+        return "\n".join(lines)
+    columns = ["IoU δ %", "MaxBoxAcc %", "best CAM threshold"]
+    top1 = "Top-1 Loc" in result
+    if top1:
+        columns += ["GT-known Loc %", "Top-1 Loc %"]
+    lines.append("  ".join(f"{c:>18}" for c in columns))
+    for key, value in result["MaxBoxAcc"].items():
+        cells = [key, f"{value:.4f}", f"{result['best_cam_threshold'][key]:.4f}"]
+        if top1:
+            cells += [f"{result['GT-known Loc'][key]:.4f}", f"{result['Top-1 Loc'][key]:.4f}"]
+        lines.append("  ".join(f"{c:>18}" for c in cells))
+    lines.append(f"MaxBoxAccV2 (mean over δ) %: {result['MaxBoxAccV2']:.4f}")
+    if top1:
+        lines.append(f"Top-1 Cls %: {result['Top-1 Cls']:.4f}")
+    return "\n".join(lines)
+
+
+def _report(args: argparse.Namespace, metrics: Any, seconds: float, world: int, device: Any) -> None:
+    result = metrics.to_dict()
+    contours = "" if "PxAP" in result else (", all contours" if args.multi_contour else ", largest contour")
+    title = (f"rethinkcam {args.command}: {args.dataset_name}/{args.split}, {metrics.num_images} images, "
+             f"interval {args.cam_curve_interval:g}{contours}, {world} process{'es' if world > 1 else ''} on {device.type}, "
+             f"{seconds:.2f} s ({metrics.num_images / max(seconds, 1e-9):.0f} img/s)")
+    print(format_metrics(metrics, title))
+    if args.json:
+        extra = {"dataset": args.dataset_name, "split": args.split, "world_size": world, "seconds": round(seconds, 4)}
+        print(json.dumps({**result, **extra}), flush=True)
+
+
+def _run(args: argparse.Namespace, evaluate: Any) -> int:
+    from .distributed import init_from_env, rank_and_world, shutdown
+    from .metadata import MetadataError
+
+    try:
+        device, created = init_from_env()
+    except (RuntimeError, ValueError) as exc:
+        print(f"rethinkcam {args.command}: error: cannot join the distributed job: {exc}", file=sys.stderr)
+        return 1
+    try:
+        start = time.perf_counter()
+        metrics = evaluate(device)
+        rank, world = rank_and_world()
+        if rank == 0:
+            _report(args, metrics, time.perf_counter() - start, world, device)
+        return 0
+    except (MetadataError, ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+        print(f"rethinkcam {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown(created)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .scoremaps import evaluate_scoremaps
+
+    def evaluate(device: Any) -> Any:
+        return evaluate_scoremaps(
+            args.scoremap_root, args.metadata_root, args.dataset_name, args.split, mask_root=args.mask_root,
+            cam_curve_interval=args.cam_curve_interval, iou_thresholds=args.iou_thresholds,
+            multi_contour=args.multi_contour, device=device, resume=args.resume, progress=True)
+
+    return _run(args, evaluate)
+
+
+def _cmd_evaluate_model(args: argparse.Namespace) -> int:
+    def evaluate(device: Any) -> Any:
+        import torch
+
+        from ..engine import CAMEngine
+        from .distributed import rank_and_world
+        from .metadata import load_metadata
+        from .model import WSOLImageDataset, evaluate_model, load_model
+        from .scoremaps import make_evaluator
+
+        metadata = load_metadata(args.metadata_root, args.dataset_name, args.split)
+        evaluator = make_evaluator(metadata, cam_curve_interval=args.cam_curve_interval,
+                                   iou_thresholds=args.iou_thresholds, multi_contour=args.multi_contour,
+                                   mask_root=args.mask_root, device=device)
+        model = load_model(args.model, args.checkpoint).to(device).eval()
+        engine = CAMEngine(model, args.method, args.target_layer, boxes=False, warn_degenerate=False)
+        dataset = WSOLImageDataset(args.data_root, metadata, args.image_size)
+        rank, world = rank_and_world()
+        shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))  # no padding duplicates
+        loader = torch.utils.data.DataLoader(shard, batch_size=args.batch_size, num_workers=args.num_workers)
+        return evaluate_model(engine, loader, evaluator, device=device, progress=rank == 0)
+
+    return _run(args, evaluate)
+
+
+__all__ = ["add_evaluate_commands", "format_metrics"]

@@ -1,0 +1,252 @@
+"""Metadata of the standard WSOL layout (wsolevaluation): ``<metadata_root>/<dataset>/<split>/*.txt``.
+
+Files of one split (one record per line, comma separated, no header):
+
+* ``image_ids.txt``: ``path`` — the split's images, in evaluation order.
+* ``class_labels.txt``: ``path,label``.
+* ``image_sizes.txt``: ``path,width,height`` of the original image.
+* ``localization.txt``: ``path,x0,y0,x1,y1`` per ground-truth box (several lines per image allowed;
+  inclusive pixel coordinates of the original image) — or, for masks (OpenImages),
+  ``path,mask.png,ignore.png`` per instance mask, the ignore mask on the image's first line only.
+
+Every malformed line raises :class:`MetadataError` naming ``file:line``; empty lines are skipped.
+GT boxes are scaled to the evaluation size exactly like the reference: ``int(x * new_w / w)`` in
+float64 (truncation), per coordinate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+DATASETS = ("CUB", "ILSVRC", "OpenImages")
+MASK_DATASETS = ("OpenImages",)
+
+
+class MetadataError(ValueError):
+    """A metadata file is missing, malformed or inconsistent; the message names ``file:line``."""
+
+
+def _records(path: str, fields: int, layout: str) -> Iterator[tuple[int, list[str]]]:
+    """``(line_number, fields)`` of every non-empty line of ``path``; exactly ``fields`` comma-separated fields."""
+    if not os.path.isfile(path):
+        raise MetadataError(f"{path}: metadata file not found")
+    with open(path, encoding="utf-8") as fh:
+        for number, raw in enumerate(fh, start=1):
+            line = raw.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.split(",")
+            if len(parts) != fields or not parts[0]:
+                raise MetadataError(f"{path}:{number}: expected {layout!r}, got {line!r}")
+            yield number, parts
+
+
+def _parse_int(path: str, number: int, text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise MetadataError(f"{path}:{number}: {what} must be an integer, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class WSOLMetadata:
+    """One split's metadata.
+
+    Attributes:
+        directory: the split's directory (``<metadata_root>/<dataset>/<split>``).
+        image_ids: the split's image ids, in file order.
+        localization: ``"boxes"`` or ``"masks"``.
+        class_labels: ``{image_id: label}`` (``None`` when ``class_labels.txt`` is absent).
+        image_sizes: ``{image_id: (width, height)}`` (``None`` when ``image_sizes.txt`` is absent; boxes need it).
+        boxes: ``{image_id: int64 array [k, 4]}`` original-image boxes ``(x0, y0, x1, y1)``, for ``"boxes"``.
+        mask_paths: ``{image_id: (mask, ...)}`` paths relative to the mask root, for ``"masks"``.
+        ignore_paths: ``{image_id: path or None}``, for ``"masks"``.
+    """
+
+    directory: str
+    image_ids: tuple[str, ...]
+    localization: str
+    class_labels: dict[str, int] | None = None
+    image_sizes: dict[str, tuple[int, int]] | None = None
+    boxes: dict[str, np.ndarray] | None = None
+    mask_paths: dict[str, tuple[str, ...]] | None = None
+    ignore_paths: dict[str, str | None] | None = None
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def fingerprint(self) -> str:
+        """A short hash of the split's image ids (in order): resumed runs check it."""
+        digest = hashlib.sha1("\n".join(self.image_ids).encode("utf-8"))
+        return digest.hexdigest()[:16]
+
+    def labels_of(self, image_ids: Sequence[str]) -> Tensor:
+        """``LongTensor[N]``: the class labels of ``image_ids``."""
+        if self.class_labels is None:
+            raise MetadataError(f"{os.path.join(self.directory, 'class_labels.txt')}: metadata file not found")
+        return torch.tensor([self.class_labels[i] for i in _known(self, image_ids)], dtype=torch.int64)
+
+    def resized_boxes(self, image_ids: Sequence[str], size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """GT boxes of ``image_ids`` scaled to a ``size = (height, width)`` evaluation grid.
+
+        Returns:
+            ``(LongTensor[G, 4], LongTensor[N + 1])``: the boxes ``(x0, y0, x1, y1)``, and offsets such
+            that image ``n``'s boxes are ``boxes[offsets[n]:offsets[n + 1]]``.
+        """
+        if self.boxes is None:
+            raise MetadataError(f"{self.directory}: this split has masks, not boxes")
+        table, starts, counts = self._resized_table((int(size[0]), int(size[1])))
+        rows = [self._row[i] for i in _known(self, image_ids)]
+        picked = [np.arange(starts[r], starts[r] + counts[r]) for r in rows]
+        index = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts[rows], dtype=np.int64)]) if rows else np.zeros(1, np.int64)
+        return torch.from_numpy(table[index]), torch.from_numpy(offsets.astype(np.int64))
+
+    @property
+    def _row(self) -> dict[str, int]:
+        if "row" not in self._cache:
+            self._cache["row"] = {image_id: n for n, image_id in enumerate(self.image_ids)}
+        return self._cache["row"]
+
+    def _resized_table(self, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every box of the split scaled to ``size`` at once (cached per size)."""
+        if size not in self._cache:
+            boxes = [self.boxes[i] for i in self.image_ids]
+            counts = np.array([len(b) for b in boxes], dtype=np.int64)
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            original = np.concatenate(boxes).astype(np.float64)
+            wh = np.repeat(np.array([self.image_sizes[i] for i in self.image_ids], dtype=np.float64), counts, axis=0)
+            new_h, new_w = float(size[0]), float(size[1])
+            scaled = np.empty_like(original)
+            # x * new / old in float64, then int() truncation (all values are >= 0), as resize_bbox does.
+            scaled[:, 0::2] = original[:, 0::2] * new_w / wh[:, 0:1]
+            scaled[:, 1::2] = original[:, 1::2] * new_h / wh[:, 1:2]
+            self._cache[size] = (scaled.astype(np.int64), starts, counts)
+        return self._cache[size]
+
+
+def _known(metadata: WSOLMetadata, image_ids: Sequence[str]) -> Sequence[str]:
+    rows = metadata._row
+    for image_id in image_ids:
+        if image_id not in rows:
+            raise MetadataError(f"image {image_id!r} is not in {os.path.join(metadata.directory, 'image_ids.txt')}")
+    return image_ids
+
+
+def _read_image_ids(directory: str) -> tuple[str, ...]:
+    path = os.path.join(directory, "image_ids.txt")
+    seen: dict[str, int] = {}
+    for number, (image_id,) in _records(path, 1, "path"):
+        if image_id in seen:
+            raise MetadataError(f"{path}:{number}: image {image_id!r} already listed on line {seen[image_id]}")
+        seen[image_id] = number
+    return tuple(seen)
+
+
+def _read_class_labels(directory: str) -> dict[str, int]:
+    path = os.path.join(directory, "class_labels.txt")
+    labels = {}
+    for number, (image_id, label) in _records(path, 2, "path,label"):
+        value = _parse_int(path, number, label, "label")
+        if value < 0:
+            raise MetadataError(f"{path}:{number}: label must be >= 0, got {value}")
+        labels[image_id] = value
+    return labels
+
+
+def _read_image_sizes(directory: str) -> dict[str, tuple[int, int]]:
+    path = os.path.join(directory, "image_sizes.txt")
+    sizes = {}
+    for number, (image_id, width, height) in _records(path, 3, "path,width,height"):
+        w, h = _parse_int(path, number, width, "width"), _parse_int(path, number, height, "height")
+        if w <= 0 or h <= 0:
+            raise MetadataError(f"{path}:{number}: image size must be positive, got {w}x{h}")
+        sizes[image_id] = (w, h)
+    return sizes
+
+
+def _read_boxes(directory: str) -> dict[str, np.ndarray]:
+    path = os.path.join(directory, "localization.txt")
+    boxes: dict[str, list[tuple[int, int, int, int]]] = {}
+    for number, (image_id, *coords) in _records(path, 5, "path,x0,y0,x1,y1"):
+        x0, y0, x1, y1 = (_parse_int(path, number, c, name) for c, name in zip(coords, ("x0", "y0", "x1", "y1")))
+        if min(x0, y0, x1, y1) < 0:
+            raise MetadataError(f"{path}:{number}: box coordinates must be non-negative, got {(x0, y0, x1, y1)}")
+        if x1 < x0 or y1 < y0:
+            raise MetadataError(f"{path}:{number}: box must satisfy x0 <= x1 and y0 <= y1, got {(x0, y0, x1, y1)}")
+        boxes.setdefault(image_id, []).append((x0, y0, x1, y1))
+    return {image_id: np.array(b, dtype=np.int64).reshape(-1, 4) for image_id, b in boxes.items()}
+
+
+def _read_masks(directory: str) -> tuple[dict[str, tuple[str, ...]], dict[str, str | None]]:
+    path = os.path.join(directory, "localization.txt")
+    masks: dict[str, list[str]] = {}
+    ignores: dict[str, str | None] = {}
+    for number, (image_id, mask, ignore) in _records(path, 3, "path,mask.png,ignore.png"):
+        if not mask:
+            raise MetadataError(f"{path}:{number}: empty mask path for image {image_id!r}")
+        if image_id in masks:
+            if ignore:
+                raise MetadataError(f"{path}:{number}: image {image_id!r} has its ignore mask on an earlier line; "
+                                    "later lines must leave it empty")
+            masks[image_id].append(mask)
+        else:
+            masks[image_id] = [mask]
+            ignores[image_id] = ignore or None
+    return {k: tuple(v) for k, v in masks.items()}, ignores
+
+
+def _require(mapping: dict | None, image_ids: Sequence[str], path: str, what: str) -> None:
+    if mapping is None:
+        raise MetadataError(f"{path}: metadata file not found")
+    missing = [i for i in image_ids if i not in mapping]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise MetadataError(f"{path}: no {what} for image {missing[0]!r}{more}")
+
+
+def read_metadata(directory: str, localization: str = "boxes") -> WSOLMetadata:
+    """Read one split directory. ``localization``: ``"boxes"`` (``x0,y0,x1,y1`` lines) or ``"masks"``.
+
+    ``image_ids.txt`` and ``localization.txt`` are required (and ``image_sizes.txt`` for boxes);
+    every listed image must have its localization (and size). ``class_labels.txt`` is read when present.
+    """
+    if localization not in ("boxes", "masks"):
+        raise ValueError(f"localization must be 'boxes' or 'masks', got {localization!r}")
+    if not os.path.isdir(directory):
+        raise MetadataError(f"{directory}: metadata directory not found")
+    image_ids = _read_image_ids(directory)
+    labels_path = os.path.join(directory, "class_labels.txt")
+    labels = _read_class_labels(directory) if os.path.isfile(labels_path) else None
+    if labels is not None:
+        _require(labels, image_ids, labels_path, "class label")
+    local_path = os.path.join(directory, "localization.txt")
+    if localization == "boxes":
+        sizes_path = os.path.join(directory, "image_sizes.txt")
+        sizes = _read_image_sizes(directory) if os.path.isfile(sizes_path) else None
+        _require(sizes, image_ids, sizes_path, "size")
+        boxes = _read_boxes(directory)
+        _require(boxes, image_ids, local_path, "box")
+        return WSOLMetadata(directory, image_ids, "boxes", labels, sizes, boxes=boxes)
+    masks, ignores = _read_masks(directory)
+    _require(masks, image_ids, local_path, "mask")
+    return WSOLMetadata(directory, image_ids, "masks", labels, mask_paths=masks, ignore_paths=ignores)
+
+
+def load_metadata(metadata_root: str, dataset_name: str, split: str) -> WSOLMetadata:
+    """``<metadata_root>/<dataset_name>/<split>``: masks for OpenImages, boxes for CUB and ILSVRC."""
+    if dataset_name not in DATASETS:
+        raise ValueError(f"dataset_name must be one of {DATASETS}, got {dataset_name!r}")
+    localization = "masks" if dataset_name in MASK_DATASETS else "boxes"
+    return read_metadata(os.path.join(metadata_root, dataset_name, split), localization)
+
+
+__all__ = ["DATASETS", "MetadataError", "WSOLMetadata", "load_metadata", "read_metadata"]

@@ -1,0 +1,178 @@
+"""Evaluation straight from a model: CAMs from :class:`~rethinkcam_fast.CAMEngine`, accumulated on the
+device, no score map written anywhere.
+
+The maps are the ground-truth class's (``engine(images, targets=labels)``), so the box metrics are
+GT-known; the model's own top-1 prediction is read from the same forward pass (a hook on the model's
+output) and gives Top-1 Loc and Top-1 Cls.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from ..engine import CAMEngine
+from .box_evaluator import BoxEvaluator, BoxMetrics
+from .mask_evaluator import MaskEvaluator, MaskMetrics
+from .metadata import MetadataError, WSOLMetadata
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WSOLImageDataset(torch.utils.data.Dataset):
+    """A metadata split's images as the reference's evaluation transform gives them.
+
+    Each item is ``(image, label, image_id)``: ``image`` is ``Tensor[3, S, S]`` float32 — the file at
+    ``<data_root>/<image_id>`` converted to RGB, resized to ``S x S`` with PIL's bilinear filter (what
+    torchvision's ``Resize`` does to a PIL image), scaled to ``[0, 1]`` and normalised with the
+    ImageNet mean and std. The default ``DataLoader`` collate batches it.
+    """
+
+    def __init__(self, data_root: str, metadata: WSOLMetadata, image_size: int = 224,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        if metadata.class_labels is None:
+            raise MetadataError(f"{os.path.join(metadata.directory, 'class_labels.txt')}: metadata file not found")
+        if image_size < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        self.data_root = data_root
+        self.metadata = metadata
+        self.image_size = int(image_size)
+        self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+
+    def __len__(self) -> int:
+        return len(self.metadata.image_ids)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, str]:
+        from PIL import Image, UnidentifiedImageError
+
+        image_id = self.metadata.image_ids[index]
+        path = os.path.join(self.data_root, image_id)
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image {image_id!r} not found: {path}") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"image {image_id!r} cannot be read ({path}): {exc}") from None
+        pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
+        return (pixels - self.mean) / self.std, self.metadata.class_labels[image_id], image_id
+
+
+def collate_wsol(items: Sequence[tuple[Tensor, int, Any]]) -> tuple[Tensor, Tensor, list[Any]]:
+    """``DataLoader`` collate for ``(image, label, target)`` items whose targets are ragged (e.g. a
+    ``LongTensor[k, 4]`` of boxes per image): images stacked, labels a ``LongTensor[N]``, targets a list."""
+    images = torch.stack([item[0] for item in items])
+    labels = torch.as_tensor([int(item[1]) for item in items], dtype=torch.int64)
+    return images, labels, [item[2] for item in items]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def evaluate_model(
+    engine: CAMEngine,
+    batches: Iterable,
+    evaluator: BoxEvaluator | MaskEvaluator,
+    *,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    distributed: bool | None = None,
+) -> BoxMetrics | MaskMetrics:
+    """Run ``engine`` over ``batches`` and return the evaluator's metrics.
+
+    Args:
+        engine: a :class:`~rethinkcam_fast.CAMEngine` (``boxes=False`` spares the PaS boxes it would
+            otherwise cut and this function ignores). Its maps must come out at the evaluation size
+            (the images' size unless the engine has ``output_size``).
+        batches: an iterable of ``(images[N, C, H, W], labels[N], targets)`` — e.g. a ``DataLoader`` over
+            :class:`WSOLImageDataset`. ``targets`` are ``N`` image ids, resolved through the evaluator's
+            metadata, or (box evaluation) ``N`` box tensors ``[k, 4]`` in the maps' grid (see
+            :func:`collate_wsol`).
+        evaluator: accumulates; it keeps whatever it had before.
+        device: where images go (default: the model's parameters' device).
+        progress: show a progress bar.
+        distributed: all-reduce the counters over the default process group before computing
+            (default: when one is initialised). Each rank must feed its own shard of the data.
+    """
+    if not isinstance(engine, CAMEngine):
+        raise TypeError(f"engine must be a CAMEngine, got {type(engine).__name__}")
+    device = torch.device(device) if device is not None else _model_device(engine.model)
+    seen: list[Tensor] = []
+
+    def keep_logits(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        seen[:] = [output.detach()] if isinstance(output, Tensor) else []
+
+    handle = engine.model.register_forward_hook(keep_logits)
+    try:
+        for images, labels, targets in tqdm(batches, unit="batch", disable=None if progress else True):
+            images = images.to(device)
+            labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
+            result = engine(images, targets=labels)
+            if not seen:
+                raise ValueError("the model's forward did not return a logits tensor")
+            predictions = seen[0].argmax(dim=1)
+            if all(isinstance(t, str) for t in targets):
+                if isinstance(evaluator, BoxEvaluator):
+                    evaluator.update(result.cams, image_ids=list(targets), labels=labels, predictions=predictions)
+                else:
+                    evaluator.update(result.cams, image_ids=list(targets))
+            elif isinstance(evaluator, BoxEvaluator):
+                evaluator.update(result.cams, list(targets), labels=labels, predictions=predictions)
+            else:
+                raise TypeError("mask evaluation from a model takes image ids as targets")
+    finally:
+        handle.remove()
+    total = evaluator.clone()
+    if distributed is None:
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:
+        total.all_reduce()
+    return total.compute()
+
+
+def load_model(spec: str, checkpoint: str | None = None) -> nn.Module:
+    """Build a model from ``MODULE:CALLABLE`` or ``path/to/file.py:CALLABLE`` (called without arguments,
+    or an ``nn.Module`` object itself), then load a ``state_dict`` checkpoint (plain, or under a
+    ``"state_dict"`` / ``"model"`` key) with ``torch.load(weights_only=True)``."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise ValueError(f"--model must be MODULE:CALLABLE or FILE.py:CALLABLE, got {spec!r}")
+    if target.endswith(".py"):
+        if not os.path.isfile(target):
+            raise FileNotFoundError(f"model file not found: {target}")
+        module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(target))[0], target)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    if not hasattr(module, name):
+        raise ValueError(f"{target} has no attribute {name!r}")
+    factory = getattr(module, name)
+    model = factory if isinstance(factory, nn.Module) else factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{spec} gave a {type(model).__name__}, not an nn.Module")
+    if checkpoint is not None:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        model.load_state_dict(state)
+    return model
+
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "WSOLImageDataset", "collate_wsol", "evaluate_model", "load_model"]

@@ -1,0 +1,444 @@
+"""Streaming localization: CAMs and PaS boxes for a stream of frames, in order, with bounded latency.
+
+Data flow per batch of frames::
+
+    decode (OpenCV, a background thread, bounded queue)  ->  uint8 HWC frames on the host
+    -> pinned host buffer -> device (non-blocking)  ->  float, normalise, resize to the model's input
+    -> CAMEngine (any method; optional bf16 autocast) -> maps at the frame's own size -> PaS -> box
+    -> FrameResult per frame, in input order
+
+Frames are grouped into batches of at most ``batch_size`` frames of one size, so a result is never
+more than ``batch_size - 1`` frames late, and a frame of another size mid-stream simply starts a new
+batch. Memory is bounded by the decode queue and one batch, whatever the length of the input.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .engine import CAMEngine
+from .ops.boxes import boxes_from_cams
+from .ops.percentile_threshold import percentile_threshold
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class FrameResult:
+    """One frame's localization.
+
+    Attributes:
+        index: position of the frame in the stream (0-based).
+        label: the class explained (top-1 unless a target was given).
+        score: its logit.
+        box: ``(x0, y0, x1, y1)`` inclusive pixel extents in the frame's own coordinates, from the
+            largest contour above the PaS threshold; ``(0, 0, 0, 0)`` when the map is empty.
+        cam: the map ``Tensor[H, W]`` in ``[0, 1]`` at the frame's size (on the device), when
+            ``keep_cams=True``; else ``None``.
+    """
+
+    index: int
+    label: int
+    score: float
+    box: tuple[int, int, int, int]
+    cam: Tensor | None = None
+
+    def as_json(self) -> dict:
+        return {"frame": self.index, "label": self.label, "score": self.score, "box": list(self.box)}
+
+
+def _require_cv2():
+    try:
+        import cv2
+    except ImportError as exc:  # pragma: no cover - OpenCV is a test dependency
+        raise ImportError("video input/output needs OpenCV: pip install opencv-python-headless") from exc
+    return cv2
+
+
+class VideoReadError(RuntimeError):
+    """A video source that cannot be opened or decoded."""
+
+
+@dataclass
+class DecodeReport:
+    """What a stream delivered: frames decoded (by :func:`read_frames`), the count the container
+    announced, its frame rate, and the frames localized."""
+
+    frames_read: int = 0
+    frames_announced: int | None = None
+    fps: float | None = None
+    frames_processed: int = 0
+
+    @property
+    def truncated(self) -> bool:
+        return self.frames_announced is not None and 0 < self.frames_read < self.frames_announced - 1
+
+
+def read_frames(source: str | int, report: DecodeReport | None = None) -> Iterator[np.ndarray]:
+    """Decode a video file (path) or a camera (index) with OpenCV: RGB ``uint8 [H, W, 3]`` frames.
+
+    Raises :class:`VideoReadError` when the source cannot be opened or yields no frame at all; a
+    stream that breaks off after some frames stops cleanly at the last good one (``report`` then
+    says how many frames were read and how many the container announced).
+    """
+    cv2 = _require_cv2()
+    if isinstance(source, str) and not os.path.exists(source):
+        raise VideoReadError(f"video file not found: {source}")
+    capture = cv2.VideoCapture(source)
+    if not capture.isOpened():
+        raise VideoReadError(f"cannot open video source {source!r} (unsupported format or device)")
+    report = report if report is not None else DecodeReport()
+    announced = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    report.frames_announced = announced if announced > 0 else None
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    report.fps = fps if fps and fps > 0 else None
+    try:
+        while True:
+            ok, frame = capture.read()
+            if not ok or frame is None:
+                break
+            report.frames_read += 1
+            yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+    finally:
+        capture.release()
+    if report.frames_read == 0:
+        raise VideoReadError(f"no frame could be decoded from {source!r}")
+
+
+def prefetch(frames: Iterable, depth: int) -> Iterator:
+    """Iterate ``frames`` in a background thread, at most ``depth`` items ahead (decode overlaps compute).
+
+    Exceptions of the producer are re-raised in the consumer, at the point they happened.
+    """
+    items: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in frames:
+                while not stop.is_set():
+                    try:
+                        items.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(("done", done))
+        except BaseException as exc:  # handed to the consumer
+            items.put(("error", exc))
+
+    thread = threading.Thread(target=produce, name="rethinkcam-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = items.get()
+            if kind == "item":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
+def _as_hwc_uint8(frame, index: int) -> Tensor:
+    """A frame as a CPU ``uint8 [H, W, 3]`` tensor; numpy HWC or a tensor (HWC uint8 or CHW float)."""
+    if isinstance(frame, np.ndarray):
+        frame = torch.from_numpy(np.ascontiguousarray(frame))
+    if not isinstance(frame, Tensor):
+        raise TypeError(f"frame {index}: expected a numpy array or a tensor, got {type(frame).__name__}")
+    if frame.dim() == 2:
+        frame = frame[:, :, None].expand(-1, -1, 3)
+    if frame.dim() != 3:
+        raise ValueError(f"frame {index}: expected [H, W, C] (or [C, H, W]), got shape {tuple(frame.shape)}")
+    if frame.dtype != torch.uint8:
+        if not frame.is_floating_point() or frame.shape[0] not in (1, 3):
+            raise TypeError(f"frame {index}: expected uint8 [H, W, C] or float [C, H, W] in [0, 1], got "
+                            f"{frame.dtype} {tuple(frame.shape)}")
+        frame = (frame.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+    if frame.shape[2] == 1:
+        frame = frame.expand(-1, -1, 3)
+    if frame.shape[2] != 3 or frame.shape[0] < 1 or frame.shape[1] < 1:
+        raise ValueError(f"frame {index}: expected 1 or 3 channels and a non-empty image, got {tuple(frame.shape)}")
+    return frame
+
+
+class VideoLocalizer:
+    """CAM + PaS box for every frame of a stream, batched on the device, results in order.
+
+    Args:
+        model: the classifier (put in ``eval()`` by the caller; its mode is left untouched).
+        method: any :class:`CAMEngine` method; ``engine_options`` are passed on (``nwc``, ``pas_q``...).
+        input_size: ``(H, W)`` the model sees (frames are resized on the device); ``None``: as is.
+        mean, std: per-channel normalisation after scaling to ``[0, 1]`` (ImageNet's by default;
+            ``None`` for none).
+        batch_size: frames per batch — the latency bound (a frame waits for at most
+            ``batch_size - 1`` later frames).
+        device: where to compute (default: the model's parameters' device).
+        bf16: run the model under bfloat16 autocast.
+        keep_cams: attach each frame's map to its result (for overlays).
+        prefetch_frames: decode queue depth (frames decoded ahead of the compute).
+        cuda_graph: on CUDA, capture preprocessing + forward + backward to the target layer + CAM +
+            PaS threshold once per batch shape and replay it (boxes are cut after the replay). Frames
+            of one size in full batches replay; other batches run eagerly. Needs a model without
+            data-dependent control flow and without host syncs in its forward.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str = "cam",
+        *,
+        input_size: tuple[int, int] | None = (224, 224),
+        mean: Sequence[float] | None = IMAGENET_MEAN,
+        std: Sequence[float] | None = IMAGENET_STD,
+        batch_size: int = 8,
+        device: torch.device | str | None = None,
+        bf16: bool = False,
+        keep_cams: bool = False,
+        prefetch_frames: int = 32,
+        cuda_graph: bool = False,
+        **engine_options,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if (mean is None) != (std is None):
+            raise ValueError("mean and std go together: give both or neither")
+        if device is None:
+            param = next(model.parameters(), None)
+            device = param.device if param is not None else torch.device("cpu")
+        self.device = torch.device(device)
+        self.model = model
+        self.input_size = None if input_size is None else (int(input_size[0]), int(input_size[1]))
+        self.batch_size = int(batch_size)
+        self.bf16 = bool(bf16)
+        self.keep_cams = bool(keep_cams)
+        self.prefetch_frames = int(prefetch_frames)
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got {self.device}")
+        self.cuda_graph = bool(cuda_graph)
+        self._graphs: dict[tuple[int, ...], _CapturedBatch] = {}
+        engine_options.setdefault("warn_degenerate", False)  # no per-batch device sync for a warning
+        # PaS and the box are cut here, after the (possibly replayed) CAM, not inside the engine.
+        self.pas_q = float(engine_options.pop("pas_q", 90.0))
+        self.pas_theta = float(engine_options.pop("pas_theta", 0.35))
+        engine_options.pop("box_convention", None)
+        engine_options["boxes"] = False
+        self.engine = CAMEngine(model, method, **engine_options)
+        percentile_threshold(torch.zeros(0, 1, 1), self.pas_q, self.pas_theta)  # validate q and theta now
+        self._mean = None if mean is None else torch.tensor(mean, dtype=torch.float32, device=self.device)
+        self._std = None if std is None else torch.tensor(std, dtype=torch.float32, device=self.device)
+        if self._mean is not None and (self._mean.numel() != 3 or self._std.numel() != 3):
+            raise ValueError("mean and std must have 3 values (RGB)")
+
+    # -- preprocessing ----------------------------------------------------------------------
+
+    def _to_device(self, frames: list[Tensor]) -> Tensor:
+        """``uint8 [B, H, W, 3]`` on the device: through a pinned buffer with a non-blocking copy on CUDA."""
+        batch = torch.stack(frames)
+        if self.device.type == "cuda":
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
+    def preprocess(self, batch_u8: Tensor) -> Tensor:
+        """``uint8 [B, H, W, 3]`` (device) -> normalised ``float32 [B, 3, h, w]`` channels_last at input_size."""
+        x = batch_u8.permute(0, 3, 1, 2).float().div_(255)
+        if self._mean is not None:
+            x = (x - self._mean[None, :, None, None]) / self._std[None, :, None, None]
+        if self.input_size is not None and tuple(x.shape[2:]) != self.input_size:
+            x = torch.nn.functional.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    # -- the stream ---------------------------------------------------------------------------
+
+    def explain(self, batch_u8: Tensor, targets: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Device ``uint8 [B, H, W, 3]`` -> ``(labels, scores, cams [B, H, W], PaS thresholds)``, all on
+        the device, no host sync (so that it can be captured in a CUDA graph)."""
+        images = self.preprocess(batch_u8)
+        self.engine.output_size = (batch_u8.shape[1], batch_u8.shape[2])  # maps in the frame's own pixels
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            result = self.engine(images, targets)
+        thresholds = percentile_threshold(result.cams, self.pas_q, self.pas_theta, validate=False)
+        return result.labels, result.scores, result.cams, thresholds
+
+    def _run_batch(self, first_index: int, frames: list[Tensor], targets: int | None) -> list[FrameResult]:
+        batch_u8 = self._to_device(frames)
+        if self.cuda_graph and len(frames) == self.batch_size:
+            key = tuple(batch_u8.shape) + (-1 if targets is None else int(targets),)
+            if key not in self._graphs:
+                if len(self._graphs) >= 4:  # a few frame sizes at most; drop the oldest capture
+                    self._graphs.pop(next(iter(self._graphs)))
+                self._graphs[key] = _CapturedBatch(lambda u8: self.explain(u8, targets), batch_u8)
+            labels, scores, cams, thresholds = self._graphs[key](batch_u8)
+        else:
+            labels, scores, cams, thresholds = self.explain(batch_u8, targets)
+        boxes = boxes_from_cams(cams, thresholds, "largest", "exact", validate=False)
+        labels, scores, boxes = (t.tolist() for t in (labels.cpu(), scores.cpu(), boxes.cpu()))
+        return [
+            FrameResult(index=first_index + k, label=int(labels[k]), score=float(scores[k]),
+                        box=tuple(int(v) for v in boxes[k]), cam=cams[k].clone() if self.keep_cams else None)
+            for k in range(len(frames))
+        ]
+
+    def stream(self, frames: Iterable, targets: int | None = None) -> Iterator[FrameResult]:
+        """Yield a :class:`FrameResult` per frame, in order.
+
+        Args:
+            frames: numpy ``uint8 [H, W, 3]`` (RGB) frames, or tensors (``uint8 [H, W, C]`` or float
+                ``[C, H, W]`` in ``[0, 1]``); decoded ahead in a background thread.
+            targets: a class index to explain in every frame (default: each frame's top-1).
+        """
+        pending: list[Tensor] = []
+        first = 0
+        index = 0
+        for frame in prefetch(frames, self.prefetch_frames):
+            hwc = _as_hwc_uint8(frame, index)
+            if pending and hwc.shape != pending[0].shape:  # another size: close the batch first
+                yield from self._run_batch(first, pending, targets)
+                pending, first = [], index
+            pending.append(hwc)
+            index += 1
+            if len(pending) == self.batch_size:
+                yield from self._run_batch(first, pending, targets)
+                pending, first = [], index
+        if pending:
+            yield from self._run_batch(first, pending, targets)
+
+
+class _CapturedBatch:
+    """``fn(static_u8)`` captured in a CUDA graph for one batch shape; calling it copies the batch in
+    and replays. The outputs are the graph's static tensors (overwritten by the next replay)."""
+
+    def __init__(self, fn: Callable[[Tensor], tuple[Tensor, ...]], example: Tensor, warmup: int = 2) -> None:
+        self.static_in = example.clone()
+        side = torch.cuda.Stream(device=example.device)
+        side.wait_stream(torch.cuda.current_stream(example.device))
+        with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles, allocator settles
+            for _ in range(warmup):
+                fn(self.static_in)
+        torch.cuda.current_stream(example.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = fn(self.static_in)
+
+    def __call__(self, batch: Tensor) -> tuple[Tensor, ...]:
+        self.static_in.copy_(batch, non_blocking=True)
+        self.graph.replay()
+        return self.static_out
+
+
+def localize_video(
+    localizer: VideoLocalizer,
+    source: str | int | Iterable,
+    *,
+    out_video: str | None = None,
+    out_jsonl: str | None = None,
+    fps: float | None = None,
+    on_frame: Callable[[FrameResult], None] | None = None,
+) -> DecodeReport:
+    """Run ``localizer`` over a file, a camera index or an iterable of frames; optionally write an
+    annotated video (heatmap overlay + box) and one JSON line per frame.
+
+    Outputs are written to temporary files next to their targets and renamed when the stream ends,
+    so an interrupted run leaves complete files or none. Returns what the decoder reported.
+    """
+    import json
+
+    report = DecodeReport()
+    frames = read_frames(source, report) if isinstance(source, (str, int)) else source
+    if out_video is not None and not localizer.keep_cams:
+        raise ValueError("writing a video needs the maps: create the VideoLocalizer with keep_cams=True")
+    writer = None
+    temp_video = temp_jsonl = None
+    jsonl = None
+    cv2 = _require_cv2() if out_video is not None else None
+    raw_frames: dict[int, np.ndarray] = {}
+
+    def remember(stream):  # keep the raw frames for the overlay until their result arrives
+        for k, frame in enumerate(stream):
+            if out_video is not None:
+                raw_frames[k] = _as_hwc_uint8(frame, k).numpy()
+            yield frame
+
+    try:
+        if out_jsonl is not None:
+            temp_jsonl = out_jsonl + ".partial"
+            jsonl = open(temp_jsonl, "w", encoding="utf-8")
+        for result in localizer.stream(remember(frames)):
+            if out_video is not None:
+                image = overlay(raw_frames.pop(result.index), result.cam, result.box)
+                if writer is None:
+                    temp_video = _temp_name(out_video)
+                    rate = fps or report.fps or 25.0
+                    writer = cv2.VideoWriter(temp_video, cv2.VideoWriter_fourcc(*"mp4v"), rate,
+                                             (image.shape[1], image.shape[0]))
+                    if not writer.isOpened():
+                        raise VideoReadError(f"cannot write video {out_video!r} (codec mp4v unavailable?)")
+                    frame_size = image.shape[:2]
+                if image.shape[:2] != frame_size:  # one container, one size: fit later frames to it
+                    image = cv2.resize(image, (frame_size[1], frame_size[0]), interpolation=cv2.INTER_AREA)
+                writer.write(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            if jsonl is not None:
+                jsonl.write(json.dumps(result.as_json()) + "\n")
+            report.frames_processed += 1
+            if on_frame is not None:
+                on_frame(result)
+        if writer is not None:
+            writer.release()
+            writer = None
+            os.replace(temp_video, out_video)
+            temp_video = None
+        if jsonl is not None:
+            jsonl.close()
+            jsonl = None
+            os.replace(temp_jsonl, out_jsonl)
+            temp_jsonl = None
+    finally:
+        if writer is not None:
+            writer.release()
+        if jsonl is not None:
+            jsonl.close()
+        for leftover in (temp_video, temp_jsonl):
+            if leftover is not None and os.path.exists(leftover):
+                os.remove(leftover)
+    return report
+
+
+def _temp_name(path: str) -> str:
+    root, ext = os.path.splitext(path)
+    return f"{root}.partial{ext or '.mp4'}"
+
+
+def overlay(frame: np.ndarray, cam: Tensor | None, box: tuple[int, int, int, int], alpha: float = 0.45) -> np.ndarray:
+    """RGB ``uint8 [H, W, 3]``: the frame with the map as a heat overlay and the box in green."""
+    cv2 = _require_cv2()
+    image = frame.copy()
+    if cam is not None:
+        heat = (cam.detach().float().clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
+        heat = cv2.applyColorMap(heat, cv2.COLORMAP_JET)[:, :, ::-1]  # BGR -> RGB
+        image = cv2.addWeighted(image, 1 - alpha, heat, alpha, 0)
+    x0, y0, x1, y1 = box
+    if (x0, y0, x1, y1) != (0, 0, 0, 0):
+        cv2.rectangle(image, (x0, y0), (x1, y1), (0, 255, 0), max(1, min(image.shape[:2]) // 150))
+    return np.ascontiguousarray(image)
+
+
+__all__ = ["DecodeReport", "FrameResult", "VideoLocalizer", "VideoReadError", "localize_video", "overlay",
+           "prefetch", "read_frames"]

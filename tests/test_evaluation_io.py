@@ -1,0 +1,252 @@
+"""WSOL evaluation from files: metadata, saved score maps, resume, the CLI, and torchrun with 2 ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from _wsol_data import make_box_split, make_mask_split, write_lines
+from _wsol_oracle import evaluate_box_split, evaluate_mask_split
+
+from rethinkcam_fast import cli
+from rethinkcam_fast.evaluation import MetadataError, evaluate_scoremaps, load_metadata, read_metadata
+
+pytestmark = pytest.mark.filterwarnings("ignore:rethinkcam_fast.best_box_ious:RuntimeWarning")
+
+
+@pytest.fixture(scope="module")
+def boxes(tmp_path_factory):
+    return make_box_split(str(tmp_path_factory.mktemp("cub")), 10, seed=21)
+
+
+@pytest.fixture(scope="module")
+def masks(tmp_path_factory):
+    return make_mask_split(str(tmp_path_factory.mktemp("openimages")), 7, seed=4)
+
+
+def _evaluate(data, **kwargs):
+    return evaluate_scoremaps(data["scoremap_root"], data["metadata_root"], "CUB", "test", **kwargs)
+
+
+# -- parity through files ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("interval", [0.01, 0.001])
+def test_scoremap_files_match_the_oracle(boxes, masks, interval):
+    expected = evaluate_box_split(boxes["scoremap_root"], boxes["split_dir"], interval)
+    got = _evaluate(boxes, cam_curve_interval=interval, batch_size=4)
+    assert got.max_box_acc == expected["MaxBoxAcc"] and got.max_box_acc_v2 == expected["MaxBoxAccV2"]
+    assert np.array_equal(got.accuracy_curves, expected["curves"])
+    pxap = evaluate_scoremaps(masks["scoremap_root"], masks["metadata_root"], "OpenImages", "val",
+                              mask_root=masks["mask_root"], cam_curve_interval=interval, batch_size=3)
+    assert pxap.pxap == evaluate_mask_split(masks["scoremap_root"], masks["split_dir"], masks["oracle_mask_root"], interval)
+
+
+def test_boxes_are_scaled_with_the_reference_truncation(boxes):
+    metadata = load_metadata(boxes["metadata_root"], "CUB", "test")
+    scaled, offsets = metadata.resized_boxes(boxes["ids"], (96, 130))
+    expected = [(int(float(x0) * 130 / w), int(float(y0) * 96 / h), int(float(x1) * 130 / w), int(float(y1) * 96 / h))
+                for bs, (w, h) in zip(boxes["boxes"], boxes["sizes"]) for x0, y0, x1, y1 in bs]
+    assert [tuple(b) for b in scaled.tolist()] == expected
+    assert offsets.tolist() == [0] + list(np.cumsum([len(b) for b in boxes["boxes"]]))
+
+
+def test_reference_resize_case(tmp_path):
+    """wsolevaluation's test: box (1, 2, 4, 3) of a 10x20 image resized to 35x10 -> (3, 1, 14, 1)."""
+    split = tmp_path / "split"
+    write_lines(str(split / "image_ids.txt"), [("a.jpg",)])
+    write_lines(str(split / "image_sizes.txt"), [("a.jpg", 10, 20)])
+    write_lines(str(split / "localization.txt"), [("a.jpg", 1, 2, 4, 3)])
+    boxes, _ = read_metadata(str(split)).resized_boxes(["a.jpg"], (10, 35))
+    assert boxes.tolist() == [[3, 1, 14, 1]]
+
+
+def test_box_scaling_keeps_the_reference_operation_order(tmp_path):
+    """``x * new / old``, not ``x * (new / old)``: they truncate differently for these boxes."""
+    split = tmp_path / "split"
+    write_lines(str(split / "image_ids.txt"), [("a.jpg",), ("b.jpg",)])
+    write_lines(str(split / "image_sizes.txt"), [("a.jpg", 80, 110), ("b.jpg", 160, 142)])
+    write_lines(str(split / "localization.txt"), [("a.jpg", 45, 55, 45, 55), ("b.jpg", 85, 71, 90, 71)])
+    boxes, _ = read_metadata(str(split)).resized_boxes(["a.jpg", "b.jpg"], (224, 224))
+    assert boxes.tolist() == [[126, 112, 126, 112], [119, 112, 126, 112]]
+    assert int(45 * (224 / 80)) == 125  # the other order would lose a pixel
+
+
+# -- malformed metadata -------------------------------------------------------------------------------
+
+def _split(tmp_path, **files):
+    split = tmp_path / "CUB" / "test"
+    base = {"image_ids.txt": "a.jpg\nb.jpg\n", "class_labels.txt": "a.jpg,0\nb.jpg,1\n",
+            "image_sizes.txt": "a.jpg,100,80\nb.jpg,50,60\n",
+            "localization.txt": "a.jpg,1,2,30,40\nb.jpg,0,0,10,10\nb.jpg,5,5,6,6\n"}
+    base.update(files)
+    split.mkdir(parents=True, exist_ok=True)
+    for name, text in base.items():
+        if text is not None:
+            (split / name).write_text(text)
+    return str(tmp_path), str(split)
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"localization.txt": "a.jpg,1,2,30,40\nb.jpg,0,0,10\n"}, r"localization\.txt:2: expected 'path,x0,y0,x1,y1'"),
+    ({"localization.txt": "a.jpg,1,2,30,40\nb.jpg,0,0,ten,10\n"}, r"localization\.txt:2: x1 must be an integer"),
+    ({"localization.txt": "a.jpg,1,2,30,40\nb.jpg,9,0,3,10\n"}, r"localization\.txt:2: box must satisfy x0 <= x1"),
+    ({"localization.txt": "a.jpg,-1,2,30,40\nb.jpg,0,0,3,10\n"}, r"localization\.txt:1: box coordinates must be non-negative"),
+    ({"localization.txt": "a.jpg,1,2,30,40\n"}, r"localization\.txt: no box for image 'b\.jpg'"),
+    ({"image_sizes.txt": "a.jpg,100,80\nb.jpg,50,0\n"}, r"image_sizes\.txt:2: image size must be positive"),
+    ({"image_sizes.txt": "a.jpg,100,80\n"}, r"image_sizes\.txt: no size for image 'b\.jpg'"),
+    ({"image_sizes.txt": None}, r"image_sizes\.txt: metadata file not found"),
+    ({"image_ids.txt": "a.jpg\nb.jpg\na.jpg\n"}, r"image_ids\.txt:3: image 'a\.jpg' already listed on line 1"),
+    ({"image_ids.txt": "a.jpg,x\n"}, r"image_ids\.txt:1: expected 'path'"),
+    ({"class_labels.txt": "a.jpg,0\nb.jpg,one\n"}, r"class_labels\.txt:2: label must be an integer"),
+])
+def test_malformed_metadata_names_file_and_line(tmp_path, files, message):
+    root, _ = _split(tmp_path, **files)
+    with pytest.raises(MetadataError, match=message):
+        load_metadata(root, "CUB", "test")
+
+
+def test_mask_metadata_rules(tmp_path):
+    split = tmp_path / "OpenImages" / "val"
+    split.mkdir(parents=True)
+    (split / "image_ids.txt").write_text("a.jpg\n")
+    (split / "localization.txt").write_text("a.jpg,a_m0.png,a_ignore.png\na.jpg,a_m1.png,other_ignore.png\n")
+    with pytest.raises(MetadataError, match=r"localization\.txt:2: .*ignore mask on an earlier line"):
+        load_metadata(str(tmp_path), "OpenImages", "val")
+    (split / "localization.txt").write_text("a.jpg,a_m0.png,\n\na.jpg,a_m1.png,\n")  # blank lines are skipped
+    metadata = load_metadata(str(tmp_path), "OpenImages", "val")
+    assert metadata.mask_paths == {"a.jpg": ("a_m0.png", "a_m1.png")} and metadata.ignore_paths == {"a.jpg": None}
+    with pytest.raises(ValueError, match="dataset_name"):
+        load_metadata(str(tmp_path), "VOC", "val")
+
+
+# -- bad score maps ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_split(tmp_path):
+    return make_box_split(str(tmp_path), 5, seed=8, map_size=(40, 48))
+
+
+@pytest.mark.parametrize("damage, error, message", [
+    (lambda path: os.remove(path), FileNotFoundError, r"score map of image '001\.class_1/img_0001\.jpg' not found"),
+    (lambda path: np.save(path, np.zeros((40, 47))), ValueError, r"img_0001\.jpg' has shape \(40, 47\), expected \(40, 48\)"),
+    (lambda path: np.save(path, np.zeros((40, 48), dtype=np.uint8)), ValueError, r"img_0001\.jpg' must be a floating"),
+    (lambda path: np.save(path, np.full((40, 48), np.nan)), ValueError, r"img_0001\.jpg' has non-finite values"),
+    (lambda path: np.save(path, np.full((40, 48), 1.25)), ValueError, r"img_0001\.jpg' has values outside \[0, 1\]"),
+    (lambda path: open(path, "wb").write(b"not numpy"), ValueError, r"img_0001\.jpg' cannot be read"),
+])
+def test_bad_score_map_files_name_the_image(small_split, damage, error, message):
+    damage(os.path.join(small_split["scoremap_root"], small_split["ids"][1] + ".npy"))
+    with pytest.raises(error, match=message):
+        _evaluate(small_split, cam_curve_interval=0.1)
+
+
+def test_cli_reports_errors_on_stderr_with_exit_code_1(small_split, capsys):
+    os.remove(os.path.join(small_split["scoremap_root"], small_split["ids"][3] + ".npy"))
+    code = cli.main(["evaluate", "--scoremap-root", small_split["scoremap_root"], "--metadata-root",
+                     small_split["metadata_root"], "--dataset-name", "CUB", "--split", "test"])
+    captured = capsys.readouterr()
+    assert code == 1 and "img_0003.jpg' not found" in captured.err and captured.out == ""
+
+
+# -- resume -------------------------------------------------------------------------------------------
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_numbers(boxes, tmp_path):
+    whole = _evaluate(boxes, cam_curve_interval=0.01)
+    moved = os.path.join(boxes["scoremap_root"], boxes["ids"][7] + ".npy")
+    os.rename(moved, moved + ".away")
+    state = str(tmp_path / "state.pt")
+    try:
+        with pytest.raises(FileNotFoundError, match="img_0007"):
+            _evaluate(boxes, cam_curve_interval=0.01, batch_size=3, resume=state)
+        saved = torch.load(state, weights_only=True)
+        assert saved["processed"] == 6  # two whole batches, nothing of the failing one
+        assert int(saved["evaluator"]["state"]["num_images"]) == 6
+    finally:
+        os.rename(moved + ".away", moved)
+    resumed = _evaluate(boxes, cam_curve_interval=0.01, batch_size=3, resume=state)
+    assert resumed.max_box_acc == whole.max_box_acc and np.array_equal(resumed.accuracy_curves, whole.accuracy_curves)
+    assert resumed.num_images == 10
+    again = _evaluate(boxes, cam_curve_interval=0.01, batch_size=3, resume=state)  # complete: nothing re-read
+    assert again.max_box_acc == whole.max_box_acc
+    with pytest.raises(ValueError, match="different configuration"):
+        _evaluate(boxes, cam_curve_interval=0.01, multi_contour=False, resume=state)
+    other_split = os.path.join(boxes["metadata_root"], "CUB", "val")
+    shutil.copytree(boxes["split_dir"], other_split, dirs_exist_ok=True)
+    with pytest.raises(ValueError, match="different run"):
+        evaluate_scoremaps(boxes["scoremap_root"], boxes["metadata_root"], "CUB", "val", resume=state)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="junk.pt: not a readable evaluation state"):
+        _evaluate(boxes, resume=str(tmp_path / "junk.pt"))
+
+
+def test_empty_split_raises_a_clear_error(tmp_path):
+    root, _ = _split(tmp_path, **{"image_ids.txt": "\n"})
+    with pytest.raises(ValueError, match="no images were accumulated"):
+        evaluate_scoremaps(str(tmp_path / "maps"), root, "CUB", "test")
+
+
+# -- CLI ----------------------------------------------------------------------------------------------
+
+def _cli_args(data, dataset="CUB", split="test", interval="0.01"):
+    args = ["evaluate", "--scoremap-root", data["scoremap_root"], "--metadata-root", data["metadata_root"],
+            "--dataset-name", dataset, "--split", split, "--cam-curve-interval", interval]
+    return args + (["--mask-root", data["mask_root"]] if "mask_root" in data else [])
+
+
+def test_cli_json_line_and_table(boxes, masks, capsys):
+    assert cli.main(_cli_args(boxes) + ["--iou-thresholds", "30", "50", "70", "--no-multi-contour", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    expected = evaluate_box_split(boxes["scoremap_root"], boxes["split_dir"], 0.01, multi_contour=False)
+    assert result["MaxBoxAcc"] == {str(k): v for k, v in expected["MaxBoxAcc"].items()}
+    assert result["MaxBoxAccV2"] == expected["MaxBoxAccV2"] and result["multi_contour"] is False
+    assert any("MaxBoxAccV2 (mean over δ)" in line for line in out) and "CUB/test, 10 images" in out[0]
+    assert cli.main(_cli_args(masks, "OpenImages", "val") + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["PxAP"] == evaluate_mask_split(masks["scoremap_root"], masks["split_dir"], masks["oracle_mask_root"], 0.01)
+
+
+def test_cli_needs_a_mask_root_for_openimages(masks, capsys):
+    args = [a for a in _cli_args(masks, "OpenImages", "val")]
+    args = args[: args.index("--mask-root")]
+    assert cli.main(args) == 1
+    assert "mask root is needed (--mask-root)" in capsys.readouterr().err
+
+
+def _run_module(args, cwd, env_extra=None, timeout=120):
+    env = {**os.environ, **(env_extra or {})}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([sys.executable, "-P", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_torchrun_two_cpu_ranks_give_the_one_process_numbers(boxes, tmp_path):
+    """``torchrun --nproc_per_node=2 -m rethinkcam_fast evaluate`` on gloo: sharded, all-reduced, identical."""
+    single = _evaluate(boxes, cam_curve_interval=0.01)
+    state = str(tmp_path / "state.pt")
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rethinkcam_fast",
+            *_cli_args(boxes), "--json", "--resume", state]
+    done = _run_module(args, cwd=tmp_path, env_extra={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["world_size"] == 2 and result["num_images"] == 10
+    assert result["MaxBoxAcc"] == {str(k): v for k, v in single.max_box_acc.items()}
+    assert result["MaxBoxAccV2"] == single.max_box_acc_v2
+    assert result["best_cam_threshold"] == {str(k): v for k, v in single.best_cam_threshold.items()}
+    per_rank = [torch.load(f"{state}.rank{r}", weights_only=True)["processed"] for r in (0, 1)]
+    assert per_rank == [5, 5]
+
+
+def test_torchrun_a_failing_rank_stops_every_rank_with_its_error(small_split, tmp_path):
+    os.remove(os.path.join(small_split["scoremap_root"], small_split["ids"][3] + ".npy"))  # rank 1's shard
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rethinkcam_fast",
+            *_cli_args(small_split), "--json"]
+    done = _run_module(args, cwd=tmp_path, env_extra={"OMP_NUM_THREADS": "1"}, timeout=60)
+    assert done.returncode != 0 and "{" not in done.stdout
+    assert "img_0003.jpg' not found" in done.stderr and "failed on another rank" in done.stderr

@@ -1,0 +1,185 @@
+"""Streaming localization: order, batching, sizes, files in and out, interruption, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from _models import SmallCNN, make
+
+from rethinkcam_fast import CAMEngine
+from rethinkcam_fast.video import (
+    VideoLocalizer,
+    VideoReadError,
+    localize_video,
+    prefetch,
+    read_frames,
+)
+
+cv2 = pytest.importorskip("cv2")
+
+
+def random_frames(count: int, height: int = 40, width: int = 52, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(count):
+        frame = (rng.random((height, width, 3)) * 60).astype(np.uint8)
+        y, x = rng.integers(0, height - 12), rng.integers(0, width - 12)
+        frame[y : y + 12, x : x + 12] = 230  # a bright square the model may look at
+        frames.append(frame)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make(SmallCNN, classes=4).eval()
+
+
+def test_stream_matches_the_engine_frame_by_frame(model):
+    frames = random_frames(7)
+    localizer = VideoLocalizer(model, "gradcam", input_size=(32, 32), batch_size=3, keep_cams=True)
+    results = list(localizer.stream(frames))
+    assert [r.index for r in results] == list(range(7))
+    engine = CAMEngine(model, "gradcam", output_size=(40, 52), box_convention="exact", warn_degenerate=False)
+    batch = localizer.preprocess(torch.from_numpy(np.stack(frames)))
+    expected = engine(batch)
+    for k, r in enumerate(results):
+        assert r.label == int(expected.labels[k])
+        assert r.box == tuple(expected.boxes[k].tolist())
+        assert torch.allclose(r.cam, expected.cams[k], atol=1e-5)  # batches of 3 vs one batch of 7
+        x0, y0, x1, y1 = r.box
+        assert 0 <= x0 <= x1 < 52 and 0 <= y0 <= y1 < 40
+
+
+def test_frames_of_another_size_mid_stream_start_a_new_batch(model):
+    frames = random_frames(3) + random_frames(2, 30, 24, seed=1) + random_frames(2, seed=2)
+    results = list(VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=4).stream(frames))
+    assert [r.index for r in results] == list(range(7))
+    for r, frame in zip(results, frames):
+        x0, y0, x1, y1 = r.box
+        assert x1 < frame.shape[1] and y1 < frame.shape[0]  # boxes in each frame's own pixels
+
+
+def test_latency_is_bounded_by_the_batch(model):
+    pulled = []
+
+    def source():
+        for k, frame in enumerate(random_frames(12)):
+            pulled.append(k)
+            yield frame
+
+    localizer = VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=2, prefetch_frames=1)
+    for r in localizer.stream(source()):
+        # a result waits for at most batch_size - 1 later frames (+ the decode queue's look-ahead)
+        assert len(pulled) - 1 - r.index <= 2 - 1 + 2
+
+
+def test_tensor_frames_and_bf16(model):
+    frames = [torch.rand(3, 20, 20), torch.randint(0, 256, (20, 20, 3), dtype=torch.uint8)]
+    results = list(VideoLocalizer(model, "cam", input_size=None, mean=None, std=None, bf16=True).stream(frames))
+    assert len(results) == 2 and all(isinstance(r.score, float) for r in results)
+
+
+def write_video(path: str, frames: list[np.ndarray], fps: float = 10.0) -> None:
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    assert writer.isOpened()
+    for frame in frames:
+        writer.write(frame[:, :, ::-1].copy())
+    writer.release()
+
+
+def test_file_in_video_and_jsonl_out(model, tmp_path):
+    source = str(tmp_path / "in.mp4")
+    write_video(source, random_frames(9, 48, 64))
+    out_video, out_jsonl = str(tmp_path / "out.mp4"), str(tmp_path / "boxes.jsonl")
+    localizer = VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=4, keep_cams=True)
+    report = localize_video(localizer, source, out_video=out_video, out_jsonl=out_jsonl)
+    assert report.frames_read == 9 and report.frames_processed == 9 and not report.truncated
+    lines = [json.loads(line) for line in open(out_jsonl, encoding="utf-8")]
+    assert [line["frame"] for line in lines] == list(range(9))
+    assert all(set(line) == {"frame", "label", "score", "box"} and len(line["box"]) == 4 for line in lines)
+    assert len(list(read_frames(out_video))) == 9  # the annotated video plays back
+    assert not [name for name in os.listdir(tmp_path) if "partial" in name]
+
+
+def test_interrupted_run_leaves_no_output(model, tmp_path):
+    out_video, out_jsonl = str(tmp_path / "out.mp4"), str(tmp_path / "boxes.jsonl")
+    localizer = VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=2, keep_cams=True)
+
+    def stop_after_three(result):
+        if result.index == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        localize_video(localizer, random_frames(10), out_video=out_video, out_jsonl=out_jsonl,
+                       on_frame=stop_after_three)
+    assert os.listdir(tmp_path) == []
+
+
+def test_unreadable_and_truncated_sources(tmp_path, model):
+    with pytest.raises(VideoReadError, match="not found"):
+        list(read_frames(str(tmp_path / "missing.mp4")))
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"this is not a video" * 100)
+    with pytest.raises(VideoReadError):
+        list(read_frames(str(garbage)))
+    source = tmp_path / "whole.mp4"
+    write_video(str(source), random_frames(30, 48, 64))
+    data = source.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    # A broken-off file either cannot be opened (clear error) or stops at its last good frame.
+    try:
+        report = localize_video(VideoLocalizer(model, "cam", input_size=(32, 32)), str(cut))
+    except VideoReadError as exc:
+        assert "cut.mp4" in str(exc)
+    else:
+        assert report.frames_processed == report.frames_read <= 30
+
+
+def test_prefetch_passes_producer_errors_on():
+    def broken():
+        yield 1
+        raise OSError("disk gone")
+
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in prefetch(broken(), depth=2):
+            got.append(item)
+    assert got == [1]
+
+
+def test_bad_input_raises_clear_errors(model):
+    localizer = VideoLocalizer(model, "cam", input_size=(32, 32))
+    with pytest.raises(ValueError, match="frame 1"):
+        list(localizer.stream([random_frames(1)[0], np.zeros((4, 4, 3, 2), np.uint8)]))
+    with pytest.raises(TypeError, match="frame 0"):
+        list(localizer.stream(["not a frame"]))
+    with pytest.raises(ValueError, match="batch_size"):
+        VideoLocalizer(model, batch_size=0)
+    with pytest.raises(ValueError, match="mean and std"):
+        VideoLocalizer(model, mean=(0.5, 0.5, 0.5), std=None)
+    with pytest.raises(ValueError, match="keep_cams"):
+        localize_video(localizer, random_frames(1), out_video="never.mp4")
+
+
+def test_cuda_graph_needs_cuda(model):
+    with pytest.raises(ValueError, match="CUDA device"):
+        VideoLocalizer(model, cuda_graph=True, device="cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["cam", "gradcam"])
+def test_cuda_graph_replay_equals_eager(method):
+    model = make(SmallCNN, classes=4).cuda().eval()
+    frames = random_frames(12, 48, 64)
+    eager = list(VideoLocalizer(model, method, input_size=(32, 32), batch_size=4).stream(frames))
+    graphed = VideoLocalizer(model, method, input_size=(32, 32), batch_size=4, cuda_graph=True)
+    replayed = list(graphed.stream(frames))
+    assert len(graphed._graphs) == 1  # one capture, replayed for the three batches
+    assert [(r.label, r.box) for r in replayed] == [(r.label, r.box) for r in eager]
