@@ -48,12 +48,12 @@ def make_inputs(shape, classes, dtype, layout="nchw", seed=0):
     return features.requires_grad_(True), weight.requires_grad_(True), labels
 
 
-def check_against_oracle(features, weight, labels, backend, nwc, size, normalize=True):
+def check_against_oracle(features, weight, labels, backend, nwc, size, normalize=True, tol=None):
     out = class_activation_map(features, weight, labels, nwc, size, normalize, backend=backend)
     fd = features.detach().double().requires_grad_(True)
     wd = weight.detach().double().requires_grad_(True)
     want = oracle(fd, wd, labels, nwc, size, normalize)
-    tol = TOL[features.dtype]
+    tol = max(TOL[features.dtype], tol or 0.0)
     assert out.dtype == (torch.float64 if features.dtype == torch.float64 else torch.float32)
     assert_close_scaled(out, want, tol)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
@@ -190,6 +190,15 @@ def test_constant_and_non_finite_maps_are_zeros_with_zero_gradient(backend):
     torch.testing.assert_close(out[2:], clean)
 
 
+def test_first_order_only_with_a_clear_error():
+    """The op's own backward is not differentiable again (the README says first-order)."""
+    features, weight, labels = make_inputs((2, 3, 3, 3), 4, torch.float32)
+    out = class_activation_map(features, weight, labels, output_size=(5, 5))
+    (grad,) = torch.autograd.grad(out.square().sum(), features, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()
+
+
 def test_bad_input_raises_clear_errors():
     features, weight, labels = make_inputs((2, 3, 4, 4), 5, torch.float32)
     with pytest.raises(ValueError, match=r"weight must have shape \[C, 3\]"):
@@ -245,7 +254,9 @@ def test_resnet50_shapes_on_gpu(dtype, layout):
     features, weight, labels = make_inputs((64, 2048, 7, 7), 1000, dtype, layout, seed=9)
     features = features.detach().cuda().requires_grad_(True)
     weight = weight.detach().cuda().requires_grad_(True)
-    check_against_oracle(features, weight, labels.cuda(), "auto", True, (224, 224))
+    # float32 sums over 50,176 pixels feed the min/max terms of the gradient: a looser bound than on
+    # the small CPU shapes.
+    check_against_oracle(features, weight, labels.cuda(), "auto", True, (224, 224), tol=1e-4)
 
 
 @pytest.mark.cuda

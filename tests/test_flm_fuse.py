@@ -43,11 +43,11 @@ def make_layers(shapes, dtype, layout="nchw", seed=0):
     return [t.requires_grad_(True) for t in acts], [t.requires_grad_(True) for t in grads]
 
 
-def check_against_oracle(acts, grads, size, fuse, backend):
+def check_against_oracle(acts, grads, size, fuse, backend, tol=None):
     out = flm_fuse(acts, grads, size, fuse, backend=backend)
     leaves = [t.detach().double().requires_grad_(True) for t in acts + grads]
     want = oracle(leaves[: len(acts)], leaves[len(acts):], size, fuse)
-    tol = TOL[acts[0].dtype]
+    tol = max(TOL[acts[0].dtype], tol or 0.0)
     assert_close_scaled(out, want, tol)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     got = torch.autograd.grad(out, acts + grads, grad_out.to(out.dtype))
@@ -270,7 +270,7 @@ def test_resnet_like_layers_on_gpu(dtype, fuse):
     acts, grads = make_layers(shapes, dtype, "nhwc", seed=8)
     acts = [t.detach().cuda().requires_grad_(True) for t in acts]
     grads = [t.detach().cuda().requires_grad_(True) for t in grads]
-    check_against_oracle(acts, grads, (224, 224), fuse, "auto")
+    check_against_oracle(acts, grads, (224, 224), fuse, "auto", tol=1e-4)  # float32 sums over 224² pixels
 
 
 @pytest.mark.cuda
