@@ -12,6 +12,8 @@ from .engine import CAMEngine, CAMResult
 from .modules import TAP, replace_gap_with_tap
 from .ops.box_ious import best_box_ious, box_iou_matrix, cam_curve_thresholds, protocol_thresholds
 from .ops.boxes import RaggedBoxes, boxes_from_cams
+from .ops.class_activation_map import ClassActivationMapFunction, class_activation_map
+from .ops.flm_fuse import FLMFuseFunction, flm_fuse
 from .ops.fuse_maps import fuse_maps
 from .ops.percentile_threshold import percentile_threshold
 from .ops.weighted_map import weighted_map
@@ -22,6 +24,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CAMEngine",
     "CAMResult",
+    "ClassActivationMapFunction",
+    "FLMFuseFunction",
     "RaggedBoxes",
     "TAP",
     "TAPFunction",
@@ -30,6 +34,8 @@ __all__ = [
     "box_iou_matrix",
     "boxes_from_cams",
     "cam_curve_thresholds",
+    "class_activation_map",
+    "flm_fuse",
     "has_cuda_kernels",
     "has_native",
     "fuse_maps",

@@ -16,9 +16,12 @@ from torch import Tensor, nn
 
 from ._validation import check_float_dtype, check_tensor
 from .ops.boxes import CONVENTIONS, boxes_from_cams
+from .ops.class_activation_map import class_activation_map_with_flags
+from .ops.flm_fuse import flm_fuse_with_flags
 from .ops.fuse_maps import FUSE_MODES, fuse_maps
+from .ops.map_epilogue import map_epilogue_op
 from .ops.percentile_threshold import percentile_threshold
-from .ops.weighted_map import weighted_map
+from .ops.weighted_map import weighted_map, weighted_map_reference
 
 METHODS = ("cam", "gradcam", "gradcam++", "layercam", "fullycam")
 GRADCAM_PP_EPS = 1e-6  # pytorch-grad-cam's epsilon in the Grad-CAM++ denominator
@@ -30,13 +33,17 @@ class CAMResult:
 
     Attributes:
         labels: ``LongTensor[N]``, the classes explained.
-        scores: ``Tensor[N]`` (float32), their logits (the seed paper's "weight").
-        cams: ``Tensor[N, H, W]`` float32 in ``[0, 1]``, on the input's device.
+        scores: ``Tensor[N]`` (float32), their logits (the seed paper's "weight"); attached to the graph
+            with ``differentiable=True``, detached otherwise.
+        cams: ``Tensor[N, H, W]`` float32 in ``[0, 1]``, on the input's device; attached to the graph
+            with ``differentiable=True``.
         degenerate: ``BoolTensor[N]``, images whose map was constant or non-finite (returned as zeros).
         layer_maps: per-layer maps at feature resolution (``{name: Tensor[N, h, w]}``), on request.
         boxes: ``LongTensor[N, 4]`` (x0, y0, x1, y1) of the largest contour above the PaS threshold
             (``None`` with ``boxes=False``); ``[0, 0, 0, 0]`` for an empty mask.
         thresholds: ``LongTensor[N]``, the uint8 PaS thresholds the boxes were cut at.
+        logits: ``Tensor[N, C]``, the model's output, attached to the graph (``differentiable=True``
+            only, so a training loop needs one forward for its classification and CAM losses).
     """
 
     labels: Tensor
@@ -46,6 +53,7 @@ class CAMResult:
     layer_maps: dict[str, Tensor] | None = None
     boxes: Tensor | None = None
     thresholds: Tensor | None = None
+    logits: Tensor | None = None
 
 
 @dataclass
@@ -84,6 +92,16 @@ class CAMEngine:
             (defaults 90 and 0.35; ``100, 0.2`` is plain CAM thresholding).
         box_convention: ``"wsol"`` (the reference's, 1 px large) or ``"exact"`` (inclusive extents).
         backend: kernels: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"``, ``"reference"``.
+        differentiable: return maps attached to the autograd graph, for losses on CAMs in a training
+            loop (grad mode is enabled for the call). ``"cam"`` differentiates through the features
+            and the classifier weight (:func:`rethinkcam_fast.class_activation_map`); the gradient
+            methods take ``dy/dA`` with ``create_graph=True`` — a double backward through the network
+            when the loss is backpropagated — and ``"fullycam"`` fuses with
+            :func:`rethinkcam_fast.flm_fuse`. The min-max normalisation is differentiable. Costs: every
+            target layer's activations (and for gradient methods their gradients, all layers at once
+            for Fully-CAM) stay alive until the loss's backward; README "Differentiable CAMs" gives the
+            measured times. Boxes are cut from the detached maps. Off by default: maps are then
+            detached, parameters' ``.grad`` and ``requires_grad`` are never touched.
 
     Usage::
 
@@ -109,6 +127,7 @@ class CAMEngine:
         pas_theta: float = 0.35,
         box_convention: str = "wsol",
         backend: str = "auto",
+        differentiable: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -135,6 +154,7 @@ class CAMEngine:
         if self.boxes:  # validate q and theta now rather than after a forward pass
             percentile_threshold(torch.zeros(0, 1, 1), pas_q, pas_theta)
         self.backend = backend
+        self.differentiable = bool(differentiable)
         self._names = {id(m): name or type(model).__name__ for name, m in model.named_modules()}
         self.target_layers = self._resolve_layers(target_layers)
 
@@ -185,11 +205,12 @@ class CAMEngine:
     def __call__(self, images: Tensor, targets: int | Tensor | None = None) -> CAMResult:
         """Explain ``targets`` (default: top-1) for ``images[N, C, H, W]``; see :class:`CAMResult`.
 
-        Works inside ``torch.no_grad()`` too: gradient methods enable autograd for their own pass.
+        Works inside ``torch.no_grad()`` too: gradient methods (and ``differentiable=True``) enable
+        autograd for their own pass.
         """
         check_tensor("images", images, ndim=4)
         check_float_dtype("images", images)
-        with torch.set_grad_enabled(self.method != "cam"):
+        with torch.set_grad_enabled(self.method != "cam" or self.differentiable):
             return self._explain(images, targets)
 
     def _explain(self, images: Tensor, targets: int | Tensor | None) -> CAMResult:
@@ -203,7 +224,7 @@ class CAMEngine:
             raise ValueError(f"{type(self.model).__name__} has no convolutional layer to explain")
         needs_grad = self.method != "cam"
         handles = [m.register_forward_hook(self._forward_hook(capture)) for m in candidates]
-        if needs_grad:
+        if needs_grad and not (self.differentiable and self._graph_reaches_input(images)):
             # A graph must be recorded even for a frozen model; an input that requires grad does it
             # without touching the parameters, and the backward never runs past the target layers.
             images = images.detach().requires_grad_(True)
@@ -225,12 +246,15 @@ class CAMEngine:
         if missing:
             raise ValueError(f"target layer(s) {missing} produced no 4-D tensor output during the forward pass")
 
-        if self.method == "fullycam":
-            maps = self._fully_cam_maps(layers, capture, scores)
+        if self.differentiable:
+            maps, cams, degenerate = self._differentiable_maps(layers, capture, labels, scores, logits, output_size)
         else:
-            activation = capture.activations[id(layers[0])]
-            maps = [self._single_layer_map(activation, labels, scores, logits.shape[1])]
-        cams, degenerate = fuse_maps(maps, output_size, fuse=self.fuse, backend=self.backend)
+            if self.method == "fullycam":
+                maps = self._fully_cam_maps(layers, capture, scores)
+            else:
+                activation = capture.activations[id(layers[0])]
+                maps = [self._single_layer_map(activation, labels, scores, logits.shape[1])]
+            cams, degenerate = fuse_maps(maps, output_size, fuse=self.fuse, backend=self.backend)
         if self.warn_degenerate and bool(degenerate.any()):
             warnings.warn(
                 f"{int(degenerate.sum())} of {len(degenerate)} CAMs were constant or non-finite and were set to zeros",
@@ -242,11 +266,19 @@ class CAMEngine:
             layer_maps = {self.layer_name(m): mp for m, mp in zip(layers, maps)}
         result = CAMResult(labels=labels, scores=scores.detach().float(), cams=cams, degenerate=degenerate,
                            layer_maps=layer_maps)
+        if self.differentiable:
+            result.scores, result.logits = scores.float(), logits
         if self.boxes:  # the maps come out of fuse_maps finite and in [0, 1]: no need to re-validate
-            result.thresholds = percentile_threshold(cams, self.pas_q, self.pas_theta, validate=False,
+            plain = cams.detach()
+            result.thresholds = percentile_threshold(plain, self.pas_q, self.pas_theta, validate=False,
                                                      backend=self.backend)
-            result.boxes = boxes_from_cams(cams, result.thresholds, "largest", self.box_convention, validate=False)
+            result.boxes = boxes_from_cams(plain, result.thresholds, "largest", self.box_convention, validate=False)
         return result
+
+    def _graph_reaches_input(self, images: Tensor) -> bool:
+        """Whether the forward records a graph by itself (the input or a parameter requires grad), so
+        differentiable maps can reach the caller's images and the parameters without a stand-in input."""
+        return images.requires_grad or any(p.requires_grad for p in self.model.parameters())
 
     def _forward_hook(self, capture: _Capture):
         """Record a module's 4-D output. It is the tensor object itself: in-place ops that follow
@@ -291,10 +323,18 @@ class CAMEngine:
                 weight = weight.clamp_min(0)
             # No ReLU: plain CAM is min-max normalised as is (won-bae / wsolevaluation).
             return weighted_map(activation.detach(), weight[labels], mode="channel", relu=False, backend=self.backend)
-        (grad,) = torch.autograd.grad(scores.sum(), activation)
-        activation = activation.detach()
+        (grad,) = torch.autograd.grad(scores.sum(), activation, create_graph=self.differentiable)
+        if self.differentiable:  # plain PyTorch ops: the graph runs through the activation and its gradient
+            def reduce(a, weights=None, grads=None, mode="channel", relu=True):
+                with torch.autocast(a.device.type, enabled=False):  # float32 sums, as the kernel's
+                    return weighted_map_reference(a, weights, grads, mode, relu)
+        else:
+            activation = activation.detach()
+
+            def reduce(a, weights=None, grads=None, mode="channel", relu=True):
+                return weighted_map(a, weights, grads, mode=mode, relu=relu, backend=self.backend)
         if self.method == "layercam":
-            return weighted_map(activation, grads=grad, mode="layercam", relu=True, backend=self.backend)
+            return reduce(activation, grads=grad, mode="layercam", relu=True)
         g = grad.float()
         if self.method == "gradcam":
             weights = g.mean(dim=(2, 3))
@@ -303,9 +343,42 @@ class CAMEngine:
             denom = 2 * g2 + activation.float().sum(dim=(2, 3))[:, :, None, None] * g2 * g + GRADCAM_PP_EPS
             alpha = torch.where(g != 0, g2 / denom, torch.zeros_like(g))
             weights = (alpha * g.relu()).sum(dim=(2, 3))
-        return weighted_map(activation, weights, mode="channel", relu=True, backend=self.backend)
+        return reduce(activation, weights, mode="channel", relu=True)
 
-    def _classifier_weight(self, channels: int, num_classes: int) -> Tensor:
+    def _differentiable_maps(self, layers, capture, labels, scores, logits, output_size):
+        """``(per-layer maps, cams, degenerate)``: cams attached to the graph, the per-layer maps (only
+        with ``return_layer_maps``) detached."""
+        size = [int(output_size[0]), int(output_size[1])]
+        if self.method == "fullycam":
+            acts = [capture.activations[id(m)] for m in layers]
+            grads = torch.autograd.grad(scores.sum(), acts, create_graph=True, allow_unused=True)
+            for module, grad in zip(layers, grads):
+                if grad is None:
+                    warnings.warn(
+                        f"layer {self.layer_name(module)} received no gradient from the target score; its map is zeros",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+            grads = [torch.zeros_like(a) if g is None else g for a, g in zip(acts, grads)]
+            cams, degenerate = flm_fuse_with_flags(acts, grads, size, self.fuse, self.backend)
+            if not self.return_layer_maps:
+                return [], cams, degenerate
+            return [weighted_map(a.detach(), grads=g.detach(), mode="flm", relu=False, backend=self.backend)
+                    for a, g in zip(acts, grads)], cams, degenerate
+        activation = capture.activations[id(layers[0])]
+        if self.method != "cam":
+            (layer_map,) = maps = [self._single_layer_map(activation, labels, scores, logits.shape[1])]
+            cams, degenerate = map_epilogue_op(maps, size, "sum", True, self.backend)
+            return [layer_map.detach()], cams, degenerate
+        weight = self._classifier_weight(activation.shape[1], logits.shape[1], detach=False)
+        cams, degenerate = class_activation_map_with_flags(activation, weight, labels, self.nwc, size, True, self.backend)
+        if not self.return_layer_maps:
+            return [], cams, degenerate
+        plain = weight.detach().clamp_min(0) if self.nwc else weight.detach()
+        return [weighted_map(activation.detach(), plain[labels], mode="channel", relu=False, backend=self.backend)], \
+            cams, degenerate
+
+    def _classifier_weight(self, channels: int, num_classes: int, detach: bool = True) -> Tensor:
         classifier = self.classifier
         if classifier is None:
             found = [m for m in self.model.modules()
@@ -316,7 +389,7 @@ class CAMEngine:
                     f"nn.Linear({channels} -> {num_classes}); pass classifier=..."
                 )
             classifier = self.classifier = found[-1]
-        weight = classifier.weight.detach()
+        weight = classifier.weight.detach() if detach else classifier.weight
         if weight.dim() == 4:
             if weight.shape[2:] != (1, 1):
                 raise ValueError(f"a conv classifier must be 1x1, got kernel {tuple(weight.shape[2:])}")

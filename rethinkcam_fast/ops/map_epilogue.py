@@ -1,0 +1,760 @@
+"""Differentiable CAM epilogue: upsample, min-max normalise and fuse per-layer maps, with a fused backward.
+
+The forward is :mod:`rethinkcam_fast.ops.fuse_maps`' (same formulas, same float arithmetic, same
+degenerate-map convention), for maps ``M_l[N, h_l, w_l]`` and an output size ``(H, W)``::
+
+    U_l = bilinear(M_l)                  align_corners=False
+    P_l = (U_l - min U_l) / (max U_l - min U_l)        per image; 0 where M_l is constant / non-finite
+    F   = sum_l P_l  or  max_l P_l
+    out = minmax(F)  (several maps)      out = P_0 (one map)      out = U_0 (one map, normalize=False)
+
+**The min-max normalisation is differentiable** (not detached): the gradient flows through the
+minimum and the maximum too, split evenly between tied pixels, exactly as autograd differentiates
+``amin``/``amax``. Reasons: it is the gradient of the function the forward computes (``gradcheck``
+holds; a detached normalisation would not be a gradient of anything); the output is invariant to a
+shift and a scale of the map, and only the true gradient knows that — with a detached ``min``/``max``
+a loss on the map's mean, e.g. a CAM-area term, is cut by uniformly lowering the raw map, which
+changes nothing in the forward, or by blowing up its contrast; and the exact gradient costs one extra
+per-image reduction. Max fusion likewise splits the gradient evenly between the layers tied at a
+pixel (``amax`` over the stacked layers). A degenerate map (constant or non-finite) is zeros with a
+zero gradient.
+
+Triton forward: one map (the CAM) splits each image over output chunks (partial min/max, then a
+normalising pass); several maps run one program per image through the layers (the fusion is
+sequential). Triton backward, per image, layer and band of output rows (grid ``(N, L, splits)``,
+``splits`` chosen to fill the GPU): partial sums for the min-max gradient, then the adjoint of the
+bilinear upsampling as two small dense products per tile (``R_h^T dU R_w``, separable), with ``dU``
+recomputed on the fly from the upstream gradient; partial results are combined in a fixed order, so
+it is deterministic (no atomics), and nothing per layer is stored at output resolution. The forward
+statistics (minimum, maximum, tie counts, the fused map) are recomputed in the backward by the
+forward kernels, so the op saves only its input maps.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._triton import tl, triton
+from ._launch import device_guard, use_triton
+from .fuse_maps import _bilinear, degenerate_maps
+
+_STATS = 5  # per (image, layer): min, max, 1/span (0 when degenerate), #pixels at min, #pixels at max
+# The backward recomputes upsampled values in other kernels and finds the pixels at the min, at the max
+# and at the fused maximum by equality, so every kernel here must round identically: no FMA contraction.
+_EXACT = {"enable_fp_fusion": False}
+
+
+def acc_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32: the maps' and outputs' dtype."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference (pure PyTorch, differentiable): the CPU path and the oracle.
+# --------------------------------------------------------------------------------------------------
+
+
+def _minmax_differentiable(maps: Tensor, forced: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``fuse_maps.minmax_normalize`` with a gradient: same values, zeros (and zero gradient) where
+    degenerate; non-finite rows are zeroed *before* the min/max so no NaN leaks into the gradient."""
+    flat = maps.flatten(1)
+    lo, hi = flat.amin(dim=1), flat.amax(dim=1)  # NaN propagates and inf lands at an extreme
+    bad = ~(torch.isfinite(lo) & torch.isfinite(hi))
+    if forced is not None:
+        bad = bad | forced
+    if bool(bad.any()):  # rare: recompute the min/max of the rows with the bad ones zeroed
+        flat = torch.where(bad[:, None], 0, flat)
+        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+    span = hi - lo
+    degenerate = bad | ~(span > 0)
+    out = (flat - lo[:, None]) / torch.where(degenerate, 1, span)[:, None]
+    return torch.where(degenerate[:, None], 0, out).view(maps.shape), degenerate
+
+
+def map_epilogue_reference(
+    maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum", normalize: bool = True
+) -> tuple[Tensor, Tensor]:
+    """``(out [N, H, W], degenerate bool [N])`` in float32 (float64 for float64 maps), differentiable."""
+    acc = acc_dtype(*maps)
+    size = tuple(int(v) for v in output_size)
+    parts = []
+    for m in maps:
+        m = m.to(acc)
+        up = F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        if not normalize:
+            return up, torch.zeros(m.shape[0], dtype=torch.bool, device=m.device)
+        parts.append(_minmax_differentiable(up, degenerate_maps(m)))
+    if len(parts) == 1:
+        return parts[0]
+    if fuse == "sum":
+        fused = parts[0][0]
+        for part, _ in parts[1:]:  # in order, as fuse_maps: bitwise the same sums
+            fused = fused + part
+    else:  # amax: ties between layers share the gradient evenly
+        fused = torch.stack([part for part, _ in parts]).amax(dim=0)
+    return _minmax_differentiable(fused)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels. Maps are packed flat ([N, h_l, w_l] blocks, one per layer) in the accumulation dtype.
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _range(base, count, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """(min, max, #non-finite) of ``count`` stored values, non-finite values left out of min/max."""
+    idx = tl.arange(0, BLOCK)
+    lo = tl.full([BLOCK], float("inf"), ACC)
+    hi = tl.full([BLOCK], float("-inf"), ACC)
+    bad = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, count, BLOCK):
+        i = start + idx
+        mask = i < count
+        v = tl.load(base + i, mask=mask, other=0.0)
+        keep = mask & (v == v) & (tl.abs(v) < float("inf"))
+        bad += (mask & ~keep).to(tl.int32)
+        lo = tl.minimum(lo, tl.where(keep, v, float("inf")))
+        hi = tl.maximum(hi, tl.where(keep, v, float("-inf")))
+    return tl.min(lo, axis=0), tl.max(hi, axis=0), tl.sum(bad, axis=0)
+
+
+@triton.jit
+def _upsampled_range(map_base, h, w, W, scale_h, scale_w, first, stop, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """(min, max) of the bilinear upsampling of one map over flat outputs [first, stop), on the fly."""
+    idx = tl.arange(0, BLOCK)
+    lo = tl.full([BLOCK], float("inf"), ACC)
+    hi = tl.full([BLOCK], float("-inf"), ACC)
+    for start in range(first, stop, BLOCK):
+        o = start + idx
+        mask = o < stop
+        v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
+        lo = tl.minimum(lo, tl.where(mask, v, float("inf")))
+        hi = tl.maximum(hi, tl.where(mask, v, float("-inf")))
+    return tl.min(lo, axis=0), tl.max(hi, axis=0)
+
+
+@triton.jit
+def _normalizer(lo, hi, degenerate, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """(1 / span, 0 when degenerate; zeroed per-lane counters of the pixels at the min and the max)."""
+    inv = tl.where(degenerate, 0.0, 1.0 / tl.where(degenerate, 1.0, hi - lo))
+    return inv, tl.zeros([BLOCK], ACC), tl.zeros([BLOCK], ACC)
+
+
+@triton.jit
+def _count_extremes(c_lo, c_hi, v, lo, hi, mask, ACC: tl.constexpr):
+    """Running per-lane counts of the pixels tied at the minimum and at the maximum."""
+    return c_lo + (mask & (v == lo)).to(ACC), c_hi + (mask & (v == hi)).to(ACC)
+
+
+@triton.jit
+def _store_stats(stats_base, lo, hi, inv, c_lo, c_hi):
+    tl.store(stats_base + 0, lo)
+    tl.store(stats_base + 1, hi)
+    tl.store(stats_base + 2, inv)
+    tl.store(stats_base + 3, c_lo)
+    tl.store(stats_base + 4, c_hi)
+
+
+@triton.jit
+def _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, l, H, W, ACC: tl.constexpr):
+    """(h, w, offset of image n's block of layer l in the packed maps, 1-D scales) of one layer."""
+    h = tl.load(Heights_ptr + l)
+    w = tl.load(Widths_ptr + l)
+    block = tl.load(Offsets_ptr + l) + n.to(tl.int64) * (h * w)
+    return h, w, block, h.to(ACC) / H, w.to(ACC) / W  # scales as PyTorch: (float)input_size / output_size
+
+
+@triton.jit
+def _source_degenerate(map_base, h, w, lo, hi, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """A map normalises to zeros when its source is constant or non-finite (decided on the source:
+    bilinear rounding can break a constant's ties) or its upsampling has no span."""
+    src_lo, src_hi, src_bad = _range(map_base, h * w, BLOCK, ACC)
+    return (src_bad > 0) | ~(src_hi > src_lo) | ~(hi - lo > 0.0)
+
+
+@triton.jit
+def _single_range_kernel(
+    Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Partial_ptr, H, W, CHUNK,
+    SPLITS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    """One map: partial (min, max) of its upsampling over one chunk of outputs (image, chunk)."""
+    n = tl.program_id(0)
+    part = tl.program_id(1)
+    h, w, block, scale_h, scale_w = _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, 0, H, W, ACC)
+    stop = tl.minimum(part * CHUNK + CHUNK, H * W)
+    lo, hi = _upsampled_range(Maps_ptr + block, h, w, W, scale_h, scale_w, part * CHUNK, stop, BLOCK, ACC)
+    out = Partial_ptr + (n * SPLITS + part) * 2
+    tl.store(out, lo)
+    tl.store(out + 1, hi)
+
+
+@triton.jit
+def _single_normalize_kernel(
+    Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Partial_ptr, Out_ptr, Stats_ptr, Counts_ptr, Degenerate_ptr,
+    H, W, CHUNK,
+    SPLITS: tl.constexpr, NORMALIZE: tl.constexpr, STORE_OUT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    """One map, one chunk of outputs: min-max normalise with the combined partial range (the values are
+    fuse_maps'); partial counts of the pixels at the min and the max; chunk 0 stores the statistics."""
+    n = tl.program_id(0)
+    part = tl.program_id(1)
+    row = n.to(tl.int64) * (H * W)
+    h, w, block, scale_h, scale_w = _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, 0, H, W, ACC)
+    map_base = Maps_ptr + block
+    first = part * CHUNK
+    stop = tl.minimum(first + CHUNK, H * W)
+    idx = tl.arange(0, BLOCK)
+    if NORMALIZE:
+        parts = Partial_ptr + (n * SPLITS + tl.arange(0, SPLITS)) * 2
+        lo = tl.min(tl.load(parts), axis=0)
+        hi = tl.max(tl.load(parts + 1), axis=0)
+        degenerate = _source_degenerate(map_base, h, w, lo, hi, BLOCK, ACC)
+        inv, c_lo, c_hi = _normalizer(lo, hi, degenerate, BLOCK, ACC)
+        for start in range(first, stop, BLOCK):
+            o = start + idx
+            mask = o < stop
+            v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
+            c_lo, c_hi = _count_extremes(c_lo, c_hi, v, lo, hi, mask, ACC)
+            if STORE_OUT:
+                tl.store(Out_ptr + row + o, tl.where(degenerate, 0.0, (v - lo) * inv), mask=mask)
+        counts = Counts_ptr + (n * SPLITS + part) * 2
+        tl.store(counts, tl.sum(c_lo, axis=0))
+        tl.store(counts + 1, tl.sum(c_hi, axis=0))
+        if part == 0:
+            _store_stats(Stats_ptr + n * 5, lo, hi, inv, 0.0, 0.0)  # counts: summed by the launcher
+            tl.store(Degenerate_ptr + n, degenerate.to(tl.int8))
+    else:  # plain upsampling
+        for start in range(first, stop, BLOCK):
+            o = start + idx
+            mask = o < stop
+            tl.store(Out_ptr + row + o, _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask), mask=mask)
+
+
+@triton.jit
+def _fused_fwd_kernel(
+    Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Out_ptr, Fused_ptr, Count_ptr, Stats_ptr, Final_ptr,
+    Degenerate_ptr, L, H, W,
+    FUSE_MAX: tl.constexpr, STORE_OUT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    """Several maps, one program per image: the values are fuse_maps'; the statistics, the fused map
+    (and for max fusion the number of layers tied at each pixel) are what the backward needs."""
+    n = tl.program_id(0)
+    HW = H * W
+    row = n.to(tl.int64) * HW
+    idx = tl.arange(0, BLOCK)
+    for l in range(L):
+        h, w, block, scale_h, scale_w = _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, l, H, W, ACC)
+        map_base = Maps_ptr + block
+        lo, hi = _upsampled_range(map_base, h, w, W, scale_h, scale_w, 0, HW, BLOCK, ACC)
+        degenerate = _source_degenerate(map_base, h, w, lo, hi, BLOCK, ACC)
+        inv, c_lo, c_hi = _normalizer(lo, hi, degenerate, BLOCK, ACC)
+        for start in range(0, HW, BLOCK):
+            o = start + idx
+            mask = o < HW
+            v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
+            c_lo, c_hi = _count_extremes(c_lo, c_hi, v, lo, hi, mask, ACC)
+            p = tl.where(degenerate, 0.0, (v - lo) * inv)
+            first = l == 0
+            if FUSE_MAX:
+                prev = tl.load(Fused_ptr + row + o, mask=mask & ~first, other=float("-inf"))
+                count = tl.load(Count_ptr + row + o, mask=mask & ~first, other=0.0)
+                count = tl.where(p > prev, 1.0, tl.where(p == prev, count + 1.0, count))
+                tl.store(Count_ptr + row + o, count, mask=mask)
+                p = tl.maximum(prev, p)
+            else:
+                p = tl.load(Fused_ptr + row + o, mask=mask & ~first, other=0.0) + p
+            tl.store(Fused_ptr + row + o, p, mask=mask)
+        _store_stats(Stats_ptr + (n * L + l) * 5, lo, hi, inv, tl.sum(c_lo, axis=0), tl.sum(c_hi, axis=0))
+    lo, hi, _ = _range(Fused_ptr + row, HW, BLOCK, ACC)
+    degenerate = ~(hi - lo > 0.0)
+    inv, c_lo, c_hi = _normalizer(lo, hi, degenerate, BLOCK, ACC)
+    for start in range(0, HW, BLOCK):
+        o = start + idx
+        mask = o < HW
+        f = tl.load(Fused_ptr + row + o, mask=mask, other=0.0)
+        c_lo, c_hi = _count_extremes(c_lo, c_hi, f, lo, hi, mask, ACC)
+        if STORE_OUT:
+            tl.store(Out_ptr + row + o, tl.where(degenerate, 0.0, (f - lo) * inv), mask=mask)
+    _store_stats(Final_ptr + n * 5, lo, hi, inv, tl.sum(c_lo, axis=0), tl.sum(c_hi, axis=0))
+    tl.store(Degenerate_ptr + n, degenerate.to(tl.int8))
+
+
+@triton.jit
+def _minmax_grad_coefficients(s1, s2, inv, c_lo, c_hi):
+    """For out = (x - lo) * inv with g = dL/dout, S1 = sum g, S2 = sum g * out:
+    dL/dlo = inv (S2 - S1) and dL/dhi = -inv S2, each shared by the pixels tied at lo / hi."""
+    return inv * (s2 - s1) / tl.maximum(c_lo, 1.0), -inv * s2 / tl.maximum(c_hi, 1.0)
+
+
+@triton.jit
+def _minmax_grad(g, x, lo, hi, inv, a_lo, a_hi):
+    return g * inv + tl.where(x == lo, a_lo, 0.0) + tl.where(x == hi, a_hi, 0.0)
+
+
+@triton.jit
+def _final_norm_bwd_kernel(GradOut_ptr, Fused_ptr, Final_ptr, DFused_ptr, HW, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """dL/dF of the final min-max (several maps), one program per image."""
+    n = tl.program_id(0)
+    row = n.to(tl.int64) * HW
+    idx = tl.arange(0, BLOCK)
+    lo = tl.load(Final_ptr + n * 5 + 0)
+    hi = tl.load(Final_ptr + n * 5 + 1)
+    inv = tl.load(Final_ptr + n * 5 + 2)
+    s1 = tl.zeros([BLOCK], ACC)
+    s2 = tl.zeros([BLOCK], ACC)
+    for start in range(0, HW, BLOCK):
+        o = start + idx
+        mask = o < HW
+        g = tl.load(GradOut_ptr + row + o, mask=mask, other=0.0)
+        f = tl.load(Fused_ptr + row + o, mask=mask, other=0.0)
+        s1 += g
+        s2 += g * ((f - lo) * inv)
+    a_lo, a_hi = _minmax_grad_coefficients(
+        tl.sum(s1, axis=0), tl.sum(s2, axis=0), inv, tl.load(Final_ptr + n * 5 + 3), tl.load(Final_ptr + n * 5 + 4)
+    )
+    for start in range(0, HW, BLOCK):
+        o = start + idx
+        mask = o < HW
+        g = tl.load(GradOut_ptr + row + o, mask=mask, other=0.0)
+        f = tl.load(Fused_ptr + row + o, mask=mask, other=0.0)
+        tl.store(DFused_ptr + row + o, tl.where(inv != 0.0, _minmax_grad(g, f, lo, hi, inv, a_lo, a_hi), 0.0), mask=mask)
+
+
+@triton.jit
+def _source_coords(o, size, scale):
+    """1-D bilinear source indices and weights of outputs o, the arithmetic of fuse_maps._bilinear."""
+    s = tl.maximum((o.to(tl.float32) + 0.5) * scale - 0.5, 0.0)
+    i0 = s.to(tl.int32)
+    i1 = tl.minimum(i0 + 1, size - 1)
+    w1 = s - i0.to(tl.float32)
+    return i0, i1, 1.0 - w1, w1
+
+
+@triton.jit
+def _interp_matrix(o, src, size, out_size, scale):
+    """R[o, src] = bilinear weight of source index src in output o (0 for o outside [0, out_size))."""
+    i0, i1, w0, w1 = _source_coords(o, size, scale)
+    valid = (o < out_size)[:, None]
+    r = tl.where(valid & (i0[:, None] == src[None, :]), w0[:, None], 0.0)
+    return r + tl.where(valid & (i1[:, None] == src[None, :]), w1[:, None], 0.0)
+
+
+@triton.jit
+def _output_support(start, B: tl.constexpr, size, out_size):
+    """Outputs whose samples touch source indices [start, start + B), with a margin for rounding."""
+    ratio = out_size.to(tl.float32) / size
+    lo = tl.maximum(((start - 0.5) * ratio - 0.5).to(tl.int32) - 2, 0)
+    hi = tl.minimum(((start + B + 0.5) * ratio - 0.5).to(tl.int32) + 2, out_size)
+    whole = size <= B
+    return tl.where(whole, 0, lo), tl.where(whole, out_size, hi)
+
+
+@triton.jit
+def _layer_grad(d_ptr, Fused_ptr, Count_ptr, row, o, mask, map_base, h, w, W, scale_h, scale_w, lo, hi, inv,
+                a_lo, a_hi, NORMALIZE: tl.constexpr, FUSE_MAX: tl.constexpr):
+    """(dL/dU_l, P_l) at flat outputs o: the fused map's gradient routed to this layer, through its min-max."""
+    d = tl.load(d_ptr + row + o, mask=mask, other=0.0)
+    if NORMALIZE:
+        v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
+        p = (v - lo) * inv
+        if FUSE_MAX:  # the layers tied at the maximum share its gradient
+            f = tl.load(Fused_ptr + row + o, mask=mask, other=0.0)
+            count = tl.load(Count_ptr + row + o, mask=mask, other=1.0)
+            d = tl.where(p == f, d / count, 0.0)
+        du = tl.where(inv != 0.0, _minmax_grad(d, v, lo, hi, inv, a_lo, a_hi), 0.0)
+        return tl.where(mask, du, 0.0), tl.where(inv != 0.0, tl.where(mask, d, 0.0), 0.0), tl.where(mask, p, 0.0)
+    return d, d, d
+
+
+@triton.jit
+def _layer_bwd_sums_kernel(
+    Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Stats_ptr, DFused_ptr, Fused_ptr, Count_ptr, Partial_ptr,
+    L, H, W, CHUNK,
+    SPLITS: tl.constexpr, FUSE_MAX: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    """Partial sums S1 = sum dP and S2 = sum dP * P over one chunk of outputs (image, layer, chunk)."""
+    n = tl.program_id(0)
+    l = tl.program_id(1)
+    part = tl.program_id(2)
+    HW = H * W
+    row = n.to(tl.int64) * HW
+    h, w, block, scale_h, scale_w = _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, l, H, W, ACC)
+    stats = Stats_ptr + (n * L + l) * 5
+    lo = tl.load(stats + 0)
+    hi = tl.load(stats + 1)
+    inv = tl.load(stats + 2)
+    s1 = tl.zeros([BLOCK], ACC)
+    s2 = tl.zeros([BLOCK], ACC)
+    stop = tl.minimum(part * CHUNK + CHUNK, HW)
+    for start in range(part * CHUNK, stop, BLOCK):
+        o = start + tl.arange(0, BLOCK)
+        mask = o < stop
+        _, d, p = _layer_grad(DFused_ptr, Fused_ptr, Count_ptr, row, o, mask, Maps_ptr + block, h, w, W, scale_h,
+                              scale_w, lo, hi, inv, 0.0, 0.0, True, FUSE_MAX)
+        s1 += d
+        s2 += d * p
+    out = Partial_ptr + ((n * L + l) * SPLITS + part) * 2
+    tl.store(out, tl.sum(s1, axis=0))
+    tl.store(out + 1, tl.sum(s2, axis=0))
+
+
+@triton.jit
+def _layer_bwd_kernel(
+    Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Stats_ptr, Partial_ptr, DFused_ptr, Fused_ptr, Count_ptr,
+    DMaps_ptr, L, H, W, BAND_ROWS, TOTAL,
+    NORMALIZE: tl.constexpr, FUSE_MAX: tl.constexpr, SPLITS: tl.constexpr, BY: tl.constexpr, BX: tl.constexpr,
+    BOY: tl.constexpr, BOX: tl.constexpr, ACC: tl.constexpr,
+):
+    """Image n's part of dL/dM_l from output rows [band * BAND_ROWS, +BAND_ROWS): min-max backward, then
+    R_h^T dU R_w; each band writes its own partial map (summed in a fixed order by the launcher)."""
+    n = tl.program_id(0)
+    l = tl.program_id(1)
+    band = tl.program_id(2)
+    row = n.to(tl.int64) * (H * W)
+    h, w, block, scale_h, scale_w = _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, l, H, W, ACC)
+    map_base = Maps_ptr + block
+    lo = 0.0
+    hi = 0.0
+    inv = 1.0
+    a_lo = 0.0
+    a_hi = 0.0
+    if NORMALIZE:
+        stats = Stats_ptr + (n * L + l) * 5
+        lo = tl.load(stats + 0)
+        hi = tl.load(stats + 1)
+        inv = tl.load(stats + 2)
+        parts = Partial_ptr + ((n * L + l) * SPLITS + tl.arange(0, SPLITS)) * 2
+        a_lo, a_hi = _minmax_grad_coefficients(
+            tl.sum(tl.load(parts), axis=0), tl.sum(tl.load(parts + 1), axis=0), inv, tl.load(stats + 3),
+            tl.load(stats + 4),
+        )
+    band_lo = band * BAND_ROWS
+    band_hi = tl.minimum(band_lo + BAND_ROWS, H)
+    for y_start in range(0, h, BY):
+        ys = y_start + tl.arange(0, BY)
+        oy_lo, oy_hi = _output_support(y_start, BY, h, H)
+        oy_lo = tl.maximum(oy_lo, band_lo)
+        oy_hi = tl.minimum(oy_hi, band_hi)
+        for x_start in range(0, w, BX):
+            xs = x_start + tl.arange(0, BX)
+            ox_lo, ox_hi = _output_support(x_start, BX, w, W)
+            acc = tl.zeros([BY, BX], ACC)
+            for oy_start in range(oy_lo, oy_hi, BOY):
+                oy = oy_start + tl.arange(0, BOY)
+                t = tl.zeros([BOY, BX], ACC)
+                for ox_start in range(ox_lo, ox_hi, BOX):
+                    ox = ox_start + tl.arange(0, BOX)
+                    o = oy[:, None] * W + ox[None, :]
+                    mask = (oy < oy_hi)[:, None] & (ox < ox_hi)[None, :]
+                    du, _, _ = _layer_grad(DFused_ptr, Fused_ptr, Count_ptr, row, o, mask, map_base, h, w, W,
+                                           scale_h, scale_w, lo, hi, inv, a_lo, a_hi, NORMALIZE, FUSE_MAX)
+                    rx = _interp_matrix(ox, xs, w, ox_hi, scale_w).to(ACC)
+                    t += tl.dot(du.to(ACC), rx, input_precision="ieee", out_dtype=ACC)
+                ry = _interp_matrix(oy, ys, h, oy_hi, scale_h).to(ACC)
+                acc += tl.dot(tl.trans(ry), t, input_precision="ieee", out_dtype=ACC)
+            src = ys[:, None] * w + xs[None, :]
+            tl.store(DMaps_ptr + band * TOTAL + block + src, acc, mask=(ys < h)[:, None] & (xs < w)[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers.
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_table(shapes: tuple[tuple[int, int, int], ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """``(int64 offsets, int32 heights, int32 widths)`` of packed ``[N, h_l, w_l]`` maps on ``device``,
+    cached: no host-to-device copies per call once a layer layout has been seen."""
+    sizes = torch.tensor([n * h * w for n, h, w in shapes], dtype=torch.int64)
+    offsets = (torch.cumsum(sizes, 0) - sizes).to(device)
+    heights = torch.tensor([h for _, h, _ in shapes], dtype=torch.int32, device=device)
+    widths = torch.tensor([w for _, _, w in shapes], dtype=torch.int32, device=device)
+    return offsets, heights, widths
+
+
+def _pack(maps: list[Tensor], acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(packed maps, int64 offsets, int32 heights, int32 widths)`` on the maps' device."""
+    flat = [m.to(acc).reshape(-1) for m in maps]
+    packed = torch.cat(flat) if len(flat) > 1 else flat[0].contiguous()
+    return (packed, *_layer_table(tuple(tuple(m.shape) for m in maps), maps[0].device))
+
+
+def _splits(forced: int | None, programs: int, rows: int, device: torch.device) -> int:
+    """Programs sharing one (image, layer), a power of two: ``forced``, else enough to fill the GPU
+    (about 4 per SM) when images x layers alone cannot; 1 on the CPU interpreter."""
+    if forced is not None:
+        if forced < 1 or forced & (forced - 1):
+            raise ValueError(f"num_splits must be a power of two, got {forced}")
+        return forced
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = triton.cdiv(4 * sms, max(programs, 1))
+    return max(1, min(triton.next_power_of_2(wanted), 64, triton.next_power_of_2(triton.cdiv(rows, 32))))
+
+
+def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str, normalize: bool, store_out: bool,
+                    num_splits: int | None = None):
+    """``(out, degenerate, fused, count, stats, final, packing)``; see :func:`map_epilogue_triton`."""
+    acc = acc_dtype(*maps)
+    n, (height, width), layers = maps[0].shape[0], output_size, len(maps)
+    device = maps[0].device
+    multi = layers > 1
+    fuse_max = multi and fuse == "max"
+    out = torch.empty((n, height, width) if store_out else (0,), dtype=acc, device=device)
+    fused = torch.empty((n, height, width) if multi else (0,), dtype=acc, device=device)
+    count = torch.empty((n, height, width) if fuse_max else (0,), dtype=acc, device=device)
+    stats = torch.zeros((n, layers, _STATS), dtype=acc, device=device)
+    final = torch.empty((n, _STATS), dtype=acc, device=device)
+    degenerate = torch.zeros(n, dtype=torch.int8, device=device)
+    packing = _pack(maps, acc)
+    block = min(triton.next_power_of_2(height * width), 1024)
+    if n == 0 or height * width == 0 or not (normalize or store_out):  # plain upsampling has no statistics
+        pass
+    elif multi:
+        _fused_fwd_kernel[(n,)](
+            *packing, out, fused, count, stats, final, degenerate, layers, height, width,
+            FUSE_MAX=fuse_max, STORE_OUT=store_out, BLOCK=block, ACC=_tl_dtype(acc), **_EXACT,
+        )
+    else:  # one map: each image split over output chunks, so that a batch fills the GPU
+        splits = _splits(num_splits, n, height, device)
+        chunk = triton.cdiv(triton.cdiv(height * width, splits), block) * block
+        partial = torch.empty((n, splits, 2), dtype=acc, device=device)
+        counts = torch.empty((n, splits, 2), dtype=acc, device=device)
+        if normalize:
+            _single_range_kernel[(n, splits)](
+                *packing, partial, height, width, chunk, SPLITS=splits, BLOCK=block, ACC=_tl_dtype(acc), **_EXACT,
+            )
+        _single_normalize_kernel[(n, splits)](
+            *packing, partial, out, stats, counts, degenerate, height, width, chunk,
+            SPLITS=splits, NORMALIZE=normalize, STORE_OUT=store_out, BLOCK=block, ACC=_tl_dtype(acc), **_EXACT,
+        )
+        if normalize:
+            stats[:, 0, 3:] = counts.sum(dim=1)  # tie counts: exact integers in a fixed order
+    return out, degenerate.bool(), fused, count, stats, final, packing
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def map_epilogue_triton(
+    maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum", normalize: bool = True,
+    num_splits: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Triton forward: ``(out [N, H, W], degenerate bool [N])``, as :func:`map_epilogue_reference`.
+
+    ``num_splits`` (a power of two) forces how many programs share one image of a single map; default:
+    from the device's SM count, 1 on the CPU interpreter.
+    """
+    out, degenerate, *_ = _forward_triton(maps, output_size, fuse, normalize, store_out=True, num_splits=num_splits)
+    return out, degenerate
+
+
+def _tile(size: int) -> int:
+    return 16 if size <= 16 else 32
+
+
+
+
+def map_epilogue_backward_triton(
+    grad_out: Tensor, maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum", normalize: bool = True,
+    num_splits: int | None = None,
+) -> list[Tensor]:
+    """Triton backward: ``dL/dM_l`` (each map's shape and dtype) from ``grad_out [N, H, W]``.
+
+    ``num_splits`` (a power of two) forces how many output bands share one (image, layer); default:
+    from the device's SM count, 1 on the CPU interpreter.
+    """
+    height, width = output_size
+    _, _, fused, count, stats, final, packing = _forward_triton(maps, output_size, fuse, normalize, store_out=False,
+                                                                num_splits=num_splits)
+    acc = packing[0].dtype
+    n, layers = maps[0].shape[0], len(maps)
+    splits = _splits(num_splits, n * layers, height, packing[0].device)
+    total = packing[0].numel()
+    d_maps = torch.zeros((splits, total), dtype=acc, device=packing[0].device)
+    grad = grad_out.to(acc).contiguous()
+    if n and height * width:
+        block = min(triton.next_power_of_2(height * width), 1024)
+        if layers > 1:
+            d_fused = torch.empty_like(fused)
+            _final_norm_bwd_kernel[(n,)](grad, fused, final, d_fused, height * width, BLOCK=block, ACC=_tl_dtype(acc),
+                                         **_EXACT)
+            grad = d_fused
+        fuse_max = layers > 1 and fuse == "max"
+        partial = torch.empty((n, layers, splits, 2), dtype=acc, device=d_maps.device)
+        if normalize:
+            chunk = triton.cdiv(triton.cdiv(height * width, splits), block) * block
+            _layer_bwd_sums_kernel[(n, layers, splits)](
+                *packing, stats, grad, fused, count, partial, layers, height, width, chunk,
+                SPLITS=splits, FUSE_MAX=fuse_max, BLOCK=block, ACC=_tl_dtype(acc), **_EXACT,
+            )
+        band_rows = triton.cdiv(triton.cdiv(height, splits), 32) * 32
+        _layer_bwd_kernel[(n, layers, splits)](
+            *packing, stats, partial, grad, fused, count, d_maps, layers, height, width, band_rows, total,
+            NORMALIZE=normalize, FUSE_MAX=fuse_max, SPLITS=splits,
+            BY=_tile(max(m.shape[1] for m in maps)), BX=_tile(max(m.shape[2] for m in maps)), BOY=32, BOX=64,
+            ACC=_tl_dtype(acc), **_EXACT,
+        )
+    d_maps = d_maps.sum(dim=0) if splits > 1 else d_maps[0]  # a fixed-order sum: deterministic
+    grads, start = [], 0
+    for m in maps:  # separate tensors: outputs of a custom op may not alias each other
+        grads.append(d_maps[start:start + m.numel()].view(m.shape).to(m.dtype, copy=layers > 1))
+        start += m.numel()
+    return grads
+
+
+def _minmax_backward(grad: Tensor, maps: Tensor, forced: Tensor | None = None) -> Tensor:
+    """Backward of :func:`_minmax_differentiable` written out: ``out = (x - lo) / span`` with the
+    gradients of ``lo = amin x`` and ``hi = amax x`` shared evenly by their tied pixels."""
+    flat, g = maps.flatten(1), grad.flatten(1)
+    lo, hi = torch.aminmax(flat, dim=1, keepdim=True)
+    bad = ~(torch.isfinite(lo) & torch.isfinite(hi))
+    if forced is not None:
+        bad = bad | forced[:, None]
+    if bool(bad.any()):
+        flat = torch.where(bad, 0, flat)
+        lo, hi = torch.aminmax(flat, dim=1, keepdim=True)
+    degenerate = bad | ~(hi - lo > 0)
+    inv = torch.where(degenerate, 0, 1 / torch.where(degenerate, 1, hi - lo))
+    at_lo, at_hi = flat == lo, flat == hi
+    s1 = g.sum(dim=1, keepdim=True)
+    s2 = (g * (flat - lo)).sum(dim=1, keepdim=True) * inv
+    a_lo = inv * (s2 - s1) / at_lo.sum(dim=1, keepdim=True)
+    a_hi = -inv * s2 / at_hi.sum(dim=1, keepdim=True)
+    d = g * inv + torch.where(at_lo, a_lo, 0) + torch.where(at_hi, a_hi, 0)
+    return d.masked_fill_(degenerate, 0).view(maps.shape)
+
+
+def _upsample_adjoint(grad: Tensor, source: Tensor) -> Tensor:
+    """Adjoint of ``F.interpolate(source[:, None], grad.shape[1:], "bilinear", align_corners=False)``."""
+    n, h, w = source.shape
+    out = torch.ops.aten.upsample_bilinear2d_backward(grad[:, None], list(grad.shape[1:]), [n, 1, h, w], False)
+    return out[:, 0]
+
+
+def map_epilogue_backward_reference(
+    grad_out: Tensor, maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum", normalize: bool = True
+) -> list[Tensor]:
+    """``[dL/dM_l]`` (each map's dtype) from ``grad_out [N, H, W]``, the backward formulas written out in
+    PyTorch (the CPU path; the tests hold them and the Triton kernels to autograd through
+    :func:`map_epilogue_reference`)."""
+    acc = acc_dtype(*maps)
+    size = tuple(int(v) for v in output_size)
+    grad = grad_out.to(acc)
+    sources = [m.to(acc) for m in maps]
+    ups = [F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for m in sources]
+    if not normalize:
+        return [_upsample_adjoint(grad, sources[0]).to(maps[0].dtype)]
+    forced = [degenerate_maps(m) for m in sources]
+    shares = [grad] * len(maps)
+    if len(maps) > 1:
+        parts = torch.stack([_minmax_differentiable(u, f)[0] for u, f in zip(ups, forced)])
+        if fuse == "sum":
+            fused = parts[0]
+            for part in parts[1:]:
+                fused = fused + part
+        else:
+            fused = parts.amax(dim=0)
+        grad = _minmax_backward(grad, fused)
+        if fuse == "sum":
+            shares = [grad] * len(maps)
+        else:
+            tied = (parts == fused).to(acc)
+            shares = list(grad * tied / tied.sum(dim=0))
+    return [_upsample_adjoint(_minmax_backward(share, up, f), src).to(m.dtype)
+            for share, up, f, src, m in zip(shares, ups, forced, sources, maps)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch, autograd and custom ops (internal: the public ops are class_activation_map and flm_fuse).
+# --------------------------------------------------------------------------------------------------
+
+
+def epilogue_forward_impl(maps, output_size, fuse, normalize, backend) -> tuple[Tensor, Tensor]:
+    output_size = tuple(output_size)
+    if use_triton("map_epilogue", backend, maps[0].device):
+        with device_guard(maps[0]):
+            return map_epilogue_triton(maps, output_size, fuse, normalize)
+    with torch.no_grad():
+        return map_epilogue_reference(maps, output_size, fuse, normalize)
+
+
+def epilogue_function_forward(ctx, maps, output_size, fuse, normalize, backend, saved, options):
+    """Forward of the ops' ``autograd.Function``s: run the epilogue, save ``saved`` and the maps."""
+    out, degenerate = epilogue_forward_impl(maps, output_size, fuse, normalize, backend)
+    ctx.save_for_backward(*saved, *maps)
+    ctx.options = options
+    ctx.mark_non_differentiable(degenerate)
+    return out, degenerate
+
+
+def epilogue_backward_impl(grad_out, maps, output_size, fuse, normalize, backend) -> list[Tensor]:
+    output_size = tuple(output_size)
+    if use_triton("map_epilogue", backend, maps[0].device):
+        with device_guard(maps[0]):
+            return map_epilogue_backward_triton(grad_out, maps, output_size, fuse, normalize)
+    return map_epilogue_backward_reference(grad_out, maps, output_size, fuse, normalize)
+
+
+@torch.library.custom_op("rethinkcam_fast::map_epilogue", mutates_args=())
+def map_epilogue_op(
+    maps: list[Tensor], output_size: list[int], fuse: str, normalize: bool, backend: str
+) -> tuple[Tensor, Tensor]:
+    """``(out [N, H, W], degenerate bool [N])``; see the module docstring."""
+    return epilogue_forward_impl(maps, output_size, fuse, normalize, backend)
+
+
+@map_epilogue_op.register_fake
+def _map_epilogue_fake(maps, output_size, fuse, normalize, backend):
+    n = maps[0].shape[0]
+    acc = acc_dtype(*maps)
+    return maps[0].new_empty((n, *output_size), dtype=acc), maps[0].new_empty((n,), dtype=torch.bool)
+
+
+@torch.library.custom_op("rethinkcam_fast::map_epilogue_backward", mutates_args=())
+def map_epilogue_backward_op(
+    grad_out: Tensor, maps: list[Tensor], output_size: list[int], fuse: str, normalize: bool, backend: str
+) -> list[Tensor]:
+    """``[dL/dM_l]`` from ``dL/dout``."""
+    return epilogue_backward_impl(grad_out, maps, output_size, fuse, normalize, backend)
+
+
+@map_epilogue_backward_op.register_fake
+def _map_epilogue_backward_fake(grad_out, maps, output_size, fuse, normalize, backend):
+    return [torch.empty_like(m) for m in maps]
+
+
+def _epilogue_setup_context(ctx, inputs, output) -> None:
+    maps, ctx.output_size, ctx.fuse, ctx.normalize, ctx.backend = inputs
+    ctx.save_for_backward(*maps)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _epilogue_backward(ctx, grad_out: Tensor, _grad_degenerate):
+    grads = map_epilogue_backward_op(grad_out, list(ctx.saved_tensors), ctx.output_size, ctx.fuse, ctx.normalize,
+                                     ctx.backend)
+    return grads, None, None, None, None
+
+
+torch.library.register_autograd(
+    "rethinkcam_fast::map_epilogue", _epilogue_backward, setup_context=_epilogue_setup_context
+)
+
+
+__all__ = [
+    "acc_dtype",
+    "epilogue_backward_impl",
+    "epilogue_forward_impl",
+    "epilogue_function_forward",
+    "map_epilogue_backward_reference",
+    "map_epilogue_backward_triton",
+    "map_epilogue_op",
+    "map_epilogue_reference",
+    "map_epilogue_triton",
+]

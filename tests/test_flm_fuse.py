@@ -1,0 +1,286 @@
+"""flm_fuse and the differentiable epilogue: forward equal to the engine's Fully-CAM, gradients exact
+against autograd through the references and an independent float64 oracle, gradcheck, opcheck, edge
+cases and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _models import MiniResNet, make
+from conftest import requires_triton
+from test_class_activation_map import assert_close_scaled
+
+import rethinkcam_fast
+from rethinkcam_fast import CAMEngine, flm_fuse
+from rethinkcam_fast.ops import flm_fuse as flm_mod
+from rethinkcam_fast.ops import map_epilogue as epi
+
+BACKENDS = ["reference", pytest.param("triton", marks=requires_triton)]
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
+
+
+def oracle(activations, gradients, size, fuse):
+    """DESIGN.md §2 in float64 with plain autograd; max fusion shares ties evenly (amax)."""
+    parts = []
+    for a, g in zip(activations, gradients):
+        m = (g.double().clamp_min(0) * a.double().clamp_min(0)).sum(1)
+        up = F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0].flatten(1)
+        lo, hi = up.amin(1, keepdim=True), up.amax(1, keepdim=True)
+        parts.append(((up - lo) / (hi - lo)))
+    fused = sum(parts) if fuse == "sum" else torch.stack(parts).amax(0)
+    if len(parts) > 1:
+        lo, hi = fused.amin(1, keepdim=True), fused.amax(1, keepdim=True)
+        fused = (fused - lo) / (hi - lo)
+    return fused.view(-1, *size)
+
+
+def make_layers(shapes, dtype, layout="nchw", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    acts = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).to(memory_format=fmt) for s in shapes]
+    grads = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).to(memory_format=fmt) for s in shapes]
+    return [t.requires_grad_(True) for t in acts], [t.requires_grad_(True) for t in grads]
+
+
+def check_against_oracle(acts, grads, size, fuse, backend, tol=None):
+    out = flm_fuse(acts, grads, size, fuse, backend=backend)
+    leaves = [t.detach().double().requires_grad_(True) for t in acts + grads]
+    want = oracle(leaves[: len(acts)], leaves[len(acts):], size, fuse)
+    tol = max(TOL[acts[0].dtype], tol or 0.0)
+    assert_close_scaled(out, want, tol)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = torch.autograd.grad(out, acts + grads, grad_out.to(out.dtype))
+    wanted = torch.autograd.grad(want, leaves, grad_out)
+    for g, w, t in zip(got, wanted, acts + grads):
+        assert g.dtype == t.dtype
+        assert_close_scaled(g, w, tol)
+        if backend != "reference" and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+            assert g.is_contiguous(memory_format=torch.channels_last)
+
+
+SHAPES = [(2, 4, 3, 3), (2, 3, 6, 5), (2, 70, 2, 2)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("fuse", ["sum", "max"])
+def test_forward_and_gradients_match_oracle(backend, dtype, layout, fuse):
+    acts, grads = make_layers(SHAPES, dtype, layout)
+    check_against_oracle(acts, grads, (8, 9), fuse, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_layer(backend):
+    acts, grads = make_layers([(2, 3, 4, 4)], torch.float32, seed=1)
+    check_against_oracle(acts, grads, (7, 6), "sum", backend)
+
+
+@pytest.mark.parametrize(
+    "backend,fuse", [("reference", "sum"), ("reference", "max"), pytest.param("triton", "max", marks=requires_triton)]
+)
+def test_forward_equals_the_engines_fully_cam(backend, fuse):
+    model = make(MiniResNet)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    result = CAMEngine(model, "fullycam", fuse=fuse, backend=backend, boxes=False, warn_degenerate=False)(images)
+    acts = []
+    hooks = [c.register_forward_hook(lambda m, i, o: acts.append(o)) for c in convs]
+    logits = model(images.requires_grad_(True))
+    for h in hooks:
+        h.remove()
+    grads = torch.autograd.grad(logits.gather(1, result.labels[:, None]).sum(), acts)
+    out = flm_fuse([a.detach() for a in acts], list(grads), (32, 32), fuse, backend=backend)
+    torch.testing.assert_close(out, result.cams, atol=1e-6, rtol=0)
+
+
+EPILOGUE_CASES = [
+    ([(3, 4)], (7, 9), "sum", True),
+    ([(3, 4)], (7, 9), "sum", False),
+    ([(40, 37)], (9, 70), "sum", True),  # down along one axis, up along the other; several source tiles
+    ([(3, 4), (5, 5), (20, 18)], (11, 10), "sum", True),
+    ([(3, 4), (5, 5)], (11, 10), "max", True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sizes,out_size,fuse,normalize", EPILOGUE_CASES, ids=str)
+def test_epilogue_backward_is_exact(backend, sizes, out_size, fuse, normalize):
+    """The written-out backward (reference) and the Triton kernels against autograd through the
+    differentiable reference forward, in float64."""
+    gen = torch.Generator().manual_seed(len(sizes))
+    maps = [torch.rand((2, *s), generator=gen, dtype=torch.float64, requires_grad=True) for s in sizes]
+    want_out, _ = epi.map_epilogue_reference(maps, out_size, fuse, normalize)
+    grad_out = torch.randn(want_out.shape, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad(want_out, maps, grad_out)
+    impl = epi.map_epilogue_backward_reference if backend == "reference" else epi.map_epilogue_backward_triton
+    got = impl(grad_out, [m.detach() for m in maps], out_size, fuse, normalize)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
+    if backend == "triton":
+        out, _ = epi.map_epilogue_triton([m.detach() for m in maps], out_size, fuse, normalize)
+        torch.testing.assert_close(out, want_out, atol=1e-12, rtol=0)
+
+
+@requires_triton
+@pytest.mark.parametrize("num_splits", [2, 4])
+@pytest.mark.parametrize("sizes,out_size,fuse,normalize", EPILOGUE_CASES[:4], ids=str)
+def test_epilogue_split_over_output_bands_is_exact(num_splits, sizes, out_size, fuse, normalize):
+    """The GPU launch splits each (image, layer) over output chunks and bands; forced on the interpreter."""
+    gen = torch.Generator().manual_seed(11)
+    maps = [torch.rand((2, *s), generator=gen, dtype=torch.float64, requires_grad=True) for s in sizes]
+    want_out, _ = epi.map_epilogue_reference(maps, out_size, fuse, normalize)
+    grad_out = torch.randn(want_out.shape, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad(want_out, maps, grad_out)
+    got = epi.map_epilogue_backward_triton(grad_out, [m.detach() for m in maps], out_size, fuse, normalize,
+                                           num_splits=num_splits)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
+    out, _ = epi.map_epilogue_triton([m.detach() for m in maps], out_size, fuse, normalize, num_splits=num_splits)
+    torch.testing.assert_close(out, want_out, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_between_layers_and_degenerate_layers(backend):
+    """Max fusion: layers tied at a pixel share its gradient; a constant layer gets none."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.rand((2, 3, 4), generator=gen, dtype=torch.float64)
+    constant = torch.full((2, 5, 5), 0.25, dtype=torch.float64)
+    maps = [base.clone().requires_grad_(True), base.clone().requires_grad_(True), constant.requires_grad_(True)]
+    for fuse in ("sum", "max"):
+        want_out, _ = epi.map_epilogue_reference(maps, (6, 8), fuse)
+        grad_out = torch.randn(want_out.shape, generator=gen, dtype=torch.float64)
+        want = torch.autograd.grad(want_out, maps, grad_out)
+        impl = epi.map_epilogue_backward_reference if backend == "reference" else epi.map_epilogue_backward_triton
+        got = impl(grad_out, [m.detach() for m in maps], (6, 8), fuse)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(got[0], got[1])  # identical layers: equal shares
+        assert (got[2] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fuse", ["sum", "max"])
+def test_gradcheck_float64(backend, fuse):
+    acts, grads = make_layers([(1, 2, 2, 3), (1, 2, 3, 3)], torch.float64, seed=4)
+
+    def fn(*tensors):
+        return flm_fuse(list(tensors[:2]), list(tensors[2:]), (4, 5), fuse, backend=backend)
+
+    # Fast mode (random projections) on the slow interpreter; test_epilogue_backward_is_exact holds
+    # the Triton backward to autograd exactly.
+    assert torch.autograd.gradcheck(fn, (*acts, *grads), fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize(
+    "backend,layout",  # the registrations do not depend on the backend: one Triton run (interpreter time)
+    [("reference", "nchw"), ("reference", "nhwc"), pytest.param("triton", "nhwc", marks=requires_triton)],
+)
+def test_opcheck(backend, layout):
+    (a, b), (ga, gb) = make_layers([(2, 3, 3, 4), (2, 2, 5, 5)], torch.float32, layout, seed=6)
+    torch.library.opcheck(torch.ops.rethinkcam_fast.flm_reduce, (a, ga, backend))
+    grad_maps = torch.randn(2, 3, 4)
+    torch.library.opcheck(torch.ops.rethinkcam_fast.flm_reduce_backward, (grad_maps, a.detach(), ga.detach(), backend))
+    maps = [torch.rand(2, 3, 4, requires_grad=True), torch.rand(2, 5, 5, requires_grad=True)]
+    for fuse in ("sum", "max"):
+        torch.library.opcheck(torch.ops.rethinkcam_fast.map_epilogue, (maps, [6, 7], fuse, True, backend))
+    torch.library.opcheck(torch.ops.rethinkcam_fast.map_epilogue_backward,
+                          (torch.randn(2, 6, 7), [m.detach() for m in maps], [6, 7], "max", True, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    acts, grads = make_layers([(0, 3, 2, 2), (0, 2, 4, 4)], torch.float32)
+    out = flm_fuse(acts, grads, (5, 5), backend=backend)
+    assert out.shape == (0, 5, 5)
+    got = torch.autograd.grad(out.sum(), acts + grads)
+    assert [g.shape for g in got] == [t.shape for t in acts + grads]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_degenerate_layers_and_nan(backend):
+    """NaN policy: relu(NaN) = 0 in the reduction; a constant or non-finite layer map is zeros with zero
+    gradient; other images are unaffected."""
+    acts, grads = make_layers([(3, 2, 3, 3), (3, 2, 4, 4)], torch.float32, seed=7)
+    with torch.no_grad():
+        grads[0][0] = 0.0  # image 0, layer 0: M = 0 everywhere (constant)
+        acts[1][1, 0, 2, 2] = float("inf")  # image 1, layer 1: inf * relu(g) -> a non-finite map (or 0)
+        grads[1][1, 0, 2, 2] = 1.0
+        grads[0][2, 1, 0, 0] = float("nan")  # relu(NaN) = 0: no effect
+    out = flm_fuse(acts, grads, (6, 6), backend=backend)
+    assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+    got = torch.autograd.grad(out.sum(), acts + grads)
+    assert (got[0][0] == 0).all() and (got[2][0] == 0).all()  # the constant layer of image 0
+    assert (got[1][1] == 0).all() and (got[3][1] == 0).all()  # the non-finite layer of image 1
+    assert all(torch.isfinite(g).all() for g in got)
+    single = flm_fuse([acts[1][:1]], [grads[1][:1]], (6, 6), backend=backend)
+    torch.testing.assert_close(out[0], single[0])  # image 0 is layer 1's map alone
+
+
+def test_bad_input_raises_clear_errors():
+    (a,), (g,) = make_layers([(2, 3, 4, 4)], torch.float32)
+    with pytest.raises(ValueError, match=r"gradients\[0\] must have the shape of activations\[0\]"):
+        flm_fuse([a], [torch.randn(2, 3, 4, 5)], (8, 8))
+    with pytest.raises(ValueError, match="one tensor per layer"):
+        flm_fuse([a, a], [g], (8, 8))
+    with pytest.raises(ValueError, match="at least one layer"):
+        flm_fuse([], [], (8, 8))
+    with pytest.raises(ValueError, match=r"activations\[1\] has batch 3"):
+        flm_fuse([a, torch.randn(3, 3, 4, 4)], [g, torch.randn(3, 3, 4, 4)], (8, 8))
+    with pytest.raises(TypeError, match=r"activations\[0\] must have a floating dtype"):
+        flm_fuse([a.detach().long()], [g], (8, 8))
+    with pytest.raises(TypeError, match="activations must be a list"):
+        flm_fuse(a, [g], (8, 8))
+    with pytest.raises(ValueError, match=r"gradients\[0\] must be a 4-D"):
+        flm_fuse([a], [g[0]], (8, 8))
+    with pytest.raises(ValueError, match="fuse must be one of"):
+        flm_fuse([a], [g], (8, 8), fuse="mean")
+    with pytest.raises(TypeError, match="output_size must be a pair"):
+        flm_fuse([a], [g], None)
+    with pytest.raises(ValueError, match="output_size must be positive"):
+        flm_fuse([a], [g], (8, -1))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        flm_fuse([a], [g], (8, 8), backend="native")
+
+
+def test_exports():
+    assert rethinkcam_fast.flm_fuse is flm_fuse
+    assert rethinkcam_fast.FLMFuseFunction is flm_mod.FLMFuseFunction
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_forward_and_backward():
+    acts, grads = make_layers([(2, 3, 3, 4), (2, 2, 5, 5)], torch.float32, seed=9)
+
+    def loss(*tensors):
+        return flm_fuse(list(tensors[:2]), list(tensors[2:]), (6, 7), "max", backend="reference").square().mean()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(*acts, *grads), acts + grads)
+    want = torch.autograd.grad(loss(*acts, *grads), acts + grads)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,fuse", [(torch.float32, "sum"), (torch.bfloat16, "max")], ids=str)
+def test_resnet_like_layers_on_gpu(dtype, fuse):
+    shapes = [(8, 64, 112, 112), (8, 256, 56, 56), (8, 512, 28, 28), (8, 2048, 7, 7)]
+    acts, grads = make_layers(shapes, dtype, "nhwc", seed=8)
+    acts = [t.detach().cuda().requires_grad_(True) for t in acts]
+    grads = [t.detach().cuda().requires_grad_(True) for t in grads]
+    check_against_oracle(acts, grads, (224, 224), fuse, "auto", tol=1e-4)  # float32 sums over 224² pixels
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("sizes,out_size,fuse,normalize", EPILOGUE_CASES, ids=str)
+def test_epilogue_backward_is_exact_on_gpu(sizes, out_size, fuse, normalize):
+    gen = torch.Generator().manual_seed(len(sizes))
+    maps = [torch.rand((2, *s), generator=gen, dtype=torch.float64) for s in sizes]
+    want_out, _ = epi.map_epilogue_reference([m.requires_grad_(True) for m in maps], out_size, fuse, normalize)
+    grad_out = torch.randn(want_out.shape, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad(want_out, maps, grad_out)
+    got = epi.map_epilogue_backward_triton(grad_out.cuda(), [m.detach().cuda() for m in maps], out_size, fuse, normalize)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, atol=1e-12, rtol=1e-10)
