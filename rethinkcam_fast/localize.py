@@ -30,6 +30,8 @@ from .ops.box_ious import best_box_ious, cam_curve_thresholds, protocol_threshol
 from .ops.percentile_threshold import scaled_levels
 
 V2_IOU_THRESHOLDS = (0.3, 0.5, 0.7)
+# Box thresholds int(theta * percentile_q(uint8 map)) by name: plain CAM thresholding (0.2 x max) and PaS.
+BOX_THRESHOLDS = {"max": (100.0, 0.2), "pas": (90.0, 0.35)}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 JSON_NAME, GRID_NAME = "localizations.json", "grid.png"
@@ -134,7 +136,8 @@ def write_outputs(out_dir: str, records: list[dict[str, Any]], tiles: Sequence[n
     json_path, grid_path = os.path.join(out_dir, JSON_NAME), os.path.join(out_dir, GRID_NAME)
     with open(json_path, "w") as fh:
         json.dump(records, fh, indent=1)
-    captions = [f"{os.path.basename(r['image'])[:18]} c{r['label']} {r['score']:.1f}" for r in records[: len(tiles)]]
+    captions = [f"{os.path.basename(r['image'])[:15]} pred {r['label']} ({r['score']:.1f})"
+                for r in records[: len(tiles)]]
     save_grid(grid_path, tiles, captions, columns)
     return json_path, grid_path
 
@@ -216,12 +219,13 @@ def preprocess(image: Tensor, image_size: int | None, normalize: bool) -> Tensor
 
 
 def localize_files(paths: Sequence[str], model: nn.Module, method: str = "cam", *, nwc: bool = True,
-                   pas: bool = True, image_size: int | None = None, normalize: bool = False,
+                   box_threshold: str = "pas", image_size: int | None = None, normalize: bool = False,
                    device: str | torch.device = "cpu", out_dir: str | None = None,
                    tile_size: int = 192) -> list[dict[str, Any]]:
     """Localize the top-1 class of every image file: records (see :func:`localization_records`), with
     boxes in the image's own pixels (the CAM is resized to each image's size).
 
+    ``box_threshold``: ``"pas"`` (0.35 x 90th percentile) or ``"max"`` (0.2 x max), see :data:`BOX_THRESHOLDS`.
     Every image is read (and checked) before the model runs, so a bad file fails fast with
     :class:`~rethinkcam_fast.imageio.ImageReadError`. With ``out_dir``, writes the JSON and PNG grid.
     """
@@ -231,8 +235,9 @@ def localize_files(paths: Sequence[str], model: nn.Module, method: str = "cam", 
     images = [read_image(path, channels) for path in paths]
     device = torch.device(device)
     model = model.to(device).eval()
-    engine = CAMEngine(model, method, nwc=nwc and method == "cam", pas_q=90.0 if pas else 100.0,
-                       pas_theta=0.35 if pas else 0.2, box_convention="exact", warn_degenerate=False)
+    q, theta = BOX_THRESHOLDS[box_threshold]
+    engine = CAMEngine(model, method, nwc=nwc and method == "cam", pas_q=q, pas_theta=theta,
+                       box_convention="exact", warn_degenerate=False)
     records, tiles = [], []
     for path, image in zip(paths, images):
         engine.output_size = tuple(image.shape[1:])
@@ -259,7 +264,7 @@ def fit_tile(tile: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(cell)
 
 
-__all__ = ["GRID_NAME", "JSON_NAME", "LocalizationMetrics", "build_model", "fit_tile", "input_channels",
+__all__ = ["BOX_THRESHOLDS", "GRID_NAME", "JSON_NAME", "LocalizationMetrics", "build_model", "fit_tile", "input_channels",
            "load_user_model", "localization_records", "localize_files", "preprocess", "sweep_levels",
            "wsol_box_metrics", "write_outputs"]
 

@@ -65,30 +65,33 @@ def resolve_device(device: str) -> torch.device:
 
 
 class ProgressBar:
-    """A one-line text progress bar on ``stream`` (redrawn in place on a terminal, one line per epoch otherwise)."""
+    """A one-line text progress bar on ``stream``: redrawn in place on a terminal (at most every
+    ``refresh`` seconds), else one line when closed. Stats may be tensors; they are read only when drawn."""
 
-    def __init__(self, total: int, label: str, stream: TextIO | None = None, enabled: bool = True) -> None:
+    def __init__(self, total: int, label: str, stream: TextIO | None = None, enabled: bool = True,
+                 refresh: float = 0.25) -> None:
         self.total, self.label, self.stream, self.enabled = total, label, stream or sys.stderr, enabled
         self.interactive = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.start = time.perf_counter()
+        self.start = self.last_draw = time.perf_counter()
+        self.refresh = refresh
         self.count = 0
 
-    def update(self, steps: int = 1, **stats: float) -> None:
+    def update(self, steps: int = 1, **stats: float | Tensor) -> None:
         self.count += steps
-        if self.interactive:
+        if self.interactive and time.perf_counter() - self.last_draw >= self.refresh:
             self._draw(stats, end="\r")
 
-    def close(self, **stats: float) -> None:
+    def close(self, **stats: float | Tensor) -> None:
         if self.enabled:
             self._draw(stats, end="\n")
 
-    def _draw(self, stats: dict[str, float], end: str) -> None:
+    def _draw(self, stats: dict[str, float | Tensor], end: str) -> None:
         width = 24
         done = int(width * self.count / max(self.total, 1))
-        extra = " ".join(f"{k} {v:.3g}" for k, v in stats.items())
-        elapsed = time.perf_counter() - self.start
+        extra = " ".join(f"{k} {float(v):.3g}" for k, v in stats.items())
+        self.last_draw = time.perf_counter()
         self.stream.write(f"{self.label} [{'#' * done}{'.' * (width - done)}] {self.count}/{self.total} "
-                          f"{elapsed:.1f}s {extra}{end}")
+                          f"{self.last_draw - self.start:.1f}s {extra}{end}")
         self.stream.flush()
 
 
@@ -157,10 +160,7 @@ def train_model(model: nn.Module, train: CanvasSet, options: TrainOptions, val: 
             optimizer.step()
             schedule.step()
             total_loss += loss.detach() * len(index)
-            if bar.interactive:
-                bar.update(loss=float(loss))
-            else:
-                bar.count += 1
+            bar.update(loss=loss.detach())
         report.train_loss.append(float(total_loss) / len(train))
         stats = {"loss": report.train_loss[-1]}
         if val is not None and len(val):

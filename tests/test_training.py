@@ -135,6 +135,20 @@ def test_progress_bar_prints_one_line_per_epoch_when_not_a_terminal():
     assert len(lines) == 1 and lines[0].startswith("epoch 1/1 [####") and "4/4" in lines[0] and "loss 0.25" in lines[0]
 
 
+def test_progress_bar_redraws_in_place_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    bar = ProgressBar(2, "epoch 1/1", stream=stream, refresh=0.0)
+    bar.update(loss=torch.tensor(2.0))
+    bar.update(loss=torch.tensor(1.0))
+    bar.close(loss=1.0)
+    text = stream.getvalue()
+    assert text.count("\r") == 2 and text.endswith("\n") and "1/2 " in text and "loss 2\r" in text
+
+
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="epochs"):
         TrainOptions(epochs=0)
