@@ -12,7 +12,7 @@ digits of the same split (random crops of them, scaled alike) that never touch t
   val / test pools; every canvas of a split (its digit and its fragments) draws from its own pool,
   so no test digit instance is ever seen in training.
 * **Deterministic.** One ``numpy`` PCG64 stream per split, seeded from ``(seed, split)``: the same
-  config gives the same bytes on every machine.
+  config gives the same canvases.
 * **Standard layout.** :func:`write_wsol_dataset` writes PNGs plus the wsolevaluation metadata
   (``<root>/<dataset>/<split>/{image_ids,class_labels,image_sizes,localization}.txt``; the image ids
   are paths relative to ``<root>/<dataset>``), which :func:`load_wsol_split` reads back.
@@ -144,8 +144,8 @@ def _interpolation_matrix(size: int) -> np.ndarray:
 def _scaled_digits(images: np.ndarray, sizes: range) -> dict[int, np.ndarray]:
     """Every digit at every size: ``{s: uint8[count, s, s]}`` (bilinear, then rounded to grey levels).
 
-    Separable bilinear resampling as two small matrix products (numpy, single-threaded: cheap, and the
-    same bytes on every machine).
+    Separable bilinear resampling as two small matrix products in float64 (numpy: cheap, and independent
+    of torch's thread count).
     """
     scaled = {}
     for s in sizes:

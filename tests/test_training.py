@@ -154,3 +154,26 @@ def test_bad_options_are_refused():
         TrainOptions(epochs=0)
     with pytest.raises(ValueError, match="pool"):
         DigitsCAMNet("max")
+
+
+def test_ablation_script_smoke(tmp_path, capsys):
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
+    spec = importlib.util.spec_from_file_location("bench_ablation", path)
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    out = tmp_path / "ablation.json"
+    threads = torch.get_num_threads()
+    try:
+        assert ablation.main(["--seeds", "0", "--epochs", "1", "--train-size", "64", "--test-size", "40",
+                              "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    record = json.loads(out.read_text())
+    rows = record["per_seed"][0]["rows"]
+    assert list(rows) == [name for name, *_ in ablation.ROWS] and rows["+ PaS"]["threshold_standard"] == "p90"
+    assert all(0 <= row[key] <= 100 for row in rows.values() for key, _ in ablation.COLUMNS)
+    assert "| + NWC |" in (tmp_path / "ablation.md").read_text() and "| CAM (GAP) |" in capsys.readouterr().out
