@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from rethinkcam_fast import CAMEngine, __version__, percentile_threshold
-from rethinkcam_fast.datasets import ClutteredDigitsConfig, generate_cluttered_digits
+from rethinkcam_fast.datasets import CanvasSet, ClutteredDigitsConfig, generate_cluttered_digits
 from rethinkcam_fast.localize import BOX_THRESHOLDS, wsol_box_metrics
 from rethinkcam_fast.training import TrainOptions, classify, train_digits_model
 
@@ -54,7 +54,8 @@ COLUMNS = [("max_box_acc_v2", "MaxBoxAccV2"), ("max_box_acc", "MaxBoxAcc"), ("to
            ("fixed_top1_loc_max", "Top-1 Loc @ 0.2·max"), ("fixed_top1_loc_pas", "Top-1 Loc @ PaS")]
 
 
-def evaluate_row(model: torch.nn.Module, test, method: str, nwc: bool, pas: bool, interval: float) -> dict:
+def evaluate_row(model: torch.nn.Module, test: CanvasSet, method: str, nwc: bool, pas: bool,
+                 interval: float) -> dict:
     """The row's metrics on ``test`` (maps of the ground-truth class)."""
     images = test.float_images()
     engine = CAMEngine(model, method, nwc=nwc, boxes=False, warn_degenerate=False)

@@ -232,7 +232,7 @@ def write_wsol_dataset(root: str, splits: dict[str, CanvasSet], dataset_name: st
         for image_id, image in zip(data.image_ids, data.images.numpy()):
             path = os.path.join(base, image_id)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            Image.fromarray(image, mode="L").save(path)
+            Image.fromarray(image).save(path)  # uint8 [H, W]: grey ("L")
         rows = list(zip(data.image_ids, data.labels.tolist(), data.boxes.tolist()))
         _write_lines(os.path.join(meta_dir, "image_ids.txt"), [i for i, _, _ in rows])
         _write_lines(os.path.join(meta_dir, "class_labels.txt"), [f"{i},{label}" for i, label, _ in rows])

@@ -77,7 +77,7 @@ def _write_canvases(tmp_path, count: int = 2) -> list[str]:
     paths = []
     for i in range(count):
         path = tmp_path / f"digit_{i}.png"
-        Image.fromarray(data.images[i].numpy(), mode="L").save(path)
+        Image.fromarray(data.images[i].numpy()).save(path)
         paths.append(str(path))
     return paths
 
@@ -96,6 +96,20 @@ def test_localize_cli_on_image_files(tmp_path, capsys):
         x0, y0, x1, y1 = record["box"]
         assert 0 <= x0 <= x1 < w and 0 <= y0 <= y1 < h and 0 <= record["label"] < 10
     assert (out / "grid.png").is_file() and "box [" in capsys.readouterr().out
+
+
+def test_localize_with_a_factory_from_a_file_and_resizing(tmp_path):
+    factory = tmp_path / "my_model.py"
+    factory.write_text("from rethinkcam_fast.models import DigitsCAMNet\n\n"
+                       "def make():\n    return DigitsCAMNet('gap', widths=(4, 8, 8))\n")
+    paths = _write_canvases(tmp_path, 1)
+    out = tmp_path / "out"
+    code = cli.main(["localize", *paths, "--model", f"{factory}:make", "--image-size", "48", "--method", "gradcam",
+                     "--box-threshold", "pas", "--out", str(out)])
+    assert code == 0
+    (record,) = json.loads((out / "localizations.json").read_text())
+    x0, y0, x1, y1 = record["box"]
+    assert 0 <= x0 <= x1 < 64 and 0 <= y0 <= y1 < 64  # the map is resized back to the image's own 64x64
 
 
 def test_localize_bad_input_is_a_clear_error(tmp_path, capsys):
