@@ -27,7 +27,7 @@ from .engine import CAMEngine, CAMResult
 from .imageio import overlay_tile, read_image, save_grid
 from .models import CHECKPOINT_FORMAT, DigitsCAMNet, load_state_into, model_from_arch, read_weights, state_dict_of
 from .ops.box_ious import best_box_ious, cam_curve_thresholds, protocol_thresholds
-from .ops.percentile_threshold import scaled_levels
+from .ops.percentile_threshold import lerp_like_numpy, percentile_plan, scaled_levels
 
 V2_IOU_THRESHOLDS = (0.3, 0.5, 0.7)
 # Box thresholds int(theta * percentile_q(uint8 map)) by name: plain CAM thresholding (0.2 x max) and PaS.
@@ -65,8 +65,13 @@ def sweep_levels(cams: Tensor, cam_thresholds: np.ndarray, percentile: float | N
     """
     if percentile is None:
         return protocol_thresholds(cams, cam_thresholds)
-    levels = scaled_levels(cams.flatten(1), torch.float64)
-    standard = torch.quantile(levels, percentile / 100.0, dim=1) if len(cams) else levels.new_zeros(0)
+    levels = scaled_levels(cams.flatten(1), torch.int64).double()  # uint8(255 * cam) levels, truncated
+    if len(cams):  # numpy's linear percentile, exactly (torch.quantile has a size limit and other rounding)
+        rank_lo, rank_hi, gamma = percentile_plan(levels.shape[1], percentile)
+        ordered = levels.sort(dim=1).values
+        standard = lerp_like_numpy(ordered[:, rank_lo], ordered[:, rank_hi], gamma)
+    else:
+        standard = levels.new_zeros(0)
     t = torch.as_tensor(cam_thresholds, dtype=torch.float64, device=cams.device)
     return (t[None, :] * standard[:, None]).floor().to(torch.int64)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import rethinkcam_fast
 from rethinkcam_fast import cli
 from rethinkcam_fast.datasets import ClutteredDigitsConfig, generate_split
 from rethinkcam_fast.demo import run_demo
@@ -165,3 +166,16 @@ def test_box_metrics_count_one_threshold_for_the_whole_dataset():
     assert pas.threshold_standard == "p90" and pas.max_box_acc == 0.0
     with pytest.raises(ValueError, match="no images"):
         wsol_box_metrics(cams[:0], gt[:0], labels[:0], labels[:0])
+
+
+def test_percentile_standard_matches_numpy():
+    from rethinkcam_fast.localize import sweep_levels
+
+    generator = torch.Generator().manual_seed(0)
+    cams = torch.rand(5, 17, 23, generator=generator) ** 3
+    t = np.arange(0, 1, 0.01)
+    levels = sweep_levels(cams, t, percentile=90.0)
+    for cam, row in zip(cams, levels):
+        standard = np.percentile(np.uint8(255 * cam.numpy()), 90.0)
+        assert row.tolist() == np.floor(t * standard).astype(np.int64).tolist()
+    assert torch.equal(sweep_levels(cams, t), rethinkcam_fast.protocol_thresholds(cams, t))
