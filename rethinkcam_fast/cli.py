@@ -17,13 +17,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _tap_tau(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     from .models import CheckpointError
 
     try:
-        chosen = {k: v for k, v in (("method", args.method), ("box_threshold", args.box_threshold)) if v is not None}
-        run_demo(out_dir=args.out, count=args.count, grid=args.grid, weights=args.weights, **chosen)
+        given = {"out_dir": args.out, "method": args.method, "box_threshold": args.box_threshold}
+        run_demo(count=args.count, grid=args.grid, weights=args.weights,
+                 **{k: v for k, v in given.items() if v is not None})  # run_demo's defaults otherwise
     except CheckpointError as exc:
         return _fail(exc)
     return 0
@@ -98,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="localize real handwritten digits with the shipped model (CPU, no downloads)")
-    demo.add_argument("--out", default="rethinkcam_demo", help="directory for localizations.json and grid.png")
+    demo.add_argument("--out", help="directory for localizations.json and grid.png (default: ./rethinkcam_demo)")
     demo.add_argument("--count", type=_positive_int, default=200, help="test canvases to localize")
     demo.add_argument("--grid", type=_positive_int, default=16, help="canvases drawn in grid.png")
     demo.add_argument("--weights", help="a checkpoint from `rethinkcam train` (default: the shipped model)")
@@ -111,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train the cluttered-digits CNN (GAP or TAP) and write a checkpoint")
     train.add_argument("--out", required=True, help="checkpoint file (written atomically after every epoch)")
     train.add_argument("--pool", choices=["gap", "tap"], default="tap")
-    train.add_argument("--tau", type=float, default=0.1, help="TAP threshold ratio in [0, 1)")
+    train.add_argument("--tau", type=_tap_tau, default=0.1, help="TAP threshold ratio in [0, 1)")
     train.add_argument("--widths", type=_positive_int, nargs=3, default=[16, 32, 64], help="channels per stage")
     train.add_argument("--epochs", type=_positive_int, default=6)
     train.add_argument("--batch-size", type=_positive_int, default=64)

@@ -32,3 +32,13 @@ def test_train_cli_writes_a_checkpoint_and_the_dataset(tmp_path, capsys):
     model, meta = load_checkpoint(str(out))
     assert model.arch["widths"] == [4, 8, 8] and meta["data"]["seed"] == 4 and meta["data"]["canvas_size"] == 32
     assert len(load_wsol_split(str(tmp_path / "data"), "test")) == 8
+
+
+def test_bad_arguments_and_weights_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--out", str(tmp_path / "m.pt"), "--tau", "1.5"])
+    assert exit_info.value.code == 2 and "must lie in [0, 1)" in capsys.readouterr().err
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"PK\x03\x04 truncated zip")
+    assert cli.main(["demo", "--weights", str(broken), "--out", str(tmp_path / "d")]) == 2
+    assert "not a readable PyTorch weights file" in capsys.readouterr().err
