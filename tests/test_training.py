@@ -154,6 +154,10 @@ def test_bad_options_are_refused():
         TrainOptions(epochs=0)
     with pytest.raises(ValueError, match="pool"):
         DigitsCAMNet("max")
+    from rethinkcam_fast.training import train_model
+
+    with pytest.raises(TypeError, match="DigitsCAMNet only"):
+        train_model(torch.nn.Linear(2, 2), None, TrainOptions(), checkpoint_path="x.pt")
 
 
 def test_ablation_script_smoke(tmp_path, capsys):
