@@ -1,0 +1,102 @@
+"""Reading images with clear errors, and drawing CAM overlays (heatmap, predicted box, GT box) into a PNG grid.
+
+Pillow does the file work; the heatmap colouring and box drawing are a few numpy lines.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+PRED_COLOR = (0, 255, 0)  # predicted box: green
+GT_COLOR = (255, 0, 255)  # ground-truth box: magenta
+
+
+class ImageReadError(ValueError):
+    """An image file that is missing or cannot be decoded."""
+
+
+def read_image(path: str, channels: int = 3) -> Tensor:
+    """Decode ``path`` to ``ByteTensor[channels, H, W]`` (``channels`` 1: grey, 3: RGB).
+
+    Raises:
+        ImageReadError: the file is missing, not a file, or not a decodable image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if not os.path.isfile(path):
+        raise ImageReadError(f"{path}: image not found")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            pixels = np.array(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
+    pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def heatmap_colors(cam: np.ndarray) -> np.ndarray:
+    """A jet-like colour map: ``float[H, W]`` in ``[0, 1]`` -> ``uint8[H, W, 3]`` (blue -> red)."""
+    x = np.clip(cam, 0.0, 1.0)[..., None]
+    rgb = np.clip(1.5 - np.abs(4.0 * x - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
+    return (rgb * 255).astype(np.uint8)
+
+
+def draw_box(canvas: np.ndarray, box: Sequence[int], color: tuple[int, int, int], scale: int = 1) -> None:
+    """Draw the outline of inclusive box ``x0, y0, x1, y1`` (image pixels) on ``uint8[H*scale, W*scale, 3]``."""
+    h, w = canvas.shape[:2]
+    x0, y0, x1, y1 = (int(v) for v in box)
+    x0, y0 = max(0, x0 * scale), max(0, y0 * scale)
+    x1, y1 = min(w - 1, (x1 + 1) * scale - 1), min(h - 1, (y1 + 1) * scale - 1)
+    if x1 < x0 or y1 < y0:
+        return
+    canvas[y0, x0 : x1 + 1] = canvas[y1, x0 : x1 + 1] = color
+    canvas[y0 : y1 + 1, x0] = canvas[y0 : y1 + 1, x1] = color
+
+
+def overlay_tile(image: Tensor, cam: Tensor, box: Sequence[int], gt_box: Sequence[int] | None = None,
+                 scale: int = 1, alpha: float = 0.5) -> np.ndarray:
+    """One panel ``uint8[H*scale, W*scale, 3]``: image blended with the heatmap, predicted and GT boxes.
+
+    Args:
+        image: ``ByteTensor[C, H, W]`` (C = 1 or 3). cam: ``Tensor[H, W]`` in ``[0, 1]``.
+    """
+    pixels = image.expand(3, -1, -1).permute(1, 2, 0).numpy().astype(np.float32)
+    blended = (1 - alpha) * pixels + alpha * heatmap_colors(cam.float().cpu().numpy()).astype(np.float32)
+    tile = np.repeat(np.repeat(blended.round().astype(np.uint8), scale, axis=0), scale, axis=1)
+    if gt_box is not None:
+        draw_box(tile, gt_box, GT_COLOR, scale)
+    draw_box(tile, box, PRED_COLOR, scale)
+    return tile
+
+
+def save_grid(path: str, tiles: Sequence[np.ndarray], captions: Sequence[str], columns: int = 4) -> None:
+    """Lay ``tiles`` (equal-sized ``uint8[h, w, 3]``) out in a grid with a caption under each; save as PNG."""
+    from PIL import Image, ImageDraw
+
+    if not tiles:
+        raise ValueError("no tiles to draw")
+    h, w = tiles[0].shape[:2]
+    caption_h, pad = 14, 4
+    columns = max(1, min(columns, len(tiles)))
+    rows = (len(tiles) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + caption_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, (tile, caption) in enumerate(zip(tiles, captions)):
+        x = pad + (i % columns) * (w + pad)
+        y = pad + (i // columns) * (h + caption_h + pad)
+        grid.paste(Image.fromarray(tile), (x, y))
+        draw.text((x, y + h + 1), caption, fill=(0, 0, 0))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.save(path)
+
+
+__all__ = ["GT_COLOR", "ImageReadError", "PRED_COLOR", "draw_box", "heatmap_colors", "overlay_tile", "read_image",
+           "save_grid"]

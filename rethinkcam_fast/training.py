@@ -1,0 +1,198 @@
+"""Train the cluttered-digits classifier (GAP or TAP): AMP on the GPU, channels_last, optional ``torch.compile``.
+
+:func:`train_model` trains any classifier on a :class:`~rethinkcam_fast.datasets.CanvasSet`;
+:func:`train_digits_model` generates the benchmark and trains :class:`~rethinkcam_fast.models.DigitsCAMNet`
+(``rethinkcam train``). Checkpoints are written atomically after every epoch
+(:func:`~rethinkcam_fast.models.save_checkpoint`) and read back with ``weights_only=True``.
+Everything is seeded: the same options give the same weights on the same machine and torch build.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+import torch
+from torch import Tensor, nn
+
+from .datasets import CanvasSet, ClutteredDigitsConfig, generate_cluttered_digits
+from .models import DigitsCAMNet, save_checkpoint
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Optimisation settings (AdamW; linear warm-up then cosine decay of the learning rate).
+
+    ``device="auto"`` picks CUDA when available. ``amp`` (bf16 autocast) and ``channels_last`` apply on
+    CUDA only unless ``channels_last_on_cpu``; ``compile`` wraps the model in ``torch.compile``.
+    """
+
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 4e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class TrainReport:
+    """What training returns: the trained model (``eval()`` mode, on the CPU) and what happened."""
+
+    model: nn.Module
+    seconds: float
+    images_per_second: float
+    train_loss: list[float] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+    device: str = "cpu"
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device`` parses it."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+
+
+class ProgressBar:
+    """A one-line text progress bar on ``stream``: redrawn in place on a terminal (at most every
+    ``refresh`` seconds), else one line when closed. Stats may be tensors; they are read only when drawn."""
+
+    def __init__(self, total: int, label: str, stream: TextIO | None = None, enabled: bool = True,
+                 refresh: float = 0.25) -> None:
+        self.total, self.label, self.stream, self.enabled = total, label, stream or sys.stderr, enabled
+        self.interactive = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start = self.last_draw = time.perf_counter()
+        self.refresh = refresh
+        self.count = 0
+
+    def update(self, steps: int = 1, **stats: float | Tensor) -> None:
+        self.count += steps
+        if self.interactive and time.perf_counter() - self.last_draw >= self.refresh:
+            self._draw(stats, end="\r")
+
+    def close(self, **stats: float | Tensor) -> None:
+        if self.enabled:
+            self._draw(stats, end="\n")
+
+    def _draw(self, stats: dict[str, float | Tensor], end: str) -> None:
+        width = 24
+        done = int(width * self.count / max(self.total, 1))
+        extra = " ".join(f"{k} {float(v):.3g}" for k, v in stats.items())
+        self.last_draw = time.perf_counter()
+        self.stream.write(f"{self.label} [{'#' * done}{'.' * (width - done)}] {self.count}/{self.total} "
+                          f"{self.last_draw - self.start:.1f}s {extra}{end}")
+        self.stream.flush()
+
+
+def warmup_cosine(total_steps: int, warmup_fraction: float = 0.2):
+    """Learning-rate factor per step: linear warm-up over ``warmup_fraction`` of the steps, then cosine to 0."""
+    warmup = max(1, int(warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+    return factor
+
+
+@torch.no_grad()
+def classify(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Top-1 predictions ``LongTensor[N]`` for ``images[N, C, H, W]`` (model in ``eval()`` mode, its device)."""
+    device = next(model.parameters()).device
+    model.eval()
+    out = [model(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def train_model(model: nn.Module, train: CanvasSet, options: TrainOptions, val: CanvasSet | None = None,
+                checkpoint_path: str | None = None, checkpoint_meta: dict[str, Any] | None = None,
+                progress: bool = True) -> TrainReport:
+    """Train ``model`` on ``train`` (``images[N, H, W]`` grey canvases, ``labels[N]``) with cross-entropy.
+
+    The training canvases are moved to the device once. After every epoch: validation accuracy (if
+    ``val``), and an atomic checkpoint at ``checkpoint_path`` (``DigitsCAMNet`` only). Returns the model
+    in ``eval()`` mode, moved back to the CPU.
+    """
+    if checkpoint_path is not None and not isinstance(model, DigitsCAMNet):
+        raise TypeError(f"checkpoints are written for DigitsCAMNet only, got {type(model).__name__}")
+    device = resolve_device(options.device)
+    torch.manual_seed(options.seed)
+    channels_last = options.channels_last and device.type == "cuda"
+    use_amp = options.amp and device.type == "cuda"
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if options.compile else model
+    steps_per_epoch = math.ceil(len(train) / options.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(options.epochs * steps_per_epoch))
+    order_generator = torch.Generator().manual_seed(options.seed)
+    images, labels = train.float_images().to(device), train.labels.to(device)  # 16 kB per 64x64 canvas
+    report = TrainReport(model, 0.0, 0.0, device=str(device))
+    start = time.perf_counter()
+    for epoch in range(options.epochs):
+        model.train()
+        bar = ProgressBar(steps_per_epoch, f"epoch {epoch + 1}/{options.epochs}", enabled=progress)
+        order = torch.randperm(len(train), generator=order_generator)
+        total_loss = torch.zeros((), device=device)
+        for i in range(0, len(order), options.batch_size):
+            index = order[i : i + options.batch_size].to(device)
+            x = images[index].contiguous(memory_format=torch.channels_last) if channels_last else images[index]
+            y = labels[index]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = nn.functional.cross_entropy(step_model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total_loss += loss.detach() * len(index)
+            bar.update(loss=loss.detach())
+        report.train_loss.append(float(total_loss) / len(train))
+        stats = {"loss": report.train_loss[-1]}
+        if val is not None and len(val):
+            accuracy = 100.0 * float((classify(model, val.float_images()) == val.labels).double().mean())
+            report.val_accuracy.append(accuracy)
+            stats["val_acc"] = accuracy
+        bar.close(**stats)
+        if checkpoint_path is not None:
+            save_checkpoint(checkpoint_path, model, {**(checkpoint_meta or {}), "epoch": epoch + 1,
+                                                     "train_loss": report.train_loss, "val_accuracy": report.val_accuracy})
+    report.seconds = time.perf_counter() - start
+    report.images_per_second = options.epochs * len(train) / report.seconds
+    report.model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    return report
+
+
+def train_digits_model(pool: str = "tap", tau: float = 0.1, widths: tuple[int, int, int] = (16, 32, 64),
+                       options: TrainOptions | None = None, data: ClutteredDigitsConfig | None = None,
+                       splits: dict[str, CanvasSet] | None = None, checkpoint_path: str | None = None,
+                       progress: bool = True) -> TrainReport:
+    """Generate cluttered digits (``data``, or use ``splits``) and train a :class:`DigitsCAMNet` on them.
+
+    The checkpoint's ``meta`` records the data config, the options and the final validation accuracy,
+    so a shipped file says how it was made.
+    """
+    options = options or TrainOptions()
+    data = data or ClutteredDigitsConfig()
+    splits = splits if splits is not None else generate_cluttered_digits(data)
+    torch.manual_seed(options.seed)
+    model = DigitsCAMNet(pool=pool, tau=tau, widths=widths)
+    meta = {"data": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(data).items()},
+            "options": asdict(options), "torch": str(torch.__version__)}
+    return train_model(model, splits["train"], options, splits.get("val"), checkpoint_path, meta, progress)
+
+
+__all__ = ["ProgressBar", "TrainOptions", "TrainReport", "classify", "resolve_device", "train_digits_model",
+           "train_model"]

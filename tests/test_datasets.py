@@ -1,0 +1,126 @@
+"""Cluttered digits: determinism, exact boxes, instance split, and the WSOL metadata layout."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from rethinkcam_fast.datasets import (
+    SPLITS,
+    ClutteredDigitsConfig,
+    generate_split,
+    load_source_digits,
+    load_wsol_split,
+    split_instances,
+    write_wsol_dataset,
+)
+
+SMALL = ClutteredDigitsConfig(canvas_size=48, digit_size=(12, 24), counts={"train": 40, "val": 10, "test": 30}, seed=5)
+
+
+@pytest.fixture(scope="module")
+def source():
+    return load_source_digits()
+
+
+def _ink_box(region: torch.Tensor) -> list[int]:
+    ys, xs = torch.nonzero(region, as_tuple=True)
+    return [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
+
+
+def test_same_seed_same_bytes_other_seed_other_canvases(source):
+    a, b = generate_split(SMALL, "test", source), generate_split(SMALL, "test", source)
+    assert torch.equal(a.images, b.images) and torch.equal(a.boxes, b.boxes) and torch.equal(a.labels, b.labels)
+    assert a.image_ids == b.image_ids
+    other = generate_split(ClutteredDigitsConfig(**{**SMALL.__dict__, "seed": 6}), "test", source)
+    assert not torch.equal(a.images, other.images)
+
+
+def test_boxes_are_the_tight_box_of_the_digit_without_clutter(source):
+    config = ClutteredDigitsConfig(**{**SMALL.__dict__, "clutter": 0})
+    data = generate_split(config, "train", source)
+    for image, box in zip(data.images, data.boxes):
+        assert _ink_box(image) == box.tolist()
+
+
+def test_clutter_stays_outside_the_box_and_the_box_is_tight(source):
+    data = generate_split(SMALL, "train", source)
+    cluttered = 0
+    for image, box in zip(data.images, data.boxes):
+        x0, y0, x1, y1 = box.tolist()
+        assert 0 <= x0 <= x1 < 48 and 0 <= y0 <= y1 < 48
+        assert 12 * 3 // 8 <= x1 - x0 + 1 <= 24 and y1 - y0 + 1 <= 24
+        inside = image[y0 : y1 + 1, x0 : x1 + 1]
+        assert _ink_box(inside) == [0, 0, x1 - x0, y1 - y0]  # ink touches all four sides of the box
+        outside = image.clone()
+        outside[y0 : y1 + 1, x0 : x1 + 1] = 0
+        cluttered += bool(outside.any())
+    assert cluttered >= len(data) // 2  # fragments really are drawn
+
+
+def test_instance_split_is_disjoint_and_every_canvas_uses_its_own_pool(source):
+    pools = split_instances(len(source[0]), SMALL.instance_fractions, SMALL.seed)
+    assert sum(len(p) for p in pools.values()) == len(source[0]) == 1797
+    assert set(pools["train"]).isdisjoint(pools["test"]) and set(pools["val"]).isdisjoint(pools["test"])
+    assert set(pools["train"]).isdisjoint(pools["val"])
+    for split in SPLITS:
+        data = generate_split(SMALL, split, source)
+        assert set(data.instances.tolist()) <= set(pools[split].tolist())
+        assert torch.equal(data.labels, torch.from_numpy(source[1][data.instances.numpy()]))
+    train = generate_split(SMALL, "train", source)
+    test = generate_split(SMALL, "test", source)
+    assert set(train.instances.tolist()).isdisjoint(test.instances.tolist())
+
+
+def test_metadata_layout_matches_wsolevaluation_and_round_trips(tmp_path, source):
+    splits = {split: generate_split(SMALL, split, source) for split in SPLITS}
+    base = write_wsol_dataset(str(tmp_path), splits)
+    assert base == os.path.join(str(tmp_path), "ClutteredDigits")
+    test = splits["test"]
+    meta = tmp_path / "ClutteredDigits" / "test"
+    ids = (meta / "image_ids.txt").read_text().splitlines()
+    assert ids == test.image_ids and ids[0] == f"test/{int(test.labels[0])}/test_000000.png"
+    assert (meta / "class_labels.txt").read_text().splitlines()[0] == f"{ids[0]},{int(test.labels[0])}"
+    assert (meta / "image_sizes.txt").read_text().splitlines()[0] == f"{ids[0]},48,48"
+    x0, y0, x1, y1 = test.boxes[0].tolist()
+    assert (meta / "localization.txt").read_text().splitlines()[0] == f"{ids[0]},{x0},{y0},{x1},{y1}"
+    # wsolevaluation's own parser: `image_id, x0s, x1s, y0s, y1s = line.strip('\n').split(',')` (names
+    # swapped there, order x0, y0, x1, y1 in the file).
+    for line in (meta / "localization.txt").read_text().splitlines(keepends=True):
+        image_id, *coords = line.strip("\n").split(",")
+        assert len(coords) == 4 and os.path.isfile(os.path.join(base, image_id))
+    for split in SPLITS:
+        back = load_wsol_split(str(tmp_path), split)
+        original = splits[split]
+        assert back.image_ids == original.image_ids
+        assert torch.equal(back.images, original.images)  # PNG is lossless
+        assert torch.equal(back.labels, original.labels) and torch.equal(back.boxes, original.boxes)
+
+
+def test_torch_dataset_items_and_loader(source):
+    data = generate_split(SMALL, "val", source)
+    image, label, box = data[3]
+    assert image.shape == (1, 48, 48) and image.dtype == torch.float32 and 0 <= image.min() <= image.max() <= 1
+    assert label == int(data.labels[3]) and box.tolist() == data.boxes[3].tolist()
+    images, labels, boxes = next(iter(torch.utils.data.DataLoader(data, batch_size=4)))
+    assert images.shape == (4, 1, 48, 48) and labels.shape == (4,) and boxes.shape == (4, 4)
+
+
+def test_bad_configs_and_missing_split_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="digit_size"):
+        ClutteredDigitsConfig(canvas_size=32, digit_size=(20, 40))
+    with pytest.raises(ValueError, match="counts"):
+        ClutteredDigitsConfig(counts={"training": 5})
+    with pytest.raises(ValueError, match="split"):
+        generate_split(SMALL, "holdout")
+    with pytest.raises(FileNotFoundError, match="no such split"):
+        load_wsol_split(str(tmp_path), "test")
+
+
+def test_source_digits_are_the_real_handwriting(source):
+    images, labels = source
+    assert images.shape == (1797, 8, 8) and images.dtype == np.float32
+    assert images.min() == 0.0 and images.max() == 1.0 and set(labels.tolist()) == set(range(10))

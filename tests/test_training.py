@@ -1,0 +1,183 @@
+"""Training smoke test, checkpoints (atomic write, weights_only load, wrong architecture), progress bar."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+import torch
+
+from rethinkcam_fast import models
+from rethinkcam_fast.datasets import ClutteredDigitsConfig, generate_cluttered_digits
+from rethinkcam_fast.models import CheckpointError, DigitsCAMNet, load_checkpoint, load_state_into, save_checkpoint
+from rethinkcam_fast.training import ProgressBar, TrainOptions, classify, train_digits_model
+
+# Learnable in a few steps: no clutter, small canvases.
+TINY_DATA = ClutteredDigitsConfig(canvas_size=32, digit_size=(12, 20), clutter=0,
+                                  counts={"train": 128, "val": 32, "test": 0}, seed=1)
+TINY_WIDTHS = (8, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def tiny_splits():
+    return generate_cluttered_digits(TINY_DATA)
+
+
+def _train(splits, checkpoint=None, epochs=3, widths=TINY_WIDTHS):
+    options = TrainOptions(epochs=epochs, batch_size=32, lr=1e-2, seed=3, device="cpu")
+    return train_digits_model("tap", 0.1, widths, options, TINY_DATA, splits, checkpoint, progress=False)
+
+
+def test_training_learns_and_checkpoints_every_epoch(tmp_path, tiny_splits):
+    path = str(tmp_path / "ckpt" / "model.pt")
+    report = _train(tiny_splits, path)
+    assert len(report.train_loss) == 3 and all(torch.isfinite(torch.tensor(report.train_loss)))
+    assert report.train_loss[-1] < 0.92 * report.train_loss[0]  # it learns (2.3 = chance for 10 classes)
+    assert len(report.val_accuracy) == 3 and 0 <= report.val_accuracy[-1] <= 100
+    assert not report.model.training and report.device == "cpu"
+    assert os.listdir(tmp_path / "ckpt") == ["model.pt"]  # no temporary file left behind
+    loaded, meta = load_checkpoint(path)
+    assert meta["epoch"] == 3 and meta["data"]["seed"] == 1 and meta["options"]["epochs"] == 3
+    assert meta["train_loss"] == report.train_loss and loaded.arch == report.model.arch
+    x = tiny_splits["val"].float_images()
+    torch.testing.assert_close(loaded(x), report.model(x), rtol=0, atol=0)
+    assert classify(report.model, x).shape == (len(x),)
+
+
+def test_training_is_seeded(tiny_splits):
+    small = {"train": tiny_splits["train"].subset(64)}
+    first, again = _train(small, epochs=1, widths=(4, 8, 8)), _train(small, epochs=1, widths=(4, 8, 8))
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(value, again.model.state_dict()[name]), name
+    init = DigitsCAMNet("tap", widths=(4, 8, 8))
+    assert not torch.equal(init.classifier.weight, first.model.classifier.weight)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "model.pt")
+    first = DigitsCAMNet("gap", widths=TINY_WIDTHS)
+    save_checkpoint(path, first, {"note": "first"})
+    before = open(path, "rb").read()
+
+    def crash(obj, fh, *args, **kwargs):
+        fh.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, DigitsCAMNet("tap", widths=TINY_WIDTHS))
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["model.pt"]
+    monkeypatch.undo()
+    model, meta = load_checkpoint(path)
+    assert meta == {"note": "first"} and model.arch["pool"] == "gap"
+
+
+def test_loads_only_with_weights_only(tmp_path, monkeypatch):
+    path = str(tmp_path / "model.pt")
+    save_checkpoint(path, DigitsCAMNet("tap", widths=TINY_WIDTHS))
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(models.torch, "load", spy)
+    load_checkpoint(path)
+    assert calls == [True]
+
+
+class _Payload:  # any class at all: a full pickle would run code to rebuild it
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_pickled_code_missing_and_corrupt_files_are_refused(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "x": _Payload()}, str(evil))
+    with pytest.raises(CheckpointError, match="not a readable PyTorch weights file"):
+        load_checkpoint(str(evil))
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00garbage" * 20)
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_checkpoint(str(corrupt))
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(str(tmp_path / "nope.pt"))
+    plain = tmp_path / "plain.pt"
+    torch.save([torch.zeros(1)], str(plain))
+    with pytest.raises(CheckpointError, match="expected a state dict"):
+        load_checkpoint(str(plain))
+
+
+def test_wrong_architecture_is_named(tmp_path):
+    path = str(tmp_path / "small.pt")
+    save_checkpoint(path, DigitsCAMNet("tap", widths=TINY_WIDTHS))
+    state = torch.load(path, weights_only=True)["state_dict"]
+    with pytest.raises(CheckpointError, match=r"another architecture .*shape mismatch"):
+        load_state_into(DigitsCAMNet("tap"), state, path)
+    with pytest.raises(CheckpointError, match="missing"):
+        load_state_into(DigitsCAMNet("tap", widths=TINY_WIDTHS), {k: v for k, v in state.items() if "classifier" not in k},
+                        path)
+    bare = str(tmp_path / "bare.pt")
+    torch.save(state, bare)
+    with pytest.raises(CheckpointError, match="not a rethinkcam_fast.digits_cam_net/1 checkpoint"):
+        load_checkpoint(bare)
+
+
+def test_progress_bar_prints_one_line_per_epoch_when_not_a_terminal():
+    stream = io.StringIO()
+    bar = ProgressBar(4, "epoch 1/1", stream=stream)
+    for _ in range(4):
+        bar.update(loss=0.5)
+    bar.close(loss=0.25)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("epoch 1/1 [####") and "4/4" in lines[0] and "loss 0.25" in lines[0]
+
+
+def test_progress_bar_redraws_in_place_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    bar = ProgressBar(2, "epoch 1/1", stream=stream, refresh=0.0)
+    bar.update(loss=torch.tensor(2.0))
+    bar.update(loss=torch.tensor(1.0))
+    bar.close(loss=1.0)
+    text = stream.getvalue()
+    assert text.count("\r") == 2 and text.endswith("\n") and "1/2 " in text and "loss 2\r" in text
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="epochs"):
+        TrainOptions(epochs=0)
+    with pytest.raises(ValueError, match="pool"):
+        DigitsCAMNet("max")
+    from rethinkcam_fast.training import train_model
+
+    with pytest.raises(TypeError, match="DigitsCAMNet only"):
+        train_model(torch.nn.Linear(2, 2), None, TrainOptions(), checkpoint_path="x.pt")
+
+
+def test_ablation_script_smoke(tmp_path, capsys):
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
+    spec = importlib.util.spec_from_file_location("bench_ablation", path)
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    out = tmp_path / "ablation.json"
+    threads = torch.get_num_threads()
+    try:
+        assert ablation.main(["--seeds", "0", "--epochs", "1", "--train-size", "64", "--test-size", "40",
+                              "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    record = json.loads(out.read_text())
+    rows = record["per_seed"][0]["rows"]
+    assert list(rows) == [name for name, *_ in ablation.ROWS] and rows["+ PaS"]["threshold_standard"] == "p90"
+    assert all(0 <= row[key] <= 100 for row in rows.values() for key, _ in ablation.COLUMNS)
+    assert "| + NWC |" in (tmp_path / "ablation.md").read_text() and "| CAM (GAP) |" in capsys.readouterr().out
