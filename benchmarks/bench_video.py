@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from _common import bench_device, device_name, synchronize
 from _models import build
 
-from rethinkcam_fast.video import VideoLocalizer
+from rethinkcam_fast.localize import input_channels
+from rethinkcam_fast.video import LUMA, VideoLocalizer
 
 cv2 = pytest.importorskip("cv2")
 DEVICE = bench_device()
@@ -41,11 +42,9 @@ def _model(name: str):
     if name == "resnet50":
         model, target = build("resnet50")
         return model.to(DEVICE), target, 224
-    try:
-        from rethinkcam_fast.models import load_demo_model
-    except ImportError:
-        pytest.skip("the demo model is not available in this build")
-    model = load_demo_model().to(DEVICE).eval()
+    from rethinkcam_fast.models import load_shipped_model
+
+    model = load_shipped_model()[0].to(DEVICE).eval()
     return model, None, None
 
 
@@ -65,8 +64,10 @@ def _pas_box_on_host(cam: np.ndarray) -> tuple[int, int, int, int]:
     return x, y, x + w - 1, y + h - 1
 
 
-def _preprocess(frames: list[np.ndarray], size: int | None) -> torch.Tensor:
+def _preprocess(frames: list[np.ndarray], size: int | None, channels: int = 3) -> torch.Tensor:
     x = torch.from_numpy(np.stack(frames)).to(DEVICE).permute(0, 3, 1, 2).float().div_(255)
+    if channels == 1:
+        x = (x * torch.tensor(LUMA, device=DEVICE)[None, :, None, None]).sum(1, keepdim=True)
     if size is not None:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return x.contiguous(memory_format=torch.channels_last)
@@ -99,6 +100,7 @@ def _last_conv_like(model):
 def test_video_gradcam_box(benchmark, provider, model_name, batch):
     model, target, size = _model(model_name)
     target = target if target is not None else _last_conv_like(model)
+    channels = input_channels(model)
     frame_size = size or 64
     count = FRAMES_PER_CALL.get(batch, 4 * batch)
     frames = _frames(count, frame_size)
@@ -108,11 +110,11 @@ def test_video_gradcam_box(benchmark, provider, model_name, batch):
         def fn():
             with torch.no_grad():
                 for chunk in chunks:
-                    model(_preprocess(chunk, size))
+                    model(_preprocess(chunk, size, channels))
     elif provider == "eager":
         def fn():
             for chunk in chunks:
-                cams = _eager_gradcam(model, target, _preprocess(chunk, size)).detach().cpu().numpy()
+                cams = _eager_gradcam(model, target, _preprocess(chunk, size, channels)).detach().cpu().numpy()
                 [_pas_box_on_host(c) for c in cams]
     elif provider == "pytorch-grad-cam":
         try:
@@ -124,7 +126,7 @@ def test_video_gradcam_box(benchmark, provider, model_name, batch):
 
         def fn():
             for chunk in chunks:
-                [_pas_box_on_host(c) for c in cam(input_tensor=_preprocess(chunk, size))]
+                [_pas_box_on_host(c) for c in cam(input_tensor=_preprocess(chunk, size, channels))]
     else:
         if provider == "ours-graph" and DEVICE.type != "cuda":
             pytest.skip("CUDA graphs need a GPU")

@@ -158,8 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
 
     from .evaluation.cli import add_evaluate_commands
+    from .video_cli import add_video_command
 
     add_evaluate_commands(sub)
+    add_video_command(sub, CAM_METHODS, _positive_int)
     return parser
 
 

@@ -284,5 +284,54 @@ def load_wsol_split(root: str, split: str, dataset_name: str = DATASET_NAME) -> 
                      torch.full((len(ids),), -1, dtype=torch.long))
 
 
-__all__ = ["DATASET_NAME", "NUM_CLASSES", "SPLITS", "CanvasSet", "ClutteredDigitsConfig", "generate_cluttered_digits",
+
+
+
+def moving_digit_clip(num_frames: int = 240, config: ClutteredDigitsConfig | None = None, seed: int = 0,
+                      speed: float = 1.5) -> tuple[np.ndarray, int, np.ndarray]:
+    """A clip for the video demo: one test-split digit gliding over a fixed cluttered canvas.
+
+    The digit (an instance never seen in training) bounces off the canvas edges at ``speed`` pixels
+    per frame; the clutter is drawn once from fragments of other test digits, as in the benchmark.
+
+    Returns:
+        ``(frames uint8[num_frames, S, S], label, boxes int64[num_frames, 4])``: grey frames, the digit's
+        class, and its exact inclusive ``x0, y0, x1, y1`` box in each frame.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    config = config or ClutteredDigitsConfig()
+    images, labels = load_source_digits()
+    pool = split_instances(len(images), config.instance_fractions, config.seed)["test"]
+    rng = np.random.Generator(np.random.PCG64([seed, 0xC11F]))
+    s = int(rng.integers(config.digit_size[0], config.digit_size[1] + 1))
+    scaled = _scaled_digits(images, range(config.digit_size[0], config.digit_size[1] + 1))
+    instance = int(pool[rng.integers(len(pool))])
+    # The clutter: a benchmark canvas whose own digit is then erased (only its fragments stay).
+    background, box = _draw_canvas(rng, config, scaled, pool, instance)
+    background[box[1] : box[3] + 1, box[0] : box[2] + 1] = 0
+    digit = scaled[s][instance]
+    size = config.canvas_size
+    position = rng.uniform(0, size - s, size=2)
+    angle = rng.uniform(0, 2 * np.pi)
+    velocity = speed * np.array([np.cos(angle), np.sin(angle)])
+    frames = np.zeros((num_frames, size, size), dtype=np.uint8)
+    boxes = np.zeros((num_frames, 4), dtype=np.int64)
+    for k in range(num_frames):
+        x, y = (int(round(v)) for v in position)
+        frame = background.copy()
+        region = frame[y : y + s, x : x + s]
+        np.maximum(region, digit, out=region)
+        layer = np.zeros_like(frame)
+        layer[y : y + s, x : x + s] = digit
+        frames[k], boxes[k] = frame, _tight_box(layer)
+        position += velocity
+        for axis in range(2):  # bounce
+            if not 0 <= position[axis] <= size - s:
+                velocity[axis] = -velocity[axis]
+                position[axis] = min(max(position[axis], 0), size - s)
+    return frames, int(labels[instance]), boxes
+
+
+__all__ = ["DATASET_NAME", "NUM_CLASSES", "SPLITS", "CanvasSet", "ClutteredDigitsConfig", "generate_cluttered_digits", "moving_digit_clip",
            "generate_split", "load_source_digits", "load_wsol_split", "split_instances", "write_wsol_dataset"]

@@ -25,11 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from .engine import CAMEngine
+from .localize import IMAGENET_MEAN, IMAGENET_STD, input_channels
 from .ops.boxes import boxes_from_cams
 from .ops.percentile_threshold import percentile_threshold
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+LUMA = (0.299, 0.587, 0.114)  # RGB -> grey (ITU-R BT.601), for single-channel models
 
 
 @dataclass
@@ -188,7 +188,8 @@ class VideoLocalizer:
         method: any :class:`CAMEngine` method; ``engine_options`` are passed on (``nwc``, ``pas_q``...).
         input_size: ``(H, W)`` the model sees (frames are resized on the device); ``None``: as is.
         mean, std: per-channel normalisation after scaling to ``[0, 1]`` (ImageNet's by default;
-            ``None`` for none).
+            ``None`` for none); applied to 3-channel input only. A model whose first convolution
+            takes one channel gets grey frames (BT.601 luma).
         batch_size: frames per batch — the latency bound (a frame waits for at most
             ``batch_size - 1`` later frames).
         device: where to compute (default: the model's parameters' device).
@@ -243,6 +244,8 @@ class VideoLocalizer:
         engine_options["boxes"] = False
         self.engine = CAMEngine(model, method, **engine_options)
         percentile_threshold(torch.zeros(0, 1, 1), self.pas_q, self.pas_theta)  # validate q and theta now
+        self.channels = input_channels(model)
+        self._luma = torch.tensor(LUMA, dtype=torch.float32, device=self.device)
         self._mean = None if mean is None else torch.tensor(mean, dtype=torch.float32, device=self.device)
         self._std = None if std is None else torch.tensor(std, dtype=torch.float32, device=self.device)
         if self._mean is not None and (self._mean.numel() != 3 or self._std.numel() != 3):
@@ -260,7 +263,9 @@ class VideoLocalizer:
     def preprocess(self, batch_u8: Tensor) -> Tensor:
         """``uint8 [B, H, W, 3]`` (device) -> normalised ``float32 [B, 3, h, w]`` channels_last at input_size."""
         x = batch_u8.permute(0, 3, 1, 2).float().div_(255)
-        if self._mean is not None:
+        if self.channels == 1:
+            x = (x * self._luma[None, :, None, None]).sum(dim=1, keepdim=True)
+        elif self._mean is not None:
             x = (x - self._mean[None, :, None, None]) / self._std[None, :, None, None]
         if self.input_size is not None and tuple(x.shape[2:]) != self.input_size:
             x = torch.nn.functional.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
@@ -351,14 +356,18 @@ def localize_video(
     out_video: str | None = None,
     out_jsonl: str | None = None,
     fps: float | None = None,
+    display_scale: int = 1,
     on_frame: Callable[[FrameResult], None] | None = None,
 ) -> DecodeReport:
     """Run ``localizer`` over a file, a camera index or an iterable of frames; optionally write an
     annotated video (heatmap overlay + box) and one JSON line per frame.
 
     Outputs are written to temporary files next to their targets and renamed when the stream ends,
-    so an interrupted run leaves complete files or none. Returns what the decoder reported.
+    so an interrupted run leaves complete files or none. ``display_scale`` enlarges the annotated
+    frames (nearest neighbour) for small inputs. Returns what the decoder reported.
     """
+    if display_scale < 1:
+        raise ValueError(f"display_scale must be >= 1, got {display_scale}")
     import json
 
     report = DecodeReport()
@@ -383,7 +392,7 @@ def localize_video(
             jsonl = open(temp_jsonl, "w", encoding="utf-8")
         for result in localizer.stream(remember(frames)):
             if out_video is not None:
-                image = overlay(raw_frames.pop(result.index), result.cam, result.box)
+                image = overlay(raw_frames.pop(result.index), result.cam, result.box, display_scale)
                 if writer is None:
                     temp_video = _temp_name(out_video)
                     rate = fps or report.fps or 25.0
@@ -426,17 +435,21 @@ def _temp_name(path: str) -> str:
     return f"{root}.partial{ext or '.mp4'}"
 
 
-def overlay(frame: np.ndarray, cam: Tensor | None, box: tuple[int, int, int, int], alpha: float = 0.45) -> np.ndarray:
-    """RGB ``uint8 [H, W, 3]``: the frame with the map as a heat overlay and the box in green."""
+def overlay(frame: np.ndarray, cam: Tensor | None, box: tuple[int, int, int, int], scale: int = 1,
+            alpha: float = 0.45) -> np.ndarray:
+    """RGB ``uint8 [scale*H, scale*W, 3]``: the frame with the map as a heat overlay and the box in green."""
     cv2 = _require_cv2()
     image = frame.copy()
     if cam is not None:
         heat = (cam.detach().float().clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
         heat = cv2.applyColorMap(heat, cv2.COLORMAP_JET)[:, :, ::-1]  # BGR -> RGB
         image = cv2.addWeighted(image, 1 - alpha, heat, alpha, 0)
+    if scale > 1:
+        image = cv2.resize(image, (image.shape[1] * scale, image.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
     x0, y0, x1, y1 = box
     if (x0, y0, x1, y1) != (0, 0, 0, 0):
-        cv2.rectangle(image, (x0, y0), (x1, y1), (0, 255, 0), max(1, min(image.shape[:2]) // 150))
+        corners = ((x0 * scale, y0 * scale), ((x1 + 1) * scale - 1, (y1 + 1) * scale - 1))
+        cv2.rectangle(image, *corners, (0, 255, 0), max(1, min(image.shape[:2]) // 150))
     return np.ascontiguousarray(image)
 
 

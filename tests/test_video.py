@@ -183,3 +183,48 @@ def test_cuda_graph_replay_equals_eager(method):
     replayed = list(graphed.stream(frames))
     assert len(graphed._graphs) == 1  # one capture, replayed for the three batches
     assert [(r.label, r.box) for r in replayed] == [(r.label, r.box) for r in eager]
+
+
+def test_moving_digit_clip_is_deterministic_with_exact_boxes():
+    from rethinkcam_fast.datasets import moving_digit_clip
+
+    frames, label, boxes = moving_digit_clip(30, seed=4)
+    again = moving_digit_clip(30, seed=4)
+    assert np.array_equal(frames, again[0]) and label == again[1] and np.array_equal(boxes, again[2])
+    assert frames.shape == (30, 64, 64) and 0 <= label < 10
+    assert len({tuple(b) for b in boxes.tolist()}) > 10  # it moves
+    for frame, (x0, y0, x1, y1) in zip(frames, boxes):
+        assert 0 <= x0 <= x1 < 64 and 0 <= y0 <= y1 < 64 and frame[y0 : y1 + 1, x0 : x1 + 1].max() > 0
+    with pytest.raises(ValueError, match="num_frames"):
+        moving_digit_clip(0)
+
+
+def test_cli_video_demo_writes_video_and_jsonl(tmp_path, capsys):
+    from rethinkcam_fast import cli
+
+    out, jsonl = tmp_path / "demo.mp4", tmp_path / "demo.jsonl"
+    assert cli.main(["video", "--demo", "--frames", "12", "--batch", "4", "--quiet", "--out", str(out),
+                     "--jsonl", str(jsonl)]) == 0
+    printed = capsys.readouterr().out
+    assert "12 frames" in printed and "mean IoU" in printed
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [line["frame"] for line in lines] == list(range(12))
+    assert len(list(read_frames(str(out)))) == 12
+
+
+def test_cli_video_bad_arguments(tmp_path, capsys):
+    from rethinkcam_fast import cli
+
+    assert cli.main(["video", "--jsonl", str(tmp_path / "x.jsonl")]) == 2
+    assert "INPUT" in capsys.readouterr().err
+    assert cli.main(["video", "clip.mp4", "--jsonl", str(tmp_path / "x.jsonl")]) == 2
+    assert "--model is required" in capsys.readouterr().err
+    assert cli.main(["video", "--demo"]) == 2
+    assert "nothing to write" in capsys.readouterr().err
+    assert cli.main(["video", "clip.mp4", "--model", "no_such_module:factory", "--jsonl", str(tmp_path / "x.jsonl")]) == 2
+    assert "cannot import" in capsys.readouterr().err
+    missing = str(tmp_path / "missing.mp4")
+    assert cli.main(["video", missing, "--model", "rethinkcam_fast.models:digits_cam_net", "--jsonl",
+                     str(tmp_path / "x.jsonl")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()

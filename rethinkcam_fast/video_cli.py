@@ -1,0 +1,123 @@
+"""``rethinkcam video``: localize every frame of a video file, a camera or the built-in demo clip."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_video_command(sub, cam_methods: tuple[str, ...], positive_int) -> None:
+    video = sub.add_parser("video", help="CAM + box for every frame of a video (file, camera or --demo clip)")
+    video.add_argument("input", nargs="?", help="video file, or a camera index (0, 1, ...)")
+    video.add_argument("--demo", action="store_true",
+                       help="a generated clip (a digit moving over clutter) with the shipped model; no INPUT/--model")
+    video.add_argument("--model", help="a torchvision model name or a python path pkg.module:factory / FILE.py:factory")
+    video.add_argument("--weights", help="state dict or checkpoint file (loaded with weights_only=True)")
+    video.add_argument("--out", help="annotated video to write (.mp4)")
+    video.add_argument("--jsonl", help="one JSON line per frame: frame, label, score, box")
+    video.add_argument("--method", choices=cam_methods, help="CAM method (default: gradcam; the demo's own choice with --demo)")
+    video.add_argument("--box-threshold", choices=["max", "pas"],
+                       help="box threshold 0.2 x max or PaS 0.35 x p90 (default: pas; the demo's choice with --demo)")
+    video.add_argument("--batch", type=positive_int, default=8, help="frames per batch: the latency bound")
+    video.add_argument("--image-size", type=positive_int,
+                       help="resize frames to this square for the model (default: 224 for torchvision names, else none)")
+    video.add_argument("--normalize", choices=["auto", "imagenet", "none"], default="auto",
+                       help="input normalisation (auto: ImageNet for torchvision names, none otherwise)")
+    video.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+    video.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    video.add_argument("--cuda-graph", action="store_true", help="capture and replay the per-batch work (CUDA)")
+    video.add_argument("--frames", type=positive_int, default=300, help="length of the --demo clip")
+    video.add_argument("--scale", type=positive_int, help="enlarge the annotated frames (default: 4 for --demo, else 1)")
+    video.add_argument("--fps", type=float, help="frame rate of the output video (default: the input's, or 25)")
+    video.add_argument("--quiet", action="store_true", help="no progress bar")
+    video.set_defaults(func=run_video_command)
+
+
+def _demo_source(args):
+    """(model, frames, gt boxes, label, method, box threshold) of the built-in clip."""
+    from .datasets import moving_digit_clip
+    from .demo import DEMO_BOX_THRESHOLD, DEMO_METHOD
+    from .models import load_shipped_model
+
+    model, _meta = load_shipped_model()
+    grey, label, boxes = moving_digit_clip(args.frames)
+    frames = [g[:, :, None].repeat(3, axis=2) for g in grey]  # RGB frames, as a decoder delivers them
+    return model.eval(), frames, boxes, label, args.method or DEMO_METHOD, args.box_threshold or DEMO_BOX_THRESHOLD
+
+
+def run_video_command(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .localize import BOX_THRESHOLDS, IMAGENET_MEAN, IMAGENET_STD, load_user_model
+    from .models import CheckpointError
+    from .ops.box_ious import box_iou_matrix
+    from .video import VideoLocalizer, VideoReadError, localize_video
+
+    def fail(message) -> int:
+        print(f"rethinkcam: error: {message}", file=sys.stderr)
+        return 2
+
+    if args.demo == (args.input is not None):
+        return fail("give a video INPUT (file or camera index) or --demo, not both")
+    if not args.demo and not args.model:
+        return fail("--model is required with a video INPUT")
+    if not (args.out or args.jsonl):
+        return fail("nothing to write: give --out and/or --jsonl")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    gt_boxes = label = None
+    try:
+        if args.demo:
+            model, source, gt_boxes, label, method, box_threshold = _demo_source(args)
+            image_size, normalize = None, False
+        else:
+            model = load_user_model(args.model, args.weights)
+            torchvision_name = ":" not in args.model
+            image_size = args.image_size or (224 if torchvision_name else None)
+            normalize = torchvision_name if args.normalize == "auto" else args.normalize == "imagenet"
+            method, box_threshold = args.method or "gradcam", args.box_threshold or "pas"
+            source = int(args.input) if args.input.isdigit() else args.input
+        q, theta = BOX_THRESHOLDS[box_threshold]
+        localizer = VideoLocalizer(
+            model.to(device), method, input_size=None if image_size is None else (image_size, image_size),
+            mean=IMAGENET_MEAN if normalize else None, std=IMAGENET_STD if normalize else None,
+            batch_size=args.batch, device=device, bf16=args.bf16, keep_cams=args.out is not None,
+            cuda_graph=args.cuda_graph, nwc=method == "cam", pas_q=q, pas_theta=theta)
+        hits, ious = [], []
+        bar = tqdm(total=len(source) if isinstance(source, list) else None, unit="frame", disable=args.quiet,
+                   desc="rethinkcam video")
+
+        def on_frame(result) -> None:
+            bar.update(1)
+            if gt_boxes is not None:
+                iou = float(box_iou_matrix(torch.tensor([result.box]), torch.from_numpy(gt_boxes[result.index][None]))[0, 0])
+                ious.append(iou)
+                hits.append(iou >= 0.5 and result.label == label)
+
+        start = time.perf_counter()
+        try:
+            report = localize_video(localizer, source, out_video=args.out, out_jsonl=args.jsonl, fps=args.fps,
+                                    display_scale=args.scale or (4 if args.demo else 1), on_frame=on_frame)
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start
+    except (VideoReadError, CheckpointError, ValueError) as exc:
+        return fail(exc)
+    done = report.frames_processed
+    note = ""
+    if report.truncated:
+        note = f" (the file announced {report.frames_announced} frames: it stops early, truncated?)"
+    print(f"rethinkcam video: {done} frames in {seconds:.2f} s ({done / max(seconds, 1e-9):.1f} frames/s) on "
+          f"{device}, {method}, batch {args.batch}{note}")
+    if ious:
+        print(f"demo clip (digit {label}): mean IoU {100 * sum(ious) / len(ious):.1f} %, correct box and class "
+              f"(IoU >= 0.5) in {100 * sum(hits) / len(hits):.1f} % of the frames")
+    for path in (args.out, args.jsonl):
+        if path:
+            print(f"wrote {path}")
+    return 0
+
+
+__all__ = ["add_video_command", "run_video_command"]
