@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
@@ -116,10 +117,20 @@ def classify(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
+def cross_entropy_loss(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+    """The default training objective: cross-entropy of ``model(images)``."""
+    return nn.functional.cross_entropy(model(images), labels)
+
+
 def train_model(model: nn.Module, train: CanvasSet, options: TrainOptions, val: CanvasSet | None = None,
                 checkpoint_path: str | None = None, checkpoint_meta: dict[str, Any] | None = None,
-                progress: bool = True) -> TrainReport:
-    """Train ``model`` on ``train`` (``images[N, H, W]`` grey canvases, ``labels[N]``) with cross-entropy.
+                progress: bool = True,
+                loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] = cross_entropy_loss) -> TrainReport:
+    """Train ``model`` on ``train`` (``images[N, H, W]`` grey canvases, ``labels[N]``).
+
+    ``loss_fn(model, images, labels) -> scalar`` is the objective (cross-entropy by default; e.g. plus a
+    CAM term through :func:`rethinkcam_fast.class_activation_map`, see ``examples/train_with_cam_loss.py``);
+    with ``options.compile`` it is compiled together with the model.
 
     The training canvases are moved to the device once. After every epoch: validation accuracy (if
     ``val``), and an atomic checkpoint at ``checkpoint_path`` (``DigitsCAMNet`` only). Returns the model
@@ -134,7 +145,7 @@ def train_model(model: nn.Module, train: CanvasSet, options: TrainOptions, val: 
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if options.compile else model
+    step_loss = torch.compile(loss_fn) if options.compile else loss_fn
     steps_per_epoch = math.ceil(len(train) / options.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(options.epochs * steps_per_epoch))
@@ -152,7 +163,7 @@ def train_model(model: nn.Module, train: CanvasSet, options: TrainOptions, val: 
             x = images[index].contiguous(memory_format=torch.channels_last) if channels_last else images[index]
             y = labels[index]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = nn.functional.cross_entropy(step_model(x), y)
+                loss = step_loss(model, x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -194,5 +205,5 @@ def train_digits_model(pool: str = "tap", tau: float = 0.1, widths: tuple[int, i
     return train_model(model, splits["train"], options, splits.get("val"), checkpoint_path, meta, progress)
 
 
-__all__ = ["ProgressBar", "TrainOptions", "TrainReport", "classify", "resolve_device", "train_digits_model",
-           "train_model"]
+__all__ = ["ProgressBar", "TrainOptions", "TrainReport", "classify", "cross_entropy_loss", "resolve_device",
+           "train_digits_model", "train_model"]

@@ -181,3 +181,36 @@ def test_ablation_script_smoke(tmp_path, capsys):
     assert list(rows) == [name for name, *_ in ablation.ROWS] and rows["+ PaS"]["threshold_standard"] == "p90"
     assert all(0 <= row[key] <= 100 for row in rows.values() for key, _ in ablation.COLUMNS)
     assert "| + NWC |" in (tmp_path / "ablation.md").read_text() and "| CAM (GAP) |" in capsys.readouterr().out
+
+
+def test_custom_loss_with_a_differentiable_cam_term(tiny_splits):
+    """train_model's loss_fn hook: a CAM term through class_activation_map changes the result, and a
+    term that is identically zero does not (same seed, same data)."""
+    from rethinkcam_fast import class_activation_map
+    from rethinkcam_fast.training import cross_entropy_loss, train_model
+
+    small = tiny_splits["train"].subset(64)
+    options = TrainOptions(epochs=1, batch_size=32, lr=1e-2, seed=3, device="cpu")
+    calls = []
+
+    def with_cam_term(scale):
+        def loss_fn(model, images, labels):
+            features = model.features(images)
+            logits = model.classifier(model.pool(features).flatten(1))
+            cam = class_activation_map(features, model.classifier.weight, labels, output_size=tuple(images.shape[2:]))
+            calls.append(cam.shape)
+            return torch.nn.functional.cross_entropy(logits, labels) + scale * cam.mean()
+        return loss_fn
+
+    def trained(loss_fn):
+        torch.manual_seed(3)
+        return train_model(DigitsCAMNet("tap", widths=(4, 8, 8)), small, options, progress=False,
+                           loss_fn=loss_fn).model.state_dict()
+
+    plain = trained(cross_entropy_loss)
+    zero = trained(with_cam_term(0.0))
+    area = trained(with_cam_term(5.0))
+    assert calls and calls[0] == (32, 32, 32)
+    for name, value in plain.items():
+        torch.testing.assert_close(zero[name], value, rtol=1e-5, atol=1e-6)  # CE + 0 x term == CE
+    assert any(not torch.allclose(area[name], value) for name, value in plain.items() if value.is_floating_point())
