@@ -78,7 +78,7 @@ def _cmd_localize(args: argparse.Namespace) -> int:
                                  image_size=args.image_size or (224 if torchvision_name else None),
                                  normalize=normalize,
                                  device=args.device, out_dir=args.out)
-    except (ImageReadError, CheckpointError, ValueError) as exc:
+    except (ImageReadError, CheckpointError, ValueError, FileNotFoundError) as exc:
         return _fail(exc)
     for record in records:
         print(f"{record['image']}: class {record['label']} score {record['score']:.3f} box {record['box']}")

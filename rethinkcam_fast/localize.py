@@ -152,24 +152,33 @@ def write_outputs(out_dir: str, records: list[dict[str, Any]], tiles: Sequence[n
 
 def build_model(spec: str) -> nn.Module:
     """A torchvision model name (``resnet50``; weights not downloaded) or ``pkg.module:factory``
-    (``FILE.py:factory`` too), called without arguments."""
+    (``FILE.py:factory`` too), called without arguments (or a module-level ``nn.Module`` object).
+
+    Raises ``FileNotFoundError`` for a missing ``FILE.py``, ``ValueError`` for anything else wrong."""
     if ":" in spec:
-        module_name, _, attr = spec.partition(":")
+        module_name, _, attr = spec.rpartition(":")
+        if module_name.endswith(".py") and not os.path.isfile(module_name):
+            raise FileNotFoundError(f"--model {spec}: model file not found: {module_name}")
         try:
             if module_name.endswith(".py"):
                 loader = importlib.util.spec_from_file_location("_rethinkcam_user_model", module_name)
-                if loader is None or not os.path.isfile(module_name):
-                    raise ImportError(f"no file {module_name}")
+                if loader is None:
+                    raise ImportError(f"not a python file: {module_name}")
                 module = importlib.util.module_from_spec(loader)
                 loader.loader.exec_module(module)
             else:
                 module = importlib.import_module(module_name)
         except ImportError as exc:
             raise ValueError(f"--model {spec}: cannot import {module_name} ({exc})") from exc
-        factory = getattr(module, attr, None)
-        if not callable(factory):
-            raise ValueError(f"--model {spec}: {module_name} has no callable {attr!r}")
-        model = factory()
+        if not hasattr(module, attr):
+            raise ValueError(f"--model {spec}: {module_name} has no attribute {attr!r}")
+        factory = getattr(module, attr)
+        if isinstance(factory, nn.Module):  # a module-level model object
+            model = factory
+        elif callable(factory):
+            model = factory()
+        else:
+            raise ValueError(f"--model {spec}: {module_name}.{attr} is neither an nn.Module nor callable")
     else:
         try:
             import torchvision

@@ -127,7 +127,7 @@ def test_localize_bad_input_is_a_clear_error(tmp_path, capsys):
         ([str(corrupt), *model, "--weights", SHIPPED_WEIGHTS], "not a readable image"),
         ([good, *model, "--weights", str(bad_weights)], "not a readable PyTorch weights file"),
         ([good, *model, "--weights", str(tmp_path / "none.pt")], "weights file not found"),
-        ([good, "--model", "rethinkcam_fast.models:not_there", "--weights", SHIPPED_WEIGHTS], "no callable"),
+        ([good, "--model", "rethinkcam_fast.models:not_there", "--weights", SHIPPED_WEIGHTS], "no attribute"),
         ([good, "--model", "no_such_module_xyz:f"], "cannot import"),
         ([good, "--model", "not_a_torchvision_model_xyz"], "not_a_torchvision_model_xyz"),
     ]

@@ -8,8 +8,6 @@ output) and gives Top-1 Loc and Top-1 Cls.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -20,12 +18,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..engine import CAMEngine
+from ..localize import IMAGENET_MEAN, IMAGENET_STD, load_user_model
 from .box_evaluator import BoxEvaluator, BoxMetrics
 from .mask_evaluator import MaskEvaluator, MaskMetrics
 from .metadata import MetadataError, WSOLMetadata
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class WSOLImageDataset(torch.utils.data.Dataset):
@@ -147,32 +144,14 @@ def evaluate_model(
 
 def load_model(spec: str, checkpoint: str | None = None) -> nn.Module:
     """Build a model from ``MODULE:CALLABLE`` or ``path/to/file.py:CALLABLE`` (called without arguments,
-    or an ``nn.Module`` object itself), then load a ``state_dict`` checkpoint (plain, or under a
-    ``"state_dict"`` / ``"model"`` key) with ``torch.load(weights_only=True)``."""
+    or an ``nn.Module`` object itself), then load a checkpoint (a plain ``state_dict``, one under a
+    ``"state_dict"`` / ``"model"`` key, or a ``rethinkcam train`` checkpoint) with
+    ``torch.load(weights_only=True)`` — :func:`rethinkcam_fast.localize.load_user_model`, which
+    ``rethinkcam localize`` and ``rethinkcam video`` use too."""
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
         raise ValueError(f"--model must be MODULE:CALLABLE or FILE.py:CALLABLE, got {spec!r}")
-    if target.endswith(".py"):
-        if not os.path.isfile(target):
-            raise FileNotFoundError(f"model file not found: {target}")
-        module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(target))[0], target)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(target)
-    if not hasattr(module, name):
-        raise ValueError(f"{target} has no attribute {name!r}")
-    factory = getattr(module, name)
-    model = factory if isinstance(factory, nn.Module) else factory()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{spec} gave a {type(model).__name__}, not an nn.Module")
-    if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-        model.load_state_dict(state)
-    return model
+    return load_user_model(spec, checkpoint)
 
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "WSOLImageDataset", "collate_wsol", "evaluate_model", "load_model"]
