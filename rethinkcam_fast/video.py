@@ -60,7 +60,8 @@ def _require_cv2():
     try:
         import cv2
     except ImportError as exc:  # pragma: no cover - OpenCV is a test dependency
-        raise ImportError("video input/output needs OpenCV: pip install opencv-python-headless") from exc
+        raise ImportError("video input/output needs OpenCV: pip install 'rethinkcam_fast[video]' "
+                          "(or opencv-python-headless)") from exc
     return cv2
 
 

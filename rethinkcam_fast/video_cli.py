@@ -103,7 +103,7 @@ def run_video_command(args: argparse.Namespace) -> int:
         finally:
             bar.close()
         seconds = time.perf_counter() - start
-    except (VideoReadError, CheckpointError, ValueError, FileNotFoundError) as exc:
+    except (VideoReadError, CheckpointError, ValueError, FileNotFoundError, ImportError) as exc:
         return fail(exc)
     done = report.frames_processed
     note = ""
