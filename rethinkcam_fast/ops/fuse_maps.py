@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .._triton import tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor
-from ._launch import check_backend, device_guard, use_triton
+from ._launch import check_backend, device_guard, run_inference_op, use_triton
 
 FUSE_MODES = ("sum", "max")
 
@@ -205,11 +205,15 @@ def fuse_maps_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("rethinkcam_fast::fuse_maps", mutates_args=())
-def _fuse_maps_op(maps: list[Tensor], output_size: list[int], fuse: str, backend: str) -> tuple[Tensor, Tensor]:
+def _fuse_maps_impl(maps: list[Tensor], output_size: list[int], fuse: str, backend: str) -> tuple[Tensor, Tensor]:
     if use_triton("fuse_maps", backend, maps[0].device):
         return fuse_maps_triton(maps, tuple(output_size), fuse)
     return fuse_maps_reference(maps, tuple(output_size), fuse)
+
+
+@torch.library.custom_op("rethinkcam_fast::fuse_maps", mutates_args=())
+def _fuse_maps_op(maps: list[Tensor], output_size: list[int], fuse: str, backend: str) -> tuple[Tensor, Tensor]:
+    return _fuse_maps_impl(maps, output_size, fuse, backend)
 
 
 @_fuse_maps_op.register_fake
@@ -250,7 +254,7 @@ def fuse_maps(
     height, width = (int(v) for v in output_size)
     if height <= 0 or width <= 0:
         raise ValueError(f"output_size must be positive, got {tuple(output_size)}")
-    return _fuse_maps_op(list(maps), [height, width], fuse, backend)
+    return run_inference_op(_fuse_maps_op, _fuse_maps_impl, list(maps), [height, width], fuse, backend)
 
 
 __all__ = ["FUSE_MODES", "degenerate_maps", "fuse_maps", "fuse_maps_reference", "fuse_maps_triton", "minmax_normalize"]

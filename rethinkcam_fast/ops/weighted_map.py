@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .._triton import tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor
-from ._launch import check_backend, device_guard, flat_spatial, use_triton
+from ._launch import check_backend, device_guard, flat_spatial, run_inference_op, use_triton
 
 MODES = ("channel", "layercam", "flm")
 _MODE_CODES = {mode: code for code, mode in enumerate(MODES)}
@@ -161,7 +161,7 @@ def weighted_map(
             raise ValueError(f"grads must have the activations' shape {tuple(activations.shape)}, got {tuple(grads.shape)}")
         check_same_device(activations=activations, grads=grads)
     check_backend(backend)
-    return _weighted_map_op(activations, weights, grads, mode, bool(relu), backend)
+    return run_inference_op(_weighted_map_op, _weighted_map_impl, activations, weights, grads, mode, bool(relu), backend)
 
 
 __all__ = ["MODES", "weighted_map", "weighted_map_reference", "weighted_map_triton"]
