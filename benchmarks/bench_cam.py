@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _common import bench_device, device_name, quick, synchronize
+from _baselines import eager_gradcam, forward_with_activation
 from _models import build
 
 import rethinkcam_fast
@@ -65,31 +66,8 @@ def _run(benchmark, group: str, provider: str, baseline: str, op: str, fn, batch
     benchmark.pedantic(step, rounds=rounds, iterations=1)
 
 
-def _eager_gradcam(model, target, images):
-    """A careful hand-written on-device Grad-CAM: hook, autograd.grad, weights, sum, ReLU, resize, min-max."""
-    logits, act = _forward_with_activation(model, target, images)
-    labels = logits.argmax(1)
-    (grad,) = torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), act)
-    cam = (grad.mean((2, 3), keepdim=True) * act).sum(1, keepdim=True).relu()
-    cam = F.interpolate(cam.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    flat = cam.flatten(1)
-    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
-    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(cam)
-
-
-def _forward_with_activation(model, target, images):
-    """``(logits, target layer output)`` from one forward that records a graph."""
-    store = {}
-    handle = target.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
-    try:
-        logits = model(images.detach().requires_grad_(True))
-    finally:
-        handle.remove()
-    return logits, store["a"]
-
-
 def _fwd_partial_bwd(model, target, images):
-    logits, act = _forward_with_activation(model, target, images)
+    logits, act = forward_with_activation(model, target, images)
     torch.autograd.grad(logits.max(1).values.sum(), act)
 
 
@@ -147,7 +125,7 @@ def test_single_layer_cams(benchmark, provider, model_name, batch, dtype):
     elif provider == "eager-gradcam":
         def fn():
             with _autocast(dtype):
-                _eager_gradcam(model, target, images)
+                eager_gradcam(model, target, images)
     elif provider.startswith("ours-"):
         method = provider[len("ours-"):]
         if method == "cam" and model_name == "vgg16":

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _common import bench_device, device_name, synchronize
+from _baselines import eager_gradcam
 from _models import build
 
 from rethinkcam_fast.localize import input_channels
@@ -73,22 +74,6 @@ def _preprocess(frames: list[np.ndarray], size: int | None, channels: int = 3) -
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def _eager_gradcam(model, target, images: torch.Tensor) -> torch.Tensor:
-    store = {}
-    handle = target.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
-    try:
-        logits = model(images.detach().requires_grad_(True))
-    finally:
-        handle.remove()
-    act = store["a"]
-    (grad,) = torch.autograd.grad(logits.max(1).values.sum(), act)
-    cam = (grad.mean((2, 3), keepdim=True) * act).sum(1, keepdim=True).relu()
-    cam = F.interpolate(cam.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    flat = cam.flatten(1)
-    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
-    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(cam)
-
-
 def _last_conv_like(model):
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     return convs[-1]
@@ -114,7 +99,7 @@ def test_video_gradcam_box(benchmark, provider, model_name, batch):
     elif provider == "eager":
         def fn():
             for chunk in chunks:
-                cams = _eager_gradcam(model, target, _preprocess(chunk, size, channels)).detach().cpu().numpy()
+                cams = eager_gradcam(model, target, _preprocess(chunk, size, channels)).detach().cpu().numpy()
                 [_pas_box_on_host(c) for c in cams]
     elif provider == "pytorch-grad-cam":
         try:
