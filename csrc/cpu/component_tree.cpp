@@ -41,6 +41,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -514,16 +515,19 @@ void check_args(const char* name, int64_t N, int64_t H, int64_t W, int64_t T) {
 }
 
 // Runs per_image(trees, finder, n) for every image, in parallel; the per-thread state is created
-// once per thread.
+// once per thread.  Images are handed out one at a time from a shared counter: their cost varies a
+// lot (an image with holes at the wanted levels pays a second sweep), so static chunks would leave
+// threads idle.  Results do not depend on which thread takes which image.
 template <typename F>
-void for_each_image(int64_t N, int64_t H, int64_t W, int64_t T, int num_threads, const F& per_image) {
-  const int nthreads = effective_threads(N * std::max<int64_t>(H * W, 1) * 4, num_threads, 65536);
-  parallel_for(0, N, std::min<int64_t>(nthreads, N), [&](int64_t b, int64_t e) {
+void for_each_image(int64_t N, int64_t H, int64_t W, int num_threads, const F& per_image) {
+  const int64_t nthreads =
+      std::min<int64_t>(effective_threads(N * std::max<int64_t>(H * W, 1) * 4, num_threads, 65536), N);
+  std::atomic<int64_t> next{0};
+  parallel_for(0, nthreads, static_cast<int>(nthreads), [&](int64_t, int64_t) {
     ComponentTrees trees(H, W);
     LargestContourFinder finder(H, W);
-    for (int64_t n = b; n < e; ++n) per_image(trees, finder, n);
+    for (int64_t n = next.fetch_add(1); n < N; n = next.fetch_add(1)) per_image(trees, finder, n);
   });
-  (void)T;
 }
 
 // The distinct wanted thresholds of one image's row.
@@ -543,7 +547,7 @@ void threshold_box_ious(const uint8_t* levels, const int64_t* thresholds, int64_
   check_args("threshold_box_ious", N, H, W, T);
   if (N == 0 || T == 0) return;
   if (H == 0 || W == 0) throw std::invalid_argument("rethinkcam_fast.threshold_box_ious: empty maps");
-  for_each_image(N, H, W, T, num_threads, [&](ComponentTrees& trees, LargestContourFinder& finder, int64_t n) {
+  for_each_image(N, H, W, num_threads, [&](ComponentTrees& trees, LargestContourFinder& finder, int64_t n) {
     const uint8_t* level = levels + n * H * W;
     const int64_t* row = thresholds + n * T;
     const int64_t* gt = gt_boxes + 4 * gt_offsets[n];
@@ -587,7 +591,7 @@ void tree_largest_boxes(const uint8_t* levels, const int64_t* thresholds, int64_
   check_args("tree_largest_boxes", N, H, W, T);
   if (N == 0 || T == 0) return;
   if (H == 0 || W == 0) throw std::invalid_argument("rethinkcam_fast.tree_largest_boxes: empty maps");
-  for_each_image(N, H, W, T, num_threads, [&](ComponentTrees& trees, LargestContourFinder& finder, int64_t n) {
+  for_each_image(N, H, W, num_threads, [&](ComponentTrees& trees, LargestContourFinder& finder, int64_t n) {
     const uint8_t* level = levels + n * H * W;
     const int64_t* row = thresholds + n * T;
     bool wanted[256];
