@@ -143,6 +143,11 @@ RCAM_JOB_HD double contour_iou(int64_t x0, int64_t y0, int64_t x1, int64_t y1, i
   return best_iou_against(x0, y0, x1 + 1 < W - 1 ? x1 + 1 : W - 1, y1 + 1 < H - 1 ? y1 + 1 : H - 1, gt, n);
 }
 
+// The same for a cv2.boundingRect (x, y, w, h): the reference's box [x, y, min(x + w, W - 1), min(y + h, H - 1)].
+RCAM_JOB_HD double rect_iou(const int64_t* xywh, int64_t H, int64_t W, const int64_t* gt, int64_t n) {
+  return contour_iou(xywh[0], xywh[1], xywh[0] + xywh[2] - 1, xywh[1] + xywh[3] - 1, H, W, gt, n);
+}
+
 // Per-job scratch (global memory), 6 * H * W + 1 int32 values.
 struct Scratch {
   int32_t* fg;     // [HW] foreground labels, -1 for background pixels
@@ -358,8 +363,7 @@ RCAM_JOB_HD JobResult finish(const Job& job, const Reduction& red) {
     return r;
   }
   for (int k = 0; k < 4; ++k) r.xywh[k] = red.box[k];
-  r.iou = best_iou_against(r.xywh[0], r.xywh[1], r.xywh[0] + r.xywh[2] < job.W - 1 ? r.xywh[0] + r.xywh[2] : job.W - 1,
-                           r.xywh[1] + r.xywh[3] < job.H - 1 ? r.xywh[1] + r.xywh[3] : job.H - 1, job.gt, job.num_gt);
+  r.iou = rect_iou(r.xywh, job.H, job.W, job.gt, job.num_gt);
   return r;
 }
 

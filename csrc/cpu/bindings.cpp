@@ -104,17 +104,22 @@ PYBIND11_MODULE(_C, m) {
       "cv2.boundingRect, areas float64 [total] as cv2.contourArea, is_hole uint8 [total]), contours\n"
       "in cv2 order within each (n, t), (n, t) blocks in row-major order.");
 
-  m.def(
-      "contour_largest_boxes",
-      [](uintptr_t levels_ptr, uintptr_t thresholds_ptr, uintptr_t out_ptr, int64_t N, int64_t H,
-         int64_t W, int64_t T, int num_threads) {
-        rcam::cpu::contour_largest_boxes(as_ptr<const uint8_t>(levels_ptr),
-                                         as_ptr<const int64_t>(thresholds_ptr),
-                                         as_ptr<int64_t>(out_ptr), N, H, W, T, num_threads);
-      },
-      py::arg("levels_ptr"), py::arg("thresholds_ptr"), py::arg("out_ptr"), py::arg("N"),
-      py::arg("H"), py::arg("W"), py::arg("T"), py::arg("num_threads"),
-      py::call_guard<py::gil_scoped_release>(),
+  // The two largest-box kernels (border following per threshold; component trees) share a signature.
+  using LargestBoxesFn = void (*)(const uint8_t*, const int64_t*, int64_t*, int64_t, int64_t, int64_t,
+                                  int64_t, int);
+  auto def_largest_boxes = [&m](const char* name, LargestBoxesFn fn, const char* doc) {
+    m.def(
+        name,
+        [fn](uintptr_t levels_ptr, uintptr_t thresholds_ptr, uintptr_t out_ptr, int64_t N, int64_t H,
+             int64_t W, int64_t T, int num_threads) {
+          fn(as_ptr<const uint8_t>(levels_ptr), as_ptr<const int64_t>(thresholds_ptr), as_ptr<int64_t>(out_ptr),
+             N, H, W, T, num_threads);
+        },
+        py::arg("levels_ptr"), py::arg("thresholds_ptr"), py::arg("out_ptr"), py::arg("N"), py::arg("H"),
+        py::arg("W"), py::arg("T"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(), doc);
+  };
+  def_largest_boxes(
+      "contour_largest_boxes", rcam::cpu::contour_largest_boxes,
       "out: int64 [N, T, 4] <- (x, y, w, h) of max(contours, key=cv2.contourArea) (the first\n"
       "maximum in cv2 order) of mask = levels[n] > thresholds[n, t], or (0, 0, 0, 0) for an empty\n"
       "mask.  levels: uint8 [N, H, W], thresholds: int64 [N, T], out: all contiguous.");
@@ -139,17 +144,8 @@ PYBIND11_MODULE(_C, m) {
       "levels: uint8 [N, H, W]; thresholds: int64 [N, T]; gt_boxes: int64 [G, 4]; gt_offsets:\n"
       "int64 [N + 1]; all contiguous.");
 
-  m.def(
-      "tree_largest_boxes",
-      [](uintptr_t levels_ptr, uintptr_t thresholds_ptr, uintptr_t out_ptr, int64_t N, int64_t H,
-         int64_t W, int64_t T, int num_threads) {
-        rcam::cpu::tree_largest_boxes(as_ptr<const uint8_t>(levels_ptr),
-                                      as_ptr<const int64_t>(thresholds_ptr),
-                                      as_ptr<int64_t>(out_ptr), N, H, W, T, num_threads);
-      },
-      py::arg("levels_ptr"), py::arg("thresholds_ptr"), py::arg("out_ptr"), py::arg("N"),
-      py::arg("H"), py::arg("W"), py::arg("T"), py::arg("num_threads"),
-      py::call_guard<py::gil_scoped_release>(),
+  def_largest_boxes(
+      "tree_largest_boxes", rcam::cpu::tree_largest_boxes,
       "As contour_largest_boxes (same result), from one pass over all thresholds of each image.");
 
   m.def(

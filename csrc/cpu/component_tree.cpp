@@ -50,6 +50,7 @@
 #include <string>
 #include <vector>
 
+#include "../common/level_jobs.h"
 #include "contours.h"
 #include "parallel.h"
 
@@ -460,33 +461,6 @@ class ComponentTrees {
   std::vector<int32_t> kept_roots_;
 };
 
-// The reference's box for a contour: [x, y, min(x + w, W - 1), min(y + h, H - 1)].
-struct WsolBox {
-  int64_t x0, y0, x1, y1;
-};
-
-inline WsolBox wsol_box(int64_t x0, int64_t y0, int64_t x1_incl, int64_t y1_incl, int64_t H, int64_t W) {
-  return WsolBox{x0, y0, std::min(x1_incl + 1, W - 1), std::min(y1_incl + 1, H - 1)};
-}
-
-// Best IoU of one box against n GT boxes, wsolevaluation's arithmetic (inclusive areas).
-inline double best_iou(const WsolBox& a, const int64_t* gt, int64_t n) {
-  double best = 0.0;
-  bool any = false;
-  const int64_t area_a = (a.x1 - a.x0 + 1) * (a.y1 - a.y0 + 1);
-  for (int64_t g = 0; g < n; ++g) {
-    const int64_t* b = gt + 4 * g;
-    const int64_t iw = std::max<int64_t>(0, std::min(a.x1, b[2]) - std::max(a.x0, b[0]) + 1);
-    const int64_t ih = std::max<int64_t>(0, std::min(a.y1, b[3]) - std::max(a.y0, b[1]) + 1);
-    const int64_t inter = iw * ih;
-    const int64_t uni = area_a + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - inter;
-    const double iou = uni <= 0 ? 0.0 : static_cast<double>(inter) / static_cast<double>(uni);
-    if (!any || iou > best) best = iou;
-    any = true;
-  }
-  return best;
-}
-
 // The largest contour of one level (outers and holes as the sweep gives them); false when two or
 // more contours share the maximum area (the caller traces the level for OpenCV's order).
 bool unique_largest(const std::vector<Contour>& outers, const Contour* holes, int64_t num_holes,
@@ -541,21 +515,38 @@ void wanted_levels(const int64_t* row, int64_t T, bool* wanted) {
 
 }  // namespace
 
+namespace {
+
+// The common frame of the exported functions: argument checks, then per_image(trees, finder, n,
+// level, row, wanted) for every image in parallel, with row = its T thresholds and wanted = the
+// set of distinct ones.
+template <typename F>
+void for_each_image_levels(const char* name, const uint8_t* levels, const int64_t* thresholds, int64_t N,
+                           int64_t H, int64_t W, int64_t T, int num_threads, const F& per_image) {
+  check_args(name, N, H, W, T);
+  if (N == 0 || T == 0) return;
+  if (H == 0 || W == 0) throw std::invalid_argument(std::string("rethinkcam_fast.") + name + ": empty maps");
+  for_each_image(N, H, W, num_threads, [&](ComponentTrees& trees, LargestContourFinder& finder, int64_t n) {
+    const int64_t* row = thresholds + n * T;
+    bool wanted[256];
+    wanted_levels(row, T, wanted);
+    per_image(trees, finder, n, levels + n * H * W, row, wanted);
+  });
+}
+
+}  // namespace
+
 void threshold_box_ious(const uint8_t* levels, const int64_t* thresholds, int64_t N, int64_t H,
                         int64_t W, int64_t T, const int64_t* gt_boxes, const int64_t* gt_offsets,
                         bool multi_contour, double* out, int num_threads) {
-  check_args("threshold_box_ious", N, H, W, T);
-  if (N == 0 || T == 0) return;
-  if (H == 0 || W == 0) throw std::invalid_argument("rethinkcam_fast.threshold_box_ious: empty maps");
-  for_each_image(N, H, W, num_threads, [&](ComponentTrees& trees, LargestContourFinder& finder, int64_t n) {
-    const uint8_t* level = levels + n * H * W;
-    const int64_t* row = thresholds + n * T;
+  for_each_image_levels("threshold_box_ious", levels, thresholds, N, H, W, T, num_threads,
+                        [&](ComponentTrees& trees, LargestContourFinder& finder, int64_t n, const uint8_t* level,
+                            const int64_t* row, const bool* wanted) {
     const int64_t* gt = gt_boxes + 4 * gt_offsets[n];
     const int64_t num_gt = gt_offsets[n + 1] - gt_offsets[n];
-    bool wanted[256];
-    wanted_levels(row, T, wanted);
+    auto iou = [&](const Contour& c) { return levels::contour_iou(c.x0, c.y0, c.x1, c.y1, H, W, gt, num_gt); };
     double best_at[256];
-    const double empty = best_iou(WsolBox{0, 0, 0, 0}, gt, num_gt);
+    const double empty = levels::best_iou_against(0, 0, 0, 0, gt, num_gt);
     trees.run(level, wanted, [&](int thr, const std::vector<Contour>& outers, const Contour* holes,
                                  int64_t num_holes) {
       if (outers.empty()) {
@@ -564,22 +555,18 @@ void threshold_box_ious(const uint8_t* levels, const int64_t* thresholds, int64_
       }
       if (multi_contour) {
         double best = 0.0;
-        for (const Contour& c : outers) best = std::max(best, best_iou(wsol_box(c.x0, c.y0, c.x1, c.y1, H, W), gt, num_gt));
-        for (int64_t h = 0; h < num_holes; ++h) {
-          const Contour& c = holes[h];
-          best = std::max(best, best_iou(wsol_box(c.x0, c.y0, c.x1, c.y1, H, W), gt, num_gt));
-        }
+        for (const Contour& c : outers) best = std::max(best, iou(c));
+        for (int64_t h = 0; h < num_holes; ++h) best = std::max(best, iou(holes[h]));
         best_at[thr] = best;
         return;
       }
       Contour c;
       if (unique_largest(outers, holes, num_holes, &c)) {
-        best_at[thr] = best_iou(wsol_box(c.x0, c.y0, c.x1, c.y1, H, W), gt, num_gt);
+        best_at[thr] = iou(c);
       } else {
         int64_t b[4];
         finder.find(level, thr, b);
-        best_at[thr] = best_iou(WsolBox{b[0], b[1], std::min(b[0] + b[2], W - 1), std::min(b[1] + b[3], H - 1)},
-                                gt, num_gt);
+        best_at[thr] = levels::rect_iou(b, H, W, gt, num_gt);
       }
     });
     for (int64_t t = 0; t < T; ++t) out[n * T + t] = best_at[row[t]];
@@ -588,14 +575,9 @@ void threshold_box_ious(const uint8_t* levels, const int64_t* thresholds, int64_
 
 void tree_largest_boxes(const uint8_t* levels, const int64_t* thresholds, int64_t* out, int64_t N,
                         int64_t H, int64_t W, int64_t T, int num_threads) {
-  check_args("tree_largest_boxes", N, H, W, T);
-  if (N == 0 || T == 0) return;
-  if (H == 0 || W == 0) throw std::invalid_argument("rethinkcam_fast.tree_largest_boxes: empty maps");
-  for_each_image(N, H, W, num_threads, [&](ComponentTrees& trees, LargestContourFinder& finder, int64_t n) {
-    const uint8_t* level = levels + n * H * W;
-    const int64_t* row = thresholds + n * T;
-    bool wanted[256];
-    wanted_levels(row, T, wanted);
+  for_each_image_levels("tree_largest_boxes", levels, thresholds, N, H, W, T, num_threads,
+                        [&](ComponentTrees& trees, LargestContourFinder& finder, int64_t n, const uint8_t* level,
+                            const int64_t* row, const bool* wanted) {
     int64_t box_at[256][4];
     trees.run(level, wanted, [&](int thr, const std::vector<Contour>& outers, const Contour* holes,
                                  int64_t num_holes) {

@@ -367,6 +367,10 @@ void level_range(const uint8_t* level, int64_t n, int* lo, int* hi) {
   *hi = mx;
 }
 
+// What a threshold makes of an image whose levels span [lo, hi]: 0 = an empty mask (no contour),
+// 1 = a full mask (one border, the image rectangle), 2 = a mask to trace.
+inline int mask_kind(int64_t thr, int lo, int hi) { return thr >= hi ? 0 : thr < lo ? 1 : 2; }
+
 // Runs job_fn(tracer_or_null, job, kind) for the jobs [b, e) of one chunk, in order.
 // kind: 0 = empty mask, 1 = full mask, 2 = traced (tracer holds the borders).
 template <typename F>
@@ -389,10 +393,9 @@ void run_jobs(const uint8_t* levels, const int64_t* thresholds, int64_t H, int64
       cached_n = n;
     }
     const int64_t thr = thresholds[job];
-    if (thr >= hi) {
-      job_fn(static_cast<Tracer*>(nullptr), job, 0);
-    } else if (thr < lo) {
-      job_fn(static_cast<Tracer*>(nullptr), job, 1);
+    const int kind = mask_kind(thr, lo, hi);
+    if (kind != 2) {
+      job_fn(static_cast<Tracer*>(nullptr), job, kind);
     } else {
       if (tracer == nullptr) {
         storage.reset(new Tracer(H, W));
@@ -471,7 +474,7 @@ namespace {
 
 // (x, y, w, h) of the first contour of maximum area in cv2 order (strict >, like Python's max();
 // twice the area in int64 is exact, as cv2's double areas are), from a tracer that ran.
-void largest_of(const Tracer& tr, int64_t* o) {
+void largest_traced(const Tracer& tr, int64_t* o) {
   const Border* best = nullptr;
   int64_t best_a = -1;
   tr.visit_in_order([&](const Border& b) {
@@ -491,6 +494,20 @@ void largest_of(const Tracer& tr, int64_t* o) {
   o[3] = int64_t{best->y1} - best->y0 + 1;
 }
 
+// (x, y, w, h) of the largest contour of a job of mask_kind `kind` (the tracer ran for kind 2), or
+// (0, 0, 0, 0) for an empty mask.
+void largest_box(const Tracer* tr, int kind, int64_t H, int64_t W, int64_t* o) {
+  if (kind == 0) {
+    o[0] = o[1] = o[2] = o[3] = 0;
+  } else if (kind == 1) {
+    o[0] = o[1] = 0;
+    o[2] = W;
+    o[3] = H;
+  } else {
+    largest_traced(*tr, o);
+  }
+}
+
 }  // namespace
 
 struct LargestContourFinder::Impl {
@@ -505,16 +522,9 @@ LargestContourFinder::~LargestContourFinder() { delete impl_; }
 void LargestContourFinder::find(const uint8_t* level, int64_t thr, int64_t xywh[4]) {
   int lo = 0, hi = 0;
   level_range(level, impl_->H * impl_->W, &lo, &hi);
-  if (thr >= hi) {
-    xywh[0] = xywh[1] = xywh[2] = xywh[3] = 0;
-  } else if (thr < lo) {
-    xywh[0] = xywh[1] = 0;
-    xywh[2] = impl_->W;
-    xywh[3] = impl_->H;
-  } else {
-    impl_->tracer.run(level, thr);
-    largest_of(impl_->tracer, xywh);
-  }
+  const int kind = mask_kind(thr, lo, hi);
+  if (kind == 2) impl_->tracer.run(level, thr);
+  largest_box(&impl_->tracer, kind, impl_->H, impl_->W, xywh);
 }
 
 void contour_largest_boxes(const uint8_t* levels, const int64_t* thresholds, int64_t* out,
@@ -526,19 +536,7 @@ void contour_largest_boxes(const uint8_t* levels, const int64_t* thresholds, int
   parallel_for(0, nchunks, nchunks, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       run_jobs(levels, thresholds, H, W, T, chunk_begin(jobs, nchunks, c),
-               chunk_begin(jobs, nchunks, c + 1), [&](Tracer* tr, int64_t job, int kind) {
-                 int64_t* o = out + 4 * job;
-                 if (kind == 0) {
-                   o[0] = o[1] = o[2] = o[3] = 0;
-                 } else if (kind == 1) {
-                   o[0] = 0;
-                   o[1] = 0;
-                   o[2] = W;
-                   o[3] = H;
-                 } else {
-                   largest_of(*tr, o);
-                 }
-               });
+               chunk_begin(jobs, nchunks, c + 1), [&](Tracer* tr, int64_t job, int kind) { largest_box(tr, kind, H, W, out + 4 * job); });
     }
   });
 }
