@@ -67,16 +67,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_localize(args: argparse.Namespace) -> int:
     from .imageio import ImageReadError
-    from .localize import localize_files, load_user_model
+    from .localize import input_policy, load_user_model, localize_files
     from .models import CheckpointError
 
-    torchvision_name = ":" not in args.model
-    normalize = torchvision_name if args.normalize == "auto" else args.normalize == "imagenet"
+    image_size, normalize = input_policy(args.model, args.image_size, args.normalize)
     try:
         model = load_user_model(args.model, args.weights)
         records = localize_files(args.images, model, args.method, nwc=not args.no_nwc, box_threshold=args.box_threshold,
-                                 image_size=args.image_size or (224 if torchvision_name else None),
-                                 normalize=normalize,
+                                 image_size=image_size, normalize=normalize,
                                  device=args.device, out_dir=args.out)
     except (ImageReadError, CheckpointError, ValueError, FileNotFoundError) as exc:
         return _fail(exc)

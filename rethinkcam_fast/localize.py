@@ -194,6 +194,15 @@ def build_model(spec: str) -> nn.Module:
     return model
 
 
+def input_policy(spec: str, image_size: int | None, normalize: str) -> tuple[int | None, bool]:
+    """How the CLI feeds a ``--model spec``: ``(image_size, ImageNet-normalise?)``. A torchvision name
+    gets 224² and ImageNet statistics unless told otherwise; a python path gets the image as it is.
+    ``normalize``: ``"auto"``, ``"imagenet"`` or ``"none"``."""
+    torchvision_name = ":" not in spec
+    size = image_size or (224 if torchvision_name else None)
+    return size, (torchvision_name if normalize == "auto" else normalize == "imagenet")
+
+
 def load_user_model(spec: str, weights: str | None) -> nn.Module:
     """:func:`build_model` plus its weights (``torch.load(weights_only=True)``), in ``eval()`` mode.
 
@@ -279,6 +288,6 @@ def fit_tile(tile: np.ndarray, size: int) -> np.ndarray:
 
 
 __all__ = ["BOX_THRESHOLDS", "GRID_NAME", "JSON_NAME", "LocalizationMetrics", "build_model", "fit_tile", "input_channels",
-           "load_user_model", "localization_records", "localize_files", "preprocess", "sweep_levels",
+           "input_policy", "load_user_model", "localization_records", "localize_files", "preprocess", "sweep_levels",
            "wsol_box_metrics", "write_outputs"]
 

@@ -384,7 +384,8 @@ def localize_video(
     def remember(stream):  # keep the raw frames for the overlay until their result arrives
         for k, frame in enumerate(stream):
             if out_video is not None:
-                raw_frames[k] = _as_hwc_uint8(frame, k).numpy()
+                frame = _as_hwc_uint8(frame, k)  # converted once: stream() passes uint8 HWC tensors through
+                raw_frames[k] = frame.numpy()
             yield frame
 
     try:

@@ -50,9 +50,10 @@ def run_video_command(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .localize import BOX_THRESHOLDS, IMAGENET_MEAN, IMAGENET_STD, load_user_model
+    from .localize import BOX_THRESHOLDS, IMAGENET_MEAN, IMAGENET_STD, input_policy, load_user_model
     from .models import CheckpointError
     from .ops.box_ious import box_iou_matrix
+    from .training import resolve_device
     from .video import VideoLocalizer, VideoReadError, localize_video
 
     def fail(message) -> int:
@@ -65,8 +66,7 @@ def run_video_command(args: argparse.Namespace) -> int:
         return fail("--model is required with a video INPUT")
     if not (args.out or args.jsonl):
         return fail("nothing to write: give --out and/or --jsonl")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     gt_boxes = label = None
     try:
         if args.demo:
@@ -74,9 +74,7 @@ def run_video_command(args: argparse.Namespace) -> int:
             image_size, normalize = None, False
         else:
             model = load_user_model(args.model, args.weights)
-            torchvision_name = ":" not in args.model
-            image_size = args.image_size or (224 if torchvision_name else None)
-            normalize = torchvision_name if args.normalize == "auto" else args.normalize == "imagenet"
+            image_size, normalize = input_policy(args.model, args.image_size, args.normalize)
             method, box_threshold = args.method or "gradcam", args.box_threshold or "pas"
             source = int(args.input) if args.input.isdigit() else args.input
         q, theta = BOX_THRESHOLDS[box_threshold]
