@@ -18,6 +18,14 @@ def device_guard(t: Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (the launchers size their grids to fill them); 0
+    elsewhere, where launchers use one program per work item (the Triton interpreter)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def flat_spatial(t: Tensor) -> tuple[Tensor, int, int, int]:
     """``(t', stride_n, stride_c, stride_s)`` addressing ``t[N, C, H, W]`` as ``[N, C, H*W]``.
 

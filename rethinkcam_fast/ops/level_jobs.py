@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
+from ._launch import multiprocessor_count
 
 # The CUDA level-job kernel (csrc/cuda/level_jobs.cu) is compiled everywhere nvcc is, and its code is
 # tested on the CPU through the sequential emulation; it has not yet run on a GPU, so it stays opt-in
@@ -61,8 +62,7 @@ def level_jobs(levels: Tensor, table: Tensor, gt_boxes: Tensor, gt_offsets: Tens
             levels.data_ptr(), n, height, width, jobs.data_ptr(), count, gt_boxes.data_ptr(), gt_offsets.data_ptr(),
             bool(multi_contour), block_threads, iou.data_ptr(), xywh.data_ptr(), needs_trace.data_ptr())
     elif count:
-        props = torch.cuda.get_device_properties(device)
-        grid = min(count, 2 * props.multi_processor_count)
+        grid = min(count, 2 * multiprocessor_count(device))
         scratch = torch.empty(grid * (6 * height * width + 1), dtype=torch.int32, device=device)
         with torch.cuda.device(device):
             _native.cuda_module().level_jobs(

@@ -29,6 +29,7 @@ from torch import Tensor
 from .. import _native
 from .._triton import can_launch_triton, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, check_unit_interval
+from . import _launch
 from ._launch import device_guard, flat_spatial
 
 BACKENDS = ("auto", "triton", "cuda", "native", "reference")
@@ -277,10 +278,8 @@ def _tile_config(c: int, s: int, stride_s: int) -> tuple[int, int]:
 
 def _num_splits(programs: int, s: int, block_s: int, device: torch.device) -> int:
     """Split S across programs when (image, channel-block) programs alone cannot fill the GPU."""
-    if device.type != "cuda" or s <= 4 * block_s:
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if programs >= 2 * sms:
+    sms = _launch.multiprocessor_count(device)
+    if not sms or s <= 4 * block_s or programs >= 2 * sms:
         return 1
     wanted = triton.cdiv(4 * sms, programs)
     return max(1, min(triton.next_power_of_2(wanted), 64, triton.next_power_of_2(triton.cdiv(s, block_s))))

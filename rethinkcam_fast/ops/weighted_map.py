@@ -98,7 +98,8 @@ def weighted_map_triton(
     _weighted_map_kernel[grid](
         a, wt, g, out, k, s, a_sn, a_sk, a_ss, w_sn, w_sk, g_sn, g_sk, g_ss,
         MODE=_MODE_CODES[mode], RELU=relu, BLOCK_K=block_k, BLOCK_S=block_s,
-    )
+        num_warps=8 if block_k * block_s >= 4096 else 4,  # 4K-element tiles on 4 warps: up to 128 registers
+    )                                                      # a thread and spills in bf16 (sm_90)
     return out
 
 

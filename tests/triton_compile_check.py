@@ -1,0 +1,306 @@
+"""Compile every Triton kernel of rethinkcam_fast for a GPU architecture, on a machine without a GPU.
+
+The CPU tests run the Triton kernels through Triton's interpreter, which executes the Python source of
+a kernel: it never lowers it to PTX, so a kernel that uses something the real compiler rejects (a type
+mismatch across ``tl.where`` branches, a block shape that is not a power of two, too much shared
+memory) passes there and fails on the first GPU run. This script closes that gap:
+
+* Triton's driver is replaced by a compile-only stand-in that reports the target architecture
+  (``--arch 90`` = H100) and a GPU with ``--sms`` multiprocessors, so the launchers size their grids
+  (channel / output splits) as they would on that GPU;
+* every launch (``kernel[grid](...)``) is turned into a warm-up: Triton specialises the kernel for the
+  actual arguments (dtypes, constexprs, 16-byte alignment, ints equal to 1) and compiles it all the
+  way (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin, with the ``ptxas`` bundled in the Triton wheel), then
+  returns without running it, so outputs stay uninitialised and nothing numeric is checked here;
+* the ops are then driven through their public entry points with ``backend="triton"`` on CPU tensors,
+  at the shapes the GPU benchmarks use (ResNet50 / VGG16, batches 1-64, fp32 / bf16 / fp16, NCHW and
+  channels_last, forward and backward), plus the CAM engine for every method.
+
+It fails (exit 1) if any compilation fails or if any launchable kernel (a ``@triton.jit`` function
+named ``*_kernel``) was never compiled, and prints each specialisation's registers, local memory
+(spills) and shared memory, read from the cubin with the bundled ``cuobjdump``.
+
+    python tests/triton_compile_check.py --arch 90 [--json out.json]
+
+Run it outside pytest's process: Triton decides at import time whether kernels are interpreted, and
+this needs them compiled (``tests/test_triton_compile.py`` runs it in a subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: kernels must be JITFunctions
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class CompileOnlyDriver:
+    """The part of Triton's driver interface that compilation touches, for a GPU that is not there."""
+
+    def __init__(self, target: GPUTarget) -> None:
+        self.target = target
+
+    def is_active(self) -> bool:
+        return True
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def map_python_to_cpp_type(self, ty: str) -> str:
+        return ty
+
+
+class Recorder:
+    """Every compiled specialisation, and every failure, keyed by kernel name."""
+
+    def __init__(self) -> None:
+        self.compiled: list[dict] = []
+        self.failures: list[dict] = []
+        self.scenario = ""
+
+    def resources(self, kernel) -> dict:
+        """``reg`` (registers a thread), ``spill_stores`` / ``spill_loads`` (bytes a thread), ``stack``,
+        ``shared`` (bytes a block): ptxas's own report (``-v``) for the PTX Triton generated."""
+        arch = f"sm_{kernel.metadata.target.arch}{'a' if kernel.metadata.target.arch >= 90 else ''}"
+        ptxas = get_ptxas(kernel.metadata.target.arch).path  # the ptxas Triton itself used
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(kernel.asm["ptx"])
+            f.flush()
+            text = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", "-o", os.devnull, f.name],
+                                  capture_output=True, text=True, check=True).stderr
+        numbers = {
+            "reg": r"Used (\d+) registers", "stack": r"(\d+) bytes stack frame",
+            "spill_stores": r"(\d+) bytes spill stores", "spill_loads": r"(\d+) bytes spill loads",
+        }
+        found = {key: int(m.group(1)) for key, pattern in numbers.items() if (m := re.search(pattern, text))}
+        return {**found, "shared": kernel.metadata.shared}
+
+    def patch(self) -> None:
+        original = JITFunction.run
+        recorder = self
+
+        def compile_only(self, *args, grid, warmup, **kwargs):
+            name = f"{self.fn.__module__}.{self.fn.__name__}"
+            try:
+                kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - every failure is reported, then the run fails
+                recorder.failures.append({"kernel": name, "scenario": recorder.scenario,
+                                          "error": f"{type(exc).__name__}: {exc}"})
+                raise
+            meta = kernel.metadata
+            key = (name, meta.hash)
+            if key not in {(c["kernel"], c["hash"]) for c in recorder.compiled}:
+                recorder.compiled.append({
+                    "kernel": name, "hash": meta.hash, "scenario": recorder.scenario,
+                    "num_warps": meta.num_warps, "num_stages": meta.num_stages,
+                    "tensors": [f"{str(a.dtype).removeprefix('torch.')}{list(a.shape)}"
+                                for a in args if isinstance(a, torch.Tensor)],
+                    "constexprs": {k: str(v) for k, v in kwargs.items() if k.isupper()},
+                    **recorder.resources(kernel),
+                })
+            return kernel
+
+        JITFunction.run = compile_only
+
+
+def launchable_kernels() -> set[str]:
+    """Every ``@triton.jit`` function named ``*_kernel`` in the package's op modules."""
+    import importlib
+    import pkgutil
+
+    import rethinkcam_fast.ops as ops
+
+    names = set()
+    for info in pkgutil.iter_modules(ops.__path__):
+        module = importlib.import_module(f"rethinkcam_fast.ops.{info.name}")
+        for attr, value in vars(module).items():
+            if isinstance(value, JITFunction) and attr.endswith("_kernel") and value.fn.__module__ == module.__name__:
+                names.add(f"{module.__name__}.{attr}")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scenarios: the launch paths, at the benchmarks' shapes. Outputs are uninitialised memory, so
+# nothing here may depend on values (the ops' own validation of user inputs sees real inputs).
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+RESNET50_LAYERS = ((256, 56), (512, 28), (1024, 14), (2048, 7))
+
+
+def _features(n: int, k: int, s: int, dtype: torch.dtype, channels_last: bool, grad: bool = False):
+    x = torch.rand(n, k, s, s).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x.requires_grad_(grad)
+
+
+def scenario_tap():
+    import rethinkcam_fast
+
+    for dtype in DTYPES:
+        for n, (k, s) in ((64, (2048, 7)), (1, (512, 28)), (8, (64, 112))):
+            for channels_last in (False, True):
+                x = _features(n, k, s, dtype, channels_last, grad=True)
+                rethinkcam_fast.tap(x, 0.1, backend="triton").sum().backward()
+
+
+def scenario_class_activation_map():
+    import rethinkcam_fast
+
+    weight = torch.randn(1000, 2048)
+    for dtype in DTYPES:
+        for n in (64, 1):
+            labels = torch.randint(0, 1000, (n,))
+            for channels_last in (False, True):
+                for nwc, normalize in ((False, True), (True, True), (False, False)):
+                    x = _features(n, 2048, 7, dtype, channels_last, grad=True)
+                    w = weight.to(dtype).requires_grad_()
+                    maps = rethinkcam_fast.class_activation_map(x, w, labels, nwc, (224, 224), normalize,
+                                                                backend="triton")
+                    maps.sum().backward()
+
+
+def scenario_flm_fuse():
+    import rethinkcam_fast
+
+    for dtype in DTYPES:
+        for n, layers in ((8, RESNET50_LAYERS), (1, RESNET50_LAYERS[-1:])):
+            for fuse in ("sum", "max"):
+                acts = [_features(n, k, s, dtype, True, grad=True) for k, s in layers]
+                grads = [_features(n, k, s, dtype, True, grad=True) for k, s in layers]
+                cams = rethinkcam_fast.flm_fuse(acts, grads, (224, 224), fuse=fuse, backend="triton")
+                cams.sum().backward()
+
+
+def scenario_weighted_and_fused_maps():
+    from rethinkcam_fast.ops.fuse_maps import fuse_maps
+    from rethinkcam_fast.ops.weighted_map import weighted_map
+
+    for dtype in DTYPES:
+        for n, (k, s) in ((64, (2048, 7)), (1, (512, 14))):
+            for channels_last in (False, True):
+                a = _features(n, k, s, dtype, channels_last)
+                g = _features(n, k, s, dtype, channels_last)
+                weighted_map(a, torch.rand(n, k).to(dtype), mode="channel", relu=True, backend="triton")
+                weighted_map(a, grads=g, mode="layercam", relu=True, backend="triton")
+                weighted_map(a, grads=g, mode="flm", relu=False, backend="triton")
+        maps = [torch.rand(8, s, s).to(dtype) for _, s in RESNET50_LAYERS]
+        for fuse in ("sum", "max"):
+            fuse_maps(maps, (224, 224), fuse=fuse, backend="triton")
+        fuse_maps(maps[-1:], (224, 224), backend="triton")
+
+
+def scenario_percentile_threshold():
+    import rethinkcam_fast
+
+    for dtype in (*DTYPES, torch.float64):
+        for n in (64, 1):
+            rethinkcam_fast.percentile_threshold(torch.rand(n, 224, 224).to(dtype), backend="triton")
+
+
+def scenario_engine():
+    """The engine's own launch sequence, every method, on the benchmarks' ResNet50 (batch 2)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import _models
+
+    from rethinkcam_fast import CAMEngine
+
+    model, _target = _models.build("resnet50")
+    model.eval()
+    images = torch.rand(2, 3, 224, 224).to(memory_format=torch.channels_last)
+    for method in ("cam", "gradcam", "gradcam++", "layercam", "fullycam"):
+        with CAMEngine(model, method, backend="triton", warn_degenerate=False) as engine:
+            engine(images)
+
+
+SCENARIOS = {
+    "tap": scenario_tap,
+    "class_activation_map": scenario_class_activation_map,
+    "flm_fuse": scenario_flm_fuse,
+    "weighted_and_fused_maps": scenario_weighted_and_fused_maps,
+    "percentile_threshold": scenario_percentile_threshold,
+    "engine": scenario_engine,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10: 90 = H100, 80 = A100")
+    parser.add_argument("--sms", type=int, default=132, help="multiprocessors the launchers size grids for")
+    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="default: all")
+    parser.add_argument("--json", type=Path, help="write every specialisation's resources here")
+    args = parser.parse_args(argv)
+
+    import rethinkcam_fast._triton as triton_support
+    from rethinkcam_fast.ops import _launch
+
+    driver.set_active(CompileOnlyDriver(GPUTarget("cuda", args.arch, 32)))
+    triton_support.triton_interpreted = lambda: True  # let backend="triton" take CPU tensors
+    _launch.multiprocessor_count = lambda device: args.sms
+    recorder = Recorder()
+    recorder.patch()
+    torch.manual_seed(0)
+
+    start = time.perf_counter()
+    errors = []
+    for name in args.scenario or list(SCENARIOS):
+        recorder.scenario = name
+        try:
+            SCENARIOS[name]()
+        except Exception:  # noqa: BLE001
+            errors.append(name)
+            traceback.print_exc()
+    seconds = time.perf_counter() - start
+
+    launchable = sorted(launchable_kernels())
+    missing = sorted(set(launchable) - {c["kernel"] for c in recorder.compiled}) if not args.scenario else []
+    for c in sorted(recorder.compiled, key=lambda c: (c["kernel"], c["scenario"])):
+        print(f"sm_{args.arch} {c['kernel'].rsplit('.', 1)[1]:<28} {c['scenario']:<24} warps {c['num_warps']} "
+              f"reg {c.get('reg', '?'):>3}  spills {c.get('spill_stores', '?'):>4} B  shared {c.get('shared', '?'):>6}")
+    spilling = [c for c in recorder.compiled if c.get("spill_stores", 0) > 0]
+    print(f"\n{len(recorder.compiled)} specialisations of {len({c['kernel'] for c in recorder.compiled})} kernels "
+          f"compiled for sm_{args.arch} in {seconds:.0f} s; {len(spilling)} spill registers")
+    if args.json:
+        args.json.write_text(json.dumps({"arch": args.arch, "sms": args.sms, "compiled": recorder.compiled,
+                                         "failures": recorder.failures, "launchable": launchable,
+                                         "missing": missing}, indent=1))
+    for f in recorder.failures:
+        print(f"FAILED to compile {f['kernel']} ({f['scenario']}): {f['error']}", file=sys.stderr)
+    if errors:
+        print(f"scenarios that raised: {', '.join(errors)}", file=sys.stderr)
+    if not launchable:
+        print("found no launchable kernels (*_kernel JITFunctions) in rethinkcam_fast.ops", file=sys.stderr)
+    if missing:
+        print(f"kernels never compiled (add a scenario): {', '.join(missing)}", file=sys.stderr)
+    return 1 if errors or recorder.failures or missing or not launchable else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
