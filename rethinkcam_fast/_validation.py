@@ -61,9 +61,10 @@ def first_bad_unit_map(maps: torch.Tensor) -> tuple[int, str] | None:
     return index, "non-finite values" if not finite else "values outside [0, 1]"
 
 
-def check_unit_maps(name: str, maps: torch.Tensor) -> None:
-    """Maps ``[N, ...]`` must be finite and inside ``[0, 1]``; ``ValueError`` names the first bad image."""
+def check_unit_maps(name: str, maps: torch.Tensor, offset: int = 0) -> None:
+    """Maps ``[N, ...]`` must be finite and inside ``[0, 1]``; ``ValueError`` names the first bad image
+    (as ``name[offset + i]``: ``maps`` may be a slice of the user's batch starting at ``offset``)."""
     found = first_bad_unit_map(maps)
     if found is not None:
         index, what = found
-        raise ValueError(f"{name}[{index}] has {what}; expected min-max normalised maps in [0, 1]")
+        raise ValueError(f"{name}[{offset + index}] has {what}; expected min-max normalised maps in [0, 1]")

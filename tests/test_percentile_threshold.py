@@ -124,3 +124,32 @@ def test_host_levels_equal_scaled_levels(dtype):
         assert torch.equal(host_levels(layout), scaled_levels(layout, torch.uint8))
     outside = torch.tensor([[[float("nan"), -1.0, 2.0, float("inf")]]], dtype=dtype)
     assert host_levels(outside).tolist() == [[[0, 0, 255, 255]]]  # clamped, not undefined
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_host_levels_validates_in_the_same_pass(dtype, threads):
+    """host_levels(check=...) finds a bad value wherever it sits: in the SIMD body or the scalar tail
+    of an image, in an image split between two threads' chunks, and names the first bad image as
+    check_unit_maps does; valid edge values (0, -0.0, 1) pass and give the same levels."""
+    from rethinkcam_fast.ops.percentile_threshold import host_levels, scaled_levels
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        # 3 images of 419 values (odd: images straddle 16-wide blocks and 2-way chunk boundaries),
+        # large enough in total for the native code to use both threads.
+        maps = torch.rand(3, 419, 1000, generator=torch.Generator().manual_seed(3)).to(dtype)
+        maps[0, 0, :3] = torch.tensor([0.0, -0.0, 1.0]).to(dtype)
+        assert torch.equal(host_levels(maps, check="cams"), scaled_levels(maps, torch.uint8))
+        positions = [(1, 0, 0), (1, 209, 500), (2, 418, 999), (1, 418, 990)]  # first, middle, tail
+        for bad_value, problem in ((float("nan"), "non-finite values"), (float("-inf"), "non-finite values"),
+                                   (1.5, "values outside"), (-0.25, "values outside")):
+            for position in positions:
+                bad = maps.clone()
+                bad[position] = bad_value
+                bad[2, 7, 7] = 2.0  # a later bad image never hides the first
+                with pytest.raises(ValueError, match=rf"cams\[{position[0]}\] has {problem}"):
+                    host_levels(bad, check="cams")
+    finally:
+        torch.set_num_threads(previous)

@@ -150,15 +150,18 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "uint8_levels",
-      [](uintptr_t x_ptr, int dtype, int64_t count, uintptr_t out_ptr, int num_threads) {
+      [](uintptr_t x_ptr, int dtype, int64_t count, uintptr_t out_ptr, int num_threads, int64_t per_image,
+         uintptr_t bad_ptr) {
         rcam::cpu::uint8_levels(as_ptr<const void>(x_ptr), dtype, count, as_ptr<uint8_t>(out_ptr),
-                                num_threads);
+                                num_threads, per_image, as_ptr<uint8_t>(bad_ptr));
       },
       py::arg("x_ptr"), py::arg("dtype"), py::arg("count"), py::arg("out_ptr"),
-      py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("num_threads"), py::arg("per_image") = 0, py::arg("bad_ptr") = 0,
+      py::call_guard<py::gil_scoped_release>(),
       "out: uint8 [count] <- trunc(255 * x) in the accumulation type (float64 for float64 x,\n"
       "float32 otherwise), clamped to 0..255 (NaN -> 0).  x: contiguous, dtype 0=f32, 1=f64, 2=f16,\n"
-      "3=bf16.");
+      "3=bf16.  With bad_ptr (uint8 [ceil(count / per_image)]), the same pass sets bad[i] = 1 where\n"
+      "image i holds a NaN or a value outside [0, 1].");
 
   m.def(
       "emulate_level_jobs",

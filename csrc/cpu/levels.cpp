@@ -1,6 +1,10 @@
-// trunc(255 * x) to uint8, parallel over contiguous chunks (see levels.h).
+// trunc(255 * x) to uint8, parallel over contiguous chunks, optionally checking [0, 1] on the way
+// (see levels.h).
 #include "levels.h"
 
+#include <algorithm>
+#include <atomic>
+#include <memory>
 #include <type_traits>
 
 #include "../common/dtype.h"
@@ -12,41 +16,77 @@
 
 namespace rcam {
 namespace cpu {
+namespace {
 
-void uint8_levels(const void* x, int dtype, int64_t count, uint8_t* out, int num_threads) {
+// Converts src[b, e) to out[b, e); returns whether any value is NaN or outside [0, 1] (only looked
+// for when `check`: the comparisons cost nothing next to the memory traffic, but stay off when
+// unwanted).
+template <typename T, bool check>
+bool convert_range(const T* src, int64_t b, int64_t e, uint8_t* out) {
+  using A = acc_t<T>;
+  bool bad = false;
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    // 16 at a time: clamp (max/min return the second operand for NaN: NaN -> 0), truncate to
+    // int32, narrow with saturating packs (no effect on 0..255).  The range test uses the
+    // negated ordered compares, true for NaN too: !(x >= 0) | !(x <= 1).
+    const __m128 zero = _mm_setzero_ps(), one = _mm_set1_ps(1.0f), top = _mm_set1_ps(255.0f);
+    __m128 outside = _mm_setzero_ps();
+    for (; b + 16 <= e; b += 16) {
+      __m128i q[4];
+      for (int j = 0; j < 4; ++j) {
+        const __m128 x = _mm_loadu_ps(src + b + 4 * j);
+        if constexpr (check) outside = _mm_or_ps(outside, _mm_or_ps(_mm_cmpnge_ps(x, zero), _mm_cmpnle_ps(x, one)));
+        __m128 v = _mm_mul_ps(x, top);
+        v = _mm_min_ps(_mm_max_ps(v, zero), top);
+        q[j] = _mm_cvttps_epi32(v);
+      }
+      const __m128i lo = _mm_packs_epi32(q[0], q[1]), hi = _mm_packs_epi32(q[2], q[3]);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b), _mm_packus_epi16(lo, hi));
+    }
+    if constexpr (check) bad = _mm_movemask_ps(outside) != 0;
+  }
+#endif
+  // Written so that the compiler vectorises it: clamp with selects, truncate to int32 (cvttps2dq),
+  // narrow to uint8.
+  for (int64_t k = b; k < e; ++k) {
+    const A x = to_acc(src[k]);
+    if constexpr (check) bad |= !(x >= A(0) && x <= A(1));
+    A v = x * A(255);
+    v = v > A(0) ? v : A(0);  // also NaN -> 0
+    v = v < A(255) ? v : A(255);
+    out[k] = static_cast<uint8_t>(static_cast<int32_t>(v));  // truncation, as torch's cast
+  }
+  return bad;
+}
+
+}  // namespace
+
+void uint8_levels(const void* x, int dtype, int64_t count, uint8_t* out, int num_threads, int64_t per_image,
+                  uint8_t* bad) {
   if (count <= 0) return;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    using A = acc_t<T>;
     const T* src = static_cast<const T*>(x);
     const int threads = effective_threads(count, num_threads, 262144);
+    if (bad == nullptr || per_image <= 0) {
+      parallel_for(0, count, threads, [&](int64_t b, int64_t e) { convert_range<T, false>(src, b, e, out); });
+      return;
+    }
+    // A chunk may hold the end of one image and the start of the next, and an image may span
+    // chunks: flags are set per image segment, through atomics (two chunks can share an image).
+    const int64_t images = (count + per_image - 1) / per_image;
+    std::unique_ptr<std::atomic<uint8_t>[]> flags(new std::atomic<uint8_t>[static_cast<size_t>(images)]);
+    for (int64_t i = 0; i < images; ++i) flags[i].store(0, std::memory_order_relaxed);
     parallel_for(0, count, threads, [&](int64_t b, int64_t e) {
-#if defined(__SSE2__)
-      if constexpr (std::is_same_v<T, float>) {
-        // 16 at a time: clamp (max/min return the second operand for NaN: NaN -> 0), truncate to
-        // int32, narrow with saturating packs (no effect on 0..255).
-        const __m128 zero = _mm_setzero_ps(), top = _mm_set1_ps(255.0f);
-        for (; b + 16 <= e; b += 16) {
-          __m128i q[4];
-          for (int j = 0; j < 4; ++j) {
-            __m128 v = _mm_mul_ps(_mm_loadu_ps(src + b + 4 * j), top);
-            v = _mm_min_ps(_mm_max_ps(v, zero), top);
-            q[j] = _mm_cvttps_epi32(v);
-          }
-          const __m128i lo = _mm_packs_epi32(q[0], q[1]), hi = _mm_packs_epi32(q[2], q[3]);
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b), _mm_packus_epi16(lo, hi));
-        }
-      }
-#endif
-      // Written so that the compiler vectorises it: clamp with selects, truncate to int32
-      // (cvttps2dq), narrow to uint8.
-      for (int64_t k = b; k < e; ++k) {
-        A v = to_acc(src[k]) * A(255);
-        v = v > A(0) ? v : A(0);  // also NaN -> 0
-        v = v < A(255) ? v : A(255);
-        out[k] = static_cast<uint8_t>(static_cast<int32_t>(v));  // truncation, as torch's cast
+      while (b < e) {
+        const int64_t image = b / per_image;
+        const int64_t stop = std::min(e, (image + 1) * per_image);
+        if (convert_range<T, true>(src, b, stop, out)) flags[image].store(1, std::memory_order_relaxed);
+        b = stop;
       }
     });
+    for (int64_t i = 0; i < images; ++i) bad[i] = flags[i].load(std::memory_order_relaxed);
   });
 }
 

@@ -10,7 +10,12 @@ namespace cpu {
 // float64 maps), like torch's (x.float() * 255).to(torch.uint8).  Values are expected in [0, 1];
 // anything else is clamped to 0..255 (NaN -> 0) instead of being undefined.  x: `count` contiguous
 // elements of dtype (0=f32, 1=f64, 2=f16, 3=bf16).
-void uint8_levels(const void* x, int dtype, int64_t count, uint8_t* out, int num_threads);
+//
+// With `bad` (and per_image > 0), the same pass also validates: bad[i] <- 1 when image i (elements
+// [i * per_image, (i + 1) * per_image)) holds a NaN or a value outside [0, 1], else 0; bad has
+// ceil(count / per_image) entries.  Saves the separate validation pass over the maps.
+void uint8_levels(const void* x, int dtype, int64_t count, uint8_t* out, int num_threads, int64_t per_image = 0,
+                  uint8_t* bad = nullptr);
 
 }  // namespace cpu
 }  // namespace rcam

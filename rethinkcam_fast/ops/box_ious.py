@@ -156,14 +156,14 @@ def best_box_ious(
     n = cams.shape[0]
     table, single = _thresholds_2d(thresholds, n)
     gt, offsets = _check_gt(gt_boxes, gt_offsets, n)
-    if validate:
-        check_unit_maps("cams", cams)
     if gpu_level_jobs_enabled(cams):
+        if validate:
+            check_unit_maps("cams", cams)
         levels = scaled_levels(cams, torch.uint8)
         out = level_jobs(levels, table.to(cams.device), gt.to(cams.device), offsets.to(cams.device),
                          multi_contour)[0]
         return out[:, 0] if single else out
-    levels = host_levels(cams)
+    levels = host_levels(cams, check="cams" if validate else None)  # CPU maps: validated in the same pass
     module = _native.cpu_module()
     if module is not None and hasattr(module, "threshold_box_ious"):
         out = torch.zeros(table.shape, dtype=torch.float64)

@@ -61,6 +61,16 @@ class RaggedBoxes:
 
 def _to_convention(xywh: Tensor, height: int, width: int, convention: str) -> Tensor:
     """(x, y, w, h) -> (x0, y0, x1, y1); rows with w == 0 (no contour) become zeros."""
+    if xywh.device.type == "cpu":  # a few hundred boxes at most per call: numpy's per-op cost is lower
+        box = xywh.numpy().copy()
+        box[..., 2:] += box[..., :2]
+        if convention == "wsol":
+            np.minimum(box[..., 2], width - 1, out=box[..., 2])
+            np.minimum(box[..., 3], height - 1, out=box[..., 3])
+        else:
+            box[..., 2:] -= 1
+        box[xywh.numpy()[..., 2] == 0] = 0
+        return torch.from_numpy(box)
     x, y, w, h = xywh.unbind(-1)
     if convention == "wsol":
         x1 = torch.clamp(x + w, max=width - 1)
@@ -83,8 +93,10 @@ def _thresholds_2d(thresholds: int | Tensor, n: int) -> tuple[Tensor, bool]:
     if thresholds.dim() not in (1, 2) or thresholds.shape[0] != n:
         raise ValueError(f"thresholds must have shape ({n},) or ({n}, T), got {tuple(thresholds.shape)}")
     table = (thresholds[:, None] if single else thresholds).to(device="cpu", dtype=torch.int64).contiguous()
-    if table.numel() and (int(table.min()) < 0 or int(table.max()) > 255):
-        raise ValueError("thresholds must be uint8 levels in [0, 255]")
+    if table.numel():
+        values = table.numpy()
+        if values.min() < 0 or values.max() > 255:
+            raise ValueError("thresholds must be uint8 levels in [0, 255]")
     return table, single
 
 
@@ -223,16 +235,16 @@ def boxes_from_cams(
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     n, height, width = cams.shape
     table, single = _thresholds_2d(thresholds, n)
-    if validate:
-        check_unit_maps("cams", cams)
     if mode == "largest" and gpu_level_jobs_enabled(cams):
+        if validate:
+            check_unit_maps("cams", cams)
         no_gt = torch.zeros((n, 4), dtype=torch.int64, device=cams.device)  # IoUs are not wanted here
         xywh = level_jobs(scaled_levels(cams, torch.uint8), table.to(cams.device), no_gt,
                           torch.arange(n + 1, device=cams.device), multi_contour=False)[1]
         boxes = _to_convention(xywh, height, width, convention)
         return boxes[:, 0] if single else boxes
     # trunc(255·x) straight to uint8 (values are in [0, 1]), then to the host for the C++ kernel.
-    levels = host_levels(cams)
+    levels = host_levels(cams, check="cams" if validate else None)  # CPU maps: validated in the same pass
     if mode == "largest":
         xywh = _largest_xywh(levels, table)
         boxes = _to_convention(xywh, height, width, convention)

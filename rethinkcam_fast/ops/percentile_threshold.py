@@ -35,19 +35,28 @@ def scaled_levels(cams: Tensor, dtype: torch.dtype) -> Tensor:
     return (work * 255).to(dtype)
 
 
-def host_levels(cams: Tensor) -> Tensor:
+def host_levels(cams: Tensor, check: str | None = None) -> Tensor:
     """``uint8 [N, H, W]`` levels ``trunc(255 * x)`` on the CPU, contiguous, for the C++ kernels.
 
     CPU maps go through the native conversion (one pass, parallel); others through
     :func:`scaled_levels` on their device, then to the host. Same values either way.
+    ``check`` (the argument's name for the message) also validates the maps as
+    :func:`~rethinkcam_fast._validation.check_unit_maps` does, within the native pass for CPU maps.
     """
     module = _native.cpu_module()
     if cams.device.type == "cpu" and module is not None and hasattr(module, "uint8_levels"):
         source = cams.contiguous()
         out = torch.empty(cams.shape, dtype=torch.uint8)
+        per_image = source[0].numel() if source.shape[0] else 0
+        bad = torch.zeros(source.shape[0] if check is not None and per_image else 0, dtype=torch.uint8)
         module.uint8_levels(source.data_ptr(), _native.NATIVE_DTYPE_CODES[cams.dtype], source.numel(),
-                            out.data_ptr(), torch.get_num_threads())
+                            out.data_ptr(), torch.get_num_threads(), per_image, bad.data_ptr() if bad.numel() else 0)
+        if bad.numel() and bool(bad.any()):
+            index = int(bad.nonzero()[0, 0])  # the diagnosis (which problem) for that image only
+            check_unit_maps(check, cams[index:index + 1], offset=index)
         return out
+    if check is not None:
+        check_unit_maps(check, cams)
     return scaled_levels(cams, torch.uint8).cpu().contiguous()
 
 
