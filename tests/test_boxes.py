@@ -196,3 +196,35 @@ def test_all_mode_traces_repeated_thresholds_once_with_the_same_result():
             start, stop = int(ragged.offsets[n, t]), int(ragged.offsets[n, t + 1])
             assert torch.equal(ragged.areas[start:stop], alone.areas)
             assert torch.equal(ragged.is_hole[start:stop], alone.is_hole)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_threshold_per_map_matches_opencv_every_dtype(dtype, threads):
+    """One threshold per CPU map takes the fused path (each map converted and traced while in
+    cache, images handed to threads one by one): same boxes as OpenCV on the map's uint8 levels."""
+    gen = torch.Generator().manual_seed(11)
+    low = torch.rand(9, 1, 6, 6, generator=gen)
+    cams = torch.nn.functional.interpolate(low, size=(37, 41), mode="bilinear", align_corners=False)[:, 0]
+    cams = ((cams - cams.amin((1, 2), keepdim=True)) / (cams.amax((1, 2), keepdim=True)
+                                                        - cams.amin((1, 2), keepdim=True))).to(dtype)
+    cams[3] = 0.0  # all-zero map: every threshold gives an empty mask
+    levels = levels_of(cams)
+    thresholds = torch.tensor([0, 10, 60, 100, 128, 200, 254, 255, 90])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = boxes_from_cams(cams, thresholds)
+        exact = boxes_from_cams(cams, thresholds[:, None], convention="exact")
+    finally:
+        torch.set_num_threads(previous)
+    for n, thr in enumerate(thresholds.tolist()):
+        assert got[n].tolist() == reference_largest(levels[n], thr, "wsol"), (n, thr)
+        assert exact[n, 0].tolist() == reference_largest(levels[n], thr, "exact"), (n, thr)
+    bad = cams.clone()
+    bad[5, 3, 3] = float("nan")
+    bad[7, 0, 0] = 1.5
+    with pytest.raises(ValueError, match=r"cams\[5\] has non-finite values"):
+        boxes_from_cams(bad, thresholds)
+    assert boxes_from_cams(bad, thresholds, validate=False).shape == (9, 4)  # the caller's promise
+    assert boxes_from_cams(cams[:, :0], thresholds).tolist() == [[0, 0, 0, 0]] * 9  # empty maps

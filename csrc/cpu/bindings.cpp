@@ -149,6 +149,20 @@ PYBIND11_MODULE(_C, m) {
       "As contour_largest_boxes (same result), from one pass over all thresholds of each image.");
 
   m.def(
+      "map_largest_boxes",
+      [](uintptr_t maps_ptr, int dtype, uintptr_t thresholds_ptr, uintptr_t out_ptr, int64_t N, int64_t H,
+         int64_t W, int64_t T, int num_threads, uintptr_t bad_ptr) {
+        rcam::cpu::map_largest_boxes(as_ptr<const void>(maps_ptr), dtype, as_ptr<const int64_t>(thresholds_ptr),
+                                     as_ptr<int64_t>(out_ptr), N, H, W, T, num_threads, as_ptr<uint8_t>(bad_ptr));
+      },
+      py::arg("maps_ptr"), py::arg("dtype"), py::arg("thresholds_ptr"), py::arg("out_ptr"), py::arg("N"),
+      py::arg("H"), py::arg("W"), py::arg("T"), py::arg("num_threads"), py::arg("bad_ptr") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      "As contour_largest_boxes, from float maps [N, H, W] (dtype 0=f32, 1=f64, 2=f16, 3=bf16,\n"
+      "contiguous) converted to uint8 levels image by image; with bad_ptr (uint8 [N]) it also flags\n"
+      "maps holding a NaN or a value outside [0, 1].");
+
+  m.def(
       "uint8_levels",
       [](uintptr_t x_ptr, int dtype, int64_t count, uintptr_t out_ptr, int num_threads, int64_t per_image,
          uintptr_t bad_ptr) {

@@ -36,6 +36,7 @@
 #include "contours.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -45,6 +46,7 @@
 #include <string>
 #include <vector>
 
+#include "levels.h"
 #include "parallel.h"
 
 #if defined(__SSE2__)
@@ -537,6 +539,29 @@ void contour_largest_boxes(const uint8_t* levels, const int64_t* thresholds, int
     for (int64_t c = cb; c < ce; ++c) {
       run_jobs(levels, thresholds, H, W, T, chunk_begin(jobs, nchunks, c),
                chunk_begin(jobs, nchunks, c + 1), [&](Tracer* tr, int64_t job, int kind) { largest_box(tr, kind, H, W, out + 4 * job); });
+    }
+  });
+}
+
+void map_largest_boxes(const void* maps, int dtype, const int64_t* thresholds, int64_t* out, int64_t N,
+                       int64_t H, int64_t W, int64_t T, int num_threads, uint8_t* bad) {
+  check_args("map_largest_boxes", maps, thresholds, out, true, N, H, W, T);
+  if (N == 0) return;
+  const int64_t HW = H * W;
+  if (HW == 0 || T == 0) {
+    std::fill(out, out + 4 * N * T, int64_t{0});
+    if (bad != nullptr) std::fill(bad, bad + N, uint8_t{0});
+    return;
+  }
+  const int threads = static_cast<int>(std::min<int64_t>(effective_threads(N * HW, num_threads, 65536), N));
+  std::atomic<int64_t> next{0};  // images handed out one at a time: their tracing cost varies
+  parallel_for(0, threads, threads, [&](int64_t, int64_t) {
+    std::unique_ptr<uint8_t[]> level(new uint8_t[static_cast<size_t>(HW)]);
+    LargestContourFinder finder(H, W);
+    for (int64_t n; (n = next.fetch_add(1, std::memory_order_relaxed)) < N;) {
+      const bool outside = convert_levels(maps, dtype, n * HW, HW, level.get(), bad != nullptr);
+      if (bad != nullptr) bad[n] = outside ? 1 : 0;
+      for (int64_t t = 0; t < T; ++t) finder.find(level.get(), thresholds[n * T + t], out + 4 * (n * T + t));
     }
   });
 }

@@ -43,6 +43,14 @@ void contour_largest_boxes(const uint8_t* levels, const int64_t* thresholds, int
 
 // Traces single masks (level > thr) of one fixed size, reusing its buffers across calls: for callers
 // that need the exact contour order only now and then (component_tree.cpp's tie-break).
+// As contour_largest_boxes, from the float maps themselves: each image is converted to uint8 levels
+// (trunc(255 * x), as uint8_levels) into a per-thread buffer and traced while it is in cache, so
+// the levels of the batch are never written out.  maps: N * H * W contiguous values of dtype
+// (0=f32, 1=f64, 2=f16, 3=bf16).  With `bad` (uint8 [N]), also validates: bad[n] <- 1 when map n
+// holds a NaN or a value outside [0, 1] (its boxes are then meaningless), else 0.
+void map_largest_boxes(const void* maps, int dtype, const int64_t* thresholds, int64_t* out, int64_t N,
+                       int64_t H, int64_t W, int64_t T, int num_threads, uint8_t* bad);
+
 class LargestContourFinder {
  public:
   LargestContourFinder(int64_t H, int64_t W);

@@ -62,6 +62,16 @@ bool convert_range(const T* src, int64_t b, int64_t e, uint8_t* out) {
 
 }  // namespace
 
+bool convert_levels(const void* x, int dtype, int64_t offset, int64_t count, uint8_t* out, bool check) {
+  bool bad = false;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = static_cast<const T*>(x) + offset;
+    bad = check ? convert_range<T, true>(src, 0, count, out) : convert_range<T, false>(src, 0, count, out);
+  });
+  return bad;
+}
+
 void uint8_levels(const void* x, int dtype, int64_t count, uint8_t* out, int num_threads, int64_t per_image,
                   uint8_t* bad) {
   if (count <= 0) return;

@@ -17,5 +17,10 @@ namespace cpu {
 void uint8_levels(const void* x, int dtype, int64_t count, uint8_t* out, int num_threads, int64_t per_image = 0,
                   uint8_t* bad = nullptr);
 
+// One image's worth, for callers that consume levels image by image while they are in cache:
+// out[0, count) <- levels of x[offset, offset + count); returns whether (with `check`) any of those
+// values is NaN or outside [0, 1].  Single-threaded.
+bool convert_levels(const void* x, int dtype, int64_t offset, int64_t count, uint8_t* out, bool check);
+
 }  // namespace cpu
 }  // namespace rcam

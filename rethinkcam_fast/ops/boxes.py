@@ -183,6 +183,25 @@ def _largest_xywh(levels: Tensor, table: Tensor) -> Tensor:
     return _largest_xywh_traced(levels, table)
 
 
+def _largest_xywh_from_maps(cams: Tensor, table: Tensor, validate: bool) -> Tensor | None:
+    """``int64 [N, 1, 4]`` for one threshold per CPU map, converting and tracing each map while it is
+    in cache (and validating it in the same pass); None without the native kernel."""
+    module = _native.cpu_module()
+    if module is None or not hasattr(module, "map_largest_boxes"):
+        return None
+    n, height, width = cams.shape
+    source = cams.contiguous()
+    out = torch.zeros((n, 1, 4), dtype=torch.int64)
+    bad = torch.zeros(n if validate else 0, dtype=torch.uint8)
+    module.map_largest_boxes(source.data_ptr(), _native.NATIVE_DTYPE_CODES[cams.dtype], table.data_ptr(),
+                             out.data_ptr(), n, height, width, 1, torch.get_num_threads(),
+                             bad.data_ptr() if bad.numel() else 0)
+    if bad.numel() and bool(bad.any()):
+        index = int(bad.nonzero()[0, 0])
+        check_unit_maps("cams", cams[index:index + 1], offset=index)
+    return out
+
+
 def _largest_xywh_traced(levels: Tensor, table: Tensor) -> Tensor:
     module = _native.cpu_module()
     n, height, width = levels.shape
@@ -243,6 +262,11 @@ def boxes_from_cams(
                           torch.arange(n + 1, device=cams.device), multi_contour=False)[1]
         boxes = _to_convention(xywh, height, width, convention)
         return boxes[:, 0] if single else boxes
+    if mode == "largest" and table.shape[1] == 1 and cams.device.type == "cpu":
+        xywh = _largest_xywh_from_maps(cams, table, validate)
+        if xywh is not None:
+            boxes = _to_convention(xywh, height, width, convention)
+            return boxes[:, 0] if single else boxes
     # trunc(255·x) straight to uint8 (values are in [0, 1]), then to the host for the C++ kernel.
     levels = host_levels(cams, check="cams" if validate else None)  # CPU maps: validated in the same pass
     if mode == "largest":
