@@ -327,3 +327,39 @@ def test_smooth_maps_are_valid_score_maps():
     for scoremap in smooth_maps(6, 17, 23, seed=2):
         assert scoremap.shape == (17, 23) and 0 <= scoremap.min() and scoremap.max() <= 1
     assert os.path.basename(__file__).startswith("test_")
+
+
+def _torch_path_histogram(evaluator: MaskEvaluator, maps, foreground, ignore):
+    """The device path's counts (bins from _bins, one scatter_add), computed directly."""
+    bins = evaluator._bins(maps.double())
+    row = foreground.long()
+    if ignore is not None:
+        row = torch.where(ignore & ~foreground, 2, row)
+    counts = torch.zeros(3 * evaluator.num_bins, dtype=torch.int64)
+    counts.scatter_add_(0, (row * evaluator.num_bins + bins).flatten(), torch.ones(bins.numel(), dtype=torch.int64))
+    return counts[: 2 * evaluator.num_bins].view(2, -1)
+
+
+@pytest.mark.parametrize("interval", [0.001, 0.01, 0.3, 1 / 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("arithmetic", [True, False], ids=["guess", "search"])
+def test_native_pxap_histogram_counts_as_the_device_path(interval, dtype, arithmetic):
+    """CPU maps go through the C++ histogram; it must count exactly as the scatter_add path, scores
+    sitting exactly on an edge (and one ulp either side of it), 0 and 1 included, with and without
+    ignore regions, with the x / interval guess and with the binary search."""
+    gen = torch.Generator().manual_seed(4)
+    evaluator = MaskEvaluator(interval)
+    evaluator._arithmetic_bins = evaluator._arithmetic_bins and arithmetic
+    edges = torch.from_numpy(evaluator.cam_thresholds)
+    on_edges = torch.cat([edges, edges.nextafter(torch.tensor(2.0, dtype=torch.float64)),
+                          edges[1:].nextafter(torch.tensor(-1.0, dtype=torch.float64)),
+                          torch.tensor([0.0, 1.0, 1.0 - 2**-53])])
+    values = torch.cat([on_edges, torch.rand(3 * 50 * 40 - len(on_edges), generator=gen, dtype=torch.float64)])
+    maps = values.view(3, 50, 40).to(dtype).clamp_(0, 1)
+    foreground = torch.rand(3, 50, 40, generator=gen) < 0.3
+    ignore = torch.rand(3, 50, 40, generator=gen) < 0.2
+    for ig in (ignore, None):
+        before = evaluator._state["histogram"].clone()
+        evaluator.update(maps, foreground, ig)
+        got = evaluator._state["histogram"] - before
+        assert torch.equal(got, _torch_path_histogram(evaluator, maps, foreground, ig))

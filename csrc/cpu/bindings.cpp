@@ -14,6 +14,7 @@
 #include "contours.h"
 #include "level_jobs_emulated.h"
 #include "levels.h"
+#include "pixel_histogram.h"
 #include "tap.h"
 
 namespace py = pybind11;
@@ -161,6 +162,22 @@ PYBIND11_MODULE(_C, m) {
       "As contour_largest_boxes, from float maps [N, H, W] (dtype 0=f32, 1=f64, 2=f16, 3=bf16,\n"
       "contiguous) converted to uint8 levels image by image; with bad_ptr (uint8 [N]) it also flags\n"
       "maps holding a NaN or a value outside [0, 1].");
+
+  m.def(
+      "pixel_histogram",
+      [](uintptr_t x_ptr, int dtype, int64_t count, uintptr_t foreground_ptr, uintptr_t ignore_ptr,
+         uintptr_t edges_ptr, int64_t num_bins, double interval, uintptr_t counts_ptr, int num_threads) {
+        rcam::cpu::pixel_histogram(as_ptr<const void>(x_ptr), dtype, count, as_ptr<const uint8_t>(foreground_ptr),
+                                   as_ptr<const uint8_t>(ignore_ptr), as_ptr<const double>(edges_ptr), num_bins,
+                                   interval, as_ptr<int64_t>(counts_ptr), num_threads);
+      },
+      py::arg("x_ptr"), py::arg("dtype"), py::arg("count"), py::arg("foreground_ptr"), py::arg("ignore_ptr"),
+      py::arg("edges_ptr"), py::arg("num_bins"), py::arg("interval"), py::arg("counts_ptr"),
+      py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+      "counts: int64 [2, num_bins] += PxAP score histograms (row 1 foreground, row 0 background,\n"
+      "ignored background left out; np.histogram's bins over edges [num_bins + 1], float64).\n"
+      "x: contiguous, dtype 0=f32, 1=f64, 2=f16, 3=bf16; foreground/ignore: bool bytes (ignore\n"
+      "may be 0); interval > 0: edges[i] == i * interval below the last two bins (faster lookup).");
 
   m.def(
       "uint8_levels",
