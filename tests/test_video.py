@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 from _models import SmallCNN, make
+from conftest import requires_triton
 
 from rethinkcam_fast import CAMEngine
 from rethinkcam_fast.video import (
@@ -172,9 +174,42 @@ def test_cuda_graph_needs_cuda(model):
         VideoLocalizer(model, cuda_graph=True, device="cpu")
 
 
+@requires_triton
+@pytest.mark.parametrize("method", ["cam", "gradcam", "layercam", "fullycam"])
+def test_explain_is_capturable_no_host_copies_or_syncs_after_warmup(model, monkeypatch, method):
+    """What the CUDA-graph path captures (explain: preprocess, engine, PaS thresholds) must not copy
+    host data to the device or read device data on the host once warmed up: either is illegal while
+    a stream captures. On the CPU, with the Triton kernels (interpreted) that a GPU would launch,
+    every tensor-from-host constructor and host read made by our own code is recorded."""
+    localizer = VideoLocalizer(model, method, input_size=(32, 32), mean=None, std=None, backend="triton")
+    batch = torch.from_numpy(np.stack(random_frames(2, 48, 64)))
+    localizer.explain(batch)  # the warm-up before a capture (fills the launchers' cached tables)
+    calls = []
+
+    def spy(owner, name):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("rethinkcam_fast"):
+                calls.append(f"{caller}: {name}")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    for name in ("tensor", "as_tensor", "from_numpy"):
+        spy(torch, name)
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "nonzero"):
+        spy(torch.Tensor, name)
+    localizer.explain(batch, None)
+    localizer.explain(batch, 1)
+    monkeypatch.undo()
+    assert not calls, calls
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("method", ["cam", "gradcam"])
+@pytest.mark.parametrize("method", ["cam", "gradcam", "fullycam"])
 def test_cuda_graph_replay_equals_eager(method):
     model = make(SmallCNN, classes=4).cuda().eval()
     frames = random_frames(12, 48, 64)

@@ -15,6 +15,8 @@ per-layer upsampled map: pass 1 finds a layer's min/max on the fly, pass 2 accum
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -177,6 +179,18 @@ def _fuse_maps_kernel(
         tl.store(Degenerate_ptr + n, degenerate.to(tl.int8))
 
 
+@functools.lru_cache(maxsize=64)
+def _layer_table(shapes: tuple[tuple[int, int, int], ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """``(int64 offsets, int32 heights, int32 widths)`` of packed ``[N, h_l, w_l]`` maps on ``device``,
+    cached: no host-to-device copy per call once a layer layout has been seen, which also keeps the
+    launchers capturable in a CUDA graph (the video path warms up before it captures)."""
+    sizes = torch.tensor([n * h * w for n, h, w in shapes], dtype=torch.int64)
+    offsets = (torch.cumsum(sizes, 0) - sizes).to(device)
+    heights = torch.tensor([h for _, h, _ in shapes], dtype=torch.int32, device=device)
+    widths = torch.tensor([w for _, _, w in shapes], dtype=torch.int32, device=device)
+    return offsets, heights, widths
+
+
 def fuse_maps_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum") -> tuple[Tensor, Tensor]:
     device = maps[0].device
     n = maps[0].shape[0]
@@ -187,10 +201,7 @@ def fuse_maps_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str
         return out, degenerate.bool()
     flat = [m.float().reshape(-1) for m in maps]
     packed = torch.cat(flat) if len(flat) > 1 else flat[0].contiguous()
-    sizes = torch.tensor([f.numel() for f in flat], dtype=torch.int64)
-    offsets = (torch.cumsum(sizes, 0) - sizes).to(device)
-    heights = torch.tensor([m.shape[1] for m in maps], dtype=torch.int32, device=device)
-    widths = torch.tensor([m.shape[2] for m in maps], dtype=torch.int32, device=device)
+    offsets, heights, widths = _layer_table(tuple(tuple(m.shape) for m in maps), device)
     block = min(triton.next_power_of_2(height * width), 1024)
     with device_guard(packed):
         _fuse_maps_kernel[(n,)](

@@ -32,7 +32,6 @@ forward kernels, so the op saves only its input maps.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +40,7 @@ from torch import Tensor
 from .._triton import tl, triton
 from . import _launch
 from ._launch import device_guard, use_triton
-from .fuse_maps import _bilinear, degenerate_maps
+from .fuse_maps import _bilinear, _layer_table, degenerate_maps
 
 _STATS = 5  # per (image, layer): min, max, 1/span (0 when degenerate), #pixels at min, #pixels at max
 # The backward recomputes upsampled values in other kernels and finds the pixels at the min, at the max
@@ -464,17 +463,6 @@ def _layer_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 # Launchers.
 # --------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=64)
-def _layer_table(shapes: tuple[tuple[int, int, int], ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """``(int64 offsets, int32 heights, int32 widths)`` of packed ``[N, h_l, w_l]`` maps on ``device``,
-    cached: no host-to-device copies per call once a layer layout has been seen."""
-    sizes = torch.tensor([n * h * w for n, h, w in shapes], dtype=torch.int64)
-    offsets = (torch.cumsum(sizes, 0) - sizes).to(device)
-    heights = torch.tensor([h for _, h, _ in shapes], dtype=torch.int32, device=device)
-    widths = torch.tensor([w for _, _, w in shapes], dtype=torch.int32, device=device)
-    return offsets, heights, widths
 
 
 def _pack(maps: list[Tensor], acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -152,10 +152,12 @@ def percentile_threshold(
     hist = level_histogram_triton(cams) if triton_path else level_histogram_reference(cams)
     cumulative = hist.cumsum(dim=1)
     rank_lo, rank_hi, gamma = percentile_plan(n_pixels, float(q))
-    ranks = torch.tensor([rank_lo, rank_hi], dtype=torch.int64, device=cams.device).expand(cams.shape[0], 2)
-    # The k-th smallest level (0-based k) is the first level whose running count exceeds k.
-    lo_hi = torch.searchsorted(cumulative, ranks.contiguous(), right=True).double()
-    value = lerp_like_numpy(lo_hi[:, 0], lo_hi[:, 1], gamma)
+    # The k-th smallest level (0-based k) is the first level whose running count exceeds k, i.e. the
+    # number of levels whose running count is <= k (counts never decrease). Python ints as operands:
+    # no host-to-device copy, so this stays capturable in a CUDA graph (the video path).
+    level_lo = (cumulative <= rank_lo).sum(dim=1).double()
+    level_hi = (cumulative <= rank_hi).sum(dim=1).double()
+    value = lerp_like_numpy(level_lo, level_hi, gamma)
     return (float(theta) * value).to(torch.int64)  # values >= 0: truncation is int()
 
 
