@@ -4,6 +4,7 @@
     python benchmarks/report.py --suite cam           # only benchmarks/bench_cam.py
     python benchmarks/report.py -k tap --out out.md   # a subset, table also written to out.md
     python benchmarks/report.py --json results.json   # only format an existing pytest-benchmark JSON
+    python benchmarks/report.py --suite cam --time-box 120   # interrupt after 120 s, report what finished
 
 Each benchmark declares ``extra_info["provider"]`` and ``extra_info["baseline"]``; ratios are
 median(provider) / median(baseline) within one group, i.e. measured in the same run on the same
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +28,11 @@ sys.path.insert(0, HERE)
 from _common import bench_device, device_name, git_commit  # noqa: E402
 
 
-def run_benchmarks(json_path: str, select: str | None, suite: str | None, extra: list[str]) -> None:
+def run_benchmarks(json_path: str, select: str | None, suite: str | None, extra: list[str],
+                   time_box: float | None = None) -> int:
+    """Run the suites; returns pytest's exit code. With ``time_box`` (seconds), pytest is interrupted
+    (SIGINT, as Ctrl-C) when the box runs out: it still writes the JSON of what it finished, which is
+    formatted like a full run, so one slow or failing benchmark never loses the others' numbers."""
     target = os.path.join(HERE, f"bench_{suite}.py") if suite else HERE
     # -P: do not put the working directory on sys.path, so the *installed* package (with its native
     # extension) is benchmarked even when this runs from the repository root.
@@ -36,9 +42,18 @@ def run_benchmarks(json_path: str, select: str | None, suite: str | None, extra:
         cmd += ["-k", select]
     cmd += extra
     print("+", " ".join(cmd), flush=True)
-    result = subprocess.run(cmd)
-    if result.returncode not in (0, 5):
-        raise SystemExit(f"benchmarks failed with exit code {result.returncode}")
+    process = subprocess.Popen(cmd)
+    try:
+        return process.wait(timeout=time_box)
+    except subprocess.TimeoutExpired:
+        print(f"time box of {time_box:.0f} s ran out: interrupting the benchmarks (finished ones are kept)",
+              file=sys.stderr, flush=True)
+        process.send_signal(signal.SIGINT)
+        try:
+            return process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
 
 
 def format_table(data: dict) -> str:
@@ -111,13 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", help="run only benchmarks/bench_<SUITE>.py (e.g. tap, cam)")
     parser.add_argument("--out", help="also write the table (markdown) here")
     parser.add_argument("--save-json", help="keep the raw pytest-benchmark JSON here")
+    parser.add_argument("--time-box", type=float, help="seconds; then interrupt and report what finished")
     args, extra = parser.parse_known_args(argv)
 
+    status = 0
     if args.json:
         json_path = args.json
     else:
         json_path = args.save_json or os.path.join(tempfile.mkdtemp(), "bench.json")
-        run_benchmarks(json_path, args.select, args.suite, extra)
+        status = run_benchmarks(json_path, args.select, args.suite, extra, args.time_box)
+        if status not in (0, 5):
+            print(f"warning: the benchmarks exited with code {status} (failed or interrupted); "
+                  "the table holds what finished", file=sys.stderr)
+        if not os.path.exists(json_path):
+            print("no benchmark results were written", file=sys.stderr)
+            return status or 1
     with open(json_path) as fh:
         data = json.load(fh)
     header = (
@@ -125,12 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {_recorded(data, 'torch', 'unknown')} | commit {_commit(data)}\n"
         "ratios: median time / median time of the group's baseline, same run (lower is better)\n"
     )
+    if status not in (0, 5):
+        header += f"INCOMPLETE: pytest exited with code {status} (a benchmark failed or the time box ran out)\n"
     table = header + "\n" + format_table(data)
     print(table)
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(table + "\n")
-    return 0
+    return 0 if status in (0, 5) else status
 
 
 if __name__ == "__main__":

@@ -153,3 +153,33 @@ def test_host_levels_validates_in_the_same_pass(dtype, threads):
                     host_levels(bad, check="cams")
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_level_histograms_equal_the_reference(dtype, threads):
+    """CPU maps take the C++ histogram (levels counted as they are converted, in blocks, four
+    interleaved counters, maps handed to threads one by one): same counts as the PyTorch reference,
+    every level present, and bad maps named as check_unit_maps names them."""
+    from rethinkcam_fast.ops.percentile_threshold import level_histogram_native
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(5)
+        maps = torch.rand(5, 97, 131, generator=gen).to(dtype)  # 12,707 pixels: several blocks, a ragged tail
+        maps[1].view(-1)[:256] = (torch.arange(256, dtype=torch.float64) / 255).to(dtype)
+        maps[2] = 0.0
+        maps[3] = 1.0
+        assert torch.equal(level_histogram_native(maps, check="cams"), level_histogram_reference(maps))
+        for q, theta in ((90.0, 0.35), (100.0, 0.2), (0.0, 1.0), (37.5, 0.5)):
+            assert torch.equal(percentile_threshold(maps, q, theta), percentile_threshold(maps, q, theta,
+                                                                                          backend="reference"))
+        bad = maps.clone()
+        bad[3, 96, 130] = float("nan")  # the very last pixel of a map
+        bad[4, 0, 0] = -1.0
+        with pytest.raises(ValueError, match=r"cams\[3\] has non-finite values"):
+            percentile_threshold(bad)
+        percentile_threshold(bad, validate=False)  # the caller's promise: no check, no crash
+    finally:
+        torch.set_num_threads(previous)

@@ -180,6 +180,19 @@ PYBIND11_MODULE(_C, m) {
       "may be 0); interval > 0: edges[i] == i * interval below the last two bins (faster lookup).");
 
   m.def(
+      "level_histograms",
+      [](uintptr_t x_ptr, int dtype, int64_t N, int64_t per_image, uintptr_t hist_ptr, int num_threads,
+         uintptr_t bad_ptr) {
+        rcam::cpu::level_histograms(as_ptr<const void>(x_ptr), dtype, N, per_image, as_ptr<int64_t>(hist_ptr),
+                                    num_threads, as_ptr<uint8_t>(bad_ptr));
+      },
+      py::arg("x_ptr"), py::arg("dtype"), py::arg("N"), py::arg("per_image"), py::arg("hist_ptr"),
+      py::arg("num_threads"), py::arg("bad_ptr") = 0, py::call_guard<py::gil_scoped_release>(),
+      "hist: int64 [N, 256] <- counts of the uint8 levels trunc(255 * x) of each map of x [N, per_image]\n"
+      "(contiguous, dtype 0=f32, 1=f64, 2=f16, 3=bf16); with bad_ptr (uint8 [N]) it also flags maps\n"
+      "holding a NaN or a value outside [0, 1].");
+
+  m.def(
       "uint8_levels",
       [](uintptr_t x_ptr, int dtype, int64_t count, uintptr_t out_ptr, int num_threads, int64_t per_image,
          uintptr_t bad_ptr) {

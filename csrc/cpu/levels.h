@@ -17,6 +17,13 @@ namespace cpu {
 void uint8_levels(const void* x, int dtype, int64_t count, uint8_t* out, int num_threads, int64_t per_image = 0,
                   uint8_t* bad = nullptr);
 
+// hist: int64 [N, 256] <- per map of x [N, per_image], the counts of its uint8 levels (as
+// uint8_levels computes them; the levels themselves are never written out).  With `bad` (uint8 [N]),
+// also validates in the same pass: bad[n] <- 1 when map n holds a NaN or a value outside [0, 1].
+// Maps are handed to threads one at a time.
+void level_histograms(const void* x, int dtype, int64_t N, int64_t per_image, int64_t* hist, int num_threads,
+                      uint8_t* bad);
+
 // One image's worth, for callers that consume levels image by image while they are in cache:
 // out[0, count) <- levels of x[offset, offset + count); returns whether (with `check`) any of those
 // values is NaN or outside [0, 1].  Single-threaded.

@@ -65,6 +65,25 @@ def to_uint8_levels(cams: Tensor) -> Tensor:
     return scaled_levels(cams, torch.int64).flatten(1)
 
 
+def level_histogram_native(cams: Tensor, check: str | None = None) -> Tensor | None:
+    """``int64 [N, 256]`` level counts of CPU maps from the C++ kernel: one pass, the levels never
+    written out, maps handed to threads one by one; ``check`` (the argument's name) validates the
+    maps in the same pass. None without the extension."""
+    module = _native.cpu_module()
+    if module is None or not hasattr(module, "level_histograms"):
+        return None
+    source = cams.contiguous()
+    n = source.shape[0]
+    hist = torch.empty((n, 256), dtype=torch.int64)
+    bad = torch.zeros(n if check is not None else 0, dtype=torch.uint8)
+    module.level_histograms(source.data_ptr(), _native.NATIVE_DTYPE_CODES[cams.dtype], n, source[0].numel() if n else 0,
+                            hist.data_ptr(), torch.get_num_threads(), bad.data_ptr() if bad.numel() else 0)
+    if bad.numel() and bool(bad.any()):
+        index = int(bad.nonzero()[0, 0])
+        check_unit_maps(check, cams[index:index + 1], offset=index)
+    return hist
+
+
 def level_histogram_reference(cams: Tensor) -> Tensor:
     """``int64 [N, 256]`` counts of the uint8 levels of each map (integer adds: exact)."""
     levels = to_uint8_levels(cams)
@@ -128,7 +147,8 @@ def percentile_threshold(
         q: the percentile, in ``[0, 100]`` (90 for PaS, 100 for plain CAM thresholding).
         theta: the fraction of that percentile, in ``[0, 1]`` (0.35 for PaS, 0.2 for plain CAM).
         validate: check that every map is finite and inside ``[0, 1]`` (one device sync).
-        backend: the histogram: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"``, ``"reference"``.
+        backend: the histogram: ``"auto"`` (Triton on CUDA, C++ on the CPU, else PyTorch), ``"triton"``,
+            ``"reference"`` (PyTorch).
     Returns:
         ``LongTensor[N]`` on ``cams``' device: uint8 levels; the foreground is ``uint8(255·x) > threshold``.
     Raises:
@@ -146,10 +166,14 @@ def percentile_threshold(
     n_pixels = cams.shape[1] * cams.shape[2]
     if n_pixels == 0:
         raise ValueError(f"cams must have a non-empty spatial extent, got shape {tuple(cams.shape)}")
-    if validate:
-        check_unit_maps("cams", cams)
     triton_path = use_triton("percentile_threshold", backend, cams.device)
-    hist = level_histogram_triton(cams) if triton_path else level_histogram_reference(cams)
+    hist = None
+    if not triton_path and backend == "auto" and cams.device.type == "cpu":
+        hist = level_histogram_native(cams, check="cams" if validate else None)
+    if hist is None:
+        if validate:
+            check_unit_maps("cams", cams)
+        hist = level_histogram_triton(cams) if triton_path else level_histogram_reference(cams)
     cumulative = hist.cumsum(dim=1)
     rank_lo, rank_hi, gamma = percentile_plan(n_pixels, float(q))
     # The k-th smallest level (0-based k) is the first level whose running count exceeds k, i.e. the
@@ -161,4 +185,4 @@ def percentile_threshold(
     return (float(theta) * value).to(torch.int64)  # values >= 0: truncation is int()
 
 
-__all__ = ["level_histogram_reference", "level_histogram_triton", "lerp_like_numpy", "percentile_plan", "percentile_threshold", "scaled_levels", "to_uint8_levels"]
+__all__ = ["level_histogram_native", "level_histogram_reference", "level_histogram_triton", "lerp_like_numpy", "percentile_plan", "percentile_threshold", "scaled_levels", "to_uint8_levels"]
