@@ -152,6 +152,23 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(lambda t: rethinkcam_fast.tap(t, 0.2, backend=backend), (x,))
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("native", marks=requires_native)])
+@pytest.mark.parametrize("path", ["eager", "custom_op"])
+def test_gradgradcheck_float64(backend, path):
+    """The backward is differentiable (create_graph=True): a CAM loss through a TAP model's Grad-CAM
+    differentiates it again. Both the eager Function and the custom op (what torch.compile sees)."""
+    x = make_input((2, 3, 4, 4), torch.float64, seed=7).requires_grad_(True)
+    if path == "eager":
+        fn = lambda t: rethinkcam_fast.tap(t, 0.2, backend=backend)  # noqa: E731
+    else:
+        fn = lambda t: torch.ops.rethinkcam_fast.tap_forward(t, 0.2, backend)[0]  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (x,))
+    # The first-order gradient taken with create_graph has the values of the plain one.
+    plain = torch.autograd.grad(fn(x).pow(2).sum(), x)[0]
+    graphed = torch.autograd.grad(fn(x).pow(2).sum(), x, create_graph=True)[0]
+    assert graphed.requires_grad and torch.equal(plain, graphed.detach())
+
+
 @requires_triton
 def test_gradcheck_float64_triton():
     x = make_input((1, 2, 3, 3), torch.float64, seed=6).requires_grad_(True)

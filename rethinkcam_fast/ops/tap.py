@@ -463,7 +463,9 @@ class TAPFunction(torch.autograd.Function):
     """TAP as a plain autograd Function: the eager path (least per-call overhead).
 
     ``TAPFunction.apply(x, tau, backend) -> Tensor[N, C]``; arguments are not validated here (use
-    :func:`tap`). The backward is first-order only (the mask is a constant; no double backward).
+    :func:`tap`). The backward is itself differentiable (``create_graph=True``, e.g. a Grad-CAM
+    whose map enters a loss): linear in the incoming gradient, with the kept-pixel mask a constant,
+    so its own derivative in ``x`` is zero almost everywhere.
     """
 
     @staticmethod
@@ -474,9 +476,10 @@ class TAPFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
         x, thr, inv = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the same values, as recorded torch ops
+            return _tap_backward_reference(grad_out, x, thr, inv), None, None
         return _backward_impl(grad_out, x, thr, inv, ctx.backend), None, None
 
 
@@ -523,6 +526,24 @@ def _tap_backward_autograd(ctx, grad_out: Tensor, _grad_thr, _grad_inv):
 
 torch.library.register_autograd(
     "rethinkcam_fast::tap_forward", _tap_backward_autograd, setup_context=_tap_setup_context
+)
+
+
+def _tap_backward_setup_context(ctx, inputs, output) -> None:
+    _grad_out, x, thr, inv, _backend = inputs
+    ctx.save_for_backward(x, thr, inv)
+
+
+def _tap_double_backward(ctx, grad_grad_x: Tensor):
+    """The backward is linear in grad_out: its adjoint averages grad_grad_x over the kept pixels."""
+    x, thr, inv = ctx.saved_tensors
+    kept = x.to(thr.dtype) > thr[:, :, None, None]
+    grad_grad_out = torch.where(kept, grad_grad_x.to(inv.dtype), 0).sum(dim=(2, 3)) * inv
+    return grad_grad_out.to(x.dtype), None, None, None, None
+
+
+torch.library.register_autograd(
+    "rethinkcam_fast::tap_backward", _tap_double_backward, setup_context=_tap_backward_setup_context
 )
 
 
