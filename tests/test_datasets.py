@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -124,3 +125,32 @@ def test_source_digits_are_the_real_handwriting(source):
     images, labels = source
     assert images.shape == (1797, 8, 8) and images.dtype == np.float32
     assert images.min() == 0.0 and images.max() == 1.0 and set(labels.tolist()) == set(range(10))
+
+
+def test_the_benchmark_goes_through_the_evaluation_commands(source, tmp_path, capsys):
+    """write_wsol_dataset's ClutteredDigits folder is a dataset the evaluation commands accept (its kind,
+    boxes, read from localization.txt), and evaluate-model feeds the shipped grey model grey images
+    in [0, 1] — the same metrics as evaluating the canvases in memory."""
+    from rethinkcam_fast import CAMEngine, cli
+    from rethinkcam_fast.evaluation import BoxEvaluator, evaluate_model, load_metadata
+    from rethinkcam_fast.models import SHIPPED_WEIGHTS, load_shipped_model
+
+    config = ClutteredDigitsConfig(counts={"train": 0, "val": 0, "test": 12}, seed=3)
+    split = generate_split(config, "test", source)
+    base = write_wsol_dataset(str(tmp_path), {"test": split})
+    assert cli.main(["evaluate-model", "--model", "rethinkcam_fast.models:digits_cam_net", "--checkpoint",
+                     SHIPPED_WEIGHTS, "--data-root", base, "--metadata-root", str(tmp_path), "--dataset-name",
+                     "ClutteredDigits", "--split", "test", "--image-size", "64", "--cam-curve-interval", "0.01",
+                     "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    metadata = load_metadata(str(tmp_path), "ClutteredDigits", "test")
+    images = split.images[:, None].float() / 255  # the canvases as written: grey, [0, 1]
+    loader = [(images, split.labels, list(split.image_ids))]
+    engine = CAMEngine(load_shipped_model()[0], "cam", boxes=False, warn_degenerate=False)
+    expected = evaluate_model(engine, loader, BoxEvaluator(0.01, metadata=metadata)).to_dict()
+    assert result["MaxBoxAccV2"] == expected["MaxBoxAccV2"] and result["Top-1 Loc"] == expected["Top-1 Loc"]
+    assert result["Top-1 Cls"] >= 75.0  # grey, unnormalised input: the model recognises the digits
+
+    with pytest.raises(Exception, match="metadata directory not found"):
+        load_metadata(str(tmp_path), "NoSuchDataset", "test")

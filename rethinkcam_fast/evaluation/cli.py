@@ -34,7 +34,9 @@ def _interval(text: str) -> float:
 def _add_protocol_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metadata-root", required=True, help="holds <dataset>/<split>/{image_ids,...}.txt")
     parser.add_argument("--mask-root", help="PNG masks (OpenImages): paths relative to it or to <it>/OpenImages")
-    parser.add_argument("--dataset-name", required=True, choices=DATASETS)
+    parser.add_argument("--dataset-name", required=True,
+                        help=f"{', '.join(DATASETS)}, or any other folder of --metadata-root in their layout "
+                             "(e.g. ClutteredDigits from rethinkcam_fast.datasets)")
     parser.add_argument("--split", required=True, help="e.g. val or test")
     parser.add_argument("--cam-curve-interval", type=_interval, default=0.001,
                         help="CAM thresholds np.arange(0, 1, interval) (default 0.001: 1,000 thresholds)")
@@ -61,6 +63,9 @@ def add_evaluate_commands(sub: Any) -> None:
     model.add_argument("--method", default="cam", help="CAM method (cam, gradcam, gradcam++, layercam, fullycam)")
     model.add_argument("--target-layer", help="module name of the layer to explain (default: the last conv-like)")
     model.add_argument("--image-size", type=_positive_int, default=224, help="images are resized to this square")
+    model.add_argument("--normalize", choices=["auto", "imagenet", "none"], default="auto",
+                       help="ImageNet mean/std (auto: for RGB models; grey models, whose first conv takes 1 "
+                            "channel, get the grey image in [0, 1])")
     model.add_argument("--batch-size", type=_positive_int, default=32)
     model.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     model.set_defaults(func=_cmd_evaluate_model)
@@ -141,6 +146,7 @@ def _cmd_evaluate_model(args: argparse.Namespace) -> int:
         import torch
 
         from ..engine import CAMEngine
+        from ..localize import input_channels
         from .distributed import rank_and_world
         from .metadata import load_metadata
         from .model import WSOLImageDataset, evaluate_model, load_model
@@ -152,7 +158,9 @@ def _cmd_evaluate_model(args: argparse.Namespace) -> int:
                                    mask_root=args.mask_root, device=device)
         model = load_model(args.model, args.checkpoint).to(device).eval()
         engine = CAMEngine(model, args.method, args.target_layer, boxes=False, warn_degenerate=False)
-        dataset = WSOLImageDataset(args.data_root, metadata, args.image_size)
+        channels = input_channels(model)
+        normalize = channels == 3 if args.normalize == "auto" else args.normalize == "imagenet"
+        dataset = WSOLImageDataset(args.data_root, metadata, args.image_size, channels=channels, normalize=normalize)
         rank, world = rank_and_world()
         shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))  # no padding duplicates
         loader = torch.utils.data.DataLoader(shard, batch_size=args.batch_size, num_workers=args.num_workers)

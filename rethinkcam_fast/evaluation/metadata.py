@@ -241,12 +241,37 @@ def read_metadata(directory: str, localization: str = "boxes") -> WSOLMetadata:
     return WSOLMetadata(directory, image_ids, "masks", labels, mask_paths=masks, ignore_paths=ignores)
 
 
+def detect_localization(directory: str) -> str:
+    """``"boxes"`` or ``"masks"`` from the first line of ``<directory>/localization.txt`` (5 fields:
+    ``path,x0,y0,x1,y1``; 3 fields: ``path,mask.png,ignore.png``)."""
+    path = os.path.join(directory, "localization.txt")
+    if not os.path.isfile(path):
+        raise MetadataError(f"{path}: metadata file not found")
+    with open(path) as fh:
+        for number, line in enumerate(fh, 1):
+            if line.strip():
+                fields = line.strip().split(",")
+                if len(fields) in (3, 5):
+                    return "masks" if len(fields) == 3 else "boxes"
+                raise MetadataError(f"{path}:{number}: expected 'path,x0,y0,x1,y1' (boxes) or "
+                                    f"'path,mask,ignore' (masks), got {line.strip()!r}")
+    raise MetadataError(f"{path}: no localization lines")
+
+
 def load_metadata(metadata_root: str, dataset_name: str, split: str) -> WSOLMetadata:
-    """``<metadata_root>/<dataset_name>/<split>``: masks for OpenImages, boxes for CUB and ILSVRC."""
-    if dataset_name not in DATASETS:
-        raise ValueError(f"dataset_name must be one of {DATASETS}, got {dataset_name!r}")
-    localization = "masks" if dataset_name in MASK_DATASETS else "boxes"
-    return read_metadata(os.path.join(metadata_root, dataset_name, split), localization)
+    """``<metadata_root>/<dataset_name>/<split>``: masks for OpenImages, boxes for CUB and ILSVRC; any
+    other dataset in the same layout (e.g. ``ClutteredDigits`` from :mod:`rethinkcam_fast.datasets`)
+    says which by its ``localization.txt``."""
+    if not isinstance(dataset_name, str) or not dataset_name or os.sep in dataset_name or dataset_name in (".", ".."):
+        raise ValueError(f"dataset_name must be a folder name under the metadata root, got {dataset_name!r}")
+    directory = os.path.join(metadata_root, dataset_name, split)
+    if dataset_name in DATASETS:
+        localization = "masks" if dataset_name in MASK_DATASETS else "boxes"
+    else:
+        if not os.path.isdir(directory):
+            raise MetadataError(f"{directory}: metadata directory not found (dataset {dataset_name!r}, split {split!r})")
+        localization = detect_localization(directory)
+    return read_metadata(directory, localization)
 
 
-__all__ = ["DATASETS", "MetadataError", "WSOLMetadata", "load_metadata", "read_metadata"]
+__all__ = ["DATASETS", "MetadataError", "WSOLMetadata", "detect_localization", "load_metadata", "read_metadata"]

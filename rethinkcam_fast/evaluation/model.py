@@ -28,21 +28,30 @@ from .metadata import MetadataError, WSOLMetadata
 class WSOLImageDataset(torch.utils.data.Dataset):
     """A metadata split's images as the reference's evaluation transform gives them.
 
-    Each item is ``(image, label, image_id)``: ``image`` is ``Tensor[3, S, S]`` float32 — the file at
-    ``<data_root>/<image_id>`` converted to RGB, resized to ``S x S`` with PIL's bilinear filter (what
-    torchvision's ``Resize`` does to a PIL image), scaled to ``[0, 1]`` and normalised with the
-    ImageNet mean and std. The default ``DataLoader`` collate batches it.
+    Each item is ``(image, label, image_id)``: ``image`` is ``Tensor[C, S, S]`` float32 — the file at
+    ``<data_root>/<image_id>`` converted to RGB (``channels=3``) or grey (``channels=1``, PIL's ``L``),
+    resized to ``S x S`` with PIL's bilinear filter (what torchvision's ``Resize`` does to a PIL image),
+    scaled to ``[0, 1]`` and, with ``normalize``, normalised with ``mean`` and ``std`` (one value per
+    channel; ImageNet's by default). The default ``DataLoader`` collate batches it.
     """
 
     def __init__(self, data_root: str, metadata: WSOLMetadata, image_size: int = 224,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, *,
+                 channels: int = 3, normalize: bool = True) -> None:
         if metadata.class_labels is None:
             raise MetadataError(f"{os.path.join(metadata.directory, 'class_labels.txt')}: metadata file not found")
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
+        if normalize and (len(mean) != channels or len(std) != channels):
+            raise ValueError(f"normalize needs one mean and one std per channel ({channels}), got {len(mean)} "
+                             f"and {len(std)}; pass normalize=False for images in [0, 1]")
         self.data_root = data_root
         self.metadata = metadata
         self.image_size = int(image_size)
+        self.channels = channels
+        self.normalize = bool(normalize)
         self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
 
@@ -56,13 +65,17 @@ class WSOLImageDataset(torch.utils.data.Dataset):
         path = os.path.join(self.data_root, image_id)
         try:
             with Image.open(path) as image:
-                rgb = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+                mode = "RGB" if self.channels == 3 else "L"
+                rgb = image.convert(mode).resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
         except FileNotFoundError:
             raise FileNotFoundError(f"image {image_id!r} not found: {path}") from None
         except (UnidentifiedImageError, OSError) as exc:
             raise ValueError(f"image {image_id!r} cannot be read ({path}): {exc}") from None
-        pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
-        return (pixels - self.mean) / self.std, self.metadata.class_labels[image_id], image_id
+        array = np.array(rgb, dtype=np.uint8)
+        pixels = torch.from_numpy(array.reshape(*array.shape[:2], self.channels)).permute(2, 0, 1).float().div(255)
+        if self.normalize:
+            pixels = (pixels - self.mean) / self.std
+        return pixels, self.metadata.class_labels[image_id], image_id
 
 
 def collate_wsol(items: Sequence[tuple[Tensor, int, Any]]) -> tuple[Tensor, Tensor, list[Any]]:
