@@ -121,8 +121,16 @@ def test_mask_metadata_rules(tmp_path):
     (split / "localization.txt").write_text("a.jpg,a_m0.png,\n\na.jpg,a_m1.png,\n")  # blank lines are skipped
     metadata = load_metadata(str(tmp_path), "OpenImages", "val")
     assert metadata.mask_paths == {"a.jpg": ("a_m0.png", "a_m1.png")} and metadata.ignore_paths == {"a.jpg": None}
-    with pytest.raises(ValueError, match="dataset_name"):
-        load_metadata(str(tmp_path), "VOC", "val")
+    with pytest.raises(MetadataError, match="metadata directory not found .*'VOC'"):
+        load_metadata(str(tmp_path), "VOC", "val")  # any folder name is a dataset: this one is missing
+    for bad in ("", "..", "a/b"):
+        with pytest.raises(ValueError, match="dataset_name must be a folder name"):
+            load_metadata(str(tmp_path), bad, "val")
+    other = tmp_path / "MyMasks" / "val"  # another masks dataset, recognised by its localization.txt
+    other.mkdir(parents=True)
+    for name in ("image_ids.txt", "localization.txt"):
+        (other / name).write_text((split / name).read_text())
+    assert load_metadata(str(tmp_path), "MyMasks", "val").localization == "masks"
 
 
 # -- bad score maps ------------------------------------------------------------------------------------
