@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -48,8 +49,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .datasets import ClutteredDigitsConfig, generate_cluttered_digits, write_wsol_dataset
     from .training import TrainOptions, train_digits_model
 
+    from .training import resolve_device
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:  # everything that can be wrong with the arguments fails here, before the data and the training
+        resolve_device(args.device)
+        _check_output_file(args.out)
+    except ValueError as exc:
+        return _fail(exc)
     data = ClutteredDigitsConfig(canvas_size=args.canvas_size, seed=args.seed,
                                  counts={"train": args.train_size, "val": args.val_size, "test": args.test_size})
     options = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -65,19 +73,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output_file(path: str) -> None:
+    """A file can be written at ``path`` (its folder exists or can be made, and it is not a folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path}: is a directory; give a file name")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {path}: cannot create its folder ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {path}: the folder {folder} is not writable")
+
+
 def _cmd_localize(args: argparse.Namespace) -> int:
     from .imageio import ImageReadError
     from .localize import input_policy, load_user_model, localize_files
     from .models import CheckpointError
 
+    from .training import resolve_device
+
     image_size, normalize = input_policy(args.model, args.image_size, args.normalize)
     try:
+        device = resolve_device(args.device)
         model = load_user_model(args.model, args.weights)
+        if args.weights is None:
+            print(f"rethinkcam: warning: no --weights: {args.model} runs with the weights its factory gives it "
+                  "(random for a torchvision name)", file=sys.stderr)
         records = localize_files(args.images, model, args.method, nwc=not args.no_nwc, box_threshold=args.box_threshold,
-                                 image_size=image_size, normalize=normalize,
-                                 device=args.device, out_dir=args.out)
+                                 image_size=image_size, normalize=normalize, device=device, out_dir=args.out)
     except (ImageReadError, CheckpointError, ValueError, FileNotFoundError) as exc:
         return _fail(exc)
+    except RuntimeError as exc:  # the model itself failed on these inputs (too small, wrong channels, ...)
+        return _fail(f"the model failed on the input: {str(exc).strip().splitlines()[0]}")
     for record in records:
         print(f"{record['image']}: class {record['label']} score {record['score']:.3f} box {record['box']}")
     print(f"wrote {args.out}")

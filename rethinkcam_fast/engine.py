@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ._validation import check_float_dtype, check_tensor
 from .ops.boxes import CONVENTIONS, boxes_from_cams
-from .ops.class_activation_map import class_activation_map_with_flags
+from .ops.class_activation_map import class_activation_map_with_flags, output_size_arg
 from .ops.flm_fuse import flm_fuse_with_flags
 from .ops.fuse_maps import FUSE_MODES, fuse_maps
 from .ops.map_epilogue import map_epilogue_op
@@ -143,7 +143,7 @@ class CAMEngine:
         self.method = method
         self.classifier = classifier
         self.nwc = bool(nwc)
-        self.output_size = None if output_size is None else (int(output_size[0]), int(output_size[1]))
+        self.output_size = None if output_size is None else tuple(output_size_arg(output_size, (0, 0)))
         self.fuse = fuse
         self.return_layer_maps = return_layer_maps
         self.warn_degenerate = warn_degenerate
@@ -221,7 +221,9 @@ class CAMEngine:
             m for m in self.model.modules() if m is not self.model and _contains_conv(m)
         ]
         if not candidates:
-            raise ValueError(f"{type(self.model).__name__} has no convolutional layer to explain")
+            what = type(self.model).__name__
+            raise ValueError(f"{what} has no convolutional layer inside it to explain: CAMEngine takes a classifier "
+                             "(convolutional features, then logits [N, num_classes])")
         needs_grad = self.method != "cam"
         handles = [m.register_forward_hook(self._forward_hook(capture)) for m in candidates]
         if needs_grad and not (self.differentiable and self._graph_reaches_input(images)):

@@ -13,6 +13,7 @@ weights_only=True)`` and nothing else::
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -108,8 +109,18 @@ def read_weights(path: str) -> dict[str, Any]:
         raise CheckpointError(f"{path}: weights file not found")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, random bytes, a pickle with code in it, ...
-        raise CheckpointError(f"{path}: not a readable PyTorch weights file ({type(exc).__name__}: {exc})") from exc
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc):  # torch names the global it refused; otherwise: a damaged file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise CheckpointError(f"{path}: not a readable PyTorch weights file (UnpicklingError: {first})") from exc
+        # A whole pickled model (torch.save(model)) or other objects: code, not weights.
+        raise CheckpointError(
+            f"{path}: holds pickled Python objects, not only tensors (e.g. a whole model saved with "
+            "torch.save(model)); it is not loaded, since unpickling can run code. Save "
+            "model.state_dict() instead and pass that file") from exc
+    except Exception as exc:  # truncated zip, random bytes, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"{path}: not a readable PyTorch weights file ({type(exc).__name__}: {first})") from exc
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: expected a state dict or a checkpoint dict, got {type(payload).__name__}")
     return payload

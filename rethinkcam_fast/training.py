@@ -60,9 +60,24 @@ class TrainReport:
     device: str = "cpu"
 
 
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device`` parses it."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device`` parses it.
+
+    Raises ``ValueError`` for a string that names no device, or a CUDA device this PyTorch cannot use
+    (no CUDA build, no GPU, or an index past the last GPU) — before any work starts."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"--device {device}: not a device ({exc})") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu or auto")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return resolved
 
 
 class ProgressBar:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -60,15 +61,21 @@ def run_video_command(args: argparse.Namespace) -> int:
         print(f"rethinkcam: error: {message}", file=sys.stderr)
         return 2
 
-    if args.demo == (args.input is not None):
+    if args.demo and args.input is not None:
         return fail("give a video INPUT (file or camera index) or --demo, not both")
+    if not args.demo and args.input is None:
+        return fail("give a video INPUT (file or camera index), or --demo for the built-in clip")
     if not args.demo and not args.model:
         return fail("--model is required with a video INPUT")
     if not (args.out or args.jsonl):
         return fail("nothing to write: give --out and/or --jsonl")
-    device = resolve_device(args.device)
     gt_boxes = label = None
     try:
+        device = resolve_device(args.device)
+        for path in (args.out, args.jsonl):
+            folder = os.path.dirname(os.path.abspath(path)) if path else None
+            if folder and not os.path.isdir(folder):
+                raise ValueError(f"{path}: the folder {folder} does not exist")
         if args.demo:
             model, source, gt_boxes, label, method, box_threshold = _demo_source(args)
             image_size, normalize = None, False

@@ -236,6 +236,12 @@ def test_bad_input_raises_clear_errors():
         best_box_ious(bad, 0, gt, offsets)
     with pytest.raises(TypeError, match="floating dtype"):
         best_box_ious(cams.long(), 0, gt, offsets)
+    # Boxes that cannot be in the maps' grid: inverted, negative, or far outside (one past the last
+    # pixel is allowed: exclusive-end metadata boxes scaled as the reference scales them reach it).
+    for box, problem in (([3, 1, 2, 4], "inverted"), ([-1, 0, 2, 2], "negative"), ([0, 0, 7, 5], "outside the 6x6")):
+        with pytest.raises(ValueError, match=rf"box \[{box[0]}, {box[1]}, {box[2]}, {box[3]}\] of image 1 .*{problem}"):
+            best_box_ious(cams, 0, torch.tensor([[0, 0, 3, 3], box]), offsets)
+    best_box_ious(cams, 0, torch.tensor([[0, 0, 6, 6], [1, 1, 4, 4]]), offsets)
 
 
 @pytest.mark.cuda

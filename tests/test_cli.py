@@ -42,3 +42,40 @@ def test_bad_arguments_and_weights_are_clear_errors(tmp_path, capsys):
     broken.write_bytes(b"PK\x03\x04 truncated zip")
     assert cli.main(["demo", "--weights", str(broken), "--out", str(tmp_path / "d")]) == 2
     assert "not a readable PyTorch weights file" in capsys.readouterr().err
+
+
+def test_user_mistakes_are_one_line_errors_before_any_work(tmp_path, capsys):
+    """Each of these used to end in a traceback (or, for a missing --weights, in silent random output)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    image = tmp_path / "digit.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)).save(image)
+    model = ["--model", "rethinkcam_fast.models:digits_cam_net"]
+
+    def error_of(argv: list[str]) -> str:
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.splitlines()[-1].startswith("rethinkcam: error: ") and "Traceback" not in err
+        return err.splitlines()[-1]
+
+    if not torch.cuda.is_available():
+        for argv in (["localize", str(image), *model], ["train", "--out", str(tmp_path / "m.pt")],
+                     ["video", "--demo", "--jsonl", str(tmp_path / "b.jsonl")]):
+            assert "--device cuda" in error_of([*argv, "--device", "cuda"])
+    assert "not a device" in error_of(["localize", str(image), *model, "--device", "gpu0"])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert "cannot create its folder" in error_of(["train", "--out", str(a_file / "m.pt")])
+    assert "or --demo for the built-in clip" in error_of(["video", "--jsonl", str(tmp_path / "b.jsonl")])
+    assert "does not exist" in error_of(["video", "--demo", "--out", str(tmp_path / "missing" / "x.mp4")])
+    pickled = tmp_path / "whole_model.pt"
+    torch.save(torch.nn.Linear(2, 2), pickled)
+    assert "torch.save(model)" in error_of(["localize", str(image), *model, "--weights", str(pickled)])
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.zeros((3, 3), np.uint8)).save(tiny)
+    assert "the model failed on the input" in error_of(["localize", str(tiny), *model])
+    # No --weights: it runs, but says the model has its factory's (random) weights.
+    assert cli.main(["localize", str(image), *model, "--out", str(tmp_path / "loc")]) == 0
+    assert "warning: no --weights" in capsys.readouterr().err

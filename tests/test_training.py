@@ -96,7 +96,7 @@ class _Payload:  # any class at all: a full pickle would run code to rebuild it
 def test_pickled_code_missing_and_corrupt_files_are_refused(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"state_dict": {}, "x": _Payload()}, str(evil))
-    with pytest.raises(CheckpointError, match="not a readable PyTorch weights file"):
+    with pytest.raises(CheckpointError, match="holds pickled Python objects, not only tensors"):
         load_checkpoint(str(evil))
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"\x00garbage" * 20)

@@ -84,7 +84,8 @@ def protocol_thresholds(cams: Tensor, cam_thresholds: Sequence[float] | np.ndarr
     return (t[None, :] * top[:, None]).to(torch.int64)  # values >= 0: the cast truncates like int()
 
 
-def _check_gt(gt_boxes: Tensor, gt_offsets: Tensor, n: int) -> tuple[Tensor, Tensor]:
+def _check_gt(gt_boxes: Tensor, gt_offsets: Tensor, n: int, size: tuple[int, int] | None = None
+              ) -> tuple[Tensor, Tensor]:
     check_tensor("gt_boxes", gt_boxes, ndim=2)
     check_tensor("gt_offsets", gt_offsets, ndim=1)
     if gt_boxes.shape[1] != 4:
@@ -100,6 +101,20 @@ def _check_gt(gt_boxes: Tensor, gt_offsets: Tensor, n: int) -> tuple[Tensor, Ten
         raise ValueError("gt_offsets must rise from 0 to len(gt_boxes)")
     if n and bool((counts == 0).any()):
         raise ValueError(f"image {int((counts == 0).nonzero()[0, 0])} has no ground-truth box")
+    x0, y0, x1, y1 = boxes.unbind(1)
+    problems = [(x1 < x0) | (y1 < y0), (x0 < 0) | (y0 < 0)]
+    what = ["is inverted (x1 < x0 or y1 < y0)", "has negative coordinates"]
+    if size is not None:
+        # One past the last pixel is accepted: metadata boxes with an exclusive end (x + w), scaled as
+        # the reference scales them, reach it, and the reference scores them as they are.
+        problems.append((x1 > size[1]) | (y1 > size[0]))
+        what.append(f"lies outside the {size[0]}x{size[1]} map grid (boxes are pixel coordinates in the "
+                    "maps' grid: scale them from the image's size first)")
+    for bad, text in zip(problems, what):
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            image = int(torch.searchsorted(offsets, torch.tensor(row), right=True)) - 1
+            raise ValueError(f"ground-truth box {boxes[row].tolist()} of image {image} {text}")
     return boxes, offsets
 
 
@@ -155,7 +170,7 @@ def best_box_ious(
     check_float_dtype("cams", cams)
     n = cams.shape[0]
     table, single = _thresholds_2d(thresholds, n)
-    gt, offsets = _check_gt(gt_boxes, gt_offsets, n)
+    gt, offsets = _check_gt(gt_boxes, gt_offsets, n, (cams.shape[1], cams.shape[2]))
     if gpu_level_jobs_enabled(cams):
         if validate:
             check_unit_maps("cams", cams)
