@@ -17,6 +17,11 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+# The CUDA tests hold GPU results to CPU references at float32 tolerances (and labels to equality):
+# TF32 convolutions and matmuls (cuDNN's default) would round inputs to 10-bit mantissas first.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
 import rethinkcam_fast  # noqa: E402  (after TRITON_INTERPRET)
 from rethinkcam_fast import _native  # noqa: E402
 from rethinkcam_fast._triton import HAS_TRITON, triton_interpreted  # noqa: E402

@@ -18,6 +18,8 @@ from torch import Tensor
 from .. import _native
 from ._launch import multiprocessor_count
 
+SCRATCH_BYTES = 512 << 20  # the CUDA level jobs' labels and statistics, all blocks together
+
 # The CUDA level-job kernel (csrc/cuda/level_jobs.cu) is compiled everywhere nvcc is, and its code is
 # tested on the CPU through the sequential emulation; it has not yet run on a GPU, so it stays opt-in
 # until a GPU session has verified it: RETHINKCAM_GPU_BOXES=1.
@@ -62,7 +64,10 @@ def level_jobs(levels: Tensor, table: Tensor, gt_boxes: Tensor, gt_offsets: Tens
             levels.data_ptr(), n, height, width, jobs.data_ptr(), count, gt_boxes.data_ptr(), gt_offsets.data_ptr(),
             bool(multi_contour), block_threads, iou.data_ptr(), xywh.data_ptr(), needs_trace.data_ptr())
     elif count:
-        grid = min(count, 2 * multiprocessor_count(device))
+        # Two resident blocks per SM, each with its own scratch slice; large maps get fewer blocks so
+        # that the scratch stays within SCRATCH_BYTES (a 2048^2 map at 264 blocks would need 26 GB).
+        per_block = 4 * (6 * height * width + 1)
+        grid = max(1, min(count, 2 * multiprocessor_count(device), SCRATCH_BYTES // per_block))
         scratch = torch.empty(grid * (6 * height * width + 1), dtype=torch.int32, device=device)
         with torch.cuda.device(device):
             _native.cuda_module().level_jobs(
