@@ -128,7 +128,14 @@ def _cmd_info(_args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("rethinkcam_fast")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        installed = "unknown (not installed)"
     parser = argparse.ArgumentParser(prog="rethinkcam", description="Fast CAMs and WSOL for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"rethinkcam_fast {installed}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="localize real handwritten digits with the shipped model (CPU, no downloads)")

@@ -156,6 +156,7 @@ class CAMEngine:
         self.backend = backend
         self.differentiable = bool(differentiable)
         self._names = {id(m): name or type(model).__name__ for name, m in model.named_modules()}
+        self._default_layers = False
         self.target_layers = self._resolve_layers(target_layers)
 
     # -- configuration ------------------------------------------------------------------------
@@ -166,6 +167,7 @@ class CAMEngine:
                 convs = [m for m in self.model.modules() if isinstance(m, nn.Conv2d)]
                 if not convs:
                     raise ValueError(f"{type(self.model).__name__} has no nn.Conv2d for method='fullycam'")
+                self._default_layers = True  # convs that the forward never runs are left out per call
                 return convs
             return None  # the last conv-like layer, found on the first call
         if isinstance(target_layers, (nn.Module, str)):
@@ -244,6 +246,8 @@ class CAMEngine:
             layers = self.target_layers = [capture.order[-1]]
         labels = self._resolve_targets(targets, logits)
         scores = logits.gather(1, labels[:, None])[:, 0]
+        if self._default_layers:  # "every nn.Conv2d" means every one that ran
+            layers = [m for m in layers if id(m) in capture.activations] or layers
         missing = [self.layer_name(m) for m in layers if id(m) not in capture.activations]
         if missing:
             raise ValueError(f"target layer(s) {missing} produced no 4-D tensor output during the forward pass")

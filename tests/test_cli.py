@@ -79,3 +79,11 @@ def test_user_mistakes_are_one_line_errors_before_any_work(tmp_path, capsys):
     # No --weights: it runs, but says the model has its factory's (random) weights.
     assert cli.main(["localize", str(image), *model, "--out", str(tmp_path / "loc")]) == 0
     assert "warning: no --weights" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import rethinkcam_fast
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"rethinkcam_fast {rethinkcam_fast.__version__}"

@@ -276,3 +276,17 @@ def test_pas_boxes_follow_the_reference_pipeline():
 def test_exports():
     assert rethinkcam_fast.CAMEngine is CAMEngine
     assert {"cam", "gradcam", "gradcam++", "layercam", "fullycam"} == set(rethinkcam_fast.engine.METHODS)
+
+
+def test_fullycam_default_layers_leave_out_convs_that_never_run():
+    """A conv defined but not used in forward (an auxiliary head, a branch switched off) is not an
+    error for the default 'every nn.Conv2d'; the map equals the one from the convs that ran."""
+    model = make(SmallCNN)
+    model.aux = torch.nn.Conv2d(3, 4, 1)  # never called by SmallCNN.forward
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    default = CAMEngine(model, "fullycam", warn_degenerate=False)(images)
+    used = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and name != "aux"]
+    explicit = CAMEngine(model, "fullycam", target_layers=used, warn_degenerate=False)(images)
+    assert torch.equal(default.cams, explicit.cams)
+    with pytest.raises(ValueError, match=r"\['aux'\] produced no 4-D tensor output"):
+        CAMEngine(model, "fullycam", target_layers=[*used, model.aux])(images)
