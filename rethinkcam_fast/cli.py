@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="localize real handwritten digits with the shipped model (CPU, no downloads)")
     demo.add_argument("--out", help="directory for localizations.json and grid.png (default: ./rethinkcam_demo)")
-    demo.add_argument("--count", type=_positive_int, default=200, help="test canvases to localize")
-    demo.add_argument("--grid", type=_positive_int, default=16, help="canvases drawn in grid.png")
+    demo.add_argument("--count", type=_positive_int, default=200, help="test canvases to localize (default: 200)")
+    demo.add_argument("--grid", type=_positive_int, default=16, help="canvases drawn in grid.png (default: 16)")
     demo.add_argument("--weights", help="a checkpoint from `rethinkcam train` (default: the shipped model)")
     demo.add_argument("--method", choices=CAM_METHODS,
                       help="CAM method (default: the one the ablation favours, demo.DEMO_METHOD; cam uses NWC)")
@@ -151,17 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train the cluttered-digits CNN (GAP or TAP) and write a checkpoint")
     train.add_argument("--out", required=True, help="checkpoint file (written atomically after every epoch)")
-    train.add_argument("--pool", choices=["gap", "tap"], default="tap")
-    train.add_argument("--tau", type=_tap_tau, default=0.1, help="TAP threshold ratio in [0, 1)")
-    train.add_argument("--widths", type=_positive_int, nargs=3, default=[16, 32, 64], help="channels per stage")
-    train.add_argument("--epochs", type=_positive_int, default=6)
-    train.add_argument("--batch-size", type=_positive_int, default=64)
-    train.add_argument("--lr", type=float, default=4e-3)
+    train.add_argument("--pool", choices=["gap", "tap"], default="tap", help="global pool (default: tap)")
+    train.add_argument("--tau", type=_tap_tau, default=0.1, help="TAP threshold ratio in [0, 1) (default: 0.1)")
+    train.add_argument("--widths", type=_positive_int, nargs=3, default=[16, 32, 64], help="channels per stage (default: 16 32 64)")
+    train.add_argument("--epochs", type=_positive_int, default=6, help="(default: 6)")
+    train.add_argument("--batch-size", type=_positive_int, default=64, help="(default: 64)")
+    train.add_argument("--lr", type=float, default=4e-3, help="AdamW learning rate (default: 0.004)")
     train.add_argument("--seed", type=int, default=0, help="seeds the data (instance split, canvases) and training")
-    train.add_argument("--canvas-size", type=_positive_int, default=64)
-    train.add_argument("--train-size", type=_positive_int, default=4000)
-    train.add_argument("--val-size", type=int, default=500)
-    train.add_argument("--test-size", type=int, default=1000)
+    train.add_argument("--canvas-size", type=_positive_int, default=64, help="(default: 64)")
+    train.add_argument("--train-size", type=_positive_int, default=4000, help="(default: 4000)")
+    train.add_argument("--val-size", type=int, default=500, help="(default: 500)")
+    train.add_argument("--test-size", type=int, default=1000, help="(default: 1000)")
     train.add_argument("--data-out", help="also write the generated dataset (PNGs + WSOL metadata) here")
     train.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     train.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     localize.add_argument("--model", required=True,
                           help="a torchvision model name (resnet50, ...) or a python path pkg.module:factory")
     localize.add_argument("--weights", help="state dict or checkpoint file (loaded with weights_only=True)")
-    localize.add_argument("--method", default="cam", choices=CAM_METHODS)
+    localize.add_argument("--method", default="cam", choices=CAM_METHODS,
+                          help="CAM method (default: cam, with negative weight clamping unless --no-nwc)")
     localize.add_argument("--no-nwc", action="store_true", help="no negative weight clamping (method cam)")
     localize.add_argument("--box-threshold", choices=["max", "pas"], default="max",
                           help="box threshold: 0.2 x max (default) or PaS (0.35 x 90th percentile)")
