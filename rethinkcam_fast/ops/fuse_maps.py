@@ -61,13 +61,14 @@ def fuse_maps_reference(maps: list[Tensor], output_size: tuple[int, int], fuse: 
         up = F.interpolate(m.float()[:, None], size=tuple(output_size), mode="bilinear", align_corners=False)[:, 0]
         # Constancy is decided on the source map: bilinear weights can round a constant to values
         # that differ in the last bit, which min-max would blow up into noise.
-        norm, _ = minmax_normalize(up, degenerate_maps(m))
+        norm, degenerate = minmax_normalize(up, degenerate_maps(m))
         if fused is None:
             fused = norm
         else:
             fused = fused + norm if fuse == "sum" else torch.maximum(fused, norm)
     if len(maps) == 1:
-        _, degenerate = minmax_normalize(fused)  # already normalised; only the flags are needed
+        # Already normalised: a kept map spans exactly [0, 1] ((hi - lo) / (hi - lo) is 1 in floating
+        # point), a flagged one is zeros, so normalising again would change nothing and flag the same.
         return fused, degenerate
     return minmax_normalize(fused)
 
