@@ -207,12 +207,19 @@ class CAMEngine:
     def __call__(self, images: Tensor, targets: int | Tensor | None = None) -> CAMResult:
         """Explain ``targets`` (default: top-1) for ``images[N, C, H, W]``; see :class:`CAMResult`.
 
-        Works inside ``torch.no_grad()`` too: gradient methods (and ``differentiable=True``) enable
-        autograd for their own pass.
+        Works inside ``torch.no_grad()`` and ``torch.inference_mode()`` too: gradient methods (and
+        ``differentiable=True``) leave them for their own pass (an inference-mode input is copied
+        once into a normal tensor, which autograd can record).
         """
         check_tensor("images", images, ndim=4)
         check_float_dtype("images", images)
-        with torch.set_grad_enabled(self.method != "cam" or self.differentiable):
+        needs_graph = self.method != "cam" or self.differentiable
+        if not needs_graph:
+            with torch.set_grad_enabled(False):
+                return self._explain(images, targets)
+        with torch.inference_mode(False), torch.enable_grad():
+            if images.is_inference():
+                images = images.clone()
             return self._explain(images, targets)
 
     def _explain(self, images: Tensor, targets: int | Tensor | None) -> CAMResult:

@@ -290,3 +290,19 @@ def test_fullycam_default_layers_leave_out_convs_that_never_run():
     assert torch.equal(default.cams, explicit.cams)
     with pytest.raises(ValueError, match=r"\['aux'\] produced no 4-D tensor output"):
         CAMEngine(model, "fullycam", target_layers=[*used, model.aux])(images)
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam", "gradcam++", "layercam", "fullycam"])
+def test_works_inside_inference_mode_and_on_inference_tensors(method):
+    """torch.inference_mode() is where many serving loops run: gradient methods leave it for their
+    own pass (its tensors cannot be recorded by autograd), with the maps of a normal call."""
+    model = make(SmallCNN)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    expected = CAMEngine(model, method, warn_degenerate=False)(images)
+    with torch.inference_mode():
+        inside = CAMEngine(model, method, warn_degenerate=False)(images)
+        inference_images = images.clone()
+    outside = CAMEngine(model, method, warn_degenerate=False)(inference_images)
+    for got in (inside, outside):
+        assert torch.equal(got.cams, expected.cams) and torch.equal(got.boxes, expected.boxes)
+    assert all(p.grad is None for p in model.parameters())
