@@ -250,7 +250,11 @@ class CAMEngine:
         if layers is None:
             if not capture.order:
                 raise ValueError("no conv-like layer produced a 4-D feature map during the forward pass")
-            layers = self.target_layers = [capture.order[-1]]
+            # The last conv-like module whose output still has a spatial extent: a container that
+            # ends with the global pool (``nn.Sequential(*backbone_with_pool)``) outputs [N, C, 1, 1],
+            # whose "map" is one value — its CAM would be constant, i.e. zeros.
+            spatial = [m for m in capture.order if capture.activations[id(m)].shape[2] * capture.activations[id(m)].shape[3] > 1]
+            layers = self.target_layers = [(spatial or capture.order)[-1]]
         labels = self._resolve_targets(targets, logits)
         scores = logits.gather(1, labels[:, None])[:, 0]
         if self._default_layers:  # "every nn.Conv2d" means every one that ran
@@ -259,11 +263,13 @@ class CAMEngine:
         if missing:
             raise ValueError(f"target layer(s) {missing} produced no 4-D tensor output during the forward pass")
 
+        if self.method != "cam":
+            self._check_on_graph(layers, capture, scores)
         if self.differentiable:
             maps, cams, degenerate = self._differentiable_maps(layers, capture, labels, scores, logits, output_size)
         else:
             if self.method == "fullycam":
-                maps = self._fully_cam_maps(layers, capture, scores)
+                maps = self._fully_cam_maps(layers, capture, scores, images)
             else:
                 activation = capture.activations[id(layers[0])]
                 maps = [self._single_layer_map(activation, labels, scores, logits.shape[1])]
@@ -336,7 +342,12 @@ class CAMEngine:
                 weight = weight.clamp_min(0)
             # No ReLU: plain CAM is min-max normalised as is (won-bae / wsolevaluation).
             return weighted_map(activation.detach(), weight[labels], mode="channel", relu=False, backend=self.backend)
-        (grad,) = torch.autograd.grad(scores.sum(), activation, create_graph=self.differentiable)
+        try:
+            (grad,) = torch.autograd.grad(scores.sum(), activation, create_graph=self.differentiable)
+        except RuntimeError as exc:
+            if "not have been used in the graph" not in str(exc):
+                raise
+            raise self._off_graph_error(self.target_layers) from None
         if self.differentiable:  # plain PyTorch ops: the graph runs through the activation and its gradient
             def reduce(a, weights=None, grads=None, mode="channel", relu=True):
                 with torch.autocast(a.device.type, enabled=False):  # float32 sums, as the kernel's
@@ -414,7 +425,20 @@ class CAMEngine:
             )
         return weight
 
-    def _fully_cam_maps(self, layers: list[nn.Module], capture: _Capture, scores: Tensor) -> list[Tensor]:
+    def _check_on_graph(self, layers: list[nn.Module], capture: _Capture, scores: Tensor) -> None:
+        """Gradient methods need the target layers' outputs on the autograd graph of the scores."""
+        off = [m for m in layers if not capture.activations[id(m)].requires_grad]
+        if not scores.requires_grad or len(off) == len(layers):
+            raise self._off_graph_error(off or layers)
+
+    def _off_graph_error(self, layers: list[nn.Module]) -> ValueError:
+        return ValueError(
+            f"method={self.method!r}: the output of target layer(s) {[self.layer_name(m) for m in layers]} is not "
+            "on the autograd graph of the logits (the model computes it under no_grad/inference_mode, or it is a "
+            "torch.compile'd model, whose hooks see tensors outside the compiled graph); gradient methods need "
+            "it: explain the uncompiled model, or use method='cam'")
+
+    def _fully_cam_maps(self, layers: list[nn.Module], capture: _Capture, scores: Tensor, images: Tensor) -> list[Tensor]:
         """CGM: one backward from the target scores; FLM's per-layer reduction runs inside tensor hooks.
 
         Each layer's gradient is reduced to ``M_n = sum_k relu(g) * relu(A)`` the moment autograd
@@ -424,7 +448,9 @@ class CAMEngine:
         handles = []
 
         def make_hook(key: int):
-            def hook(grad: Tensor) -> None:
+            def hook(grad: Tensor | None) -> None:
+                if grad is None:  # seen with torch.compile'd models: no gradient reached this tensor
+                    return
                 activation = capture.activations.pop(key, None)
                 if activation is not None:
                     capture.maps[key] = weighted_map(
@@ -437,17 +463,26 @@ class CAMEngine:
             activation = capture.activations[key]
             if activation.requires_grad:
                 handles.append(activation.register_hook(make_hook(key)))
-        first = id(min(layers, key=capture.order.index))  # earliest layer: every later one lies on its path
-        roots = [capture.activations[first]]
+        # The backward must reach every target layer, and target layers can lie on parallel branches
+        # (two streams; a residual block's conv and its downsample shortcut), so no one of them is
+        # an ancestor of all others. It therefore runs down to the input (the engine's own leaf
+        # copy of the images): every layer on a path from the images to the score gets its hook, at
+        # the price of the first layer's input gradient ([N, C, H, W], usually 3 channels).
         try:
-            grads = torch.autograd.grad(scores.sum(), roots, allow_unused=True)
+            torch.autograd.grad(scores.sum(), [images], allow_unused=True)  # (runs nothing if cut off)
+            if not capture.maps:  # the model cut its input off the graph (a no_grad stem, a detach):
+                # then the backward starts from the earliest target layer that is on it.
+                on_graph = [m for m in layers if id(m) in capture.activations and capture.activations[id(m)].requires_grad]
+                first = id(min(on_graph, key=capture.order.index))
+                (grad,) = torch.autograd.grad(scores.sum(), [capture.activations[first]], allow_unused=True)
+                if first not in capture.maps and grad is not None:  # a hook on an input need not fire
+                    capture.maps[first] = weighted_map(capture.activations[first].detach(), grads=grad, mode="flm",
+                                                       relu=False, backend=self.backend)
+                if not capture.maps:  # no target layer is on the graph at all (a compiled model)
+                    raise self._off_graph_error(layers)
         finally:
             for handle in handles:
                 handle.remove()
-        if first not in capture.maps and grads[0] is not None:  # in case hooks on inputs did not fire
-            capture.maps[first] = weighted_map(
-                capture.activations[first].detach(), grads=grads[0], mode="flm", relu=False, backend=self.backend
-            )
         maps = []
         for module, key in zip(layers, keys):
             if key not in capture.maps:

@@ -306,3 +306,78 @@ def test_works_inside_inference_mode_and_on_inference_tensors(method):
     for got in (inside, outside):
         assert torch.equal(got.cams, expected.cams) and torch.equal(got.boxes, expected.boxes)
     assert all(p.grad is None for p in model.parameters())
+
+
+class _TwoStream(nn.Module):
+    """Two parallel branches from the image: neither conv is upstream of the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 5, padding=2)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1).mean((2, 3)))
+
+
+@pytest.mark.parametrize("model_fn,layers", [
+    (lambda: _TwoStream(), None),
+    (lambda: make(MiniResNet), ["layer2.0.conv1", "layer2.0.downsample.0"]),  # a block's conv and its shortcut
+])
+def test_fullycam_reaches_layers_on_parallel_branches(model_fn, layers):
+    """Every target layer gets its gradient even when none is upstream of all others: the default mode
+    equals differentiable=True (plain autograd) and no layer's map is left at zero."""
+    torch.manual_seed(0)
+    model = model_fn().eval()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "received no gradient" would be a failure
+        plain = CAMEngine(model, "fullycam", target_layers=layers, return_layer_maps=True)(images)
+    assert all(m.abs().sum() > 0 for m in plain.layer_maps.values())
+    attached = CAMEngine(model, "fullycam", target_layers=layers, differentiable=True)(images)
+    torch.testing.assert_close(plain.cams, attached.cams.detach(), atol=1e-6, rtol=0)
+
+
+def test_default_target_skips_a_container_that_ends_with_the_pool():
+    """nn.Sequential(backbone..., AdaptiveAvgPool2d(1)) outputs [N, C, 1, 1]: the default target is
+    the last module with a spatial map inside it, not that container (whose CAM would be zeros)."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                                         nn.AdaptiveAvgPool2d(1))
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.encoder(x), 1))
+
+    torch.manual_seed(1)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(11))
+    for method in ("cam", "gradcam", "layercam"):
+        engine = CAMEngine(Net().eval(), method)
+        result = engine(images)
+        assert engine.layer_name(engine.target_layers[0]) == "encoder.2" and not result.degenerate.any()
+
+
+def test_gradient_methods_on_a_layer_off_the_graph_raise_a_clear_error():
+    class NoGradStem(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3)
+            self.body = nn.Conv2d(4, 4, 3)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            with torch.no_grad():
+                x = self.stem(x)
+            return self.fc(F.relu(self.body(x)).mean((2, 3)))
+
+    model = NoGradStem().eval()
+    images = torch.rand(2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"\['stem'\] is not on the autograd graph"):
+        CAMEngine(model, "gradcam", target_layers="stem")(images)
+    # Fully-CAM over every conv: the stem gets no gradient (zeros, with a warning), the body its map.
+    with pytest.warns(RuntimeWarning, match="stem received no gradient"):
+        result = CAMEngine(model, "fullycam", return_layer_maps=True, warn_degenerate=False)(images)
+    assert result.layer_maps["body"].abs().sum() > 0
