@@ -314,16 +314,23 @@ class VideoLocalizer:
         pending: list[Tensor] = []
         first = 0
         index = 0
-        for frame in prefetch(frames, self.prefetch_frames):
-            hwc = _as_hwc_uint8(frame, index)
-            if pending and hwc.shape != pending[0].shape:  # another size: close the batch first
+        try:
+            for frame in prefetch(frames, self.prefetch_frames):
+                hwc = _as_hwc_uint8(frame, index)
+                if pending and hwc.shape != pending[0].shape:  # another size: close the batch first
+                    yield from self._run_batch(first, pending, targets)
+                    pending, first = [], index
+                pending.append(hwc)
+                index += 1
+                if len(pending) == self.batch_size:
+                    yield from self._run_batch(first, pending, targets)
+                    pending, first = [], index
+        except Exception:
+            # The source failed (a broken file, a camera gone, a bad frame): the frames already
+            # received are still localized and yielded, then the error goes on to the caller.
+            if pending:
                 yield from self._run_batch(first, pending, targets)
-                pending, first = [], index
-            pending.append(hwc)
-            index += 1
-            if len(pending) == self.batch_size:
-                yield from self._run_batch(first, pending, targets)
-                pending, first = [], index
+            raise
         if pending:
             yield from self._run_batch(first, pending, targets)
 

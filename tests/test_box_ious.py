@@ -236,12 +236,13 @@ def test_bad_input_raises_clear_errors():
         best_box_ious(bad, 0, gt, offsets)
     with pytest.raises(TypeError, match="floating dtype"):
         best_box_ious(cams.long(), 0, gt, offsets)
-    # Boxes that cannot be in the maps' grid: inverted, negative, or far outside (one past the last
-    # pixel is allowed: exclusive-end metadata boxes scaled as the reference scales them reach it).
-    for box, problem in (([3, 1, 2, 4], "inverted"), ([-1, 0, 2, 2], "negative"), ([0, 0, 7, 5], "outside the 6x6")):
+    # Boxes that are not boxes: inverted or negative. Boxes reaching past the grid are scored as the
+    # reference scores them (real annotations stick out of their image by a few pixels).
+    for box, problem in (([3, 1, 2, 4], "inverted"), ([-1, 0, 2, 2], "negative")):
         with pytest.raises(ValueError, match=rf"box \[{box[0]}, {box[1]}, {box[2]}, {box[3]}\] of image 1 .*{problem}"):
             best_box_ious(cams, 0, torch.tensor([[0, 0, 3, 3], box]), offsets)
-    best_box_ious(cams, 0, torch.tensor([[0, 0, 6, 6], [1, 1, 4, 4]]), offsets)
+    full = best_box_ious(torch.ones(2, 6, 6), 0, torch.tensor([[0, 0, 11, 5], [1, 1, 4, 4]]), offsets)
+    assert full[0].item() == 36 / 72  # the full-map box [0, 0, 5, 5] against a box twice as wide
 
 
 @pytest.mark.cuda
@@ -318,3 +319,13 @@ def test_cuda_level_jobs_equal_the_cpu_kernels(monkeypatch, interval):
         gpu = best_box_ious(cams.cuda(), table.cuda(), gt.cuda(), offsets.cuda(), multi)
         assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu), multi
     assert torch.equal(boxes_from_cams(cams.cuda(), table.cuda()).cpu(), boxes_from_cams(cams, table))
+
+
+def test_protocol_thresholds_name_a_bad_map_instead_of_blaming_the_thresholds():
+    maps = torch.rand(3, 5, 5)
+    maps[2, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"cams\[2\] has non-finite values"):
+        protocol_thresholds(maps, cam_curve_thresholds(0.1))
+    maps[2, 1, 1] = 3.0
+    with pytest.raises(ValueError, match=r"cams\[2\] has values outside \[0, 1\]"):
+        protocol_thresholds(maps, cam_curve_thresholds(0.1))

@@ -188,6 +188,10 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_numbers(boxes, tmp
     shutil.copytree(boxes["split_dir"], other_split, dirs_exist_ok=True)
     with pytest.raises(ValueError, match="different run"):
         evaluate_scoremaps(boxes["scoremap_root"], boxes["metadata_root"], "CUB", "val", resume=state)
+    moved = str(tmp_path / "regenerated_maps")  # other score maps (e.g. regenerated elsewhere): not resumed
+    shutil.copytree(boxes["scoremap_root"], moved)
+    with pytest.raises(ValueError, match="different run"):
+        evaluate_scoremaps(moved, boxes["metadata_root"], "CUB", "test", cam_curve_interval=0.01, resume=state)
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="junk.pt: not a readable evaluation state"):
         _evaluate(boxes, resume=str(tmp_path / "junk.pt"))

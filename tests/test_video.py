@@ -263,3 +263,20 @@ def test_cli_video_bad_arguments(tmp_path, capsys):
                      str(tmp_path / "x.jsonl")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_frames_received_before_a_source_error_are_still_localized(model):
+    frames = random_frames(5)
+
+    def broken():
+        yield from frames
+        raise OSError("camera unplugged")
+
+    localizer = VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=3)
+    got = []
+    with pytest.raises(OSError, match="camera unplugged"):
+        for result in localizer.stream(broken()):
+            got.append(result)
+    assert [r.index for r in got] == [0, 1, 2, 3, 4]  # the unfinished batch (3, 4) too
+    expected = list(VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=3).stream(frames))
+    assert [(r.label, r.box) for r in got] == [(r.label, r.box) for r in expected]

@@ -178,7 +178,7 @@ def evaluate_scoremaps(
     shard = metadata.image_ids[rank::world]
     shape = evaluation_shape(scoremap_root, metadata.image_ids[0]) if metadata.image_ids else None
     run = {"dataset": dataset_name, "split": split, "image_ids": metadata.fingerprint(), "map_shape": shape,
-           "rank": rank, "world_size": world}
+           "scoremap_root": os.path.abspath(scoremap_root), "rank": rank, "world_size": world}
     path = state_file(resume, rank, world) if resume else None
     done = _restore(path, run, evaluator) if path and os.path.exists(path) else 0
 

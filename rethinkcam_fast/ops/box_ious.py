@@ -59,7 +59,8 @@ def cam_curve_thresholds(interval: float) -> np.ndarray:
     return np.arange(0, 1, interval)
 
 
-def protocol_thresholds(cams: Tensor, cam_thresholds: Sequence[float] | np.ndarray | Tensor) -> Tensor:
+def protocol_thresholds(cams: Tensor, cam_thresholds: Sequence[float] | np.ndarray | Tensor, *,
+                        validate: bool = True) -> Tensor:
     """``LongTensor[N, T]``: the uint8 level ``int(t * max(u8))`` the reference thresholds at, per image.
 
     ``t`` times the image's maximum level is computed in float64 and truncated, exactly like
@@ -68,9 +69,12 @@ def protocol_thresholds(cams: Tensor, cam_thresholds: Sequence[float] | np.ndarr
     Args:
         cams: ``Tensor[N, H, W]`` in ``[0, 1]``.
         cam_thresholds: the ``T`` thresholds ``t`` in ``[0, 1)`` (e.g. :func:`cam_curve_thresholds`).
+        validate: check that the maps are finite and in ``[0, 1]`` (``ValueError`` naming the image).
     """
     check_tensor("cams", cams, ndim=3)
     check_float_dtype("cams", cams)
+    if validate:
+        check_unit_maps("cams", cams)
     t = torch.as_tensor(np.asarray(cam_thresholds, dtype=np.float64) if not isinstance(cam_thresholds, Tensor)
                         else cam_thresholds.double(), device=cams.device)
     if t.dim() != 1:
@@ -84,8 +88,7 @@ def protocol_thresholds(cams: Tensor, cam_thresholds: Sequence[float] | np.ndarr
     return (t[None, :] * top[:, None]).to(torch.int64)  # values >= 0: the cast truncates like int()
 
 
-def _check_gt(gt_boxes: Tensor, gt_offsets: Tensor, n: int, size: tuple[int, int] | None = None
-              ) -> tuple[Tensor, Tensor]:
+def _check_gt(gt_boxes: Tensor, gt_offsets: Tensor, n: int) -> tuple[Tensor, Tensor]:
     check_tensor("gt_boxes", gt_boxes, ndim=2)
     check_tensor("gt_offsets", gt_offsets, ndim=1)
     if gt_boxes.shape[1] != 4:
@@ -104,12 +107,6 @@ def _check_gt(gt_boxes: Tensor, gt_offsets: Tensor, n: int, size: tuple[int, int
     x0, y0, x1, y1 = boxes.unbind(1)
     problems = [(x1 < x0) | (y1 < y0), (x0 < 0) | (y0 < 0)]
     what = ["is inverted (x1 < x0 or y1 < y0)", "has negative coordinates"]
-    if size is not None:
-        # One past the last pixel is accepted: metadata boxes with an exclusive end (x + w), scaled as
-        # the reference scales them, reach it, and the reference scores them as they are.
-        problems.append((x1 > size[1]) | (y1 > size[0]))
-        what.append(f"lies outside the {size[0]}x{size[1]} map grid (boxes are pixel coordinates in the "
-                    "maps' grid: scale them from the image's size first)")
     for bad, text in zip(problems, what):
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
@@ -170,7 +167,9 @@ def best_box_ious(
     check_float_dtype("cams", cams)
     n = cams.shape[0]
     table, single = _thresholds_2d(thresholds, n)
-    gt, offsets = _check_gt(gt_boxes, gt_offsets, n, (cams.shape[1], cams.shape[2]))
+    # Boxes reaching past the map grid are scored as they are, as the reference does: annotation
+    # boxes a few pixels outside their image exist, and scaled they land outside the grid.
+    gt, offsets = _check_gt(gt_boxes, gt_offsets, n)
     if gpu_level_jobs_enabled(cams):
         if validate:
             check_unit_maps("cams", cams)
