@@ -363,3 +363,16 @@ def test_native_pxap_histogram_counts_as_the_device_path(interval, dtype, arithm
         evaluator.update(maps, foreground, ig)
         got = evaluator._state["histogram"] - before
         assert torch.equal(got, _torch_path_histogram(evaluator, maps, foreground, ig))
+
+
+def test_numpy_scalars_are_numbers_too():
+    """Values read from numpy (np.int64 thresholds, np.float32 intervals) are accepted like Python's."""
+    from rethinkcam_fast import boxes_from_cams
+
+    cams = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(12))
+    assert torch.equal(boxes_from_cams(cams, np.int64(100)), boxes_from_cams(cams, 100))
+    a = BoxEvaluator(np.float64(0.01), iou_thresholds=[np.int64(30), np.float32(50.0), 70])
+    b = BoxEvaluator(0.01, iou_thresholds=[30, 50, 70])
+    assert a.cam_curve_interval == b.cam_curve_interval and list(a.iou_thresholds) == list(b.iou_thresholds)
+    with pytest.raises(TypeError):
+        boxes_from_cams(cams, np.bool_(True))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -81,7 +82,7 @@ def _check_iou_thresholds(values: Sequence[float]) -> tuple[float, ...]:
     if not values:
         raise ValueError("iou_thresholds is empty")
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, Real) or not 0 <= value <= 100:
             raise ValueError(f"IoU thresholds are percentages in [0, 100], got {value!r}")
     if len(set(values)) != len(values):
         raise ValueError(f"IoU thresholds repeat: {values}")

@@ -22,6 +22,7 @@ extension the op falls back to OpenCV itself, if installed, with a warning.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 
 import numpy as np
 import torch
@@ -83,10 +84,10 @@ def _to_convention(xywh: Tensor, height: int, width: int, convention: str) -> Te
 
 def _thresholds_2d(thresholds: int | Tensor, n: int) -> tuple[Tensor, bool]:
     """``(int64 [N, T] on the CPU, whether the caller gave one threshold per image)``."""
-    if isinstance(thresholds, bool) or not isinstance(thresholds, (int, Tensor)):
+    if isinstance(thresholds, (bool, np.bool_)) or not isinstance(thresholds, (Integral, Tensor)):
         raise TypeError(f"thresholds must be an int or an integer tensor, got {type(thresholds).__name__}")
-    if isinstance(thresholds, int):
-        thresholds = torch.full((n,), thresholds, dtype=torch.int64)
+    if isinstance(thresholds, Integral):  # numpy integers too
+        thresholds = torch.full((n,), int(thresholds), dtype=torch.int64)
     if thresholds.dtype.is_floating_point or thresholds.dtype == torch.bool:
         raise TypeError(f"thresholds must be integer uint8 levels, got {thresholds.dtype}")
     single = thresholds.dim() == 1
