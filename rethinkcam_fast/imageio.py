@@ -20,6 +20,21 @@ class ImageReadError(ValueError):
     """An image file that is missing or cannot be decoded."""
 
 
+def to_8bit(image):
+    """A PIL image with 16-bit or 32-bit integer pixels (``I;16*``, ``I``) rescaled to 8 bits (``L``):
+    Pillow's own ``convert("L")`` clips those values at 255, which turns most of a 16-bit image white.
+    Other images are returned as they are."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8), mode="L")
+    if image.mode == "I":
+        pixels = np.asarray(image, dtype=np.int64)
+        top = 65535 if pixels.max(initial=0) <= 65535 else int(pixels.max())
+        return Image.fromarray((np.clip(pixels, 0, None) * 255 // max(top, 1)).astype(np.uint8), mode="L")
+    return image
+
+
 def read_image(path: str, channels: int = 3) -> Tensor:
     """Decode ``path`` to ``ByteTensor[channels, H, W]`` (``channels`` 1: grey, 3: RGB).
 
@@ -35,7 +50,7 @@ def read_image(path: str, channels: int = 3) -> Tensor:
     try:
         with Image.open(path) as image:
             image.load()
-            pixels = np.array(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+            pixels = np.array(to_8bit(image).convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
     pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels

@@ -418,6 +418,8 @@ def localize_video(
             report.frames_processed += 1
             if on_frame is not None:
                 on_frame(result)
+        if report.frames_processed == 0:  # an empty video is not a result: write nothing, say so
+            raise VideoReadError("the source gave no frames; nothing was written")
         if writer is not None:
             writer.release()
             writer = None

@@ -179,3 +179,20 @@ def test_percentile_standard_matches_numpy():
         standard = np.percentile(np.uint8(255 * cam.numpy()), 90.0)
         assert row.tolist() == np.floor(t * standard).astype(np.int64).tolist()
     assert torch.equal(sweep_levels(cams, t), rethinkcam_fast.protocol_thresholds(cams, t))
+
+
+def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    """Pillow's convert('L') clips 16-bit pixels at 255 (a 16-bit image turns white); read_image
+    keeps the top 8 bits instead, for grey and RGB models."""
+    import numpy as np
+    from PIL import Image
+
+    from rethinkcam_fast.imageio import read_image
+
+    pixels = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(pixels).save(path)  # mode I;16
+    grey = read_image(str(path), channels=1)[0].numpy()
+    assert np.array_equal(grey, (pixels >> 8).astype(np.uint8))
+    rgb = read_image(str(path), channels=3).numpy()
+    assert all(np.array_equal(rgb[c], grey) for c in range(3))

@@ -280,3 +280,11 @@ def test_frames_received_before_a_source_error_are_still_localized(model):
     assert [r.index for r in got] == [0, 1, 2, 3, 4]  # the unfinished batch (3, 4) too
     expected = list(VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=3).stream(frames))
     assert [(r.label, r.box) for r in got] == [(r.label, r.box) for r in expected]
+
+
+def test_an_empty_source_writes_nothing_and_says_so(model, tmp_path):
+    localizer = VideoLocalizer(model, "cam", input_size=(32, 32), keep_cams=True)
+    out, jsonl = tmp_path / "v.mp4", tmp_path / "v.jsonl"
+    with pytest.raises(VideoReadError, match="no frames"):
+        localize_video(localizer, [], out_video=str(out), out_jsonl=str(jsonl))
+    assert not any(tmp_path.iterdir())

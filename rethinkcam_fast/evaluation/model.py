@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..engine import CAMEngine
+from ..imageio import to_8bit
 from ..localize import IMAGENET_MEAN, IMAGENET_STD, load_user_model
 from .box_evaluator import BoxEvaluator, BoxMetrics
 from .mask_evaluator import MaskEvaluator, MaskMetrics
@@ -66,7 +67,7 @@ class WSOLImageDataset(torch.utils.data.Dataset):
         try:
             with Image.open(path) as image:
                 mode = "RGB" if self.channels == 3 else "L"
-                rgb = image.convert(mode).resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+                rgb = to_8bit(image).convert(mode).resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
         except FileNotFoundError:
             raise FileNotFoundError(f"image {image_id!r} not found: {path}") from None
         except (UnidentifiedImageError, OSError) as exc:
