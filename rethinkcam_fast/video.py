@@ -160,24 +160,35 @@ def prefetch(frames: Iterable, depth: int) -> Iterator:
 
 
 def _as_hwc_uint8(frame, index: int) -> Tensor:
-    """A frame as a CPU ``uint8 [H, W, 3]`` tensor; numpy HWC or a tensor (HWC uint8 or CHW float)."""
+    """A frame as a CPU ``uint8 [H, W, 3]`` tensor.
+
+    Accepted: numpy arrays or tensors, ``uint8 [H, W, C]`` (C = 1, 3, or 4 with the alpha dropped),
+    ``uint8 [H, W]`` (grey), float ``[C, H, W]`` (C = 1 or 3) or float ``[H, W]`` in ``[0, 1]``.
+    """
     if isinstance(frame, np.ndarray):
         frame = torch.from_numpy(np.ascontiguousarray(frame))
     if not isinstance(frame, Tensor):
         raise TypeError(f"frame {index}: expected a numpy array or a tensor, got {type(frame).__name__}")
-    if frame.dim() == 2:
-        frame = frame[:, :, None].expand(-1, -1, 3)
-    if frame.dim() != 3:
-        raise ValueError(f"frame {index}: expected [H, W, C] (or [C, H, W]), got shape {tuple(frame.shape)}")
+    given = tuple(frame.shape)
+    if frame.dim() not in (2, 3):
+        raise ValueError(f"frame {index}: expected [H, W, C], [C, H, W] or [H, W], got shape {given}")
     if frame.dtype != torch.uint8:
-        if not frame.is_floating_point() or frame.shape[0] not in (1, 3):
+        if not frame.is_floating_point():
             raise TypeError(f"frame {index}: expected uint8 [H, W, C] or float [C, H, W] in [0, 1], got "
-                            f"{frame.dtype} {tuple(frame.shape)}")
-        frame = (frame.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+                            f"{frame.dtype} {given}")
+        if frame.dim() == 3:
+            if frame.shape[0] not in (1, 3):
+                raise ValueError(f"frame {index}: a float frame is [C, H, W] with 1 or 3 channels, got shape {given}")
+            frame = frame.permute(1, 2, 0)
+        frame = (frame.clamp(0, 1) * 255).round().to(torch.uint8)
+    if frame.dim() == 2:  # grey
+        frame = frame[:, :, None]
+    if frame.shape[2] == 4:  # RGBA: the alpha channel is not part of the picture the model sees
+        frame = frame[:, :, :3]
     if frame.shape[2] == 1:
         frame = frame.expand(-1, -1, 3)
     if frame.shape[2] != 3 or frame.shape[0] < 1 or frame.shape[1] < 1:
-        raise ValueError(f"frame {index}: expected 1 or 3 channels and a non-empty image, got {tuple(frame.shape)}")
+        raise ValueError(f"frame {index}: expected 1, 3 or 4 channels and a non-empty image, got shape {given}")
     return frame
 
 
@@ -307,8 +318,10 @@ class VideoLocalizer:
         """Yield a :class:`FrameResult` per frame, in order.
 
         Args:
-            frames: numpy ``uint8 [H, W, 3]`` (RGB) frames, or tensors (``uint8 [H, W, C]`` or float
-                ``[C, H, W]`` in ``[0, 1]``); decoded ahead in a background thread.
+            frames: numpy arrays or tensors: ``uint8 [H, W, 3]`` (RGB; also 1 channel, or 4 with the
+                alpha dropped), ``uint8 [H, W]`` (grey), float ``[C, H, W]`` or ``[H, W]`` in ``[0, 1]``;
+                decoded ahead in a background thread. If the source raises, the frames already
+                received are localized and yielded first.
             targets: a class index to explain in every frame (default: each frame's top-1).
         """
         pending: list[Tensor] = []

@@ -288,3 +288,18 @@ def test_an_empty_source_writes_nothing_and_says_so(model, tmp_path):
     with pytest.raises(VideoReadError, match="no frames"):
         localize_video(localizer, [], out_video=str(out), out_jsonl=str(jsonl))
     assert not any(tmp_path.iterdir())
+
+
+def test_every_frame_form_becomes_the_same_rgb_frame():
+    from rethinkcam_fast.video import _as_hwc_uint8
+
+    grey = torch.randint(0, 256, (20, 30), dtype=torch.uint8)
+    rgb = grey[:, :, None].expand(-1, -1, 3)
+    forms = [grey, grey.numpy(), grey[:, :, None], rgb.numpy(), torch.cat([rgb, torch.full((20, 30, 1), 7, dtype=torch.uint8)], 2),
+             grey.float() / 255, (grey.float() / 255)[None], (rgb.float() / 255).permute(2, 0, 1)]
+    for k, form in enumerate(forms):
+        assert torch.equal(_as_hwc_uint8(form, k), rgb), k
+    for bad in (torch.rand(2, 20, 30), torch.rand(20, 30, 3), torch.zeros(20, 30, 2, dtype=torch.uint8),
+                torch.zeros(2, 3, 4, 5)):
+        with pytest.raises(ValueError, match="frame 9"):
+            _as_hwc_uint8(bad, 9)
