@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from numbers import Real
+from numbers import Integral, Real
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -68,3 +69,16 @@ def check_unit_maps(name: str, maps: torch.Tensor, offset: int = 0) -> None:
     if found is not None:
         index, what = found
         raise ValueError(f"{name}[{offset + index}] has {what}; expected min-max normalised maps in [0, 1]")
+
+
+def output_size_arg(output_size, default: tuple[int, int]) -> list[int]:
+    """``output_size`` checked: ``None`` (``default``) or two positive ints."""
+    if output_size is None:
+        return list(default)
+    if isinstance(output_size, (str, bytes)) or not hasattr(output_size, "__len__") or len(output_size) != 2:
+        raise TypeError(f"output_size must be None or a pair (H, W) of ints, got {output_size!r}")
+    if not all(isinstance(v, Integral) and not isinstance(v, (bool, np.bool_)) for v in output_size):
+        raise TypeError(f"output_size must hold ints, got {output_size!r}")
+    if min(output_size) <= 0:
+        raise ValueError(f"output_size must be positive, got {tuple(output_size)}")
+    return [int(v) for v in output_size]

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_float_dtype, check_tensor
+from ._validation import check_float_dtype, check_tensor, output_size_arg
 from .ops.boxes import CONVENTIONS, boxes_from_cams
-from .ops.class_activation_map import class_activation_map_with_flags, output_size_arg
+from .ops.class_activation_map import class_activation_map_with_flags
 from .ops.flm_fuse import flm_fuse_with_flags
 from .ops.fuse_maps import FUSE_MODES, fuse_maps
 from .ops.map_epilogue import map_epilogue_op

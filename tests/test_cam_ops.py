@@ -142,3 +142,11 @@ def test_bad_input_raises_clear_errors():
         weighted_map(a, torch.randn(2, 5), backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         fuse_maps(torch.rand(2, 3, 3), (4, 4), backend="native")
+
+
+def test_fuse_maps_output_size_is_checked_like_the_other_ops():
+    maps = torch.rand(2, 4, 4)
+    for bad, error in (((2.5, 3), TypeError), ((5,), TypeError), (None, TypeError), ((0, 4), ValueError)):
+        with pytest.raises(error, match="output_size"):
+            fuse_maps(maps, bad)
+    assert fuse_maps(maps, torch.Size([6, 8]))[0].shape == (2, 6, 8)

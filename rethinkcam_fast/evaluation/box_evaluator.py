@@ -11,6 +11,7 @@ tensor reduction on the maps' device.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from numbers import Real
@@ -251,10 +252,10 @@ class BoxEvaluator(CountingEvaluator):
         v2 = float(np.mean(np.array(list(max_box_acc.values()), dtype=np.float64)))  # np.average in the reference
         classified = int(state["num_classified"])
         gt_known = top1_loc = top1_cls = None
-        if classified:
-            if classified != total:
-                raise ValueError(f"labels and predictions were given for {classified} of {total} images; "
-                                 "Top-1 Loc needs them for every image or none")
+        if classified and classified != total:  # the box metrics stand; Top-1 over part of the data would not
+            warnings.warn(f"labels and predictions were given for {classified} of {total} images: Top-1 Loc "
+                          "and GT-known Loc need them for every image and are left out", RuntimeWarning, stacklevel=2)
+        elif classified:
             top1_curves = state["correct_top1"].astype(np.float64) * 100.0 / float(total)
             gt_known = dict(max_box_acc)
             top1_loc = {delta: float(top1_curves[d].max()) for d, delta in enumerate(self.iou_thresholds)}

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .._triton import tl, triton
-from .._validation import check_float_dtype, check_same_device, check_tensor
+from .._validation import check_float_dtype, check_same_device, check_tensor, output_size_arg
 from . import _launch
 from ._launch import check_backend, device_guard, flat_spatial, use_triton
 from .map_epilogue import acc_dtype, epilogue_backward_impl, epilogue_function_forward, map_epilogue_op
@@ -294,19 +294,6 @@ class ClassActivationMapFunction(torch.autograd.Function):
         d_features, d_weight = _cam_reduce_backward_impl(grad_maps, features, weight, labels, nwc, backend)
         return (d_features if ctx.needs_input_grad[0] else None, d_weight if ctx.needs_input_grad[1] else None,
                 None, None, None, None, None)
-
-
-def output_size_arg(output_size, default: tuple[int, int]) -> list[int]:
-    """``output_size`` checked: ``None`` (``default``) or two positive ints."""
-    if output_size is None:
-        return list(default)
-    if isinstance(output_size, (str, bytes)) or not hasattr(output_size, "__len__") or len(output_size) != 2:
-        raise TypeError(f"output_size must be None or a pair (H, W) of ints, got {output_size!r}")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in output_size):
-        raise TypeError(f"output_size must hold ints, got {output_size!r}")
-    if min(output_size) <= 0:
-        raise ValueError(f"output_size must be positive, got {tuple(output_size)}")
-    return [int(v) for v in output_size]
 
 
 def _check_cam_args(features, weight, labels) -> None:

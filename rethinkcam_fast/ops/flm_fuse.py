@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 
 from .._triton import tl, triton
-from .._validation import check_float_dtype, check_same_device, check_tensor
+from .._validation import check_float_dtype, check_same_device, check_tensor, output_size_arg
 from ._launch import check_backend, device_guard, use_triton
-from .class_activation_map import MODE_FLM, channel_reduce_triton, output_size_arg, tl_acc
+from .class_activation_map import MODE_FLM, channel_reduce_triton, tl_acc
 from .fuse_maps import FUSE_MODES
 from .map_epilogue import (
     acc_dtype,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._triton import tl, triton
-from .._validation import check_float_dtype, check_same_device, check_tensor
+from .._validation import check_float_dtype, check_same_device, check_tensor, output_size_arg
 from ._launch import check_backend, device_guard, run_inference_op, use_triton
 
 FUSE_MODES = ("sum", "max")
@@ -263,10 +263,10 @@ def fuse_maps(
     if fuse not in FUSE_MODES:
         raise ValueError(f"fuse must be one of {FUSE_MODES}, got {fuse!r}")
     check_backend(backend)
-    height, width = (int(v) for v in output_size)
-    if height <= 0 or width <= 0:
-        raise ValueError(f"output_size must be positive, got {tuple(output_size)}")
-    return run_inference_op(_fuse_maps_op, _fuse_maps_impl, list(maps), [height, width], fuse, backend)
+    size = output_size_arg(output_size, (0, 0)) if output_size is not None else None
+    if size is None:
+        raise TypeError("output_size must be a pair (H, W) of ints, got None")
+    return run_inference_op(_fuse_maps_op, _fuse_maps_impl, list(maps), size, fuse, backend)
 
 
 __all__ = ["FUSE_MODES", "degenerate_maps", "fuse_maps", "fuse_maps_reference", "fuse_maps_triton", "minmax_normalize"]
