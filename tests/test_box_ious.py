@@ -329,3 +329,12 @@ def test_protocol_thresholds_name_a_bad_map_instead_of_blaming_the_thresholds():
     maps[2, 1, 1] = 3.0
     with pytest.raises(ValueError, match=r"cams\[2\] has values outside \[0, 1\]"):
         protocol_thresholds(maps, cam_curve_thresholds(0.1))
+
+
+def test_box_iou_matrix_refuses_float_boxes_and_bad_shapes():
+    a = torch.tensor([[0, 0, 3, 3]])
+    with pytest.raises(TypeError, match="boxes_b must hold integer pixel coordinates"):
+        box_iou_matrix(a, torch.tensor([[0.0, 0.0, 2.5, 2.5]]))
+    with pytest.raises(ValueError, match=r"boxes_a must have shape \(K, 4\)"):
+        box_iou_matrix(torch.tensor([[0, 0, 3]]), a)
+    assert box_iou_matrix(a.int(), a.short()).tolist() == [[1.0]]

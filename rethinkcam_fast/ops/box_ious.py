@@ -37,8 +37,15 @@ def box_iou_matrix(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
 
     Boxes are ``(x0, y0, x1, y1)`` with inclusive ends, so a box's area is
     ``(x1 - x0 + 1) * (y1 - y0 + 1)``; a pair whose union is not positive gets IoU 0. Integer areas,
-    one float64 division: the same doubles as the reference's numpy arithmetic.
+    one float64 division: the same doubles as the reference's numpy arithmetic. Boxes are pixel
+    indices: ``TypeError`` for floating boxes (rounding them here would hide a convention mismatch).
     """
+    for name, boxes in (("boxes_a", boxes_a), ("boxes_b", boxes_b)):
+        check_tensor(name, boxes, ndim=2)
+        if boxes.shape[1] != 4:
+            raise ValueError(f"{name} must have shape (K, 4), got {tuple(boxes.shape)}")
+        if boxes.is_floating_point() or boxes.is_complex():
+            raise TypeError(f"{name} must hold integer pixel coordinates, got {boxes.dtype}")
     a = boxes_a.to(torch.int64)[:, None, :]
     b = boxes_b.to(torch.int64)[None, :, :]
     inter_w = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0]) + 1).clamp_min(0)
