@@ -150,3 +150,12 @@ def test_fuse_maps_output_size_is_checked_like_the_other_ops():
         with pytest.raises(error, match="output_size"):
             fuse_maps(maps, bad)
     assert fuse_maps(maps, torch.Size([6, 8]))[0].shape == (2, 6, 8)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy, by design
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_span_past_float32_is_flagged_not_nan(backend):
+    """Finite values near +-3e38 have a span that overflows float32: flagged (zeros), never NaN."""
+    maps = torch.tensor([[[3e38, -3e38], [0.0, 1.0]], [[0.0, 0.5], [0.25, 1.0]]])
+    cams, degenerate = fuse_maps(maps, (4, 4), backend=backend)
+    assert degenerate.tolist() == [True, False] and torch.isfinite(cams).all() and not cams[0].any()

@@ -46,7 +46,8 @@ def minmax_normalize(maps: Tensor, degenerate: Tensor | None = None) -> tuple[Te
         return maps.float(), torch.zeros(maps.shape[0], dtype=torch.bool, device=maps.device)
     lo, hi = flat.amin(dim=1), flat.amax(dim=1)
     span = hi - lo
-    flagged = ~torch.isfinite(flat).all(dim=1) | ~(span > 0)
+    # A span past the dtype's range (finite values near +-3e38 in float32) would normalise to NaN.
+    flagged = ~torch.isfinite(flat).all(dim=1) | ~(span > 0) | ~torch.isfinite(span)
     degenerate = flagged if degenerate is None else flagged | degenerate
     safe_span = torch.where(degenerate, torch.ones_like(span), span)
     out = (flat - lo[:, None]) / safe_span[:, None]
@@ -141,7 +142,8 @@ def _fuse_maps_kernel(
             hi = tl.maximum(hi, tl.where(mask, v, float("-inf")))
         lo_s = tl.min(lo, axis=0)
         span = tl.max(hi, axis=0) - lo_s
-        degenerate = source_degenerate | ~(span > 0.0)
+        # A span past float32's range (finite values near +-3e38) would normalise to NaN: flagged too.
+        degenerate = source_degenerate | ~(span > 0.0) | ~(span < float("inf"))
         inv_span = tl.where(degenerate, 0.0, 1.0 / tl.where(degenerate, 1.0, span))
         # Pass 2: normalise and accumulate into the output (the first layer initialises it).
         for start in range(0, HW, BLOCK):
