@@ -21,7 +21,7 @@ from rethinkcam_fast import CAMEngine
 DEVICE = bench_device()
 RUN_INFO = {"device": device_name(DEVICE), "torch": torch.__version__}
 if DEVICE.type == "cuda":
-    BATCHES, DTYPES, SIZE = [1, 64, 256], ["fp32", "bf16"], 224
+    BATCHES, DTYPES, SIZE = [64, 1, 256], ["fp32", "bf16"], 224  # the targets' batch first
 else:  # the 2-core CPU: small batches, fp32 only
     BATCHES, DTYPES, SIZE = ([1, 4] if quick() else [1, 8]), ["fp32"], 224
 MODELS = ["resnet50", "vgg16"]
@@ -94,24 +94,87 @@ def _peer(provider: str, model, target):
 
         cls = {"gradcam": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "layercam": pgc.LayerCAM}[method]
         cam = cls(model=model, target_layers=[target])
-        return (lambda images: cam(input_tensor=images)), cam.activations_and_grads.release
+        return (lambda images: cam(input_tensor=images, targets=None)), cam.activations_and_grads.release  # top-1, as ours
     except ImportError:
         return None
 
 
+@pytest.mark.parametrize("provider", ["fwd+full-bwd", "eager-flm", "ours-fullycam", "pytorch-grad-cam-layercam-all"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("batch", [b for b in BATCHES if b <= 64])
+def test_fully_cam_all_convs(benchmark, provider, batch, dtype):
+    model, _, images = _setup("resnet50", batch)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    group = f"resnet50 all {len(convs)} convs b{batch} {dtype}"
+    if provider == "fwd+full-bwd":
+        def fn():  # the gradient at every layer down to the input, as ours and eager-flm (no weight grads)
+            leaf = images.detach().requires_grad_(True)
+            with _autocast(dtype):
+                logits = model(leaf)
+            torch.autograd.grad(logits.float().max(1).values.sum(), leaf)
+    elif provider == "eager-flm":
+        def fn():  # every activation and every gradient alive at once
+            acts = []
+            hooks = [c.register_forward_hook(lambda m, i, o: acts.append(o)) for c in convs]
+            try:
+                with _autocast(dtype):
+                    logits = model(images.detach().requires_grad_(True))
+            finally:
+                for h in hooks:
+                    h.remove()
+            grads = torch.autograd.grad(logits.max(1).values.sum(), acts)
+            fused = 0
+            for a, g in zip(acts, grads):
+                m = (g.float().relu() * a.float().relu()).sum(1, keepdim=True)
+                m = F.interpolate(m, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+                flat = m.flatten(1)
+                fused = fused + ((flat - flat.amin(1, keepdim=True)) / (flat.amax(1, keepdim=True) - flat.amin(1, keepdim=True)).clamp_min(1e-12))
+            return fused
+    elif provider == "ours-fullycam":
+        engine = CAMEngine(model, "fullycam", warn_degenerate=False, boxes=False)
+
+        def fn():
+            with _autocast(dtype):
+                engine(images)
+    else:
+        try:
+            import pytorch_grad_cam as pgc
+        except Exception:
+            pytest.skip("pytorch-grad-cam is not installed")
+        if dtype == "bf16":
+            pytest.skip("pytorch-grad-cam runs in the model's dtype only")
+        cam = pgc.LayerCAM(model=model, target_layers=convs)
+
+        def fn():
+            cam(input_tensor=images, targets=None)  # grad-cam 1.5.x: targets has no default
+
+        try:
+            _run(benchmark, group, provider, "fwd+full-bwd", "fullycam_all_convs", fn, batch, heavy=True)
+        finally:
+            cam.activations_and_grads.release()
+            model.zero_grad(set_to_none=True)
+        return
+    _run(benchmark, group, provider, "fwd+full-bwd", "fullycam_all_convs", fn, batch)
+
+
+# pytest varies the top decorator fastest: providers first, so that each (model, batch, dtype) group
+# completes before the next begins (one model build per group, and a time box that cuts the suite
+# still leaves whole groups); models vary slowest.
 @pytest.mark.parametrize(
     "provider",
     ["fwd", "fwd+partial-bwd", "eager-gradcam"]
     + [f"ours-{m}" for m in METHODS]
     + [f"{peer}-{m}" for peer in ("pytorch-grad-cam", "torchcam") for m in METHODS[1:]],
 )
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("model_name", MODELS)
 def test_single_layer_cams(benchmark, provider, model_name, batch, dtype):
     is_peer = provider.startswith(("pytorch-grad-cam", "torchcam"))
     if is_peer and (dtype == "bf16" or batch > 64):
         pytest.skip("peers are measured in fp32 at batch <= 64 (their per-image CPU loops dominate)")
+    if provider == "ours-cam" and model_name == "vgg16":
+        pytest.skip("VGG16's head is not GAP + linear: no plain CAM")
     model, target, images = _setup(model_name, batch)
     group = f"{model_name} b{batch} {dtype}"
     if provider == "fwd":
@@ -128,9 +191,8 @@ def test_single_layer_cams(benchmark, provider, model_name, batch, dtype):
                 eager_gradcam(model, target, images)
     elif provider.startswith("ours-"):
         method = provider[len("ours-"):]
-        if method == "cam" and model_name == "vgg16":
-            pytest.skip("VGG16's head is not GAP + linear: no plain CAM")
-        engine = CAMEngine(model, method, target, warn_degenerate=False)
+        # Maps only, as the floors, the eager baseline and the peers give (boxes: the boxes suite).
+        engine = CAMEngine(model, method, target, warn_degenerate=False, boxes=False)
 
         def fn():
             with _autocast(dtype):
@@ -151,64 +213,6 @@ def test_single_layer_cams(benchmark, provider, model_name, batch, dtype):
             model.zero_grad(set_to_none=True)
         return
     _run(benchmark, group, provider, "fwd+partial-bwd", "cam_single_layer", fn, batch)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch", [b for b in BATCHES if b <= 64])
-@pytest.mark.parametrize("provider", ["fwd+full-bwd", "eager-flm", "ours-fullycam", "pytorch-grad-cam-layercam-all"])
-def test_fully_cam_all_convs(benchmark, provider, batch, dtype):
-    model, _, images = _setup("resnet50", batch)
-    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    group = f"resnet50 all {len(convs)} convs b{batch} {dtype}"
-    if provider == "fwd+full-bwd":
-        def fn():
-            with _autocast(dtype):
-                logits = model(images)
-            logits.float().logsumexp(1).sum().backward()
-            model.zero_grad(set_to_none=True)
-    elif provider == "eager-flm":
-        def fn():  # every activation and every gradient alive at once
-            acts = []
-            hooks = [c.register_forward_hook(lambda m, i, o: acts.append(o)) for c in convs]
-            try:
-                with _autocast(dtype):
-                    logits = model(images.detach().requires_grad_(True))
-            finally:
-                for h in hooks:
-                    h.remove()
-            grads = torch.autograd.grad(logits.max(1).values.sum(), acts)
-            fused = 0
-            for a, g in zip(acts, grads):
-                m = (g.float().relu() * a.float().relu()).sum(1, keepdim=True)
-                m = F.interpolate(m, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-                flat = m.flatten(1)
-                fused = fused + ((flat - flat.amin(1, keepdim=True)) / (flat.amax(1, keepdim=True) - flat.amin(1, keepdim=True)).clamp_min(1e-12))
-            return fused
-    elif provider == "ours-fullycam":
-        engine = CAMEngine(model, "fullycam", warn_degenerate=False)
-
-        def fn():
-            with _autocast(dtype):
-                engine(images)
-    else:
-        try:
-            import pytorch_grad_cam as pgc
-        except Exception:
-            pytest.skip("pytorch-grad-cam is not installed")
-        if dtype == "bf16":
-            pytest.skip("pytorch-grad-cam runs in the model's dtype only")
-        cam = pgc.LayerCAM(model=model, target_layers=convs)
-
-        def fn():
-            cam(input_tensor=images)
-
-        try:
-            _run(benchmark, group, provider, "fwd+full-bwd", "fullycam_all_convs", fn, batch, heavy=True)
-        finally:
-            cam.activations_and_grads.release()
-            model.zero_grad(set_to_none=True)
-        return
-    _run(benchmark, group, provider, "fwd+full-bwd", "fullycam_all_convs", fn, batch)
 
 
 def test_backend_is_live():

@@ -62,30 +62,8 @@ def _fwd_bwd(fn, x: torch.Tensor, grad: torch.Tensor):
     return step
 
 
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_tap_fwd_bwd(benchmark, shape, dtype, layout, provider):
-    torch.manual_seed(0)
-    x = torch.randn(shape, device=DEVICE, dtype=DTYPES[dtype]).relu_()
-    if layout == "nhwc":
-        x = x.to(memory_format=torch.channels_last)
-    x.requires_grad_(True)
-    grad = torch.randn(shape[:2], device=DEVICE, dtype=x.dtype)
-    step = _fwd_bwd(PROVIDERS[provider], x, grad)
-    for _ in range(3):  # warm-up: Triton compilation, allocator
-        step()
-    benchmark.group = f"tap {'x'.join(map(str, shape))}/{dtype}/{layout}"
-    benchmark.extra_info.update(provider=provider, baseline="gap", op="tap_fwd_bwd", backend=_live_backend(x), **RUN_INFO)
-    benchmark.pedantic(step, rounds=20 if DEVICE.type == "cuda" else 5, iterations=5 if DEVICE.type == "cuda" else 1)
-
-
-def _resnet50():
-    torchvision = pytest.importorskip("torchvision")
-    return torchvision.models.resnet50(weights=None)
-
-
+# The whole-model training step first: its target (<= 1.01x GAP) matters most, and a time box
+# that cuts the suite should cut the per-shape rows instead.
 @pytest.mark.parametrize("pool", ["gap", "ours"])
 def test_resnet50_bf16_train_step(benchmark, pool):
     if DEVICE.type != "cuda" and not quick():
@@ -112,3 +90,29 @@ def test_resnet50_bf16_train_step(benchmark, pool):
     benchmark.group = f"resnet50 bf16 train step, batch {batch}"
     benchmark.extra_info.update(provider=pool, baseline="gap", op="resnet50_train_step", **RUN_INFO)
     benchmark.pedantic(step, rounds=10 if DEVICE.type == "cuda" else 2, iterations=1)
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_tap_fwd_bwd(benchmark, shape, dtype, layout, provider):
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=DEVICE, dtype=DTYPES[dtype]).relu_()
+    if layout == "nhwc":
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    grad = torch.randn(shape[:2], device=DEVICE, dtype=x.dtype)
+    step = _fwd_bwd(PROVIDERS[provider], x, grad)
+    for _ in range(3):  # warm-up: Triton compilation, allocator
+        step()
+    benchmark.group = f"tap {'x'.join(map(str, shape))}/{dtype}/{layout}"
+    benchmark.extra_info.update(provider=provider, baseline="gap", op="tap_fwd_bwd", backend=_live_backend(x), **RUN_INFO)
+    benchmark.pedantic(step, rounds=20 if DEVICE.type == "cuda" else 5, iterations=5 if DEVICE.type == "cuda" else 1)
+
+
+def _resnet50():
+    torchvision = pytest.importorskip("torchvision")
+    return torchvision.models.resnet50(weights=None)
+
+
