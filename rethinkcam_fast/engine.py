@@ -8,6 +8,7 @@ input's device. Hooks live only for the duration of one call, so an engine never
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -63,6 +64,9 @@ class _Capture:
     activations: dict[int, Tensor] = field(default_factory=dict)
     order: list[nn.Module] = field(default_factory=list)  # modules in the order their forward finished
     maps: dict[int, Tensor] = field(default_factory=dict)
+    # The hooks sit on the model's (shared) modules for the call's duration: another thread running
+    # the same model meanwhile must not land in this call's capture.
+    thread: int = field(default_factory=threading.get_ident)
 
 
 def _contains_conv(module: nn.Module) -> bool:
@@ -304,7 +308,7 @@ class CAMEngine:
         (``ReLU(inplace=True)``) show in it, as in pytorch-grad-cam."""
 
         def hook(module: nn.Module, _inputs, output) -> None:
-            if not isinstance(output, Tensor) or output.dim() != 4:
+            if not isinstance(output, Tensor) or output.dim() != 4 or threading.get_ident() != capture.thread:
                 return
             key = id(module)
             if key in capture.activations:  # a module run twice counts where it last finished

@@ -381,3 +381,34 @@ def test_gradient_methods_on_a_layer_off_the_graph_raise_a_clear_error():
     with pytest.warns(RuntimeWarning, match="stem received no gradient"):
         result = CAMEngine(model, "fullycam", return_layer_maps=True, warn_degenerate=False)(images)
     assert result.layer_maps["body"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam", "fullycam"])
+def test_one_model_explained_from_several_threads(method):
+    """Serving loops share one model across threads: a call's hooks capture only its own thread's
+    forward, so concurrent calls give the serial results."""
+    import threading
+
+    model = make(MiniResNet)
+    batches = [torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(20 + k)) for k in range(4)]
+    expected = [CAMEngine(model, method, warn_degenerate=False)(b).cams for b in batches]
+    failures: list[str] = []
+
+    def worker(k: int) -> None:
+        engine = CAMEngine(model, method, warn_degenerate=False)
+        for _ in range(8):
+            try:
+                got = engine(batches[k]).cams
+            except Exception as exc:  # noqa: BLE001 - reported below
+                failures.append(f"thread {k}: {type(exc).__name__}: {exc}")
+                return
+            if not torch.equal(got, expected[k]):
+                failures.append(f"thread {k}: another thread's maps")
+                return
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
