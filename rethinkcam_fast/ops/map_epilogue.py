@@ -584,11 +584,15 @@ def map_epilogue_backward_triton(
                 SPLITS=splits, FUSE_MAX=fuse_max, BLOCK=block, ACC=_tl_dtype(acc), **_EXACT,
             )
         band_rows = triton.cdiv(triton.cdiv(height, splits), 32) * 32
+        by, bx = _tile(max(m.shape[1] for m in maps)), _tile(max(m.shape[2] for m in maps))
         _layer_bwd_kernel[(n, layers, splits)](
             *packing, stats, partial, grad, fused, count, d_maps, layers, height, width, band_rows, total,
             NORMALIZE=normalize, FUSE_MAX=fuse_max, SPLITS=splits,
-            BY=_tile(max(m.shape[1] for m in maps)), BX=_tile(max(m.shape[2] for m in maps)), BOY=32, BOX=64,
-            ACC=_tl_dtype(acc), num_warps=8, **_EXACT,  # 4 warps: 255 registers and 16-328 B of spills (sm_90)
+            BY=by, BX=bx, BOY=32, BOX=64, ACC=_tl_dtype(acc),
+            # Registers (tests/triton_compile_check.py, sm_90): on 4 warps 255 a thread and 16-328 B of
+            # spills; 8 warps spill-free for 16x16 source tiles, but 32x32 ones spill 60-76 B under
+            # Triton 3.6 (the GPU image's); 16 warps: about 110 registers, no spills on 3.6 and 3.9.
+            num_warps=16 if by * bx >= 1024 else 8, **_EXACT,
         )
     d_maps = d_maps.sum(dim=0) if splits > 1 else d_maps[0]  # a fixed-order sum: deterministic
     grads, start = [], 0
