@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
 
 import torch
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str):
+    """``os.environ[name] = value`` inside the block, the previous state restored after it."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = previous
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """``torch.set_num_threads(count)`` inside the block (the native kernels follow it too)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def bench_device() -> torch.device:

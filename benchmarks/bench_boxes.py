@@ -13,9 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import os
 
-from _common import device_name, synchronize
+from _common import device_name, environment, synchronize, torch_threads
 
 from rethinkcam_fast import _native, best_box_ious, boxes_from_cams, cam_curve_thresholds, protocol_thresholds
 from rethinkcam_fast.ops.level_jobs import GPU_BOXES_ENV
@@ -38,16 +37,9 @@ def _gpu_fn(call, cams: torch.Tensor):
     maps = cams.repeat((GPU_BATCH + len(cams) - 1) // len(cams), 1, 1)[:GPU_BATCH].to(device)
 
     def fn():
-        previous = os.environ.get(GPU_BOXES_ENV)
-        os.environ[GPU_BOXES_ENV] = "1"
-        try:
+        with environment(GPU_BOXES_ENV, "1"):
             call(maps)
             synchronize(device)
-        finally:
-            if previous is None:
-                os.environ.pop(GPU_BOXES_ENV)
-            else:
-                os.environ[GPU_BOXES_ENV] = previous
 
     return fn
 
@@ -91,12 +83,8 @@ def test_largest_box(benchmark, provider, count):
         threads = _threads(provider)
 
         def fn():
-            previous = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
+            with torch_threads(threads):
                 boxes_from_cams(cams, batch_table, "largest", validate=False)
-            finally:
-                torch.set_num_threads(previous)
 
         per_call = BATCH
     fn()
@@ -163,13 +151,9 @@ def test_best_box_ious(benchmark, provider, multi_contour, interval):
         threads = _threads(provider)
 
         def fn():
-            previous = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
+            with torch_threads(threads):
                 table = protocol_thresholds(cams, thresholds, validate=False)
                 best_box_ious(cams, table, batch_gt, offsets, multi_contour)
-            finally:
-                torch.set_num_threads(previous)
 
         per_call = BATCH
     fn()

@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _common import bench_device, device_name, quick, synchronize
+from _common import bench_device, device_name, environment, quick, synchronize, torch_threads
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
@@ -52,27 +52,16 @@ def _threads(provider: str, fn):
     it is otherwise."""
     if provider == "ours-cuda-levels":
         def with_gpu_boxes():
-            previous = os.environ.get(GPU_BOXES_ENV)
-            os.environ[GPU_BOXES_ENV] = "1"
-            try:
+            with environment(GPU_BOXES_ENV, "1"):
                 return fn()
-            finally:
-                if previous is None:
-                    os.environ.pop(GPU_BOXES_ENV)
-                else:
-                    os.environ[GPU_BOXES_ENV] = previous
 
         return with_gpu_boxes
     if not provider.endswith("-1-thread"):
         return fn
 
     def single():
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             return fn()
-        finally:
-            torch.set_num_threads(previous)
 
     return single
 

@@ -71,6 +71,14 @@ def check_unit_maps(name: str, maps: torch.Tensor, offset: int = 0) -> None:
         raise ValueError(f"{name}[{offset + index}] has {what}; expected min-max normalised maps in [0, 1]")
 
 
+def check_flagged_maps(name: str, maps: torch.Tensor, flags: torch.Tensor) -> None:
+    """After a native pass that flagged maps (``uint8 [N]``, 1 = a NaN or a value outside ``[0, 1]``),
+    raise :func:`check_unit_maps`' error for the first flagged map (its diagnosis runs on that map only)."""
+    if flags.numel() and bool(flags.any()):
+        index = int(flags.nonzero()[0, 0])
+        check_unit_maps(name, maps[index:index + 1], offset=index)
+
+
 def output_size_arg(output_size, default: tuple[int, int]) -> list[int]:
     """``output_size`` checked: ``None`` (``default``) or two positive ints."""
     if output_size is None:

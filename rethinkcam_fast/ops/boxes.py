@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._validation import check_float_dtype, check_tensor, check_unit_maps
+from .._validation import check_float_dtype, check_flagged_maps, check_tensor, check_unit_maps
 from .level_jobs import gpu_level_jobs_enabled, level_jobs
 from .percentile_threshold import host_levels, scaled_levels
 
@@ -197,9 +197,7 @@ def _largest_xywh_from_maps(cams: Tensor, table: Tensor, validate: bool) -> Tens
     module.map_largest_boxes(source.data_ptr(), _native.NATIVE_DTYPE_CODES[cams.dtype], table.data_ptr(),
                              out.data_ptr(), n, height, width, 1, torch.get_num_threads(),
                              bad.data_ptr() if bad.numel() else 0)
-    if bad.numel() and bool(bad.any()):
-        index = int(bad.nonzero()[0, 0])
-        check_unit_maps("cams", cams[index:index + 1], offset=index)
+    check_flagged_maps("cams", cams, bad)
     return out
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import _native
 from .._triton import tl, triton
-from .._validation import check_float_dtype, check_tensor, check_unit_maps
+from .._validation import check_float_dtype, check_flagged_maps, check_tensor, check_unit_maps
 from ._launch import device_guard, use_triton
 
 
@@ -51,9 +51,7 @@ def host_levels(cams: Tensor, check: str | None = None) -> Tensor:
         bad = torch.zeros(source.shape[0] if check is not None and per_image else 0, dtype=torch.uint8)
         module.uint8_levels(source.data_ptr(), _native.NATIVE_DTYPE_CODES[cams.dtype], source.numel(),
                             out.data_ptr(), torch.get_num_threads(), per_image, bad.data_ptr() if bad.numel() else 0)
-        if bad.numel() and bool(bad.any()):
-            index = int(bad.nonzero()[0, 0])  # the diagnosis (which problem) for that image only
-            check_unit_maps(check, cams[index:index + 1], offset=index)
+        check_flagged_maps(check, cams, bad)
         return out
     if check is not None:
         check_unit_maps(check, cams)
@@ -78,9 +76,7 @@ def level_histogram_native(cams: Tensor, check: str | None = None) -> Tensor | N
     bad = torch.zeros(n if check is not None else 0, dtype=torch.uint8)
     module.level_histograms(source.data_ptr(), _native.NATIVE_DTYPE_CODES[cams.dtype], n, source[0].numel() if n else 0,
                             hist.data_ptr(), torch.get_num_threads(), bad.data_ptr() if bad.numel() else 0)
-    if bad.numel() and bool(bad.any()):
-        index = int(bad.nonzero()[0, 0])
-        check_unit_maps(check, cams[index:index + 1], offset=index)
+    check_flagged_maps(check, cams, bad)
     return hist
 
 
