@@ -1,4 +1,8 @@
-"""The CAM epilogue ops: weighted_map and fuse_maps, every backend against float64 oracles."""
+"""The CAM epilogue ops: weighted_map and fuse_maps, every backend against float64 oracles.
+
+``"auto"`` on the CPU is the C++ kernels (csrc/cpu/weighted_map.cpp, fuse_maps.cpp) for the gradient
+modes of weighted_map and for fuse_maps; ``"reference"`` is pure PyTorch.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,13 @@ import torch
 import torch.nn.functional as F
 from conftest import requires_triton
 
-from rethinkcam_fast import fuse_maps, weighted_map
-from rethinkcam_fast.ops.fuse_maps import minmax_normalize
+from rethinkcam_fast import _native, fuse_maps, weighted_map
+from rethinkcam_fast.ops.fuse_maps import fuse_maps_reference, minmax_normalize
+from rethinkcam_fast.ops.weighted_map import weighted_map_reference
 
-BACKENDS = ["reference", pytest.param("triton", marks=requires_triton)]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BACKENDS = ["auto", "reference", pytest.param("triton", marks=requires_triton)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+requires_native = pytest.mark.skipif(not _native.has_native(), reason="the C++ extension is not built")
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3, torch.float64: 1e-6}
 
 
@@ -159,3 +165,101 @@ def test_a_span_past_float32_is_flagged_not_nan(backend):
     maps = torch.tensor([[[3e38, -3e38], [0.0, 1.0]], [[0.0, 0.5], [0.25, 1.0]]])
     cams, degenerate = fuse_maps(maps, (4, 4), backend=backend)
     assert degenerate.tolist() == [True, False] and torch.isfinite(cams).all() and not cams[0].any()
+
+
+# -- the C++ CPU kernels specifically ------------------------------------------------------------
+
+
+@requires_native
+def test_auto_on_the_cpu_runs_the_native_kernels_and_reference_does_not(monkeypatch):
+    module = _native.cpu_module()
+    calls = []
+    for name in ("weighted_map_grad", "fuse_maps"):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    a, g = torch.randn(2, 5, 3, 4), torch.randn(2, 5, 3, 4)
+    weighted_map(a, grads=g, mode="flm", relu=False, backend="reference")
+    fuse_maps(torch.rand(2, 3, 3), (6, 6), backend="reference")
+    assert calls == []
+    weighted_map(a, grads=g, mode="flm", relu=False)
+    weighted_map(a, torch.randn(2, 5), mode="channel")  # an einsum: stays in PyTorch
+    fuse_maps(torch.rand(2, 3, 3), (6, 6))
+    assert calls == ["weighted_map_grad", "fuse_maps"]
+
+
+@requires_native
+@pytest.mark.parametrize("layouts", [("nchw", "nhwc"), ("nhwc", "nchw"), ("transposed", "nchw"), ("nchw", "sliced")])
+def test_native_weighted_map_reads_mixed_and_strided_layouts(layouts):
+    gen = torch.Generator().manual_seed(3)
+
+    def make(layout):
+        if layout == "nhwc":
+            return torch.randn(2, 9, 5, 6, generator=gen).to(memory_format=torch.channels_last)
+        if layout == "transposed":  # H and W swapped: neither NCHW nor channels_last
+            return torch.randn(2, 9, 6, 5, generator=gen).transpose(2, 3)
+        if layout == "sliced":  # every other channel of a bigger tensor
+            return torch.randn(2, 18, 5, 6, generator=gen)[:, ::2]
+        return torch.randn(2, 9, 5, 6, generator=gen)
+
+    a, g = make(layouts[0]), make(layouts[1])
+    for mode in ("layercam", "flm"):
+        got = weighted_map(a, grads=g, mode=mode, relu=False)
+        torch.testing.assert_close(got.double(), oracle_weighted(a, None, g, mode, False), atol=1e-5, rtol=1e-5)
+
+
+@requires_native
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_native_weighted_map_keeps_nan_as_the_reference_does(layout):
+    a, g = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5).abs()
+    a[0, 2, 1, 1] = float("nan")
+    g[1, 0, 2, 2] = float("nan")
+    a[2, 1, 3, 3] = float("inf")
+    if layout == "nhwc":
+        a, g = a.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
+    for mode in ("layercam", "flm"):
+        for relu in (False, True):
+            got = weighted_map(a, grads=g, mode=mode, relu=relu)
+            want = weighted_map_reference(a, None, g, mode, relu)
+            assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+            finite = torch.isfinite(want)
+            torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
+
+
+@requires_native
+def test_native_kernels_do_not_depend_on_the_thread_count():
+    gen = torch.Generator().manual_seed(5)
+    a, g = torch.randn(4, 64, 40, 40, generator=gen), torch.randn(4, 64, 40, 40, generator=gen)
+    maps = [torch.rand(4, *s, generator=gen) for s in ((7, 7), (14, 14), (28, 28))]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results.append((weighted_map(a, grads=g, mode="flm", relu=False),
+                            weighted_map(a.to(memory_format=torch.channels_last), grads=g.to(memory_format=torch.channels_last),
+                                         mode="layercam", relu=True),
+                            *fuse_maps(maps, (224, 224))))
+    finally:
+        torch.set_num_threads(threads)
+    for one, three in zip(*results):
+        assert torch.equal(one, three)
+
+
+@requires_native
+@pytest.mark.parametrize("fuse", ["sum", "max"])
+def test_native_fuse_maps_equals_the_reference_to_rounding_at_cam_sizes(fuse):
+    """The engine's shapes: 7..112-pixel layers to 224², constant and non-finite layers mixed in."""
+    gen = torch.Generator().manual_seed(11)
+    maps = [torch.rand(3, s, s, generator=gen) for s in (112, 56, 28, 14, 7)]
+    maps[1][0] = 0.25
+    maps[2][1, 3, 3] = float("nan")
+    maps[4][2] = maps[4][2].clamp(max=0.0)  # all zeros: constant
+    got, degenerate = fuse_maps(maps, (224, 224), fuse=fuse)
+    want, want_degenerate = fuse_maps_reference(maps, (224, 224), fuse)
+    assert torch.equal(degenerate, want_degenerate)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+    single, single_degenerate = fuse_maps(maps[3], (224, 224))
+    want_single, want_single_degenerate = fuse_maps_reference([maps[3]], (224, 224))
+    assert torch.equal(single_degenerate, want_single_degenerate)
+    torch.testing.assert_close(single, want_single, atol=2e-6, rtol=0)
+

@@ -5,17 +5,22 @@
 // held, once the total size is known, and fills them with it released).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "component_tree.h"
 #include "contours.h"
+#include "fuse_maps.h"
 #include "level_jobs_emulated.h"
 #include "levels.h"
 #include "pixel_histogram.h"
 #include "tap.h"
+#include "weighted_map.h"
 
 namespace py = pybind11;
 
@@ -206,6 +211,43 @@ PYBIND11_MODULE(_C, m) {
       "float32 otherwise), clamped to 0..255 (NaN -> 0).  x: contiguous, dtype 0=f32, 1=f64, 2=f16,\n"
       "3=bf16.  With bad_ptr (uint8 [ceil(count / per_image)]), the same pass sets bad[i] = 1 where\n"
       "image i holds a NaN or a value outside [0, 1].");
+
+  m.def(
+      "weighted_map_grad",
+      [](uintptr_t a_ptr, uintptr_t g_ptr, uintptr_t out_ptr, int64_t N, int64_t K, int64_t S, int64_t a_stride_n,
+         int64_t a_stride_k, int64_t a_stride_s, int64_t g_stride_n, int64_t g_stride_k, int64_t g_stride_s,
+         int dtype, int mode, bool relu, int num_threads) {
+        rcam::cpu::weighted_map_grad(as_ptr<const void>(a_ptr), as_ptr<const void>(g_ptr), as_ptr<float>(out_ptr), N,
+                                     K, S, a_stride_n, a_stride_k, a_stride_s, g_stride_n, g_stride_k, g_stride_s,
+                                     dtype, mode, relu, num_threads);
+      },
+      py::arg("a_ptr"), py::arg("g_ptr"), py::arg("out_ptr"), py::arg("N"), py::arg("K"), py::arg("S"),
+      py::arg("a_stride_n"), py::arg("a_stride_k"), py::arg("a_stride_s"), py::arg("g_stride_n"),
+      py::arg("g_stride_k"), py::arg("g_stride_s"), py::arg("dtype"), py::arg("mode"), py::arg("relu"),
+      py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+      "out: float32 [N, S] <- sum_k relu(G) * A (mode 1, LayerCAM) or sum_k relu(G) * relu(A) (mode 2,\n"
+      "FLM), then a ReLU if relu.  A and G: one dtype (0=f32, 1=f64, 2=f16, 3=bf16), element strides\n"
+      "over the logical [N, K, S] view (NCHW and channels_last are read in place).");
+
+  m.def(
+      "fuse_maps",
+      [](const std::vector<uintptr_t>& map_ptrs, const std::vector<int64_t>& heights,
+         const std::vector<int64_t>& widths, int64_t N, int64_t H, int64_t W, bool fuse_max, uintptr_t out_ptr,
+         uintptr_t degenerate_ptr, int num_threads) {
+        if (heights.size() != map_ptrs.size() || widths.size() != map_ptrs.size()) {
+          throw std::invalid_argument("rethinkcam_fast.fuse_maps: map_ptrs, heights and widths differ in length");
+        }
+        std::vector<const float*> maps;
+        for (uintptr_t p : map_ptrs) maps.push_back(as_ptr<const float>(p));
+        py::gil_scoped_release release;
+        rcam::cpu::fuse_maps(maps.data(), heights.data(), widths.data(), static_cast<int64_t>(maps.size()), N, H, W,
+                             fuse_max, as_ptr<float>(out_ptr), as_ptr<uint8_t>(degenerate_ptr), num_threads);
+      },
+      py::arg("map_ptrs"), py::arg("heights"), py::arg("widths"), py::arg("N"), py::arg("H"), py::arg("W"),
+      py::arg("fuse_max"), py::arg("out_ptr"), py::arg("degenerate_ptr"), py::arg("num_threads"),
+      "out: float32 [N, H, W], degenerate: uint8 [N] <- the layers' maps (contiguous float32\n"
+      "[N, heights[l], widths[l]]) upsampled (bilinear, align_corners=False), min-max normalised,\n"
+      "fused by sum (or max) and normalised again; as fuse_maps_reference, to float32 rounding.");
 
   m.def(
       "emulate_level_jobs",

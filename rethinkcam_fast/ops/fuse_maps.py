@@ -10,7 +10,10 @@ For maps ``M_l[N, h_l, w_l]`` (one per layer, any sizes) and an output size ``(H
 With one layer this is the usual epilogue: ``out = minmax(upsample(M))``. ``degenerate[N]`` flags the
 images whose final map was constant or non-finite (returned as zeros, the wsolevaluation convention).
 The Triton kernel does all layers in one launch, one program per image, without materialising any
-per-layer upsampled map: pass 1 finds a layer's min/max on the fly, pass 2 accumulates.
+per-layer upsampled map: pass 1 finds a layer's min/max on the fly, pass 2 accumulates. On the CPU a
+C++ kernel (``csrc/cpu/fuse_maps.cpp``) does all layers of an image in one cache-resident buffer,
+step by step as the pure-PyTorch reference (the test oracle and the fallback), equal to it to float32
+rounding.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _native
 from .._triton import tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, output_size_arg
 from ._launch import check_backend, device_guard, run_inference_op, use_triton
@@ -215,13 +219,35 @@ def fuse_maps_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str
 
 
 # --------------------------------------------------------------------------------------------------
+# C++ kernel (CPU).
+# --------------------------------------------------------------------------------------------------
+
+
+def fuse_maps_native(module, maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum") -> tuple[Tensor, Tensor]:
+    n = maps[0].shape[0]
+    height, width = output_size
+    out = torch.empty((n, height, width), dtype=torch.float32)
+    degenerate = torch.zeros(n, dtype=torch.uint8)
+    if n and height * width:
+        flat = [m.float().contiguous() for m in maps]  # (kept alive until the call returns)
+        module.fuse_maps([m.data_ptr() for m in flat], [m.shape[1] for m in flat], [m.shape[2] for m in flat],
+                         n, height, width, fuse == "max", out.data_ptr(), degenerate.data_ptr(),
+                         torch.get_num_threads())
+    return out, degenerate.bool()
+
+
+# --------------------------------------------------------------------------------------------------
 # Custom op + public entry point.
 # --------------------------------------------------------------------------------------------------
 
 
 def _fuse_maps_impl(maps: list[Tensor], output_size: list[int], fuse: str, backend: str) -> tuple[Tensor, Tensor]:
-    if use_triton("fuse_maps", backend, maps[0].device):
+    device = maps[0].device
+    if use_triton("fuse_maps", backend, device):
         return fuse_maps_triton(maps, tuple(output_size), fuse)
+    module = _native.cpu_module() if backend == "auto" and device.type == "cpu" else None
+    if module is not None and hasattr(module, "fuse_maps"):
+        return fuse_maps_native(module, maps, tuple(output_size), fuse)
     return fuse_maps_reference(maps, tuple(output_size), fuse)
 
 
@@ -246,7 +272,8 @@ def fuse_maps(
         maps: one ``Tensor[N, h, w]`` or a list of them (one per layer; sizes may differ, N may not).
         output_size: ``(H, W)`` of the result.
         fuse: ``"sum"`` (Fully-CAM) or ``"max"`` (LayerCAM-style); irrelevant for one map.
-        backend: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA, C++ on the CPU), ``"triton"`` or ``"reference"`` (pure
+            PyTorch).
     Returns:
         ``(cams float32 [N, H, W] in [0, 1], degenerate bool [N])``.
     """
@@ -271,4 +298,7 @@ def fuse_maps(
     return run_inference_op(_fuse_maps_op, _fuse_maps_impl, list(maps), size, fuse, backend)
 
 
-__all__ = ["FUSE_MODES", "degenerate_maps", "fuse_maps", "fuse_maps_reference", "fuse_maps_triton", "minmax_normalize"]
+__all__ = [
+    "FUSE_MODES", "degenerate_maps", "fuse_maps", "fuse_maps_native", "fuse_maps_reference", "fuse_maps_triton",
+    "minmax_normalize",
+]

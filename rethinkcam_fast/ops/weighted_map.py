@@ -6,9 +6,11 @@ For a feature map ``A[N, K, h, w]`` this op returns ``M[N, h, w]`` (float32), on
     mode "layercam":   M = sum_k relu(G[n, k]) * A[n, k]            (LayerCAM)
     mode "flm":        M = sum_k relu(G[n, k]) * relu(A[n, k])      (Fully-CAM's FLM, per layer)
 
-optionally followed by a ReLU. The Triton kernel reads ``A`` (and ``G``) once, in place (NCHW or
-channels_last), and never materialises the ``[N, K, h, w]`` products; it accumulates in float32.
-The pure-PyTorch reference is the CPU path and the test oracle.
+optionally followed by a ReLU. The Triton kernel (CUDA) and the C++ kernel (CPU, the gradient
+modes: ``csrc/cpu/weighted_map.cpp``) read ``A`` (and ``G``) once, in place (NCHW or channels_last),
+and never materialise the ``[N, K, h, w]`` products; they accumulate in float32. The pure-PyTorch
+reference is the test oracle, the CPU path of ``"channel"`` (an einsum, already one pass) and the
+fallback without the extension.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _native
 from .._triton import tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor
 from ._launch import check_backend, device_guard, flat_spatial, run_inference_op, use_triton
@@ -104,6 +107,34 @@ def weighted_map_triton(
 
 
 # --------------------------------------------------------------------------------------------------
+# C++ kernel (CPU, gradient modes).
+# --------------------------------------------------------------------------------------------------
+
+
+def _native_grad_modes(activations: Tensor, grads: Tensor | None, mode: str, backend: str):
+    """The C++ module when it runs this call (``auto`` on the CPU, a gradient mode, one dtype)."""
+    if backend != "auto" or mode == "channel" or activations.device.type != "cpu":
+        return None
+    if grads.dtype != activations.dtype or activations.dtype not in _native.NATIVE_DTYPE_CODES:
+        return None
+    module = _native.cpu_module()
+    return module if module is not None and hasattr(module, "weighted_map_grad") else None
+
+
+def weighted_map_native(module, activations: Tensor, grads: Tensor, mode: str, relu: bool) -> Tensor:
+    n, k, h, w = activations.shape
+    out = torch.empty((n, h, w), dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    a, a_sn, a_sk, a_ss = flat_spatial(activations)
+    g, g_sn, g_sk, g_ss = flat_spatial(grads)
+    module.weighted_map_grad(a.data_ptr(), g.data_ptr(), out.data_ptr(), n, k, h * w, a_sn, a_sk, a_ss,
+                             g_sn, g_sk, g_ss, _native.NATIVE_DTYPE_CODES[a.dtype], _MODE_CODES[mode],
+                             bool(relu), torch.get_num_threads())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # Custom op + public entry point.
 # --------------------------------------------------------------------------------------------------
 
@@ -112,6 +143,9 @@ def _weighted_map_impl(activations, weights, grads, mode, relu, backend):
     if use_triton("weighted_map", backend, activations.device):
         with device_guard(activations):
             return weighted_map_triton(activations, weights, grads, mode, relu)
+    module = _native_grad_modes(activations, grads, mode, backend)
+    if module is not None:
+        return weighted_map_native(module, activations, grads, mode, relu)
     return weighted_map_reference(activations, weights, grads, mode, relu)
 
 
@@ -140,7 +174,8 @@ def weighted_map(
         grads: ``Tensor[N, K, h, w]`` (same shape as ``activations``) for ``"layercam"`` / ``"flm"``.
         mode: ``"channel"``, ``"layercam"`` or ``"flm"``.
         relu: apply a ReLU to the summed map.
-        backend: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA; on the CPU the C++ kernel for the gradient modes,
+            PyTorch for ``"channel"``), ``"triton"`` or ``"reference"`` (pure PyTorch).
     Returns:
         ``Tensor[N, h, w]`` float32 on the activations' device.
     """
@@ -165,4 +200,4 @@ def weighted_map(
     return run_inference_op(_weighted_map_op, _weighted_map_impl, activations, weights, grads, mode, bool(relu), backend)
 
 
-__all__ = ["MODES", "weighted_map", "weighted_map_reference", "weighted_map_triton"]
+__all__ = ["MODES", "weighted_map", "weighted_map_native", "weighted_map_reference", "weighted_map_triton"]
