@@ -95,7 +95,9 @@ class CAMEngine:
         pas_q, pas_theta: the PaS threshold ``int(pas_theta * percentile(uint8 map, pas_q))``
             (defaults 90 and 0.35; ``100, 0.2`` is plain CAM thresholding).
         box_convention: ``"wsol"`` (the reference's, 1 px large) or ``"exact"`` (inclusive extents).
-        backend: kernels: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"``, ``"reference"``.
+        backend: kernels: ``"auto"`` (Triton on CUDA; on the CPU the C++ kernels where an op has one —
+            LayerCAM/FLM reductions and the upsample-normalise-fuse epilogue — else PyTorch),
+            ``"triton"``, ``"reference"`` (pure PyTorch everywhere).
         differentiable: return maps attached to the autograd graph, for losses on CAMs in a training
             loop (grad mode is enabled for the call). ``"cam"`` differentiates through the features
             and the classifier weight (:func:`rethinkcam_fast.class_activation_map`); the gradient
