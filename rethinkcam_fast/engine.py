@@ -64,6 +64,9 @@ class _Capture:
     activations: dict[int, Tensor] = field(default_factory=dict)
     order: list[nn.Module] = field(default_factory=list)  # modules in the order their forward finished
     maps: dict[int, Tensor] = field(default_factory=dict)
+    # Modules whose floating input was off the autograd graph although grad mode was on (after a
+    # no_grad region or a detach): the graph of the scores starts again at their outputs.
+    cut_inputs: set[int] = field(default_factory=set)
     # The hooks sit on the model's (shared) modules for the call's duration: another thread running
     # the same model meanwhile must not land in this call's capture.
     thread: int = field(default_factory=threading.get_ident)
@@ -241,9 +244,9 @@ class CAMEngine:
                              "(convolutional features, then logits [N, num_classes])")
         needs_grad = self.method != "cam"
         handles = [m.register_forward_hook(self._forward_hook(capture)) for m in candidates]
-        if needs_grad and not (self.differentiable and self._graph_reaches_input(images)):
-            # A graph must be recorded even for a frozen model; an input that requires grad does it
-            # without touching the parameters, and the backward never runs past the target layers.
+        if needs_grad and not (self.differentiable and self._graph_reaches_every_layer(images)):
+            # A graph must be recorded even for a frozen (or partly frozen) model; an input that
+            # requires grad does it without touching the parameters.
             images = images.detach().requires_grad_(True)
         try:
             logits = self.model(images)
@@ -300,10 +303,15 @@ class CAMEngine:
             result.boxes = boxes_from_cams(plain, result.thresholds, "largest", self.box_convention, validate=False)
         return result
 
-    def _graph_reaches_input(self, images: Tensor) -> bool:
-        """Whether the forward records a graph by itself (the input or a parameter requires grad), so
-        differentiable maps can reach the caller's images and the parameters without a stand-in input."""
-        return images.requires_grad or any(p.requires_grad for p in self.model.parameters())
+    def _graph_reaches_every_layer(self, images: Tensor) -> bool:
+        """Whether the forward records a graph through every layer by itself — the input requires grad,
+        or every parameter does — so that differentiable maps reach the caller's images and parameters
+        without a stand-in input. With some parameters frozen (a frozen backbone under a trainable head)
+        a frozen layer's output would be off the graph: the engine then records from a stand-in input."""
+        if images.requires_grad:
+            return True
+        flags = [p.requires_grad for p in self.model.parameters()]
+        return bool(flags) and all(flags)
 
     def _forward_hook(self, capture: _Capture):
         """Record a module's 4-D output. It is the tensor object itself: in-place ops that follow
@@ -317,6 +325,11 @@ class CAMEngine:
                 capture.order.remove(module)
             capture.activations[key] = output
             capture.order.append(module)
+            if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.is_floating_point() and not t.requires_grad
+                                               for t in _inputs):
+                capture.cut_inputs.add(key)
+            else:
+                capture.cut_inputs.discard(key)
 
         return hook
 
@@ -381,7 +394,9 @@ class CAMEngine:
         size = [int(output_size[0]), int(output_size[1])]
         if self.method == "fullycam":
             acts = [capture.activations[id(m)] for m in layers]
-            grads = torch.autograd.grad(scores.sum(), acts, create_graph=True, allow_unused=True)
+            on_graph = [a for a in acts if a.requires_grad]  # (a no_grad stem's outputs are not)
+            found = iter(torch.autograd.grad(scores.sum(), on_graph, create_graph=True, allow_unused=True))
+            grads = [next(found) if a.requires_grad else None for a in acts]
             for module, grad in zip(layers, grads):
                 if grad is None:
                     warnings.warn(
@@ -473,19 +488,21 @@ class CAMEngine:
         # (two streams; a residual block's conv and its downsample shortcut), so no one of them is
         # an ancestor of all others. It therefore runs down to the input (the engine's own leaf
         # copy of the images): every layer on a path from the images to the score gets its hook, at
-        # the price of the first layer's input gradient ([N, C, H, W], usually 3 channels).
+        # the price of the first layer's input gradient ([N, C, H, W], usually 3 channels). Where the
+        # model cuts the graph (a no_grad stem, a detach), the layers right after each cut are where
+        # the graph starts again: the backward also runs down to their outputs (their gradients are
+        # returned too, a few tensors), so the branches after the cut get their hooks as well.
+        restarts = [key for key in keys if key in capture.cut_inputs and capture.activations[key].requires_grad]
+        sources = ([images] if images.requires_grad else []) + [capture.activations[key] for key in restarts]
         try:
-            torch.autograd.grad(scores.sum(), [images], allow_unused=True)  # (runs nothing if cut off)
-            if not capture.maps:  # the model cut its input off the graph (a no_grad stem, a detach):
-                # then the backward starts from the earliest target layer that is on it.
-                on_graph = [m for m in layers if id(m) in capture.activations and capture.activations[id(m)].requires_grad]
-                first = id(min(on_graph, key=capture.order.index))
-                (grad,) = torch.autograd.grad(scores.sum(), [capture.activations[first]], allow_unused=True)
-                if first not in capture.maps and grad is not None:  # a hook on an input need not fire
-                    capture.maps[first] = weighted_map(capture.activations[first].detach(), grads=grad, mode="flm",
-                                                       relu=False, backend=self.backend)
-                if not capture.maps:  # no target layer is on the graph at all (a compiled model)
-                    raise self._off_graph_error(layers)
+            grads = torch.autograd.grad(scores.sum(), sources, allow_unused=True) if sources else ()
+            for key, grad in zip(restarts, grads[len(sources) - len(restarts):]):
+                if key not in capture.maps and grad is not None:  # a hook on an input need not fire
+                    capture.maps[key] = weighted_map(capture.activations[key].detach(), grads=grad, mode="flm",
+                                                     relu=False, backend=self.backend)
+            del grads
+            if not capture.maps:  # no target layer is on the graph at all (a compiled model)
+                raise self._off_graph_error(layers)
         finally:
             for handle in handles:
                 handle.remove()

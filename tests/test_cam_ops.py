@@ -207,22 +207,48 @@ def test_native_weighted_map_reads_mixed_and_strided_layouts(layouts):
         torch.testing.assert_close(got.double(), oracle_weighted(a, None, g, mode, False), atol=1e-5, rtol=1e-5)
 
 
-@requires_native
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-def test_native_weighted_map_keeps_nan_as_the_reference_does(layout):
-    a, g = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5).abs()
+def test_weighted_map_nan_policy_is_the_same_on_every_backend(backend, layout):
+    """relu(NaN) = 0 inside the sums (Fully-CAM's FLM policy), NaN kept by the ReLU of the summed map."""
+    a, g = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
     a[0, 2, 1, 1] = float("nan")
     g[1, 0, 2, 2] = float("nan")
     a[2, 1, 3, 3] = float("inf")
+    w = torch.randn(3, 4)
+    w[2, 0] = float("nan")
     if layout == "nhwc":
         a, g = a.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
-    for mode in ("layercam", "flm"):
+    relu0 = lambda x: torch.fmax(x.double(), torch.zeros((), dtype=torch.float64))  # noqa: E731
+    sums = {"channel": (w.double()[:, :, None, None] * a.double()).sum(1),
+            "layercam": (relu0(g) * a.double()).sum(1),
+            "flm": (relu0(g) * relu0(a)).sum(1)}
+    for mode, want_sum in sums.items():
         for relu in (False, True):
-            got = weighted_map(a, grads=g, mode=mode, relu=relu)
-            want = weighted_map_reference(a, None, g, mode, relu)
-            assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+            got = weighted_map(a, w, g, mode=mode, relu=relu, backend=backend).double()
+            want = torch.where(want_sum < 0, 0.0, want_sum) if relu else want_sum
+            assert torch.equal(torch.isnan(got), torch.isnan(want)), (mode, relu)
+            assert torch.equal(torch.isinf(got), torch.isinf(want)), (mode, relu)
             finite = torch.isfinite(want)
             torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_reductions_sum_in_float32_under_autocast(backend):
+    """Autocast would run the references' einsums in bfloat16 (errors ~1e-3, shifting uint8 levels)."""
+    from rethinkcam_fast import class_activation_map
+
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(2, 256, 7, 7, generator=gen).relu().bfloat16()
+    w = torch.randn(10, 256, generator=gen) * 0.05
+    labels = torch.tensor([1, 2])
+    exact = torch.einsum("nk,nkhw->nhw", w[labels].double(), a.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mapped = weighted_map(a, w[labels], relu=False, backend=backend)
+        raw = class_activation_map(a, w, labels, normalize=False, backend=backend)
+    for got in (mapped, raw):
+        assert got.dtype == torch.float32
+        assert float((got.double() - exact).abs().max() / exact.abs().max()) < 1e-5
 
 
 @requires_native

@@ -383,6 +383,65 @@ def test_gradient_methods_on_a_layer_off_the_graph_raise_a_clear_error():
     assert result.layer_maps["body"].abs().sum() > 0
 
 
+class _NoGradStemResidual(nn.Module):
+    """A frozen stem run under no_grad, then a residual block: the graph starts again after the stem,
+    and the block's conv and its shortcut are parallel branches after the cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.c1, self.c2 = nn.Conv2d(8, 16, 3, 2, 1), nn.Conv2d(16, 16, 3, padding=1)
+        self.down = nn.Conv2d(8, 16, 1, 2)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            x = torch.relu(self.stem(x))
+        y = self.c2(torch.relu(self.c1(x))) + self.down(x)
+        return self.fc(torch.relu(y).mean((2, 3)))
+
+
+def test_fullycam_after_a_no_grad_stem_reaches_every_branch_on_the_graph():
+    torch.manual_seed(0)
+    model = _NoGradStemResidual().eval()
+    images = images_for(12, n=2, size=32)
+    layers = [model.down, model.c1, model.c2]
+    labels = model(images).argmax(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "received no gradient" would be a failure
+        result = CAMEngine(model, "fullycam", target_layers=["down", "c1", "c2"], return_layer_maps=True)(images)
+    logits, acts = capture(model, layers, images)
+    grads = torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), acts)
+    for name, a, g in zip(["down", "c1", "c2"], acts, grads):
+        want = (g.double().relu() * a.detach().double().relu()).sum(1)
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(result.layer_maps[name].double(), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(result.cams.double(), oracle_fully(model, layers, images, labels, "sum"),
+                               atol=1e-5, rtol=0)
+    # Every conv by default: the stem is off the graph (zeros, with a warning), the rest as above.
+    with pytest.warns(RuntimeWarning, match="stem received no gradient"):
+        every = CAMEngine(model, "fullycam", return_layer_maps=True, warn_degenerate=False)(images)
+    for name in ("down", "c1", "c2"):
+        torch.testing.assert_close(every.layer_maps[name], result.layer_maps[name])
+    with pytest.warns(RuntimeWarning, match="stem received no gradient"):
+        attached = CAMEngine(model, "fullycam", differentiable=True, warn_degenerate=False)(images)
+    torch.testing.assert_close(attached.cams.detach(), every.cams, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_input_pixel_gives_the_same_result_in_every_mode(backend):
+    """One NaN policy (relu(NaN) = 0 inside the FLM sums) for the default and differentiable paths."""
+    torch.manual_seed(0)
+    model = make(SmallCNN)
+    images = images_for(13, n=2, size=16)
+    images[1, :, 0, 0] = float("nan")
+    runs = [CAMEngine(model, "fullycam", backend=backend, differentiable=d, warn_degenerate=False)(images)
+            for d in (False, True)]
+    assert torch.equal(runs[0].degenerate, runs[1].degenerate)
+    assert torch.equal(runs[0].boxes, runs[1].boxes)
+    torch.testing.assert_close(runs[0].cams, runs[1].cams.detach(), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("method", ["cam", "gradcam", "fullycam"])
 def test_one_model_explained_from_several_threads(method):
     """Serving loops share one model across threads: a call's hooks capture only its own thread's

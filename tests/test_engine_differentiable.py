@@ -215,3 +215,27 @@ def test_cam_loss_through_a_tap_model(method):
         assert_close_scaled(got, want, 1e-6 if method in ("gradcam", "gradcam++") else 1e-9)
         reached += int(bool(want.any()))
     assert reached >= 4
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam", "fullycam"])
+def test_a_frozen_backbone_under_a_trainable_head(method):
+    """Frozen convolutions, a trainable classifier: the frozen layers' outputs are put on the graph (a
+    stand-in input records it), the maps equal the default mode's, and a CAM loss trains the head only."""
+    model = make(SmallCNN)
+    model.features.requires_grad_(False)
+    images = images_for(6, n=2)
+    plain = engine(model, method)(images)
+    attached = engine(model, method, differentiable=True)(images)
+    torch.testing.assert_close(attached.cams.detach(), plain.cams, atol=1e-5, rtol=0)
+    attached.cams.square().mean().backward()
+    assert model.fc.weight.grad is not None and model.fc.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.features.parameters())
+
+
+def test_fullycam_differentiable_with_a_frozen_stem():
+    model = make(MiniResNet)
+    model.conv1.requires_grad_(False)
+    images = images_for(7, n=2, size=32)
+    plain = engine(model, "fullycam")(images)
+    attached = engine(model, "fullycam", differentiable=True)(images)
+    torch.testing.assert_close(attached.cams.detach(), plain.cams, atol=1e-5, rtol=0)

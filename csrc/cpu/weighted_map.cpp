@@ -5,8 +5,9 @@
 // Numerics, as the pure-PyTorch reference (weighted_map_reference): every element is converted to
 // float32 first (float64 inputs too, as the reference's .float()), products and sums in float32.
 // The summation order differs from torch's reduction, so results agree to rounding, not bitwise.
-// ReLU keeps NaN (torch.relu(NaN) is NaN): a NaN anywhere makes the pixel NaN, which the epilogue
-// then flags as a degenerate map.  Every output is summed by one thread in a fixed order, so the
+// NaN policy (the same on every backend): the ReLUs inside the sum map NaN to 0 (fmax, as Fully-CAM's
+// FLM ops do); the optional ReLU of the summed map keeps NaN (torch.relu), so a NaN map reaches the
+// epilogue, which flags it degenerate.  Every output is summed by one thread in a fixed order, so the
 // result does not depend on num_threads.
 //
 // Layouts (strides in elements over the logical [N, K, S] view):
@@ -35,6 +36,7 @@ constexpr int64_t kBlockS = 256;  // pixels per work item in the NCHW path (1 KB
 constexpr int kLanes = 8;         // interleaved partial sums per pixel in the channels_last path
 
 inline float relu_keep_nan(float v) { return v < 0.0f ? 0.0f : v; }
+inline float relu_nan_to_zero(float v) { return v > 0.0f ? v : 0.0f; }
 
 template <typename T>
 inline float load_f32(const T* p) {
@@ -43,9 +45,9 @@ inline float load_f32(const T* p) {
 
 template <typename T, int Mode>
 inline float term(const T* a, const T* g) {
-  const float gv = relu_keep_nan(load_f32(g));
+  const float gv = relu_nan_to_zero(load_f32(g));
   const float av = load_f32(a);
-  return gv * (Mode == 2 ? relu_keep_nan(av) : av);
+  return gv * (Mode == 2 ? relu_nan_to_zero(av) : av);
 }
 
 template <typename T, int Mode>

@@ -60,6 +60,14 @@ def use_triton(op: str, backend: str, device: torch.device) -> bool:
     return wanted
 
 
+def autocast_off(t: Tensor):
+    """A context without autocast on ``t``'s device (a no-op when autocast is off): the references sum
+    in float32, and autocast would run their einsums in bfloat16/float16."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def run_inference_op(op, impl, *args):
     """Call an inference-only custom op: traced as ``op`` under ``torch.compile``; eagerly its
     implementation runs directly under ``no_grad`` (the outputs carry no gradient either way), which

@@ -26,7 +26,7 @@ from torch import Tensor
 from .._triton import tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, output_size_arg
 from . import _launch
-from ._launch import check_backend, device_guard, flat_spatial, use_triton
+from ._launch import autocast_off, check_backend, device_guard, flat_spatial, use_triton
 from .map_epilogue import acc_dtype, epilogue_backward_impl, epilogue_function_forward, map_epilogue_op
 from .tap import _grad_buffer, _memory_format, _tile_config
 
@@ -38,10 +38,11 @@ from .tap import _grad_buffer, _memory_format, _tile_config
 def cam_reduce_reference(features: Tensor, weight: Tensor, labels: Tensor, nwc: bool = False) -> Tensor:
     """``M[N, h, w] = sum_k W'[labels, k] * features[:, k]`` in float32 (float64 for float64 inputs)."""
     acc = acc_dtype(features, weight)
-    w = weight.to(acc)
-    if nwc:
-        w = w.relu()  # gradient only where W > 0
-    return torch.einsum("nk,nkhw->nhw", w[labels], features.to(acc))
+    with autocast_off(features):  # float32 sums under autocast too, as the kernels'
+        w = weight.to(acc)
+        if nwc:
+            w = w.relu()  # gradient only where W > 0
+        return torch.einsum("nk,nkhw->nhw", w[labels], features.to(acc))
 
 
 # --------------------------------------------------------------------------------------------------

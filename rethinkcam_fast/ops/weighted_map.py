@@ -6,7 +6,9 @@ For a feature map ``A[N, K, h, w]`` this op returns ``M[N, h, w]`` (float32), on
     mode "layercam":   M = sum_k relu(G[n, k]) * A[n, k]            (LayerCAM)
     mode "flm":        M = sum_k relu(G[n, k]) * relu(A[n, k])      (Fully-CAM's FLM, per layer)
 
-optionally followed by a ReLU. The Triton kernel (CUDA) and the C++ kernel (CPU, the gradient
+optionally followed by a ReLU. NaN policy, the same on every backend: the ReLUs inside the sums map
+NaN to 0 (as :func:`rethinkcam_fast.flm_fuse` does); the ReLU of the summed map keeps NaN, so that a
+NaN map is flagged degenerate by the epilogue. The Triton kernel (CUDA) and the C++ kernel (CPU, the gradient
 modes: ``csrc/cpu/weighted_map.cpp``) read ``A`` (and ``G``) once, in place (NCHW or channels_last),
 and never materialise the ``[N, K, h, w]`` products; they accumulate in float32. The pure-PyTorch
 reference is the test oracle, the CPU path of ``"channel"`` (an einsum, already one pass) and the
@@ -21,25 +23,34 @@ from torch import Tensor
 from .. import _native
 from .._triton import tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor
-from ._launch import check_backend, device_guard, flat_spatial, run_inference_op, use_triton
+from ._launch import autocast_off, check_backend, device_guard, flat_spatial, run_inference_op, use_triton
 
 MODES = ("channel", "layercam", "flm")
 _MODE_CODES = {mode: code for code, mode in enumerate(MODES)}
+
+
+def _relu_nan_to_zero(x: Tensor) -> Tensor:
+    """``relu`` of the gradients and activations inside the sums, with ``relu(NaN) = 0`` (``fmax``):
+    the NaN policy of Fully-CAM's FLM (:mod:`rethinkcam_fast.ops.flm_fuse`), kept the same by every
+    backend. The ReLU of the summed map keeps NaN (``torch.relu``), so a NaN map is flagged."""
+    return torch.fmax(x, x.new_zeros(()))
 
 
 def weighted_map_reference(
     activations: Tensor, weights: Tensor | None = None, grads: Tensor | None = None,
     mode: str = "channel", relu: bool = True,
 ) -> Tensor:
-    """Pure-PyTorch ``M[N, h, w]`` in float32 (see the module docstring for the modes)."""
-    a = activations.float()
-    if mode == "channel":
-        m = torch.einsum("nk,nkhw->nhw", weights.float(), a)
-    elif mode == "layercam":
-        m = (grads.float().relu() * a).sum(dim=1)
-    else:
-        m = (grads.float().relu() * a.relu()).sum(dim=1)
-    return m.relu() if relu else m
+    """Pure-PyTorch ``M[N, h, w]`` in float32 (see the module docstring for the modes), summed in
+    float32 under autocast too."""
+    with autocast_off(activations):
+        a = activations.float()
+        if mode == "channel":
+            m = torch.einsum("nk,nkhw->nhw", weights.float(), a)
+        elif mode == "layercam":
+            m = (_relu_nan_to_zero(grads.float()) * a).sum(dim=1)
+        else:
+            m = (_relu_nan_to_zero(grads.float()) * _relu_nan_to_zero(a)).sum(dim=1)
+        return m.relu() if relu else m
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,12 +81,16 @@ def _weighted_map_kernel(
             acc += tl.sum(w[:, None] * a, axis=0)
         else:
             g = tl.load(g_base + k[:, None].to(tl.int64) * g_stride_k + s[None, :] * g_stride_s, mask=mask, other=0.0)
-            g = tl.maximum(g.to(tl.float32), 0.0)
+            # relu(x) = where(x > 0, x, 0) inside the sum: NaN -> 0 (the FLM NaN policy); the final
+            # ReLU is where(x < 0, 0, x), which keeps NaN. Both the same on the GPU and the interpreter
+            # (tl.maximum's NaN handling differs between them).
+            g = g.to(tl.float32)
+            g = tl.where(g > 0.0, g, 0.0)
             if MODE == 2:
-                a = tl.maximum(a, 0.0)
+                a = tl.where(a > 0.0, a, 0.0)
             acc += tl.sum(g * a, axis=0)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0.0, 0.0, acc)
     tl.store(Out_ptr + n * S + s, acc, mask=s_mask)
 
 
