@@ -11,7 +11,9 @@ from __future__ import annotations
 import threading
 import warnings
 from dataclasses import dataclass, field
+from numbers import Integral
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -337,9 +339,12 @@ class CAMEngine:
         n, num_classes = logits.shape
         if targets is None:
             return logits.detach().argmax(dim=1)
-        if isinstance(targets, bool) or not isinstance(targets, (int, Tensor)):
+        if isinstance(targets, np.ndarray) and targets.dtype.kind in "iu":  # numpy labels, as data loaders give
+            targets = torch.from_numpy(targets)
+        if isinstance(targets, (bool, np.bool_)) or not isinstance(targets, (Integral, Tensor)):
             raise TypeError(f"targets must be None, an int or a LongTensor[N], got {type(targets).__name__}")
-        if isinstance(targets, int):
+        if isinstance(targets, Integral):  # numpy integers too
+            targets = int(targets)
             if not 0 <= targets < num_classes:
                 raise ValueError(f"target class {targets} out of range for {num_classes} classes")
             return torch.full((n,), targets, dtype=torch.long, device=logits.device)

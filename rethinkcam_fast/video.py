@@ -280,7 +280,9 @@ class VideoLocalizer:
         elif self._mean is not None:
             x = (x - self._mean[None, :, None, None]) / self._std[None, :, None, None]
         if self.input_size is not None and tuple(x.shape[2:]) != self.input_size:
-            x = torch.nn.functional.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
+            # antialias: a downscaled frame feeds the model as `rethinkcam localize` feeds an image
+            x = torch.nn.functional.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False,
+                                                antialias=True)
         return x.contiguous(memory_format=torch.channels_last)
 
     # -- the stream ---------------------------------------------------------------------------

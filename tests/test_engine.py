@@ -471,3 +471,20 @@ def test_one_model_explained_from_several_threads(method):
     for t in threads:
         t.join()
     assert not failures, failures
+
+
+def test_numpy_targets_are_accepted_like_tensors():
+    """Data loaders and numpy code hand out np.int64 labels and integer arrays."""
+    import numpy as np
+
+    model = make(SmallCNN)
+    images = images_for(14)
+    engine = CAMEngine(model, "gradcam", warn_degenerate=False)
+    want = engine(images, targets=torch.tensor([1, 2, 3]))
+    got = engine(images, targets=np.array([1, 2, 3]))
+    assert torch.equal(got.labels, want.labels) and torch.equal(got.cams, want.cams)
+    assert torch.equal(engine(images, targets=np.int64(2)).labels, torch.full((3,), 2))
+    with pytest.raises(TypeError, match="targets must be"):
+        engine(images, targets=np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="out of range"):
+        engine(images, targets=np.int64(99))

@@ -303,3 +303,14 @@ def test_every_frame_form_becomes_the_same_rgb_frame():
                 torch.zeros(2, 3, 4, 5)):
         with pytest.raises(ValueError, match="frame 9"):
             _as_hwc_uint8(bad, 9)
+
+
+def test_a_frame_feeds_the_model_as_localize_feeds_an_image(model):
+    """Same resize (bilinear with antialias) and normalisation as `rethinkcam localize`."""
+    from rethinkcam_fast.localize import preprocess
+
+    frame = torch.from_numpy(random_frames(1, 96, 80, seed=4)[0])
+    localizer = VideoLocalizer(model, "cam", input_size=(32, 32))
+    got = localizer.preprocess(frame[None])
+    want = preprocess(frame.permute(2, 0, 1), 32, normalize=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
