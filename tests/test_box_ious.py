@@ -172,6 +172,48 @@ def test_tree_largest_boxes_equal_border_following(seed):
         assert got[n, t].tolist() == reference_largest(levels[n].numpy(), t, "exact")
 
 
+def nested_rivals(rng: np.random.Generator, n: int) -> torch.Tensor:
+    """Multi-level maps where contour areas hinge on nesting: rings (sometimes a ring inside a ring)
+    with blobs inside their holes, next to a bar whose area is within a few half-cells of the ring's
+    (a hole's polygon encloses what lies inside it, so leaving the blobs out picks the bar). Each
+    shape sits on its own level, so thresholds between them drop shapes one at a time."""
+    maps = np.zeros((n, 24, 48), np.float32)
+    for m in maps:
+        size = int(rng.integers(7, 13))
+        level = rng.integers(1, 6, size=4) / 6.0
+        m[1:1 + size, 1:1 + size] = level[0]
+        m[2:size, 2:size] = 0
+        if size >= 11 and rng.random() < 0.5:  # a ring inside the ring's hole
+            m[3:size - 1, 3:size - 1] = level[1]
+            m[4:size - 2, 4:size - 2] = 0
+        c, b = 1 + size // 2, int(rng.integers(1, 3))
+        m[c - b:c + b, c - b:c + b] = level[2]  # a blob in the middle
+        ring_area = (size - 1) ** 2
+        width = int(np.clip(ring_area // 2 + rng.integers(-3, 4), 2, 32))  # a 3-row bar: area 2 (width - 1)
+        m[15:18, 14:14 + width] = level[3]
+    return torch.from_numpy(maps)
+
+
+@requires_tree
+@pytest.mark.parametrize("seed", range(3))
+def test_components_inside_holes_keep_opencv_largest_contour(seed):
+    """The largest contour at every threshold (component trees, best_box_ious v1, the GPU level-job
+    code emulated) equals OpenCV's when components lie inside holes."""
+    rng = np.random.default_rng(50 + seed)
+    cams = nested_rivals(rng, 12)
+    levels = (cams * 255).to(torch.uint8).numpy()
+    table = torch.arange(256).repeat(len(cams), 1)
+    got = boxes_from_cams(cams, table)
+    gt, offsets = random_gt(rng, [1] * len(cams), *cams.shape[1:])
+    ious = best_box_ious(cams, table, gt, offsets, multi_contour=False)
+    wanted = sorted({int(v) for v in np.unique(levels)} | {0})
+    for n in range(len(cams)):
+        for t in wanted:
+            assert got[n, t].tolist() == reference_largest(levels[n], t, "wsol"), (seed, n, t)
+        assert ious[n, wanted].tolist() == oracle(levels[n], wanted, gt[offsets[n]:offsets[n + 1]].numpy(), False)
+    emulated_matches_cpu(cams, table[:, wanted], gt, offsets, block_threads=7)
+
+
 def test_protocol_thresholds_match_numpy():
     cams = torch.rand(4, 9, 11, generator=torch.Generator().manual_seed(5)).double()
     cams[3] = 0  # all-zero map: every threshold is 0

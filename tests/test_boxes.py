@@ -150,6 +150,7 @@ def test_repeated_thresholds_are_traced_once_with_the_same_result():
 def test_threshold_forms_and_shapes():
     cams = torch.rand(3, 20, 20, generator=torch.Generator().manual_seed(1))
     assert boxes_from_cams(cams, 128).shape == (3, 4)
+    assert torch.equal(boxes_from_cams(cams, torch.tensor(128, dtype=torch.uint8)), boxes_from_cams(cams, 128))
     assert boxes_from_cams(cams, torch.tensor([10, 128, 250])).shape == (3, 4)
     assert boxes_from_cams(cams, torch.tensor([[10, 128], [0, 5], [254, 255]])).shape == (3, 2, 4)
     full = boxes_from_cams(cams, torch.tensor([[255]] * 3))  # nothing is > 255: empty masks

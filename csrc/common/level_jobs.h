@@ -18,7 +18,10 @@
 //     each with its first pixel as root; a hole's border box is its box grown by one pixel;
 //   * contour areas (twice, in half cells) from the per-cell shares of each component's pixels,
 //     atomically added at the roots; each hole's area joins the outer border of the foreground
-//     component holding the pixel above its first pixel;
+//     component holding the pixel above its first pixel.  That is exact when no foreground
+//     component lies inside a hole (a hole's polygon also encloses what is nested in it); a
+//     component whose first pixel has a hole above it is such a nested one, and its level is left
+//     to the caller (`needs_trace`) in largest mode;
 //   * the largest contour: the maximum area when exactly one contour has it; a shared maximum sets
 //     `needs_trace` and the caller traces that level on the CPU for OpenCV's order.
 #pragma once
@@ -168,6 +171,7 @@ struct Reduction {
   int32_t any_foreground;
   int32_t best_area2;
   int32_t ties;  // contours with area best_area2
+  int32_t nested;  // a foreground component lies inside a hole: the areas are not exact
   int32_t box[4];
   unsigned long long best_iou_bits;
 };
@@ -199,6 +203,7 @@ RCAM_JOB_HD void phase_init(const Job& job, Scratch s, Reduction* red, int64_t t
     red->any_foreground = 0;
     red->best_area2 = -1;
     red->ties = 0;
+    red->nested = 0;
     red->box[0] = red->box[1] = red->box[2] = red->box[3] = 0;
     red->best_iou_bits = 0;
   }
@@ -288,12 +293,17 @@ RCAM_JOB_HD void phase_stats(const Job& job, Scratch s, int64_t tid, int64_t nth
 }
 
 // Phase 5: each hole's area joins the outer border of the component holding the pixel above its
-// first pixel (that pixel is foreground; see component_tree.cpp).
+// first pixel (that pixel is foreground; see component_tree.cpp).  A foreground component whose
+// first pixel (its root) has a hole's pixel above it lies inside that hole: flagged (the pixel
+// above a component's first pixel is background, or the frame on the top row).
 RCAM_JOB_HD void phase_holes_to_outer(const Job& job, Scratch s, Reduction* red, int64_t tid, int64_t nthreads) {
   const int64_t W = job.W, HW = job.H * W;
   for (int64_t p = tid; p < HW; p += nthreads) {
     if (s.fg[p] >= 0) {
-      if (s.fg[p] == p) red->any_foreground = 1;  // (benign race: every writer writes 1)
+      if (s.fg[p] == p) {
+        red->any_foreground = 1;  // (benign races: every writer writes 1)
+        if (p >= W && s.bg[p - W + 1] != 0) red->nested = 1;
+      }
       continue;
     }
     if (s.bg[p + 1] != p + 1) continue;  // not a hole's first pixel (or the frame's component)
@@ -358,7 +368,7 @@ RCAM_JOB_HD JobResult finish(const Job& job, const Reduction& red) {
     r.iou = double_of_bits(red.best_iou_bits);
     return r;
   }
-  if (red.ties != 1) {
+  if (red.ties != 1 || red.nested) {
     r.needs_trace = 1;
     return r;
   }

@@ -33,6 +33,15 @@
 //      union of sweep 1 stamped with its threshold (a link made at thr exists at each thr' <= thr).
 // The frame is a background component that is never a hole (all frame pixels share root 0).
 //
+// Nesting: a hole's polygon encloses not only the hole's own cells but everything inside it, so
+// when a foreground component lies inside a hole, that hole's area (and the outer areas above it)
+// is larger than bg_area2 says.  Such a component is recognised by the pixel above its first pixel
+// (background, as that pixel would otherwise be in the component): it belongs to a hole rather than
+// to the frame's component, found through the background link tree (sweep 2's unions, stamped like
+// sweep 1's; a link made at thr exists at each thr' >= thr).  Areas are exact for the other levels;
+// a level with nesting is traced with the border follower for the largest contour (the all-contour
+// IoUs need boxes only, which are exact either way).
+//
 // Largest contour: the one of maximum area, first in OpenCV's order on a tie.  That order is a
 // property of the border tree this method does not rebuild, so a level whose maximum is shared by
 // two or more contours is traced with the border follower (contours.cpp) instead.  Areas and boxes
@@ -160,6 +169,8 @@ class ComponentTrees {
         parent_(new int32_t[static_cast<size_t>(size_)]),
         link_(new int32_t[static_cast<size_t>(size_)]),
         link_level_(new uint8_t[static_cast<size_t>(size_)]),
+        bg_link_(new int32_t[static_cast<size_t>(size_)]),
+        bg_link_level_(new uint8_t[static_cast<size_t>(size_)]),
         slot_(new int32_t[static_cast<size_t>(size_)]),
         order_(new uint32_t[static_cast<size_t>(H * W)]) {
     roots_.reserve(static_cast<size_t>(H * W));
@@ -169,8 +180,9 @@ class ComponentTrees {
     std::copy(offsets, offsets + 8, offset_);
   }
 
-  // Calls fn(thr, outers, holes, num_holes) once for every thr in [0, 255] with wanted[thr] (in no
-  // particular order): the contours of (level > thr), outer borders with their full contour area.
+  // Calls fn(thr, outers, holes, num_holes, exact_areas) once for every thr in [0, 255] with
+  // wanted[thr] (in no particular order): the contours of (level > thr), outer borders with their full
+  // contour area; exact_areas is false at a level where a component lies inside a hole (see above).
   template <typename F>
   void run(const uint8_t* level, const bool* wanted, const F& fn) {
     int lo = 256;
@@ -195,7 +207,7 @@ class ComponentTrees {
   struct Pending {
     int thr;
     int64_t holes;              // number of holes (from the Euler number)
-    size_t begin, end;          // its outers in kept_ / kept_roots_
+    size_t begin, end;          // its outers in kept_ / kept_roots_ / kept_first_
   };
 
   // order_ <- the pixels as packed (y << 16 | x), by level; start_[v] .. start_[v + 1] hold level v.
@@ -250,6 +262,9 @@ class ComponentTrees {
       link_[static_cast<size_t>(gone)] = keep;
       link_level_[static_cast<size_t>(gone)] = static_cast<uint8_t>(thr);
       --components_;
+    } else {
+      bg_link_[static_cast<size_t>(gone)] = keep;
+      bg_link_level_[static_cast<size_t>(gone)] = static_cast<uint8_t>(thr);
     }
     const Component b = comp(gone);
     parent_[static_cast<size_t>(gone)] = keep;
@@ -310,6 +325,8 @@ class ComponentTrees {
       if (kForeground) {
         link_[static_cast<size_t>(p)] = p;
         ++components_;
+      } else {
+        bg_link_[static_cast<size_t>(p)] = p;
       }
     } else {
       r = find(nb[0]);
@@ -317,6 +334,9 @@ class ComponentTrees {
       if (kForeground) {
         link_[static_cast<size_t>(p)] = r;
         link_level_[static_cast<size_t>(p)] = static_cast<uint8_t>(thr);
+      } else {
+        bg_link_[static_cast<size_t>(p)] = r;
+        bg_link_level_[static_cast<size_t>(p)] = static_cast<uint8_t>(thr);
       }
       for (int k = 1; k < count; ++k) r = unite<kForeground>(r, nb[k], thr);
     }
@@ -335,6 +355,8 @@ class ComponentTrees {
     auto mark = [&](int64_t p) {
       on_[static_cast<size_t>(p)] = 1;
       parent_[static_cast<size_t>(p)] = 0;
+      bg_link_[static_cast<size_t>(p)] = 0;  // in the frame's component from the start
+      bg_link_level_[static_cast<size_t>(p)] = 0;
     };
     for (int64_t x = 0; x < S; ++x) {
       mark(x);
@@ -361,6 +383,7 @@ class ComponentTrees {
     pending_.clear();
     kept_.clear();
     kept_roots_.clear();
+    kept_first_.clear();
     for (int thr = 255; thr >= lo; --thr) {
       if (thr < 255) {  // pixels of level thr + 1 join
         for (int64_t k = start_[thr + 1]; k < start_[thr + 2]; ++k) {
@@ -376,7 +399,7 @@ class ComponentTrees {
           const Component& c = comp(r);
           outers_.push_back(as_contour(c, c.area2));
         }
-        fn(thr, outers_, static_cast<const Contour*>(nullptr), int64_t{0});
+        fn(thr, outers_, static_cast<const Contour*>(nullptr), int64_t{0}, true);
         continue;
       }
       Pending pl{thr, holes, kept_.size(), 0};
@@ -384,6 +407,7 @@ class ComponentTrees {
         const Component& c = comp(r);
         kept_.push_back(as_contour(c, c.area2));
         kept_roots_.push_back(r);
+        kept_first_.push_back(c.first);
       }
       pl.end = kept_.size();
       pending_.push_back(pl);
@@ -421,6 +445,15 @@ class ComponentTrees {
     return p;
   }
 
+  // The background root, at threshold thr, of the component holding pixel p (background at thr);
+  // 0 for the frame's component.
+  int32_t bg_root_at(int32_t p, int thr) const {
+    while (bg_link_[static_cast<size_t>(p)] != p && bg_link_level_[static_cast<size_t>(p)] <= thr) {
+      p = bg_link_[static_cast<size_t>(p)];
+    }
+    return p;
+  }
+
   // A level with holes: each hole's area joins the outer border of the component it lies in.
   template <typename F>
   void finish_level(const Pending& pl, const F& fn) {
@@ -435,9 +468,13 @@ class ComponentTrees {
       const int32_t r = root_at(anchors_[static_cast<size_t>(hole_begin_[thr] + h)], thr);
       kept_[static_cast<size_t>(slot_[static_cast<size_t>(r)])].area2 += holes[h].area2;
     }
+    bool exact = true;  // no component inside a hole
+    for (size_t k = pl.begin; k < pl.end && exact; ++k) {
+      exact = bg_root_at(kept_first_[k] - static_cast<int32_t>(S_), thr) == 0;
+    }
     outers_.assign(kept_.begin() + static_cast<std::ptrdiff_t>(pl.begin),
                    kept_.begin() + static_cast<std::ptrdiff_t>(pl.end));
-    fn(thr, outers_, holes, num_holes);
+    fn(thr, outers_, holes, num_holes, exact);
   }
 
   int64_t H_, W_, S_, size_;
@@ -446,6 +483,8 @@ class ComponentTrees {
   std::unique_ptr<int32_t[]> parent_;
   std::unique_ptr<int32_t[]> link_;         // foreground link tree (never compressed)
   std::unique_ptr<uint8_t[]> link_level_;   // the threshold each link was made at
+  std::unique_ptr<int32_t[]> bg_link_;      // background link tree (sweep 2), never compressed
+  std::unique_ptr<uint8_t[]> bg_link_level_;
   std::vector<Component> comps_;  // records of the components born in this sweep
   std::unique_ptr<int32_t[]> slot_;         // root -> index in kept_ (per pending level)
   std::unique_ptr<uint32_t[]> order_;
@@ -459,6 +498,7 @@ class ComponentTrees {
   std::vector<Pending> pending_;
   std::vector<Contour> kept_;
   std::vector<int32_t> kept_roots_;
+  std::vector<int32_t> kept_first_;  // first pixel (padded index) of each kept outer's component
 };
 
 // The largest contour of one level (outers and holes as the sweep gives them); false when two or
@@ -548,7 +588,7 @@ void threshold_box_ious(const uint8_t* levels, const int64_t* thresholds, int64_
     double best_at[256];
     const double empty = levels::best_iou_against(0, 0, 0, 0, gt, num_gt);
     trees.run(level, wanted, [&](int thr, const std::vector<Contour>& outers, const Contour* holes,
-                                 int64_t num_holes) {
+                                 int64_t num_holes, bool exact_areas) {
       if (outers.empty()) {
         best_at[thr] = empty;
         return;
@@ -561,7 +601,7 @@ void threshold_box_ious(const uint8_t* levels, const int64_t* thresholds, int64_
         return;
       }
       Contour c;
-      if (unique_largest(outers, holes, num_holes, &c)) {
+      if (exact_areas && unique_largest(outers, holes, num_holes, &c)) {
         best_at[thr] = iou(c);
       } else {
         int64_t b[4];
@@ -580,12 +620,12 @@ void tree_largest_boxes(const uint8_t* levels, const int64_t* thresholds, int64_
                             const int64_t* row, const bool* wanted) {
     int64_t box_at[256][4];
     trees.run(level, wanted, [&](int thr, const std::vector<Contour>& outers, const Contour* holes,
-                                 int64_t num_holes) {
+                                 int64_t num_holes, bool exact_areas) {
       int64_t* b = box_at[thr];
       Contour c;
       if (outers.empty()) {
         b[0] = b[1] = b[2] = b[3] = 0;
-      } else if (unique_largest(outers, holes, num_holes, &c)) {
+      } else if (exact_areas && unique_largest(outers, holes, num_holes, &c)) {
         b[0] = c.x0;
         b[1] = c.y0;
         b[2] = int64_t{c.x1} - c.x0 + 1;

@@ -86,10 +86,13 @@ def _thresholds_2d(thresholds: int | Tensor, n: int) -> tuple[Tensor, bool]:
     """``(int64 [N, T] on the CPU, whether the caller gave one threshold per image)``."""
     if isinstance(thresholds, (bool, np.bool_)) or not isinstance(thresholds, (Integral, Tensor)):
         raise TypeError(f"thresholds must be an int or an integer tensor, got {type(thresholds).__name__}")
+    if isinstance(thresholds, Tensor):
+        if thresholds.dtype.is_floating_point or thresholds.dtype == torch.bool:
+            raise TypeError(f"thresholds must be integer uint8 levels, got {thresholds.dtype}")
+        if thresholds.dim() == 0:  # one level for every image, like an int
+            thresholds = int(thresholds)
     if isinstance(thresholds, Integral):  # numpy integers too
         thresholds = torch.full((n,), int(thresholds), dtype=torch.int64)
-    if thresholds.dtype.is_floating_point or thresholds.dtype == torch.bool:
-        raise TypeError(f"thresholds must be integer uint8 levels, got {thresholds.dtype}")
     single = thresholds.dim() == 1
     if thresholds.dim() not in (1, 2) or thresholds.shape[0] != n:
         raise ValueError(f"thresholds must have shape ({n},) or ({n}, T), got {tuple(thresholds.shape)}")
