@@ -237,8 +237,12 @@ class CAMEngine:
         output_size = self.output_size or (images.shape[2], images.shape[3])
         capture = _Capture()
         layers = self.target_layers
+        # A 1x1 conv classifier (``classifier=``) is not a feature layer: the default target is found
+        # among the modules that do not hold it.
+        head = self.classifier if isinstance(self.classifier, nn.Conv2d) else None
         candidates = layers if layers is not None else [
-            m for m in self.model.modules() if m is not self.model and _contains_conv(m)
+            m for m in self.model.modules()
+            if m is not self.model and _contains_conv(m) and (head is None or all(x is not head for x in m.modules()))
         ]
         if not candidates:
             what = type(self.model).__name__

@@ -488,3 +488,23 @@ def test_numpy_targets_are_accepted_like_tensors():
         engine(images, targets=np.array([1.0, 2.0, 3.0]))
     with pytest.raises(ValueError, match="out of range"):
         engine(images, targets=np.int64(99))
+
+
+def test_cam_with_a_1x1_conv_classifier_finds_the_feature_layer_by_default():
+    class ConvHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+            self.classifier = nn.Conv2d(8, 5, 1)
+
+        def forward(self, x):
+            return self.classifier(self.features(x)).mean((2, 3))
+
+    torch.manual_seed(2)
+    model = ConvHead().eval()
+    images = images_for(15, n=2, size=16)
+    engine = CAMEngine(model, "cam", classifier=model.classifier, warn_degenerate=False)
+    result = engine(images)
+    assert engine.layer_name(engine.target_layers[0]) == "features"
+    explicit = CAMEngine(model, "cam", target_layers="features.3", classifier=model.classifier, warn_degenerate=False)(images)
+    assert torch.equal(result.cams, explicit.cams)
