@@ -78,6 +78,12 @@ def _contains_conv(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
 
 
+def _trains(module: nn.Module) -> bool:
+    """The module has a parameter that requires grad: run with grad enabled, its output is then on the
+    graph whatever its input (a frozen module's output is on it only if its input is)."""
+    return any(p.requires_grad for p in module.parameters())
+
+
 class CAMEngine:
     """Class activation maps for a batch of images, every method on the device.
 
@@ -233,7 +239,12 @@ class CAMEngine:
                 images = images.clone()
             return self._explain(images, targets)
 
-    def _explain(self, images: Tensor, targets: int | Tensor | None) -> CAMResult:
+    def _explain(self, images: Tensor, targets: int | Tensor | None, *, stand_in: bool | None = None,
+                 exhaustive: bool = False) -> CAMResult:
+        """One call. ``stand_in``: record the graph from a leaf copy of the images (``None``: decide);
+        ``exhaustive``: Fully-CAM's backward also runs to every target layer (see _fully_cam_maps);
+        both are set by the retries below, in the rare models that need them."""
+        given = images
         output_size = self.output_size or (images.shape[2], images.shape[3])
         capture = _Capture()
         layers = self.target_layers
@@ -250,7 +261,9 @@ class CAMEngine:
                              "(convolutional features, then logits [N, num_classes])")
         needs_grad = self.method != "cam"
         handles = [m.register_forward_hook(self._forward_hook(capture)) for m in candidates]
-        if needs_grad and not (self.differentiable and self._graph_reaches_every_layer(images)):
+        if needs_grad and stand_in is None:
+            stand_in = not (self.differentiable and self._graph_reaches_targets(images))
+        if needs_grad and stand_in:
             # A graph must be recorded even for a frozen (or partly frozen) model; an input that
             # requires grad does it without touching the parameters.
             images = images.detach().requires_grad_(True)
@@ -279,12 +292,17 @@ class CAMEngine:
             raise ValueError(f"target layer(s) {missing} produced no 4-D tensor output during the forward pass")
 
         if self.method != "cam":
+            if not stand_in and any(not capture.activations[id(m)].requires_grad and not _trains(m) for m in layers):
+                # (differentiable=True, a default target found frozen): record from a stand-in input
+                return self._explain(given, targets, stand_in=True, exhaustive=exhaustive)
             self._check_on_graph(layers, capture, scores)
         if self.differentiable:
             maps, cams, degenerate = self._differentiable_maps(layers, capture, labels, scores, logits, output_size)
         else:
             if self.method == "fullycam":
-                maps = self._fully_cam_maps(layers, capture, scores, images)
+                maps = self._fully_cam_maps(layers, capture, scores, images, exhaustive)
+                if maps is None:  # a cut the forward hooks could not see: again, reaching every layer
+                    return self._explain(given, targets, stand_in=stand_in, exhaustive=True)
             else:
                 activation = capture.activations[id(layers[0])]
                 maps = [self._single_layer_map(activation, labels, scores, logits.shape[1])]
@@ -309,15 +327,18 @@ class CAMEngine:
             result.boxes = boxes_from_cams(plain, result.thresholds, "largest", self.box_convention, validate=False)
         return result
 
-    def _graph_reaches_every_layer(self, images: Tensor) -> bool:
-        """Whether the forward records a graph through every layer by itself — the input requires grad,
-        or every parameter does — so that differentiable maps reach the caller's images and parameters
-        without a stand-in input. With some parameters frozen (a frozen backbone under a trainable head)
-        a frozen layer's output would be off the graph: the engine then records from a stand-in input."""
+    def _graph_reaches_targets(self, images: Tensor) -> bool:
+        """Whether the forward puts the target layers' outputs on the graph by itself — the input
+        requires grad, or every target layer has a parameter that requires grad — so that
+        differentiable maps reach the caller's images and parameters without a stand-in input (which
+        would record, and later backpropagate through, a frozen backbone for nothing). With the
+        default single target, not known before the first call, any trainable parameter counts; a
+        frozen target found then makes the call start again from a stand-in."""
         if images.requires_grad:
             return True
-        flags = [p.requires_grad for p in self.model.parameters()]
-        return bool(flags) and all(flags)
+        if self.target_layers is None:
+            return any(p.requires_grad for p in self.model.parameters())
+        return all(_trains(m) for m in self.target_layers)
 
     def _forward_hook(self, capture: _Capture):
         """Record a module's 4-D output. It is the tensor object itself: in-place ops that follow
@@ -344,7 +365,8 @@ class CAMEngine:
         if targets is None:
             return logits.detach().argmax(dim=1)
         if isinstance(targets, np.ndarray) and targets.dtype.kind in "iu":  # numpy labels, as data loaders give
-            targets = torch.from_numpy(targets)
+            # (any integer dtype, byte order or stride; a 0-d array is one class for every image)
+            targets = int(targets) if targets.ndim == 0 else torch.from_numpy(np.ascontiguousarray(targets, np.int64))
         if isinstance(targets, (bool, np.bool_)) or not isinstance(targets, (Integral, Tensor)):
             raise TypeError(f"targets must be None, an int or a LongTensor[N], got {type(targets).__name__}")
         if isinstance(targets, Integral):  # numpy integers too
@@ -468,11 +490,16 @@ class CAMEngine:
             "torch.compile'd model, whose hooks see tensors outside the compiled graph); gradient methods need "
             "it: explain the uncompiled model, or use method='cam'")
 
-    def _fully_cam_maps(self, layers: list[nn.Module], capture: _Capture, scores: Tensor, images: Tensor) -> list[Tensor]:
+    def _fully_cam_maps(self, layers: list[nn.Module], capture: _Capture, scores: Tensor, images: Tensor,
+                        exhaustive: bool = False) -> list[Tensor] | None:
         """CGM: one backward from the target scores; FLM's per-layer reduction runs inside tensor hooks.
 
         Each layer's gradient is reduced to ``M_n = sum_k relu(g) * relu(A)`` the moment autograd
-        produces it, so the gradients of all layers are never alive together.
+        produces it, so the gradients of all layers are never alive together. Returns None when a
+        target layer on the graph was not reached (a cut the hooks could not see, e.g. a no_grad
+        stem followed by a trainable BatchNorm that is not a target): the caller runs the call again
+        with ``exhaustive``, where the backward also runs to every target layer's output (their
+        gradients are then all returned at once: more memory, in those models only).
         """
         keys = [id(m) for m in layers]
         handles = []
@@ -501,7 +528,8 @@ class CAMEngine:
         # model cuts the graph (a no_grad stem, a detach), the layers right after each cut are where
         # the graph starts again: the backward also runs down to their outputs (their gradients are
         # returned too, a few tensors), so the branches after the cut get their hooks as well.
-        restarts = [key for key in keys if key in capture.cut_inputs and capture.activations[key].requires_grad]
+        restarts = [key for key in keys if (exhaustive or key in capture.cut_inputs) and key in capture.activations
+                    and capture.activations[key].requires_grad]
         sources = ([images] if images.requires_grad else []) + [capture.activations[key] for key in restarts]
         try:
             grads = torch.autograd.grad(scores.sum(), sources, allow_unused=True) if sources else ()
@@ -510,6 +538,9 @@ class CAMEngine:
                     capture.maps[key] = weighted_map(capture.activations[key].detach(), grads=grad, mode="flm",
                                                      relu=False, backend=self.backend)
             del grads
+            if not exhaustive and any(key not in capture.maps and key in capture.activations
+                                      and capture.activations[key].requires_grad for key in keys):
+                return None
             if not capture.maps:  # no target layer is on the graph at all (a compiled model)
                 raise self._off_graph_error(layers)
         finally:

@@ -289,3 +289,16 @@ def test_native_fuse_maps_equals_the_reference_to_rounding_at_cam_sizes(fuse):
     assert torch.equal(single_degenerate, want_single_degenerate)
     torch.testing.assert_close(single, want_single, atol=2e-6, rtol=0)
 
+
+
+@pytest.mark.parametrize("shape,size", [((1, 14, 1), (1, 7)), ((2, 1, 14), (224, 1)), ((1, 5, 1), (9, 9))])
+def test_a_map_that_resizes_to_a_constant_is_flagged_on_the_cpu(shape, size):
+    """An output side of 1 samples one row (or column); a source side of 1 is constant along it. The
+    C++ kernel interpolates as a + (b - a) * l, exact for equal neighbours, so the constant stays
+    constant and is flagged instead of last-bit noise stretched to [0, 1]."""
+    maps = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    cams, degenerate = fuse_maps(maps, size)
+    for n in range(shape[0]):
+        up = F.interpolate(maps[n:n + 1, None].double(), size=size, mode="bilinear", align_corners=False)[0, 0]
+        constant = bool((up.max() - up.min()) < 1e-12)
+        assert bool(degenerate[n]) == constant and (not constant or not cams[n].any())

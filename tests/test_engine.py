@@ -428,6 +428,38 @@ def test_fullycam_after_a_no_grad_stem_reaches_every_branch_on_the_graph():
     torch.testing.assert_close(attached.cams.detach(), every.cams, atol=1e-6, rtol=0)
 
 
+def test_fullycam_after_a_cut_the_hooks_cannot_see():
+    """A no_grad stem followed by a trainable BatchNorm that is not a target: the targets' inputs are on
+    the graph again, so no cut shows at them; the backward to the input reaches nothing, and the call
+    runs again with the backward reaching every target layer."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.layer1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+            self.layer2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x):
+            with torch.no_grad():
+                x = self.conv1(x)
+            return self.fc(self.layer2(self.layer1(torch.relu(self.bn1(x)))).mean((2, 3)))
+
+    torch.manual_seed(3)
+    model = Net().eval()
+    images = images_for(16, n=2, size=16)
+    layers = [model.layer1[0], model.layer2[0]]
+    labels = model(images).argmax(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = CAMEngine(model, "fullycam", target_layers=["layer1.0", "layer2.0"])(images)
+    torch.testing.assert_close(result.cams.double(), oracle_fully(model, layers, images, labels, "sum"),
+                               atol=1e-5, rtol=0)
+    with pytest.warns(RuntimeWarning, match="conv1 received no gradient"):
+        every = CAMEngine(model, "fullycam", return_layer_maps=True, warn_degenerate=False)(images)
+    assert every.layer_maps["layer1.0"].abs().sum() > 0 and every.layer_maps["layer2.0"].abs().sum() > 0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_nan_input_pixel_gives_the_same_result_in_every_mode(backend):
     """One NaN policy (relu(NaN) = 0 inside the FLM sums) for the default and differentiable paths."""
@@ -484,6 +516,9 @@ def test_numpy_targets_are_accepted_like_tensors():
     got = engine(images, targets=np.array([1, 2, 3]))
     assert torch.equal(got.labels, want.labels) and torch.equal(got.cams, want.cams)
     assert torch.equal(engine(images, targets=np.int64(2)).labels, torch.full((3,), 2))
+    for form in (np.array([3, 2, 1])[::-1], np.array([1, 2, 3], np.uint32), np.array([1, 2, 3], ">i8")):
+        assert torch.equal(engine(images, targets=form).cams, want.cams)
+    assert torch.equal(engine(images, targets=np.array(2)).labels, torch.full((3,), 2))
     with pytest.raises(TypeError, match="targets must be"):
         engine(images, targets=np.array([1.0, 2.0, 3.0]))
     with pytest.raises(ValueError, match="out of range"):

@@ -239,3 +239,23 @@ def test_fullycam_differentiable_with_a_frozen_stem():
     plain = engine(model, "fullycam")(images)
     attached = engine(model, "fullycam", differentiable=True)(images)
     torch.testing.assert_close(attached.cams.detach(), plain.cams, atol=1e-5, rtol=0)
+
+
+def test_a_stand_in_input_only_when_a_frozen_target_needs_it():
+    """A frozen backbone under a trainable target layer needs no stand-in input: recording from one
+    would save the backbone's activations and backpropagate through it for nothing. A frozen target
+    layer does need it."""
+    model = make(SmallCNN)
+    model.features[:4].requires_grad_(False)  # the first two convs frozen; features.5 trains
+    seen = []
+    hook = model.features[0].register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0].requires_grad))
+    images = images_for(8, n=2)
+    try:
+        for target, stand_in in (("features.5", False), ("features.2", True), (None, False)):
+            seen.clear()
+            result = engine(model, "gradcam", target_layers=target, differentiable=True)(images)
+            assert seen == [stand_in], target
+            plain = engine(model, "gradcam", target_layers=target)(images)
+            torch.testing.assert_close(result.cams.detach(), plain.cams, atol=1e-5, rtol=0)
+    finally:
+        hook.remove()

@@ -2,11 +2,14 @@
 // buffer that stays in cache, instead of one full-size temporary per torch op per layer.
 //
 // It follows the pure-PyTorch reference (fuse_maps_reference) step by step in float32, and agrees
-// with it to float32 rounding (measured: at most a few ulp of the [0, 1] result; ATen's vectorised
-// upsampling loop rounds some sums differently in the last bit):
-//   * bilinear, align_corners=False, ATen's source index and weights: scale = float(in) / out,
+// with it to float32 rounding (measured: at most a few ulp of the [0, 1] result):
+//   * bilinear, align_corners=False, ATen's source index and weight: scale = float(in) / out,
 //     src = max(scale * (o + 0.5) - 0.5, 0), i0 = min(floor(src), in - 1), i1 = i0 + (i0 < in - 1),
-//     l1 = clamp(src - i0, 0, 1), l0 = 1 - l1, value = (v00 l0x + v01 l1x) l0y + (v10 l0x + v11 l1x) l1y;
+//     l = clamp(src - i0, 0, 1); along x in the two source rows, then along y, each step as
+//     a + (b - a) * l, exact where the two neighbours are equal.  That is the one place where this
+//     kernel rounds differently from ATen's a * (1 - l) + b * l on purpose: on a map that resizes
+//     to a constant (an output side of 1, a symmetric downsample) ATen's last-bit noise would be
+//     stretched to [0, 1] by min-max, where here the map stays constant and is flagged;
 //   * a layer is degenerate when its source map has a non-finite value or is constant (decided
 //     before upsampling, whose rounding can make a constant map differ in the last bit), or when
 //     the upsampled span is not a positive finite number; it then contributes zeros;
@@ -35,14 +38,13 @@ namespace {
 // Source indices and weights of one axis (in -> out samples).
 struct Axis {
   std::vector<int64_t> i0, i1;
-  std::vector<float> l0, l1;
+  std::vector<float> l1;  // weight of the second neighbour
 };
 
 Axis axis_table(int64_t in, int64_t out) {
   Axis a;
   a.i0.resize(static_cast<size_t>(out));
   a.i1.resize(static_cast<size_t>(out));
-  a.l0.resize(static_cast<size_t>(out));
   a.l1.resize(static_cast<size_t>(out));
   const float scale = static_cast<float>(in) / static_cast<float>(out);
   for (int64_t o = 0; o < out; ++o) {
@@ -53,7 +55,6 @@ Axis axis_table(int64_t in, int64_t out) {
     a.i0[static_cast<size_t>(o)] = i;
     a.i1[static_cast<size_t>(o)] = i + (i < in - 1 ? 1 : 0);
     a.l1[static_cast<size_t>(o)] = l;
-    a.l0[static_cast<size_t>(o)] = 1.0f - l;
   }
   return a;
 }
@@ -81,12 +82,15 @@ void upsample(const float* m, int64_t w, const Axis& ya, const Axis& xa, int64_t
   for (int64_t oy = 0; oy < H; ++oy) {
     const float* r0 = m + ya.i0[static_cast<size_t>(oy)] * w;
     const float* r1 = m + ya.i1[static_cast<size_t>(oy)] * w;
-    const float wy0 = ya.l0[static_cast<size_t>(oy)], wy1 = ya.l1[static_cast<size_t>(oy)];
+    const float wy1 = ya.l1[static_cast<size_t>(oy)];
     float* dst = up + oy * W;
     for (int64_t ox = 0; ox < W; ++ox) {
       const int64_t x0 = xa.i0[static_cast<size_t>(ox)], x1 = xa.i1[static_cast<size_t>(ox)];
-      const float wx0 = xa.l0[static_cast<size_t>(ox)], wx1 = xa.l1[static_cast<size_t>(ox)];
-      const float v = (r0[x0] * wx0 + r0[x1] * wx1) * wy0 + (r1[x0] * wx0 + r1[x1] * wx1) * wy1;
+      const float wx1 = xa.l1[static_cast<size_t>(ox)];
+      // a + (b - a) * l: equal neighbours give their value exactly (see the top of the file).
+      const float top = r0[x0] + (r0[x1] - r0[x0]) * wx1;
+      const float bottom = r1[x0] + (r1[x1] - r1[x0]) * wx1;
+      const float v = top + (bottom - top) * wy1;
       dst[ox] = v;
       finite &= is_finite(v);
       lo = std::min(lo, v);
