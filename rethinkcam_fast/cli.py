@@ -56,12 +56,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:  # everything that can be wrong with the arguments fails here, before the data and the training
         resolve_device(args.device)
         _check_output_file(args.out)
+        if args.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {args.seed}")
+        data = ClutteredDigitsConfig(canvas_size=args.canvas_size, seed=args.seed,
+                                     counts={"train": args.train_size, "val": args.val_size, "test": args.test_size})
+        options = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                               device=args.device, amp=not args.no_amp, compile=args.compile)
     except ValueError as exc:
         return _fail(exc)
-    data = ClutteredDigitsConfig(canvas_size=args.canvas_size, seed=args.seed,
-                                 counts={"train": args.train_size, "val": args.val_size, "test": args.test_size})
-    options = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                           device=args.device, amp=not args.no_amp, compile=args.compile)
     splits = generate_cluttered_digits(data)
     if args.data_out:
         print(f"wrote {write_wsol_dataset(args.data_out, splits)}")

@@ -45,8 +45,7 @@ class DigitsCAMNet(nn.Module):
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         if len(widths) != 3 or min(widths) < 1:
             raise ValueError(f"widths must be three positive channel counts, got {widths}")
-        self.arch = {"pool": pool, "tau": float(tau), "widths": [int(w) for w in widths], "classes": int(classes),
-                     "in_channels": int(in_channels)}
+        self._shape = {"widths": [int(w) for w in widths], "classes": int(classes), "in_channels": int(in_channels)}
         w1, w2, w3 = widths
 
         def conv(cin: int, cout: int) -> list[nn.Module]:
@@ -63,6 +62,18 @@ class DigitsCAMNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(self.features(x)).flatten(1))
+
+    @property
+    def arch(self) -> dict[str, Any]:
+        """The checkpoint's architecture record, read from the modules as they are now (a pool swapped by
+        :func:`rethinkcam_fast.replace_gap_with_tap` after construction included)."""
+        if isinstance(self.pool, TAP):
+            pool, tau = "tap", float(self.pool.tau)
+        elif isinstance(self.pool, nn.AdaptiveAvgPool2d) and self.pool.output_size in (1, (1, 1), [1, 1]):
+            pool, tau = "gap", 0.1
+        else:
+            raise ValueError(f"DigitsCAMNet.pool is {type(self.pool).__name__}: a checkpoint records TAP or GAP only")
+        return {"pool": pool, "tau": tau, **self._shape}
 
 
 def digits_cam_net(pool: str = "tap", **kwargs: Any) -> DigitsCAMNet:

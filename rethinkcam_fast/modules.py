@@ -23,6 +23,8 @@ class TAP(nn.Module):
         self.flatten = bool(flatten)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # unbatched [C, H, W], as nn.AdaptiveAvgPool2d accepts: [C, 1, 1] (or [C])
+            return self.forward(x[None])[0]
         pooled = tap(x, self.tau)
         return pooled if self.flatten else pooled[:, :, None, None]
 
@@ -56,8 +58,8 @@ def replace_gap_with_tap(model: nn.Module, tau: float = 0.1) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     targets = []
     for parent in model.modules():
-        for name, child in parent.named_children():
-            flatten = _is_global_avg_pool(child)
+        for name, child in parent._modules.items():  # every name: one pool registered twice is swapped twice
+            flatten = None if child is None else _is_global_avg_pool(child)
             if flatten is not None:
                 targets.append((parent, name, flatten))
     if not targets:

@@ -44,8 +44,8 @@ class TrainOptions:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
 
 
 @dataclass
@@ -61,9 +61,9 @@ class TrainReport:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device`` parses it.
+    """``"auto"`` -> CUDA when available, else CPU; ``cpu``, ``cuda`` or ``cuda:N`` as ``torch.device`` parses it.
 
-    Raises ``ValueError`` for a string that names no device, or a CUDA device this PyTorch cannot use
+    Raises ``ValueError`` for a string that names no device or another device type, or a CUDA device this PyTorch cannot use
     (no CUDA build, no GPU, or an index past the last GPU) — before any work starts."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,6 +71,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"--device {device}: not a device ({exc})") from None
+    if resolved.type not in ("cpu", "cuda"):  # (meta, mps, xpu...: not a device this project runs on)
+        raise ValueError(f"--device {device}: not supported here; use cpu, cuda, cuda:N or auto")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             why = "this PyTorch has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"

@@ -68,6 +68,11 @@ def test_user_mistakes_are_one_line_errors_before_any_work(tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     assert "cannot create its folder" in error_of(["train", "--out", str(a_file / "m.pt")])
+    train = ["train", "--out", str(tmp_path / "m.pt"), "--epochs", "1", "--train-size", "8"]
+    for flags, message in ((["--canvas-size", "16"], "digit_size"), (["--lr", "inf"], "lr must be"),
+                           (["--lr", "0"], "lr must be"), (["--seed", "-1"], "--seed"),
+                           (["--val-size", "-1"], "non-negative"), (["--device", "meta"], "not supported")):
+        assert message in error_of([*train, *flags]), flags
     assert "or --demo for the built-in clip" in error_of(["video", "--jsonl", str(tmp_path / "b.jsonl")])
     assert "does not exist" in error_of(["video", "--demo", "--out", str(tmp_path / "missing" / "x.mp4")])
     pickled = tmp_path / "whole_model.pt"

@@ -140,3 +140,31 @@ def test_torch_compile_full_graph_forward_and_backward(backend):
     torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-5)
     explained = torch._dynamo.explain(model)(x)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_tap_module_takes_unbatched_input_like_adaptive_avg_pool():
+    x = torch.rand(3, 5, 4)
+    assert TAP(0.1)(x).shape == nn.AdaptiveAvgPool2d(1)(x).shape == (3, 1, 1)
+    torch.testing.assert_close(TAP(0.1)(x), TAP(0.1)(x[None])[0])
+    assert TAP(0.1, flatten=True)(x).shape == (3,)
+
+
+def test_replace_gap_swaps_a_pool_registered_under_two_names():
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Conv2d(3, 8, 3)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.aux_pool = self.pool
+
+    model = replace_gap_with_tap(TwoHeads())
+    assert isinstance(model.pool, TAP) and isinstance(model.aux_pool, TAP)
+
+
+def test_a_checkpoint_records_the_pool_the_model_has_now(tmp_path):
+    from rethinkcam_fast.models import DigitsCAMNet, load_checkpoint, save_checkpoint
+
+    model = replace_gap_with_tap(DigitsCAMNet(pool="gap", widths=(4, 4, 4)), 0.3)
+    save_checkpoint(str(tmp_path / "c.pt"), model)
+    loaded = load_checkpoint(str(tmp_path / "c.pt"))[0]
+    assert isinstance(loaded.pool, TAP) and loaded.pool.tau == 0.3

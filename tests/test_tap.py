@@ -260,3 +260,26 @@ def test_import_does_not_touch_the_gpu():
     code = "import torch, rethinkcam_fast; print(torch.cuda.is_initialized())"
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@settings(max_examples=200, deadline=None)
+@given(tau=st.floats(1e-20, 1.0, exclude_max=True))
+def test_tau_reaches_the_triton_kernels_exactly_for_float64(tau):
+    """Triton passes Python floats as float32; float64 input gets tau as three float32 parts whose float64
+    sum must be tau itself, or the kept set would differ from the reference's on the GPU."""
+    import numpy as np
+
+    parts = tap_mod._tau_parts(tau)
+    assert all(float(np.float32(p)) == p for p in parts)
+    assert (np.float64(parts[0]) + np.float64(parts[1])) + np.float64(parts[2]) == tau
+
+
+@requires_triton
+def test_float64_threshold_uses_the_float64_tau():
+    """A value between max * float32(tau) and max * tau decides the output (the reference keeps it)."""
+    x = torch.tensor([[[[10.0, 1.000000001]]]], dtype=torch.float64)
+    want = tap_mod.tap_reference(x, 0.1)
+    import numpy as np
+
+    assert want.item() != tap_mod.tap_reference(x, float(np.float32(0.1))).item()
+    torch.testing.assert_close(rethinkcam_fast.tap(x, 0.1, backend="triton"), want, rtol=0, atol=0)

@@ -169,6 +169,8 @@ def scenario_tap():
             for channels_last in (False, True):
                 x = _features(n, k, s, dtype, channels_last, grad=True)
                 rethinkcam_fast.tap(x, 0.1, backend="triton").sum().backward()
+    # float64 (tau then arrives as three float32 parts; see ops/tap.py _tau_parts)
+    rethinkcam_fast.tap(_features(2, 64, 7, torch.float64, False, grad=True), 0.1, backend="triton").sum().backward()
 
 
 def scenario_class_activation_map():

@@ -23,6 +23,7 @@ their fake implementations and autograd registration. Modules live in ``rethinkc
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -120,9 +121,17 @@ def _tap_tile_max(
 
 
 @triton.jit
-def _tap_threshold(row_max, row_nan, tau, IN_DTYPE: tl.constexpr, IN_BF16: tl.constexpr, ACC: tl.constexpr):
-    """thr = max * tau rounded through the input dtype (as PyTorch computes it); NaN if the row had one."""
-    thr = row_max * tau
+def _tap_threshold(row_max, row_nan, tau, tau_mid, tau_lo, IN_DTYPE: tl.constexpr, IN_BF16: tl.constexpr,
+                   ACC: tl.constexpr):
+    """thr = max * tau rounded through the input dtype (as PyTorch computes it); NaN if the row had one.
+
+    Triton passes Python floats as float32: float64 input gets tau as three float32 parts whose sum
+    in float64 is tau exactly (see _tau_parts), the others use tau's float32 value, as PyTorch does."""
+    if ACC == tl.float64:
+        # (row_max is float64 here: each part is promoted exactly, and the three sum to tau exactly)
+        thr = row_max * (((tl.zeros_like(row_max) + tau) + tau_mid) + tau_lo)
+    else:
+        thr = row_max * tau
     if IN_BF16:
         # Round-to-nearest-even to bf16 by hand: Triton's interpreter truncates in `.to(tl.bfloat16)`,
         # so doing it on the bits gives the same threshold on the CPU interpreter and on the GPU.
@@ -155,7 +164,7 @@ def _tap_tile_sum(
 @triton.jit
 def _tap_fwd_kernel(
     X_ptr, Out_ptr, Thr_ptr, Inv_ptr,
-    C, S, stride_n, stride_c, stride_s, tau,
+    C, S, stride_n, stride_c, stride_s, tau, tau_mid, tau_lo,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE_TILE: tl.constexpr, IN_BF16: tl.constexpr,
     ACC: tl.constexpr,
 ):
@@ -167,13 +176,13 @@ def _tap_fwd_kernel(
         mask = c_mask[:, None] & (s[None, :] < S)
         x = tl.load(X_ptr + row_off[:, None] + s[None, :] * stride_s, mask=mask, other=float("-inf")).to(ACC)
         row_nan = tl.sum((x != x).to(tl.int32), axis=1)
-        thr = _tap_threshold(tl.max(x, axis=1), row_nan, tau, X_ptr.dtype.element_ty, IN_BF16, ACC)
+        thr = _tap_threshold(tl.max(x, axis=1), row_nan, tau, tau_mid, tau_lo, X_ptr.dtype.element_ty, IN_BF16, ACC)
         kept = x > thr[:, None]  # padding holds -inf, which is never kept
         total = tl.sum(tl.where(kept, x, 0.0), axis=1)
         count = tl.sum((kept & (x > 0.0)).to(tl.int32), axis=1)
     else:
         row_max, row_nan = _tap_tile_max(X_ptr, row_off, c_mask, 0, S, stride_s, BLOCK_C, BLOCK_S, ACC)
-        thr = _tap_threshold(row_max, row_nan, tau, X_ptr.dtype.element_ty, IN_BF16, ACC)
+        thr = _tap_threshold(row_max, row_nan, tau, tau_mid, tau_lo, X_ptr.dtype.element_ty, IN_BF16, ACC)
         total, count = _tap_tile_sum(X_ptr, row_off, c_mask, thr, 0, S, stride_s, BLOCK_C, BLOCK_S, ACC)
     inv = 1.0 / tl.maximum(count, 1).to(ACC)
     out_off = n * C + c
@@ -200,7 +209,7 @@ def _tap_split_max_kernel(
 @triton.jit
 def _tap_split_sum_kernel(
     X_ptr, PartMax_ptr, PartSum_ptr, PartCount_ptr, Thr_ptr,
-    C, S, stride_n, stride_c, stride_s, SPLIT_LEN, tau,
+    C, S, stride_n, stride_c, stride_s, SPLIT_LEN, tau, tau_mid, tau_lo,
     NUM_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, IN_BF16: tl.constexpr,
     ACC: tl.constexpr,
 ):
@@ -211,7 +220,7 @@ def _tap_split_sum_kernel(
     k = tl.arange(0, NUM_SPLITS)
     part = tl.load(PartMax_ptr + row[:, None] * NUM_SPLITS + k[None, :], mask=c_mask[:, None], other=float("-inf"))
     row_nan = tl.sum((part != part).to(tl.int32), axis=1)
-    thr = _tap_threshold(tl.max(part, axis=1), row_nan, tau, X_ptr.dtype.element_ty, IN_BF16, ACC)
+    thr = _tap_threshold(tl.max(part, axis=1), row_nan, tau, tau_mid, tau_lo, X_ptr.dtype.element_ty, IN_BF16, ACC)
     s_start = split * SPLIT_LEN
     s_stop = tl.minimum(s_start + SPLIT_LEN, S)
     total, count = _tap_tile_sum(X_ptr, row_off, c_mask, thr, s_start, s_stop, stride_s, BLOCK_C, BLOCK_S, ACC)
@@ -285,6 +294,14 @@ def _num_splits(programs: int, s: int, block_s: int, device: torch.device) -> in
     return max(1, min(triton.next_power_of_2(wanted), 64, triton.next_power_of_2(triton.cdiv(s, block_s))))
 
 
+def _tau_parts(tau: float) -> tuple[float, float, float]:
+    """Three float32 values whose float64 sum is ``tau`` exactly (24 + 24 + 24 bits cover float64's
+    53 for any tau above ~1e-25): Triton passes Python floats to kernels as float32."""
+    hi = float(np.float32(tau))
+    mid = float(np.float32(tau - hi))
+    return hi, mid, float(np.float32(tau - hi - mid))
+
+
 def tap_forward_triton(x: Tensor, tau: float, num_splits: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Triton forward: ``(out[N, C] in x.dtype, thr[N, C], inv_count[N, C])`` (last two in acc dtype).
 
@@ -307,7 +324,7 @@ def tap_forward_triton(x: Tensor, tau: float, num_splits: int | None = None) -> 
     splits = num_splits if num_splits is not None else _num_splits(programs, s, block_s, x.device)
     if splits <= 1:
         _tap_fwd_kernel[(programs,)](
-            x, out, thr, inv, c, s, stride_n, stride_c, stride_s, tau,
+            x, out, thr, inv, c, s, stride_n, stride_c, stride_s, *_tau_parts(tau),
             BLOCK_C=block_c, BLOCK_S=block_s, SINGLE_TILE=s <= block_s, IN_BF16=in_bf16, ACC=acc_tl,
         )
         return out, thr, inv
@@ -323,7 +340,7 @@ def tap_forward_triton(x: Tensor, tau: float, num_splits: int | None = None) -> 
         NUM_SPLITS=splits, BLOCK_C=block_c, BLOCK_S=block_s, ACC=acc_tl,
     )
     _tap_split_sum_kernel[grid](
-        x, part_max, part_sum, part_count, thr, c, s, stride_n, stride_c, stride_s, split_len, tau,
+        x, part_max, part_sum, part_count, thr, c, s, stride_n, stride_c, stride_s, split_len, *_tau_parts(tau),
         NUM_SPLITS=splits, BLOCK_C=block_c, BLOCK_S=block_s, IN_BF16=in_bf16, ACC=acc_tl,
     )
     block_r = 128
