@@ -8,6 +8,7 @@ fail: ops fall back to their pure-PyTorch reference and say so once.
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from types import ModuleType
 
@@ -57,8 +58,21 @@ def load_error(name: str) -> str | None:
     return _errors.get(name)
 
 
+def _source_tree_hint() -> str:
+    """A hint when the package was imported from an unbuilt source checkout (a Python session started in
+    the repository's root imports ./rethinkcam_fast, not the installed package with its extensions)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    if os.path.exists(os.path.join(root, "pyproject.toml")) and os.path.exists(os.path.join(root, "CMakeLists.txt")):
+        return (f" (rethinkcam_fast was imported from the source tree {root}, which holds no compiled extension: "
+                "run Python from another directory to use the installed package)")
+    return ""
+
+
 def warn_fallback(op: str, reason: str, fallback: str = "the pure-PyTorch reference") -> None:
     """Warn once per (op, reason) that an op runs a slower fallback implementation."""
+    if "No module named" in reason:
+        reason += _source_tree_hint()
     key = f"{op}:{reason}"
     if key not in _warned:
         _warned.add(key)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 
 # rethinkcam_fast.engine.METHODS, spelled out so that `rethinkcam --help` does not import torch.
@@ -26,16 +28,30 @@ def _tap_tau(text: str) -> float:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DEFAULT_OUT, run_demo
     from .models import CheckpointError
 
     try:
+        _check_output_dir(args.out or DEFAULT_OUT)
         given = {"out_dir": args.out, "method": args.method, "box_threshold": args.box_threshold}
         run_demo(count=args.count, grid=args.grid, weights=args.weights,
                  **{k: v for k, v in given.items() if v is not None})  # run_demo's defaults otherwise
-    except CheckpointError as exc:
+    except (CheckpointError, ValueError) as exc:
         return _fail(exc)
     return 0
+
+
+def _check_output_dir(path: str) -> None:
+    """A folder for outputs exists at ``path`` or can be made there, and is writable — checked before
+    any work, so that a bad ``--out`` is not found only after the run."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {path}: exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {path}: cannot create it ({exc.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"--out {path}: the directory is not writable")
 
 
 def _fail(exc: Exception) -> int:
@@ -98,6 +114,7 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     image_size, normalize = input_policy(args.model, args.image_size, args.normalize)
     try:
         device = resolve_device(args.device)
+        _check_output_dir(args.out)
         model = load_user_model(args.model, args.weights)
         if args.weights is None:
             print(f"rethinkcam: warning: no --weights: {args.model} runs with the weights its factory gives it "
@@ -123,7 +140,11 @@ def _cmd_info(_args: argparse.Namespace) -> int:
     print(f"rethinkcam_fast {__version__}, torch {torch.__version__}")
     print(f"native CPU kernels : {'yes' if _native.has_native() else 'no (' + str(_native.load_error('_C')) + ')'}")
     cuda_built = _native.cuda_module() is not None
-    print(f"CUDA extension     : {'built' if cuda_built else 'not built (' + str(_native.load_error('_C_cuda')) + ')'}")
+    if not cuda_built:
+        cuda_state = f"not built ({_native.load_error('_C_cuda')})"
+    else:
+        cuda_state = "built, live" if _native.has_cuda_kernels() else "built (not live: no CUDA device in this torch)"
+    print(f"CUDA extension     : {cuda_state}")
     print(f"CUDA device        : {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     print(f"triton             : {'yes' if HAS_TRITON else 'no'}{' (interpreter)' if triton_interpreted() else ''}")
     return 0
@@ -203,7 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    # SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C, so that the commands' cleanup runs (the
+    # video command removes its *.partial outputs), and either ends with one line, not a traceback.
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if previous is not None:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("rethinkcam: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

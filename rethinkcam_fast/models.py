@@ -122,8 +122,9 @@ def read_weights(path: str) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "GLOBAL" not in str(exc):  # torch names the global it refused; otherwise: a damaged file
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise CheckpointError(f"{path}: not a readable PyTorch weights file (UnpicklingError: {first})") from exc
+            # (torch's own text advises weights_only=False, which would run the file's code: not shown)
+            raise CheckpointError(f"{path}: not a readable PyTorch weights file (not written by torch.save, "
+                                  "or damaged)") from exc
         # A whole pickled model (torch.save(model)) or other objects: code, not weights.
         raise CheckpointError(
             f"{path}: holds pickled Python objects, not only tensors (e.g. a whole model saved with "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -67,8 +68,12 @@ def run_video_command(args: argparse.Namespace) -> int:
         return fail("give a video INPUT (file or camera index), or --demo for the built-in clip")
     if not args.demo and not args.model:
         return fail("--model is required with a video INPUT")
+    if args.demo and (args.model or args.weights):
+        return fail("--demo runs the shipped model: leave out --model/--weights (or give a video INPUT)")
     if not (args.out or args.jsonl):
         return fail("nothing to write: give --out and/or --jsonl")
+    if args.fps is not None and not (args.fps > 0 and math.isfinite(args.fps)):
+        return fail(f"--fps must be a positive frame rate, got {args.fps}")
     gt_boxes = label = None
     try:
         device = resolve_device(args.device)
@@ -76,6 +81,10 @@ def run_video_command(args: argparse.Namespace) -> int:
             folder = os.path.dirname(os.path.abspath(path)) if path else None
             if folder and not os.path.isdir(folder):
                 raise ValueError(f"{path}: the folder {folder} does not exist")
+            if path and os.path.isdir(path):
+                raise ValueError(f"{path}: is a directory; give a file name")
+            if folder and not os.access(folder, os.W_OK):
+                raise ValueError(f"{path}: the folder {folder} is not writable")
         if args.demo:
             model, source, gt_boxes, label, method, box_threshold = _demo_source(args)
             image_size, normalize = None, False

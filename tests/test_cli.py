@@ -74,6 +74,12 @@ def test_user_mistakes_are_one_line_errors_before_any_work(tmp_path, capsys):
                            (["--val-size", "-1"], "non-negative"), (["--device", "meta"], "not supported")):
         assert message in error_of([*train, *flags]), flags
     assert "or --demo for the built-in clip" in error_of(["video", "--jsonl", str(tmp_path / "b.jsonl")])
+    # Output paths are checked before the work, not after it.
+    assert "exists and is not a directory" in error_of(["demo", "--out", str(a_file)])
+    assert "exists and is not a directory" in error_of(["localize", str(image), *model, "--out", str(a_file)])
+    assert "is a directory" in error_of(["video", "--demo", "--jsonl", str(tmp_path)])
+    assert "--fps must be a positive" in error_of(["video", "--demo", "--jsonl", str(tmp_path / "b.jsonl"), "--fps", "-1"])
+    assert "leave out --model" in error_of(["video", "--demo", "--jsonl", str(tmp_path / "b.jsonl"), *model])
     assert "does not exist" in error_of(["video", "--demo", "--out", str(tmp_path / "missing" / "x.mp4")])
     pickled = tmp_path / "whole_model.pt"
     torch.save(torch.nn.Linear(2, 2), pickled)
@@ -92,3 +98,20 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"rethinkcam_fast {rethinkcam_fast.__version__}"
+
+
+def test_an_interrupted_command_ends_with_one_line(monkeypatch, capsys):
+    def interrupted(_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_info", interrupted)
+    assert cli.main(["info"]) == 130
+    assert capsys.readouterr().err.strip() == "rethinkcam: interrupted"
+
+
+def test_iou_thresholds_given_as_fractions_are_refused(capsys):
+    from rethinkcam_fast.evaluation.cli import _percentage
+
+    assert _percentage("50") == 50 and _percentage("0") == 0
+    with pytest.raises(Exception, match="looks like a fraction"):
+        _percentage("0.5")

@@ -218,7 +218,9 @@ def test_cli_json_line_and_table(boxes, masks, capsys):
     expected = evaluate_box_split(boxes["scoremap_root"], boxes["split_dir"], 0.01, multi_contour=False)
     assert result["MaxBoxAcc"] == {str(k): v for k, v in expected["MaxBoxAcc"].items()}
     assert result["MaxBoxAccV2"] == expected["MaxBoxAccV2"] and result["multi_contour"] is False
-    assert any("MaxBoxAccV2 (mean over δ)" in line for line in out) and "CUB/test, 10 images" in out[0]
+    # largest contour only: the mean over δ is printed, but not under V2's name (V2 uses every contour)
+    assert any("mean MaxBoxAcc over δ, largest contour" in line for line in out) and "CUB/test, 10 images" in out[0]
+    assert not any(line.startswith("MaxBoxAccV2") for line in out)
     assert cli.main(_cli_args(masks, "OpenImages", "val") + ["--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["PxAP"] == evaluate_mask_split(masks["scoremap_root"], masks["split_dir"], masks["oracle_mask_root"], 0.01)

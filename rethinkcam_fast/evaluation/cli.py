@@ -21,6 +21,9 @@ def _percentage(text: str) -> float | int:
     value = float(text)
     if not 0 <= value <= 100:
         raise argparse.ArgumentTypeError(f"IoU thresholds are percentages in [0, 100], got {text}")
+    if 0 < value < 1:  # a fraction where a percentage was meant (0.5 would mean IoU >= 0.005)
+        raise argparse.ArgumentTypeError(f"IoU thresholds are percentages: {text} looks like a fraction "
+                                         f"(write {value * 100:g} for IoU >= {text})")
     return int(value) if value.is_integer() else value
 
 
@@ -62,7 +65,8 @@ def add_evaluate_commands(sub: Any) -> None:
     _add_protocol_flags(model)
     model.add_argument("--method", default="cam", help="CAM method (cam, gradcam, gradcam++, layercam, fullycam)")
     model.add_argument("--target-layer", help="module name of the layer to explain (default: the last conv-like)")
-    model.add_argument("--image-size", type=_positive_int, default=224, help="images are resized to this square")
+    model.add_argument("--image-size", type=_positive_int, default=224,
+                       help="images are resized to this square (default: 224; e.g. 64 for the digits model)")
     model.add_argument("--normalize", choices=["auto", "imagenet", "none"], default="auto",
                        help="ImageNet mean/std (auto: for RGB models; grey models, whose first conv takes 1 "
                             "channel, get the grey image in [0, 1])")
@@ -88,7 +92,11 @@ def format_metrics(metrics: Any, title: str) -> str:
         if top1:
             cells += [f"{result['GT-known Loc'][key]:.4f}", f"{result['Top-1 Loc'][key]:.4f}"]
         lines.append("  ".join(f"{c:>18}" for c in cells))
-    lines.append(f"MaxBoxAccV2 (mean over δ) %: {result['MaxBoxAccV2']:.4f}")
+    if result.get("multi_contour", True):
+        lines.append(f"MaxBoxAccV2 (mean over δ) %: {result['MaxBoxAccV2']:.4f}")
+    else:  # MaxBoxAccV2 is defined with every contour; this is the same mean for the largest contour only
+        lines.append(f"mean MaxBoxAcc over δ, largest contour (not V2, which uses every contour) %: "
+                     f"{result['MaxBoxAccV2']:.4f}")
     if top1:
         lines.append(f"Top-1 Cls %: {result['Top-1 Cls']:.4f}")
     return "\n".join(lines)

@@ -124,8 +124,12 @@ def _restore(path: str, run: dict[str, Any], evaluator: BoxEvaluator | MaskEvalu
     """Load a saved state into ``evaluator``; returns how many of this shard's images it covers."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a foreign or damaged file: say which
-        raise ValueError(f"{path}: not a readable evaluation state ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # a foreign or damaged file: say which, in one line; torch's advice to
+        # retry with weights_only=False (which would run the file's code) is not passed on
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        if "Weights only load failed" in first:
+            first = "not written by torch.save, or damaged"
+        raise ValueError(f"{path}: not a readable evaluation state ({type(exc).__name__}: {first})") from None
     if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
         raise ValueError(f"{path}: not a rethinkcam evaluation state file")
     if saved.get("run") != run:
