@@ -46,12 +46,17 @@ def _check_output_dir(path: str) -> None:
     any work, so that a bad ``--out`` is not found only after the run."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"--out {path}: exists and is not a directory")
+    _writable_folder(path, f"--out {path}", "it", "the directory")
+
+
+def _writable_folder(folder: str, label: str, it: str, the_folder: str) -> None:
+    """Make ``folder`` if needed and check that it is writable; errors start with ``label``."""
     try:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
     except OSError as exc:
-        raise ValueError(f"--out {path}: cannot create it ({exc.strerror})") from None
-    if not os.access(path, os.W_OK):
-        raise ValueError(f"--out {path}: the directory is not writable")
+        raise ValueError(f"{label}: cannot create {it} ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{label}: {the_folder} is not writable")
 
 
 def _fail(exc: Exception) -> int:
@@ -93,15 +98,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _check_output_file(path: str) -> None:
     """A file can be written at ``path`` (its folder exists or can be made, and it is not a folder)."""
-    folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ValueError(f"--out {path}: is a directory; give a file name")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"--out {path}: cannot create its folder ({exc.strerror})") from None
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"--out {path}: the folder {folder} is not writable")
+    folder = os.path.dirname(os.path.abspath(path))
+    _writable_folder(folder, f"--out {path}", "its folder", f"the folder {folder}")
 
 
 def _cmd_localize(args: argparse.Namespace) -> int:
