@@ -157,6 +157,10 @@ def test_cli_evaluate_model_json_matches_the_function(dataset, capsys):
     expected = evaluate_model(engine, _loader(metadata, dataset["data_root"]), BoxEvaluator(0.01, metadata=metadata))
     assert result["MaxBoxAcc"] == expected.to_dict()["MaxBoxAcc"] and result["Top-1 Loc"] == expected.to_dict()["Top-1 Loc"]
     assert any("Top-1 Cls" in line for line in out)
+    # Without --checkpoint it runs with the factory's weights, and says so.
+    no_weights = [a for a in args if a != "--checkpoint" and not a.endswith("model.pt")]
+    assert cli.main(no_weights) == 0
+    assert "warning: no --checkpoint" in capsys.readouterr().err
 
 
 def test_load_model_errors(tmp_path):

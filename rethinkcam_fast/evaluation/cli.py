@@ -165,6 +165,9 @@ def _cmd_evaluate_model(args: argparse.Namespace) -> int:
                                    iou_thresholds=args.iou_thresholds, multi_contour=args.multi_contour,
                                    mask_root=args.mask_root, device=device)
         model = load_model(args.model, args.checkpoint).to(device).eval()
+        if args.checkpoint is None and rank_and_world()[0] == 0:
+            print(f"rethinkcam {args.command}: warning: no --checkpoint: {args.model} runs with the weights its "
+                  "factory gives it (random for a torchvision name)", file=sys.stderr)
         engine = CAMEngine(model, args.method, args.target_layer, boxes=False, warn_degenerate=False)
         channels = input_channels(model)
         normalize = channels == 3 if args.normalize == "auto" else args.normalize == "imagenet"
