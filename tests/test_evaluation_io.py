@@ -159,7 +159,7 @@ def test_cli_reports_errors_on_stderr_with_exit_code_1(small_split, capsys):
     code = cli.main(["evaluate", "--scoremap-root", small_split["scoremap_root"], "--metadata-root",
                      small_split["metadata_root"], "--dataset-name", "CUB", "--split", "test"])
     captured = capsys.readouterr()
-    assert code == 1 and "img_0003.jpg' not found" in captured.err and captured.out == ""
+    assert code == 2 and "img_0003.jpg' not found" in captured.err and captured.out == ""
 
 
 # -- resume -------------------------------------------------------------------------------------------
@@ -229,7 +229,7 @@ def test_cli_json_line_and_table(boxes, masks, capsys):
 def test_cli_needs_a_mask_root_for_openimages(masks, capsys):
     args = [a for a in _cli_args(masks, "OpenImages", "val")]
     args = args[: args.index("--mask-root")]
-    assert cli.main(args) == 1
+    assert cli.main(args) == 2
     assert "mask root is needed (--mask-root)" in capsys.readouterr().err
 
 

@@ -122,7 +122,7 @@ def _run(args: argparse.Namespace, evaluate: Any) -> int:
         device, created = init_from_env()
     except (RuntimeError, ValueError) as exc:
         print(f"rethinkcam {args.command}: error: cannot join the distributed job: {exc}", file=sys.stderr)
-        return 1
+        return 2  # exit code 2 for usage and input errors, as the other rethinkcam commands
     try:
         start = time.perf_counter()
         metrics = evaluate(device)
@@ -132,7 +132,7 @@ def _run(args: argparse.Namespace, evaluate: Any) -> int:
         return 0
     except (MetadataError, ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
         print(f"rethinkcam {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     finally:
         shutdown(created)
 
