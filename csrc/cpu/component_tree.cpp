@@ -248,8 +248,27 @@ class ComponentTrees {
     roots_.push_back(p);
   }
 
+  // The link trees, one per sweep (never compressed): every union, and every pixel joining a root,
+  // recorded with the threshold it happened at.  A foreground link made at thr exists at every
+  // thr' <= thr (the threshold falls), a background one at every thr' >= thr (it rises).
+  template <bool kForeground>
+  void link(int32_t from, int32_t to, int thr) {
+    (kForeground ? link_ : bg_link_)[static_cast<size_t>(from)] = to;
+    (kForeground ? link_level_ : bg_link_level_)[static_cast<size_t>(from)] = static_cast<uint8_t>(thr);
+  }
+
+  // The root, at threshold thr, of the component holding pixel p (present at thr) in that sweep's
+  // link tree; for the background, 0 is the frame's component.
+  template <bool kForeground>
+  int32_t root_at(int32_t p, int thr) const {
+    const int32_t* to = (kForeground ? link_ : bg_link_).get();
+    const uint8_t* made_at = (kForeground ? link_level_ : bg_link_level_).get();
+    while (to[p] != p && (kForeground ? made_at[p] >= thr : made_at[p] <= thr)) p = to[p];
+    return p;
+  }
+
   // Unites root r with the component of q; returns the new root, the larger component's (union by
-  // size).  Foreground links are recorded with their threshold.
+  // size), and records the link.
   template <bool kForeground>
   int32_t unite(int32_t r, int32_t q, int thr) {
     int32_t s = parent_[static_cast<size_t>(q)];
@@ -258,14 +277,8 @@ class ComponentTrees {
     if (s == r) return r;
     const bool r_big = comp(r).size >= comp(s).size;
     const int32_t keep = r_big ? r : s, gone = r_big ? s : r;
-    if (kForeground) {
-      link_[static_cast<size_t>(gone)] = keep;
-      link_level_[static_cast<size_t>(gone)] = static_cast<uint8_t>(thr);
-      --components_;
-    } else {
-      bg_link_[static_cast<size_t>(gone)] = keep;
-      bg_link_level_[static_cast<size_t>(gone)] = static_cast<uint8_t>(thr);
-    }
+    link<kForeground>(gone, keep, thr);
+    if (kForeground) --components_;
     const Component b = comp(gone);
     parent_[static_cast<size_t>(gone)] = keep;
     Component& a = comp(keep);
@@ -322,22 +335,12 @@ class ComponentTrees {
     if (count == 0) {
       new_component(p, x, y);
       r = p;
-      if (kForeground) {
-        link_[static_cast<size_t>(p)] = p;
-        ++components_;
-      } else {
-        bg_link_[static_cast<size_t>(p)] = p;
-      }
+      link<kForeground>(p, p, thr);
+      if (kForeground) ++components_;
     } else {
       r = find(nb[0]);
       join(p, r, x, y);
-      if (kForeground) {
-        link_[static_cast<size_t>(p)] = r;
-        link_level_[static_cast<size_t>(p)] = static_cast<uint8_t>(thr);
-      } else {
-        bg_link_[static_cast<size_t>(p)] = r;
-        bg_link_level_[static_cast<size_t>(p)] = static_cast<uint8_t>(thr);
-      }
+      link<kForeground>(p, r, thr);
       for (int k = 1; k < count; ++k) r = unite<kForeground>(r, nb[k], thr);
     }
     comp(r).area2 += kForeground ? kDelta.fg[bits] : kDelta.bg[bits];
@@ -355,8 +358,7 @@ class ComponentTrees {
     auto mark = [&](int64_t p) {
       on_[static_cast<size_t>(p)] = 1;
       parent_[static_cast<size_t>(p)] = 0;
-      bg_link_[static_cast<size_t>(p)] = 0;  // in the frame's component from the start
-      bg_link_level_[static_cast<size_t>(p)] = 0;
+      link<false>(static_cast<int32_t>(p), 0, 0);  // in the frame's component from the start
     };
     for (int64_t x = 0; x < S; ++x) {
       mark(x);
@@ -437,23 +439,6 @@ class ComponentTrees {
     }
   }
 
-  // The foreground root, at threshold thr, of the component holding pixel p (present at thr).
-  int32_t root_at(int32_t p, int thr) const {
-    while (link_[static_cast<size_t>(p)] != p && link_level_[static_cast<size_t>(p)] >= thr) {
-      p = link_[static_cast<size_t>(p)];
-    }
-    return p;
-  }
-
-  // The background root, at threshold thr, of the component holding pixel p (background at thr);
-  // 0 for the frame's component.
-  int32_t bg_root_at(int32_t p, int thr) const {
-    while (bg_link_[static_cast<size_t>(p)] != p && bg_link_level_[static_cast<size_t>(p)] <= thr) {
-      p = bg_link_[static_cast<size_t>(p)];
-    }
-    return p;
-  }
-
   // A level with holes: each hole's area joins the outer border of the component it lies in.
   template <typename F>
   void finish_level(const Pending& pl, const F& fn) {
@@ -465,12 +450,12 @@ class ComponentTrees {
     for (size_t k = pl.begin; k < pl.end; ++k) slot_[static_cast<size_t>(kept_roots_[k])] = static_cast<int32_t>(k);
     const Contour* holes = holes_.data() + hole_begin_[thr];
     for (int64_t h = 0; h < num_holes; ++h) {
-      const int32_t r = root_at(anchors_[static_cast<size_t>(hole_begin_[thr] + h)], thr);
+      const int32_t r = root_at<true>(anchors_[static_cast<size_t>(hole_begin_[thr] + h)], thr);
       kept_[static_cast<size_t>(slot_[static_cast<size_t>(r)])].area2 += holes[h].area2;
     }
     bool exact = true;  // no component inside a hole
     for (size_t k = pl.begin; k < pl.end && exact; ++k) {
-      exact = bg_root_at(kept_first_[k] - static_cast<int32_t>(S_), thr) == 0;
+      exact = root_at<false>(kept_first_[k] - static_cast<int32_t>(S_), thr) == 0;
     }
     outers_.assign(kept_.begin() + static_cast<std::ptrdiff_t>(pl.begin),
                    kept_.begin() + static_cast<std::ptrdiff_t>(pl.end));
@@ -481,9 +466,9 @@ class ComponentTrees {
   int32_t offset_[8];  // padded-index offsets of the neighbour bits
   std::unique_ptr<uint8_t[]> on_;
   std::unique_ptr<int32_t[]> parent_;
-  std::unique_ptr<int32_t[]> link_;         // foreground link tree (never compressed)
+  std::unique_ptr<int32_t[]> link_;         // foreground link tree (sweep 1; see link())
   std::unique_ptr<uint8_t[]> link_level_;   // the threshold each link was made at
-  std::unique_ptr<int32_t[]> bg_link_;      // background link tree (sweep 2), never compressed
+  std::unique_ptr<int32_t[]> bg_link_;      // background link tree (sweep 2)
   std::unique_ptr<uint8_t[]> bg_link_level_;
   std::vector<Component> comps_;  // records of the components born in this sweep
   std::unique_ptr<int32_t[]> slot_;         // root -> index in kept_ (per pending level)
