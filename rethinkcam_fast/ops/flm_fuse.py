@@ -35,17 +35,13 @@ from .map_epilogue import (
     map_epilogue_reference,
 )
 from .tap import _grad_buffer, _memory_format, _tile_config
-
-
-def _relu(x: Tensor) -> Tensor:
-    """``max(x, 0)`` with ``relu(NaN) = 0`` (``fmax`` ignores NaN), as the kernels compute it."""
-    return torch.fmax(x, x.new_zeros(()))
+from .weighted_map import relu_nan_to_zero
 
 
 def flm_reduce_reference(activation: Tensor, gradient: Tensor) -> Tensor:
     """``M[N, h, w] = sum_k relu(G) relu(A)`` in float32 (float64 for float64 inputs), differentiable."""
     acc = acc_dtype(activation, gradient)
-    return (_relu(gradient.to(acc)) * _relu(activation.to(acc))).sum(dim=1)
+    return (relu_nan_to_zero(gradient.to(acc)) * relu_nan_to_zero(activation.to(acc))).sum(dim=1)
 
 
 def flm_fuse_reference(
@@ -109,8 +105,8 @@ def flm_reduce_backward_reference(grad_maps: Tensor, activation: Tensor, gradien
         a = torch.where(dead[:, None, None, None], 0, a)
         g = torch.where(dead[:, None, None, None], 0, g)
     grad = grad[:, None]
-    d_act = (grad * _relu(g) * (a > 0)).to(activation.dtype)
-    d_grad = (grad * _relu(a) * (g > 0)).to(gradient.dtype)
+    d_act = (grad * relu_nan_to_zero(g) * (a > 0)).to(activation.dtype)
+    d_grad = (grad * relu_nan_to_zero(a) * (g > 0)).to(gradient.dtype)
     return (d_act.contiguous(memory_format=_memory_format(activation)),
             d_grad.contiguous(memory_format=_memory_format(gradient)))
 

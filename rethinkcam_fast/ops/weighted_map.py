@@ -29,10 +29,10 @@ MODES = ("channel", "layercam", "flm")
 _MODE_CODES = {mode: code for code, mode in enumerate(MODES)}
 
 
-def _relu_nan_to_zero(x: Tensor) -> Tensor:
-    """``relu`` of the gradients and activations inside the sums, with ``relu(NaN) = 0`` (``fmax``):
-    the NaN policy of Fully-CAM's FLM (:mod:`rethinkcam_fast.ops.flm_fuse`), kept the same by every
-    backend. The ReLU of the summed map keeps NaN (``torch.relu``), so a NaN map is flagged."""
+def relu_nan_to_zero(x: Tensor) -> Tensor:
+    """``relu`` of the gradients and activations inside the sums, with ``relu(NaN) = 0`` (``fmax``), as
+    the kernels compute it: the NaN policy shared with Fully-CAM's FLM (:mod:`rethinkcam_fast.ops.flm_fuse`
+    uses this function). The ReLU of the summed map keeps NaN (``torch.relu``), so a NaN map is flagged."""
     return torch.fmax(x, x.new_zeros(()))
 
 
@@ -47,9 +47,9 @@ def weighted_map_reference(
         if mode == "channel":
             m = torch.einsum("nk,nkhw->nhw", weights.float(), a)
         elif mode == "layercam":
-            m = (_relu_nan_to_zero(grads.float()) * a).sum(dim=1)
+            m = (relu_nan_to_zero(grads.float()) * a).sum(dim=1)
         else:
-            m = (_relu_nan_to_zero(grads.float()) * _relu_nan_to_zero(a)).sum(dim=1)
+            m = (relu_nan_to_zero(grads.float()) * relu_nan_to_zero(a)).sum(dim=1)
         return m.relu() if relu else m
 
 
