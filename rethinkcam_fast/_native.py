@@ -42,6 +42,13 @@ def cuda_module() -> ModuleType | None:
     return _load("_C_cuda")
 
 
+def cpu_kernel(name: str):
+    """The C++ CPU kernel ``name`` (a function of ``_C``), or ``None`` when the extension is not built
+    or is an older build without it (callers then take their fallback)."""
+    module = cpu_module()
+    return None if module is None else getattr(module, name, None)
+
+
 def has_native() -> bool:
     """True when the C++ CPU kernels are importable (the CPU ops then run natively)."""
     return cpu_module() is not None

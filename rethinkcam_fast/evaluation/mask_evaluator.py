@@ -131,17 +131,16 @@ class MaskEvaluator(CountingEvaluator):
     def _native_update(self, maps: Tensor, foreground: Tensor, ignore: Tensor | None) -> bool:
         """The same counts from the C++ kernel (one pass, parallel; no float64 copy of the maps, no
         bin-index tensor); False when the extension is missing."""
-        module = _native.cpu_module()
-        if module is None or not hasattr(module, "pixel_histogram"):
+        kernel = _native.cpu_kernel("pixel_histogram")
+        if kernel is None:
             return False
         maps, foreground = maps.contiguous(), foreground.contiguous()
         ignore = ignore.contiguous() if ignore is not None else None
         counts = torch.zeros((2, self.num_bins), dtype=torch.int64)
         interval = self.cam_curve_interval if self._arithmetic_bins else 0.0
-        module.pixel_histogram(maps.data_ptr(), _native.NATIVE_DTYPE_CODES[maps.dtype], maps.numel(),
-                               foreground.data_ptr(), ignore.data_ptr() if ignore is not None else 0,
-                               self._edges.data_ptr(), self.num_bins, float(interval), counts.data_ptr(),
-                               torch.get_num_threads())
+        kernel(maps.data_ptr(), _native.NATIVE_DTYPE_CODES[maps.dtype], maps.numel(), foreground.data_ptr(),
+               ignore.data_ptr() if ignore is not None else 0, self._edges.data_ptr(), self.num_bins,
+               float(interval), counts.data_ptr(), torch.get_num_threads())
         self._state["histogram"] += counts
         self._state["num_images"] += maps.shape[0]
         return True

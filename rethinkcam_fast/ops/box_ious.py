@@ -185,13 +185,12 @@ def best_box_ious(
                          multi_contour)[0]
         return out[:, 0] if single else out
     levels = host_levels(cams, check="cams" if validate else None)  # CPU maps: validated in the same pass
-    module = _native.cpu_module()
-    if module is not None and hasattr(module, "threshold_box_ious"):
+    kernel = _native.cpu_kernel("threshold_box_ious")
+    if kernel is not None:
         out = torch.zeros(table.shape, dtype=torch.float64)
         if out.numel():
-            module.threshold_box_ious(levels.data_ptr(), table.data_ptr(), n, cams.shape[1], cams.shape[2],
-                                      table.shape[1], gt.data_ptr(), offsets.data_ptr(), bool(multi_contour),
-                                      out.data_ptr(), torch.get_num_threads())
+            kernel(levels.data_ptr(), table.data_ptr(), n, cams.shape[1], cams.shape[2], table.shape[1],
+                   gt.data_ptr(), offsets.data_ptr(), bool(multi_contour), out.data_ptr(), torch.get_num_threads())
     else:
         _native.warn_fallback("best_box_ious", f"the C++ extension is not available ({_native.load_error('_C')})",
                               fallback="boxes_from_cams per threshold")

@@ -126,11 +126,10 @@ def _contours_opencv(levels: np.ndarray, table: np.ndarray):
 
 
 def _all_contours(levels: Tensor, table: Tensor):
-    module = _native.cpu_module()
+    kernel = _native.cpu_kernel("contour_boxes")
     n, height, width = levels.shape
-    if module is not None and hasattr(module, "contour_boxes"):
-        return module.contour_boxes(levels.data_ptr(), table.data_ptr(), n, height, width, table.shape[1],
-                                    torch.get_num_threads())
+    if kernel is not None:
+        return kernel(levels.data_ptr(), table.data_ptr(), n, height, width, table.shape[1], torch.get_num_threads())
     _native.warn_fallback("boxes_from_cams", f"the C++ extension is not available ({_native.load_error('_C')})",
                           fallback="an OpenCV loop")
     return _contours_opencv(levels.numpy(), table.numpy())
@@ -174,12 +173,12 @@ def _largest_xywh(levels: Tensor, table: Tensor) -> Tensor:
     if table.shape[1] == 1:  # one threshold per image (PaS): nothing repeats
         return _largest_xywh_traced(levels, table)
     distinct, inverse = torch.unique(table, return_inverse=True)
-    module = _native.cpu_module()
-    if distinct.numel() >= TREE_MIN_LEVELS and module is not None and hasattr(module, "tree_largest_boxes"):
+    tree = _native.cpu_kernel("tree_largest_boxes")
+    if distinct.numel() >= TREE_MIN_LEVELS and tree is not None:
         n, height, width = levels.shape
         out = torch.zeros((n, table.shape[1], 4), dtype=torch.int64)
-        module.tree_largest_boxes(levels.data_ptr(), table.data_ptr(), out.data_ptr(), n, height, width,
-                                  table.shape[1], torch.get_num_threads())
+        tree(levels.data_ptr(), table.data_ptr(), out.data_ptr(), n, height, width, table.shape[1],
+             torch.get_num_threads())
         return out
     if distinct.numel() < table.shape[1]:
         per_level = _largest_xywh_traced(levels, distinct.expand(table.shape[0], -1).contiguous())
@@ -190,28 +189,27 @@ def _largest_xywh(levels: Tensor, table: Tensor) -> Tensor:
 def _largest_xywh_from_maps(cams: Tensor, table: Tensor, validate: bool) -> Tensor | None:
     """``int64 [N, 1, 4]`` for one threshold per CPU map, converting and tracing each map while it is
     in cache (and validating it in the same pass); None without the native kernel."""
-    module = _native.cpu_module()
-    if module is None or not hasattr(module, "map_largest_boxes"):
+    kernel = _native.cpu_kernel("map_largest_boxes")
+    if kernel is None:
         return None
     n, height, width = cams.shape
     source = cams.contiguous()
     out = torch.zeros((n, 1, 4), dtype=torch.int64)
     bad = torch.zeros(n if validate else 0, dtype=torch.uint8)
-    module.map_largest_boxes(source.data_ptr(), _native.NATIVE_DTYPE_CODES[cams.dtype], table.data_ptr(),
-                             out.data_ptr(), n, height, width, 1, torch.get_num_threads(),
-                             bad.data_ptr() if bad.numel() else 0)
+    kernel(source.data_ptr(), _native.NATIVE_DTYPE_CODES[cams.dtype], table.data_ptr(), out.data_ptr(), n,
+           height, width, 1, torch.get_num_threads(), bad.data_ptr() if bad.numel() else 0)
     check_flagged_maps("cams", cams, bad)
     return out
 
 
 def _largest_xywh_traced(levels: Tensor, table: Tensor) -> Tensor:
-    module = _native.cpu_module()
+    kernel = _native.cpu_kernel("contour_largest_boxes")
     n, height, width = levels.shape
     out = torch.zeros((n, table.shape[1], 4), dtype=torch.int64)
-    if module is not None and hasattr(module, "contour_largest_boxes"):
+    if kernel is not None:
         if out.numel():
-            module.contour_largest_boxes(levels.data_ptr(), table.data_ptr(), out.data_ptr(), n, height, width,
-                                         table.shape[1], torch.get_num_threads())
+            kernel(levels.data_ptr(), table.data_ptr(), out.data_ptr(), n, height, width, table.shape[1],
+                   torch.get_num_threads())
         return out
     counts, xywh, areas, _ = _all_contours(levels, table)
     start = 0

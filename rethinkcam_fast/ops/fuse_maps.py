@@ -223,14 +223,14 @@ def fuse_maps_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str
 # --------------------------------------------------------------------------------------------------
 
 
-def fuse_maps_native(module, maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum") -> tuple[Tensor, Tensor]:
+def fuse_maps_native(kernel, maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum") -> tuple[Tensor, Tensor]:
     n = maps[0].shape[0]
     height, width = output_size
     out = torch.empty((n, height, width), dtype=torch.float32)
     degenerate = torch.zeros(n, dtype=torch.uint8)
     if n and height * width:
         flat = [m.float().contiguous() for m in maps]  # (kept alive until the call returns)
-        module.fuse_maps([m.data_ptr() for m in flat], [m.shape[1] for m in flat], [m.shape[2] for m in flat],
+        kernel([m.data_ptr() for m in flat], [m.shape[1] for m in flat], [m.shape[2] for m in flat],
                          n, height, width, fuse == "max", out.data_ptr(), degenerate.data_ptr(),
                          torch.get_num_threads())
     return out, degenerate.bool()
@@ -245,9 +245,9 @@ def _fuse_maps_impl(maps: list[Tensor], output_size: list[int], fuse: str, backe
     device = maps[0].device
     if use_triton("fuse_maps", backend, device):
         return fuse_maps_triton(maps, tuple(output_size), fuse)
-    module = _native.cpu_module() if backend == "auto" and device.type == "cpu" else None
-    if module is not None and hasattr(module, "fuse_maps"):
-        return fuse_maps_native(module, maps, tuple(output_size), fuse)
+    kernel = _native.cpu_kernel("fuse_maps") if backend == "auto" and device.type == "cpu" else None
+    if kernel is not None:
+        return fuse_maps_native(kernel, maps, tuple(output_size), fuse)
     return fuse_maps_reference(maps, tuple(output_size), fuse)
 
 

@@ -43,14 +43,14 @@ def host_levels(cams: Tensor, check: str | None = None) -> Tensor:
     ``check`` (the argument's name for the message) also validates the maps as
     :func:`~rethinkcam_fast._validation.check_unit_maps` does, within the native pass for CPU maps.
     """
-    module = _native.cpu_module()
-    if cams.device.type == "cpu" and module is not None and hasattr(module, "uint8_levels"):
+    kernel = _native.cpu_kernel("uint8_levels")
+    if cams.device.type == "cpu" and kernel is not None:
         source = cams.contiguous()
         out = torch.empty(cams.shape, dtype=torch.uint8)
         per_image = source[0].numel() if source.shape[0] else 0
         bad = torch.zeros(source.shape[0] if check is not None and per_image else 0, dtype=torch.uint8)
-        module.uint8_levels(source.data_ptr(), _native.NATIVE_DTYPE_CODES[cams.dtype], source.numel(),
-                            out.data_ptr(), torch.get_num_threads(), per_image, bad.data_ptr() if bad.numel() else 0)
+        kernel(source.data_ptr(), _native.NATIVE_DTYPE_CODES[cams.dtype], source.numel(), out.data_ptr(),
+               torch.get_num_threads(), per_image, bad.data_ptr() if bad.numel() else 0)
         check_flagged_maps(check, cams, bad)
         return out
     if check is not None:
@@ -67,15 +67,15 @@ def level_histogram_native(cams: Tensor, check: str | None = None) -> Tensor | N
     """``int64 [N, 256]`` level counts of CPU maps from the C++ kernel: one pass, the levels never
     written out, maps handed to threads one by one; ``check`` (the argument's name) validates the
     maps in the same pass. None without the extension."""
-    module = _native.cpu_module()
-    if module is None or not hasattr(module, "level_histograms"):
+    kernel = _native.cpu_kernel("level_histograms")
+    if kernel is None:
         return None
     source = cams.contiguous()
     n = source.shape[0]
     hist = torch.empty((n, 256), dtype=torch.int64)
     bad = torch.zeros(n if check is not None else 0, dtype=torch.uint8)
-    module.level_histograms(source.data_ptr(), _native.NATIVE_DTYPE_CODES[cams.dtype], n, source[0].numel() if n else 0,
-                            hist.data_ptr(), torch.get_num_threads(), bad.data_ptr() if bad.numel() else 0)
+    kernel(source.data_ptr(), _native.NATIVE_DTYPE_CODES[cams.dtype], n, source[0].numel() if n else 0,
+           hist.data_ptr(), torch.get_num_threads(), bad.data_ptr() if bad.numel() else 0)
     check_flagged_maps(check, cams, bad)
     return hist
 

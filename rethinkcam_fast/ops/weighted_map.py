@@ -127,23 +127,22 @@ def weighted_map_triton(
 
 
 def _native_grad_modes(activations: Tensor, grads: Tensor | None, mode: str, backend: str):
-    """The C++ module when it runs this call (``auto`` on the CPU, a gradient mode, one dtype)."""
+    """The C++ kernel when it runs this call (``auto`` on the CPU, a gradient mode, one dtype)."""
     if backend != "auto" or mode == "channel" or activations.device.type != "cpu":
         return None
     if grads.dtype != activations.dtype or activations.dtype not in _native.NATIVE_DTYPE_CODES:
         return None
-    module = _native.cpu_module()
-    return module if module is not None and hasattr(module, "weighted_map_grad") else None
+    return _native.cpu_kernel("weighted_map_grad")
 
 
-def weighted_map_native(module, activations: Tensor, grads: Tensor, mode: str, relu: bool) -> Tensor:
+def weighted_map_native(kernel, activations: Tensor, grads: Tensor, mode: str, relu: bool) -> Tensor:
     n, k, h, w = activations.shape
     out = torch.empty((n, h, w), dtype=torch.float32)
     if out.numel() == 0:
         return out
     a, a_sn, a_sk, a_ss = flat_spatial(activations)
     g, g_sn, g_sk, g_ss = flat_spatial(grads)
-    module.weighted_map_grad(a.data_ptr(), g.data_ptr(), out.data_ptr(), n, k, h * w, a_sn, a_sk, a_ss,
+    kernel(a.data_ptr(), g.data_ptr(), out.data_ptr(), n, k, h * w, a_sn, a_sk, a_ss,
                              g_sn, g_sk, g_ss, _native.NATIVE_DTYPE_CODES[a.dtype], _MODE_CODES[mode],
                              bool(relu), torch.get_num_threads())
     return out
@@ -158,9 +157,9 @@ def _weighted_map_impl(activations, weights, grads, mode, relu, backend):
     if use_triton("weighted_map", backend, activations.device):
         with device_guard(activations):
             return weighted_map_triton(activations, weights, grads, mode, relu)
-    module = _native_grad_modes(activations, grads, mode, backend)
-    if module is not None:
-        return weighted_map_native(module, activations, grads, mode, relu)
+    kernel = _native_grad_modes(activations, grads, mode, backend)
+    if kernel is not None:
+        return weighted_map_native(kernel, activations, grads, mode, relu)
     return weighted_map_reference(activations, weights, grads, mode, relu)
 
 
