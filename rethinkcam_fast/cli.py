@@ -68,9 +68,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from .datasets import ClutteredDigitsConfig, generate_cluttered_digits, write_wsol_dataset
-    from .training import TrainOptions, train_digits_model
-
-    from .training import resolve_device
+    from .training import TrainOptions, resolve_device, train_digits_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -226,8 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C, so that the commands' cleanup runs (the
     # video command removes its *.partial outputs), and either ends with one line, not a traceback.
-    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
-    if previous is not None:
+    # (Handlers can only be set from the main thread; getsignal gives None for a handler set outside
+    # Python, which is restored as the default.)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return args.func(args)
@@ -235,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         print("rethinkcam: interrupted", file=sys.stderr)
         return 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _raise_interrupt(signum, frame) -> None:
