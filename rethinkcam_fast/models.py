@@ -46,6 +46,7 @@ class DigitsCAMNet(nn.Module):
         if len(widths) != 3 or min(widths) < 1:
             raise ValueError(f"widths must be three positive channel counts, got {widths}")
         self._shape = {"widths": [int(w) for w in widths], "classes": int(classes), "in_channels": int(in_channels)}
+        self._built_tau = float(tau)  # recorded for a GAP model too, as it was given
         w1, w2, w3 = widths
 
         def conv(cin: int, cout: int) -> list[nn.Module]:
@@ -70,7 +71,7 @@ class DigitsCAMNet(nn.Module):
         if isinstance(self.pool, TAP):
             pool, tau = "tap", float(self.pool.tau)
         elif isinstance(self.pool, nn.AdaptiveAvgPool2d) and self.pool.output_size in (1, (1, 1), [1, 1]):
-            pool, tau = "gap", 0.1
+            pool, tau = "gap", self._built_tau
         else:
             raise ValueError(f"DigitsCAMNet.pool is {type(self.pool).__name__}: a checkpoint records TAP or GAP only")
         return {"pool": pool, "tau": tau, **self._shape}
