@@ -57,6 +57,7 @@ def check_against_oracle(features, weight, labels, backend, nwc, size, normalize
     assert out.dtype == (torch.float64 if features.dtype == torch.float64 else torch.float32)
     assert_close_scaled(out, want, tol)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    grad_out = grad_out.to(out.device)  # the generator draws on the CPU; the op may run on the GPU
     d_features, d_weight = torch.autograd.grad(out, (features, weight), grad_out.to(out.dtype))
     want_features, want_weight = torch.autograd.grad(want, (fd, wd), grad_out)
     assert d_features.dtype == features.dtype and d_weight.dtype == weight.dtype

@@ -50,6 +50,7 @@ def check_against_oracle(acts, grads, size, fuse, backend, tol=None):
     tol = max(TOL[acts[0].dtype], tol or 0.0)
     assert_close_scaled(out, want, tol)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grad_out = grad_out.to(out.device)  # the generator draws on the CPU; the op may run on the GPU
     got = torch.autograd.grad(out, acts + grads, grad_out.to(out.dtype))
     wanted = torch.autograd.grad(want, leaves, grad_out)
     for g, w, t in zip(got, wanted, acts + grads):
