@@ -61,4 +61,26 @@ def can_launch_triton(device: "object") -> bool:
     return getattr(device, "type", None) == "cuda"
 
 
-__all__ = ["HAS_TRITON", "can_launch_triton", "tl", "triton", "triton_interpreted"]
+@triton.jit
+def ieee_div(x, y):
+    """``x / y`` rounded to nearest, as PyTorch, NumPy and C++ divide; ``x`` and ``y`` of one float dtype.
+
+    On NVIDIA GPUs Triton lowers a float32 ``/`` to the approximate ``div.full.f32`` (up to 2 ulp off)
+    and Triton's interpreter divides exactly, so the CPU tests cannot see the difference: a reciprocal
+    count that must equal the reference bit for bit, or a resize scale that must be PyTorch's
+    ``(float)input_size / output_size``, divides here. float64 ``/`` already is ``div.rn.f64``.
+    """
+    if y.dtype == tl.float32:
+        q = tl.math.div_rn(x, y)
+    else:
+        q = x / y
+    return q
+
+
+@triton.jit
+def ieee_reciprocal(y):
+    """``1 / y`` rounded to nearest (see :func:`ieee_div`), in ``y``'s float dtype and shape."""
+    return ieee_div(tl.full(y.shape, 1.0, y.dtype), y)
+
+
+__all__ = ["HAS_TRITON", "can_launch_triton", "ieee_div", "ieee_reciprocal", "tl", "triton", "triton_interpreted"]

@@ -21,6 +21,16 @@ from rethinkcam_fast._triton import HAS_TRITON
 
 SCRIPT = Path(__file__).with_name("triton_compile_check.py")
 TARGETS = {90: 132, 80: 108}  # compute capability x10 -> multiprocessors (H100 SXM, A100)
+# Shared memory one block may opt into (CUDA programming guide, compute capabilities table): a kernel
+# that asks for more raises OutOfResources at its first launch on that GPU.
+MAX_SHARED = {90: 227 * 1024, 80: 163 * 1024}
+# Kernels allowed an approximate float32 division (div.full), with the reason; every other one divides
+# with ieee_div, since Triton's interpreter (the CPU tests) divides exactly and cannot show the gap.
+_TIE_SHARE = "the tie share d / count of fuse='max' (_layer_grad), within the float32 tolerance; div.rn spills there"
+APPROXIMATE_DIVISION = {
+    "rethinkcam_fast.ops.map_epilogue._layer_bwd_kernel": _TIE_SHARE,
+    "rethinkcam_fast.ops.map_epilogue._layer_bwd_sums_kernel": _TIE_SHARE,
+}
 
 
 def _has_nvidia_backend() -> bool:
@@ -47,7 +57,15 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
         assert len(result["launchable"]) >= 15, result["launchable"]
         assert not result["failures"] and not result["missing"]
         assert sorted({c["kernel"] for c in result["compiled"]}) == result["launchable"]
+        too_big = [(c["kernel"], c["tensors"], c["constexprs"], c["shared"])
+                   for c in result["compiled"] if c["shared"] > MAX_SHARED[arch]]
+        assert not too_big, f"sm_{arch}: more shared memory than a block may have: {too_big}"
+        approximate = [(c["kernel"], c["scenario"], c["approx_div"]) for c in result["compiled"]
+                       if c["approx_div"] and c["kernel"] not in APPROXIMATE_DIVISION]
+        assert not approximate, f"sm_{arch}: float32 divisions lowered to div.full (use ieee_div): {approximate}"
         if arch == 90:
+            # float64 is gradcheck's dtype, not a speed path: its specialisations may spill.
             spilling = [(c["kernel"], c["tensors"], c["constexprs"], c["spill_stores"])
-                        for c in result["compiled"] if c.get("spill_stores", 0)]
+                        for c in result["compiled"] if c.get("spill_stores", 0) and c["constexprs"].get("ACC") != "fp64"
+                        and not any(t.startswith("float64") for t in c["tensors"])]
             assert not spilling, spilling

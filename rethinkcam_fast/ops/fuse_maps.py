@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native
-from .._triton import tl, triton
+from .._triton import ieee_div, ieee_reciprocal, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, output_size_arg
 from ._launch import check_backend, device_guard, run_inference_op, use_triton
 
@@ -119,8 +119,8 @@ def _fuse_maps_kernel(
         h = tl.load(Heights_ptr + l)
         w = tl.load(Widths_ptr + l)
         map_base = Maps_ptr + tl.load(Offsets_ptr + l) + n.to(tl.int64) * (h * w)
-        scale_h = h.to(tl.float32) / H  # PyTorch: (float)input_size / output_size
-        scale_w = w.to(tl.float32) / W
+        scale_h = ieee_div(h.to(tl.float32), tl.cast(H, tl.float32))  # PyTorch: (float)input_size / output_size
+        scale_w = ieee_div(w.to(tl.float32), tl.cast(W, tl.float32))
         # Pass 0: is the source map constant or non-finite? (Decided before upsampling, whose
         # rounding can make a constant map differ in the last bit.)
         lo = tl.full([BLOCK], float("inf"), tl.float32)
@@ -148,7 +148,7 @@ def _fuse_maps_kernel(
         span = tl.max(hi, axis=0) - lo_s
         # A span past float32's range (finite values near +-3e38) would normalise to NaN: flagged too.
         degenerate = source_degenerate | ~(span > 0.0) | ~(span < float("inf"))
-        inv_span = tl.where(degenerate, 0.0, 1.0 / tl.where(degenerate, 1.0, span))
+        inv_span = tl.where(degenerate, 0.0, ieee_reciprocal(tl.where(degenerate, 1.0, span)))
         # Pass 2: normalise and accumulate into the output (the first layer initialises it).
         for start in range(0, HW, BLOCK):
             o = start + idx
@@ -177,7 +177,7 @@ def _fuse_maps_kernel(
         lo_s = tl.min(lo, axis=0)
         span = tl.max(hi, axis=0) - lo_s
         degenerate = ~(span > 0.0)
-        inv_span = tl.where(degenerate, 0.0, 1.0 / tl.where(degenerate, 1.0, span))
+        inv_span = tl.where(degenerate, 0.0, ieee_reciprocal(tl.where(degenerate, 1.0, span)))
         for start in range(0, HW, BLOCK):
             o = start + idx
             mask = o < HW

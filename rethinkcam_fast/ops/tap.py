@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._triton import can_launch_triton, tl, triton
+from .._triton import can_launch_triton, ieee_reciprocal, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, check_unit_interval
 from . import _launch
 from ._launch import device_guard, flat_spatial
@@ -162,6 +162,12 @@ def _tap_tile_sum(
 
 
 @triton.jit
+def _inverse_count(count, ACC: tl.constexpr):
+    """``1 / max(count, 1)`` in ACC, bit-equal to the reference's IEEE division (see ``ieee_div``)."""
+    return ieee_reciprocal(tl.maximum(count, 1).to(ACC))
+
+
+@triton.jit
 def _tap_fwd_kernel(
     X_ptr, Out_ptr, Thr_ptr, Inv_ptr,
     C, S, stride_n, stride_c, stride_s, tau, tau_mid, tau_lo,
@@ -184,7 +190,7 @@ def _tap_fwd_kernel(
         row_max, row_nan = _tap_tile_max(X_ptr, row_off, c_mask, 0, S, stride_s, BLOCK_C, BLOCK_S, ACC)
         thr = _tap_threshold(row_max, row_nan, tau, tau_mid, tau_lo, X_ptr.dtype.element_ty, IN_BF16, ACC)
         total, count = _tap_tile_sum(X_ptr, row_off, c_mask, thr, 0, S, stride_s, BLOCK_C, BLOCK_S, ACC)
-    inv = 1.0 / tl.maximum(count, 1).to(ACC)
+    inv = _inverse_count(count, ACC)
     out_off = n * C + c
     tl.store(Out_ptr + out_off, (total * inv).to(Out_ptr.dtype.element_ty), mask=c_mask)
     tl.store(Thr_ptr + out_off, thr, mask=c_mask)
@@ -242,7 +248,7 @@ def _tap_split_combine_kernel(
     offs = row[:, None] * NUM_SPLITS + k[None, :]
     total = tl.sum(tl.load(PartSum_ptr + offs, mask=r_mask[:, None], other=0.0), axis=1)
     count = tl.sum(tl.load(PartCount_ptr + offs, mask=r_mask[:, None], other=0), axis=1)
-    inv = 1.0 / tl.maximum(count, 1).to(ACC)
+    inv = _inverse_count(count, ACC)
     tl.store(Out_ptr + row, (total * inv).to(Out_ptr.dtype.element_ty), mask=r_mask)
     tl.store(Inv_ptr + row, inv, mask=r_mask)
 
