@@ -15,7 +15,8 @@ border: a one-pixel or one-pixel-wide blob has area 0; ties go to the first in O
 
 The native C++ kernel (``csrc/cpu/contours.cpp``, Suzuki-Abe border following written for this
 project, contour order replicated from OpenCV) runs on the CPU, parallel over (image, threshold);
-CUDA maps are copied to the host for it (a device kernel is future work). Without the native
+CUDA maps are copied to the host for it as uint8 levels (the CUDA level-job kernel, opt-in through
+``RETHINKCAM_GPU_BOXES=1``, is exact but slower on an H100: see ``ops/level_jobs.py``). Without the native
 extension the op falls back to OpenCV itself, if installed, with a warning.
 """
 
