@@ -302,3 +302,52 @@ def test_a_map_that_resizes_to_a_constant_is_flagged_on_the_cpu(shape, size):
         up = F.interpolate(maps[n:n + 1, None].double(), size=size, mode="bilinear", align_corners=False)[0, 0]
         constant = bool((up.max() - up.min()) < 1e-12)
         assert bool(degenerate[n]) == constant and (not constant or not cams[n].any())
+
+
+@requires_triton
+@pytest.mark.parametrize("splits", [2, 4, 8])
+@pytest.mark.parametrize("fuse", ["sum", "max"])
+@pytest.mark.parametrize(
+    "sizes,out_size",
+    [([(3, 4)], (33, 40)), ([(3, 4), (7, 7), (1, 1), (12, 5)], (37, 29)), ([(5, 5), (6, 3)], (2, 3))],
+    ids=str,
+)
+def test_fuse_maps_split_path_equals_one_program_per_image(splits, fuse, sizes, out_size):
+    """The split path (a small batch on a GPU: several programs per image) gives exactly what the
+    one-program-per-image kernel gives, degenerate layers and images included; chunks of 33x40 and
+    37x29 outputs end inside a block, and 2x3 leaves most splits empty."""
+    from rethinkcam_fast.ops.fuse_maps import fuse_maps_triton
+
+    gen = torch.Generator().manual_seed(len(sizes) * 10 + splits)
+    maps = [torch.rand((5, *s), generator=gen) for s in sizes]
+    maps[0][1] = 0.25  # a constant layer (zeros in the fusion)
+    maps[-1][2, 0, 0] = float("nan")  # a non-finite layer
+    for m in maps:
+        m[3] = 7.0  # every layer constant: a degenerate image
+    one_program, one_degenerate = fuse_maps_triton(maps, out_size, fuse, num_splits=1)
+    split, split_degenerate = fuse_maps_triton(maps, out_size, fuse, num_splits=splits)
+    assert torch.equal(split, one_program)
+    assert torch.equal(split_degenerate, one_degenerate)
+    assert bool(one_degenerate[3]) and not bool(one_degenerate[0])
+    want = oracle_fuse(maps, out_size, fuse)
+    torch.testing.assert_close(split.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@requires_triton
+def test_fuse_maps_split_count_follows_the_gpu():
+    """One program per image once the batch fills about four per SM; otherwise a power of two, at
+    most 64 and at most one per block of output pixels; forced counts must be powers of two."""
+    from unittest import mock
+
+    from rethinkcam_fast.ops import _launch
+    from rethinkcam_fast.ops import fuse_maps as fm
+
+    cuda = torch.device("cuda")
+    with mock.patch.object(_launch, "multiprocessor_count", return_value=132):
+        assert fm.fuse_splits(64, 224 * 224, 1024, cuda) == 16  # 528 programs wanted over 64 images
+        assert fm.fuse_splits(1, 224 * 224, 1024, cuda) == 64
+        assert fm.fuse_splits(528, 224 * 224, 1024, cuda) == 1
+        assert fm.fuse_splits(1, 6, 8, cuda) == 1  # one block of output: nothing to split
+    assert fm.fuse_splits(1, 224 * 224, 1024, torch.device("cpu")) == 1
+    with pytest.raises(ValueError, match="power of two"):
+        fm.fuse_splits(1, 100, 64, cuda, forced=3)

@@ -237,6 +237,10 @@ def scenario_weighted_and_fused_maps():
         for fuse in ("sum", "max"):
             fuse_maps(maps, (224, 224), fuse=fuse, backend="triton")
         fuse_maps(maps[-1:], (224, 224), backend="triton")
+        # A batch that fills the GPU on its own takes the one-program-per-image kernel (smaller maps
+        # keep this cheap: nothing runs, and the kernel's code does not depend on the sizes).
+        for layers in (1, 2):
+            fuse_maps([torch.rand(600, 7, 7).to(dtype)] * layers, (28, 28), backend="triton")
 
 
 def scenario_percentile_threshold():

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._native import warn_fallback
-from .._triton import can_launch_triton
+from .._triton import can_launch_triton, triton
 
 TRITON_OR_REFERENCE = ("auto", "triton", "reference")
 
@@ -24,6 +24,21 @@ def multiprocessor_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_count(forced: int | None, programs: int, most: int, device: torch.device) -> int:
+    """Programs that share one work item (a power of two): ``forced`` (checked), else enough for about 4
+    per SM when ``programs`` work items alone give fewer, at most ``most`` and 64; 1 off a CUDA device
+    (the Triton interpreter)."""
+    if forced is not None:
+        if forced < 1 or forced & (forced - 1):
+            raise ValueError(f"num_splits must be a power of two, got {forced}")
+        return forced
+    sms = multiprocessor_count(device)
+    if not sms:
+        return 1
+    wanted = triton.next_power_of_2(triton.cdiv(4 * sms, max(programs, 1)))
+    return max(1, min(wanted, 64, most))
 
 
 def flat_spatial(t: Tensor) -> tuple[Tensor, int, int, int]:

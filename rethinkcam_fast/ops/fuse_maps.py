@@ -27,6 +27,7 @@ from torch import Tensor
 from .. import _native
 from .._triton import ieee_div, ieee_reciprocal, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, output_size_arg
+from . import _launch
 from ._launch import check_backend, device_guard, run_inference_op, use_triton
 
 FUSE_MODES = ("sum", "max")
@@ -106,6 +107,40 @@ def _bilinear(Map_ptr, o, h, w, W, scale_h, scale_w, mask):
 
 
 @triton.jit
+def _source_is_degenerate(map_base, h, w, BLOCK: tl.constexpr):
+    """Whether an [h, w] source map holds a non-finite value or is constant (it normalises to zeros)."""
+    idx = tl.arange(0, BLOCK)
+    lo = tl.full([BLOCK], float("inf"), tl.float32)
+    hi = tl.full([BLOCK], float("-inf"), tl.float32)
+    bad = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, h * w, BLOCK):
+        i = start + idx
+        mask = i < h * w
+        v = tl.load(map_base + i, mask=mask, other=0.0)
+        finite = (v == v) & (tl.abs(v) < float("inf"))
+        bad += (mask & ~finite).to(tl.int32)
+        lo = tl.minimum(lo, tl.where(mask & finite, v, float("inf")))
+        hi = tl.maximum(hi, tl.where(mask & finite, v, float("-inf")))
+    return (tl.sum(bad, axis=0) > 0) | ~(tl.max(hi, axis=0) > tl.min(lo, axis=0))
+
+
+@triton.jit
+def _upsampled_range(map_base, h, w, W, scale_h, scale_w, first, stop, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """(min, max) of the bilinear upsampling of one map over flat outputs [first, stop), on the fly
+    (never stored)."""
+    idx = tl.arange(0, BLOCK)
+    lo = tl.full([BLOCK], float("inf"), ACC)
+    hi = tl.full([BLOCK], float("-inf"), ACC)
+    for start in range(first, stop, BLOCK):
+        o = start + idx
+        mask = o < stop
+        v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
+        lo = tl.minimum(lo, tl.where(mask, v, float("inf")))
+        hi = tl.maximum(hi, tl.where(mask, v, float("-inf")))
+    return tl.min(lo, axis=0), tl.max(hi, axis=0)
+
+
+@triton.jit
 def _fuse_maps_kernel(
     Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Out_ptr, Degenerate_ptr,
     L, H, W,
@@ -123,29 +158,10 @@ def _fuse_maps_kernel(
         scale_w = ieee_div(w.to(tl.float32), tl.cast(W, tl.float32))
         # Pass 0: is the source map constant or non-finite? (Decided before upsampling, whose
         # rounding can make a constant map differ in the last bit.)
-        lo = tl.full([BLOCK], float("inf"), tl.float32)
-        hi = tl.full([BLOCK], float("-inf"), tl.float32)
-        bad = tl.zeros([BLOCK], tl.int32)
-        for start in range(0, h * w, BLOCK):
-            i = start + idx
-            mask = i < h * w
-            v = tl.load(map_base + i, mask=mask, other=0.0)
-            finite = (v == v) & (tl.abs(v) < float("inf"))
-            bad += (mask & ~finite).to(tl.int32)
-            lo = tl.minimum(lo, tl.where(mask & finite, v, float("inf")))
-            hi = tl.maximum(hi, tl.where(mask & finite, v, float("-inf")))
-        source_degenerate = (tl.sum(bad, axis=0) > 0) | ~(tl.max(hi, axis=0) > tl.min(lo, axis=0))
+        source_degenerate = _source_is_degenerate(map_base, h, w, BLOCK)
         # Pass 1: min and max of the upsampled map, computed on the fly and never stored.
-        lo = tl.full([BLOCK], float("inf"), tl.float32)
-        hi = tl.full([BLOCK], float("-inf"), tl.float32)
-        for start in range(0, HW, BLOCK):
-            o = start + idx
-            mask = o < HW
-            v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
-            lo = tl.minimum(lo, tl.where(mask, v, float("inf")))
-            hi = tl.maximum(hi, tl.where(mask, v, float("-inf")))
-        lo_s = tl.min(lo, axis=0)
-        span = tl.max(hi, axis=0) - lo_s
+        lo_s, hi_s = _upsampled_range(map_base, h, w, W, scale_h, scale_w, 0, HW, BLOCK, tl.float32)
+        span = hi_s - lo_s
         # A span past float32's range (finite values near +-3e38) would normalise to NaN: flagged too.
         degenerate = source_degenerate | ~(span > 0.0) | ~(span < float("inf"))
         inv_span = tl.where(degenerate, 0.0, ieee_reciprocal(tl.where(degenerate, 1.0, span)))
@@ -186,6 +202,129 @@ def _fuse_maps_kernel(
         tl.store(Degenerate_ptr + n, degenerate.to(tl.int8))
 
 
+# --------------------------------------------------------------------------------------------------
+# Triton kernels, split path: when one program per image cannot fill the GPU (a small batch, or the
+# 53 layers of a Fully-CAM), every image's output is cut into SPLITS chunks. Same arithmetic as
+# _fuse_maps_kernel in the same order (min / max are order-free), so the two give equal results.
+#   _split_range_kernel   (n, L, S): each layer's upsampled min / max over one chunk (+ the source check)
+#   _split_stats_kernel   (n, L):    each layer's lo and 1 / span (0 when degenerate)
+#   _split_fuse_kernel    (n, S):    normalise and fuse every layer into one chunk, stored once
+#   _split_final_kernel   (n, S):    the fused map's own min-max, in place (several layers only)
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _split_range_kernel(
+    Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Partial_ptr, SourceBad_ptr, L, H, W, CHUNK,
+    SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    n = tl.program_id(0)
+    l = tl.program_id(1)
+    split = tl.program_id(2)
+    HW = H * W
+    h = tl.load(Heights_ptr + l)
+    w = tl.load(Widths_ptr + l)
+    map_base = Maps_ptr + tl.load(Offsets_ptr + l) + n.to(tl.int64) * (h * w)
+    if split == 0:  # the source map's constancy / finiteness, as _fuse_maps_kernel's pass 0
+        tl.store(SourceBad_ptr + n * L + l, _source_is_degenerate(map_base, h, w, BLOCK).to(tl.int8))
+    scale_h = ieee_div(h.to(tl.float32), tl.cast(H, tl.float32))
+    scale_w = ieee_div(w.to(tl.float32), tl.cast(W, tl.float32))
+    first = split * CHUNK
+    stop = tl.minimum(first + CHUNK, HW)
+    lo, hi = _upsampled_range(map_base, h, w, W, scale_h, scale_w, first, stop, BLOCK, tl.float32)
+    row = ((n * L + l) * SPLITS + split) * 2
+    tl.store(Partial_ptr + row, lo)
+    tl.store(Partial_ptr + row + 1, hi)
+
+
+@triton.jit
+def _split_stats_kernel(Partial_ptr, SourceBad_ptr, Stats_ptr, L, SPLITS: tl.constexpr):
+    n = tl.program_id(0)
+    l = tl.program_id(1)
+    k = tl.arange(0, SPLITS)
+    rows = ((n * L + l) * SPLITS + k) * 2
+    lo_s = tl.min(tl.load(Partial_ptr + rows), axis=0)
+    span = tl.max(tl.load(Partial_ptr + rows + 1), axis=0) - lo_s
+    source_bad = tl.load(SourceBad_ptr + n * L + l) != 0
+    degenerate = source_bad | ~(span > 0.0) | ~(span < float("inf"))
+    inv_span = tl.where(degenerate, 0.0, ieee_reciprocal(tl.where(degenerate, 1.0, span)))
+    tl.store(Stats_ptr + (n * L + l) * 3, lo_s)
+    tl.store(Stats_ptr + (n * L + l) * 3 + 1, inv_span)
+    tl.store(Stats_ptr + (n * L + l) * 3 + 2, degenerate.to(tl.float32))
+
+
+@triton.jit
+def _split_layer_value(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Stats_ptr, n, l, L, H, W, o, mask):
+    """Layer l's normalised upsampled value at flat outputs o (0 where the layer is degenerate)."""
+    h = tl.load(Heights_ptr + l)
+    w = tl.load(Widths_ptr + l)
+    map_base = Maps_ptr + tl.load(Offsets_ptr + l) + n.to(tl.int64) * (h * w)
+    scale_h = ieee_div(h.to(tl.float32), tl.cast(H, tl.float32))
+    scale_w = ieee_div(w.to(tl.float32), tl.cast(W, tl.float32))
+    stats = Stats_ptr + (n * L + l) * 3
+    lo_s = tl.load(stats)
+    inv_span = tl.load(stats + 1)
+    degenerate = tl.load(stats + 2) != 0.0
+    v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
+    return tl.where(degenerate, 0.0, (v - lo_s) * inv_span)
+
+
+@triton.jit
+def _split_fuse_kernel(
+    Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Stats_ptr, Out_ptr, Partial_ptr, L, H, W, CHUNK,
+    FUSE_MAX: tl.constexpr, SINGLE: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    n = tl.program_id(0)
+    split = tl.program_id(1)
+    HW = H * W
+    out_base = Out_ptr + n.to(tl.int64) * HW
+    idx = tl.arange(0, BLOCK)
+    first = split * CHUNK
+    stop = tl.minimum(first + CHUNK, HW)
+    lo = tl.full([BLOCK], float("inf"), tl.float32)
+    hi = tl.full([BLOCK], float("-inf"), tl.float32)
+    for start in range(first, stop, BLOCK):
+        o = start + idx
+        mask = o < stop
+        fused = _split_layer_value(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Stats_ptr, n, 0, L, H, W, o, mask)
+        for l in range(1, L):  # layer order as _fuse_maps_kernel: the first initialises, the others add
+            p = _split_layer_value(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Stats_ptr, n, l, L, H, W, o, mask)
+            if FUSE_MAX:
+                fused = tl.maximum(fused, p)
+            else:
+                fused = fused + p
+        tl.store(out_base + o, fused, mask=mask)
+        lo = tl.minimum(lo, tl.where(mask, fused, float("inf")))
+        hi = tl.maximum(hi, tl.where(mask, fused, float("-inf")))
+    if not SINGLE:
+        tl.store(Partial_ptr + (n * SPLITS + split) * 2, tl.min(lo, axis=0))
+        tl.store(Partial_ptr + (n * SPLITS + split) * 2 + 1, tl.max(hi, axis=0))
+
+
+@triton.jit
+def _split_final_kernel(Out_ptr, Partial_ptr, Degenerate_ptr, H, W, CHUNK, SPLITS: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    n = tl.program_id(0)
+    split = tl.program_id(1)
+    HW = H * W
+    out_base = Out_ptr + n.to(tl.int64) * HW
+    k = tl.arange(0, SPLITS)
+    lo_s = tl.min(tl.load(Partial_ptr + (n * SPLITS + k) * 2), axis=0)
+    span = tl.max(tl.load(Partial_ptr + (n * SPLITS + k) * 2 + 1), axis=0) - lo_s
+    degenerate = ~(span > 0.0)
+    inv_span = tl.where(degenerate, 0.0, ieee_reciprocal(tl.where(degenerate, 1.0, span)))
+    idx = tl.arange(0, BLOCK)
+    first = split * CHUNK
+    stop = tl.minimum(first + CHUNK, HW)
+    for start in range(first, stop, BLOCK):
+        o = start + idx
+        mask = o < stop
+        v = tl.load(out_base + o, mask=mask, other=0.0)
+        tl.store(out_base + o, tl.where(degenerate, 0.0, (v - lo_s) * inv_span), mask=mask)
+    if split == 0:
+        tl.store(Degenerate_ptr + n, degenerate.to(tl.int8))
+
+
 @functools.lru_cache(maxsize=64)
 def _layer_table(shapes: tuple[tuple[int, int, int], ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """``(int64 offsets, int32 heights, int32 widths)`` of packed ``[N, h_l, w_l]`` maps on ``device``,
@@ -198,7 +337,21 @@ def _layer_table(shapes: tuple[tuple[int, int, int], ...], device: torch.device)
     return offsets, heights, widths
 
 
-def fuse_maps_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum") -> tuple[Tensor, Tensor]:
+def fuse_splits(n: int, pixels: int, block: int, device: torch.device, forced: int | None = None) -> int:
+    """Programs per image for the split path, a power of two: ``forced``, else enough for about 4 per
+    SM (``n`` images alone give fewer), at most one per ``block`` of output pixels and 64; 1 (the
+    one-program-per-image kernel) when ``n`` fills the GPU, and on the CPU interpreter."""
+    return _launch.split_count(forced, n, triton.next_power_of_2(triton.cdiv(pixels, block)), device)
+
+
+def fuse_maps_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum",
+                     num_splits: int | None = None) -> tuple[Tensor, Tensor]:
+    """Triton fusion: ``(cams float32 [N, H, W], degenerate bool [N])``, as :func:`fuse_maps_reference`.
+
+    One program per image when the batch fills the GPU; otherwise (a small batch, which also suffers
+    most from one program looping over 53 Fully-CAM layers) each image is split over ``num_splits``
+    programs (a power of two; default from the SM count, 1 on the CPU interpreter).
+    """
     device = maps[0].device
     n = maps[0].shape[0]
     height, width = output_size
@@ -209,12 +362,35 @@ def fuse_maps_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str
     flat = [m.float().reshape(-1) for m in maps]
     packed = torch.cat(flat) if len(flat) > 1 else flat[0].contiguous()
     offsets, heights, widths = _layer_table(tuple(tuple(m.shape) for m in maps), device)
-    block = min(triton.next_power_of_2(height * width), 1024)
+    layers, pixels = len(maps), height * width
+    block = min(triton.next_power_of_2(pixels), 1024)
+    splits = fuse_splits(n, pixels, block, device, num_splits)
     with device_guard(packed):
-        _fuse_maps_kernel[(n,)](
-            packed, offsets, heights, widths, out, degenerate, len(maps), height, width,
-            FUSE_MAX=fuse == "max", SINGLE=len(maps) == 1, BLOCK=block,
+        if splits == 1:
+            _fuse_maps_kernel[(n,)](
+                packed, offsets, heights, widths, out, degenerate, layers, height, width,
+                FUSE_MAX=fuse == "max", SINGLE=layers == 1, BLOCK=block,
+            )
+            return out, degenerate.bool()
+        chunk = triton.cdiv(triton.cdiv(pixels, splits), block) * block
+        partial = torch.empty((n, layers, splits, 2), dtype=torch.float32, device=device)
+        source_bad = torch.empty((n, layers), dtype=torch.int8, device=device)
+        stats = torch.empty((n, layers, 3), dtype=torch.float32, device=device)
+        _split_range_kernel[(n, layers, splits)](
+            packed, offsets, heights, widths, partial, source_bad, layers, height, width, chunk,
+            SPLITS=splits, BLOCK=block,
         )
+        _split_stats_kernel[(n, layers)](partial, source_bad, stats, layers, SPLITS=splits)
+        fused_range = torch.empty((n, splits, 2), dtype=torch.float32, device=device)  # per-chunk min, max
+        _split_fuse_kernel[(n, splits)](
+            packed, offsets, heights, widths, stats, out, fused_range, layers, height, width, chunk,
+            FUSE_MAX=fuse == "max", SINGLE=layers == 1, SPLITS=splits, BLOCK=block,
+        )
+        if layers > 1:
+            _split_final_kernel[(n, splits)](out, fused_range, degenerate, height, width, chunk, SPLITS=splits,
+                                             BLOCK=block)
+        else:
+            degenerate = stats[:, 0, 2].to(torch.int8)
     return out, degenerate.bool()
 
 

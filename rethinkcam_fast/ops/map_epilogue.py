@@ -40,7 +40,7 @@ from torch import Tensor
 from .._triton import ieee_div, ieee_reciprocal, tl, triton
 from . import _launch
 from ._launch import device_guard, use_triton
-from .fuse_maps import _bilinear, _layer_table, degenerate_maps
+from .fuse_maps import _bilinear, _layer_table, _upsampled_range, degenerate_maps
 
 _STATS = 5  # per (image, layer): min, max, 1/span (0 when degenerate), #pixels at min, #pixels at max
 # The backward recomputes upsampled values in other kernels and finds the pixels at the min, at the max
@@ -120,21 +120,6 @@ def _range(base, count, BLOCK: tl.constexpr, ACC: tl.constexpr):
         lo = tl.minimum(lo, tl.where(keep, v, float("inf")))
         hi = tl.maximum(hi, tl.where(keep, v, float("-inf")))
     return tl.min(lo, axis=0), tl.max(hi, axis=0), tl.sum(bad, axis=0)
-
-
-@triton.jit
-def _upsampled_range(map_base, h, w, W, scale_h, scale_w, first, stop, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """(min, max) of the bilinear upsampling of one map over flat outputs [first, stop), on the fly."""
-    idx = tl.arange(0, BLOCK)
-    lo = tl.full([BLOCK], float("inf"), ACC)
-    hi = tl.full([BLOCK], float("-inf"), ACC)
-    for start in range(first, stop, BLOCK):
-        o = start + idx
-        mask = o < stop
-        v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
-        lo = tl.minimum(lo, tl.where(mask, v, float("inf")))
-        hi = tl.maximum(hi, tl.where(mask, v, float("-inf")))
-    return tl.min(lo, axis=0), tl.max(hi, axis=0)
 
 
 @triton.jit
@@ -347,7 +332,7 @@ def _interp_matrix(o, src, size, out_size, scale):
 @triton.jit
 def _output_support(start, B: tl.constexpr, size, out_size):
     """Outputs whose samples touch source indices [start, start + B), with a margin for rounding."""
-    ratio = ieee_div(tl.cast(out_size, tl.float32), tl.cast(size, tl.float32))
+    ratio = out_size.to(tl.float32) / size  # approximate is fine: the support has a margin of 2
     lo = tl.maximum(((start - 0.5) * ratio - 0.5).to(tl.int32) - 2, 0)
     hi = tl.minimum(((start + B + 0.5) * ratio - 0.5).to(tl.int32) + 2, out_size)
     whole = size <= B
@@ -365,9 +350,9 @@ def _layer_grad(d_ptr, Fused_ptr, Count_ptr, row, o, mask, map_base, h, w, W, sc
         if FUSE_MAX:  # the layers tied at the maximum share its gradient
             f = tl.load(Fused_ptr + row + o, mask=mask, other=0.0)
             count = tl.load(Count_ptr + row + o, mask=mask, other=1.0)
-            # The one approximate float32 division left (div.full, <= 2 ulp; float64 is exact): the share
-            # of each of `count` tied layers, within the op's float32 tolerance, while div.rn here made
-            # the 16-warp _layer_bwd_kernel spill (tests/test_triton_compile.py allows it in the two callers).
+            # An approximate float32 division (div.full, <= 2 ulp; float64 is exact): the share of each
+            # of `count` tied layers, within the op's float32 tolerance, while div.rn here made the
+            # 16-warp _layer_bwd_kernel spill (tests/test_triton_compile.py allows it in the two callers).
             d = tl.where(p == f, d / count, 0.0)
         du = tl.where(inv != 0.0, _minmax_grad(d, v, lo, hi, inv, a_lo, a_hi), 0.0)
         return tl.where(mask, du, 0.0), tl.where(inv != 0.0, tl.where(mask, d, 0.0), 0.0), tl.where(mask, p, 0.0)
@@ -478,16 +463,9 @@ def _pack(maps: list[Tensor], acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor,
 
 def _splits(forced: int | None, programs: int, rows: int, device: torch.device) -> int:
     """Programs sharing one (image, layer), a power of two: ``forced``, else enough to fill the GPU
-    (about 4 per SM) when images x layers alone cannot; 1 on the CPU interpreter."""
-    if forced is not None:
-        if forced < 1 or forced & (forced - 1):
-            raise ValueError(f"num_splits must be a power of two, got {forced}")
-        return forced
-    sms = _launch.multiprocessor_count(device)
-    if not sms:
-        return 1
-    wanted = triton.cdiv(4 * sms, max(programs, 1))
-    return max(1, min(triton.next_power_of_2(wanted), 64, triton.next_power_of_2(triton.cdiv(rows, 32))))
+    (about 4 per SM) when images x layers alone cannot, at most one per 32 output rows; 1 on the CPU
+    interpreter."""
+    return _launch.split_count(forced, programs, triton.next_power_of_2(triton.cdiv(rows, 32)), device)
 
 
 def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str, normalize: bool, store_out: bool,
@@ -597,7 +575,9 @@ def map_epilogue_backward_triton(
             BY=by, BX=bx, BOY=32, BOX=32 if acc == torch.float64 else 64, ACC=_tl_dtype(acc),
             # Registers (tests/triton_compile_check.py, sm_90): on 4 warps 255 a thread and 16-328 B of
             # spills; 8 warps spill-free for 16x16 source tiles, but 32x32 ones spill 60-76 B under
-            # Triton 3.6 (the GPU image's); 16 warps: about 110 registers, no spills on 3.6 and 3.9.
+            # Triton 3.6 (the GPU image's); 16 warps: about 100-128 registers, no spills on 3.9; on 3.6 the
+            # fuse="max" float32 specialisation spills 40 B since its scales became IEEE divisions (its
+            # forward+backward measured no slower on an H100: 3.55 ms against 3.80 before).
             num_warps=16 if by * bx >= 1024 else 8, **_EXACT,
         )
     d_maps = d_maps.sum(dim=0) if splits > 1 else d_maps[0]  # a fixed-order sum: deterministic
