@@ -170,3 +170,33 @@ def test_load_model_errors(tmp_path):
         load_model(f"{tmp_path}/missing.py:build")
     with pytest.raises(ValueError, match="no attribute"):
         load_model("torch.nn:NoSuchModel")
+
+
+def test_cli_evaluate_model_nwc(dataset, capsys, monkeypatch):
+    """--nwc reaches the engine (negative weight clamping; the metrics equal the function's with
+    nwc=True), and is refused, exit code 2, for a method other than cam."""
+    import rethinkcam_fast.engine as engine_module
+
+    seen = []
+
+    class RecordingEngine(engine_module.CAMEngine):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs.get("nwc"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "CAMEngine", RecordingEngine)
+    args = ["evaluate-model", "--model", os.path.join(dataset["root"], "model_def.py") + ":build",
+            "--checkpoint", os.path.join(dataset["root"], "model.pt"), "--data-root", dataset["data_root"],
+            "--metadata-root", dataset["metadata_root"], "--dataset-name", "CUB", "--split", "test",
+            "--image-size", str(SIZE), "--batch-size", "4", "--cam-curve-interval", "0.01", "--json"]
+    assert cli.main(args + ["--nwc"]) == 0
+    assert seen == [True]
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    metadata = load_metadata(dataset["metadata_root"], "CUB", "test")
+    engine = engine_module.CAMEngine(dataset["model"], "cam", boxes=False, warn_degenerate=False, nwc=True)
+    expected = evaluate_model(engine, _loader(metadata, dataset["data_root"]), BoxEvaluator(0.01, metadata=metadata))
+    assert result["MaxBoxAcc"] == expected.to_dict()["MaxBoxAcc"]
+    assert cli.main(args) == 0 and seen[-1] is False  # off by default: the standard protocol's plain CAM
+    capsys.readouterr()
+    assert cli.main(args + ["--nwc", "--method", "gradcam"]) == 2
+    assert "applies to method='cam' only" in capsys.readouterr().err

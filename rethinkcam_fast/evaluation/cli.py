@@ -64,6 +64,9 @@ def add_evaluate_commands(sub: Any) -> None:
     model.add_argument("--data-root", required=True, help="holds the images <image_id>")
     _add_protocol_flags(model)
     model.add_argument("--method", default="cam", help="CAM method (cam, gradcam, gradcam++, layercam, fullycam)")
+    model.add_argument("--nwc", action="store_true",
+                       help="negative weight clamping for --method cam (the Rethinking-CAM paper's NWC; off by "
+                            "default: the standard protocol evaluates plain CAM)")
     model.add_argument("--target-layer", help="module name of the layer to explain (default: the last conv-like)")
     model.add_argument("--image-size", type=_positive_int, default=224,
                        help="images are resized to this square (default: 224; e.g. 64 for the digits model)")
@@ -168,7 +171,7 @@ def _cmd_evaluate_model(args: argparse.Namespace) -> int:
         if args.checkpoint is None and rank_and_world()[0] == 0:
             print(f"rethinkcam {args.command}: warning: no --checkpoint: {args.model} runs with the weights its "
                   "factory gives it (random for a torchvision name)", file=sys.stderr)
-        engine = CAMEngine(model, args.method, args.target_layer, boxes=False, warn_degenerate=False)
+        engine = CAMEngine(model, args.method, args.target_layer, boxes=False, warn_degenerate=False, nwc=args.nwc)
         channels = input_channels(model)
         normalize = channels == 3 if args.normalize == "auto" else args.normalize == "imagenet"
         dataset = WSOLImageDataset(args.data_root, metadata, args.image_size, channels=channels, normalize=normalize)
