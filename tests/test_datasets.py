@@ -143,6 +143,12 @@ def test_the_benchmark_goes_through_the_evaluation_commands(source, tmp_path, ca
                      "ClutteredDigits", "--split", "test", "--image-size", "64", "--cam-curve-interval", "0.01",
                      "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # Without --image-size, the size comes from the checkpoint's data config (64), not 224.
+    assert cli.main(["evaluate-model", "--model", "rethinkcam_fast.models:digits_cam_net", "--checkpoint",
+                     SHIPPED_WEIGHTS, "--data-root", base, "--metadata-root", str(tmp_path), "--dataset-name",
+                     "ClutteredDigits", "--split", "test", "--cam-curve-interval", "0.01", "--json"]) == 0
+    same_size = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k: v for k, v in same_size.items() if k != "seconds"} == {k: v for k, v in result.items() if k != "seconds"}
 
     metadata = load_metadata(str(tmp_path), "ClutteredDigits", "test")
     images = split.images[:, None].float() / 255  # the canvases as written: grey, [0, 1]

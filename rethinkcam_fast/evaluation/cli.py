@@ -68,8 +68,9 @@ def add_evaluate_commands(sub: Any) -> None:
                        help="negative weight clamping for --method cam (the Rethinking-CAM paper's NWC; off by "
                             "default: the standard protocol evaluates plain CAM)")
     model.add_argument("--target-layer", help="module name of the layer to explain (default: the last conv-like)")
-    model.add_argument("--image-size", type=_positive_int, default=224,
-                       help="images are resized to this square (default: 224; e.g. 64 for the digits model)")
+    model.add_argument("--image-size", type=_positive_int,
+                       help="images are resized to this square (default: the canvas size a `rethinkcam train` "
+                            "checkpoint records, e.g. 64 for the digits model; else 224)")
     model.add_argument("--normalize", choices=["auto", "imagenet", "none"], default="auto",
                        help="ImageNet mean/std (auto: for RGB models; grey models, whose first conv takes 1 "
                             "channel, get the grey image in [0, 1])")
@@ -152,6 +153,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return _run(args, evaluate)
 
 
+def _checkpoint_image_size(path: str | None) -> int | None:
+    """The square input size a ``rethinkcam train`` checkpoint was trained at (its data config's
+    canvas size), or None for any other file."""
+    if path is None:
+        return None
+    from ..models import CHECKPOINT_FORMAT, read_weights
+
+    payload = read_weights(path)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        return None
+    size = payload.get("meta", {}).get("data", {}).get("canvas_size")
+    return int(size) if isinstance(size, int) and size > 0 else None
+
+
 def _cmd_evaluate_model(args: argparse.Namespace) -> int:
     def evaluate(device: Any) -> Any:
         import torch
@@ -174,7 +189,8 @@ def _cmd_evaluate_model(args: argparse.Namespace) -> int:
         engine = CAMEngine(model, args.method, args.target_layer, boxes=False, warn_degenerate=False, nwc=args.nwc)
         channels = input_channels(model)
         normalize = channels == 3 if args.normalize == "auto" else args.normalize == "imagenet"
-        dataset = WSOLImageDataset(args.data_root, metadata, args.image_size, channels=channels, normalize=normalize)
+        image_size = args.image_size or _checkpoint_image_size(args.checkpoint) or 224
+        dataset = WSOLImageDataset(args.data_root, metadata, image_size, channels=channels, normalize=normalize)
         rank, world = rank_and_world()
         shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))  # no padding duplicates
         loader = torch.utils.data.DataLoader(shard, batch_size=args.batch_size, num_workers=args.num_workers)
