@@ -163,7 +163,7 @@ def test_fully_cam_all_convs(benchmark, provider, batch, dtype):
 @pytest.mark.parametrize(
     "provider",
     ["fwd", "fwd+partial-bwd", "eager-gradcam"]
-    + [f"ours-{m}" for m in METHODS]
+    + [f"ours-{m}" for m in METHODS] + ["ours-gradcam-graph"]
     + [f"{peer}-{m}" for peer in ("pytorch-grad-cam", "torchcam") for m in METHODS[1:]],
 )
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -189,6 +189,16 @@ def test_single_layer_cams(benchmark, provider, model_name, batch, dtype):
         def fn():
             with _autocast(dtype):
                 eager_gradcam(model, target, images)
+    elif provider == "ours-gradcam-graph":
+        if DEVICE.type != "cuda":
+            pytest.skip("CUDA graphs need a GPU")
+        # CAMEngine.graphed: the same work captured once and replayed (no per-layer launches from Python).
+        engine = CAMEngine(model, "gradcam", target, warn_degenerate=False, boxes=False)
+        with _autocast(dtype):
+            graphed = engine.graphed(images)
+
+        def fn():
+            graphed(images, copy=False)
     elif provider.startswith("ours-"):
         method = provider[len("ours-"):]
         # Maps only, as the floors, the eager baseline and the peers give (boxes: the boxes suite).

@@ -8,7 +8,7 @@ their pure-PyTorch reference (with a one-time warning); see :func:`has_native` a
 from __future__ import annotations
 
 from ._native import has_cuda_kernels, has_native
-from .engine import CAMEngine, CAMResult
+from .engine import CAMEngine, CAMResult, GraphedCAM
 from .modules import TAP, replace_gap_with_tap
 from .ops.box_ious import best_box_ious, box_iou_matrix, cam_curve_thresholds, protocol_thresholds
 from .ops.boxes import RaggedBoxes, boxes_from_cams
@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CAMEngine",
     "CAMResult",
+    "GraphedCAM",
     "ClassActivationMapFunction",
     "FLMFuseFunction",
     "RaggedBoxes",

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._cuda_graph import CapturedCall
 from .engine import CAMEngine
 from .localize import IMAGENET_MEAN, IMAGENET_STD, input_channels
 from .ops.boxes import boxes_from_cams
@@ -247,7 +248,7 @@ class VideoLocalizer:
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {self.device}")
         self.cuda_graph = bool(cuda_graph)
-        self._graphs: dict[tuple[int, ...], _CapturedBatch] = {}
+        self._graphs: dict[tuple[int, ...], CapturedCall] = {}
         engine_options.setdefault("warn_degenerate", False)  # no per-batch device sync for a warning
         # PaS and the box are cut here, after the (possibly replayed) CAM, not inside the engine.
         self.pas_q = float(engine_options.pop("pas_q", 90.0))
@@ -304,7 +305,7 @@ class VideoLocalizer:
             if key not in self._graphs:
                 if len(self._graphs) >= 4:  # a few frame sizes at most; drop the oldest capture
                     self._graphs.pop(next(iter(self._graphs)))
-                self._graphs[key] = _CapturedBatch(lambda u8: self.explain(u8, targets), batch_u8)
+                self._graphs[key] = CapturedCall(lambda u8: self.explain(u8, targets), batch_u8)
             labels, scores, cams, thresholds = self._graphs[key](batch_u8)
         else:
             labels, scores, cams, thresholds = self.explain(batch_u8, targets)
@@ -348,28 +349,6 @@ class VideoLocalizer:
             raise
         if pending:
             yield from self._run_batch(first, pending, targets)
-
-
-class _CapturedBatch:
-    """``fn(static_u8)`` captured in a CUDA graph for one batch shape; calling it copies the batch in
-    and replays. The outputs are the graph's static tensors (overwritten by the next replay)."""
-
-    def __init__(self, fn: Callable[[Tensor], tuple[Tensor, ...]], example: Tensor, warmup: int = 2) -> None:
-        self.static_in = example.clone()
-        side = torch.cuda.Stream(device=example.device)
-        side.wait_stream(torch.cuda.current_stream(example.device))
-        with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles, allocator settles
-            for _ in range(warmup):
-                fn(self.static_in)
-        torch.cuda.current_stream(example.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_out = fn(self.static_in)
-
-    def __call__(self, batch: Tensor) -> tuple[Tensor, ...]:
-        self.static_in.copy_(batch, non_blocking=True)
-        self.graph.replay()
-        return self.static_out
 
 
 def localize_video(

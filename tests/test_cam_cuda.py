@@ -58,3 +58,34 @@ def test_engine_bf16_autocast_channels_last_on_gpu():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         result = CAMEngine(model, "gradcam", warn_degenerate=False)(images)
     assert result.cams.shape == (4, 64, 64) and result.cams.min() >= 0 and result.cams.max() <= 1
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam", "gradcam++", "layercam", "fullycam"])
+def test_graphed_engine_replays_what_the_engine_gives(method):
+    """CAMEngine.graphed: one capture, replayed on new images of the same shape, gives the eager
+    engine's labels, maps, thresholds and boxes; the copies survive the next replay."""
+    model = make(MiniResNet).cuda()
+    engine = CAMEngine(model, method, warn_degenerate=False)
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(4, 3, 64, 64, generator=gen).cuda() for _ in range(3)]
+    graphed = engine.graphed(batches[0])
+    replayed = [graphed(b) for b in batches]
+    for images, got in zip(batches, replayed):
+        want = engine(images)
+        assert torch.equal(got.labels, want.labels) and torch.equal(got.boxes, want.boxes)
+        assert torch.equal(got.thresholds, want.thresholds)
+        torch.testing.assert_close(got.cams, want.cams, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="capture another"):
+        graphed(torch.randn(2, 3, 64, 64, device="cuda"))
+
+
+def test_graphed_engine_with_a_fixed_target_and_autocast():
+    model = make(MiniResNet).cuda().to(memory_format=torch.channels_last)
+    engine = CAMEngine(model, "gradcam", warn_degenerate=False)
+    images = torch.randn(2, 3, 64, 64, device="cuda").to(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        graphed = engine.graphed(images, targets=3)
+        want = engine(images, 3)
+    got = graphed(images)
+    assert got.labels.tolist() == [3, 3]
+    torch.testing.assert_close(got.cams, want.cams, atol=1e-6, rtol=0)

@@ -543,3 +543,18 @@ def test_cam_with_a_1x1_conv_classifier_finds_the_feature_layer_by_default():
     assert engine.layer_name(engine.target_layers[0]) == "features"
     explicit = CAMEngine(model, "cam", target_layers="features.3", classifier=model.classifier, warn_degenerate=False)(images)
     assert torch.equal(result.cams, explicit.cams)
+
+
+def test_graphed_engine_refuses_what_a_cuda_graph_cannot_do():
+    """CAMEngine.graphed needs a CUDA tensor, a non-differentiable engine and None or one int target
+    (the replays themselves are tested in tests/test_cam_cuda.py, on a GPU)."""
+    model = make(SmallCNN, classes=4)
+    images = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="needs a CUDA tensor"):
+        CAMEngine(model, "gradcam").graphed(images)
+    with pytest.raises(ValueError, match="differentiable"):
+        CAMEngine(model, "gradcam", differentiable=True).graphed(images)
+    with pytest.raises(TypeError, match="one int class index"):
+        CAMEngine(model, "gradcam").graphed(images, targets=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="4-D"):
+        CAMEngine(model, "gradcam").graphed(images[0])

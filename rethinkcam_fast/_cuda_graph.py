@@ -1,0 +1,36 @@
+"""One function captured in a CUDA graph for one input shape, replayed per call (the video path's
+per-batch work and :meth:`rethinkcam_fast.CAMEngine.graphed`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+class CapturedCall:
+    """``fn(static_in)`` captured in a CUDA graph; calling it copies the input in and replays.
+
+    ``fn`` must not synchronise with the host or copy host data to the device (a capture forbids
+    both); it runs ``warmup`` times on a side stream first, so that Triton compiles, the allocator
+    settles and lazily resolved state (e.g. an engine's default target layer) is set before the
+    capture. The outputs are the graph's static tensors, overwritten by the next replay.
+    """
+
+    def __init__(self, fn: Callable[[Tensor], tuple[Tensor, ...]], example: Tensor, warmup: int = 2) -> None:
+        self.static_in = example.clone()
+        side = torch.cuda.Stream(device=example.device)
+        side.wait_stream(torch.cuda.current_stream(example.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn(self.static_in)
+        torch.cuda.current_stream(example.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = fn(self.static_in)
+
+    def __call__(self, batch: Tensor) -> tuple[Tensor, ...]:
+        self.static_in.copy_(batch, non_blocking=True)
+        self.graph.replay()
+        return self.static_out
