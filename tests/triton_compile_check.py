@@ -221,6 +221,23 @@ def scenario_small_maps_float64():
     rethinkcam_fast.flm_fuse(acts, grads, (9, 7), fuse="max", backend="triton").sum().backward()
 
 
+def scenario_output_size_one():
+    """Outputs one pixel high or wide: Triton passes an int argument equal to 1 as a constant, which
+    has no tensor methods (`H.to(...)` once failed to compile on sm_90 while the interpreter ran it)."""
+    import rethinkcam_fast
+    from rethinkcam_fast.ops.fuse_maps import fuse_maps
+
+    labels = torch.tensor([1, 0])
+    for size in ((1, 16), (7, 1), (1, 1)):
+        x = torch.rand(2, 8, 7, 7, requires_grad=True)
+        w = torch.randn(3, 8, requires_grad=True)
+        rethinkcam_fast.class_activation_map(x, w, labels, False, size, True, backend="triton").sum().backward()
+        acts = [torch.rand(2, 4, s, s, requires_grad=True) for s in (5, 3)]
+        grads = [torch.rand(2, 4, s, s, requires_grad=True) for s in (5, 3)]
+        rethinkcam_fast.flm_fuse(acts, grads, size, fuse="max", backend="triton").sum().backward()
+        fuse_maps([torch.rand(2, 5, 5), torch.rand(2, 3, 3)], size, backend="triton")
+
+
 def scenario_weighted_and_fused_maps():
     from rethinkcam_fast.ops.fuse_maps import fuse_maps
     from rethinkcam_fast.ops.weighted_map import weighted_map
@@ -271,6 +288,7 @@ SCENARIOS = {
     "class_activation_map": scenario_class_activation_map,
     "flm_fuse": scenario_flm_fuse,
     "small_maps_float64": scenario_small_maps_float64,
+    "output_size_one": scenario_output_size_one,
     "weighted_and_fused_maps": scenario_weighted_and_fused_maps,
     "percentile_threshold": scenario_percentile_threshold,
     "engine": scenario_engine,

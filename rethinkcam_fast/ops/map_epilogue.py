@@ -332,7 +332,9 @@ def _interp_matrix(o, src, size, out_size, scale):
 @triton.jit
 def _output_support(start, B: tl.constexpr, size, out_size):
     """Outputs whose samples touch source indices [start, start + B), with a margin for rounding."""
-    ratio = out_size.to(tl.float32) / size  # approximate is fine: the support has a margin of 2
+    # tl.cast: an output size of 1 arrives as a plain int (Triton specialises ints equal to 1), which
+    # has no .to(). An approximate division is fine: the support has a margin of 2.
+    ratio = tl.cast(out_size, tl.float32) / tl.cast(size, tl.float32)
     lo = tl.maximum(((start - 0.5) * ratio - 0.5).to(tl.int32) - 2, 0)
     hi = tl.minimum(((start + B + 0.5) * ratio - 0.5).to(tl.int32) + 2, out_size)
     whole = size <= B
