@@ -199,4 +199,4 @@ def test_cli_evaluate_model_nwc(dataset, capsys, monkeypatch):
     assert cli.main(args) == 0 and seen[-1] is False  # off by default: the standard protocol's plain CAM
     capsys.readouterr()
     assert cli.main(args + ["--nwc", "--method", "gradcam"]) == 2
-    assert "applies to method='cam' only" in capsys.readouterr().err
+    assert "applies to --method cam only" in capsys.readouterr().err

@@ -169,6 +169,8 @@ def _checkpoint_image_size(path: str | None) -> int | None:
 
 def _cmd_evaluate_model(args: argparse.Namespace) -> int:
     def evaluate(device: Any) -> Any:
+        if args.nwc and args.method != "cam":  # before any data or model is read
+            raise ValueError(f"--nwc (negative weight clamping) applies to --method cam only, got {args.method}")
         import torch
 
         from ..engine import CAMEngine
