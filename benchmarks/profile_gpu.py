@@ -6,7 +6,8 @@ self CUDA time and by self CPU time, all written to one text file.
 
     python benchmarks/profile_gpu.py --out profile.txt [--case fullycam_b64 ...]
 
-Cases: fullycam_b64 (ResNet50, all 53 convs, fp32, with its forward+full-backward floor),
+Cases: small_batch (batch 1: Grad-CAM eager and through CAMEngine.graphed, Fully-CAM and its floor),
+fullycam_b64 (ResNet50, all 53 convs, fp32, with its forward+full-backward floor),
 gradcampp_b64_bf16 (with Grad-CAM for comparison), video_b1 (VideoLocalizer, Grad-CAM, 8 and 64 frames
 a stream), cam_op (class_activation_map forward+backward, [64, 2048, 7, 7] -> 224^2, against the eager
 formulation), boxes (256 maps, 1 and 1,000 thresholds, host path and the opt-in CUDA level jobs).
@@ -96,6 +97,25 @@ def case_fullycam_b64(out):
     _profile(out, f"ours fullycam b{BIG} fp32", lambda: engine(images))
 
 
+def case_small_batch(out):
+    """Batch 1, where the host's dispatch dominates: Grad-CAM eager against CAMEngine.graphed, and
+    Fully-CAM (53 layers), whose epilogue a small batch now splits over several programs per image."""
+    model, target, images = _resnet(1)
+    engine = CAMEngine(model, "gradcam", target, warn_degenerate=False, boxes=False)
+    _profile(out, "ours gradcam b1 fp32, eager", lambda: engine(images))
+    if GPU:
+        graphed = engine.graphed(images)
+        _profile(out, "ours gradcam b1 fp32, CAMEngine.graphed", lambda: graphed(images, copy=False))
+    fully = CAMEngine(model, "fullycam", warn_degenerate=False, boxes=False)
+    _profile(out, "ours fullycam b1 fp32", lambda: fully(images))
+
+    def floor():
+        leaf = images.detach().requires_grad_(True)
+        torch.autograd.grad(model(leaf).max(1).values.sum(), leaf)
+
+    _profile(out, "fwd+full-bwd b1 fp32 (the floor)", floor)
+
+
 def case_gradcampp_b64_bf16(out):
     model, target, images = _resnet(BIG)
     for method in ("gradcam", "gradcam++"):
@@ -167,6 +187,7 @@ def case_boxes(out):
 
 
 CASES = {
+    "small_batch": case_small_batch,
     "fullycam_b64": case_fullycam_b64,
     "gradcampp_b64_bf16": case_gradcampp_b64_bf16,
     "video_b1": case_video_b1,
