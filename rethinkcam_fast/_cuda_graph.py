@@ -19,16 +19,17 @@ class CapturedCall:
     """
 
     def __init__(self, fn: Callable[[Tensor], tuple[Tensor, ...]], example: Tensor, warmup: int = 2) -> None:
-        self.static_in = example.clone()
-        side = torch.cuda.Stream(device=example.device)
-        side.wait_stream(torch.cuda.current_stream(example.device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                fn(self.static_in)
-        torch.cuda.current_stream(example.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_out = fn(self.static_in)
+        with torch.cuda.device(example.device):  # the capture's own stream lives on the example's device
+            self.static_in = example.clone()
+            side = torch.cuda.Stream(device=example.device)
+            side.wait_stream(torch.cuda.current_stream(example.device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    fn(self.static_in)
+            torch.cuda.current_stream(example.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_out = fn(self.static_in)
 
     def __call__(self, batch: Tensor) -> tuple[Tensor, ...]:
         self.static_in.copy_(batch, non_blocking=True)

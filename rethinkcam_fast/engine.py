@@ -8,6 +8,7 @@ input's device. Hooks live only for the duration of one call, so an engine never
 
 from __future__ import annotations
 
+import copy
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -80,17 +81,22 @@ class GraphedCAM:
         self.engine = engine
         self.shape, self.dtype, self.device = tuple(example.shape), example.dtype, example.device
         self.targets = None if targets is None else int(targets)
+        # The captured call runs on a copy that never warns (a host sync) nor cuts boxes (on the host,
+        # after the replay): the caller's engine, which other threads may share, is left as it is.
+        self._captured = copy.copy(engine)
+        self._captured.warn_degenerate, self._captured.boxes = False, False
+        # The caller's autocast, re-entered inside the captured call without its cast cache: cached
+        # bf16 copies of the weights are freed when the caller's autocast ends, and a graph that read
+        # them would read freed memory (the casts are captured instead; weight updates reach them).
+        self._autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         self._call = CapturedCall(self._explain, example)
 
     def _explain(self, images: Tensor) -> tuple[Tensor, ...]:
         """The captured work: no host sync (no degenerate warning), thresholds on the device."""
-        engine = self.engine
-        warn, boxes = engine.warn_degenerate, engine.boxes
-        engine.warn_degenerate, engine.boxes = False, False
-        try:
-            result = engine(images, self.targets)
-        finally:
-            engine.warn_degenerate, engine.boxes = warn, boxes
+        enabled, dtype = self._autocast
+        with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+            result = self._captured(images, self.targets)
+        engine = self._captured
         thresholds = percentile_threshold(result.cams, engine.pas_q, engine.pas_theta, validate=False,
                                           backend=engine.backend)
         return result.labels, result.scores, result.cams, result.degenerate, thresholds

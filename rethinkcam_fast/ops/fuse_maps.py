@@ -325,8 +325,22 @@ def _split_final_kernel(Out_ptr, Partial_ptr, Degenerate_ptr, H, W, CHUNK, SPLIT
         tl.store(Degenerate_ptr + n, degenerate.to(tl.int8))
 
 
-@functools.lru_cache(maxsize=64)
+# Layer tables read by a kernel captured in a CUDA graph: the graph holds their addresses, so they must
+# outlive any eviction from the cache below (a few bytes each).
+_CAPTURED_TABLES: list[tuple[Tensor, Tensor, Tensor]] = []
+
+
 def _layer_table(shapes: tuple[tuple[int, int, int], ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """``(int64 offsets, int32 heights, int32 widths)`` of packed ``[N, h_l, w_l]`` maps on ``device``
+    (see :func:`_cached_layer_table`); one used inside a CUDA-graph capture is kept for good."""
+    table = _cached_layer_table(shapes, device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        _CAPTURED_TABLES.append(table)
+    return table
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_layer_table(shapes: tuple[tuple[int, int, int], ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """``(int64 offsets, int32 heights, int32 widths)`` of packed ``[N, h_l, w_l]`` maps on ``device``,
     cached: no host-to-device copy per call once a layer layout has been seen, which also keeps the
     launchers capturable in a CUDA graph (the video path warms up before it captures)."""
