@@ -283,3 +283,22 @@ def test_float64_threshold_uses_the_float64_tau():
 
     assert want.item() != tap_mod.tap_reference(x, float(np.float32(0.1))).item()
     torch.testing.assert_close(rethinkcam_fast.tap(x, 0.1, backend="triton"), want, rtol=0, atol=0)
+
+
+def test_auto_backend_order_on_cuda(monkeypatch):
+    """On a CUDA tensor "auto" takes the CUDA extension when it is built (the faster on an H100 in
+    every measured shape, benchmarks/results/h100_tap.md), else Triton, else the reference with a
+    warning; the device is not touched, so this runs without a GPU."""
+    from rethinkcam_fast import _native
+    from rethinkcam_fast.ops import tap as tap_mod
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(_native, "cuda_module", lambda: object())
+    monkeypatch.setattr(tap_mod, "can_launch_triton", lambda device: True)
+    assert tap_mod._resolve_backend("auto", cuda) == "cuda"
+    monkeypatch.setattr(_native, "cuda_module", lambda: None)
+    assert tap_mod._resolve_backend("auto", cuda) == "triton"
+    monkeypatch.setattr(tap_mod, "can_launch_triton", lambda device: False)
+    monkeypatch.setattr(_native, "_warned", set())  # the fallback warns once per process
+    with pytest.warns(RuntimeWarning, match="tap"):
+        assert tap_mod._resolve_backend("auto", cuda) == "reference"
