@@ -107,21 +107,44 @@ def _bilinear(Map_ptr, o, h, w, W, scale_h, scale_w, mask):
 
 
 @triton.jit
+def _range(base, count, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """(min, max, #non-finite) of ``count`` stored values, non-finite values left out of min/max."""
+    idx = tl.arange(0, BLOCK)
+    lo = tl.full([BLOCK], float("inf"), ACC)
+    hi = tl.full([BLOCK], float("-inf"), ACC)
+    bad = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, count, BLOCK):
+        i = start + idx
+        mask = i < count
+        v = tl.load(base + i, mask=mask, other=0.0)
+        keep = mask & (v == v) & (tl.abs(v) < float("inf"))
+        bad += (mask & ~keep).to(tl.int32)
+        lo = tl.minimum(lo, tl.where(keep, v, float("inf")))
+        hi = tl.maximum(hi, tl.where(keep, v, float("-inf")))
+    return tl.min(lo, axis=0), tl.max(hi, axis=0), tl.sum(bad, axis=0)
+
+
+@triton.jit
+def _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, l, H, W, ACC: tl.constexpr):
+    """(h, w, offset of image n's block of layer l in the packed maps, 1-D scales) of one layer."""
+    h = tl.load(Heights_ptr + l)
+    w = tl.load(Widths_ptr + l)
+    block = tl.load(Offsets_ptr + l) + n.to(tl.int64) * (h * w)
+    # Scales as PyTorch: (float)input_size / output_size, rounded to nearest.
+    return h, w, block, ieee_div(h.to(ACC), tl.cast(H, ACC)), ieee_div(w.to(ACC), tl.cast(W, ACC))
+
+
+@triton.jit
+def _inverse_span(span, degenerate):
+    """``1 / span`` (rounded to nearest), 0 for a degenerate map: min-max normalisation's scale."""
+    return tl.where(degenerate, 0.0, ieee_reciprocal(tl.where(degenerate, 1.0, span)))
+
+
+@triton.jit
 def _source_is_degenerate(map_base, h, w, BLOCK: tl.constexpr):
     """Whether an [h, w] source map holds a non-finite value or is constant (it normalises to zeros)."""
-    idx = tl.arange(0, BLOCK)
-    lo = tl.full([BLOCK], float("inf"), tl.float32)
-    hi = tl.full([BLOCK], float("-inf"), tl.float32)
-    bad = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, h * w, BLOCK):
-        i = start + idx
-        mask = i < h * w
-        v = tl.load(map_base + i, mask=mask, other=0.0)
-        finite = (v == v) & (tl.abs(v) < float("inf"))
-        bad += (mask & ~finite).to(tl.int32)
-        lo = tl.minimum(lo, tl.where(mask & finite, v, float("inf")))
-        hi = tl.maximum(hi, tl.where(mask & finite, v, float("-inf")))
-    return (tl.sum(bad, axis=0) > 0) | ~(tl.max(hi, axis=0) > tl.min(lo, axis=0))
+    lo, hi, bad = _range(map_base, h * w, BLOCK, tl.float32)
+    return (bad > 0) | ~(hi > lo)
 
 
 @triton.jit
@@ -151,11 +174,8 @@ def _fuse_maps_kernel(
     out_base = Out_ptr + n.to(tl.int64) * HW
     idx = tl.arange(0, BLOCK)
     for l in range(L):
-        h = tl.load(Heights_ptr + l)
-        w = tl.load(Widths_ptr + l)
-        map_base = Maps_ptr + tl.load(Offsets_ptr + l) + n.to(tl.int64) * (h * w)
-        scale_h = ieee_div(h.to(tl.float32), tl.cast(H, tl.float32))  # PyTorch: (float)input_size / output_size
-        scale_w = ieee_div(w.to(tl.float32), tl.cast(W, tl.float32))
+        h, w, block, scale_h, scale_w = _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, l, H, W, tl.float32)
+        map_base = Maps_ptr + block
         # Pass 0: is the source map constant or non-finite? (Decided before upsampling, whose
         # rounding can make a constant map differ in the last bit.)
         source_degenerate = _source_is_degenerate(map_base, h, w, BLOCK)
@@ -164,7 +184,7 @@ def _fuse_maps_kernel(
         span = hi_s - lo_s
         # A span past float32's range (finite values near +-3e38) would normalise to NaN: flagged too.
         degenerate = source_degenerate | ~(span > 0.0) | ~(span < float("inf"))
-        inv_span = tl.where(degenerate, 0.0, ieee_reciprocal(tl.where(degenerate, 1.0, span)))
+        inv_span = _inverse_span(span, degenerate)
         # Pass 2: normalise and accumulate into the output (the first layer initialises it).
         for start in range(0, HW, BLOCK):
             o = start + idx
@@ -193,7 +213,7 @@ def _fuse_maps_kernel(
         lo_s = tl.min(lo, axis=0)
         span = tl.max(hi, axis=0) - lo_s
         degenerate = ~(span > 0.0)
-        inv_span = tl.where(degenerate, 0.0, ieee_reciprocal(tl.where(degenerate, 1.0, span)))
+        inv_span = _inverse_span(span, degenerate)
         for start in range(0, HW, BLOCK):
             o = start + idx
             mask = o < HW
@@ -222,13 +242,10 @@ def _split_range_kernel(
     l = tl.program_id(1)
     split = tl.program_id(2)
     HW = H * W
-    h = tl.load(Heights_ptr + l)
-    w = tl.load(Widths_ptr + l)
-    map_base = Maps_ptr + tl.load(Offsets_ptr + l) + n.to(tl.int64) * (h * w)
+    h, w, block, scale_h, scale_w = _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, l, H, W, tl.float32)
+    map_base = Maps_ptr + block
     if split == 0:  # the source map's constancy / finiteness, as _fuse_maps_kernel's pass 0
         tl.store(SourceBad_ptr + n * L + l, _source_is_degenerate(map_base, h, w, BLOCK).to(tl.int8))
-    scale_h = ieee_div(h.to(tl.float32), tl.cast(H, tl.float32))
-    scale_w = ieee_div(w.to(tl.float32), tl.cast(W, tl.float32))
     first = split * CHUNK
     stop = tl.minimum(first + CHUNK, HW)
     lo, hi = _upsampled_range(map_base, h, w, W, scale_h, scale_w, first, stop, BLOCK, tl.float32)
@@ -247,7 +264,7 @@ def _split_stats_kernel(Partial_ptr, SourceBad_ptr, Stats_ptr, L, SPLITS: tl.con
     span = tl.max(tl.load(Partial_ptr + rows + 1), axis=0) - lo_s
     source_bad = tl.load(SourceBad_ptr + n * L + l) != 0
     degenerate = source_bad | ~(span > 0.0) | ~(span < float("inf"))
-    inv_span = tl.where(degenerate, 0.0, ieee_reciprocal(tl.where(degenerate, 1.0, span)))
+    inv_span = _inverse_span(span, degenerate)
     tl.store(Stats_ptr + (n * L + l) * 3, lo_s)
     tl.store(Stats_ptr + (n * L + l) * 3 + 1, inv_span)
     tl.store(Stats_ptr + (n * L + l) * 3 + 2, degenerate.to(tl.float32))
@@ -256,11 +273,8 @@ def _split_stats_kernel(Partial_ptr, SourceBad_ptr, Stats_ptr, L, SPLITS: tl.con
 @triton.jit
 def _split_layer_value(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Stats_ptr, n, l, L, H, W, o, mask):
     """Layer l's normalised upsampled value at flat outputs o (0 where the layer is degenerate)."""
-    h = tl.load(Heights_ptr + l)
-    w = tl.load(Widths_ptr + l)
-    map_base = Maps_ptr + tl.load(Offsets_ptr + l) + n.to(tl.int64) * (h * w)
-    scale_h = ieee_div(h.to(tl.float32), tl.cast(H, tl.float32))
-    scale_w = ieee_div(w.to(tl.float32), tl.cast(W, tl.float32))
+    h, w, block, scale_h, scale_w = _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, l, H, W, tl.float32)
+    map_base = Maps_ptr + block
     stats = Stats_ptr + (n * L + l) * 3
     lo_s = tl.load(stats)
     inv_span = tl.load(stats + 1)
@@ -312,7 +326,7 @@ def _split_final_kernel(Out_ptr, Partial_ptr, Degenerate_ptr, H, W, CHUNK, SPLIT
     lo_s = tl.min(tl.load(Partial_ptr + (n * SPLITS + k) * 2), axis=0)
     span = tl.max(tl.load(Partial_ptr + (n * SPLITS + k) * 2 + 1), axis=0) - lo_s
     degenerate = ~(span > 0.0)
-    inv_span = tl.where(degenerate, 0.0, ieee_reciprocal(tl.where(degenerate, 1.0, span)))
+    inv_span = _inverse_span(span, degenerate)
     idx = tl.arange(0, BLOCK)
     first = split * CHUNK
     stop = tl.minimum(first + CHUNK, HW)

@@ -40,7 +40,7 @@ from torch import Tensor
 from .._triton import ieee_div, ieee_reciprocal, tl, triton
 from . import _launch
 from ._launch import device_guard, use_triton
-from .fuse_maps import _bilinear, _layer_table, _upsampled_range, degenerate_maps
+from .fuse_maps import _bilinear, _layer_at, _layer_table, _range, _upsampled_range, degenerate_maps
 
 _STATS = 5  # per (image, layer): min, max, 1/span (0 when degenerate), #pixels at min, #pixels at max
 # The backward recomputes upsampled values in other kernels and finds the pixels at the min, at the max
@@ -105,24 +105,6 @@ def map_epilogue_reference(
 
 
 @triton.jit
-def _range(base, count, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """(min, max, #non-finite) of ``count`` stored values, non-finite values left out of min/max."""
-    idx = tl.arange(0, BLOCK)
-    lo = tl.full([BLOCK], float("inf"), ACC)
-    hi = tl.full([BLOCK], float("-inf"), ACC)
-    bad = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, count, BLOCK):
-        i = start + idx
-        mask = i < count
-        v = tl.load(base + i, mask=mask, other=0.0)
-        keep = mask & (v == v) & (tl.abs(v) < float("inf"))
-        bad += (mask & ~keep).to(tl.int32)
-        lo = tl.minimum(lo, tl.where(keep, v, float("inf")))
-        hi = tl.maximum(hi, tl.where(keep, v, float("-inf")))
-    return tl.min(lo, axis=0), tl.max(hi, axis=0), tl.sum(bad, axis=0)
-
-
-@triton.jit
 def _normalizer(lo, hi, degenerate, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """(1 / span, 0 when degenerate; zeroed per-lane counters of the pixels at the min and the max)."""
     inv = tl.where(degenerate, 0.0, ieee_reciprocal(tl.where(degenerate, 1.0, hi - lo).to(ACC)))
@@ -142,16 +124,6 @@ def _store_stats(stats_base, lo, hi, inv, c_lo, c_hi):
     tl.store(stats_base + 2, inv)
     tl.store(stats_base + 3, c_lo)
     tl.store(stats_base + 4, c_hi)
-
-
-@triton.jit
-def _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, l, H, W, ACC: tl.constexpr):
-    """(h, w, offset of image n's block of layer l in the packed maps, 1-D scales) of one layer."""
-    h = tl.load(Heights_ptr + l)
-    w = tl.load(Widths_ptr + l)
-    block = tl.load(Offsets_ptr + l) + n.to(tl.int64) * (h * w)
-    # Scales as PyTorch: (float)input_size / output_size, rounded to nearest.
-    return h, w, block, ieee_div(h.to(ACC), tl.cast(H, ACC)), ieee_div(w.to(ACC), tl.cast(W, ACC))
 
 
 @triton.jit
