@@ -61,6 +61,17 @@ class CAMResult:
     logits: Tensor | None = None
 
 
+def _warn_degenerate(degenerate: Tensor, stacklevel: int) -> None:
+    """One warning for the maps that were constant or non-finite and came out as zeros (``degenerate``,
+    ``bool [N]``; reading it syncs with the device)."""
+    if bool(degenerate.any()):
+        warnings.warn(
+            f"{int(degenerate.sum())} of {len(degenerate)} CAMs were constant or non-finite and were set to zeros",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
+
+
 class GraphedCAM:
     """A :class:`CAMEngine` call captured in a CUDA graph (see :meth:`CAMEngine.graphed`).
 
@@ -110,12 +121,8 @@ class GraphedCAM:
         labels, scores, cams, degenerate, thresholds = (t.clone() for t in outputs) if copy else outputs
         result = CAMResult(labels=labels, scores=scores, cams=cams, degenerate=degenerate)
         engine = self.engine
-        if engine.warn_degenerate and bool(degenerate.any()):
-            warnings.warn(
-                f"{int(degenerate.sum())} of {len(degenerate)} CAMs were constant or non-finite and were set to zeros",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        if engine.warn_degenerate:
+            _warn_degenerate(degenerate, stacklevel=3)
         if engine.boxes:
             result.thresholds = thresholds
             result.boxes = boxes_from_cams(cams, thresholds, "largest", engine.box_convention, validate=False)
@@ -389,12 +396,8 @@ class CAMEngine:
                 activation = capture.activations[id(layers[0])]
                 maps = [self._single_layer_map(activation, labels, scores, logits.shape[1])]
             cams, degenerate = fuse_maps(maps, output_size, fuse=self.fuse, backend=self.backend)
-        if self.warn_degenerate and bool(degenerate.any()):
-            warnings.warn(
-                f"{int(degenerate.sum())} of {len(degenerate)} CAMs were constant or non-finite and were set to zeros",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        if self.warn_degenerate:
+            _warn_degenerate(degenerate, stacklevel=3)
         layer_maps = None
         if self.return_layer_maps:
             layer_maps = {self.layer_name(m): mp for m, mp in zip(layers, maps)}
@@ -521,8 +524,7 @@ class CAMEngine:
             cams, degenerate = flm_fuse_with_flags(acts, grads, size, self.fuse, self.backend)
             if not self.return_layer_maps:
                 return [], cams, degenerate
-            return [weighted_map(a.detach(), grads=g.detach(), mode="flm", relu=False, backend=self.backend)
-                    for a, g in zip(acts, grads)], cams, degenerate
+            return [self._flm_layer_map(a, g) for a, g in zip(acts, grads)], cams, degenerate
         activation = capture.activations[id(layers[0])]
         if self.method != "cam":
             (layer_map,) = maps = [self._single_layer_map(activation, labels, scores, logits.shape[1])]
@@ -572,6 +574,10 @@ class CAMEngine:
             "torch.compile'd model, whose hooks see tensors outside the compiled graph); gradient methods need "
             "it: explain the uncompiled model, or use method='cam'")
 
+    def _flm_layer_map(self, activation: Tensor, grad: Tensor) -> Tensor:
+        """One layer's FLM map at feature resolution, ``sum_k relu(g) * relu(A)``, off the graph."""
+        return weighted_map(activation.detach(), grads=grad.detach(), mode="flm", relu=False, backend=self.backend)
+
     def _fully_cam_maps(self, layers: list[nn.Module], capture: _Capture, scores: Tensor, images: Tensor,
                         exhaustive: bool = False) -> list[Tensor] | None:
         """CGM: one backward from the target scores; FLM's per-layer reduction runs inside tensor hooks.
@@ -592,9 +598,7 @@ class CAMEngine:
                     return
                 activation = capture.activations.pop(key, None)
                 if activation is not None:
-                    capture.maps[key] = weighted_map(
-                        activation.detach(), grads=grad, mode="flm", relu=False, backend=self.backend
-                    )
+                    capture.maps[key] = self._flm_layer_map(activation, grad)
 
             return hook
 
@@ -617,8 +621,7 @@ class CAMEngine:
             grads = torch.autograd.grad(scores.sum(), sources, allow_unused=True) if sources else ()
             for key, grad in zip(restarts, grads[len(sources) - len(restarts):]):
                 if key not in capture.maps and grad is not None:  # a hook on an input need not fire
-                    capture.maps[key] = weighted_map(capture.activations[key].detach(), grads=grad, mode="flm",
-                                                     relu=False, backend=self.backend)
+                    capture.maps[key] = self._flm_layer_map(capture.activations[key], grad)
             del grads
             if not exhaustive and any(key not in capture.maps and key in capture.activations
                                       and capture.activations[key].requires_grad for key in keys):
