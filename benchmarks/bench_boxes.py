@@ -17,19 +17,19 @@ import torch
 from _common import device_name, environment, synchronize, torch_threads
 
 from rethinkcam_fast import _native, best_box_ious, boxes_from_cams, cam_curve_thresholds, protocol_thresholds
-from rethinkcam_fast.ops.level_jobs import GPU_BOXES_ENV
+from rethinkcam_fast.ops.level_sweep import GPU_BOXES_ENV
 
 cv2 = pytest.importorskip("cv2")
 # The CPU providers run on the host's cores, ours-gpu on the GPU: the header names both.
 RUN_INFO = {"device": device_name(torch.device("cpu")) + (
     f" + {device_name(torch.device('cuda'))} (ours-gpu)" if torch.cuda.is_available() else ""), "torch": torch.__version__}
 BATCH = 8
-GPU_BATCH = 256  # the CUDA level-job kernel needs many jobs in flight
+GPU_BATCH = 256  # the CUDA level sweep takes an image per block: fill every SM twice
 PROVIDERS = ["opencv-loop", "ours-1-thread", "ours-all-threads", "ours-gpu"]
 
 
 def _gpu_fn(call, cams: torch.Tensor):
-    """The CUDA level-job kernel (opt-in through its environment switch) on GPU_BATCH maps on the device;
+    """The CUDA level sweep (opt-in through its environment switch) on GPU_BATCH maps on the device;
     skips without a GPU."""
     if not torch.cuda.is_available() or _native.cuda_module() is None:
         pytest.skip("needs a CUDA device and the CUDA extension")

@@ -30,7 +30,7 @@ from _wsol_data import make_box_split, random_boxes, smooth_maps  # noqa: E402
 from _wsol_oracle import OracleBoxes, OraclePxAP, evaluate_box_split  # noqa: E402
 
 from rethinkcam_fast.evaluation import BoxEvaluator, MaskEvaluator, evaluate_scoremaps  # noqa: E402
-from rethinkcam_fast.ops.level_jobs import GPU_BOXES_ENV  # noqa: E402
+from rethinkcam_fast.ops.level_sweep import GPU_BOXES_ENV  # noqa: E402
 
 pytest.importorskip("cv2")
 RUN_INFO = {"device": device_name(bench_device()), "torch": torch.__version__}
@@ -47,7 +47,7 @@ def _box_batch(count: int):
 
 
 def _threads(provider: str, fn):
-    """``fn`` run with one CPU thread for the ``-1-thread`` provider, with the CUDA level-job box kernel
+    """``fn`` run with one CPU thread for the ``-1-thread`` provider, with the CUDA level-sweep box kernel
     switched on for ``ours-cuda-levels`` (CUDA maps otherwise go to the host's component trees), as
     it is otherwise."""
     if provider == "ours-cuda-levels":

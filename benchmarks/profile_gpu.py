@@ -10,7 +10,7 @@ Cases: small_batch (batch 1: Grad-CAM eager and through CAMEngine.graphed, Fully
 fullycam_b64 (ResNet50, all 53 convs, fp32, with its forward+full-backward floor),
 gradcampp_b64_bf16 (with Grad-CAM for comparison), video_b1 (VideoLocalizer, Grad-CAM, 8 and 64 frames
 a stream), cam_op (class_activation_map forward+backward, [64, 2048, 7, 7] -> 224^2, against the eager
-formulation), boxes (256 maps, 1 and 1,000 thresholds, host path and the opt-in CUDA level jobs).
+formulation), boxes (256 maps, 1 and 1,000 thresholds, host path and the opt-in CUDA level sweep).
 On a machine without a GPU it runs on the CPU with small batches (to check the script itself).
 """
 
@@ -35,7 +35,7 @@ from _models import build  # noqa: E402
 
 import rethinkcam_fast  # noqa: E402
 from rethinkcam_fast import CAMEngine, boxes_from_cams, class_activation_map  # noqa: E402
-from rethinkcam_fast.ops.level_jobs import GPU_BOXES_ENV  # noqa: E402
+from rethinkcam_fast.ops.level_sweep import GPU_BOXES_ENV  # noqa: E402
 from rethinkcam_fast.video import VideoLocalizer  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -182,7 +182,7 @@ def case_boxes(out):
                 with environment(GPU_BOXES_ENV, gpu_jobs):
                     boxes_from_cams(maps, table, "largest", validate=False)
 
-            path = "CUDA level jobs" if gpu_jobs == "1" else "host component tree"
+            path = "CUDA level sweep" if gpu_jobs == "1" else "host component tree"
             _profile(out, f"boxes {len(maps)} maps x {count} thresholds, {path}", fn, calls=2)
 
 

@@ -23,7 +23,7 @@ from rethinkcam_fast import (
     protocol_thresholds,
 )
 from rethinkcam_fast.ops.box_ious import best_box_ious_reference
-from rethinkcam_fast.ops.level_jobs import GPU_BOXES_ENV, level_jobs
+from rethinkcam_fast.ops.level_sweep import GPU_BOXES_ENV, level_sweep
 from rethinkcam_fast.ops.boxes import TREE_MIN_LEVELS
 
 cv2 = pytest.importorskip("cv2")
@@ -197,7 +197,7 @@ def nested_rivals(rng: np.random.Generator, n: int) -> torch.Tensor:
 @requires_tree
 @pytest.mark.parametrize("seed", range(3))
 def test_components_inside_holes_keep_opencv_largest_contour(seed):
-    """The largest contour at every threshold (component trees, best_box_ious v1, the GPU level-job
+    """The largest contour at every threshold (component trees, best_box_ious v1, the GPU level-sweep
     code emulated) equals OpenCV's when components lie inside holes."""
     rng = np.random.default_rng(50 + seed)
     cams = nested_rivals(rng, 12)
@@ -303,11 +303,11 @@ def test_cuda_maps_give_the_cpu_result_on_the_device():
 
 
 def emulated_matches_cpu(cams: torch.Tensor, table: torch.Tensor, gt, offsets, block_threads: int) -> None:
-    """The CUDA level-job kernel's code, run phase by phase on the CPU, equals the CPU kernels."""
+    """The CUDA level-sweep kernel's code, run phase by phase on the CPU, equals the CPU kernels."""
     levels = (cams * 255).to(torch.uint8).contiguous()
     n, height, width = levels.shape
     for multi in (True, False):
-        iou, xywh = level_jobs(levels, table, gt, offsets, multi, emulate=True, block_threads=block_threads)
+        iou, xywh = level_sweep(levels, table, gt, offsets, multi, emulate=True, block_threads=block_threads)
         assert torch.equal(iou, best_box_ious(cams, table, gt, offsets, multi)), multi
         if not multi:
             traced = torch.zeros((n, table.shape[1], 4), dtype=torch.int64)
@@ -317,35 +317,133 @@ def emulated_matches_cpu(cams: torch.Tensor, table: torch.Tensor, gt, offsets, b
             assert torch.equal(xywh, traced)
 
 
+def sweep_status(cams: torch.Tensor, table: torch.Tensor, multi: bool) -> torch.Tensor:
+    """The emulated sweep's status per wanted (image, threshold): what it settled itself (0) and what
+    it left to the host (2: a shared maximum area)."""
+    levels = (cams * 255).to(torch.uint8).contiguous()
+    n, height, width = levels.shape
+    wanted = torch.zeros((n, 256), dtype=torch.uint8)
+    wanted.scatter_(1, table, 1)
+    iou = torch.zeros((n, 256), dtype=torch.float64)
+    xywh = torch.zeros((n, 256, 4), dtype=torch.int64)
+    status = torch.full((n, 256), -1, dtype=torch.int32)
+    gt, offsets = torch.zeros((n, 4), dtype=torch.int64), torch.arange(n + 1)
+    rethinkcam_fast._native.cpu_module().emulate_level_sweep(
+        levels.data_ptr(), n, height, width, wanted.data_ptr(), gt.data_ptr(), offsets.data_ptr(), multi,
+        64, iou.data_ptr(), xywh.data_ptr(), status.data_ptr())
+    return status.gather(1, table)
+
+
 @requires_tree
 @pytest.mark.parametrize("block_threads", [1, 7, 64])
-@pytest.mark.parametrize("seed", range(4))
-def test_gpu_level_job_code_emulated(seed, block_threads):
+@pytest.mark.parametrize("seed", range(6))
+def test_gpu_level_sweep_code_emulated(seed, block_threads):
     rng = np.random.default_rng(100 + seed)
     height, width = int(rng.integers(1, 26)), int(rng.integers(1, 26))
-    if seed % 2:
+    if seed % 3 == 1:
         cams = multilevel_maps(rng, 3, height, width, int(rng.integers(2, 6)))
+    elif seed % 3 == 2:
+        cams = torch.from_numpy(rng.random((3, height, width)).astype(np.float32))
     else:
-        cams = torch.from_numpy((rng.random((3, height, width)) < 0.5).astype(np.float32))
+        cams = torch.from_numpy((rng.random((3, height, width)) < 0.5 + 0.1 * seed).astype(np.float32))
     table = torch.from_numpy(rng.integers(0, 256, size=(3, 10)))
     table[:, :3] = torch.tensor([0, 85, 254])
+    table[0, 3] = 255  # never foreground
     gt, offsets = random_gt(rng, [1, 2, 1], height, width)
     emulated_matches_cpu(cams, table, gt, offsets, block_threads)
 
 
 @requires_tree
-def test_gpu_level_job_code_emulated_on_adversarial_shapes():
+def test_gpu_level_sweep_code_emulated_on_adversarial_shapes():
     masks = adversarial_masks()
     cams = torch.from_numpy(masks.astype(np.float32))
     gt, offsets = random_gt(np.random.default_rng(3), [1] * len(masks), *masks.shape[1:])
     emulated_matches_cpu(cams, torch.tensor([[0, 254]] * len(masks)), gt, offsets, block_threads=5)
 
 
+@requires_tree
+def test_gpu_level_sweep_code_emulated_at_1000_thresholds_of_smooth_maps():
+    """The evaluator's case: 224 x 224 maps upsampled from 7 x 7, every protocol threshold. Holes and
+    components inside them occur at many levels; the sweep settles every level itself (no level is
+    left to the host but shared maximum areas, which these maps do not have)."""
+    gen = torch.Generator().manual_seed(5)
+    low = torch.rand((3, 1, 7, 7), generator=gen)
+    up = torch.nn.functional.interpolate(low, size=(224, 224), mode="bicubic", align_corners=False)[:, 0]
+    lo, hi = up.amin((1, 2), keepdim=True), up.amax((1, 2), keepdim=True)
+    cams = ((up - lo) / (hi - lo)).clamp(0, 1)
+    table = protocol_thresholds(cams, cam_curve_thresholds(0.001))
+    gt, offsets = random_gt(np.random.default_rng(5), [1, 3, 2], 224, 224)
+    emulated_matches_cpu(cams, table, gt, offsets, block_threads=256)
+    levels = (cams * 255).to(torch.uint8)
+    holed = 0
+    for n in range(3):  # the maps do have holes at some thresholds: the background sweeps ran
+        present = torch.unique(levels[n]).tolist()
+        holed += sum(_has_hole(levels[n].numpy() > t) for t in present[:: max(1, len(present) // 40)])
+    assert holed > 0
+    for multi in (True, False):
+        assert torch.equal(sweep_status(cams, table, multi), torch.zeros_like(table, dtype=torch.int32))
+
+
+def _has_hole(mask: np.ndarray) -> bool:
+    import cv2
+
+    _, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+    return hierarchy is not None and bool((hierarchy[0][:, 3] >= 0).any())
+
+
+@requires_tree
+def test_gpu_level_sweep_leaves_only_shared_maximum_areas_to_the_host():
+    """Two squares of the same area: the largest contour is OpenCV's first, which only the border
+    follower knows; the sweep marks that level (status 2) and the host's answer is used."""
+    mask = np.zeros((1, 12, 12), np.float32)
+    mask[0, 7:10, 1:4] = 1.0  # lower-left square
+    mask[0, 1:4, 7:10] = 1.0  # upper-right square, same area, first in raster order
+    cams = torch.from_numpy(mask)
+    table = torch.tensor([[0]])
+    assert sweep_status(cams, table, multi=False).tolist() == [[2]]
+    gt = torch.tensor([[7, 1, 9, 3]])
+    iou, xywh = level_sweep((cams * 255).to(torch.uint8), table, gt, torch.tensor([0, 1]), False, emulate=True)
+    assert xywh[0, 0].tolist() == reference_xywh(mask[0] > 0)
+    emulated_matches_cpu(cams, table, gt, torch.tensor([0, 1]), block_threads=3)
+
+
+def reference_xywh(mask: np.ndarray) -> list[int]:
+    import cv2
+
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
+    return list(cv2.boundingRect(max(contours, key=cv2.contourArea)))
+
+
+def test_gpu_level_sweep_reports_an_internal_inconsistency(monkeypatch):
+    """A hole count that disagrees with the Euler number (status 3) is a bug: it must raise, not pass
+    as a result."""
+    module = rethinkcam_fast._native.cpu_module()
+    if not hasattr(module, "emulate_level_sweep"):
+        pytest.skip("native _C not built")
+
+    class Broken:
+        def __getattr__(self, name):
+            return getattr(module, name)
+
+        @staticmethod
+        def emulate_level_sweep(*args):
+            import ctypes
+
+            status_ptr = args[-1]  # int32 [N, 256]: mark image 0, threshold 7
+            ctypes.c_int32.from_address(status_ptr + 4 * 7).value = 3
+
+    monkeypatch.setattr(rethinkcam_fast._native, "cpu_module", lambda: Broken())
+    levels = torch.zeros((1, 4, 4), dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="internal error.*image 0 at threshold 7"):
+        level_sweep(levels, torch.tensor([[7]]), torch.tensor([[0, 0, 1, 1]]), torch.tensor([0, 1]), True,
+                    emulate=True)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.skipif(rethinkcam_fast._native.cuda_module() is None, reason="CUDA extension not built")
 @pytest.mark.parametrize("interval", [0.01, 0.001])
-def test_cuda_level_jobs_equal_the_cpu_kernels(monkeypatch, interval):
+def test_cuda_level_sweep_equals_the_cpu_kernels(monkeypatch, interval):
     """The CUDA kernel itself (opt-in until verified here): identical IoUs and boxes to the CPU."""
     monkeypatch.setenv(GPU_BOXES_ENV, "1")
     rng = np.random.default_rng(21)

@@ -16,7 +16,7 @@
 #include "component_tree.h"
 #include "contours.h"
 #include "fuse_maps.h"
-#include "level_jobs_emulated.h"
+#include "level_sweep_emulated.h"
 #include "levels.h"
 #include "pixel_histogram.h"
 #include "tap.h"
@@ -250,20 +250,20 @@ PYBIND11_MODULE(_C, m) {
       "fused by sum (or max) and normalised again; as fuse_maps_reference, to float32 rounding.");
 
   m.def(
-      "emulate_level_jobs",
-      [](uintptr_t levels_ptr, int64_t N, int64_t H, int64_t W, uintptr_t jobs_ptr, int64_t J,
-         uintptr_t gt_boxes_ptr, uintptr_t gt_offsets_ptr, bool multi_contour, int64_t block_threads,
-         uintptr_t iou_ptr, uintptr_t xywh_ptr, uintptr_t needs_trace_ptr) {
-        rcam::cpu::emulate_level_jobs(as_ptr<const uint8_t>(levels_ptr), N, H, W, as_ptr<const int32_t>(jobs_ptr), J,
-                                      as_ptr<const int64_t>(gt_boxes_ptr), as_ptr<const int64_t>(gt_offsets_ptr),
-                                      multi_contour, block_threads, as_ptr<double>(iou_ptr),
-                                      as_ptr<int64_t>(xywh_ptr), as_ptr<int32_t>(needs_trace_ptr));
+      "emulate_level_sweep",
+      [](uintptr_t levels_ptr, int64_t N, int64_t H, int64_t W, uintptr_t wanted_ptr, uintptr_t gt_boxes_ptr,
+         uintptr_t gt_offsets_ptr, bool multi_contour, int64_t block_threads, uintptr_t iou_ptr,
+         uintptr_t xywh_ptr, uintptr_t status_ptr) {
+        rcam::cpu::emulate_level_sweep(as_ptr<const uint8_t>(levels_ptr), N, H, W, as_ptr<const uint8_t>(wanted_ptr),
+                                       as_ptr<const int64_t>(gt_boxes_ptr), as_ptr<const int64_t>(gt_offsets_ptr),
+                                       multi_contour, block_threads, as_ptr<double>(iou_ptr),
+                                       as_ptr<int64_t>(xywh_ptr), as_ptr<int32_t>(status_ptr));
       },
-      py::arg("levels_ptr"), py::arg("N"), py::arg("H"), py::arg("W"), py::arg("jobs_ptr"), py::arg("J"),
+      py::arg("levels_ptr"), py::arg("N"), py::arg("H"), py::arg("W"), py::arg("wanted_ptr"),
       py::arg("gt_boxes_ptr"), py::arg("gt_offsets_ptr"), py::arg("multi_contour"), py::arg("block_threads"),
-      py::arg("iou_ptr"), py::arg("xywh_ptr"), py::arg("needs_trace_ptr"),
-      py::call_guard<py::gil_scoped_release>(),
-      "The CUDA level-job kernel's code run on the CPU, each phase thread by thread (for tests):\n"
-      "jobs int32 [J, 2] (image, threshold) -> iou float64 [J], xywh int64 [J, 4] (largest mode),\n"
-      "needs_trace int32 [J] (a shared maximum area: trace the level for OpenCV's order).");
+      py::arg("iou_ptr"), py::arg("xywh_ptr"), py::arg("status_ptr"), py::call_guard<py::gil_scoped_release>(),
+      "The CUDA level-sweep kernel's code run on the CPU, each phase thread by thread (for tests):\n"
+      "levels uint8 [N, H, W], wanted uint8 [N, 256] -> iou float64 [N, 256], xywh int64 [N, 256, 4]\n"
+      "(largest mode), status int32 [N, 256] (0 done, 1 holes: run a level job, 2 tie: trace on the\n"
+      "host, 3 inconsistent), written at the wanted thresholds only.");
 }

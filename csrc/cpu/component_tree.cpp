@@ -59,7 +59,7 @@
 #include <string>
 #include <vector>
 
-#include "../common/level_jobs.h"
+#include "../common/parallel_labels.h"
 #include "contours.h"
 #include "parallel.h"
 
@@ -569,9 +569,9 @@ void threshold_box_ious(const uint8_t* levels, const int64_t* thresholds, int64_
                             const int64_t* row, const bool* wanted) {
     const int64_t* gt = gt_boxes + 4 * gt_offsets[n];
     const int64_t num_gt = gt_offsets[n + 1] - gt_offsets[n];
-    auto iou = [&](const Contour& c) { return levels::contour_iou(c.x0, c.y0, c.x1, c.y1, H, W, gt, num_gt); };
+    auto iou = [&](const Contour& c) { return labels::contour_iou(c.x0, c.y0, c.x1, c.y1, H, W, gt, num_gt); };
     double best_at[256];
-    const double empty = levels::best_iou_against(0, 0, 0, 0, gt, num_gt);
+    const double empty = labels::best_iou_against(0, 0, 0, 0, gt, num_gt);
     trees.run(level, wanted, [&](int thr, const std::vector<Contour>& outers, const Contour* holes,
                                  int64_t num_holes, bool exact_areas) {
       if (outers.empty()) {
@@ -591,7 +591,7 @@ void threshold_box_ious(const uint8_t* levels, const int64_t* thresholds, int64_
       } else {
         int64_t b[4];
         finder.find(level, thr, b);
-        best_at[thr] = levels::rect_iou(b, H, W, gt, num_gt);
+        best_at[thr] = labels::rect_iou(b, H, W, gt, num_gt);
       }
     });
     for (int64_t t = 0; t < T; ++t) out[n * T + t] = best_at[row[t]];

@@ -9,7 +9,7 @@
 
 #include <cstdint>
 
-#include "level_jobs_cuda.h"
+#include "level_sweep_cuda.h"
 #include "tap_cuda.h"
 
 namespace py = pybind11;
@@ -61,22 +61,20 @@ PYBIND11_MODULE(_C_cuda, m) {
       "TAP backward on the GPU (see rethinkcam_fast._C.tap_backward); launched on `stream`.");
 
   m.def(
-      "level_jobs",
-      [](uintptr_t levels_ptr, int64_t N, int64_t H, int64_t W, uintptr_t jobs_ptr, int64_t J,
-         uintptr_t gt_boxes_ptr, uintptr_t gt_offsets_ptr, bool multi_contour, uintptr_t scratch_ptr,
-         int64_t grid, int64_t block_threads, uintptr_t iou_ptr, uintptr_t xywh_ptr,
-         uintptr_t needs_trace_ptr, uintptr_t stream) {
-        rcam::cuda::level_jobs(as_ptr<const uint8_t>(levels_ptr), N, H, W, as_ptr<const int32_t>(jobs_ptr), J,
-                               as_ptr<const int64_t>(gt_boxes_ptr), as_ptr<const int64_t>(gt_offsets_ptr),
-                               multi_contour, as_ptr<int32_t>(scratch_ptr), grid, block_threads,
-                               as_ptr<double>(iou_ptr), as_ptr<int64_t>(xywh_ptr),
-                               as_ptr<int32_t>(needs_trace_ptr), stream);
+      "level_sweep",
+      [](uintptr_t levels_ptr, int64_t N, int64_t H, int64_t W, uintptr_t wanted_ptr, uintptr_t gt_boxes_ptr,
+         uintptr_t gt_offsets_ptr, bool multi_contour, uintptr_t scratch_ptr, int64_t grid, int64_t block_threads,
+         uintptr_t iou_ptr, uintptr_t xywh_ptr, uintptr_t status_ptr, uintptr_t stream) {
+        rcam::cuda::level_sweep(as_ptr<const uint8_t>(levels_ptr), N, H, W, as_ptr<const uint8_t>(wanted_ptr),
+                                as_ptr<const int64_t>(gt_boxes_ptr), as_ptr<const int64_t>(gt_offsets_ptr),
+                                multi_contour, as_ptr<int32_t>(scratch_ptr), grid, block_threads,
+                                as_ptr<double>(iou_ptr), as_ptr<int64_t>(xywh_ptr), as_ptr<int32_t>(status_ptr),
+                                stream);
       },
-      py::arg("levels_ptr"), py::arg("N"), py::arg("H"), py::arg("W"), py::arg("jobs_ptr"), py::arg("J"),
+      py::arg("levels_ptr"), py::arg("N"), py::arg("H"), py::arg("W"), py::arg("wanted_ptr"),
       py::arg("gt_boxes_ptr"), py::arg("gt_offsets_ptr"), py::arg("multi_contour"), py::arg("scratch_ptr"),
-      py::arg("grid"), py::arg("block_threads"), py::arg("iou_ptr"), py::arg("xywh_ptr"),
-      py::arg("needs_trace_ptr"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-      "Level jobs on the GPU (see rethinkcam_fast._C.emulate_level_jobs): per (image, threshold) job\n"
-      "[J, 2] int32, the best IoU (float64 [J]), the largest contour's (x, y, w, h) (int64 [J, 4]) and\n"
-      "whether the level must be traced on the CPU (int32 [J]).  scratch: int32 [grid, 6*H*W + 1].");
+      py::arg("grid"), py::arg("block_threads"), py::arg("iou_ptr"), py::arg("xywh_ptr"), py::arg("status_ptr"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "The level sweep on the GPU (see rethinkcam_fast._C.emulate_level_sweep): a block per image,\n"
+      "every wanted threshold in one pass.  scratch: int32 [grid, 9 * (H*W + 1)]; block_threads <= 512.");
 }

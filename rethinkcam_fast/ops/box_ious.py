@@ -28,7 +28,7 @@ from torch import Tensor
 from .. import _native
 from .._validation import check_float_dtype, check_tensor, check_unit_maps
 from .boxes import _thresholds_2d, boxes_from_cams
-from .level_jobs import gpu_level_jobs_enabled, level_jobs
+from .level_sweep import gpu_boxes_enabled, level_sweep
 from .percentile_threshold import host_levels, scaled_levels
 
 
@@ -177,11 +177,11 @@ def best_box_ious(
     # Boxes reaching past the map grid are scored as they are, as the reference does: annotation
     # boxes a few pixels outside their image exist, and scaled they land outside the grid.
     gt, offsets = _check_gt(gt_boxes, gt_offsets, n)
-    if gpu_level_jobs_enabled(cams):
+    if gpu_boxes_enabled(cams):
         if validate:
             check_unit_maps("cams", cams)
         levels = scaled_levels(cams, torch.uint8)
-        out = level_jobs(levels, table.to(cams.device), gt.to(cams.device), offsets.to(cams.device),
+        out = level_sweep(levels, table.to(cams.device), gt.to(cams.device), offsets.to(cams.device),
                          multi_contour)[0]
         return out[:, 0] if single else out
     levels = host_levels(cams, check="cams" if validate else None)  # CPU maps: validated in the same pass

@@ -15,8 +15,8 @@ border: a one-pixel or one-pixel-wide blob has area 0; ties go to the first in O
 
 The native C++ kernel (``csrc/cpu/contours.cpp``, Suzuki-Abe border following written for this
 project, contour order replicated from OpenCV) runs on the CPU, parallel over (image, threshold);
-CUDA maps are copied to the host for it as uint8 levels (the CUDA level-job kernel, opt-in through
-``RETHINKCAM_GPU_BOXES=1``, is exact but slower on an H100: see ``ops/level_jobs.py``). Without the native
+CUDA maps are copied to the host for it as uint8 levels (the CUDA level sweep, ``ops/level_sweep.py``,
+is opt-in through ``RETHINKCAM_GPU_BOXES=1`` until it has been timed on a GPU). Without the native
 extension the op falls back to OpenCV itself, if installed, with a warning.
 """
 
@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import _native
 from .._validation import check_float_dtype, check_flagged_maps, check_tensor, check_unit_maps
-from .level_jobs import gpu_level_jobs_enabled, level_jobs
+from .level_sweep import gpu_boxes_enabled, level_sweep
 from .percentile_threshold import host_levels, scaled_levels
 
 MODES = ("largest", "all")
@@ -255,11 +255,11 @@ def boxes_from_cams(
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     n, height, width = cams.shape
     table, single = _thresholds_2d(thresholds, n)
-    if mode == "largest" and gpu_level_jobs_enabled(cams):
+    if mode == "largest" and gpu_boxes_enabled(cams):
         if validate:
             check_unit_maps("cams", cams)
         no_gt = torch.zeros((n, 4), dtype=torch.int64, device=cams.device)  # IoUs are not wanted here
-        xywh = level_jobs(scaled_levels(cams, torch.uint8), table.to(cams.device), no_gt,
+        xywh = level_sweep(scaled_levels(cams, torch.uint8), table.to(cams.device), no_gt,
                           torch.arange(n + 1, device=cams.device), multi_contour=False)[1]
         boxes = _to_convention(xywh, height, width, convention)
         return boxes[:, 0] if single else boxes

@@ -1,7 +1,7 @@
-"""The CUDA level-job code under real concurrency, on a machine without a GPU (see
-tests/native/level_jobs_threads.cpp): its device branches, compiled for the host against host
-versions of CUDA's atomics, run each job's phases on 5 and 16 threads with barriers between them,
-losing and retrying atomic races; every result must equal the one-thread run."""
+"""The CUDA level-sweep code under real concurrency, on a machine without a GPU (see
+tests/native/level_sweep_threads.cpp): its device branches, compiled for the host against host
+versions of CUDA's atomics, run each image's sweep on 5 and 16 threads with barriers between the
+phases, losing and retrying atomic races; every result must equal the one-thread run."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCE = REPO / "tests" / "native" / "level_jobs_threads.cpp"
+SOURCE = REPO / "tests" / "native" / "level_sweep_threads.cpp"
 
 
 def _compiler() -> str | None:
@@ -25,7 +25,7 @@ def _compiler() -> str | None:
 
 @pytest.mark.skipif(_compiler() is None, reason="needs a C++20 compiler")
 def test_device_code_gives_the_single_thread_result_under_concurrency(tmp_path):
-    binary = tmp_path / "level_jobs_threads"
+    binary = tmp_path / "level_sweep_threads"
     build = subprocess.run([_compiler(), "-std=c++20", "-O2", "-pthread", "-I", str(REPO / "csrc"), str(SOURCE),
                             "-o", str(binary)], capture_output=True, text=True)
     if build.returncode != 0 and "barrier" in build.stderr:

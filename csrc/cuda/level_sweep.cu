@@ -1,0 +1,67 @@
+// CUDA level sweep (see level_sweep_cuda.h and csrc/common/level_sweep.h): one thread block per
+// image at a time; every phase runs on all the block's threads with __syncthreads() after it; the
+// union-find and the statistics live in the block's global scratch slice (1.8 MB for 224 x 224),
+// the counting sort's bins and the reductions in shared memory.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "../common/level_sweep.h"
+#include "level_sweep_cuda.h"
+
+namespace rcam {
+namespace cuda {
+namespace {
+
+struct ThreadBlock {
+  template <typename Phase>
+  __device__ __forceinline__ void run(Phase&& phase) {
+    phase(static_cast<int64_t>(threadIdx.x), static_cast<int64_t>(blockDim.x));
+    __syncthreads();
+  }
+};
+
+// 512 threads, two blocks per SM (the launcher's default, level_sweep.py): at most 64 registers.
+constexpr int kMaxThreads = 512;
+
+__global__ void __launch_bounds__(kMaxThreads, 2) level_sweep_kernel(const uint8_t* __restrict__ levels, int64_t N, int32_t H, int32_t W,
+                                   const uint8_t* __restrict__ wanted, const int64_t* __restrict__ gt_boxes,
+                                   const int64_t* __restrict__ gt_offsets, bool multi_contour, int32_t* scratch,
+                                   double* iou_out, int64_t* xywh_out, int32_t* status_out) {
+  __shared__ sweep::Shared shared;
+  const int64_t HW = static_cast<int64_t>(H) * W;
+  const sweep::Scratch s = sweep::Scratch::at(scratch + static_cast<int64_t>(blockIdx.x) * sweep::Scratch::ints(HW), HW);
+  ThreadBlock block;
+  for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
+    const sweep::Image im{levels + n * HW, H, W, wanted + n * sweep::kLevels, gt_boxes + 4 * gt_offsets[n],
+                          gt_offsets[n + 1] - gt_offsets[n], multi_contour, iou_out + n * sweep::kLevels,
+                          xywh_out + 4 * n * sweep::kLevels, status_out + n * sweep::kLevels};
+    sweep::sweep_image(block, im, s, &shared);  // ends with a barrier: `shared` is free for the next image
+  }
+}
+
+}  // namespace
+
+void level_sweep(const uint8_t* levels, int64_t N, int64_t H, int64_t W, const uint8_t* wanted,
+                 const int64_t* gt_boxes, const int64_t* gt_offsets, bool multi_contour, int32_t* scratch,
+                 int64_t grid, int64_t block_threads, double* iou_out, int64_t* xywh_out, int32_t* status_out,
+                 std::uintptr_t stream) {
+  if (N < 0 || H <= 0 || W <= 0 || H * W >= (int64_t{1} << 29) || grid < 1 || block_threads < 32 ||
+      block_threads > kMaxThreads) {
+    throw std::invalid_argument("rethinkcam_fast.level_sweep: bad sizes");
+  }
+  if (N == 0) return;
+  level_sweep_kernel<<<static_cast<unsigned>(grid), static_cast<unsigned>(block_threads), 0,
+                       reinterpret_cast<cudaStream_t>(stream)>>>(levels, N, static_cast<int32_t>(H),
+                                                                  static_cast<int32_t>(W), wanted, gt_boxes,
+                                                                  gt_offsets, multi_contour, scratch, iou_out,
+                                                                  xywh_out, status_out);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("rethinkcam_fast.level_sweep: ") + cudaGetErrorString(err));
+  }
+}
+
+}  // namespace cuda
+}  // namespace rcam
