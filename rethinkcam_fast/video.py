@@ -4,8 +4,9 @@ Data flow per batch of frames::
 
     decode (OpenCV, a background thread, bounded queue)  ->  uint8 HWC frames on the host
     -> pinned host buffer -> device (non-blocking)  ->  float, normalise, resize to the model's input
-    -> CAMEngine (any method; optional bf16 autocast) -> maps at the frame's own size -> PaS -> box
-    -> FrameResult per frame, in input order
+    -> CAMEngine (any method; optional bf16 autocast) -> maps at the frame's own size -> PaS threshold
+    -> labels, scores, thresholds and uint8 levels packed into one buffer -> one copy to the host
+    -> largest-contour box (C++ border follower) -> FrameResult per frame, in input order
 
 Frames are grouped into batches of at most ``batch_size`` frames of one size, so a result is never
 more than ``batch_size - 1`` frames late, and a frame of another size mid-stream simply starts a new
@@ -27,8 +28,8 @@ from torch import Tensor, nn
 from ._cuda_graph import CapturedCall
 from .engine import CAMEngine
 from .localize import IMAGENET_MEAN, IMAGENET_STD, input_channels
-from .ops.boxes import boxes_from_cams
-from .ops.percentile_threshold import percentile_threshold
+from .ops.boxes import largest_boxes_from_levels
+from .ops.percentile_threshold import percentile_threshold, scaled_levels
 
 LUMA = (0.299, 0.587, 0.114)  # RGB -> grey (ITU-R BT.601), for single-channel models
 
@@ -249,6 +250,7 @@ class VideoLocalizer:
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {self.device}")
         self.cuda_graph = bool(cuda_graph)
         self._graphs: dict[tuple[int, ...], CapturedCall] = {}
+        self._host_buffer: Tensor | None = None  # pinned, reused by every batch's copy to the host
         engine_options.setdefault("warn_degenerate", False)  # no per-batch device sync for a warning
         # PaS and the box are cut here, after the (possibly replayed) CAM, not inside the engine.
         self.pas_q = float(engine_options.pop("pas_q", 90.0))
@@ -298,6 +300,24 @@ class VideoLocalizer:
         thresholds = percentile_threshold(result.cams, self.pas_q, self.pas_theta, validate=False)
         return result.labels, result.scores, result.cams, thresholds
 
+    def _explain_packed(self, batch_u8: Tensor, targets: int | None) -> tuple[Tensor, Tensor]:
+        """:meth:`explain`, with what the host needs packed into one device buffer: ``(packed uint8,
+        cams)``. No host sync either, so that it can be captured."""
+        labels, scores, cams, thresholds = self.explain(batch_u8, targets)
+        return pack_results(labels, scores, thresholds, cams), cams
+
+    def _fetch(self, packed: Tensor) -> Tensor:
+        """The packed results on the host, in one copy: into a reused pinned buffer on CUDA, then one
+        wait for the copy (instead of a synchronising copy per tensor)."""
+        if packed.device.type != "cuda":
+            return packed.cpu()
+        if self._host_buffer is None or self._host_buffer.numel() < packed.numel():
+            self._host_buffer = torch.empty(packed.numel(), dtype=torch.uint8, pin_memory=True)
+        host = self._host_buffer[: packed.numel()]
+        host.copy_(packed, non_blocking=True)
+        torch.cuda.current_stream(packed.device).synchronize()
+        return host
+
     def _run_batch(self, first_index: int, frames: list[Tensor], targets: int | None) -> list[FrameResult]:
         batch_u8 = self._to_device(frames)
         if self.cuda_graph and len(frames) == self.batch_size:
@@ -305,12 +325,13 @@ class VideoLocalizer:
             if key not in self._graphs:
                 if len(self._graphs) >= 4:  # a few frame sizes at most; drop the oldest capture
                     self._graphs.pop(next(iter(self._graphs)))
-                self._graphs[key] = CapturedCall(lambda u8: self.explain(u8, targets), batch_u8)
-            labels, scores, cams, thresholds = self._graphs[key](batch_u8)
+                self._graphs[key] = CapturedCall(lambda u8: self._explain_packed(u8, targets), batch_u8)
+            packed, cams = self._graphs[key](batch_u8)
         else:
-            labels, scores, cams, thresholds = self.explain(batch_u8, targets)
-        boxes = boxes_from_cams(cams, thresholds, "largest", "exact", validate=False)
-        labels, scores, boxes = (t.tolist() for t in (labels.cpu(), scores.cpu(), boxes.cpu()))
+            packed, cams = self._explain_packed(batch_u8, targets)
+        labels, scores, thresholds, levels = unpack_results(self._fetch(packed), *cams.shape)
+        boxes = largest_boxes_from_levels(levels, thresholds, "exact").tolist()
+        labels, scores = labels.tolist(), scores.tolist()
         return [
             FrameResult(index=first_index + k, label=int(labels[k]), score=float(scores[k]),
                         box=tuple(int(v) for v in boxes[k]), cam=cams[k].clone() if self.keep_cams else None)
@@ -349,6 +370,27 @@ class VideoLocalizer:
             raise
         if pending:
             yield from self._run_batch(first, pending, targets)
+
+
+def pack_results(labels: Tensor, scores: Tensor, thresholds: Tensor, cams: Tensor) -> Tensor:
+    """One ``uint8`` buffer on the maps' device: labels and PaS thresholds (int64 ``[B]`` each), scores
+    (float32 ``[B]``), then the maps' uint8 levels ``trunc(255 x)`` (``[B, H, W]``): the 8-byte fields
+    first, so that every field starts aligned to its size."""
+    fields = (labels.to(torch.int64), thresholds.to(torch.int64), scores.float())
+    raw = [field.contiguous().view(torch.uint8).reshape(-1) for field in fields]
+    return torch.cat(raw + [scaled_levels(cams, torch.uint8).reshape(-1)])
+
+
+def unpack_results(packed: Tensor, batch: int, height: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`pack_results` undone (views, no copies): ``(labels, scores, thresholds, levels)``."""
+    if packed.numel() != 20 * batch + batch * height * width:
+        raise ValueError(f"a packed batch of {batch} maps of {height}x{width} has {20 * batch + batch * height * width} "
+                         f"bytes, got {packed.numel()}")
+    labels = packed[: 8 * batch].view(torch.int64)
+    thresholds = packed[8 * batch : 16 * batch].view(torch.int64)
+    scores = packed[16 * batch : 20 * batch].view(torch.float32)
+    levels = packed[20 * batch :].view(batch, height, width)
+    return labels, scores, thresholds, levels
 
 
 def localize_video(

@@ -203,8 +203,40 @@ def test_explain_is_capturable_no_host_copies_or_syncs_after_warmup(model, monke
         spy(torch.Tensor, name)
     localizer.explain(batch, None)
     localizer.explain(batch, 1)
+    localizer._explain_packed(batch, None)  # what the graph path captures: explain, then the packing
     monkeypatch.undo()
     assert not calls, calls
+
+
+def test_packed_results_round_trip_and_give_the_boxes_of_the_maps():
+    """One buffer carries a batch's labels, scores, PaS thresholds and uint8 levels to the host; the
+    boxes cut from it are boxes_from_cams' boxes of the maps."""
+    from rethinkcam_fast import boxes_from_cams, percentile_threshold
+    from rethinkcam_fast.ops.boxes import largest_boxes_from_levels
+    from rethinkcam_fast.video import pack_results, unpack_results
+
+    gen = torch.Generator().manual_seed(3)
+    cams = torch.rand((3, 17, 23), generator=gen) ** 3
+    cams[1] = 0  # an empty map: box (0, 0, 0, 0)
+    labels = torch.tensor([4, 0, 2**40])
+    scores = torch.tensor([1.5, -2.25, 3e-8], dtype=torch.bfloat16)
+    thresholds = percentile_threshold(cams)
+    packed = pack_results(labels, scores, thresholds, cams)
+    assert packed.dtype == torch.uint8 and packed.dim() == 1
+    got_labels, got_scores, got_thresholds, levels = unpack_results(packed.clone(), 3, 17, 23)
+    assert got_labels.tolist() == labels.tolist() and got_thresholds.tolist() == thresholds.tolist()
+    assert got_scores.tolist() == scores.float().tolist()
+    assert torch.equal(levels, (cams * 255).to(torch.uint8))
+    for convention in ("exact", "wsol"):
+        assert torch.equal(largest_boxes_from_levels(levels, got_thresholds, convention),
+                           boxes_from_cams(cams, thresholds, "largest", convention))
+    assert largest_boxes_from_levels(levels, got_thresholds)[1].tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="packed batch of 3 maps of 17x22"):
+        unpack_results(packed, 3, 17, 22)
+    with pytest.raises(TypeError, match="CPU uint8 tensor"):
+        largest_boxes_from_levels(cams, thresholds)
+    with pytest.raises(ValueError, match=r"uint8 levels in \[0, 255\]"):
+        largest_boxes_from_levels(levels, torch.tensor([0, 256, 3]))
 
 
 @pytest.mark.cuda

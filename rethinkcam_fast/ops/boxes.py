@@ -287,4 +287,22 @@ def boxes_from_cams(
     )
 
 
+def largest_boxes_from_levels(levels: Tensor, thresholds: Tensor, convention: str = "wsol") -> Tensor:
+    """The largest-contour box per map from uint8 levels already on the host (``LongTensor[N, 4]``,
+    CPU): :func:`boxes_from_cams` with one threshold per map, for callers that fetched the levels
+    themselves (the video stream copies a batch's levels, labels and thresholds in one transfer).
+
+    Args:
+        levels: ``uint8 [N, H, W]`` CPU, ``trunc(255·x)`` of the maps; thresholds: ``LongTensor[N]`` CPU, 0..255.
+    """
+    if levels.dtype != torch.uint8 or levels.dim() != 3 or levels.device.type != "cpu":
+        raise TypeError(f"levels must be a CPU uint8 tensor [N, H, W], got {levels.dtype} {tuple(levels.shape)} "
+                        f"on {levels.device}")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    table, _ = _thresholds_2d(thresholds, levels.shape[0])
+    xywh = _largest_xywh(levels.contiguous(), table)
+    return _to_convention(xywh, levels.shape[1], levels.shape[2], convention)[:, 0]
+
+
 __all__ = ["CONVENTIONS", "MODES", "RaggedBoxes", "boxes_from_cams"]
