@@ -17,7 +17,7 @@ import torch
 from _common import device_name, environment, synchronize, torch_threads
 
 from rethinkcam_fast import _native, best_box_ious, boxes_from_cams, cam_curve_thresholds, protocol_thresholds
-from rethinkcam_fast.ops.level_sweep import GPU_BOXES_ENV
+from rethinkcam_fast.ops.level_sweep import BLOCKS_PER_SM_ENV, GPU_BOXES_ENV
 
 cv2 = pytest.importorskip("cv2")
 # The CPU providers run on the host's cores, ours-gpu on the GPU: the header names both.
@@ -25,19 +25,22 @@ RUN_INFO = {"device": device_name(torch.device("cpu")) + (
     f" + {device_name(torch.device('cuda'))} (ours-gpu)" if torch.cuda.is_available() else ""), "torch": torch.__version__}
 BATCH = 8
 GPU_BATCH = 256  # the CUDA level sweep takes an image per block: fill every SM twice
-PROVIDERS = ["opencv-loop", "ours-1-thread", "ours-all-threads", "ours-gpu"]
+PROVIDERS = ["opencv-loop", "ours-1-thread", "ours-all-threads", "ours-gpu", "ours-gpu-1-block-per-sm"]
 
 
-def _gpu_fn(call, cams: torch.Tensor):
-    """The CUDA level sweep (opt-in through its environment switch) on GPU_BATCH maps on the device;
+def _gpu_fn(call, cams: torch.Tensor, provider: str = "ours-gpu"):
+    """The CUDA level sweep (opt-in through its environment switch) on GPU_BATCH maps on the device,
+    with two resident blocks per SM (``ours-gpu``, the default) or one (``...-1-block-per-sm``);
     skips without a GPU."""
     if not torch.cuda.is_available() or _native.cuda_module() is None:
         pytest.skip("needs a CUDA device and the CUDA extension")
     device = torch.device("cuda")
     maps = cams.repeat((GPU_BATCH + len(cams) - 1) // len(cams), 1, 1)[:GPU_BATCH].to(device)
 
+    per_sm = "1" if provider.endswith("1-block-per-sm") else "2"
+
     def fn():
-        with environment(GPU_BOXES_ENV, "1"):
+        with environment(GPU_BOXES_ENV, "1"), environment(BLOCKS_PER_SM_ENV, per_sm):
             call(maps)
             synchronize(device)
 
@@ -73,10 +76,10 @@ def test_largest_box(benchmark, provider, count):
                     cv2.boundingRect(max(contours, key=cv2.contourArea))
 
         per_call = 1
-    elif provider == "ours-gpu":
+    elif provider.startswith("ours-gpu"):
         gpu_table = table.repeat(GPU_BATCH, 1)  # built once, outside the timing
 
-        fn = _gpu_fn(lambda maps: boxes_from_cams(maps, gpu_table, "largest", validate=False), cams)
+        fn = _gpu_fn(lambda maps: boxes_from_cams(maps, gpu_table, "largest", validate=False), cams, provider)
         per_call = GPU_BATCH
     else:
         batch_table = table.repeat(BATCH, 1)
@@ -134,7 +137,7 @@ def test_best_box_ious(benchmark, provider, multi_contour, interval):
                 best.append((inter / (area_a[:, None] + area_b[None, :] - inter)).max())
 
         per_call = 1
-    elif provider == "ours-gpu":
+    elif provider.startswith("ours-gpu"):
         thresholds = cam_curve_thresholds(interval)
         gpu_gt, gpu_offsets = gt.repeat(GPU_BATCH, 1), torch.arange(0, 2 * GPU_BATCH + 1, 2)  # once, untimed
 
@@ -142,7 +145,7 @@ def test_best_box_ious(benchmark, provider, multi_contour, interval):
             table = protocol_thresholds(maps, thresholds, validate=False)
             best_box_ious(maps, table, gpu_gt, gpu_offsets, multi_contour, validate=False)
 
-        fn = _gpu_fn(call, cams)
+        fn = _gpu_fn(call, cams, provider)
         per_call = GPU_BATCH
     else:
         batch_gt = gt.repeat(BATCH, 1)

@@ -478,3 +478,28 @@ def test_box_iou_matrix_refuses_float_boxes_and_bad_shapes():
     with pytest.raises(ValueError, match=r"boxes_a must have shape \(K, 4\)"):
         box_iou_matrix(torch.tensor([[0, 0, 3]]), a)
     assert box_iou_matrix(a.int(), a.short()).tolist() == [[1.0]]
+
+
+def test_level_sweep_launcher_refuses_what_the_kernel_cannot_take():
+    """Host pointers must never reach the CUDA kernel, nor other dtypes than it reads."""
+    levels = torch.zeros((1, 4, 4), dtype=torch.uint8)
+    table, gt, offsets = torch.tensor([[7]]), torch.tensor([[0, 0, 1, 1]]), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="levels must be uint8 on a CUDA device"):
+        level_sweep(levels, table, gt, offsets, True)
+    with pytest.raises(ValueError, match=r"levels must be uint8 on the CPU \(emulate=True\)"):
+        level_sweep(levels.float(), table, gt, offsets, True, emulate=True)
+    with pytest.raises(ValueError, match="table must be int64"):
+        level_sweep(levels, table.int(), gt, offsets, True, emulate=True)
+    with pytest.raises(ValueError, match="1 to 2\\^29 pixels"):
+        level_sweep(torch.zeros((1, 0, 4), dtype=torch.uint8), table, gt, offsets, True, emulate=True)
+
+
+def test_level_sweep_kernel_variant_is_checked(monkeypatch):
+    from rethinkcam_fast.ops.level_sweep import BLOCKS_PER_SM_ENV, blocks_per_sm
+
+    assert blocks_per_sm() == 2
+    monkeypatch.setenv(BLOCKS_PER_SM_ENV, "1")
+    assert blocks_per_sm() == 1
+    monkeypatch.setenv(BLOCKS_PER_SM_ENV, "4")
+    with pytest.raises(ValueError, match="must be 1 or 2, got '4'"):
+        blocks_per_sm()

@@ -364,7 +364,7 @@ RCAM_LABELS_HD void run_sweep(Block& block, const Image& im, const uint8_t* key,
     const int32_t comps = sh->n_next;
     const int32_t holes = fg ? comps - sh->euler4 / 4 : 0;
     block.run([&](int64_t tid, int64_t nt) { phase_reduce(im, s, sh, mode, tid, nt); });
-    block.run([&](int64_t tid, int64_t nt) { phase_ties(im, s, sh, mode, tid, nt); });
+    if (mode == kFilledAreas) block.run([&](int64_t tid, int64_t nt) { phase_ties(im, s, sh, mode, tid, nt); });
     block.run([&](int64_t tid, int64_t) { phase_record(im, sh, mode, thr, comps, holes, tid); });
   }
 }
@@ -458,6 +458,9 @@ RCAM_LABELS_HD void sweep_image(Block& block, const Image& im, const Scratch& s,
     sort_pixels(block, s.reach, HW, s, sh);
     run_sweep(block, im, s.reach, s, sh, kFilledAreas);
   }
+  // The sweeps' last steps read sh->wanted and sh->holes without a barrier after them (levels that
+  // are skipped): no thread may start the next image, which rewrites them, before all are done.
+  block.run([](int64_t, int64_t) {});
 }
 
 }  // namespace sweep

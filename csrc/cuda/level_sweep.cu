@@ -22,10 +22,12 @@ struct ThreadBlock {
   }
 };
 
-// 512 threads, two blocks per SM (the launcher's default, level_sweep.py): at most 64 registers.
+// 512 threads; two blocks per SM cap the registers at 64 (with a few spills), one block per SM
+// lets the kernel take the ~88 it wants.  Both are built; the launcher picks (level_sweep.py).
 constexpr int kMaxThreads = 512;
 
-__global__ void __launch_bounds__(kMaxThreads, 2) level_sweep_kernel(const uint8_t* __restrict__ levels, int64_t N, int32_t H, int32_t W,
+template <int kMinBlocks>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks) level_sweep_kernel(const uint8_t* __restrict__ levels, int64_t N, int32_t H, int32_t W,
                                    const uint8_t* __restrict__ wanted, const int64_t* __restrict__ gt_boxes,
                                    const int64_t* __restrict__ gt_offsets, bool multi_contour, int32_t* scratch,
                                    double* iou_out, int64_t* xywh_out, int32_t* status_out) {
@@ -37,7 +39,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) level_sweep_kernel(const uint8
     const sweep::Image im{levels + n * HW, H, W, wanted + n * sweep::kLevels, gt_boxes + 4 * gt_offsets[n],
                           gt_offsets[n + 1] - gt_offsets[n], multi_contour, iou_out + n * sweep::kLevels,
                           xywh_out + 4 * n * sweep::kLevels, status_out + n * sweep::kLevels};
-    sweep::sweep_image(block, im, s, &shared);  // ends with a barrier: `shared` is free for the next image
+    sweep::sweep_image(block, im, s, &shared);  // ends with a barrier after its last read of `shared`
   }
 }
 
@@ -45,18 +47,23 @@ __global__ void __launch_bounds__(kMaxThreads, 2) level_sweep_kernel(const uint8
 
 void level_sweep(const uint8_t* levels, int64_t N, int64_t H, int64_t W, const uint8_t* wanted,
                  const int64_t* gt_boxes, const int64_t* gt_offsets, bool multi_contour, int32_t* scratch,
-                 int64_t grid, int64_t block_threads, double* iou_out, int64_t* xywh_out, int32_t* status_out,
-                 std::uintptr_t stream) {
+                 int64_t grid, int64_t block_threads, int64_t blocks_per_sm, double* iou_out, int64_t* xywh_out,
+                 int32_t* status_out, std::uintptr_t stream) {
   if (N < 0 || H <= 0 || W <= 0 || H * W >= (int64_t{1} << 29) || grid < 1 || block_threads < 32 ||
-      block_threads > kMaxThreads) {
+      block_threads > kMaxThreads || (blocks_per_sm != 1 && blocks_per_sm != 2)) {
     throw std::invalid_argument("rethinkcam_fast.level_sweep: bad sizes");
   }
   if (N == 0) return;
-  level_sweep_kernel<<<static_cast<unsigned>(grid), static_cast<unsigned>(block_threads), 0,
-                       reinterpret_cast<cudaStream_t>(stream)>>>(levels, N, static_cast<int32_t>(H),
-                                                                  static_cast<int32_t>(W), wanted, gt_boxes,
-                                                                  gt_offsets, multi_contour, scratch, iou_out,
-                                                                  xywh_out, status_out);
+  const dim3 blocks(static_cast<unsigned>(grid)), threads(static_cast<unsigned>(block_threads));
+  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  const int32_t h = static_cast<int32_t>(H), w = static_cast<int32_t>(W);
+  if (blocks_per_sm == 1) {
+    level_sweep_kernel<1><<<blocks, threads, 0, cuda_stream>>>(levels, N, h, w, wanted, gt_boxes, gt_offsets,
+                                                               multi_contour, scratch, iou_out, xywh_out, status_out);
+  } else {
+    level_sweep_kernel<2><<<blocks, threads, 0, cuda_stream>>>(levels, N, h, w, wanted, gt_boxes, gt_offsets,
+                                                               multi_contour, scratch, iou_out, xywh_out, status_out);
+  }
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string("rethinkcam_fast.level_sweep: ") + cudaGetErrorString(err));

@@ -2,8 +2,9 @@
 // (csrc/common/level_sweep.h) — the best contour IoU against the GT boxes and the largest contour's
 // box of mask = levels[n] > thr.  Host-callable launcher; enqueues on `stream` (a cudaStream_t as
 // an integer) and throws std::runtime_error with the CUDA error string if the launch fails.  All
-// pointers are device pointers.  scratch: int32 [grid, 9 * (H * W + 1)] (each of the grid's blocks
-// works through images grid apart).
+// pointers are device pointers.  scratch: int32 [grid, rcam::sweep::Scratch::ints(H * W)] = [grid, 9 * (H * W + 1) +
+// (H * W + 3) / 4] (each of the grid's blocks works through images grid apart).  blocks_per_sm: 1 or 2, the
+// kernel's launch bounds (registers per thread: about 88, or 64 with a few spills).
 #pragma once
 
 #include <cstdint>
@@ -13,8 +14,8 @@ namespace cuda {
 
 void level_sweep(const uint8_t* levels, int64_t N, int64_t H, int64_t W, const uint8_t* wanted,
                  const int64_t* gt_boxes, const int64_t* gt_offsets, bool multi_contour, int32_t* scratch,
-                 int64_t grid, int64_t block_threads, double* iou_out, int64_t* xywh_out, int32_t* status_out,
-                 std::uintptr_t stream);
+                 int64_t grid, int64_t block_threads, int64_t blocks_per_sm, double* iou_out, int64_t* xywh_out,
+                 int32_t* status_out, std::uintptr_t stream);
 
 }  // namespace cuda
 }  // namespace rcam

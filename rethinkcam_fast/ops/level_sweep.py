@@ -23,6 +23,9 @@ from ._launch import multiprocessor_count
 GPU_BOXES_ENV = "RETHINKCAM_GPU_BOXES"
 LEVEL_SWEEP_THREADS = 512  # the kernel's launch bounds: 512 threads, two blocks per SM
 SCRATCH_BYTES = 512 << 20  # the blocks' union-find and statistics, all blocks together
+# Resident blocks per SM, the kernel's launch bounds: 2 (64 registers, a few spills) or 1 (88, none);
+# both are built, the benchmarks time both, and the default stays 2 until an H100 run says otherwise.
+BLOCKS_PER_SM_ENV = "RETHINKCAM_SWEEP_BLOCKS_PER_SM"
 
 # Status codes of csrc/common/level_sweep.h
 TIE, INCONSISTENT = 2, 3
@@ -33,6 +36,14 @@ def gpu_boxes_enabled(cams: Tensor) -> bool:
     module = _native.cuda_module()
     return (cams.is_cuda and os.environ.get(GPU_BOXES_ENV, "0") == "1" and module is not None
             and hasattr(module, "level_sweep"))
+
+
+def blocks_per_sm() -> int:
+    """The kernel variant: ``RETHINKCAM_SWEEP_BLOCKS_PER_SM`` (1 or 2, default 2)."""
+    value = os.environ.get(BLOCKS_PER_SM_ENV, "2")
+    if value not in ("1", "2"):
+        raise ValueError(f"{BLOCKS_PER_SM_ENV} must be 1 or 2, got {value!r}")
+    return int(value)
 
 
 def level_sweep(levels: Tensor, table: Tensor, gt_boxes: Tensor, gt_offsets: Tensor, multi_contour: bool,
@@ -51,6 +62,12 @@ def level_sweep(levels: Tensor, table: Tensor, gt_boxes: Tensor, gt_offsets: Ten
     n, height, width = levels.shape
     if height * width >= 2**29 or height < 1 or width < 1:  # int32 pixel indices in the kernel
         raise ValueError(f"the GPU level sweep needs maps with 1 to 2^29 pixels, got {height}x{width}")
+    if levels.dtype != torch.uint8 or levels.is_cuda == emulate:
+        raise ValueError(f"levels must be uint8 on {'the CPU (emulate=True)' if emulate else 'a CUDA device'}, "
+                         f"got {levels.dtype} on {levels.device}")
+    for name, t in (("table", table), ("gt_boxes", gt_boxes), ("gt_offsets", gt_offsets)):
+        if t.dtype != torch.int64 or t.device != levels.device:
+            raise ValueError(f"{name} must be int64 on {levels.device}, got {t.dtype} on {t.device}")
     device = levels.device
     wanted = torch.zeros((n, 256), dtype=torch.uint8, device=device)
     wanted.scatter_(1, table, 1)
@@ -63,15 +80,16 @@ def level_sweep(levels: Tensor, table: Tensor, gt_boxes: Tensor, gt_offsets: Ten
             levels.data_ptr(), n, height, width, wanted.data_ptr(), gt_boxes.data_ptr(), gt_offsets.data_ptr(),
             bool(multi_contour), block_threads, iou.data_ptr(), xywh.data_ptr(), status.data_ptr())
     elif n:
-        # Two resident blocks per SM, each with its own scratch slice, fewer for large maps so that
-        # the scratch stays within SCRATCH_BYTES.
+        # One or two resident blocks per SM, each with its own scratch slice, fewer for large maps so
+        # that the scratch stays within SCRATCH_BYTES.
+        per_sm = blocks_per_sm()
         per_block = 9 * (height * width + 1) + (height * width + 3) // 4  # int32s (level_sweep.h, Scratch)
-        grid = max(1, min(n, 2 * multiprocessor_count(device), SCRATCH_BYTES // (4 * per_block)))
+        grid = max(1, min(n, per_sm * multiprocessor_count(device), SCRATCH_BYTES // (4 * per_block)))
         scratch = torch.empty(grid * per_block, dtype=torch.int32, device=device)
         with torch.cuda.device(device):
             _native.cuda_module().level_sweep(
                 levels.data_ptr(), n, height, width, wanted.data_ptr(), gt_boxes.data_ptr(), gt_offsets.data_ptr(),
-                bool(multi_contour), scratch.data_ptr(), grid, block_threads, iou.data_ptr(), xywh.data_ptr(),
+                bool(multi_contour), scratch.data_ptr(), grid, block_threads, per_sm, iou.data_ptr(), xywh.data_ptr(),
                 status.data_ptr(), torch.cuda.current_stream(device).cuda_stream)
     pending = status.nonzero()  # the one host sync: levels the sweep left to the host
     if pending.numel():
@@ -108,4 +126,4 @@ def trace_on_host(levels: Tensor, jobs: Tensor, gt_boxes: Tensor, gt_offsets: Te
     return fixed[:, 0].to(levels.device), boxes[:, 0].to(levels.device)
 
 
-__all__ = ["GPU_BOXES_ENV", "LEVEL_SWEEP_THREADS", "gpu_boxes_enabled", "level_sweep"]
+__all__ = ["BLOCKS_PER_SM_ENV", "GPU_BOXES_ENV", "LEVEL_SWEEP_THREADS", "blocks_per_sm", "gpu_boxes_enabled", "level_sweep"]

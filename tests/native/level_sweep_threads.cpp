@@ -13,6 +13,7 @@
 // Build and run: c++ -std=c++20 -O2 -pthread -I csrc tests/native/level_sweep_threads.cpp -o ls && ./ls 100
 // (tests/test_level_sweep_threads.py does it).  Prints "mismatches=M retries=R" and exits 1 on any
 // mismatch.
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cstdint>
@@ -89,52 +90,76 @@ struct Results {
   bool operator==(const Results& o) const { return iou == o.iou && xywh == o.xywh && status == o.status; }
 };
 
-Results run(const std::vector<uint8_t>& level, int H, int W, const std::vector<uint8_t>& wanted, const int64_t* gt,
-            int64_t num_gt, bool multi, int threads) {
+struct Map {
+  std::vector<uint8_t> level, wanted;
+  int64_t gt[8];
+};
+
+// The maps one after another through one block's shared state and scratch, as a CUDA block works
+// through the images of a launch (consecutive images with different thresholds included).
+std::vector<Results> run(const std::vector<Map>& maps, int H, int W, bool multi, int threads) {
   const int64_t HW = int64_t{H} * W;
   std::vector<int32_t> scratch(static_cast<size_t>(Scratch::ints(HW)));
   const Scratch s = Scratch::at(scratch.data(), HW);
   Shared shared{};
-  Results r{std::vector<double>(kLevels), std::vector<int64_t>(4 * kLevels), std::vector<int32_t>(kLevels)};
-  const Image im{level.data(), H, W, wanted.data(), gt, num_gt, multi, r.iou.data(), r.xywh.data(), r.status.data()};
+  std::vector<Results> out(maps.size());
+  std::vector<Image> images;
+  for (size_t i = 0; i < maps.size(); ++i) {
+    out[i] = Results{std::vector<double>(kLevels), std::vector<int64_t>(4 * kLevels), std::vector<int32_t>(kLevels)};
+    images.push_back(Image{maps[i].level.data(), H, W, maps[i].wanted.data(), maps[i].gt, 2, multi, out[i].iou.data(),
+                           out[i].xywh.data(), out[i].status.data()});
+  }
   std::barrier<> sync(threads);
   auto block = [&](int tid) {  // one CUDA thread of the block
     yield_rng.seed(7919u * static_cast<unsigned>(tid) + 1);
     HostThread self{tid, threads, &sync};
-    sweep_image(self, im, s, &shared);
+    for (const Image& im : images) sweep_image(self, im, s, &shared);
   };
   std::vector<std::thread> others;
   for (int t = 1; t < threads; ++t) others.emplace_back(block, t);
   block(0);
   for (std::thread& t : others) t.join();
-  return r;
+  return out;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  const int masks = argc > 1 ? std::atoi(argv[1]) : 100;
+  const int rounds = argc > 1 ? std::atoi(argv[1]) : 100;
   std::mt19937 rng(7);
   int mismatches = 0;
-  for (int m = 0; m < masks; ++m) {
+  for (int m = 0; m < rounds; ++m) {
     const int H = 1 + static_cast<int>(rng() % 60), W = 1 + static_cast<int>(rng() % 60);
-    std::vector<uint8_t> level(static_cast<size_t>(H) * W);
-    const int kind = m % 4;  // salt-and-pepper, every level, mostly foreground with holes, few levels
-    for (uint8_t& v : level) {
-      v = static_cast<uint8_t>(kind == 0   ? (rng() % 2) * 200
-                               : kind == 1 ? rng() % 256
-                               : kind == 2 ? (rng() % 5 ? 200 : 0)
-                                           : (rng() % 4) * 60);
+    std::vector<Map> maps(3);
+    for (size_t i = 0; i < maps.size(); ++i) {
+      Map& map = maps[i];
+      map.level.resize(static_cast<size_t>(H) * W);
+      const int kind = (m + static_cast<int>(i)) % 4;  // salt-and-pepper, every level, holes, few levels
+      for (uint8_t& v : map.level) {
+        v = static_cast<uint8_t>(kind == 0   ? (rng() % 2) * 200
+                                 : kind == 1 ? rng() % 256
+                                 : kind == 2 ? (rng() % 5 ? 200 : 0)
+                                             : (rng() % 4) * 60);
+      }
+      // Different thresholds per map: a high one only, a low one only (the next map of a block then
+      // wants a level its predecessor's sweep skipped), and a mixed set.
+      map.wanted.assign(kLevels, 0);
+      if (i == 0) {
+        map.wanted[200] = 1;
+      } else if (i == 1) {
+        map.wanted[10] = 1;
+      } else {
+        for (int thr : {0, 100, 150, 254}) map.wanted[static_cast<size_t>(thr)] = 1;
+        for (int k = 0; k < 12; ++k) map.wanted[rng() % kLevels] = 1;
+      }
+      const int64_t gt[8] = {int64_t(rng() % W), int64_t(rng() % H), W - 1, H - 1, 0, 0, W / 2, H / 2};
+      std::copy(gt, gt + 8, map.gt);
     }
-    std::vector<uint8_t> wanted(kLevels, 0);
-    for (int thr : {0, 100, 150, 254}) wanted[static_cast<size_t>(thr)] = 1;
-    for (int k = 0; k < 12; ++k) wanted[rng() % kLevels] = 1;
-    const int64_t gt[8] = {int64_t(rng() % W), int64_t(rng() % H), W - 1, H - 1, 0, 0, W / 2, H / 2};
     for (bool multi : {false, true}) {
-      const Results one = run(level, H, W, wanted, gt, 2, multi, 1);
-      for (int threads : {5, 16}) {
-        if (!(one == run(level, H, W, wanted, gt, 2, multi, threads))) {
-          if (++mismatches <= 10) std::printf("MISMATCH mask=%d H=%d W=%d multi=%d threads=%d\n", m, H, W, multi, threads);
+      const std::vector<Results> one = run(maps, H, W, multi, 1);
+      for (int threads : {5, 16, 33}) {
+        if (!(one == run(maps, H, W, multi, threads))) {
+          if (++mismatches <= 10) std::printf("MISMATCH round=%d H=%d W=%d multi=%d threads=%d\n", m, H, W, multi, threads);
         }
       }
     }
