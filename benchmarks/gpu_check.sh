@@ -3,7 +3,8 @@
 # tests (the never-run paths first), then the benchmark suites, each in its own time box.
 #
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]          (default: $OUT, else ./gpu_out)
-#   STAGES="build tests bench"  what to run (default: all three; "profile" adds benchmarks/profile_gpu.py)
+#   STAGES="build tests bench"  what to run (default: all three; "profile" adds benchmarks/profile_gpu.py,
+#                              "sanitize" runs benchmarks/sanitize_level_sweep.py under compute-sanitizer)
 #   SUITES="tap pas boxes"      benchmark suites (default: tap cam pas boxes video diffcam evaluate)
 #   PYTHON=python3              the interpreter that holds the CUDA build of PyTorch
 #   DEADLINE=540               seconds: a stage or suite that would end past it is skipped (the
@@ -11,7 +12,7 @@
 #   TESTS_BOX=150              seconds for the CUDA tests (one pytest pass over 8 processes)
 #   CUDAARCHS=90               the GPU architectures to build (default: Hopper only)
 #   PROFILE_CASES="--case small_batch --case boxes"  benchmarks/profile_gpu.py's cases (default: all)
-#   BOX_CAM=150 ...            a suite's time box in seconds (BOX_PROFILE=120, BOX_PAS, BOX_BOXES_CPU, BOX_BOXES_GPU,
+#   BOX_CAM=150 ...            a suite's time box in seconds (BOX_PROFILE=120, BOX_SANITIZE=90, BOX_PAS, BOX_BOXES_CPU, BOX_BOXES_GPU,
 #                              BOX_CAM, BOX_TAP, BOX_VIDEO, BOX_DIFFCAM, BOX_EVALUATE)
 # As run on an H100 on 2026-11-27 (a 15-minute device budget; the machine stays warm 30 s after a
 # call, so the second call followed at once; a bench-only call on a fresh machine builds first):
@@ -104,6 +105,23 @@ if has profile && fits "${BOX_PROFILE:-120}" "profile"; then
   grep -E "^### |exit code" "$WORK/profile.txt" "$WORK/profile.log" | tee -a "$SUMMARY"
   cp "$WORK/profile.txt" "$OUT_DIR/" 2>/dev/null
   save
+fi
+
+if has sanitize && fits "${BOX_SANITIZE:-90}" "sanitize"; then
+  # The level sweep's barriers, shared-memory races and global accesses, checked by the CUDA tools.
+  SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [ -z "$SANITIZER" ]; then
+    step "sanitize: compute-sanitizer not found, skipped"
+  else
+    for tool in synccheck racecheck memcheck; do
+      step "sanitize: $tool (time box $(( ${BOX_SANITIZE:-90} / 3 ))s)"
+      timeout $(( ${BOX_SANITIZE:-90} / 3 )) "$SANITIZER" --tool "$tool" $PY -P benchmarks/sanitize_level_sweep.py \
+        >"$WORK/sanitize_$tool.txt" 2>&1
+      echo "exit code $?" >>"$WORK/sanitize_$tool.txt"
+      grep -E "level sweep|ERROR SUMMARY|exit code" "$WORK/sanitize_$tool.txt" | tee -a "$SUMMARY"
+    done
+    save
+  fi
 fi
 
 bench() {  # bench NAME SUITE BOX [pytest -k expression]
