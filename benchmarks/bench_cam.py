@@ -11,12 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _common import bench_device, device_name, quick, synchronize
+from _common import bench_device, device_name, environment, quick, synchronize
 from _baselines import eager_gradcam, forward_with_activation
 from _models import build
 
 import rethinkcam_fast
-from rethinkcam_fast import CAMEngine
+from rethinkcam_fast import CAMEngine, _native
+from rethinkcam_fast.ops.weighted_map import CUDA_KERNEL_ENV
 
 DEVICE = bench_device()
 RUN_INFO = {"device": device_name(DEVICE), "torch": torch.__version__}
@@ -117,8 +118,8 @@ def _peer(provider: str, model, target):
         return None
 
 
-@pytest.mark.parametrize("provider", ["fwd+full-bwd", "eager-flm", "ours-fullycam", "ours-fullycam-graph",
-                                      "pytorch-grad-cam-layercam-all"])
+@pytest.mark.parametrize("provider", ["fwd+full-bwd", "eager-flm", "ours-fullycam", "ours-fullycam-cuda-ext",
+                                      "ours-fullycam-graph", "pytorch-grad-cam-layercam-all"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [b for b in BATCHES if b <= 64])
 def test_fully_cam_all_convs(benchmark, provider, batch, dtype):
@@ -154,6 +155,15 @@ def test_fully_cam_all_convs(benchmark, provider, batch, dtype):
 
         def fn():
             with _autocast(dtype):
+                engine(images)
+    elif provider == "ours-fullycam-cuda-ext":
+        # The per-layer reductions through the CUDA extension's kernel, launched from C++ (opt-in).
+        if DEVICE.type != "cuda" or _native.cuda_module() is None:
+            pytest.skip("needs the CUDA extension on a GPU")
+        engine = CAMEngine(model, "fullycam", warn_degenerate=False, boxes=False)
+
+        def fn():
+            with environment(CUDA_KERNEL_ENV, "1"), _autocast(dtype):
                 engine(images)
     elif provider == "ours-fullycam-graph":
         # CAMEngine.graphed: the 53 per-layer reductions, launched from autograd's tensor hooks in

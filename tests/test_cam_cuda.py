@@ -7,17 +7,24 @@ import torch
 from _models import MiniResNet, make
 from test_cam_ops import oracle_fuse, oracle_weighted
 
+import rethinkcam_fast
 from rethinkcam_fast import CAMEngine, fuse_maps, weighted_map
+from rethinkcam_fast.ops.weighted_map import CUDA_KERNEL_ENV, _native_grad_modes, weighted_map_reference
 
 pytestmark = pytest.mark.cuda
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 
+@pytest.mark.parametrize("kernel", ["triton", "cuda-extension"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("shape", [(64, 2048, 7, 7), (8, 512, 28, 28), (2, 64, 112, 112)], ids=str)
-def test_weighted_map_on_gpu(dtype, layout, shape):
+def test_weighted_map_on_gpu(monkeypatch, kernel, dtype, layout, shape):
+    if kernel == "cuda-extension":  # the gradient modes through csrc/cuda/weighted_map.cu (opt-in)
+        if rethinkcam_fast._native.cuda_module() is None:
+            pytest.skip("CUDA extension not built")
+        monkeypatch.setenv(CUDA_KERNEL_ENV, "1")
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(shape, generator=gen).to(dtype)
     g = torch.randn(shape, generator=gen).to(dtype)
@@ -28,6 +35,38 @@ def test_weighted_map_on_gpu(dtype, layout, shape):
         got = weighted_map(ac, wc, gc, mode=mode, relu=True).cpu()
         want = oracle_weighted(a, w, g, mode, True)
         torch.testing.assert_close(got.double(), want, atol=1e-4 * shape[1] ** 0.5, rtol=1e-3)
+
+
+@pytest.mark.skipif(rethinkcam_fast._native.cuda_module() is None, reason="CUDA extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_extension_weighted_map_is_used_and_keeps_the_nan_policy(monkeypatch, dtype):
+    """Opted in, the gradient modes run the extension's kernel (not float64: Triton's); NaN inside
+    the sums counts as 0, a NaN sum stays NaN through the ReLU; odd strides and sizes."""
+    monkeypatch.setenv(CUDA_KERNEL_ENV, "1")
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn((3, 37, 5, 9), generator=gen).to(dtype)
+    g = torch.randn((3, 37, 5, 9), generator=gen).to(dtype)
+    a[0, 3, 1, 1], g[1, 4, 2, 2] = float("nan"), float("nan")
+    ac, gc = a.cuda(), g.cuda().to(memory_format=torch.channels_last)  # mixed layouts: the strided path
+    assert _native_grad_modes(ac, gc, "flm", "auto") is not None
+    assert _native_grad_modes(ac.double(), gc.double(), "flm", "auto") is None
+    for mode in ("layercam", "flm"):
+        for relu in (True, False):
+            got = weighted_map(ac, grads=gc, mode=mode, relu=relu).cpu()
+            want = weighted_map_reference(a, None, g, mode, relu)  # the NaN policy's reference
+            torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-3, equal_nan=True)
+    monkeypatch.setenv(CUDA_KERNEL_ENV, "0")
+    assert _native_grad_modes(ac, gc, "flm", "auto") is None
+
+
+@pytest.mark.skipif(rethinkcam_fast._native.cuda_module() is None, reason="CUDA extension not built")
+def test_fullycam_with_the_cuda_extension_kernel_matches_triton(monkeypatch):
+    model = make(MiniResNet).cuda()
+    images = torch.randn(4, 3, 64, 64, device="cuda")
+    triton_cams = CAMEngine(model, "fullycam", warn_degenerate=False)(images).cams
+    monkeypatch.setenv(CUDA_KERNEL_ENV, "1")
+    cuda_cams = CAMEngine(model, "fullycam", warn_degenerate=False)(images).cams
+    torch.testing.assert_close(cuda_cams, triton_cams, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("fuse", ["sum", "max"])

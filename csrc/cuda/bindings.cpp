@@ -11,6 +11,7 @@
 
 #include "level_sweep_cuda.h"
 #include "tap_cuda.h"
+#include "weighted_map_cuda.h"
 
 namespace py = pybind11;
 
@@ -59,6 +60,22 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("g_stride_s"), py::arg("dtype"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>(),
       "TAP backward on the GPU (see rethinkcam_fast._C.tap_backward); launched on `stream`.");
+
+  m.def(
+      "weighted_map_grad",
+      [](uintptr_t a_ptr, uintptr_t g_ptr, uintptr_t out_ptr, int64_t N, int64_t K, int64_t S, int64_t a_stride_n,
+         int64_t a_stride_k, int64_t a_stride_s, int64_t g_stride_n, int64_t g_stride_k, int64_t g_stride_s,
+         int dtype, int mode, bool relu, uintptr_t stream) {
+        rcam::cuda::weighted_map_grad(as_ptr<const void>(a_ptr), as_ptr<const void>(g_ptr), as_ptr<float>(out_ptr),
+                                      N, K, S, a_stride_n, a_stride_k, a_stride_s, g_stride_n, g_stride_k, g_stride_s,
+                                      dtype, mode, relu, stream);
+      },
+      py::arg("a_ptr"), py::arg("g_ptr"), py::arg("out_ptr"), py::arg("N"), py::arg("K"), py::arg("S"),
+      py::arg("a_stride_n"), py::arg("a_stride_k"), py::arg("a_stride_s"), py::arg("g_stride_n"),
+      py::arg("g_stride_k"), py::arg("g_stride_s"), py::arg("dtype"), py::arg("mode"), py::arg("relu"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "weighted_map's gradient modes on the GPU (see rethinkcam_fast._C.weighted_map_grad): float32,\n"
+      "float16, bfloat16; N <= 65535; launched on `stream`.");
 
   m.def(
       "level_sweep",

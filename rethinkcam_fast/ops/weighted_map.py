@@ -17,6 +17,8 @@ fallback without the extension.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -27,6 +29,11 @@ from ._launch import autocast_off, check_backend, device_guard, flat_spatial, ru
 
 MODES = ("channel", "layercam", "flm")
 _MODE_CODES = {mode: code for code, mode in enumerate(MODES)}
+# The CUDA extension's kernel for the gradient modes (csrc/cuda/weighted_map.cu): launched from C++,
+# for Fully-CAM's 53 per-layer reductions inside autograd hooks, where a Triton launch from Python is
+# host time on top of the backward. Opt-in until an H100 run has checked and timed it.
+CUDA_KERNEL_ENV = "RETHINKCAM_CUDA_WEIGHTED_MAP"
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def relu_nan_to_zero(x: Tensor) -> Tensor:
@@ -127,24 +134,32 @@ def weighted_map_triton(
 
 
 def _native_grad_modes(activations: Tensor, grads: Tensor | None, mode: str, backend: str):
-    """The C++ kernel when it runs this call (``auto`` on the CPU, a gradient mode, one dtype)."""
-    if backend != "auto" or mode == "channel" or activations.device.type != "cpu":
+    """The C++ kernel (CPU: ``auto``, a gradient mode, one dtype) or the CUDA extension's (CUDA: the
+    same, opted in through CUDA_KERNEL_ENV, not float64, at most 65,535 images) when it runs this call."""
+    if backend != "auto" or mode == "channel" or grads.dtype != activations.dtype:
         return None
-    if grads.dtype != activations.dtype or activations.dtype not in _native.NATIVE_DTYPE_CODES:
-        return None
-    return _native.cpu_kernel("weighted_map_grad")
+    if activations.device.type == "cpu":
+        return _native.cpu_kernel("weighted_map_grad") if activations.dtype in _native.NATIVE_DTYPE_CODES else None
+    if (activations.is_cuda and activations.dtype in _CUDA_DTYPES and activations.shape[0] <= 65535
+            and os.environ.get(CUDA_KERNEL_ENV, "0") == "1"):
+        module = _native.cuda_module()
+        return getattr(module, "weighted_map_grad", None) if module is not None else None
+    return None
 
 
 def weighted_map_native(kernel, activations: Tensor, grads: Tensor, mode: str, relu: bool) -> Tensor:
+    """``M[N, h, w]`` float32 from the native kernel of ``activations``' device (C++ on the CPU,
+    the CUDA extension's on the GPU, launched on the current stream)."""
     n, k, h, w = activations.shape
-    out = torch.empty((n, h, w), dtype=torch.float32)
+    out = torch.empty((n, h, w), dtype=torch.float32, device=activations.device)
     if out.numel() == 0:
         return out
     a, a_sn, a_sk, a_ss = flat_spatial(activations)
     g, g_sn, g_sk, g_ss = flat_spatial(grads)
-    kernel(a.data_ptr(), g.data_ptr(), out.data_ptr(), n, k, h * w, a_sn, a_sk, a_ss,
-                             g_sn, g_sk, g_ss, _native.NATIVE_DTYPE_CODES[a.dtype], _MODE_CODES[mode],
-                             bool(relu), torch.get_num_threads())
+    # The CPU kernel's last argument is its thread count, the CUDA kernel's the stream to launch on.
+    last = (torch.cuda.current_stream(a.device).cuda_stream if a.is_cuda else torch.get_num_threads())
+    kernel(a.data_ptr(), g.data_ptr(), out.data_ptr(), n, k, h * w, a_sn, a_sk, a_ss, g_sn, g_sk, g_ss,
+           _native.NATIVE_DTYPE_CODES[a.dtype], _MODE_CODES[mode], bool(relu), last)
     return out
 
 
@@ -154,12 +169,13 @@ def weighted_map_native(kernel, activations: Tensor, grads: Tensor, mode: str, r
 
 
 def _weighted_map_impl(activations, weights, grads, mode, relu, backend):
+    kernel = _native_grad_modes(activations, grads, mode, backend)
+    if kernel is not None:
+        with device_guard(activations):
+            return weighted_map_native(kernel, activations, grads, mode, relu)
     if use_triton("weighted_map", backend, activations.device):
         with device_guard(activations):
             return weighted_map_triton(activations, weights, grads, mode, relu)
-    kernel = _native_grad_modes(activations, grads, mode, backend)
-    if kernel is not None:
-        return weighted_map_native(kernel, activations, grads, mode, relu)
     return weighted_map_reference(activations, weights, grads, mode, relu)
 
 
@@ -188,7 +204,8 @@ def weighted_map(
         grads: ``Tensor[N, K, h, w]`` (same shape as ``activations``) for ``"layercam"`` / ``"flm"``.
         mode: ``"channel"``, ``"layercam"`` or ``"flm"``.
         relu: apply a ReLU to the summed map.
-        backend: ``"auto"`` (Triton on CUDA; on the CPU the C++ kernel for the gradient modes,
+        backend: ``"auto"`` (Triton on CUDA, or the CUDA extension's kernel for the gradient modes
+            with ``RETHINKCAM_CUDA_WEIGHTED_MAP=1``; on the CPU the C++ kernel for the gradient modes,
             PyTorch for ``"channel"``), ``"triton"`` or ``"reference"`` (pure PyTorch).
     Returns:
         ``Tensor[N, h, w]`` float32 on the activations' device.
@@ -214,4 +231,4 @@ def weighted_map(
     return run_inference_op(_weighted_map_op, _weighted_map_impl, activations, weights, grads, mode, bool(relu), backend)
 
 
-__all__ = ["MODES", "weighted_map", "weighted_map_native", "weighted_map_reference", "weighted_map_triton"]
+__all__ = ["CUDA_KERNEL_ENV", "MODES", "weighted_map", "weighted_map_native", "weighted_map_reference", "weighted_map_triton"]
