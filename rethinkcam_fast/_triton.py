@@ -32,19 +32,23 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
         def jit(fn=None, **_kwargs):
             return _MissingKernel(fn) if fn is not None else _MissingKernel
 
-        @staticmethod
-        def cdiv(a: int, b: int) -> int:
-            return -(-a // b)
-
-        @staticmethod
-        def next_power_of_2(n: int) -> int:
-            return 1 << max(0, (int(n) - 1).bit_length())
-
     class _LanguageStub:
         constexpr = "constexpr"
 
     triton = _TritonStub()  # type: ignore[assignment]
     tl = _LanguageStub()  # type: ignore[assignment]
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for the launchers' host code. ``triton.cdiv`` is a ``ConstexprFunction`` in
+    Triton 3.6+ whose host call costs ~5 µs (argument unwrapping); the launchers call it a dozen times
+    per op, host time that an H100 profile showed to dominate small ops."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``), as ``triton.next_power_of_2``, for host code."""
+    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def triton_interpreted() -> bool:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._native import warn_fallback
-from .._triton import can_launch_triton, triton
+from .._triton import can_launch_triton, cdiv, next_power_of_2
 
 TRITON_OR_REFERENCE = ("auto", "triton", "reference")
 
@@ -37,7 +37,7 @@ def split_count(forced: int | None, programs: int, most: int, device: torch.devi
     sms = multiprocessor_count(device)
     if not sms:
         return 1
-    wanted = triton.next_power_of_2(triton.cdiv(4 * sms, max(programs, 1)))
+    wanted = next_power_of_2(cdiv(4 * sms, max(programs, 1)))
     return max(1, min(wanted, 64, most))
 
 

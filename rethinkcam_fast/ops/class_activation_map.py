@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._triton import tl, triton
+from .._triton import cdiv, next_power_of_2, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, output_size_arg
 from . import _launch
 from ._launch import autocast_off, check_backend, device_guard, flat_spatial, use_triton
@@ -128,8 +128,8 @@ def _channel_splits(programs: int, k: int, block_k: int, device: torch.device) -
     sms = _launch.multiprocessor_count(device)
     if not sms:
         return 1
-    wanted = triton.cdiv(4 * sms, max(programs, 1))
-    return max(1, min(triton.next_power_of_2(wanted), 32, triton.next_power_of_2(triton.cdiv(k, block_k))))
+    wanted = cdiv(4 * sms, max(programs, 1))
+    return max(1, min(next_power_of_2(wanted), 32, next_power_of_2(cdiv(k, block_k))))
 
 
 def channel_reduce_triton(
@@ -154,11 +154,11 @@ def channel_reduce_triton(
         g, g_sn, g_sk, g_ss = flat_spatial(gradients)
         wt, w_sc, w_sk, lab = a, 0, 0, a  # unused
     channels_last = a_sk == 1 and k > 1
-    block_s = min(triton.next_power_of_2(s), 32 if channels_last else 128)
-    block_k = max(1, min(triton.next_power_of_2(k), 4096 // block_s, 64))
-    s_blocks = triton.cdiv(s, block_s)
+    block_s = min(next_power_of_2(s), 32 if channels_last else 128)
+    block_k = max(1, min(next_power_of_2(k), 4096 // block_s, 64))
+    s_blocks = cdiv(s, block_s)
     splits = num_splits or _channel_splits(n * s_blocks, k, block_k, features.device)
-    k_chunk = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    k_chunk = cdiv(cdiv(k, splits), block_k) * block_k
     out = torch.empty((splits, n, h, w), dtype=acc, device=features.device)
     _channel_reduce_kernel[(n, s_blocks, splits)](
         a, wt, lab, g, out, k, s, k_chunk, a_sn, a_sk, a_ss, w_sc, w_sk, g_sn, g_sk, g_ss,
@@ -177,7 +177,7 @@ def cam_reduce_backward_triton(
     dw_rows = torch.zeros((n, k), dtype=acc, device=features.device)
     if features.numel():
         block_k, block_s = _tile_config(k, h * w, a_ss)
-        _cam_reduce_bwd_kernel[(n, triton.cdiv(k, block_k))](
+        _cam_reduce_bwd_kernel[(n, cdiv(k, block_k))](
             grad_maps.to(acc).contiguous(), a, weight, labels, d_features, dw_rows,
             k, h * w, a_sn, a_sk, a_ss, d_sn, d_sk, d_ss, weight.stride(0), weight.stride(1),
             NWC=nwc, BLOCK_K=block_k, BLOCK_S=block_s, ACC=tl_acc(acc),
@@ -291,7 +291,8 @@ class ClassActivationMapFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_degenerate):
         features, weight, labels, maps = ctx.saved_tensors
         nwc, output_size, normalize, backend = ctx.options
-        (grad_maps,) = epilogue_backward_impl(grad_out, [maps], output_size, "sum", normalize, backend)
+        (grad_maps,) = epilogue_backward_impl(grad_out, [maps], output_size, "sum", normalize, backend,
+                                              state=ctx.epilogue_state)
         d_features, d_weight = _cam_reduce_backward_impl(grad_maps, features, weight, labels, nwc, backend)
         return (d_features if ctx.needs_input_grad[0] else None, d_weight if ctx.needs_input_grad[1] else None,
                 None, None, None, None, None)
@@ -313,9 +314,12 @@ def _check_cam_args(features, weight, labels) -> None:
     if tuple(labels.shape) != (n,):
         raise ValueError(f"labels must have shape ({n},) to match the features' batch, got {tuple(labels.shape)}")
     check_same_device(features=features, weight=weight, labels=labels)
-    # One device sync; skipped while torch.compile traces (a data-dependent branch would break the graph).
-    if n and not torch.compiler.is_compiling() and bool(((labels < 0) | (labels >= weight.shape[0])).any()):
-        raise ValueError(f"labels out of range for {weight.shape[0]} classes (weight has {weight.shape[0]} rows)")
+    # One device sync (one reduction, one copy); skipped while torch.compile traces (a data-dependent
+    # branch would break the graph).
+    if n and not torch.compiler.is_compiling():
+        low, high = torch.stack(torch.aminmax(labels)).tolist()
+        if low < 0 or high >= weight.shape[0]:
+            raise ValueError(f"labels out of range for {weight.shape[0]} classes (weight has {weight.shape[0]} rows)")
 
 
 def class_activation_map(

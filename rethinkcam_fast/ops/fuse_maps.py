@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native
-from .._triton import ieee_div, ieee_reciprocal, tl, triton
+from .._triton import cdiv, ieee_div, ieee_reciprocal, next_power_of_2, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, output_size_arg
 from . import _launch
 from ._launch import check_backend, device_guard, run_inference_op, use_triton
@@ -369,7 +369,7 @@ def fuse_splits(n: int, pixels: int, block: int, device: torch.device, forced: i
     """Programs per image for the split path, a power of two: ``forced``, else enough for about 4 per
     SM (``n`` images alone give fewer), at most one per ``block`` of output pixels and 64; 1 (the
     one-program-per-image kernel) when ``n`` fills the GPU, and on the CPU interpreter."""
-    return _launch.split_count(forced, n, triton.next_power_of_2(triton.cdiv(pixels, block)), device)
+    return _launch.split_count(forced, n, next_power_of_2(cdiv(pixels, block)), device)
 
 
 def fuse_maps_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum",
@@ -391,7 +391,7 @@ def fuse_maps_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str
     packed = torch.cat(flat) if len(flat) > 1 else flat[0].contiguous()
     offsets, heights, widths = _layer_table(tuple(tuple(m.shape) for m in maps), device)
     layers, pixels = len(maps), height * width
-    block = min(triton.next_power_of_2(pixels), 1024)
+    block = min(next_power_of_2(pixels), 1024)
     splits = fuse_splits(n, pixels, block, device, num_splits)
     with device_guard(packed):
         if splits == 1:
@@ -400,7 +400,7 @@ def fuse_maps_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str
                 FUSE_MAX=fuse == "max", SINGLE=layers == 1, BLOCK=block,
             )
             return out, degenerate.bool()
-        chunk = triton.cdiv(triton.cdiv(pixels, splits), block) * block
+        chunk = cdiv(cdiv(pixels, splits), block) * block
         partial = torch.empty((n, layers, splits, 2), dtype=torch.float32, device=device)
         source_bad = torch.empty((n, layers), dtype=torch.int8, device=device)
         stats = torch.empty((n, layers, 3), dtype=torch.float32, device=device)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._triton import ieee_div, ieee_reciprocal, tl, triton
+from .._triton import cdiv, ieee_div, ieee_reciprocal, next_power_of_2, tl, triton
 from . import _launch
 from ._launch import device_guard, use_triton
 from .fuse_maps import _bilinear, _layer_at, _layer_table, _range, _upsampled_range, degenerate_maps
@@ -439,7 +439,7 @@ def _splits(forced: int | None, programs: int, rows: int, device: torch.device) 
     """Programs sharing one (image, layer), a power of two: ``forced``, else enough to fill the GPU
     (about 4 per SM) when images x layers alone cannot, at most one per 32 output rows; 1 on the CPU
     interpreter."""
-    return _launch.split_count(forced, programs, triton.next_power_of_2(triton.cdiv(rows, 32)), device)
+    return _launch.split_count(forced, programs, next_power_of_2(cdiv(rows, 32)), device)
 
 
 def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str, normalize: bool, store_out: bool,
@@ -457,7 +457,7 @@ def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str,
     final = torch.empty((n, _STATS), dtype=acc, device=device)
     degenerate = torch.zeros(n, dtype=torch.int8, device=device)
     packing = _pack(maps, acc)
-    block = min(triton.next_power_of_2(height * width), 1024)
+    block = min(next_power_of_2(height * width), 1024)
     if n == 0 or height * width == 0 or not (normalize or store_out):  # plain upsampling has no statistics
         pass
     elif multi:
@@ -467,7 +467,7 @@ def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str,
         )
     else:  # one map: each image split over output chunks, so that a batch fills the GPU
         splits = _splits(num_splits, n, height, device)
-        chunk = triton.cdiv(triton.cdiv(height * width, splits), block) * block
+        chunk = cdiv(cdiv(height * width, splits), block) * block
         partial = torch.empty((n, splits, 2), dtype=acc, device=device)
         counts = torch.empty((n, splits, 2), dtype=acc, device=device)
         if normalize:
@@ -506,18 +506,29 @@ def _tile(size: int) -> int:
 
 
 
+def map_epilogue_triton_state(
+    maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum", normalize: bool = True,
+) -> tuple[Tensor, Tensor, tuple]:
+    """:func:`map_epilogue_triton` plus what its backward needs (per-image statistics, packed maps),
+    so that :func:`map_epilogue_backward_triton` can skip recomputing the forward's statistics."""
+    out, degenerate, *state = _forward_triton(maps, output_size, fuse, normalize, store_out=True)
+    return out, degenerate, tuple(state)
+
+
 def map_epilogue_backward_triton(
     grad_out: Tensor, maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum", normalize: bool = True,
-    num_splits: int | None = None,
+    num_splits: int | None = None, state: tuple | None = None,
 ) -> list[Tensor]:
     """Triton backward: ``dL/dM_l`` (each map's shape and dtype) from ``grad_out [N, H, W]``.
 
     ``num_splits`` (a power of two) forces how many output bands share one (image, layer); default:
-    from the device's SM count, 1 on the CPU interpreter.
+    from the device's SM count, 1 on the CPU interpreter. ``state``: the forward's, from
+    :func:`map_epilogue_triton_state` on the same maps (else the statistics are computed again).
     """
     height, width = output_size
-    _, _, fused, count, stats, final, packing = _forward_triton(maps, output_size, fuse, normalize, store_out=False,
-                                                                num_splits=num_splits)
+    if state is None:
+        _, _, *state = _forward_triton(maps, output_size, fuse, normalize, store_out=False, num_splits=num_splits)
+    fused, count, stats, final, packing = state
     acc = packing[0].dtype
     n, layers = maps[0].shape[0], len(maps)
     splits = _splits(num_splits, n * layers, height, packing[0].device)
@@ -525,7 +536,7 @@ def map_epilogue_backward_triton(
     d_maps = torch.zeros((splits, total), dtype=acc, device=packing[0].device)
     grad = grad_out.to(acc).contiguous()
     if n and height * width:
-        block = min(triton.next_power_of_2(height * width), 1024)
+        block = min(next_power_of_2(height * width), 1024)
         if layers > 1:
             d_fused = torch.empty_like(fused)
             _final_norm_bwd_kernel[(n,)](grad, fused, final, d_fused, height * width, BLOCK=block, ACC=_tl_dtype(acc),
@@ -534,12 +545,12 @@ def map_epilogue_backward_triton(
         fuse_max = layers > 1 and fuse == "max"
         partial = torch.empty((n, layers, splits, 2), dtype=acc, device=d_maps.device)
         if normalize:
-            chunk = triton.cdiv(triton.cdiv(height * width, splits), block) * block
+            chunk = cdiv(cdiv(height * width, splits), block) * block
             _layer_bwd_sums_kernel[(n, layers, splits)](
                 *packing, stats, grad, fused, count, partial, layers, height, width, chunk,
                 SPLITS=splits, FUSE_MAX=fuse_max, BLOCK=block, ACC=_tl_dtype(acc), **_EXACT,
             )
-        band_rows = triton.cdiv(triton.cdiv(height, splits), 32) * 32
+        band_rows = cdiv(cdiv(height, splits), 32) * 32
         by, bx = _tile(max(m.shape[1] for m in maps)), _tile(max(m.shape[2] for m in maps))
         _layer_bwd_kernel[(n, layers, splits)](
             *packing, stats, partial, grad, fused, count, d_maps, layers, height, width, band_rows, total,
@@ -639,19 +650,31 @@ def epilogue_forward_impl(maps, output_size, fuse, normalize, backend) -> tuple[
 
 
 def epilogue_function_forward(ctx, maps, output_size, fuse, normalize, backend, saved, options):
-    """Forward of the ops' ``autograd.Function``s: run the epilogue, save ``saved`` and the maps."""
-    out, degenerate = epilogue_forward_impl(maps, output_size, fuse, normalize, backend)
+    """Forward of the ops' ``autograd.Function``s: run the epilogue, save ``saved`` and the maps.
+
+    One map through Triton also keeps the forward's statistics for the backward in
+    ``ctx.epilogue_state`` (a few numbers per image: it saves the backward two launches and a dozen
+    small allocations, host time that dominated the op's time on an H100); several maps are
+    recomputed there instead of holding their fused map between the passes.
+    """
+    ctx.epilogue_state = None
+    if len(maps) == 1 and use_triton("map_epilogue", backend, maps[0].device):
+        with device_guard(maps[0]):
+            out, degenerate, ctx.epilogue_state = map_epilogue_triton_state(maps, tuple(output_size), fuse, normalize)
+    else:
+        out, degenerate = epilogue_forward_impl(maps, output_size, fuse, normalize, backend)
     ctx.save_for_backward(*saved, *maps)
     ctx.options = options
     ctx.mark_non_differentiable(degenerate)
     return out, degenerate
 
 
-def epilogue_backward_impl(grad_out, maps, output_size, fuse, normalize, backend) -> list[Tensor]:
+def epilogue_backward_impl(grad_out, maps, output_size, fuse, normalize, backend, state=None) -> list[Tensor]:
+    """``[dL/dM_l]``; ``state``: ``ctx.epilogue_state`` of :func:`epilogue_function_forward`, if any."""
     output_size = tuple(output_size)
     if use_triton("map_epilogue", backend, maps[0].device):
         with device_guard(maps[0]):
-            return map_epilogue_backward_triton(grad_out, maps, output_size, fuse, normalize)
+            return map_epilogue_backward_triton(grad_out, maps, output_size, fuse, normalize, state=state)
     return map_epilogue_backward_reference(grad_out, maps, output_size, fuse, normalize)
 
 
@@ -710,4 +733,5 @@ __all__ = [
     "map_epilogue_op",
     "map_epilogue_reference",
     "map_epilogue_triton",
+    "map_epilogue_triton_state",
 ]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._triton import tl, triton
+from .._triton import next_power_of_2, tl, triton
 from .._validation import check_float_dtype, check_flagged_maps, check_tensor, check_unit_maps
 from ._launch import device_guard, use_triton
 
@@ -110,7 +110,7 @@ def level_histogram_triton(cams: Tensor) -> Tensor:
     hist = torch.empty((cams.shape[0], 256), dtype=torch.int64, device=cams.device)
     if cams.shape[0] == 0:
         return hist
-    block = min(triton.next_power_of_2(flat.shape[1]), 2048)
+    block = min(next_power_of_2(flat.shape[1]), 2048)
     with device_guard(flat):
         _level_histogram_kernel[(cams.shape[0],)](
             flat, hist, flat.shape[1], flat.stride(0), BLOCK=block, F64=cams.dtype == torch.float64

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._triton import can_launch_triton, ieee_reciprocal, tl, triton
+from .._triton import can_launch_triton, cdiv, ieee_reciprocal, next_power_of_2, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, check_unit_interval
 from . import _launch
 from ._launch import device_guard, flat_spatial
@@ -283,11 +283,11 @@ def _grad_buffer(x: Tensor) -> tuple[Tensor, Tensor, tuple[int, int, int], tuple
 def _tile_config(c: int, s: int, stride_s: int) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_S): wide along the unit-stride axis, ~2-4K elements per tile."""
     if stride_s == 1 or c == 1:  # NCHW: rows are contiguous along s
-        block_s = min(triton.next_power_of_2(s), 1024)
-        block_c = max(1, min(triton.next_power_of_2(c), 4096 // block_s))
+        block_s = min(next_power_of_2(s), 1024)
+        block_c = max(1, min(next_power_of_2(c), 4096 // block_s))
     else:  # channels_last: consecutive channels are contiguous
-        block_c = min(triton.next_power_of_2(c), 64)
-        block_s = max(1, min(triton.next_power_of_2(s), 4096 // block_c))
+        block_c = min(next_power_of_2(c), 64)
+        block_s = max(1, min(next_power_of_2(s), 4096 // block_c))
     return block_c, block_s
 
 
@@ -296,8 +296,8 @@ def _num_splits(programs: int, s: int, block_s: int, device: torch.device) -> in
     sms = _launch.multiprocessor_count(device)
     if not sms or s <= 4 * block_s or programs >= 2 * sms:
         return 1
-    wanted = triton.cdiv(4 * sms, programs)
-    return max(1, min(triton.next_power_of_2(wanted), 64, triton.next_power_of_2(triton.cdiv(s, block_s))))
+    wanted = cdiv(4 * sms, programs)
+    return max(1, min(next_power_of_2(wanted), 64, next_power_of_2(cdiv(s, block_s))))
 
 
 def _tau_parts(tau: float) -> tuple[float, float, float]:
@@ -326,7 +326,7 @@ def tap_forward_triton(x: Tensor, tau: float, num_splits: int | None = None) -> 
     if n * c == 0:
         return out, thr, inv
     block_c, block_s = _tile_config(c, s, stride_s)
-    programs = n * triton.cdiv(c, block_c)
+    programs = n * cdiv(c, block_c)
     splits = num_splits if num_splits is not None else _num_splits(programs, s, block_s, x.device)
     if splits <= 1:
         _tap_fwd_kernel[(programs,)](
@@ -336,7 +336,7 @@ def tap_forward_triton(x: Tensor, tau: float, num_splits: int | None = None) -> 
         return out, thr, inv
     if splits & (splits - 1):
         raise ValueError(f"num_splits must be a power of two, got {splits}")
-    split_len = triton.cdiv(s, splits)
+    split_len = cdiv(s, splits)
     part_max = torch.empty((n * c, splits), dtype=acc, device=x.device)
     part_sum = torch.empty((n * c, splits), dtype=acc, device=x.device)
     part_count = torch.empty((n * c, splits), dtype=torch.int32, device=x.device)
@@ -350,7 +350,7 @@ def tap_forward_triton(x: Tensor, tau: float, num_splits: int | None = None) -> 
         NUM_SPLITS=splits, BLOCK_C=block_c, BLOCK_S=block_s, IN_BF16=in_bf16, ACC=acc_tl,
     )
     block_r = 128
-    _tap_split_combine_kernel[(triton.cdiv(n * c, block_r),)](
+    _tap_split_combine_kernel[(cdiv(n * c, block_r),)](
         part_sum, part_count, out, inv, n * c, NUM_SPLITS=splits, BLOCK_R=block_r, ACC=acc_tl,
     )
     return out, thr, inv
@@ -364,7 +364,7 @@ def tap_backward_triton(grad_out: Tensor, x: Tensor, thr: Tensor, inv: Tensor) -
     n, c = x.shape[:2]
     s = x.shape[2] * x.shape[3]
     block_c, block_s = _tile_config(c, s, stride_s)
-    grid = (n * triton.cdiv(c, block_c), triton.cdiv(s, block_s))
+    grid = (n * cdiv(c, block_c), cdiv(s, block_s))
     acc_tl = tl.float64 if thr.dtype == torch.float64 else tl.float32
     _tap_bwd_kernel[grid](
         x, grad, grad_out.contiguous(), thr, inv, c, s, stride_n, stride_c, stride_s,

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._triton import tl, triton
+from .._triton import cdiv, next_power_of_2, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor
 from ._launch import autocast_off, check_backend, device_guard, flat_spatial, run_inference_op, use_triton
 
@@ -117,9 +117,9 @@ def weighted_map_triton(
         g, g_sn, g_sk, g_ss = flat_spatial(grads)
         wt, w_sn, w_sk = a, 0, 0  # unused
     channels_last = a_sk == 1 and k > 1
-    block_s = min(triton.next_power_of_2(s), 32 if channels_last else 128)
-    block_k = max(1, min(triton.next_power_of_2(k), 4096 // block_s, 64))
-    grid = (n, triton.cdiv(s, block_s))
+    block_s = min(next_power_of_2(s), 32 if channels_last else 128)
+    block_k = max(1, min(next_power_of_2(k), 4096 // block_s, 64))
+    grid = (n, cdiv(s, block_s))
     _weighted_map_kernel[grid](
         a, wt, g, out, k, s, a_sn, a_sk, a_ss, w_sn, w_sk, g_sn, g_sk, g_ss,
         MODE=_MODE_CODES[mode], RELU=relu, BLOCK_K=block_k, BLOCK_S=block_s,
