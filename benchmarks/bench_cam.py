@@ -16,8 +16,8 @@ from _baselines import eager_gradcam, forward_with_activation
 from _models import build
 
 import rethinkcam_fast
-from rethinkcam_fast import CAMEngine, _native
-from rethinkcam_fast.ops.weighted_map import CUDA_KERNEL_ENV
+from rethinkcam_fast import CAMEngine
+from rethinkcam_fast.ops.weighted_map import CUDA_KERNEL_ENV, _native_grad_modes
 
 DEVICE = bench_device()
 RUN_INFO = {"device": device_name(DEVICE), "torch": torch.__version__}
@@ -158,8 +158,10 @@ def test_fully_cam_all_convs(benchmark, provider, batch, dtype):
                 engine(images)
     elif provider == "ours-fullycam-cuda-ext":
         # The per-layer reductions through the CUDA extension's kernel, launched from C++ (opt-in).
-        if DEVICE.type != "cuda" or _native.cuda_module() is None:
-            pytest.skip("needs the CUDA extension on a GPU")
+        probe = torch.zeros((1, 1, 1, 1), device=DEVICE)
+        with environment(CUDA_KERNEL_ENV, "1"):
+            if DEVICE.type != "cuda" or _native_grad_modes(probe, probe, "flm", "auto") is None:
+                pytest.skip("needs a GPU and a CUDA extension with weighted_map_grad")
         engine = CAMEngine(model, "fullycam", warn_degenerate=False, boxes=False)
 
         def fn():

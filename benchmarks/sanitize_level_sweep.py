@@ -9,13 +9,14 @@ kernels. Prints one line per mode and exits 1 on a mismatch.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
 import torch
 
 from rethinkcam_fast.ops.box_ious import best_box_ious
-from rethinkcam_fast.ops.level_sweep import level_sweep
+from rethinkcam_fast.ops.level_sweep import BLOCKS_PER_SM_ENV, level_sweep
 
 
 def main() -> int:
@@ -23,7 +24,7 @@ def main() -> int:
         print("needs a CUDA device")
         return 1
     rng = np.random.default_rng(0)
-    blocks = 2 * torch.cuda.get_device_properties(0).multi_processor_count
+    blocks = 2 * torch.cuda.get_device_properties(0).multi_processor_count  # the larger grid of the two
     n, size = blocks + 36, 24
     values = rng.integers(0, 6, size=(n, size, size)) * 51  # few levels: holes, nesting, ties
     cams = torch.from_numpy(values.astype(np.float32) / 255)
@@ -34,13 +35,15 @@ def main() -> int:
     offsets = torch.arange(n + 1)
     levels = (cams * 255).to(torch.uint8)
     failed = 0
-    for multi in (True, False):
-        got, _ = level_sweep(levels.cuda(), table.cuda(), gt.cuda(), offsets.cuda(), multi)
-        want = best_box_ious(cams, table, gt, offsets, multi)
-        same = torch.equal(got.cpu(), want)
-        failed += not same
-        print(f"level sweep {'all contours' if multi else 'largest contour'}: {n} maps of {size}x{size}, "
-              f"{'equal to the CPU kernels' if same else 'MISMATCH against the CPU kernels'}")
+    for per_sm in ("2", "1"):  # both builds of the kernel (launch bounds)
+        os.environ[BLOCKS_PER_SM_ENV] = per_sm
+        for multi in (True, False):
+            got, _ = level_sweep(levels.cuda(), table.cuda(), gt.cuda(), offsets.cuda(), multi)
+            want = best_box_ious(cams, table, gt, offsets, multi)
+            same = torch.equal(got.cpu(), want)
+            failed += not same
+            print(f"level sweep, {per_sm} block(s) per SM, {'all contours' if multi else 'largest contour'}: {n} maps "
+                  f"of {size}x{size}, {'equal to the CPU kernels' if same else 'MISMATCH against the CPU kernels'}")
     return 1 if failed else 0
 
 

@@ -234,6 +234,9 @@ class VideoLocalizer:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if cuda_graph and engine_options.get("warn_degenerate"):
+            raise ValueError("warn_degenerate=True reads the device on the host after every batch, which a CUDA "
+                             "graph capture cannot do: leave it off with cuda_graph=True")
         if (mean is None) != (std is None):
             raise ValueError("mean and std go together: give both or neither")
         if device is None:
@@ -295,7 +298,9 @@ class VideoLocalizer:
         the device, no host sync (so that it can be captured in a CUDA graph)."""
         images = self.preprocess(batch_u8)
         self.engine.output_size = (batch_u8.shape[1], batch_u8.shape[2])  # maps in the frame's own pixels
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        # No cast cache: under a caller's enclosing autocast the cached bf16 weights would outlive this
+        # call (and a CUDA graph captured here would read them after they are freed).
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
             result = self.engine(images, targets)
         thresholds = percentile_threshold(result.cams, self.pas_q, self.pas_theta, validate=False)
         return result.labels, result.scores, result.cams, thresholds

@@ -22,9 +22,10 @@ if not torch.cuda.is_available():
 @pytest.mark.parametrize("shape", [(64, 2048, 7, 7), (8, 512, 28, 28), (2, 64, 112, 112)], ids=str)
 def test_weighted_map_on_gpu(monkeypatch, kernel, dtype, layout, shape):
     if kernel == "cuda-extension":  # the gradient modes through csrc/cuda/weighted_map.cu (opt-in)
-        if rethinkcam_fast._native.cuda_module() is None:
-            pytest.skip("CUDA extension not built")
         monkeypatch.setenv(CUDA_KERNEL_ENV, "1")
+        probe = torch.zeros((1, 1, 1, 1), device="cuda")
+        if _native_grad_modes(probe, probe, "flm", "auto") is None:
+            pytest.skip("the CUDA extension has no weighted_map_grad")
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(shape, generator=gen).to(dtype)
     g = torch.randn(shape, generator=gen).to(dtype)
@@ -67,6 +68,19 @@ def test_fullycam_with_the_cuda_extension_kernel_matches_triton(monkeypatch):
     monkeypatch.setenv(CUDA_KERNEL_ENV, "1")
     cuda_cams = CAMEngine(model, "fullycam", warn_degenerate=False)(images).cams
     torch.testing.assert_close(cuda_cams, triton_cams, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(rethinkcam_fast._native.cuda_module() is None, reason="CUDA extension not built")
+def test_graphed_fullycam_with_the_cuda_extension_kernel(monkeypatch):
+    """The case the extension's kernel is for: launched from C++ inside autograd hooks while a CUDA
+    graph captures; the replay equals the eager Triton maps."""
+    model = make(MiniResNet).cuda().eval()
+    images = torch.randn(4, 3, 64, 64, device="cuda")
+    want = CAMEngine(model, "fullycam", warn_degenerate=False, boxes=False)(images).cams
+    monkeypatch.setenv(CUDA_KERNEL_ENV, "1")
+    graphed = CAMEngine(model, "fullycam", warn_degenerate=False, boxes=False).graphed(images)
+    for _ in range(2):
+        torch.testing.assert_close(graphed(images).cams, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("fuse", ["sum", "max"])

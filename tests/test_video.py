@@ -172,6 +172,36 @@ def test_bad_input_raises_clear_errors(model):
 def test_cuda_graph_needs_cuda(model):
     with pytest.raises(ValueError, match="CUDA device"):
         VideoLocalizer(model, cuda_graph=True, device="cpu")
+    with pytest.raises(ValueError, match="warn_degenerate=True .* CUDA graph"):
+        VideoLocalizer(model, cuda_graph=True, device="cpu", warn_degenerate=True)
+
+
+def test_bf16_explain_keeps_no_cast_cache_past_the_call(model):
+    """Under a caller's enclosing autocast, explain's bf16 weight copies must not be cached beyond the
+    call (a captured graph would read them after the enclosing block frees them): every call casts
+    the weights again."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    localizer = VideoLocalizer(model, "cam", input_size=(32, 32), mean=None, std=None, bf16=True)
+    batch = torch.from_numpy(np.stack(random_frames(2, 40, 40)))
+    weights = {p.data_ptr() for p in model.parameters()}
+
+    class WeightCasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in weights:
+                WeightCasts.count += 1
+            return func(*args, **(kwargs or {}))
+
+    per_call = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the caller's block: a cache would live until its end
+        for _ in range(2):
+            before = WeightCasts.count
+            with WeightCasts():
+                localizer.explain(batch)
+            per_call.append(WeightCasts.count - before)
+    assert per_call[0] > 0 and per_call[1] == per_call[0], per_call
 
 
 @requires_triton
