@@ -8,6 +8,10 @@ Data flow per batch of frames::
     -> labels, scores, thresholds and uint8 levels packed into one buffer -> one copy to the host
     -> largest-contour box (C++ border follower) -> FrameResult per frame, in input order
 
+A batch is submitted to the device before the previous one's results are collected, so the host's work
+on one batch overlaps the device's on the next; when the source has no frame ready (a live camera),
+finished results are handed out at once instead of waiting for the next batch.
+
 Frames are grouped into batches of at most ``batch_size`` frames of one size, so a result is never
 more than ``batch_size - 1`` frames late, and a frame of another size mid-stream simply starts a new
 batch. Memory is bounded by the decode queue and one batch, whatever the length of the input.
@@ -117,10 +121,16 @@ def read_frames(source: str | int, report: DecodeReport | None = None) -> Iterat
         raise VideoReadError(f"no frame could be decoded from {source!r}")
 
 
-def prefetch(frames: Iterable, depth: int) -> Iterator:
+NOT_READY = object()  # prefetch(..., poll=True): the next frame is not decoded yet
+
+
+def prefetch(frames: Iterable, depth: int, *, poll: bool = False) -> Iterator:
     """Iterate ``frames`` in a background thread, at most ``depth`` items ahead (decode overlaps compute).
 
-    Exceptions of the producer are re-raised in the consumer, at the point they happened.
+    Exceptions of the producer are re-raised in the consumer, at the point they happened. With
+    ``poll``, :data:`NOT_READY` is yielded (once) before waiting for an item that is not there yet, so
+    that the consumer can do other work first (the stream hands out finished results instead of
+    holding them while a live source is slow).
     """
     items: queue.Queue = queue.Queue(maxsize=max(1, depth))
     done = object()
@@ -145,6 +155,8 @@ def prefetch(frames: Iterable, depth: int) -> Iterator:
     thread.start()
     try:
         while True:
+            if poll and items.empty():
+                yield NOT_READY
             kind, value = items.get()
             if kind == "item":
                 yield value
@@ -214,6 +226,12 @@ class VideoLocalizer:
             PaS threshold once per batch shape and replay it (boxes are cut after the replay). Frames
             of one size in full batches replay; other batches run eagerly. Needs a model without
             data-dependent control flow and without host syncs in its forward.
+        overlap_batches: submit each batch to the device before collecting the previous one's
+            results (throughput: the host's work on one batch overlaps the device's on the next). A
+            result then waits for up to one more batch when the source is faster than the device
+            (a file); when the source has no frame ready (a live camera) finished results are
+            handed out at once. ``False``: every batch's results before the next batch starts (the
+            lowest latency per frame, at batch 1).
     """
 
     def __init__(
@@ -230,6 +248,7 @@ class VideoLocalizer:
         keep_cams: bool = False,
         prefetch_frames: int = 32,
         cuda_graph: bool = False,
+        overlap_batches: bool = True,
         **engine_options,
     ) -> None:
         if batch_size < 1:
@@ -252,8 +271,8 @@ class VideoLocalizer:
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {self.device}")
         self.cuda_graph = bool(cuda_graph)
+        self.overlap_batches = bool(overlap_batches)
         self._graphs: dict[tuple[int, ...], CapturedCall] = {}
-        self._host_buffer: Tensor | None = None  # pinned, reused by every batch's copy to the host
         engine_options.setdefault("warn_degenerate", False)  # no per-batch device sync for a warning
         # PaS and the box are cut here, after the (possibly replayed) CAM, not inside the engine.
         self.pas_q = float(engine_options.pop("pas_q", 90.0))
@@ -272,11 +291,14 @@ class VideoLocalizer:
     # -- preprocessing ----------------------------------------------------------------------
 
     def _to_device(self, frames: list[Tensor]) -> Tensor:
-        """``uint8 [B, H, W, 3]`` on the device: through a pinned buffer with a non-blocking copy on CUDA."""
-        batch = torch.stack(frames)
-        if self.device.type == "cuda":
-            return batch.pin_memory().to(self.device, non_blocking=True)
-        return batch.to(self.device)
+        """``uint8 [B, H, W, 3]`` on the device: stacked straight into pinned memory (one host copy),
+        then a non-blocking copy on CUDA. PyTorch's pinned-memory cache keeps the buffer from reuse
+        until that copy has run."""
+        if self.device.type != "cuda":
+            return torch.stack(frames).to(self.device)
+        batch = torch.empty((len(frames), *frames[0].shape), dtype=torch.uint8, pin_memory=True)
+        torch.stack(frames, out=batch)
+        return batch.to(self.device, non_blocking=True)
 
     def preprocess(self, batch_u8: Tensor) -> Tensor:
         """``uint8 [B, H, W, 3]`` (device) -> normalised ``float32 [B, 3, h, w]`` channels_last at input_size."""
@@ -311,19 +333,9 @@ class VideoLocalizer:
         labels, scores, cams, thresholds = self.explain(batch_u8, targets)
         return pack_results(labels, scores, thresholds, cams), cams
 
-    def _fetch(self, packed: Tensor) -> Tensor:
-        """The packed results on the host, in one copy: into a reused pinned buffer on CUDA, then one
-        wait for the copy (instead of a synchronising copy per tensor)."""
-        if packed.device.type != "cuda":
-            return packed.cpu()
-        if self._host_buffer is None or self._host_buffer.numel() < packed.numel():
-            self._host_buffer = torch.empty(packed.numel(), dtype=torch.uint8, pin_memory=True)
-        host = self._host_buffer[: packed.numel()]
-        host.copy_(packed, non_blocking=True)
-        torch.cuda.current_stream(packed.device).synchronize()
-        return host
-
-    def _run_batch(self, first_index: int, frames: list[Tensor], targets: int | None) -> list[FrameResult]:
+    def _submit(self, first_index: int, frames: list[Tensor], targets: int | None) -> _InFlight:
+        """Enqueue a batch: frames to the device, the (replayed or eager) explain, its packed results
+        to pinned host memory; returns without waiting for the device (on CUDA)."""
         batch_u8 = self._to_device(frames)
         if self.cuda_graph and len(frames) == self.batch_size:
             key = tuple(batch_u8.shape) + (-1 if targets is None else int(targets),)
@@ -334,13 +346,28 @@ class VideoLocalizer:
             packed, cams = self._graphs[key](batch_u8)
         else:
             packed, cams = self._explain_packed(batch_u8, targets)
-        labels, scores, thresholds, levels = unpack_results(self._fetch(packed), *cams.shape)
+        # A replay's outputs are the graph's, overwritten by the next replay: copies are taken now, in
+        # stream order (the maps on the device, the packed results to the host).
+        kept = cams.clone() if self.keep_cams else None
+        if packed.device.type != "cuda":
+            return _InFlight(first_index, tuple(cams.shape), packed.cpu(), None, kept)
+        host = torch.empty(packed.numel(), dtype=torch.uint8, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(packed.device))
+        return _InFlight(first_index, tuple(cams.shape), host, done, kept)
+
+    def _collect(self, job: _InFlight) -> list[FrameResult]:
+        """Wait for a submitted batch's results, cut its boxes on the host, one result per frame."""
+        if job.done is not None:
+            job.done.synchronize()
+        labels, scores, thresholds, levels = unpack_results(job.host, *job.shape)
         boxes = largest_boxes_from_levels(levels, thresholds, "exact").tolist()
         labels, scores = labels.tolist(), scores.tolist()
         return [
-            FrameResult(index=first_index + k, label=int(labels[k]), score=float(scores[k]),
-                        box=tuple(int(v) for v in boxes[k]), cam=cams[k].clone() if self.keep_cams else None)
-            for k in range(len(frames))
+            FrameResult(index=job.first_index + k, label=int(labels[k]), score=float(scores[k]),
+                        box=tuple(int(v) for v in boxes[k]), cam=None if job.cams is None else job.cams[k])
+            for k in range(job.shape[0])
         ]
 
     def stream(self, frames: Iterable, targets: int | None = None) -> Iterator[FrameResult]:
@@ -356,25 +383,57 @@ class VideoLocalizer:
         pending: list[Tensor] = []
         first = 0
         index = 0
+        in_flight: _InFlight | None = None  # a submitted batch whose results are not handed out yet
+
+        def submit(first_index: int, batch: list[Tensor]) -> list[FrameResult]:
+            # The next batch goes to the device before the previous one's results are collected: the
+            # host's work for one batch (stacking frames, cutting boxes) overlaps the device's for the next.
+            nonlocal in_flight
+            previous, in_flight = in_flight, self._submit(first_index, batch, targets)
+            if not self.overlap_batches:
+                previous, in_flight = in_flight, None
+            return [] if previous is None else self._collect(previous)
+
+        def drain() -> list[FrameResult]:
+            nonlocal in_flight
+            previous, in_flight = in_flight, None
+            return [] if previous is None else self._collect(previous)
+
         try:
-            for frame in prefetch(frames, self.prefetch_frames):
+            for frame in prefetch(frames, self.prefetch_frames, poll=True):
+                if frame is NOT_READY:  # the source is slower than the device: hand out what is done
+                    yield from drain()
+                    continue
                 hwc = _as_hwc_uint8(frame, index)
                 if pending and hwc.shape != pending[0].shape:  # another size: close the batch first
-                    yield from self._run_batch(first, pending, targets)
+                    yield from submit(first, pending)
                     pending, first = [], index
                 pending.append(hwc)
                 index += 1
                 if len(pending) == self.batch_size:
-                    yield from self._run_batch(first, pending, targets)
+                    yield from submit(first, pending)
                     pending, first = [], index
         except Exception:
             # The source failed (a broken file, a camera gone, a bad frame): the frames already
             # received are still localized and yielded, then the error goes on to the caller.
+            yield from drain()
             if pending:
-                yield from self._run_batch(first, pending, targets)
+                yield from self._collect(self._submit(first, pending, targets))
             raise
         if pending:
-            yield from self._run_batch(first, pending, targets)
+            yield from submit(first, pending)
+        yield from drain()
+
+
+@dataclass
+class _InFlight:
+    """A batch submitted to the device (see VideoLocalizer._submit)."""
+
+    first_index: int
+    shape: tuple[int, int, int]  # the maps' [B, H, W]
+    host: Tensor  # the packed results on the host (pinned memory, filled by an async copy on CUDA)
+    done: object | None  # torch.cuda.Event recorded after that copy; None off CUDA
+    cams: Tensor | None  # copies of the maps (keep_cams)
 
 
 def pack_results(labels: Tensor, scores: Tensor, thresholds: Tensor, cams: Tensor) -> Tensor:

@@ -73,10 +73,68 @@ def test_latency_is_bounded_by_the_batch(model):
             pulled.append(k)
             yield frame
 
-    localizer = VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=2, prefetch_frames=1)
+    localizer = VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=2, prefetch_frames=1,
+                               overlap_batches=False)
     for r in localizer.stream(source()):
         # a result waits for at most batch_size - 1 later frames (+ the decode queue's look-ahead)
         assert len(pulled) - 1 - r.index <= 2 - 1 + 2
+    pulled.clear()
+    overlapped = VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=2, prefetch_frames=1)
+    for r in overlapped.stream(source()):
+        # overlapping batches: one more batch at most
+        assert len(pulled) - 1 - r.index <= 2 * 2 - 1 + 2
+
+
+def test_overlapped_batches_submit_the_next_batch_before_collecting_and_keep_the_order(model, monkeypatch):
+    """With a source faster than the device, batch k + 1 is on the device before batch k's results
+    are collected; results, order and boxes are those of the sequential stream."""
+    frames = random_frames(9)
+    sequential = list(VideoLocalizer(model, "gradcam", input_size=(32, 32), batch_size=2,
+                                     overlap_batches=False).stream(frames))
+    localizer = VideoLocalizer(model, "gradcam", input_size=(32, 32), batch_size=2)
+    events = []
+    submit, collect = localizer._submit, localizer._collect
+    monkeypatch.setattr(localizer, "_submit", lambda first, batch, t: events.append(("submit", first)) or submit(first, batch, t))
+    monkeypatch.setattr(localizer, "_collect", lambda job: events.append(("collect", job.first_index)) or collect(job))
+
+    def eager_source():  # every frame already decoded: no NOT_READY pause
+        yield from frames
+
+    import rethinkcam_fast.video as video
+
+    monkeypatch.setattr(video, "prefetch", lambda items, depth, poll=False: iter(items))
+    results = list(localizer.stream(eager_source()))
+    assert [(r.index, r.label, r.box, r.score) for r in results] == [(r.index, r.label, r.box, r.score) for r in sequential]
+    assert events[:5] == [("submit", 0), ("submit", 2), ("collect", 0), ("submit", 4), ("collect", 2)]
+    assert events[-2:] == [("collect", 6), ("collect", 8)]
+
+
+def test_a_slow_source_gets_its_results_without_waiting_for_the_next_batch(model):
+    """A live source (frames arriving slower than the device works): overlapping batches must not
+    hold a finished batch until the next one is complete."""
+    import threading
+
+    release = threading.Event()
+    frames = random_frames(4)
+
+    def live():
+        yield frames[0]
+        yield frames[1]
+        release.wait()  # the camera is slow: the next frame comes only when the test says so
+        yield frames[2]
+        yield frames[3]
+
+    localizer = VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=2)
+    stream = localizer.stream(live())
+    first = []
+    consumer = threading.Thread(target=lambda: first.extend([next(stream), next(stream)]), daemon=True)
+    consumer.start()
+    consumer.join(timeout=20)  # batch 0's results must come while frame 2 has not arrived
+    got_them_early = not consumer.is_alive()
+    release.set()
+    consumer.join()
+    assert got_them_early and [r.index for r in first] == [0, 1]
+    assert [r.index for r in stream] == [2, 3]
 
 
 def test_tensor_frames_and_bf16(model):
