@@ -47,8 +47,9 @@ def cdiv(a: int, b: int) -> int:
 
 
 def next_power_of_2(n: int) -> int:
-    """The smallest power of two ``>= n`` (1 for ``n <= 1``), as ``triton.next_power_of_2``, for host code."""
-    return 1 << max(0, (int(n) - 1).bit_length())
+    """The smallest power of two ``>= n`` for host code, as ``triton.next_power_of_2`` for ``n >= 1``;
+    1 for ``n <= 1`` (a block size, never 0)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
 def triton_interpreted() -> bool:

@@ -8,13 +8,13 @@ Data flow per batch of frames::
     -> labels, scores, thresholds and uint8 levels packed into one buffer -> one copy to the host
     -> largest-contour box (C++ border follower) -> FrameResult per frame, in input order
 
-A batch is submitted to the device before the previous one's results are collected, so the host's work
-on one batch overlaps the device's on the next; when the source has no frame ready (a live camera),
-finished results are handed out at once instead of waiting for the next batch.
-
-Frames are grouped into batches of at most ``batch_size`` frames of one size, so a result is never
-more than ``batch_size - 1`` frames late, and a frame of another size mid-stream simply starts a new
-batch. Memory is bounded by the decode queue and one batch, whatever the length of the input.
+Frames are grouped into batches of at most ``batch_size`` frames of one size, and a frame of another
+size mid-stream simply starts a new batch. On CUDA, batches overlap: a batch is submitted to the device
+before the previous one's results are collected, so the host's work on one batch overlaps the
+device's on the next; a result is then at most ``2 * batch_size - 1`` frames late (without overlap,
+``batch_size - 1``), and when the source has no frame ready (a live camera) finished results are
+handed out at once. Memory is bounded by the decode queue and two batches, whatever the length of the
+input.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class FrameResult:
         box: ``(x0, y0, x1, y1)`` inclusive pixel extents in the frame's own coordinates, from the
             largest contour above the PaS threshold; ``(0, 0, 0, 0)`` when the map is empty.
         cam: the map ``Tensor[H, W]`` in ``[0, 1]`` at the frame's size (on the device), when
-            ``keep_cams=True``; else ``None``.
+            ``keep_cams=True``; else ``None``. A view into one copy of its batch's maps (``.clone()``
+            it to keep one frame's map without the others).
     """
 
     index: int
@@ -217,7 +218,7 @@ class VideoLocalizer:
             ``None`` for none); applied to 3-channel input only. A model whose first convolution
             takes one channel gets grey frames (BT.601 luma).
         batch_size: frames per batch — the latency bound (a frame waits for at most
-            ``batch_size - 1`` later frames).
+            ``batch_size - 1`` later frames, one batch more with ``overlap_batches``).
         device: where to compute (default: the model's parameters' device).
         bf16: run the model under bfloat16 autocast.
         keep_cams: attach each frame's map to its result (for overlays).
@@ -231,7 +232,8 @@ class VideoLocalizer:
             result then waits for up to one more batch when the source is faster than the device
             (a file); when the source has no frame ready (a live camera) finished results are
             handed out at once. ``False``: every batch's results before the next batch starts (the
-            lowest latency per frame, at batch 1).
+            lowest latency per frame, at batch 1). Default (``None``): on CUDA only (on the CPU the
+            model runs synchronously, so there is nothing to overlap).
     """
 
     def __init__(
@@ -248,7 +250,7 @@ class VideoLocalizer:
         keep_cams: bool = False,
         prefetch_frames: int = 32,
         cuda_graph: bool = False,
-        overlap_batches: bool = True,
+        overlap_batches: bool | None = None,
         **engine_options,
     ) -> None:
         if batch_size < 1:
@@ -271,7 +273,7 @@ class VideoLocalizer:
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {self.device}")
         self.cuda_graph = bool(cuda_graph)
-        self.overlap_batches = bool(overlap_batches)
+        self.overlap_batches = self.device.type == "cuda" if overlap_batches is None else bool(overlap_batches)
         self._graphs: dict[tuple[int, ...], CapturedCall] = {}
         engine_options.setdefault("warn_degenerate", False)  # no per-batch device sync for a warning
         # PaS and the box are cut here, after the (possibly replayed) CAM, not inside the engine.
@@ -406,13 +408,15 @@ class VideoLocalizer:
                     continue
                 hwc = _as_hwc_uint8(frame, index)
                 if pending and hwc.shape != pending[0].shape:  # another size: close the batch first
-                    yield from submit(first, pending)
-                    pending, first = [], index
+                    # (pending is emptied before any result is handed out: once submitted, a batch is
+                    # in flight, and an error while results are yielded must not submit it again)
+                    batch, batch_first, pending, first = pending, first, [], index
+                    yield from submit(batch_first, batch)
                 pending.append(hwc)
                 index += 1
                 if len(pending) == self.batch_size:
-                    yield from submit(first, pending)
-                    pending, first = [], index
+                    batch, batch_first, pending, first = pending, first, [], index
+                    yield from submit(batch_first, batch)
         except Exception:
             # The source failed (a broken file, a camera gone, a bad frame): the frames already
             # received are still localized and yielded, then the error goes on to the caller.
@@ -421,7 +425,8 @@ class VideoLocalizer:
                 yield from self._collect(self._submit(first, pending, targets))
             raise
         if pending:
-            yield from submit(first, pending)
+            batch, pending = pending, []
+            yield from submit(first, batch)
         yield from drain()
 
 

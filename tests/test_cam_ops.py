@@ -351,3 +351,17 @@ def test_fuse_maps_split_count_follows_the_gpu():
     assert fm.fuse_splits(1, 224 * 224, 1024, torch.device("cpu")) == 1
     with pytest.raises(ValueError, match="power of two"):
         fm.fuse_splits(1, 100, 64, cuda, forced=3)
+
+
+def test_host_cdiv_and_next_power_of_2_match_tritons():
+    """The launchers' plain-Python helpers (triton's are ConstexprFunctions, ~5 us a host call) give
+    triton's values, and a block size of at least 1 for empty sizes."""
+    triton = pytest.importorskip("triton")
+    from rethinkcam_fast._triton import cdiv, next_power_of_2
+
+    for n in range(1, 5000):
+        assert next_power_of_2(n) == triton.next_power_of_2(n)
+    for a in range(-40, 300):
+        for b in range(1, 33):
+            assert cdiv(a, b) == triton.cdiv(a, b)
+    assert next_power_of_2(0) == 1 and next_power_of_2(-5) == 1

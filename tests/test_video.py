@@ -79,7 +79,8 @@ def test_latency_is_bounded_by_the_batch(model):
         # a result waits for at most batch_size - 1 later frames (+ the decode queue's look-ahead)
         assert len(pulled) - 1 - r.index <= 2 - 1 + 2
     pulled.clear()
-    overlapped = VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=2, prefetch_frames=1)
+    overlapped = VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=2, prefetch_frames=1,
+                                overlap_batches=True)
     for r in overlapped.stream(source()):
         # overlapping batches: one more batch at most
         assert len(pulled) - 1 - r.index <= 2 * 2 - 1 + 2
@@ -91,7 +92,8 @@ def test_overlapped_batches_submit_the_next_batch_before_collecting_and_keep_the
     frames = random_frames(9)
     sequential = list(VideoLocalizer(model, "gradcam", input_size=(32, 32), batch_size=2,
                                      overlap_batches=False).stream(frames))
-    localizer = VideoLocalizer(model, "gradcam", input_size=(32, 32), batch_size=2)
+    localizer = VideoLocalizer(model, "gradcam", input_size=(32, 32), batch_size=2, overlap_batches=True)
+    assert not VideoLocalizer(model, "cam").overlap_batches  # the default: on CUDA only
     events = []
     submit, collect = localizer._submit, localizer._collect
     monkeypatch.setattr(localizer, "_submit", lambda first, batch, t: events.append(("submit", first)) or submit(first, batch, t))
@@ -109,6 +111,29 @@ def test_overlapped_batches_submit_the_next_batch_before_collecting_and_keep_the
     assert events[-2:] == [("collect", 6), ("collect", 8)]
 
 
+def test_an_error_while_results_are_handed_out_never_repeats_a_frame(model, monkeypatch):
+    """Overlapping batches: when collecting a batch fails (once), the stream stops with the error and
+    never hands out a frame twice or out of order (a submitted batch is never submitted again)."""
+    localizer = VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=2, overlap_batches=True)
+    collect, failed = localizer._collect, []
+
+    def flaky(job):
+        if job.first_index == 0 and not failed:
+            failed.append(True)
+            raise RuntimeError("cutting the boxes failed")
+        return collect(job)
+
+    monkeypatch.setattr(localizer, "_collect", flaky)
+    import rethinkcam_fast.video as video
+
+    monkeypatch.setattr(video, "prefetch", lambda items, depth, poll=False: iter(items))
+    seen = []
+    with pytest.raises(RuntimeError, match="cutting the boxes failed"):
+        for result in localizer.stream(random_frames(6)):
+            seen.append(result.index)
+    assert seen == sorted(set(seen)), seen
+
+
 def test_a_slow_source_gets_its_results_without_waiting_for_the_next_batch(model):
     """A live source (frames arriving slower than the device works): overlapping batches must not
     hold a finished batch until the next one is complete."""
@@ -124,7 +149,7 @@ def test_a_slow_source_gets_its_results_without_waiting_for_the_next_batch(model
         yield frames[2]
         yield frames[3]
 
-    localizer = VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=2)
+    localizer = VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=2, overlap_batches=True)
     stream = localizer.stream(live())
     first = []
     consumer = threading.Thread(target=lambda: first.extend([next(stream), next(stream)]), daemon=True)

@@ -264,6 +264,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("iou_ptr"), py::arg("xywh_ptr"), py::arg("status_ptr"), py::call_guard<py::gil_scoped_release>(),
       "The CUDA level-sweep kernel's code run on the CPU, each phase thread by thread (for tests):\n"
       "levels uint8 [N, H, W], wanted uint8 [N, 256] -> iou float64 [N, 256], xywh int64 [N, 256, 4]\n"
-      "(largest mode), status int32 [N, 256] (0 done, 1 holes: run a level job, 2 tie: trace on the\n"
-      "host, 3 inconsistent), written at the wanted thresholds only.");
+      "(largest mode), status int32 [N, 256] (0 done, 2 tie: trace on the host, 3 inconsistent: a bug),\n"
+      "written at the wanted thresholds only.");
 }

@@ -653,9 +653,10 @@ def epilogue_function_forward(ctx, maps, output_size, fuse, normalize, backend, 
     """Forward of the ops' ``autograd.Function``s: run the epilogue, save ``saved`` and the maps.
 
     One map through Triton also keeps the forward's statistics for the backward in
-    ``ctx.epilogue_state`` (a few numbers per image: it saves the backward two launches and a dozen
-    small allocations, host time that dominated the op's time on an H100); several maps are
-    recomputed there instead of holding their fused map between the passes.
+    ``ctx.epilogue_state`` (five numbers per image, and a view of the saved map: it saves the
+    backward two launches and a dozen small allocations, host time that dominated the op's time on
+    an H100; the view lives as long as the graph, and is not moved by ``save_on_cpu``); several maps
+    are recomputed there instead of holding their fused map between the passes.
     """
     ctx.epilogue_state = None
     if len(maps) == 1 and use_triton("map_epilogue", backend, maps[0].device):
