@@ -17,7 +17,7 @@ import torch
 from _common import device_name, environment, synchronize, torch_threads
 
 from rethinkcam_fast import _native, best_box_ious, boxes_from_cams, cam_curve_thresholds, protocol_thresholds
-from rethinkcam_fast.ops.level_sweep import BLOCKS_PER_SM_ENV, GPU_BOXES_ENV
+from rethinkcam_fast.ops.level_sweep import GPU_BOXES_ENV, VARIANT_ENV
 
 cv2 = pytest.importorskip("cv2")
 # The CPU providers run on the host's cores, ours-gpu on the GPU: the header names both.
@@ -25,22 +25,23 @@ RUN_INFO = {"device": device_name(torch.device("cpu")) + (
     f" + {device_name(torch.device('cuda'))} (ours-gpu)" if torch.cuda.is_available() else ""), "torch": torch.__version__}
 BATCH = 8
 GPU_BATCH = 256  # the CUDA level sweep takes an image per block: fill every SM twice
-PROVIDERS = ["opencv-loop", "ours-1-thread", "ours-all-threads", "ours-gpu", "ours-gpu-1-block-per-sm"]
+PROVIDERS = ["opencv-loop", "ours-1-thread", "ours-all-threads", "ours-gpu", "ours-gpu-1-block",
+             "ours-gpu-shared-parents"]
 
 
 def _gpu_fn(call, cams: torch.Tensor, provider: str = "ours-gpu"):
     """The CUDA level sweep (opt-in through its environment switch) on GPU_BATCH maps on the device,
-    with two resident blocks per SM (``ours-gpu``, the default) or one (``...-1-block-per-sm``);
-    skips without a GPU."""
+    in the kernel build the provider names (``ours-gpu``: the default, two blocks per SM; ``-1-block``;
+    ``-shared-parents``); skips without a GPU."""
     if not torch.cuda.is_available() or _native.cuda_module() is None:
         pytest.skip("needs a CUDA device and the CUDA extension")
     device = torch.device("cuda")
     maps = cams.repeat((GPU_BATCH + len(cams) - 1) // len(cams), 1, 1)[:GPU_BATCH].to(device)
 
-    per_sm = "1" if provider.endswith("1-block-per-sm") else "2"
+    variant = {"ours-gpu": "2-blocks", "ours-gpu-1-block": "1-block", "ours-gpu-shared-parents": "shared-parents"}[provider]
 
     def fn():
-        with environment(GPU_BOXES_ENV, "1"), environment(BLOCKS_PER_SM_ENV, per_sm):
+        with environment(GPU_BOXES_ENV, "1"), environment(VARIANT_ENV, variant):
             call(maps)
             synchronize(device)
 

@@ -151,7 +151,7 @@ if has bench; then
   for suite in $SUITES; do
     case $suite in
       # The CUDA box kernel on its own: if it hangs, the CPU rows are already saved.
-      boxes) bench boxes-cpu boxes "${BOX_BOXES_CPU:-50}" -k "not ours-gpu"; bench boxes-gpu boxes "${BOX_BOXES_GPU:-40}" -k "ours-gpu or opencv-loop" ;;
+      boxes) bench boxes-cpu boxes "${BOX_BOXES_CPU:-50}" -k "not ours-gpu"; bench boxes-gpu boxes "${BOX_BOXES_GPU:-70}" -k "ours-gpu or opencv-loop" ;;
       evaluate) RETHINKCAM_BENCH_CUB=0 bench evaluate evaluate "${BOX_EVALUATE:-90}" ;;
       tap) bench tap tap "${BOX_TAP:-60}" ;;
       cam) bench cam cam "${BOX_CAM:-150}" ;;

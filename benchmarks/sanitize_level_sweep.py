@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from rethinkcam_fast.ops.box_ious import best_box_ious
-from rethinkcam_fast.ops.level_sweep import BLOCKS_PER_SM_ENV, level_sweep
+from rethinkcam_fast.ops.level_sweep import VARIANT_ENV, VARIANTS, level_sweep
 
 
 def main() -> int:
@@ -35,14 +35,14 @@ def main() -> int:
     offsets = torch.arange(n + 1)
     levels = (cams * 255).to(torch.uint8)
     failed = 0
-    for per_sm in ("2", "1"):  # both builds of the kernel (launch bounds)
-        os.environ[BLOCKS_PER_SM_ENV] = per_sm
+    for variant in VARIANTS:  # every build of the kernel
+        os.environ[VARIANT_ENV] = variant
         for multi in (True, False):
             got, _ = level_sweep(levels.cuda(), table.cuda(), gt.cuda(), offsets.cuda(), multi)
             want = best_box_ious(cams, table, gt, offsets, multi)
             same = torch.equal(got.cpu(), want)
             failed += not same
-            print(f"level sweep, {per_sm} block(s) per SM, {'all contours' if multi else 'largest contour'}: {n} maps "
+            print(f"level sweep, {variant}, {'all contours' if multi else 'largest contour'}: {n} maps "
                   f"of {size}x{size}, {'equal to the CPU kernels' if same else 'MISMATCH against the CPU kernels'}")
     return 1 if failed else 0
 

@@ -23,7 +23,7 @@ from rethinkcam_fast import (
     protocol_thresholds,
 )
 from rethinkcam_fast.ops.box_ious import best_box_ious_reference
-from rethinkcam_fast.ops.level_sweep import GPU_BOXES_ENV, level_sweep
+from rethinkcam_fast.ops.level_sweep import GPU_BOXES_ENV, VARIANT_ENV, level_sweep
 from rethinkcam_fast.ops.boxes import TREE_MIN_LEVELS
 
 cv2 = pytest.importorskip("cv2")
@@ -443,9 +443,11 @@ def test_gpu_level_sweep_reports_an_internal_inconsistency(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.skipif(rethinkcam_fast._native.cuda_module() is None, reason="CUDA extension not built")
 @pytest.mark.parametrize("interval", [0.01, 0.001])
-def test_cuda_level_sweep_equals_the_cpu_kernels(monkeypatch, interval):
-    """The CUDA kernel itself (opt-in until verified here): identical IoUs and boxes to the CPU."""
+@pytest.mark.parametrize("variant", ["2-blocks", "1-block", "shared-parents"])
+def test_cuda_level_sweep_equals_the_cpu_kernels(monkeypatch, interval, variant):
+    """The CUDA kernel itself (opt-in until verified here), each build: identical IoUs and boxes to the CPU."""
     monkeypatch.setenv(GPU_BOXES_ENV, "1")
+    monkeypatch.setenv(VARIANT_ENV, variant)
     rng = np.random.default_rng(21)
     gen = torch.Generator().manual_seed(21)
     low = torch.rand((6, 1, 7, 7), generator=gen)
@@ -495,11 +497,13 @@ def test_level_sweep_launcher_refuses_what_the_kernel_cannot_take():
 
 
 def test_level_sweep_kernel_variant_is_checked(monkeypatch):
-    from rethinkcam_fast.ops.level_sweep import BLOCKS_PER_SM_ENV, blocks_per_sm
+    from rethinkcam_fast.ops.level_sweep import VARIANT_ENV, sweep_variant
 
-    assert blocks_per_sm() == 2
-    monkeypatch.setenv(BLOCKS_PER_SM_ENV, "1")
-    assert blocks_per_sm() == 1
-    monkeypatch.setenv(BLOCKS_PER_SM_ENV, "4")
-    with pytest.raises(ValueError, match="must be 1 or 2, got '4'"):
-        blocks_per_sm()
+    assert sweep_variant() == (2, 2)
+    monkeypatch.setenv(VARIANT_ENV, "1-block")
+    assert sweep_variant() == (1, 1)
+    monkeypatch.setenv(VARIANT_ENV, "shared-parents")
+    assert sweep_variant() == (3, 1)
+    monkeypatch.setenv(VARIANT_ENV, "4")
+    with pytest.raises(ValueError, match="must be one of .*got '4'"):
+        sweep_variant()

@@ -81,18 +81,18 @@ PYBIND11_MODULE(_C_cuda, m) {
       "level_sweep",
       [](uintptr_t levels_ptr, int64_t N, int64_t H, int64_t W, uintptr_t wanted_ptr, uintptr_t gt_boxes_ptr,
          uintptr_t gt_offsets_ptr, bool multi_contour, uintptr_t scratch_ptr, int64_t grid, int64_t block_threads,
-         int64_t blocks_per_sm, uintptr_t iou_ptr, uintptr_t xywh_ptr, uintptr_t status_ptr, uintptr_t stream) {
+         int64_t variant, uintptr_t iou_ptr, uintptr_t xywh_ptr, uintptr_t status_ptr, uintptr_t stream) {
         rcam::cuda::level_sweep(as_ptr<const uint8_t>(levels_ptr), N, H, W, as_ptr<const uint8_t>(wanted_ptr),
                                 as_ptr<const int64_t>(gt_boxes_ptr), as_ptr<const int64_t>(gt_offsets_ptr),
-                                multi_contour, as_ptr<int32_t>(scratch_ptr), grid, block_threads, blocks_per_sm,
+                                multi_contour, as_ptr<int32_t>(scratch_ptr), grid, block_threads, variant,
                                 as_ptr<double>(iou_ptr), as_ptr<int64_t>(xywh_ptr), as_ptr<int32_t>(status_ptr),
                                 stream);
       },
       py::arg("levels_ptr"), py::arg("N"), py::arg("H"), py::arg("W"), py::arg("wanted_ptr"),
       py::arg("gt_boxes_ptr"), py::arg("gt_offsets_ptr"), py::arg("multi_contour"), py::arg("scratch_ptr"),
-      py::arg("grid"), py::arg("block_threads"), py::arg("blocks_per_sm"), py::arg("iou_ptr"), py::arg("xywh_ptr"),
+      py::arg("grid"), py::arg("block_threads"), py::arg("variant"), py::arg("iou_ptr"), py::arg("xywh_ptr"),
       py::arg("status_ptr"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
       "The level sweep on the GPU (see rethinkcam_fast._C.emulate_level_sweep): a block per image,\n"
       "every wanted threshold in one pass.  scratch: int32 [grid, 9 * (H*W + 1) + (H*W + 3) / 4];\n"
-      "block_threads <= 512; blocks_per_sm: 1 or 2 (the kernel's launch bounds).");
+      "block_threads <= 512; variant: 2 (two blocks per SM), 1 (one), 3 (one, union-find in shared memory).");
 }

@@ -23,9 +23,12 @@ from ._launch import multiprocessor_count
 GPU_BOXES_ENV = "RETHINKCAM_GPU_BOXES"
 LEVEL_SWEEP_THREADS = 512  # the kernel's launch bounds: 512 threads, two blocks per SM
 SCRATCH_BYTES = 512 << 20  # the blocks' union-find and statistics, all blocks together
-# Resident blocks per SM, the kernel's launch bounds: 2 (64 registers, a few spills) or 1 (88, none);
-# both are built, the benchmarks time both, and the default stays 2 until an H100 run says otherwise.
-BLOCKS_PER_SM_ENV = "RETHINKCAM_SWEEP_BLOCKS_PER_SM"
+# The kernel's builds (csrc/cuda/level_sweep.cu): two blocks per SM (64 registers, a few spills), one
+# (88, none), or one with the union-find parents in shared memory (maps up to ~57,000 pixels; else
+# the second). All are built, the benchmarks time each, and the default stays the first until an H100
+# run says otherwise.
+VARIANT_ENV = "RETHINKCAM_SWEEP_VARIANT"
+VARIANTS = {"2-blocks": 2, "1-block": 1, "shared-parents": 3}  # name -> the launcher's code
 
 # Status codes of csrc/common/level_sweep.h
 TIE, INCONSISTENT = 2, 3
@@ -38,12 +41,14 @@ def gpu_boxes_enabled(cams: Tensor) -> bool:
             and hasattr(module, "level_sweep"))
 
 
-def blocks_per_sm() -> int:
-    """The kernel variant: ``RETHINKCAM_SWEEP_BLOCKS_PER_SM`` (1 or 2, default 2)."""
-    value = os.environ.get(BLOCKS_PER_SM_ENV, "2")
-    if value not in ("1", "2"):
-        raise ValueError(f"{BLOCKS_PER_SM_ENV} must be 1 or 2, got {value!r}")
-    return int(value)
+def sweep_variant() -> tuple[int, int]:
+    """``(the launcher's variant code, resident blocks per SM)`` from ``RETHINKCAM_SWEEP_VARIANT``
+    (one of :data:`VARIANTS`, default ``"2-blocks"``)."""
+    name = os.environ.get(VARIANT_ENV, "2-blocks")
+    if name not in VARIANTS:
+        raise ValueError(f"{VARIANT_ENV} must be one of {sorted(VARIANTS)}, got {name!r}")
+    code = VARIANTS[name]
+    return code, 2 if code == 2 else 1
 
 
 def level_sweep(levels: Tensor, table: Tensor, gt_boxes: Tensor, gt_offsets: Tensor, multi_contour: bool,
@@ -82,14 +87,14 @@ def level_sweep(levels: Tensor, table: Tensor, gt_boxes: Tensor, gt_offsets: Ten
     elif n:
         # One or two resident blocks per SM, each with its own scratch slice, fewer for large maps so
         # that the scratch stays within SCRATCH_BYTES.
-        per_sm = blocks_per_sm()
+        variant, per_sm = sweep_variant()
         per_block = 9 * (height * width + 1) + (height * width + 3) // 4  # int32s (level_sweep.h, Scratch)
         grid = max(1, min(n, per_sm * multiprocessor_count(device), SCRATCH_BYTES // (4 * per_block)))
         scratch = torch.empty(grid * per_block, dtype=torch.int32, device=device)
         with torch.cuda.device(device):
             _native.cuda_module().level_sweep(
                 levels.data_ptr(), n, height, width, wanted.data_ptr(), gt_boxes.data_ptr(), gt_offsets.data_ptr(),
-                bool(multi_contour), scratch.data_ptr(), grid, block_threads, per_sm, iou.data_ptr(), xywh.data_ptr(),
+                bool(multi_contour), scratch.data_ptr(), grid, block_threads, variant, iou.data_ptr(), xywh.data_ptr(),
                 status.data_ptr(), torch.cuda.current_stream(device).cuda_stream)
     pending = status.nonzero()  # the one host sync: levels the sweep left to the host
     if pending.numel():
@@ -126,4 +131,4 @@ def trace_on_host(levels: Tensor, jobs: Tensor, gt_boxes: Tensor, gt_offsets: Te
     return fixed[:, 0].to(levels.device), boxes[:, 0].to(levels.device)
 
 
-__all__ = ["BLOCKS_PER_SM_ENV", "GPU_BOXES_ENV", "LEVEL_SWEEP_THREADS", "blocks_per_sm", "gpu_boxes_enabled", "level_sweep"]
+__all__ = ["GPU_BOXES_ENV", "LEVEL_SWEEP_THREADS", "VARIANTS", "VARIANT_ENV", "sweep_variant", "gpu_boxes_enabled", "level_sweep"]
