@@ -652,14 +652,16 @@ def epilogue_forward_impl(maps, output_size, fuse, normalize, backend) -> tuple[
 def epilogue_function_forward(ctx, maps, output_size, fuse, normalize, backend, saved, options):
     """Forward of the ops' ``autograd.Function``s: run the epilogue, save ``saved`` and the maps.
 
-    One map through Triton also keeps the forward's statistics for the backward in
-    ``ctx.epilogue_state`` (five numbers per image, and a view of the saved map: it saves the
-    backward two launches and a dozen small allocations, host time that dominated the op's time on
-    an H100; the view lives as long as the graph, and is not moved by ``save_on_cpu``); several maps
-    are recomputed there instead of holding their fused map between the passes.
+    Through Triton it also keeps what the backward needs in ``ctx.epilogue_state``, instead of the
+    backward running the forward again: per image five statistics per layer and of the fused map,
+    the packed maps (for one map a view of the saved map), and for several maps the fused map
+    ``[N, H, W]`` (and for ``fuse="max"`` its tie counts). That saves the backward the forward's
+    kernels (for several maps one program per image over every layer) and a dozen small allocations,
+    host time that dominated these ops on an H100, for one more ``[N, H, W]`` buffer between the
+    passes. The state lives as long as the graph and is not moved by ``save_on_cpu``.
     """
     ctx.epilogue_state = None
-    if len(maps) == 1 and use_triton("map_epilogue", backend, maps[0].device):
+    if use_triton("map_epilogue", backend, maps[0].device):
         with device_guard(maps[0]):
             out, degenerate, ctx.epilogue_state = map_epilogue_triton_state(maps, tuple(output_size), fuse, normalize)
     else:
