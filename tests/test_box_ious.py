@@ -354,6 +354,22 @@ def test_gpu_level_sweep_code_emulated(seed, block_threads):
 
 
 @requires_tree
+@pytest.mark.parametrize("seed", range(3))
+def test_gpu_level_sweep_code_emulated_with_one_threshold_per_map(seed):
+    """PaS: one threshold per map, where the largest contour's filled foreground comes straight from
+    the final union-find roots (no pointer jumping); 0 and 255 (never foreground) included."""
+    rng = np.random.default_rng(300 + seed)
+    masks = adversarial_masks()
+    cams = torch.cat([torch.from_numpy(masks.astype(np.float32)),
+                      multilevel_maps(rng, 4, *masks.shape[1:], 4),
+                      torch.from_numpy(rng.random((4, *masks.shape[1:])).astype(np.float32))])
+    table = torch.from_numpy(rng.integers(0, 256, size=(len(cams), 1)))
+    table[:3, 0] = torch.tensor([0, 254, 255])
+    gt, offsets = random_gt(rng, [1] * len(cams), *cams.shape[1:])
+    emulated_matches_cpu(cams, table, gt, offsets, block_threads=int(rng.integers(1, 40)))
+
+
+@requires_tree
 def test_gpu_level_sweep_code_emulated_on_adversarial_shapes():
     masks = adversarial_masks()
     cams = torch.from_numpy(masks.astype(np.float32))

@@ -32,7 +32,8 @@
 // component_tree.cpp plus the hole areas, nested components included).  So:
 //   * kFrameLinks — background, rising: union-find with every link recorded with its threshold.
 //     Pointer jumping then gives each pixel the first wanted threshold at which it reaches the
-//     frame ("reach"; 255 if never): at threshold t the filled foreground is reach > t.
+//     frame ("reach"; 255 if never): at threshold t the filled foreground is reach > t.  With one
+//     wanted threshold (PaS) the final roots say it directly: no jumping.
 //   * kFilledAreas — foreground, falling, over reach instead of level: the components are the outer
 //     borders with their holes filled (no component nests in another), each with its box and exact
 //     area.  A unique maximum gives the box; a shared one (kTie) goes to the host's border follower
@@ -115,6 +116,8 @@ struct Shared {
   int32_t best_area2, ties;
   int32_t box[4];
   int32_t jumped[3];  // pointer jumping: whether round r changed a pointer, in jumped[r % 3]
+  int32_t n_wanted;   // wanted thresholds below 255 (255 is never foreground)
+  int32_t top_wanted;  // the largest of them
   unsigned long long best_iou_bits;
 };
 
@@ -377,6 +380,15 @@ RCAM_LABELS_HD void run_sweep(Block& block, const Image& im, const uint8_t* key,
 template <typename Block>
 RCAM_LABELS_HD void reach_frame(Block& block, const Image& im, const Scratch& s, Shared* sh) {
   const int32_t HW = im.H * im.W;
+  if (sh->n_wanted <= 1) {  // one threshold (PaS): a pixel reaches the frame there iff its root is the frame
+    block.run([&](int64_t tid, int64_t nt) {
+      for (int32_t p = static_cast<int32_t>(tid); p < HW; p += static_cast<int32_t>(nt)) {
+        const bool framed = sh->n_wanted == 1 && find_root(s.parent, p + 1) == 0;
+        s.reach[p] = static_cast<uint8_t>(framed ? sh->top_wanted : kNever);
+      }
+    });
+    return;
+  }
   block.run([&](int64_t tid, int64_t) {
     if (tid == 0) sh->jumped[0] = sh->jumped[1] = sh->jumped[2] = 0;
   });
@@ -446,7 +458,16 @@ RCAM_LABELS_HD void sweep_image(Block& block, const Image& im, const Scratch& s,
       sh->holes[v] = 0;
       sh->wanted[v] = im.wanted[v];
     }
-    if (tid == 0) sh->any_holes = 0;
+    if (tid != 0) return;
+    sh->any_holes = 0;
+    sh->n_wanted = 0;
+    sh->top_wanted = -1;
+    for (int32_t v = 0; v < kLevels - 1; ++v) {
+      if (im.wanted[v]) {
+        ++sh->n_wanted;
+        sh->top_wanted = v;
+      }
+    }
   });
   sort_pixels(block, im.level, HW, s, sh);
   if (im.multi_contour) {
