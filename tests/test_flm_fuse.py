@@ -142,6 +142,29 @@ def test_epilogue_split_over_output_bands_is_exact(num_splits, sizes, out_size, 
     torch.testing.assert_close(out, want_out, atol=1e-12, rtol=0)
 
 
+@requires_triton
+@pytest.mark.parametrize("num_splits", [2, 4, 8])
+@pytest.mark.parametrize("fuse", ["sum", "max"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_multi_layer_forward_split_equals_one_program_per_image_bit_for_bit(num_splits, fuse, dtype):
+    """Several maps: a small batch splits each image's forward over output chunks (five kernels);
+    everything the backward reads — output, fused map, tie counts, per-layer and final statistics,
+    degenerate flags — equals the one-program kernel's exactly (forced splits on the interpreter),
+    with a constant layer, a NaN layer, ties and an output that is not a multiple of the chunks."""
+    gen = torch.Generator().manual_seed(17)
+    maps = [torch.rand((3, s, s + 1), generator=gen).to(dtype) for s in (9, 5, 3)]
+    maps.append(torch.full((3, 2, 2), 0.5, dtype=dtype))  # a constant layer: degenerate
+    maps[1][1] = float("nan")  # image 1's second layer is not finite: degenerate
+    maps[2][2] = torch.round(maps[2][2] * 2) / 2  # ties at the extremes
+    size = (23, 17)
+    one = epi._forward_triton(maps, size, fuse, True, store_out=True, num_splits=1)
+    split = epi._forward_triton(maps, size, fuse, True, store_out=True, num_splits=num_splits)
+    names = ("out", "degenerate", "fused", "count", "stats", "final")
+    for name, a, b in zip(names, one[:6], split[:6]):
+        assert torch.equal(a, b), name
+    assert not one[1].any() and one[4][1, 1, 2] == 0 and one[4][0, 3, 2] == 0  # degenerate layers: 1/span = 0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ties_between_layers_and_degenerate_layers(backend):
     """Max fusion: layers tied at a pixel share its gradient; a constant layer gets none."""

@@ -219,6 +219,11 @@ def scenario_small_maps_float64():
     acts = [torch.rand(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)]
     grads = [torch.rand(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)]
     rethinkcam_fast.flm_fuse(acts, grads, (9, 7), fuse="max", backend="triton").sum().backward()
+    # several float64 layers on a small batch: the split forward (64 output rows: two chunks)
+    for fuse in ("sum", "max"):
+        acts = [torch.rand(2, 3, s, s, dtype=torch.float64, requires_grad=True) for s in (8, 4, 2)]
+        grads = [torch.rand(2, 3, s, s, dtype=torch.float64, requires_grad=True) for s in (8, 4, 2)]
+        rethinkcam_fast.flm_fuse(acts, grads, (64, 64), fuse=fuse, backend="triton").sum().backward()
 
 
 def scenario_output_size_one():

@@ -135,19 +135,98 @@ def _source_degenerate(map_base, h, w, lo, hi, BLOCK: tl.constexpr, ACC: tl.cons
 
 
 @triton.jit
-def _single_range_kernel(
-    Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Partial_ptr, H, W, CHUNK,
+def _layer_range_kernel(
+    Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Partial_ptr, L, H, W, CHUNK,
     SPLITS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
-    """One map: partial (min, max) of its upsampling over one chunk of outputs (image, chunk)."""
+    """Partial (min, max) of layer l's upsampling over one chunk of outputs (image, layer, chunk)."""
     n = tl.program_id(0)
-    part = tl.program_id(1)
-    h, w, block, scale_h, scale_w = _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, 0, H, W, ACC)
+    l = tl.program_id(1)
+    part = tl.program_id(2)
+    h, w, block, scale_h, scale_w = _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, l, H, W, ACC)
     stop = tl.minimum(part * CHUNK + CHUNK, H * W)
     lo, hi = _upsampled_range(Maps_ptr + block, h, w, W, scale_h, scale_w, part * CHUNK, stop, BLOCK, ACC)
-    out = Partial_ptr + (n * SPLITS + part) * 2
+    out = Partial_ptr + ((n * L + l) * SPLITS + part) * 2
     tl.store(out, lo)
     tl.store(out + 1, hi)
+
+
+# Several maps, each image split over SPLITS output chunks (a batch that cannot fill the GPU with one
+# program per image): the same arithmetic as _fused_fwd_kernel, per pixel in the same layer order, so
+# the results are equal bit for bit (min, max and the integer tie counts do not depend on the order).
+#   _layer_range_kernel (n, L, S): each layer's partial upsampled range
+#   _layer_stats_kernel (n, L):    each layer's lo, hi, 1/span and degenerate flag
+#   _layers_fuse_kernel (n, S):    normalise and fuse the layers into one chunk of the fused map,
+#                                  with the chunk's tie counts per layer and its fused range
+#   _fused_final_kernel (n, S):    the fused map's min-max: its tie counts, the output, chunk 0 the stats
+@triton.jit
+def _layer_stats_kernel(
+    Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Partial_ptr, Stats_ptr, LayerBad_ptr, L, H, W,
+    SPLITS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    n = tl.program_id(0)
+    l = tl.program_id(1)
+    parts = Partial_ptr + ((n * L + l) * SPLITS + tl.arange(0, SPLITS)) * 2
+    lo = tl.min(tl.load(parts), axis=0)
+    hi = tl.max(tl.load(parts + 1), axis=0)
+    h, w, block, _, _ = _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, l, H, W, ACC)
+    degenerate = _source_degenerate(Maps_ptr + block, h, w, lo, hi, BLOCK, ACC)
+    inv, _, _ = _normalizer(lo, hi, degenerate, BLOCK, ACC)
+    _store_stats(Stats_ptr + (n * L + l) * 5, lo, hi, inv, 0.0, 0.0)  # tie counts: summed by the launcher
+    tl.store(LayerBad_ptr + n * L + l, degenerate.to(tl.int8))
+
+
+@triton.jit
+def _layers_fuse_kernel(
+    Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Stats_ptr, LayerBad_ptr, Fused_ptr, Count_ptr, Counts_ptr,
+    FusedPartial_ptr, L, H, W, CHUNK,
+    FUSE_MAX: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    n = tl.program_id(0)
+    part = tl.program_id(1)
+    HW = H * W
+    row = n.to(tl.int64) * HW
+    first_o = part * CHUNK
+    stop = tl.minimum(first_o + CHUNK, HW)
+    for l in range(L):
+        stats = Stats_ptr + (n * L + l) * 5
+        lo = tl.load(stats)
+        hi = tl.load(stats + 1)
+        inv = tl.load(stats + 2)
+        degenerate = tl.load(LayerBad_ptr + n * L + l) != 0
+        c_lo, c_hi = _fuse_layer_chunk(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Fused_ptr, Count_ptr, n, l,
+                                       H, W, row, first_o, stop, lo, hi, inv, degenerate, FUSE_MAX, BLOCK, ACC)
+        counts = Counts_ptr + ((n * L + l) * SPLITS + part) * 2
+        tl.store(counts, tl.sum(c_lo, axis=0))
+        tl.store(counts + 1, tl.sum(c_hi, axis=0))
+    lo_f, hi_f, _ = _range(Fused_ptr + row + first_o, stop - first_o, BLOCK, ACC)
+    tl.store(FusedPartial_ptr + (n * SPLITS + part) * 2, lo_f)
+    tl.store(FusedPartial_ptr + (n * SPLITS + part) * 2 + 1, hi_f)
+
+
+@triton.jit
+def _fused_final_kernel(
+    Fused_ptr, Out_ptr, FusedPartial_ptr, Final_ptr, FinalCounts_ptr, Degenerate_ptr, H, W, CHUNK,
+    SPLITS: tl.constexpr, STORE_OUT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    n = tl.program_id(0)
+    part = tl.program_id(1)
+    HW = H * W
+    row = n.to(tl.int64) * HW
+    parts = FusedPartial_ptr + (n * SPLITS + tl.arange(0, SPLITS)) * 2
+    lo = tl.min(tl.load(parts), axis=0)
+    hi = tl.max(tl.load(parts + 1), axis=0)
+    degenerate = ~(hi - lo > 0.0)
+    inv, _, _ = _normalizer(lo, hi, degenerate, BLOCK, ACC)
+    first_o = part * CHUNK
+    stop = tl.minimum(first_o + CHUNK, HW)
+    c_lo, c_hi = _normalize_fused_chunk(Fused_ptr, Out_ptr, row, first_o, stop, lo, hi, inv, degenerate, STORE_OUT,
+                                        BLOCK, ACC)
+    tl.store(FinalCounts_ptr + (n * SPLITS + part) * 2, tl.sum(c_lo, axis=0))
+    tl.store(FinalCounts_ptr + (n * SPLITS + part) * 2 + 1, tl.sum(c_hi, axis=0))
+    if part == 0:
+        _store_stats(Final_ptr + n * 5, lo, hi, inv, 0.0, 0.0)  # tie counts: summed by the launcher
+        tl.store(Degenerate_ptr + n, degenerate.to(tl.int8))
 
 
 @triton.jit
@@ -193,6 +272,55 @@ def _single_normalize_kernel(
 
 
 @triton.jit
+def _fuse_layer_chunk(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Fused_ptr, Count_ptr, n, l, H, W, row,
+                      first_o, stop, lo, hi, inv, degenerate,
+                      FUSE_MAX: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Layer l's normalised upsampling fused into outputs first_o..stop of the fused map (the first
+    layer initialises it; sum, or max with the number of layers tied at each pixel); returns the
+    per-lane counts of the layer's pixels at its min and max."""
+    h, w, block, scale_h, scale_w = _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, l, H, W, ACC)
+    map_base = Maps_ptr + block
+    c_lo = tl.zeros([BLOCK], ACC)
+    c_hi = tl.zeros([BLOCK], ACC)
+    idx = tl.arange(0, BLOCK)
+    first = l == 0
+    for start in range(first_o, stop, BLOCK):
+        o = start + idx
+        mask = o < stop
+        v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
+        c_lo, c_hi = _count_extremes(c_lo, c_hi, v, lo, hi, mask, ACC)
+        p = tl.where(degenerate, 0.0, (v - lo) * inv)
+        if FUSE_MAX:
+            prev = tl.load(Fused_ptr + row + o, mask=mask & ~first, other=float("-inf"))
+            count = tl.load(Count_ptr + row + o, mask=mask & ~first, other=0.0)
+            count = tl.where(p > prev, 1.0, tl.where(p == prev, count + 1.0, count))
+            tl.store(Count_ptr + row + o, count, mask=mask)
+            p = tl.maximum(prev, p)
+        else:
+            p = tl.load(Fused_ptr + row + o, mask=mask & ~first, other=0.0) + p
+        tl.store(Fused_ptr + row + o, p, mask=mask)
+    return c_lo, c_hi
+
+
+@triton.jit
+def _normalize_fused_chunk(Fused_ptr, Out_ptr, row, first_o, stop, lo, hi, inv, degenerate,
+                           STORE_OUT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """The fused map's min-max over outputs first_o..stop (stored when STORE_OUT); returns the
+    per-lane counts of its pixels at its min and max."""
+    c_lo = tl.zeros([BLOCK], ACC)
+    c_hi = tl.zeros([BLOCK], ACC)
+    idx = tl.arange(0, BLOCK)
+    for start in range(first_o, stop, BLOCK):
+        o = start + idx
+        mask = o < stop
+        f = tl.load(Fused_ptr + row + o, mask=mask, other=0.0)
+        c_lo, c_hi = _count_extremes(c_lo, c_hi, f, lo, hi, mask, ACC)
+        if STORE_OUT:
+            tl.store(Out_ptr + row + o, tl.where(degenerate, 0.0, (f - lo) * inv), mask=mask)
+    return c_lo, c_hi
+
+
+@triton.jit
 def _fused_fwd_kernel(
     Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Out_ptr, Fused_ptr, Count_ptr, Stats_ptr, Final_ptr,
     Degenerate_ptr, L, H, W,
@@ -203,40 +331,19 @@ def _fused_fwd_kernel(
     n = tl.program_id(0)
     HW = H * W
     row = n.to(tl.int64) * HW
-    idx = tl.arange(0, BLOCK)
     for l in range(L):
         h, w, block, scale_h, scale_w = _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, l, H, W, ACC)
         map_base = Maps_ptr + block
         lo, hi = _upsampled_range(map_base, h, w, W, scale_h, scale_w, 0, HW, BLOCK, ACC)
         degenerate = _source_degenerate(map_base, h, w, lo, hi, BLOCK, ACC)
-        inv, c_lo, c_hi = _normalizer(lo, hi, degenerate, BLOCK, ACC)
-        for start in range(0, HW, BLOCK):
-            o = start + idx
-            mask = o < HW
-            v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
-            c_lo, c_hi = _count_extremes(c_lo, c_hi, v, lo, hi, mask, ACC)
-            p = tl.where(degenerate, 0.0, (v - lo) * inv)
-            first = l == 0
-            if FUSE_MAX:
-                prev = tl.load(Fused_ptr + row + o, mask=mask & ~first, other=float("-inf"))
-                count = tl.load(Count_ptr + row + o, mask=mask & ~first, other=0.0)
-                count = tl.where(p > prev, 1.0, tl.where(p == prev, count + 1.0, count))
-                tl.store(Count_ptr + row + o, count, mask=mask)
-                p = tl.maximum(prev, p)
-            else:
-                p = tl.load(Fused_ptr + row + o, mask=mask & ~first, other=0.0) + p
-            tl.store(Fused_ptr + row + o, p, mask=mask)
+        inv, _, _ = _normalizer(lo, hi, degenerate, BLOCK, ACC)
+        c_lo, c_hi = _fuse_layer_chunk(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Fused_ptr, Count_ptr, n, l,
+                                       H, W, row, 0, HW, lo, hi, inv, degenerate, FUSE_MAX, BLOCK, ACC)
         _store_stats(Stats_ptr + (n * L + l) * 5, lo, hi, inv, tl.sum(c_lo, axis=0), tl.sum(c_hi, axis=0))
     lo, hi, _ = _range(Fused_ptr + row, HW, BLOCK, ACC)
     degenerate = ~(hi - lo > 0.0)
-    inv, c_lo, c_hi = _normalizer(lo, hi, degenerate, BLOCK, ACC)
-    for start in range(0, HW, BLOCK):
-        o = start + idx
-        mask = o < HW
-        f = tl.load(Fused_ptr + row + o, mask=mask, other=0.0)
-        c_lo, c_hi = _count_extremes(c_lo, c_hi, f, lo, hi, mask, ACC)
-        if STORE_OUT:
-            tl.store(Out_ptr + row + o, tl.where(degenerate, 0.0, (f - lo) * inv), mask=mask)
+    inv, _, _ = _normalizer(lo, hi, degenerate, BLOCK, ACC)
+    c_lo, c_hi = _normalize_fused_chunk(Fused_ptr, Out_ptr, row, 0, HW, lo, hi, inv, degenerate, STORE_OUT, BLOCK, ACC)
     _store_stats(Final_ptr + n * 5, lo, hi, inv, tl.sum(c_lo, axis=0), tl.sum(c_hi, axis=0))
     tl.store(Degenerate_ptr + n, degenerate.to(tl.int8))
 
@@ -460,19 +567,40 @@ def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str,
     block = min(next_power_of_2(height * width), 1024)
     if n == 0 or height * width == 0 or not (normalize or store_out):  # plain upsampling has no statistics
         pass
-    elif multi:
+    elif multi and _splits(num_splits, n, height, device) == 1:  # the batch fills the GPU: a program per image
         _fused_fwd_kernel[(n,)](
             *packing, out, fused, count, stats, final, degenerate, layers, height, width,
             FUSE_MAX=fuse_max, STORE_OUT=store_out, BLOCK=block, ACC=_tl_dtype(acc), **_EXACT,
         )
+    elif multi:  # several maps, each image split over output chunks
+        splits = _splits(num_splits, n, height, device)
+        chunk = cdiv(cdiv(height * width, splits), block) * block
+        partial = torch.empty((n, layers, splits, 2), dtype=acc, device=device)
+        layer_bad = torch.empty((n, layers), dtype=torch.int8, device=device)
+        counts = torch.empty((n, layers, splits, 2), dtype=acc, device=device)
+        fused_partial = torch.empty((n, splits, 2), dtype=acc, device=device)
+        final_counts = torch.empty((n, splits, 2), dtype=acc, device=device)
+        kw = dict(BLOCK=block, ACC=_tl_dtype(acc), **_EXACT)
+        _layer_range_kernel[(n, layers, splits)](*packing, partial, layers, height, width, chunk, SPLITS=splits, **kw)
+        _layer_stats_kernel[(n, layers)](*packing, partial, stats, layer_bad, layers, height, width, SPLITS=splits, **kw)
+        _layers_fuse_kernel[(n, splits)](
+            *packing, stats, layer_bad, fused, count, counts, fused_partial, layers, height, width, chunk,
+            FUSE_MAX=fuse_max, SPLITS=splits, **kw,
+        )
+        _fused_final_kernel[(n, splits)](
+            fused, out, fused_partial, final, final_counts, degenerate, height, width, chunk,
+            SPLITS=splits, STORE_OUT=store_out, **kw,
+        )
+        stats[:, :, 3:] = counts.sum(dim=2)  # tie counts: exact integers in a fixed order
+        final[:, 3:] = final_counts.sum(dim=1)
     else:  # one map: each image split over output chunks, so that a batch fills the GPU
         splits = _splits(num_splits, n, height, device)
         chunk = cdiv(cdiv(height * width, splits), block) * block
         partial = torch.empty((n, splits, 2), dtype=acc, device=device)
         counts = torch.empty((n, splits, 2), dtype=acc, device=device)
         if normalize:
-            _single_range_kernel[(n, splits)](
-                *packing, partial, height, width, chunk, SPLITS=splits, BLOCK=block, ACC=_tl_dtype(acc), **_EXACT,
+            _layer_range_kernel[(n, 1, splits)](
+                *packing, partial, 1, height, width, chunk, SPLITS=splits, BLOCK=block, ACC=_tl_dtype(acc), **_EXACT,
             )
         _single_normalize_kernel[(n, splits)](
             *packing, partial, out, stats, counts, degenerate, height, width, chunk,
