@@ -23,7 +23,7 @@
 # (the level sweep box kernel, the CUDA weighted_map kernel, CAMEngine.graphed, video's packed
 # transfer and overlapping batches). Planned for the next session, as two back-to-back calls:
 #   STAGES="build tests sanitize bench" SUITES="boxes evaluate cam" DEADLINE=560 TESTS_BOX=150 BOX_SANITIZE=60
-#   STAGES="bench profile" SUITES="video diffcam" PROFILE_CASES="--case boxes --case fullycam_b64" DEADLINE=250
+#   STAGES="bench profile" SUITES="video diffcam" PROFILE_CASES="--case boxes --case fullycam_b64 --case flm_op" DEADLINE=250
 #
 # The device tool returns at most 8 files from $OUT: OUT gets summary.txt (written as the run goes),
 # tests_cuda.txt and gpu_check.tgz (everything: logs, tables, raw JSON), refreshed after every stage

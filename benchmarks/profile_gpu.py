@@ -10,7 +10,8 @@ Cases: small_batch (batch 1: Grad-CAM eager and through CAMEngine.graphed, Fully
 fullycam_b64 (ResNet50, all 53 convs, fp32, with its forward+full-backward floor),
 gradcampp_b64_bf16 (with Grad-CAM for comparison), video_b1 (VideoLocalizer, Grad-CAM, 8 and 64 frames
 a stream), cam_op (class_activation_map forward+backward, [64, 2048, 7, 7] -> 224^2, against the eager
-formulation), boxes (256 maps, 1 and 1,000 thresholds, host path and the opt-in CUDA level sweep).
+formulation), flm_op (flm_fuse forward+backward over four ResNet50 stages, against eager), boxes (256
+maps, 1 and 1,000 thresholds, host path and the opt-in CUDA level sweep).
 On a machine without a GPU it runs on the CPU with small batches (to check the script itself).
 """
 
@@ -170,6 +171,16 @@ def case_cam_op(out):
     _profile(out, f"ours class_activation_map fwd+bwd {BIG}x2048x7x7->224 fp32", ours)
 
 
+def case_flm_op(out):
+    """flm_fuse forward+backward over four ResNet50 stage outputs against the eager formulation
+    (benchmarks/bench_diffcam.py's FLM rows)."""
+    from bench_diffcam import flm_case
+
+    for provider in ("eager", "ours"):
+        group, step = flm_case("fp32", "sum", provider)
+        _profile(out, f"{provider} {group}", step)
+
+
 def case_boxes(out):
     low = torch.rand((256 if GPU else 4, 1, 7, 7), generator=torch.Generator().manual_seed(0))
     up = F.interpolate(low, size=(224, 224), mode="bicubic", align_corners=False)[:, 0]
@@ -192,6 +203,7 @@ CASES = {
     "gradcampp_b64_bf16": case_gradcampp_b64_bf16,
     "video_b1": case_video_b1,
     "cam_op": case_cam_op,
+    "flm_op": case_flm_op,
     "boxes": case_boxes,
 }
 
