@@ -156,13 +156,20 @@ def test_multi_layer_forward_split_equals_one_program_per_image_bit_for_bit(num_
     maps.append(torch.full((3, 2, 2), 0.5, dtype=dtype))  # a constant layer: degenerate
     maps[1][1] = float("nan")  # image 1's second layer is not finite: degenerate
     maps[2][2] = torch.round(maps[2][2] * 2) / 2  # ties at the extremes
-    size = (23, 17)
+    size = (48, 45)  # 2,160 outputs: chunks of 1,024 — two real ones (the last partial), then empty ones
+    assert epi.cdiv(48 * 45, epi.cdiv(epi.cdiv(48 * 45, num_splits), 1024) * 1024) >= 2
     one = epi._forward_triton(maps, size, fuse, True, store_out=True, num_splits=1)
     split = epi._forward_triton(maps, size, fuse, True, store_out=True, num_splits=num_splits)
     names = ("out", "degenerate", "fused", "count", "stats", "final")
     for name, a, b in zip(names, one[:6], split[:6]):
         assert torch.equal(a, b), name
     assert not one[1].any() and one[4][1, 1, 2] == 0 and one[4][0, 3, 2] == 0  # degenerate layers: 1/span = 0
+    grad_out = torch.randn((3, *size), generator=gen).to(dtype)  # the backward from either state: equal
+    from_one = epi.map_epilogue_backward_triton(grad_out, maps, size, fuse, True, num_splits=2, state=tuple(one[2:]))
+    from_split = epi.map_epilogue_backward_triton(grad_out, maps, size, fuse, True, num_splits=2,
+                                                  state=tuple(split[2:]))
+    for a, b in zip(from_one, from_split):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -308,3 +315,21 @@ def test_epilogue_backward_is_exact_on_gpu(sizes, out_size, fuse, normalize):
     got = epi.map_epilogue_backward_triton(grad_out.cuda(), [m.detach().cuda() for m in maps], out_size, fuse, normalize)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.cpu(), w, atol=1e-12, rtol=1e-10)
+
+
+@requires_triton
+def test_the_forward_state_is_released_by_the_backward_and_a_second_backward_recomputes_it():
+    """The Functions keep the epilogue's forward state for the backward only: released by it (not
+    held as long as the output lives), and a second backward with retain_graph gives the same
+    gradients by recomputing."""
+    gen = torch.Generator().manual_seed(23)
+    acts = [torch.rand((2, 3, s, s), generator=gen, requires_grad=True) for s in (6, 3)]
+    grads = [torch.rand((2, 3, s, s), generator=gen) for s in (6, 3)]
+    cams = flm_fuse(acts, grads, (20, 18), backend="triton")
+    assert cams.grad_fn.epilogue_state is not None
+    grad_out = torch.randn(cams.shape, generator=gen)
+    first = torch.autograd.grad(cams, acts, grad_out, retain_graph=True)
+    assert cams.grad_fn.epilogue_state is None
+    second = torch.autograd.grad(cams, acts, grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)

@@ -291,8 +291,9 @@ class ClassActivationMapFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_degenerate):
         features, weight, labels, maps = ctx.saved_tensors
         nwc, output_size, normalize, backend = ctx.options
-        (grad_maps,) = epilogue_backward_impl(grad_out, [maps], output_size, "sum", normalize, backend,
-                                              state=ctx.epilogue_state)
+        # The forward's state, released here (a second backward with retain_graph recomputes it).
+        state, ctx.epilogue_state = ctx.epilogue_state, None
+        (grad_maps,) = epilogue_backward_impl(grad_out, [maps], output_size, "sum", normalize, backend, state=state)
         d_features, d_weight = _cam_reduce_backward_impl(grad_maps, features, weight, labels, nwc, backend)
         return (d_features if ctx.needs_input_grad[0] else None, d_weight if ctx.needs_input_grad[1] else None,
                 None, None, None, None, None)

@@ -184,7 +184,9 @@ class FLMFuseFunction(torch.autograd.Function):
         layers, output_size, fuse, backend = ctx.options
         saved = ctx.saved_tensors
         activations, gradients, maps = saved[:layers], saved[layers:2 * layers], list(saved[2 * layers:])
-        grad_maps = epilogue_backward_impl(grad_out, maps, output_size, fuse, True, backend, state=ctx.epilogue_state)
+        # The forward's state, released here (a second backward with retain_graph recomputes it).
+        state, ctx.epilogue_state = ctx.epilogue_state, None
+        grad_maps = epilogue_backward_impl(grad_out, maps, output_size, fuse, True, backend, state=state)
         d_acts, d_grads = [], []
         for grad_map, a, g in zip(grad_maps, activations, gradients):
             d_a, d_g = _flm_reduce_backward_impl(grad_map, a, g, backend)

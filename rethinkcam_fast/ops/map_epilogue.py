@@ -19,15 +19,17 @@ per-image reduction. Max fusion likewise splits the gradient evenly between the 
 pixel (``amax`` over the stacked layers). A degenerate map (constant or non-finite) is zeros with a
 zero gradient.
 
-Triton forward: one map (the CAM) splits each image over output chunks (partial min/max, then a
-normalising pass); several maps run one program per image through the layers (the fusion is
-sequential). Triton backward, per image, layer and band of output rows (grid ``(N, L, splits)``,
+Triton forward: each image splits over output chunks when the batch cannot fill the GPU (partial
+min/max, then a normalising pass; for several maps per-layer ranges and statistics, then the fused
+chunks and the fused map's own min-max), else one program per image. Triton backward, per image,
+layer and band of output rows (grid ``(N, L, splits)``,
 ``splits`` chosen to fill the GPU): partial sums for the min-max gradient, then the adjoint of the
 bilinear upsampling as two small dense products per tile (``R_h^T dU R_w``, separable), with ``dU``
 recomputed on the fly from the upstream gradient; partial results are combined in a fixed order, so
 it is deterministic (no atomics), and nothing per layer is stored at output resolution. The forward
-statistics (minimum, maximum, tie counts, the fused map) are recomputed in the backward by the
-forward kernels, so the op saves only its input maps.
+statistics (minimum, maximum, tie counts, the fused map) come from the forward's own state in the
+autograd Functions (see :func:`epilogue_function_forward`), and are recomputed by the forward kernels
+where there is none (the custom ops under ``torch.compile``, a second backward with ``retain_graph``).
 """
 
 from __future__ import annotations
@@ -542,6 +544,13 @@ def _pack(maps: list[Tensor], acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor,
     return (packed, *_layer_table(tuple(tuple(m.shape) for m in maps), maps[0].device))
 
 
+def _forward_splits(forced: int | None, n: int, pixels: int, block: int, device: torch.device) -> int:
+    """Programs sharing one image in the forward, a power of two: ``forced``, else enough to fill the
+    GPU (about 4 per SM) when ``n`` images alone cannot, at most one per ``block`` of outputs (the
+    forward splits by chunks of pixels); 1 on the CPU interpreter."""
+    return _launch.split_count(forced, n, next_power_of_2(cdiv(pixels, block)), device)
+
+
 def _splits(forced: int | None, programs: int, rows: int, device: torch.device) -> int:
     """Programs sharing one (image, layer), a power of two: ``forced``, else enough to fill the GPU
     (about 4 per SM) when images x layers alone cannot, at most one per 32 output rows; 1 on the CPU
@@ -567,13 +576,13 @@ def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str,
     block = min(next_power_of_2(height * width), 1024)
     if n == 0 or height * width == 0 or not (normalize or store_out):  # plain upsampling has no statistics
         pass
-    elif multi and _splits(num_splits, n, height, device) == 1:  # the batch fills the GPU: a program per image
+    elif multi and _forward_splits(num_splits, n, height * width, block, device) == 1:  # a program per image
         _fused_fwd_kernel[(n,)](
             *packing, out, fused, count, stats, final, degenerate, layers, height, width,
             FUSE_MAX=fuse_max, STORE_OUT=store_out, BLOCK=block, ACC=_tl_dtype(acc), **_EXACT,
         )
     elif multi:  # several maps, each image split over output chunks
-        splits = _splits(num_splits, n, height, device)
+        splits = _forward_splits(num_splits, n, height * width, block, device)
         chunk = cdiv(cdiv(height * width, splits), block) * block
         partial = torch.empty((n, layers, splits, 2), dtype=acc, device=device)
         layer_bad = torch.empty((n, layers), dtype=torch.int8, device=device)
@@ -594,7 +603,7 @@ def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str,
         stats[:, :, 3:] = counts.sum(dim=2)  # tie counts: exact integers in a fixed order
         final[:, 3:] = final_counts.sum(dim=1)
     else:  # one map: each image split over output chunks, so that a batch fills the GPU
-        splits = _splits(num_splits, n, height, device)
+        splits = _forward_splits(num_splits, n, height * width, block, device)
         chunk = cdiv(cdiv(height * width, splits), block) * block
         partial = torch.empty((n, splits, 2), dtype=acc, device=device)
         counts = torch.empty((n, splits, 2), dtype=acc, device=device)
@@ -786,7 +795,8 @@ def epilogue_function_forward(ctx, maps, output_size, fuse, normalize, backend, 
     ``[N, H, W]`` (and for ``fuse="max"`` its tie counts). That saves the backward the forward's
     kernels (for several maps one program per image over every layer) and a dozen small allocations,
     host time that dominated these ops on an H100, for one more ``[N, H, W]`` buffer between the
-    passes. The state lives as long as the graph and is not moved by ``save_on_cpu``.
+    passes. The backward releases it (a second backward with ``retain_graph`` recomputes instead);
+    ``save_on_cpu`` does not move it.
     """
     ctx.epilogue_state = None
     if use_triton("map_epilogue", backend, maps[0].device):
