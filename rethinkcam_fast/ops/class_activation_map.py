@@ -125,11 +125,7 @@ def tl_acc(dtype: torch.dtype):
 def _channel_splits(programs: int, k: int, block_k: int, device: torch.device) -> int:
     """Channel chunks per (image, position block), a power of two: enough programs to fill the GPU
     (about 4 per SM) when images x position blocks alone cannot; 1 on the CPU interpreter."""
-    sms = _launch.multiprocessor_count(device)
-    if not sms:
-        return 1
-    wanted = cdiv(4 * sms, max(programs, 1))
-    return max(1, min(next_power_of_2(wanted), 32, next_power_of_2(cdiv(k, block_k))))
+    return _launch.split_count(None, programs, min(32, next_power_of_2(cdiv(k, block_k))), device)
 
 
 def channel_reduce_triton(

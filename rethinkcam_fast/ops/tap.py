@@ -296,8 +296,7 @@ def _num_splits(programs: int, s: int, block_s: int, device: torch.device) -> in
     sms = _launch.multiprocessor_count(device)
     if not sms or s <= 4 * block_s or programs >= 2 * sms:
         return 1
-    wanted = cdiv(4 * sms, programs)
-    return max(1, min(next_power_of_2(wanted), 64, next_power_of_2(cdiv(s, block_s))))
+    return _launch.split_count(None, programs, next_power_of_2(cdiv(s, block_s)), device)
 
 
 def _tau_parts(tau: float) -> tuple[float, float, float]:
