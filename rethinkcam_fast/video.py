@@ -401,6 +401,13 @@ class VideoLocalizer:
             previous, in_flight = in_flight, None
             return [] if previous is None else self._collect(previous)
 
+        def finish() -> Iterator[FrameResult]:  # the last (possibly partial) batch, then what is in flight
+            nonlocal pending
+            if pending:
+                batch, pending = pending, []
+                yield from submit(first, batch)
+            yield from drain()
+
         try:
             for frame in prefetch(frames, self.prefetch_frames, poll=True):
                 if frame is NOT_READY:  # the source is slower than the device: hand out what is done
@@ -420,14 +427,9 @@ class VideoLocalizer:
         except Exception:
             # The source failed (a broken file, a camera gone, a bad frame): the frames already
             # received are still localized and yielded, then the error goes on to the caller.
-            yield from drain()
-            if pending:
-                yield from self._collect(self._submit(first, pending, targets))
+            yield from finish()
             raise
-        if pending:
-            batch, pending = pending, []
-            yield from submit(first, batch)
-        yield from drain()
+        yield from finish()
 
 
 @dataclass
