@@ -575,21 +575,21 @@ def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str,
     packing = _pack(maps, acc)
     block = min(next_power_of_2(height * width), 1024)
     if n == 0 or height * width == 0 or not (normalize or store_out):  # plain upsampling has no statistics
-        pass
-    elif multi and _forward_splits(num_splits, n, height * width, block, device) == 1:  # a program per image
+        return out, degenerate.bool(), fused, count, stats, final, packing
+    splits = _forward_splits(num_splits, n, height * width, block, device)
+    chunk = cdiv(cdiv(height * width, splits), block) * block
+    kw = dict(BLOCK=block, ACC=_tl_dtype(acc), **_EXACT)
+    if multi and splits == 1:  # several maps, a batch that fills the GPU: one program per image
         _fused_fwd_kernel[(n,)](
             *packing, out, fused, count, stats, final, degenerate, layers, height, width,
-            FUSE_MAX=fuse_max, STORE_OUT=store_out, BLOCK=block, ACC=_tl_dtype(acc), **_EXACT,
+            FUSE_MAX=fuse_max, STORE_OUT=store_out, **kw,
         )
     elif multi:  # several maps, each image split over output chunks
-        splits = _forward_splits(num_splits, n, height * width, block, device)
-        chunk = cdiv(cdiv(height * width, splits), block) * block
         partial = torch.empty((n, layers, splits, 2), dtype=acc, device=device)
         layer_bad = torch.empty((n, layers), dtype=torch.int8, device=device)
         counts = torch.empty((n, layers, splits, 2), dtype=acc, device=device)
         fused_partial = torch.empty((n, splits, 2), dtype=acc, device=device)
         final_counts = torch.empty((n, splits, 2), dtype=acc, device=device)
-        kw = dict(BLOCK=block, ACC=_tl_dtype(acc), **_EXACT)
         _layer_range_kernel[(n, layers, splits)](*packing, partial, layers, height, width, chunk, SPLITS=splits, **kw)
         _layer_stats_kernel[(n, layers)](*packing, partial, stats, layer_bad, layers, height, width, SPLITS=splits, **kw)
         _layers_fuse_kernel[(n, splits)](
@@ -603,17 +603,13 @@ def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str,
         stats[:, :, 3:] = counts.sum(dim=2)  # tie counts: exact integers in a fixed order
         final[:, 3:] = final_counts.sum(dim=1)
     else:  # one map: each image split over output chunks, so that a batch fills the GPU
-        splits = _forward_splits(num_splits, n, height * width, block, device)
-        chunk = cdiv(cdiv(height * width, splits), block) * block
         partial = torch.empty((n, splits, 2), dtype=acc, device=device)
         counts = torch.empty((n, splits, 2), dtype=acc, device=device)
         if normalize:
-            _layer_range_kernel[(n, 1, splits)](
-                *packing, partial, 1, height, width, chunk, SPLITS=splits, BLOCK=block, ACC=_tl_dtype(acc), **_EXACT,
-            )
+            _layer_range_kernel[(n, 1, splits)](*packing, partial, 1, height, width, chunk, SPLITS=splits, **kw)
         _single_normalize_kernel[(n, splits)](
             *packing, partial, out, stats, counts, degenerate, height, width, chunk,
-            SPLITS=splits, NORMALIZE=normalize, STORE_OUT=store_out, BLOCK=block, ACC=_tl_dtype(acc), **_EXACT,
+            SPLITS=splits, NORMALIZE=normalize, STORE_OUT=store_out, **kw,
         )
         if normalize:
             stats[:, 0, 3:] = counts.sum(dim=1)  # tie counts: exact integers in a fixed order
