@@ -269,8 +269,10 @@ def scenario_percentile_threshold():
     import rethinkcam_fast
 
     for dtype in (*DTYPES, torch.float64):
-        for n in (64, 1):
+        for n in (64, 1):  # maps split over programs (atomics) ...
             rethinkcam_fast.percentile_threshold(torch.rand(n, 224, 224).to(dtype), backend="triton")
+        # ... and a batch that fills the GPU on its own: one program per map
+        rethinkcam_fast.percentile_threshold(torch.rand(600, 28, 28).to(dtype), backend="triton")
 
 
 def scenario_engine():

@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._triton import next_power_of_2, tl, triton
+from .._triton import cdiv, next_power_of_2, tl, triton
 from .._validation import check_float_dtype, check_flagged_maps, check_tensor, check_unit_maps
-from ._launch import device_guard, use_triton
+from ._launch import device_guard, split_count, use_triton
 
 
 def scaled_levels(cams: Tensor, dtype: torch.dtype) -> Tensor:
@@ -88,32 +88,51 @@ def level_histogram_reference(cams: Tensor) -> Tensor:
 
 
 @triton.jit
-def _level_histogram_kernel(X_ptr, Hist_ptr, S, stride_n, BLOCK: tl.constexpr, F64: tl.constexpr):
-    """One program per map: a 256-bin histogram of trunc(255 * x), accumulated in registers."""
+def _level_histogram_kernel(X_ptr, Hist_ptr, S, stride_n, chunk, BLOCK: tl.constexpr, F64: tl.constexpr,
+                            SPLIT: tl.constexpr):
+    """Program (n, j): the 256-bin histogram of trunc(255 * x) over pixels [j * chunk, (j + 1) * chunk)
+    of map n, accumulated in registers, then stored (SPLIT False: one program per map) or added to the
+    zeroed histogram with integer atomics (exact, and the same in any order)."""
     n = tl.program_id(0)
+    lo = tl.program_id(1) * chunk
+    hi = tl.minimum(lo + chunk, S)
     base = X_ptr + n.to(tl.int64) * stride_n
     hist = tl.zeros([256], tl.int32)
-    for start in range(0, S, BLOCK):
+    for start in range(lo, hi, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        x = tl.load(base + offs, mask=offs < S, other=0.0)
+        x = tl.load(base + offs, mask=offs < hi, other=0.0)
         x = x.to(tl.float64) if F64 else x.to(tl.float32)
         hist += tl.histogram((x * 255).to(tl.int32), 256)  # padding lanes land in bin 0
-    padding = tl.cdiv(S, BLOCK) * BLOCK - S
+    count = tl.maximum(hi - lo, 0)
+    padding = tl.cdiv(count, BLOCK) * BLOCK - count
     bins = tl.arange(0, 256)
     hist -= tl.where(bins == 0, padding, 0)
-    tl.store(Hist_ptr + n * 256 + bins, hist.to(tl.int64))
+    if SPLIT:
+        tl.atomic_add(Hist_ptr + n * 256 + bins, hist.to(tl.int64), sem="relaxed")
+    else:
+        tl.store(Hist_ptr + n * 256 + bins, hist.to(tl.int64))
 
 
-def level_histogram_triton(cams: Tensor) -> Tensor:
-    """Triton version of :func:`level_histogram_reference` (deterministic: no atomics)."""
+def level_histogram_triton(cams: Tensor, num_splits: int | None = None) -> Tensor:
+    """Triton version of :func:`level_histogram_reference` (deterministic: integer counts).
+
+    A batch too small to fill the GPU (video at batch 1: one 224² map) splits each map over several
+    programs whose counts are added with integer atomics; ``num_splits`` (a power of two) forces how
+    many, default :func:`~rethinkcam_fast.ops._launch.split_count` (1 off a GPU).
+    """
     flat = cams.flatten(1).contiguous()
-    hist = torch.empty((cams.shape[0], 256), dtype=torch.int64, device=cams.device)
-    if cams.shape[0] == 0:
+    n, pixels = flat.shape
+    block = min(next_power_of_2(pixels), 2048)
+    blocks = cdiv(pixels, block)
+    splits = split_count(num_splits, n, 1 << (blocks.bit_length() - 1), flat.device) if n else 1
+    chunk = cdiv(blocks, splits) * block  # a whole number of blocks: only the last chunk pads
+    hist = (torch.zeros if splits > 1 else torch.empty)((n, 256), dtype=torch.int64, device=cams.device)
+    if n == 0:
         return hist
-    block = min(next_power_of_2(flat.shape[1]), 2048)
     with device_guard(flat):
-        _level_histogram_kernel[(cams.shape[0],)](
-            flat, hist, flat.shape[1], flat.stride(0), BLOCK=block, F64=cams.dtype == torch.float64
+        _level_histogram_kernel[(n, splits)](
+            flat, hist, pixels, flat.stride(0), chunk, BLOCK=block, F64=cams.dtype == torch.float64,
+            SPLIT=splits > 1,
         )
     return hist
 
