@@ -140,15 +140,20 @@ def case_video_b1(out):
     model, target, _ = _resnet(1)
     rng = np.random.default_rng(0)
     frames = [(rng.random((224, 224, 3)) * 255).astype(np.uint8) for _ in range(64)]
-    for graph in ((False, True) if GPU else (False,)):
+    # (name, CUDA graph, channels_last, stream lengths): NCHW for cuDNN's NHWC batch norm at batch 1
+    variants = [("eager", False, True, (8, 64))]
+    if GPU:
+        variants += [("graph", True, True, (8, 64)), ("graph nchw", True, False, (8,))]
+    for name, graph, channels_last, counts in variants:
         localizer = VideoLocalizer(model, "gradcam", target_layers=target, input_size=(224, 224), mean=None, std=None,
-                                   batch_size=1, device=DEVICE, cuda_graph=graph, prefetch_frames=2)
-        for count in (8, 64):
+                                   batch_size=1, device=DEVICE, cuda_graph=graph, prefetch_frames=2,
+                                   channels_last=channels_last)
+        for count in counts:
             def fn(localizer=localizer, count=count):
                 for _ in localizer.stream(frames[:count]):
                     pass
 
-            _profile(out, f"video b1 {'graph' if graph else 'eager'}, {count} frames a stream", fn, calls=2)
+            _profile(out, f"video b1 {name}, {count} frames a stream", fn, calls=2)
 
 
 def case_cam_op(out):

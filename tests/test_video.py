@@ -56,6 +56,20 @@ def test_stream_matches_the_engine_frame_by_frame(model):
         assert 0 <= x0 <= x1 < 52 and 0 <= y0 <= y1 < 40
 
 
+def test_nchw_layout_gives_the_same_results(model):
+    frames = random_frames(5)
+    nhwc = VideoLocalizer(model, "gradcam", input_size=(32, 32), batch_size=2, keep_cams=True)
+    nchw = VideoLocalizer(model, "gradcam", input_size=(32, 32), batch_size=2, keep_cams=True, channels_last=False)
+    batch = torch.from_numpy(np.stack(frames))
+    assert nhwc.preprocess(batch).is_contiguous(memory_format=torch.channels_last)
+    assert nchw.preprocess(batch).is_contiguous() and not nchw.preprocess(batch).is_contiguous(
+        memory_format=torch.channels_last)
+    assert torch.equal(nhwc.preprocess(batch), nchw.preprocess(batch))  # the same values, another layout
+    for a, b in zip(nhwc.stream(frames), nchw.stream(frames), strict=True):
+        assert (a.index, a.label, a.box) == (b.index, b.label, b.box)
+        assert torch.allclose(a.cam, b.cam, atol=1e-5)
+
+
 def test_frames_of_another_size_mid_stream_start_a_new_batch(model):
     frames = random_frames(3) + random_frames(2, 30, 24, seed=1) + random_frames(2, seed=2)
     results = list(VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=4).stream(frames))
@@ -359,10 +373,12 @@ def test_cuda_graph_replay_equals_eager(method):
     model = make(SmallCNN, classes=4).cuda().eval()
     frames = random_frames(12, 48, 64)
     eager = list(VideoLocalizer(model, method, input_size=(32, 32), batch_size=4).stream(frames))
-    graphed = VideoLocalizer(model, method, input_size=(32, 32), batch_size=4, cuda_graph=True)
-    replayed = list(graphed.stream(frames))
-    assert len(graphed._graphs) == 1  # one capture, replayed for the three batches
-    assert [(r.label, r.box) for r in replayed] == [(r.label, r.box) for r in eager]
+    for channels_last in (True, False):
+        graphed = VideoLocalizer(model, method, input_size=(32, 32), batch_size=4, cuda_graph=True,
+                                 channels_last=channels_last)
+        replayed = list(graphed.stream(frames))
+        assert len(graphed._graphs) == 1  # one capture, replayed for the three batches
+        assert [(r.label, r.box) for r in replayed] == [(r.label, r.box) for r in eager]
 
 
 def test_moving_digit_clip_is_deterministic_with_exact_boxes():
@@ -390,6 +406,10 @@ def test_cli_video_demo_writes_video_and_jsonl(tmp_path, capsys):
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert [line["frame"] for line in lines] == list(range(12))
     assert len(list(read_frames(str(out)))) == 12
+    nchw = tmp_path / "nchw.jsonl"  # the other layout: the same labels and boxes
+    assert cli.main(["video", "--demo", "--frames", "12", "--batch", "4", "--quiet", "--nchw", "--jsonl", str(nchw)]) == 0
+    assert [(x["label"], x["box"]) for x in map(json.loads, nchw.read_text().splitlines())] == \
+        [(x["label"], x["box"]) for x in lines]
 
 
 def test_cli_video_bad_arguments(tmp_path, capsys):
