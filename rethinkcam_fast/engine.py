@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from ._cuda_graph import CapturedCall
 from ._validation import check_float_dtype, check_tensor, output_size_arg
-from .ops.boxes import CONVENTIONS, boxes_from_cams
+from .ops.boxes import CONVENTIONS, boxes_from_cams, largest_boxes_from_levels, pack_results, unpack_results
+from .ops.level_sweep import gpu_boxes_enabled
 from .ops.class_activation_map import class_activation_map_with_flags
 from .ops.flm_fuse import flm_fuse_with_flags
 from .ops.fuse_maps import FUSE_MODES, fuse_maps
@@ -100,17 +101,26 @@ class GraphedCAM:
         # bf16 copies of the weights are freed when the caller's autocast ends, and a graph that read
         # them would read freed memory (the casts are captured instead; weight updates reach them).
         self._autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        # Boxes cut on the host come from one copy of the packed thresholds and uint8 levels (into
+        # this pinned buffer), instead of a synchronising copy of each, then the boxes copied back.
+        self._host_boxes = engine.boxes and not gpu_boxes_enabled(example)
         self._call = CapturedCall(self._explain, example)
+        self._host = (torch.empty(self._call.static_out[-1].numel(), dtype=torch.uint8, pin_memory=True)
+                      if self._host_boxes else None)
 
     def _explain(self, images: Tensor) -> tuple[Tensor, ...]:
-        """The captured work: no host sync (no degenerate warning), thresholds on the device."""
+        """The captured work: no host sync (no degenerate warning), thresholds on the device, and (for
+        boxes cut on the host) what they need packed into one buffer."""
         enabled, dtype = self._autocast
         with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
             result = self._captured(images, self.targets)
         engine = self._captured
         thresholds = percentile_threshold(result.cams, engine.pas_q, engine.pas_theta, validate=False,
                                           backend=engine.backend)
-        return result.labels, result.scores, result.cams, result.degenerate, thresholds
+        outputs = (result.labels, result.scores, result.cams, result.degenerate, thresholds)
+        if self._host_boxes:
+            outputs += (pack_results(result.labels, result.scores, thresholds, result.cams),)
+        return outputs
 
     def __call__(self, images: Tensor, *, copy: bool = True) -> CAMResult:
         if tuple(images.shape) != self.shape or images.dtype != self.dtype or images.device != self.device:
@@ -118,14 +128,24 @@ class GraphedCAM:
                              f"{list(images.shape)} {images.dtype} on {images.device}: capture another with "
                              "CAMEngine.graphed")
         outputs = self._call(images)
-        labels, scores, cams, degenerate, thresholds = (t.clone() for t in outputs) if copy else outputs
+        if self._host_boxes:  # in stream order, before a later replay overwrites the packed buffer
+            self._host.copy_(outputs[-1], non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(self.device))
+        labels, scores, cams, degenerate, thresholds = (t.clone() for t in outputs[:5]) if copy else outputs[:5]
         result = CAMResult(labels=labels, scores=scores, cams=cams, degenerate=degenerate)
         engine = self.engine
         if engine.warn_degenerate:
             _warn_degenerate(degenerate, stacklevel=3)
         if engine.boxes:
             result.thresholds = thresholds
-            result.boxes = boxes_from_cams(cams, thresholds, "largest", engine.box_convention, validate=False)
+            if self._host_boxes:
+                copied.synchronize()
+                _, _, host_thresholds, levels = unpack_results(self._host, *cams.shape)
+                boxes = largest_boxes_from_levels(levels, host_thresholds, engine.box_convention)
+                result.boxes = boxes.to(self.device)
+            else:
+                result.boxes = boxes_from_cams(cams, thresholds, "largest", engine.box_convention, validate=False)
         return result
 
 

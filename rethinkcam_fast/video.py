@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from ._cuda_graph import CapturedCall
 from .engine import CAMEngine
 from .localize import IMAGENET_MEAN, IMAGENET_STD, input_channels
-from .ops.boxes import largest_boxes_from_levels
-from .ops.percentile_threshold import percentile_threshold, scaled_levels
+from .ops.boxes import largest_boxes_from_levels, pack_results, unpack_results
+from .ops.percentile_threshold import percentile_threshold
 
 LUMA = (0.299, 0.587, 0.114)  # RGB -> grey (ITU-R BT.601), for single-channel models
 
@@ -448,27 +448,6 @@ class _InFlight:
     host: Tensor  # the packed results on the host (pinned memory, filled by an async copy on CUDA)
     done: object | None  # torch.cuda.Event recorded after that copy; None off CUDA
     cams: Tensor | None  # copies of the maps (keep_cams)
-
-
-def pack_results(labels: Tensor, scores: Tensor, thresholds: Tensor, cams: Tensor) -> Tensor:
-    """One ``uint8`` buffer on the maps' device: labels and PaS thresholds (int64 ``[B]`` each), scores
-    (float32 ``[B]``), then the maps' uint8 levels ``trunc(255 x)`` (``[B, H, W]``): the 8-byte fields
-    first, so that every field starts aligned to its size."""
-    fields = (labels.to(torch.int64), thresholds.to(torch.int64), scores.float())
-    raw = [field.contiguous().view(torch.uint8).reshape(-1) for field in fields]
-    return torch.cat(raw + [scaled_levels(cams, torch.uint8).reshape(-1)])
-
-
-def unpack_results(packed: Tensor, batch: int, height: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`pack_results` undone (views, no copies): ``(labels, scores, thresholds, levels)``."""
-    if packed.numel() != 20 * batch + batch * height * width:
-        raise ValueError(f"a packed batch of {batch} maps of {height}x{width} has {20 * batch + batch * height * width} "
-                         f"bytes, got {packed.numel()}")
-    labels = packed[: 8 * batch].view(torch.int64)
-    thresholds = packed[8 * batch : 16 * batch].view(torch.int64)
-    scores = packed[16 * batch : 20 * batch].view(torch.float32)
-    levels = packed[20 * batch :].view(batch, height, width)
-    return labels, scores, thresholds, levels
 
 
 def localize_video(

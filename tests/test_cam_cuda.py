@@ -138,6 +138,22 @@ def test_graphed_engine_replays_what_the_engine_gives(method):
         graphed(torch.randn(2, 3, 64, 64, device="cuda"))
 
 
+@pytest.mark.parametrize("convention", ["wsol", "exact"])
+def test_graphed_engine_cuts_boxes_from_one_packed_copy(convention):
+    """The replay's thresholds and levels come to the host in one copy; the boxes go back to the
+    device, equal to the eager engine's, with copy=False too."""
+    model = make(MiniResNet).cuda()
+    engine = CAMEngine(model, "gradcam", warn_degenerate=False, box_convention=convention)
+    images = torch.randn(3, 3, 64, 64, device="cuda")
+    graphed = engine.graphed(images)
+    assert graphed._host is not None and graphed._host.is_pinned()
+    want = engine(images)
+    for copy in (True, False):
+        got = graphed(images, copy=copy)
+        assert got.boxes.device == images.device and got.boxes.dtype == torch.int64
+        assert torch.equal(got.boxes, want.boxes) and torch.equal(got.thresholds, want.thresholds)
+
+
 def test_graphed_engine_with_a_fixed_target_and_autocast():
     model = make(MiniResNet).cuda().to(memory_format=torch.channels_last)
     engine = CAMEngine(model, "gradcam", warn_degenerate=False)

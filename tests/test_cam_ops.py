@@ -13,7 +13,6 @@ from conftest import requires_triton
 
 from rethinkcam_fast import _native, fuse_maps, weighted_map
 from rethinkcam_fast.ops.fuse_maps import fuse_maps_reference, minmax_normalize
-from rethinkcam_fast.ops.weighted_map import weighted_map_reference
 
 BACKENDS = ["auto", "reference", pytest.param("triton", marks=requires_triton)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

@@ -340,7 +340,7 @@ def test_packed_results_round_trip_and_give_the_boxes_of_the_maps():
     boxes cut from it are boxes_from_cams' boxes of the maps."""
     from rethinkcam_fast import boxes_from_cams, percentile_threshold
     from rethinkcam_fast.ops.boxes import largest_boxes_from_levels
-    from rethinkcam_fast.video import pack_results, unpack_results
+    from rethinkcam_fast.ops.boxes import pack_results, unpack_results
 
     gen = torch.Generator().manual_seed(3)
     cams = torch.rand((3, 17, 23), generator=gen) ** 3

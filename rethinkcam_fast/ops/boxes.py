@@ -305,4 +305,28 @@ def largest_boxes_from_levels(levels: Tensor, thresholds: Tensor, convention: st
     return _to_convention(xywh, levels.shape[1], levels.shape[2], convention)[:, 0]
 
 
-__all__ = ["CONVENTIONS", "MODES", "RaggedBoxes", "boxes_from_cams"]
+def pack_results(labels: Tensor, scores: Tensor, thresholds: Tensor, cams: Tensor) -> Tensor:
+    """One ``uint8`` buffer on the maps' device: labels and PaS thresholds (int64 ``[B]`` each), scores
+    (float32 ``[B]``), then the maps' uint8 levels ``trunc(255 x)`` (``[B, H, W]``): the 8-byte fields
+    first, so that every field starts aligned to its size. What the host needs to cut the boxes of a
+    batch, in one device-to-host copy (the video stream, :meth:`CAMEngine.graphed`); no host sync, so
+    that it can be captured in a CUDA graph."""
+    fields = (labels.to(torch.int64), thresholds.to(torch.int64), scores.float())
+    raw = [field.contiguous().view(torch.uint8).reshape(-1) for field in fields]
+    return torch.cat(raw + [scaled_levels(cams, torch.uint8).reshape(-1)])
+
+
+def unpack_results(packed: Tensor, batch: int, height: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`pack_results` undone (views, no copies): ``(labels, scores, thresholds, levels)``."""
+    if packed.numel() != 20 * batch + batch * height * width:
+        raise ValueError(f"a packed batch of {batch} maps of {height}x{width} has {20 * batch + batch * height * width} "
+                         f"bytes, got {packed.numel()}")
+    labels = packed[: 8 * batch].view(torch.int64)
+    thresholds = packed[8 * batch : 16 * batch].view(torch.int64)
+    scores = packed[16 * batch : 20 * batch].view(torch.float32)
+    levels = packed[20 * batch :].view(batch, height, width)
+    return labels, scores, thresholds, levels
+
+
+__all__ = ["CONVENTIONS", "MODES", "RaggedBoxes", "boxes_from_cams", "largest_boxes_from_levels", "pack_results",
+           "unpack_results"]
