@@ -27,7 +27,7 @@ from .ops.flm_fuse import flm_fuse_with_flags
 from .ops.fuse_maps import FUSE_MODES, fuse_maps
 from .ops.map_epilogue import map_epilogue_op
 from .ops.percentile_threshold import percentile_threshold
-from .ops.weighted_map import weighted_map, weighted_map_reference
+from .ops.weighted_map import flm_layer_map, weighted_map, weighted_map_reference
 
 METHODS = ("cam", "gradcam", "gradcam++", "layercam", "fullycam")
 GRADCAM_PP_EPS = 1e-6  # pytorch-grad-cam's epsilon in the Grad-CAM++ denominator
@@ -447,21 +447,26 @@ class CAMEngine:
 
     def _forward_hook(self, capture: _Capture):
         """Record a module's 4-D output. It is the tensor object itself: in-place ops that follow
-        (``ReLU(inplace=True)``) show in it, as in pytorch-grad-cam."""
+        (``ReLU(inplace=True)``) show in it, as in pytorch-grad-cam. (It runs after every forward of a
+        hooked module — 53 of them in a ResNet50 Fully-CAM call — so the capture's containers are
+        bound once and the input scan is a plain loop: 1 µs a call less on the CI CPU.)"""
+        activations, order, cut_inputs, thread = capture.activations, capture.order, capture.cut_inputs, capture.thread
+        get_ident, is_grad_enabled = threading.get_ident, torch.is_grad_enabled
 
-        def hook(module: nn.Module, _inputs, output) -> None:
-            if not isinstance(output, Tensor) or output.dim() != 4 or threading.get_ident() != capture.thread:
+        def hook(module: nn.Module, inputs, output) -> None:
+            if not isinstance(output, Tensor) or output.dim() != 4 or get_ident() != thread:
                 return
             key = id(module)
-            if key in capture.activations:  # a module run twice counts where it last finished
-                capture.order.remove(module)
-            capture.activations[key] = output
-            capture.order.append(module)
-            if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.is_floating_point() and not t.requires_grad
-                                               for t in _inputs):
-                capture.cut_inputs.add(key)
-            else:
-                capture.cut_inputs.discard(key)
+            if key in activations:  # a module run twice counts where it last finished
+                order.remove(module)
+            activations[key] = output
+            order.append(module)
+            if is_grad_enabled():
+                for t in inputs:  # a floating input off the graph in grad mode: the graph starts again here
+                    if isinstance(t, Tensor) and not t.requires_grad and t.is_floating_point():
+                        cut_inputs.add(key)
+                        return
+            cut_inputs.discard(key)
 
         return hook
 
@@ -596,7 +601,7 @@ class CAMEngine:
 
     def _flm_layer_map(self, activation: Tensor, grad: Tensor) -> Tensor:
         """One layer's FLM map at feature resolution, ``sum_k relu(g) * relu(A)``, off the graph."""
-        return weighted_map(activation.detach(), grads=grad.detach(), mode="flm", relu=False, backend=self.backend)
+        return flm_layer_map(activation, grad, self.backend)
 
     def _fully_cam_maps(self, layers: list[nn.Module], capture: _Capture, scores: Tensor, images: Tensor,
                         exhaustive: bool = False) -> list[Tensor] | None:

@@ -231,4 +231,16 @@ def weighted_map(
     return run_inference_op(_weighted_map_op, _weighted_map_impl, activations, weights, grads, mode, bool(relu), backend)
 
 
-__all__ = ["CUDA_KERNEL_ENV", "MODES", "weighted_map", "weighted_map_native", "weighted_map_reference", "weighted_map_triton"]
+def flm_layer_map(activations: Tensor, grads: Tensor, backend: str = "auto") -> Tensor:
+    """``weighted_map(activations, grads=grads, mode="flm", relu=False)`` off the graph, for Fully-CAM's
+    per-layer reduction inside the engine's autograd hooks (53 calls a ResNet50 call, each on the
+    autograd thread while the backward waits to launch its next kernels): without the public entry
+    point's argument checks, which the engine's inputs pass by construction (a layer's floating output
+    and the gradient autograd gives it: same shape and device) — 8 of 13 µs a call on the CI CPU."""
+    activations, grads = activations.detach(), grads.detach()
+    if torch.compiler.is_compiling():
+        return weighted_map(activations, grads=grads, mode="flm", relu=False, backend=backend)
+    return _weighted_map_impl(activations, None, grads, "flm", False, backend)
+
+
+__all__ = ["CUDA_KERNEL_ENV", "MODES", "flm_layer_map", "weighted_map", "weighted_map_native", "weighted_map_reference", "weighted_map_triton"]
