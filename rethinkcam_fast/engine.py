@@ -24,10 +24,10 @@ from .ops.boxes import CONVENTIONS, boxes_from_cams, largest_boxes_from_levels, 
 from .ops.level_sweep import gpu_boxes_enabled
 from .ops.class_activation_map import class_activation_map_with_flags
 from .ops.flm_fuse import flm_fuse_with_flags
-from .ops.fuse_maps import FUSE_MODES, fuse_maps
+from .ops.fuse_maps import FUSE_MODES, fuse_maps_trusted
 from .ops.map_epilogue import map_epilogue_op
 from .ops.percentile_threshold import percentile_threshold
-from .ops.weighted_map import flm_layer_map, weighted_map, weighted_map_reference
+from .ops.weighted_map import weighted_map, weighted_map_reference, weighted_map_trusted
 
 METHODS = ("cam", "gradcam", "gradcam++", "layercam", "fullycam")
 GRADCAM_PP_EPS = 1e-6  # pytorch-grad-cam's epsilon in the Grad-CAM++ denominator
@@ -415,7 +415,11 @@ class CAMEngine:
             else:
                 activation = capture.activations[id(layers[0])]
                 maps = [self._single_layer_map(activation, labels, scores, logits.shape[1])]
-            cams, degenerate = fuse_maps(maps, output_size, fuse=self.fuse, backend=self.backend)
+            if any(m.shape[1] * m.shape[2] == 0 for m in maps):
+                empty = [self.layer_name(l) for l, m in zip(layers, maps) if m.shape[1] * m.shape[2] == 0]
+                raise ValueError(f"target layer(s) {empty} produced feature maps with an empty spatial extent")
+            cams, degenerate = fuse_maps_trusted(maps, [int(output_size[0]), int(output_size[1])], self.fuse,
+                                                 self.backend)
         if self.warn_degenerate:
             _warn_degenerate(degenerate, stacklevel=3)
         layer_maps = None
@@ -516,7 +520,7 @@ class CAMEngine:
             activation = activation.detach()
 
             def reduce(a, weights=None, grads=None, mode="channel", relu=True):
-                return weighted_map(a, weights, grads, mode=mode, relu=relu, backend=self.backend)
+                return weighted_map_trusted(a, weights, grads, mode=mode, relu=relu, backend=self.backend)
         if self.method == "layercam":
             return reduce(activation, grads=grad, mode="layercam", relu=True)
         g = grad.float()
@@ -601,7 +605,8 @@ class CAMEngine:
 
     def _flm_layer_map(self, activation: Tensor, grad: Tensor) -> Tensor:
         """One layer's FLM map at feature resolution, ``sum_k relu(g) * relu(A)``, off the graph."""
-        return flm_layer_map(activation, grad, self.backend)
+        return weighted_map_trusted(activation.detach(), grads=grad.detach(), mode="flm", relu=False,
+                                    backend=self.backend)
 
     def _fully_cam_maps(self, layers: list[nn.Module], capture: _Capture, scores: Tensor, images: Tensor,
                         exhaustive: bool = False) -> list[Tensor] | None:

@@ -360,6 +360,29 @@ def test_default_target_skips_a_container_that_ends_with_the_pool():
         assert engine.layer_name(engine.target_layers[0]) == "encoder.2" and not result.degenerate.any()
 
 
+def test_a_target_layer_with_an_empty_feature_map_raises_a_clear_error():
+    """The engine hands its maps to the epilogue without the op's own checks: it checks the spatial
+    extent itself, naming the layer."""
+    class EmptyBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Conv2d(3, 4, 3)
+            self.crop = nn.Identity()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            a = F.relu(self.body(x))
+            empty = self.crop(a[:, :, :0])  # [N, 4, 0, w]: on the graph, contributes nothing
+            return self.fc(a.mean((2, 3))) + empty.sum()
+
+    model = EmptyBranch().eval()
+    images = torch.rand(2, 3, 12, 12)
+    for method in ("gradcam", "layercam", "fullycam"):
+        with pytest.raises(ValueError, match=r"\['crop'\] produced feature maps with an empty spatial extent"):
+            CAMEngine(model, method, target_layers=["crop"] if method == "fullycam" else "crop")(images)
+    assert CAMEngine(model, "gradcam", target_layers="body")(images).cams.shape == (2, 12, 12)
+
+
 def test_gradient_methods_on_a_layer_off_the_graph_raise_a_clear_error():
     class NoGradStem(nn.Module):
         def __init__(self) -> None:

@@ -91,3 +91,15 @@ def run_inference_op(op, impl, *args):
         return op(*args)
     with torch.no_grad():
         return impl(*args)
+
+
+def run_trusted(op, impl, *args):
+    """:func:`run_inference_op` for callers whose arguments are valid by construction and carry no
+    autograd graph (the CAM engine: its own kernels' maps, detached activations and their gradients):
+    no argument checks upstream and no ``no_grad`` context here. The engine calls the epilogue once and
+    the per-layer reduction once a target layer (53 times a ResNet50 Fully-CAM call, on the autograd
+    thread while the backward waits): the public entry points' checks cost 13-16 µs a call on the CI
+    CPU (``benchmarks/host_overhead.py``), more for Fully-CAM's 53 maps."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return impl(*args)

@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import _native
 from .._triton import cdiv, next_power_of_2, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor
-from ._launch import autocast_off, check_backend, device_guard, flat_spatial, run_inference_op, use_triton
+from ._launch import autocast_off, check_backend, device_guard, flat_spatial, run_inference_op, run_trusted, use_triton
 
 MODES = ("channel", "layercam", "flm")
 _MODE_CODES = {mode: code for code, mode in enumerate(MODES)}
@@ -231,16 +231,14 @@ def weighted_map(
     return run_inference_op(_weighted_map_op, _weighted_map_impl, activations, weights, grads, mode, bool(relu), backend)
 
 
-def flm_layer_map(activations: Tensor, grads: Tensor, backend: str = "auto") -> Tensor:
-    """``weighted_map(activations, grads=grads, mode="flm", relu=False)`` off the graph, for Fully-CAM's
-    per-layer reduction inside the engine's autograd hooks (53 calls a ResNet50 call, each on the
-    autograd thread while the backward waits to launch its next kernels): without the public entry
-    point's argument checks, which the engine's inputs pass by construction (a layer's floating output
-    and the gradient autograd gives it: same shape and device) — 8 of 13 µs a call on the CI CPU."""
-    activations, grads = activations.detach(), grads.detach()
-    if torch.compiler.is_compiling():
-        return weighted_map(activations, grads=grads, mode="flm", relu=False, backend=backend)
-    return _weighted_map_impl(activations, None, grads, "flm", False, backend)
+def weighted_map_trusted(
+    activations: Tensor, weights: Tensor | None = None, grads: Tensor | None = None, *,
+    mode: str = "channel", relu: bool = True, backend: str = "auto",
+) -> Tensor:
+    """:func:`weighted_map` without its argument checks, for the CAM engine, whose arguments pass
+    them by construction (a target layer's detached floating output and its gradient, same shape and
+    device, or weights ``[N, K]`` it computed); see :func:`~rethinkcam_fast.ops._launch.run_trusted`."""
+    return run_trusted(_weighted_map_op, _weighted_map_impl, activations, weights, grads, mode, relu, backend)
 
 
-__all__ = ["CUDA_KERNEL_ENV", "MODES", "flm_layer_map", "weighted_map", "weighted_map_native", "weighted_map_reference", "weighted_map_triton"]
+__all__ = ["CUDA_KERNEL_ENV", "MODES", "weighted_map", "weighted_map_trusted", "weighted_map_native", "weighted_map_reference", "weighted_map_triton"]

@@ -1,0 +1,302 @@
+"""Host time of the GPU launch paths, measured on a machine without a GPU.
+
+On the H100 the misses of the CAM-op and small-batch targets were host time: the GPU work of
+``class_activation_map`` forward+backward took 0.43 ms against 3.2 ms of host time a call (README, GPU
+section). This script measures that host time here, so that it can be cut between GPU sessions:
+
+* Triton's driver is replaced by a stand-in (``tests/triton_compile_check.py``'s, for ``--arch``) whose
+  launcher does nothing: every ``kernel[grid](...)`` goes through Triton's whole Python launch path
+  (argument binding, specialisation key, cache lookup) and stops where the C launcher would hand the
+  kernel to the driver; each specialisation is compiled once, on first use, with the wheel's ``ptxas``;
+* the ops run with ``backend="triton"`` on CPU tensors of tiny shapes, so the aten ops between the
+  launches cost their dispatch (a few µs) and almost no compute, as small CUDA tensors do;
+* launchers size their grids for ``--sms`` multiprocessors, as on the GPU.
+
+Each case is timed against the eager PyTorch formulation in the same run (best of ``--rounds``), and
+one extra call counts its Triton launches and aten ops, another its Python function calls (a
+deterministic measure of the host work; timings on a shared VM drift by several per cent). Not measured: the C launcher and the driver
+(``cuLaunchKernelEx``, about 10 µs a launch in the H100 profile) and CUDA's own aten dispatch, so the
+absolute numbers are lower than on a GPU host; the counts and the ratios are what to compare.
+
+    python benchmarks/host_overhead.py [--case cam_op --case engine_gradcam ...] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import triton_compile_check as offline  # noqa: E402  (pops TRITON_INTERPRET before triton is imported)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+
+class _Utils:
+    """The driver utilities a first launch touches: device properties and a loaded binary."""
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32,
+                "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
+
+    def load_binary(self, name, kernel, shared, device):
+        return 1, 1, 32, 0, 1024  # module, function, registers, spills, max threads a block
+
+
+class NoLaunchDriver(offline.CompileOnlyDriver):
+    """Compiles each specialisation, then launches into a no-op: Triton's Python launch path, whole."""
+
+    def __init__(self, target: GPUTarget) -> None:
+        super().__init__(target)
+        self.utils = _Utils()
+
+    def launcher_cls(self, src, metadata):
+        return lambda *args: None
+
+
+class Counter(TorchDispatchMode):
+    """aten ops dispatched under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_launches_and_ops(fn) -> tuple[int, int]:
+    launches = 0
+    original = JITFunction.run
+
+    def counted(self, *args, **kwargs):
+        nonlocal launches
+        launches += 1
+        return original(self, *args, **kwargs)
+
+    JITFunction.run = counted
+    try:
+        with Counter() as counter:
+            fn()
+    finally:
+        JITFunction.run = original
+    return launches, counter.ops
+
+
+def count_python_calls(fn) -> int:
+    """Python and builtin function calls in one call of ``fn`` (every thread's, the autograd engine's
+    included): a deterministic measure of host work, where timings on a shared 2-core VM drift by
+    several per cent."""
+    import threading
+
+    calls = 0
+
+    def profile(frame, event, arg):
+        nonlocal calls
+        if event in ("call", "c_call"):
+            calls += 1
+
+    threading.setprofile(profile)
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+        threading.setprofile(None)
+    return calls
+
+
+def best_us(fns: dict, calls: int, rounds: int) -> dict:
+    """Best µs a call of each function, the rounds interleaved (each round times every function in
+    turn), so that the machine's slow drifts reach all of them alike."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - start) / calls)
+    return {name: seconds * 1e6 for name, seconds in best.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cases: (name, {provider: zero-argument call}); the first provider is the baseline.
+
+
+def _minmax(maps):
+    flat = maps.flatten(1)
+    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    return ((flat - lo) / (hi - lo)).view_as(maps)
+
+
+def case_cam_op():
+    """class_activation_map forward+backward (issue 8's op) against its eager formulation."""
+    from rethinkcam_fast import class_activation_map
+
+    features = torch.rand(2, 64, 7, 7).to(memory_format=torch.channels_last).requires_grad_(True)
+    weight = torch.randn(10, 64).requires_grad_(True)
+    labels = torch.tensor([1, 7])
+    grad_out = torch.randn(2, 28, 28)
+
+    def eager():
+        m = torch.einsum("nk,nkhw->nhw", weight[labels], features)
+        _minmax(F.interpolate(m[:, None], size=(28, 28), mode="bilinear", align_corners=False)[:, 0]).backward(grad_out)
+
+    def ours():
+        class_activation_map(features, weight, labels, output_size=(28, 28), backend="triton").backward(grad_out)
+
+    return "class_activation_map fwd+bwd [2,64,7,7] -> 28²", {"eager": eager, "ours": ours}
+
+
+def case_flm_op():
+    """flm_fuse forward+backward over four layers against its eager formulation."""
+    from rethinkcam_fast import flm_fuse
+
+    acts = [torch.rand(2, 8, s, s).to(memory_format=torch.channels_last).requires_grad_(True) for s in (8, 4, 2, 1)]
+    grads = [torch.randn_like(a).requires_grad_(True) for a in acts]
+    grad_out = torch.randn(2, 16, 16)
+
+    def eager():
+        parts = []
+        for a, g in zip(acts, grads):
+            m = (g.relu() * a.relu()).sum(1)
+            parts.append(_minmax(F.interpolate(m[:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0]))
+        _minmax(sum(parts)).backward(grad_out)
+
+    def ours():
+        flm_fuse(acts, grads, (16, 16), backend="triton").backward(grad_out)
+
+    return "flm_fuse fwd+bwd 4 layers [2,8,s,s] -> 16²", {"eager": eager, "ours": ours}
+
+
+def _mini_resnet():
+    """The tests' small torchvision-style ResNet (tests/_models.py; benchmarks/_models.py has the big ones)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_test_models", REPO / "tests" / "_models.py")
+    models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(models)
+    return models.make(models.MiniResNet).eval().to(memory_format=torch.channels_last)
+
+
+def case_engine_gradcam():
+    """CAMEngine Grad-CAM at batch 1 (issue 3's b1 miss) against forward + partial backward and the
+    hand-written eager Grad-CAM."""
+    from _baselines import eager_gradcam, forward_with_activation
+
+    from rethinkcam_fast import CAMEngine
+
+    model = _mini_resnet()
+    target = model.layer3
+    images = torch.rand(1, 3, 32, 32).to(memory_format=torch.channels_last)
+    engine = CAMEngine(model, "gradcam", target, backend="triton", boxes=False, warn_degenerate=False)
+
+    def floor():
+        logits, act = forward_with_activation(model, target, images)
+        torch.autograd.grad(logits.gather(1, logits.argmax(1)[:, None]).sum(), act)
+
+    return "CAMEngine gradcam b1 MiniResNet 32²", {
+        "fwd+partial-bwd": floor, "eager-gradcam": lambda: eager_gradcam(model, target, images),
+        "ours": lambda: engine(images)}
+
+
+def case_engine_fullycam():
+    """CAMEngine Fully-CAM (every conv) at batch 1 against forward + backward to the input."""
+    from rethinkcam_fast import CAMEngine
+
+    model = _mini_resnet()
+    images = torch.rand(1, 3, 32, 32).to(memory_format=torch.channels_last)
+    engine = CAMEngine(model, "fullycam", backend="triton", boxes=False, warn_degenerate=False)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+    def floor():
+        x = images.detach().requires_grad_(True)
+        logits = model(x)
+        torch.autograd.grad(logits.gather(1, logits.argmax(1)[:, None]).sum(), x)
+
+    return f"CAMEngine fullycam b1 MiniResNet ({convs} convs) 32²", {"fwd+full-bwd": floor, "ours": lambda: engine(images)}
+
+
+def case_engine_boxes():
+    """CAMEngine Grad-CAM with its PaS boxes (thresholds on the device, boxes cut on the host)."""
+    from _baselines import forward_with_activation
+
+    from rethinkcam_fast import CAMEngine
+
+    model = _mini_resnet()
+    target = model.layer3
+    images = torch.rand(1, 3, 32, 32).to(memory_format=torch.channels_last)
+    maps_only = CAMEngine(model, "gradcam", target, backend="triton", boxes=False, warn_degenerate=False)
+    with_boxes = CAMEngine(model, "gradcam", target, backend="triton", warn_degenerate=False)
+
+    def floor():
+        logits, act = forward_with_activation(model, target, images)
+        torch.autograd.grad(logits.gather(1, logits.argmax(1)[:, None]).sum(), act)
+
+    return "CAMEngine gradcam b1 + PaS box, MiniResNet 32²", {
+        "fwd+partial-bwd": floor, "ours-maps": lambda: maps_only(images), "ours-boxes": lambda: with_boxes(images)}
+
+
+CASES = {"cam_op": case_cam_op, "flm_op": case_flm_op, "engine_gradcam": case_engine_gradcam,
+         "engine_fullycam": case_engine_fullycam, "engine_boxes": case_engine_boxes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", action="append", choices=sorted(CASES), help="default: all")
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--sms", type=int, default=132)
+    parser.add_argument("--calls", type=int, default=200, help="calls a round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    import rethinkcam_fast._triton as triton_support
+    from rethinkcam_fast.ops import _launch
+
+    driver.set_active(NoLaunchDriver(GPUTarget("cuda", args.arch, 32)))
+    triton_support.triton_interpreted = lambda: True  # backend="triton" takes CPU tensors
+    _launch.multiprocessor_count = lambda device: args.sms
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+    rows = []
+    print(f"host time a call (µs, best of {args.rounds} interleaved rounds of {args.calls} calls); launches and aten "
+          f"ops counted in one call; Triton's launch path up to its C launcher, no GPU (sm_{args.arch} stand-in)\n")
+    for name in args.case or list(CASES):
+        title, providers = CASES[name]()
+        baseline = next(iter(providers))
+        measured = {}
+        for provider, fn in providers.items():
+            fn()  # compile every specialisation first
+            launches, ops = count_launches_and_ops(fn)
+            measured[provider] = {"launches": launches, "aten_ops": ops, "python_calls": count_python_calls(fn)}
+        for provider, us in best_us(providers, args.calls, args.rounds).items():
+            measured[provider]["us"] = us
+        print(f"### {title}")
+        for provider, m in measured.items():
+            ratio = m["us"] / measured[baseline]["us"]
+            print(f"  {provider:<18} {m['us']:9.1f} µs  {ratio:5.2f}x {baseline:<16} {m['launches']:3d} Triton launches"
+                  f"  {m['aten_ops']:4d} aten ops  {m['python_calls']:6d} Python calls")
+            rows.append({"case": name, "title": title, "provider": provider, "baseline": baseline, **m})
+        print()
+    if args.json:
+        args.json.write_text(json.dumps({"arch": args.arch, "sms": args.sms, "torch": torch.__version__,
+                                         "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
