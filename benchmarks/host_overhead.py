@@ -229,28 +229,22 @@ def case_engine_fullycam():
     return f"CAMEngine fullycam b1 MiniResNet ({convs} convs) 32²", {"fwd+full-bwd": floor, "ours": lambda: engine(images)}
 
 
-def case_engine_boxes():
-    """CAMEngine Grad-CAM with its PaS boxes (thresholds on the device, boxes cut on the host)."""
-    from _baselines import forward_with_activation
+def case_pas_threshold():
+    """PaS thresholds of a batch of maps (the histogram kernel, then the order statistics)."""
+    from rethinkcam_fast import percentile_threshold
 
-    from rethinkcam_fast import CAMEngine
+    cams = torch.rand(4, 32, 32)
 
-    model = _mini_resnet()
-    target = model.layer3
-    images = torch.rand(1, 3, 32, 32).to(memory_format=torch.channels_last)
-    maps_only = CAMEngine(model, "gradcam", target, backend="triton", boxes=False, warn_degenerate=False)
-    with_boxes = CAMEngine(model, "gradcam", target, backend="triton", warn_degenerate=False)
+    def eager():  # numpy's percentile on the device, as torch.quantile does it (a sort)
+        levels = (cams * 255).to(torch.uint8).flatten(1).double()
+        (0.35 * torch.quantile(levels, 0.9, dim=1)).long()
 
-    def floor():
-        logits, act = forward_with_activation(model, target, images)
-        torch.autograd.grad(logits.gather(1, logits.argmax(1)[:, None]).sum(), act)
-
-    return "CAMEngine gradcam b1 + PaS box, MiniResNet 32²", {
-        "fwd+partial-bwd": floor, "ours-maps": lambda: maps_only(images), "ours-boxes": lambda: with_boxes(images)}
+    return "percentile_threshold [4,32,32]", {
+        "eager-quantile": eager, "ours": lambda: percentile_threshold(cams, validate=False, backend="triton")}
 
 
 CASES = {"cam_op": case_cam_op, "flm_op": case_flm_op, "engine_gradcam": case_engine_gradcam,
-         "engine_fullycam": case_engine_fullycam, "engine_boxes": case_engine_boxes}
+         "engine_fullycam": case_engine_fullycam, "pas_threshold": case_pas_threshold}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     torch.manual_seed(0)
 
+    import rethinkcam_fast
+
     rows = []
+    print(f"rethinkcam_fast from {Path(rethinkcam_fast.__file__).parent} (the installed package, as the tests use)")
     print(f"host time a call (µs, best of {args.rounds} interleaved rounds of {args.calls} calls); launches and aten "
           f"ops counted in one call; Triton's launch path up to its C launcher, no GPU (sm_{args.arch} stand-in)\n")
     for name in args.case or list(CASES):

@@ -145,6 +145,8 @@ def case_video_b1(out):
     if GPU:
         variants += [("graph", True, True, (8, 64)), ("graph nchw", True, False, (8,))]
     for name, graph, channels_last, counts in variants:
+        # cuDNN runs a convolution NHWC when its input *or* its weight is channels_last: NCHW needs both
+        model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         localizer = VideoLocalizer(model, "gradcam", target_layers=target, input_size=(224, 224), mean=None, std=None,
                                    batch_size=1, device=DEVICE, cuda_graph=graph, prefetch_frames=2,
                                    channels_last=channels_last)

@@ -107,6 +107,7 @@ class GraphedCAM:
         self._call = CapturedCall(self._explain, example)
         self._host = (torch.empty(self._call.static_out[-1].numel(), dtype=torch.uint8, pin_memory=True)
                       if self._host_boxes else None)
+        self._copied = torch.cuda.Event() if self._host_boxes else None
 
     def _explain(self, images: Tensor) -> tuple[Tensor, ...]:
         """The captured work: no host sync (no degenerate warning), thresholds on the device, and (for
@@ -128,19 +129,21 @@ class GraphedCAM:
                              f"{list(images.shape)} {images.dtype} on {images.device}: capture another with "
                              "CAMEngine.graphed")
         outputs = self._call(images)
-        if self._host_boxes:  # in stream order, before a later replay overwrites the packed buffer
+        engine = self.engine
+        # Boxes from the packed copy: packed at capture (the engine then cut boxes on the host), and
+        # wanted now; otherwise boxes_from_cams below, as the eager engine cuts them.
+        host_boxes = self._host_boxes and engine.boxes
+        if host_boxes:  # in stream order, before a later replay overwrites the packed buffer
             self._host.copy_(outputs[-1], non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(torch.cuda.current_stream(self.device))
+            self._copied.record(torch.cuda.current_stream(self.device))
         labels, scores, cams, degenerate, thresholds = (t.clone() for t in outputs[:5]) if copy else outputs[:5]
         result = CAMResult(labels=labels, scores=scores, cams=cams, degenerate=degenerate)
-        engine = self.engine
         if engine.warn_degenerate:
             _warn_degenerate(degenerate, stacklevel=3)
         if engine.boxes:
             result.thresholds = thresholds
-            if self._host_boxes:
-                copied.synchronize()
+            if host_boxes:
+                self._copied.synchronize()
                 _, _, host_thresholds, levels = unpack_results(self._host, *cams.shape)
                 boxes = largest_boxes_from_levels(levels, host_thresholds, engine.box_convention)
                 result.boxes = boxes.to(self.device)
@@ -415,9 +418,17 @@ class CAMEngine:
             else:
                 activation = capture.activations[id(layers[0])]
                 maps = [self._single_layer_map(activation, labels, scores, logits.shape[1])]
-            if any(m.shape[1] * m.shape[2] == 0 for m in maps):
+            # (the checks fuse_maps would make that the engine's own maps can fail)
+            device = maps[0].device
+            if any(m.shape[1] * m.shape[2] == 0 or m.device != device for m in maps):
                 empty = [self.layer_name(l) for l, m in zip(layers, maps) if m.shape[1] * m.shape[2] == 0]
-                raise ValueError(f"target layer(s) {empty} produced feature maps with an empty spatial extent")
+                if empty:
+                    raise ValueError(f"target layer(s) {empty} produced feature maps with an empty spatial extent")
+                where = {self.layer_name(l): str(m.device) for l, m in zip(layers, maps)}
+                raise ValueError(f"the target layers' outputs lie on several devices ({where}): CAMEngine fuses "
+                                 "their maps on one device")
+            if self.fuse not in FUSE_MODES:  # (an attribute set after construction)
+                raise ValueError(f"fuse must be one of {FUSE_MODES}, got {self.fuse!r}")
             cams, degenerate = fuse_maps_trusted(maps, [int(output_size[0]), int(output_size[1])], self.fuse,
                                                  self.backend)
         if self.warn_degenerate:
@@ -671,7 +682,7 @@ class CAMEngine:
                 )
                 act = capture.activations.get(key)
                 shape = act.shape if act is not None else (scores.shape[0], 1, 1, 1)
-                maps.append(torch.zeros((shape[0], shape[2], shape[3]), device=scores.device))
+                maps.append(torch.zeros((shape[0], shape[2], shape[3]), device=scores.device if act is None else act.device))
             else:
                 maps.append(capture.maps[key])
         return maps

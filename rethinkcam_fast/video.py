@@ -235,7 +235,8 @@ class VideoLocalizer:
             lowest latency per frame, at batch 1). Default (``None``): on CUDA only (on the CPU the
             model runs synchronously, so there is nothing to overlap).
         channels_last: feed the model channels_last (NHWC) batches, the fast layout for convolutions
-            in batches on recent GPUs; ``False`` feeds contiguous NCHW. At batch 1 the H100 profile of
+            in batches on recent GPUs; ``False`` feeds contiguous NCHW (the model's weights must be NCHW
+            too: a convolution runs NHWC when its input or its weight is channels_last). At batch 1 the H100 profile of
             ResNet50 spent 0.54 ms of 1.26 ms of GPU time a frame in cuDNN's NHWC batch-norm kernel
             (10 µs per layer): the benchmark's ``ours-graph-nchw`` row measures the other layout.
     """

@@ -33,7 +33,8 @@ def add_video_command(sub, cam_methods: tuple[str, ...], positive_int) -> None:
                        help="collect each batch before the next one starts (lowest latency; by default, on CUDA, "
                             "a batch goes to the device while the previous one's boxes are cut)")
     video.add_argument("--nchw", action="store_true",
-                       help="feed the model NCHW batches instead of channels_last (may be faster at --batch 1)")
+                       help="feed the model NCHW batches instead of channels_last (may be faster at --batch 1; "
+                            "the model is loaded NCHW)")
     video.add_argument("--frames", type=positive_int, default=300, help="length of the --demo clip")
     video.add_argument("--scale", type=positive_int, help="enlarge the annotated frames (default: 4 for --demo, else 1)")
     video.add_argument("--fps", type=float, help="frame rate of the output video (default: the input's, or 25)")

@@ -383,6 +383,13 @@ def test_a_target_layer_with_an_empty_feature_map_raises_a_clear_error():
     assert CAMEngine(model, "gradcam", target_layers="body")(images).cams.shape == (2, 12, 12)
 
 
+def test_a_fuse_mode_set_after_construction_is_still_checked():
+    engine = CAMEngine(make(SmallCNN), "gradcam")
+    engine.fuse = "mean"
+    with pytest.raises(ValueError, match="fuse must be one of"):
+        engine(torch.rand(1, 3, 16, 16))
+
+
 def test_gradient_methods_on_a_layer_off_the_graph_raise_a_clear_error():
     class NoGradStem(nn.Module):
         def __init__(self) -> None:

@@ -75,6 +75,13 @@ def test_triton_histogram_and_thresholds_match(size):
         assert percentile_threshold(cams, q, theta, backend="triton").tolist() == [reference(c, q, theta) for c in cams]
 
 
+@requires_triton
+def test_triton_histogram_of_empty_batches_and_maps():
+    for shape in ((0, 4, 4), (2, 0, 5), (0, 0, 0)):
+        got = level_histogram_triton(torch.zeros(shape))
+        assert got.dtype == torch.int64 and torch.equal(got, torch.zeros(shape[0], 256, dtype=torch.int64))
+
+
 def test_dtypes_and_empty_batch():
     cams = torch.rand(4, 9, 9, generator=torch.Generator().manual_seed(3))
     for dtype in (torch.float64, torch.float16, torch.bfloat16):

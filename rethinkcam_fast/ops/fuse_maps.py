@@ -504,8 +504,8 @@ def fuse_maps(
 
 def fuse_maps_trusted(maps: list[Tensor], output_size: list[int], fuse: str, backend: str) -> tuple[Tensor, Tensor]:
     """:func:`fuse_maps` without its argument checks (one per map: 53 for a ResNet50 Fully-CAM), for the
-    CAM engine, whose maps come from its own reduction (float32 ``[N, h, w]``, one device, non-empty:
-    it checks the spatial extent itself) and whose ``output_size`` and ``fuse`` it validated when it was
+    CAM engine, whose maps come from its own reduction (float32 ``[N, h, w]``; it checks that they are
+    non-empty and on one device itself) and whose ``output_size`` and ``fuse`` it validated when it was
     built; see :func:`~rethinkcam_fast.ops._launch.run_trusted`."""
     return run_trusted(_fuse_maps_op, _fuse_maps_impl, maps, output_size, fuse, backend)
 

@@ -122,13 +122,13 @@ def level_histogram_triton(cams: Tensor, num_splits: int | None = None) -> Tenso
     """
     flat = cams.flatten(1).contiguous()
     n, pixels = flat.shape
+    if n == 0 or pixels == 0:
+        return torch.zeros((n, 256), dtype=torch.int64, device=cams.device)
     block = min(next_power_of_2(pixels), 2048)
     blocks = cdiv(pixels, block)
-    splits = split_count(num_splits, n, 1 << (blocks.bit_length() - 1), flat.device) if n else 1
+    splits = split_count(num_splits, n, 1 << (blocks.bit_length() - 1), flat.device)
     chunk = cdiv(blocks, splits) * block  # a whole number of blocks: only the last chunk pads
     hist = (torch.zeros if splits > 1 else torch.empty)((n, 256), dtype=torch.int64, device=cams.device)
-    if n == 0:
-        return hist
     with device_guard(flat):
         _level_histogram_kernel[(n, splits)](
             flat, hist, pixels, flat.stride(0), chunk, BLOCK=block, F64=cams.dtype == torch.float64,
