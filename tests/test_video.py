@@ -205,6 +205,41 @@ def test_file_in_video_and_jsonl_out(model, tmp_path):
     assert not [name for name in os.listdir(tmp_path) if "partial" in name]
 
 
+def test_a_long_stream_holds_a_bounded_number_of_frames(model, tmp_path):
+    """Memory stays bounded on long inputs: with a video being written (raw frames kept for the
+    overlay until their result, maps kept per frame), the frames pulled from the source but not yet
+    written never exceed the decode queue plus two batches, and the memory numpy holds (the frames'
+    copies, traced by tracemalloc) does not grow from frame 100 to frame 400 (a frame is 9 KB)."""
+    import tracemalloc
+
+    frame = random_frames(1, 48, 64)[0]
+    pulled, written, most_in_flight, traced = 0, 0, 0, {}
+
+    def source():
+        nonlocal pulled
+        for _ in range(400):
+            pulled += 1
+            yield frame.copy()
+
+    def on_frame(_result):
+        nonlocal written, most_in_flight
+        written += 1
+        most_in_flight = max(most_in_flight, pulled - written)
+        if written in (100, 400):
+            traced[written] = tracemalloc.get_traced_memory()[0]
+
+    localizer = VideoLocalizer(model, "cam", input_size=(16, 16), batch_size=4, keep_cams=True, prefetch_frames=8,
+                               overlap_batches=True)
+    tracemalloc.start()
+    try:
+        report = localize_video(localizer, source(), out_video=str(tmp_path / "long.mp4"), on_frame=on_frame)
+    finally:
+        tracemalloc.stop()
+    assert report.frames_processed == written == 400
+    assert most_in_flight <= 8 + 2 * 4 + 1
+    assert traced[400] - traced[100] < 300 * frame.nbytes // 4  # a frame kept per result would add 300 frames
+
+
 def test_interrupted_run_leaves_no_output(model, tmp_path):
     out_video, out_jsonl = str(tmp_path / "out.mp4"), str(tmp_path / "boxes.jsonl")
     localizer = VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=2, keep_cams=True)
