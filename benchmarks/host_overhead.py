@@ -191,25 +191,38 @@ def _mini_resnet():
     return models.make(models.MiniResNet).eval().to(memory_format=torch.channels_last)
 
 
-def case_engine_gradcam():
-    """CAMEngine Grad-CAM at batch 1 (issue 3's b1 miss) against forward + partial backward and the
-    hand-written eager Grad-CAM."""
-    from _baselines import eager_gradcam, forward_with_activation
+def _single_layer_case(method: str, eager=None):
+    from _baselines import forward_with_activation
 
     from rethinkcam_fast import CAMEngine
 
     model = _mini_resnet()
     target = model.layer3
     images = torch.rand(1, 3, 32, 32).to(memory_format=torch.channels_last)
-    engine = CAMEngine(model, "gradcam", target, backend="triton", boxes=False, warn_degenerate=False)
+    engine = CAMEngine(model, method, target, backend="triton", boxes=False, warn_degenerate=False)
 
     def floor():
         logits, act = forward_with_activation(model, target, images)
         torch.autograd.grad(logits.gather(1, logits.argmax(1)[:, None]).sum(), act)
 
-    return "CAMEngine gradcam b1 MiniResNet 32²", {
-        "fwd+partial-bwd": floor, "eager-gradcam": lambda: eager_gradcam(model, target, images),
-        "ours": lambda: engine(images)}
+    providers = {"fwd+partial-bwd": floor}
+    if eager is not None:
+        providers[f"eager-{method}"] = lambda: eager(model, target, images)
+    providers["ours"] = lambda: engine(images)
+    return f"CAMEngine {method} b1 MiniResNet 32²", providers
+
+
+def case_engine_gradcam():
+    """CAMEngine Grad-CAM at batch 1 (issue 3's b1 miss) against forward + partial backward and the
+    hand-written eager Grad-CAM."""
+    from _baselines import eager_gradcam
+
+    return _single_layer_case("gradcam", eager_gradcam)
+
+
+def case_engine_gradcampp():
+    """CAMEngine Grad-CAM++ at batch 1 (the method furthest from its floor on the H100 at b1)."""
+    return _single_layer_case("gradcam++")
 
 
 def case_engine_fullycam():
@@ -244,6 +257,7 @@ def case_pas_threshold():
 
 
 CASES = {"cam_op": case_cam_op, "flm_op": case_flm_op, "engine_gradcam": case_engine_gradcam,
+         "engine_gradcampp": case_engine_gradcampp,
          "engine_fullycam": case_engine_fullycam, "pas_threshold": case_pas_threshold}
 
 

@@ -27,10 +27,9 @@ from .ops.flm_fuse import flm_fuse_with_flags
 from .ops.fuse_maps import FUSE_MODES, fuse_maps_trusted
 from .ops.map_epilogue import map_epilogue_op
 from .ops.percentile_threshold import percentile_threshold
-from .ops.weighted_map import weighted_map, weighted_map_reference, weighted_map_trusted
+from .ops.weighted_map import GRADCAM_PP_EPS, weighted_map, weighted_map_reference, weighted_map_trusted  # noqa: F401
 
 METHODS = ("cam", "gradcam", "gradcam++", "layercam", "fullycam")
-GRADCAM_PP_EPS = 1e-6  # pytorch-grad-cam's epsilon in the Grad-CAM++ denominator
 
 
 @dataclass
@@ -532,17 +531,8 @@ class CAMEngine:
 
             def reduce(a, weights=None, grads=None, mode="channel", relu=True):
                 return weighted_map_trusted(a, weights, grads, mode=mode, relu=relu, backend=self.backend)
-        if self.method == "layercam":
-            return reduce(activation, grads=grad, mode="layercam", relu=True)
-        g = grad.float()
-        if self.method == "gradcam":
-            weights = g.mean(dim=(2, 3))
-        else:  # gradcam++ as in the common PyTorch implementations (DESIGN.md §2)
-            g2 = g * g
-            denom = 2 * g2 + activation.float().sum(dim=(2, 3))[:, :, None, None] * g2 * g + GRADCAM_PP_EPS
-            alpha = torch.where(g != 0, g2 / denom, torch.zeros_like(g))
-            weights = (alpha * g.relu()).sum(dim=(2, 3))
-        return reduce(activation, weights, mode="channel", relu=True)
+        # LayerCAM, Grad-CAM and Grad-CAM++ (channel weights from the gradient, in the op: DESIGN.md §2)
+        return reduce(activation, grads=grad, mode=self.method, relu=True)
 
     def _differentiable_maps(self, layers, capture, labels, scores, logits, output_size):
         """``(per-layer maps, cams, degenerate)``: cams attached to the graph, the per-layer maps (only

@@ -22,7 +22,13 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3, torch.flo
 
 def oracle_weighted(a, w, g, mode, relu):
     a, g = a.double(), None if g is None else g.double()
-    if mode == "channel":
+    if mode == "gradcam":
+        w = g.mean((2, 3))
+    elif mode == "gradcam++":  # DESIGN.md §2, as pytorch-grad-cam writes it
+        g2 = g * g
+        alpha = torch.where(g != 0, g2 / (2 * g2 + a.sum((2, 3))[:, :, None, None] * g2 * g + 1e-6), 0.0)
+        w = (alpha * g.relu()).sum((2, 3))
+    if mode in ("channel", "gradcam", "gradcam++"):
         m = (w.double()[:, :, None, None] * a).sum(1)
     elif mode == "layercam":
         m = (g.clamp_min(0) * a).sum(1)
@@ -60,12 +66,17 @@ def test_weighted_map_matches_oracle(backend, dtype, layout, shape):
     w = torch.randn(shape[:2], generator=gen).to(dtype)
     if layout == "nhwc":
         a, g = a.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
-    for mode in ("channel", "layercam", "flm"):
+    for mode in ("channel", "layercam", "flm", "gradcam", "gradcam++"):
+        # Grad-CAM++ on post-ReLU activations, as its target layers give: on signed ones its
+        # denominator 2 g² + sum(A) g³ cancels and any float32 evaluation (the reference's too) is
+        # off by up to 1 % of the map's scale.
+        acts = a.relu() if mode == "gradcam++" else a
         for relu in (True, False):
-            got = weighted_map(a, w, g, mode=mode, relu=relu, backend=backend)
-            want = oracle_weighted(a, w, g, mode, relu)
+            got = weighted_map(acts, w, g, mode=mode, relu=relu, backend=backend)
+            want = oracle_weighted(acts, w, g, mode, relu)
             assert got.dtype == torch.float32 and got.shape == (shape[0], shape[2], shape[3])
-            torch.testing.assert_close(got.double(), want, atol=TOL[dtype] * shape[1] ** 0.5, rtol=TOL[dtype])
+            scale = 1.0 if mode != "gradcam++" else max(1.0, float(want.abs().max()))  # its maps reach 1e4
+            torch.testing.assert_close(got.double(), want, atol=TOL[dtype] * shape[1] ** 0.5 * scale, rtol=TOL[dtype])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -230,6 +241,25 @@ def test_weighted_map_nan_policy_is_the_same_on_every_backend(backend, layout):
             assert torch.equal(torch.isinf(got), torch.isinf(want)), (mode, relu)
             finite = torch.isfinite(want)
             torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["gradcam", "gradcam++"])
+def test_gradient_weight_modes_keep_the_nan_of_a_gradient(backend, mode):
+    """Grad-CAM / Grad-CAM++ weights from a NaN gradient are NaN, so the whole map is NaN (the epilogue
+    flags it degenerate), as the engine's PyTorch formulas made it; an infinite activation shows where
+    the formula puts it. NaN/inf patterns and finite values equal the float64 oracle's."""
+    a, g = torch.randn(3, 4, 5, 5).relu(), torch.randn(3, 4, 5, 5)
+    g[1, 0, 2, 2] = float("nan")
+    a[2, 1, 3, 3] = float("inf")
+    for relu in (False, True):
+        got = weighted_map(a, grads=g, mode=mode, relu=relu, backend=backend).double()
+        want = oracle_weighted(a, None, g, mode, False)
+        want = torch.where(want < 0, 0.0, want) if relu else want
+        assert bool(torch.isnan(got[1]).all())
+        assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+        finite = torch.isfinite(want)
+        torch.testing.assert_close(got[finite], want[finite], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

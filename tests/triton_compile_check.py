@@ -255,6 +255,8 @@ def scenario_weighted_and_fused_maps():
                 weighted_map(a, torch.rand(n, k).to(dtype), mode="channel", relu=True, backend="triton")
                 weighted_map(a, grads=g, mode="layercam", relu=True, backend="triton")
                 weighted_map(a, grads=g, mode="flm", relu=False, backend="triton")
+                for mode in ("gradcam", "gradcam++"):  # channel weights from the gradients, in the kernel
+                    weighted_map(a, grads=g, mode=mode, relu=True, backend="triton")
         maps = [torch.rand(8, s, s).to(dtype) for _, s in RESNET50_LAYERS]
         for fuse in ("sum", "max"):
             fuse_maps(maps, (224, 224), fuse=fuse, backend="triton")

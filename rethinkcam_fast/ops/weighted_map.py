@@ -5,8 +5,15 @@ For a feature map ``A[N, K, h, w]`` this op returns ``M[N, h, w]`` (float32), on
     mode "channel":    M = sum_k W[n, k] * A[n, k]                  (CAM, Grad-CAM, Grad-CAM++)
     mode "layercam":   M = sum_k relu(G[n, k]) * A[n, k]            (LayerCAM)
     mode "flm":        M = sum_k relu(G[n, k]) * relu(A[n, k])      (Fully-CAM's FLM, per layer)
+    mode "gradcam":    M = sum_k mean_s(G[n, k]) * A[n, k]          (Grad-CAM)
+    mode "gradcam++":  M = sum_k w[n, k] * A[n, k],  w = sum_s alpha * relu(G),
+                       alpha = G² / (2 G² + sum_s(A) G³ + 1e-6) where G != 0, else 0   (Grad-CAM++)
 
-optionally followed by a ReLU. NaN policy, the same on every backend: the ReLUs inside the sums map
+optionally followed by a ReLU. The last two compute the channel weights from the gradients in the
+same kernel (Triton), where the engine used to run a chain of PyTorch ops for them (one for
+Grad-CAM, about a dozen, each over ``[N, K, h, w]``, for Grad-CAM++); their formulas are those of
+the common PyTorch implementations (DESIGN.md §2), and a NaN gradient makes the map NaN (flagged
+degenerate), as it did. NaN policy, the same on every backend: the ReLUs inside the sums map
 NaN to 0 (as :func:`rethinkcam_fast.flm_fuse` does); the ReLU of the summed map keeps NaN, so that a
 NaN map is flagged degenerate by the epilogue. The Triton kernel (CUDA) and the C++ kernel (CPU, the gradient
 modes: ``csrc/cpu/weighted_map.cpp``) read ``A`` (and ``G``) once, in place (NCHW or channels_last),
@@ -23,11 +30,13 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._triton import cdiv, next_power_of_2, tl, triton
+from .._triton import cdiv, ieee_div, next_power_of_2, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor
 from ._launch import autocast_off, check_backend, device_guard, flat_spatial, run_inference_op, run_trusted, use_triton
 
-MODES = ("channel", "layercam", "flm")
+MODES = ("channel", "layercam", "flm", "gradcam", "gradcam++")
+GRADIENT_WEIGHT_MODES = ("gradcam", "gradcam++")  # channel weights computed from G inside the op
+GRADCAM_PP_EPS = 1e-6  # pytorch-grad-cam's epsilon in the Grad-CAM++ denominator
 _MODE_CODES = {mode: code for code, mode in enumerate(MODES)}
 # The CUDA extension's kernel for the gradient modes (csrc/cuda/weighted_map.cu): launched from C++,
 # for Fully-CAM's 53 per-layer reductions inside autograd hooks, where a Triton launch from Python is
@@ -43,6 +52,17 @@ def relu_nan_to_zero(x: Tensor) -> Tensor:
     return torch.fmax(x, x.new_zeros(()))
 
 
+def gradient_channel_weights_reference(a: Tensor, g: Tensor, mode: str) -> Tensor:
+    """``w[N, K]`` from float activations and gradients: Grad-CAM's spatial mean of ``g``, or
+    Grad-CAM++'s ``sum_s alpha * relu(g)`` (differentiable: ``CAMEngine(differentiable=True)`` runs it)."""
+    if mode == "gradcam":
+        return g.mean(dim=(2, 3))
+    g2 = g * g
+    denom = 2 * g2 + a.sum(dim=(2, 3))[:, :, None, None] * g2 * g + GRADCAM_PP_EPS
+    alpha = torch.where(g != 0, g2 / denom, torch.zeros_like(g))
+    return (alpha * g.relu()).sum(dim=(2, 3))
+
+
 def weighted_map_reference(
     activations: Tensor, weights: Tensor | None = None, grads: Tensor | None = None,
     mode: str = "channel", relu: bool = True,
@@ -51,7 +71,9 @@ def weighted_map_reference(
     float32 under autocast too."""
     with autocast_off(activations):
         a = activations.float()
-        if mode == "channel":
+        if mode in GRADIENT_WEIGHT_MODES:
+            weights = gradient_channel_weights_reference(a, grads.float(), mode)
+        if mode in ("channel", *GRADIENT_WEIGHT_MODES):
             m = torch.einsum("nk,nkhw->nhw", weights.float(), a)
         elif mode == "layercam":
             m = (relu_nan_to_zero(grads.float()) * a).sum(dim=1)
@@ -101,6 +123,56 @@ def _weighted_map_kernel(
     tl.store(Out_ptr + n * S + s, acc, mask=s_mask)
 
 
+@triton.jit
+def _gradient_weighted_map_kernel(
+    A_ptr, G_ptr, Out_ptr,
+    K, S, a_stride_n, a_stride_k, a_stride_s, g_stride_n, g_stride_k, g_stride_s,
+    PLUS: tl.constexpr, RELU: tl.constexpr, EPS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Program (n, block of BLOCK_S positions): for each chunk of BLOCK_K channels, the channel weights
+    from the gradients over the whole map (Grad-CAM: their mean; Grad-CAM++: sum_s alpha * relu(g),
+    after a pass for sum_s A), then M[s] += w_k * A[k, s] at the program's own positions. A map of
+    at most BLOCK_S positions (a ResNet's last stage, 7x7) reads A and G once (A twice for ++)."""
+    n = tl.program_id(0)
+    s_own = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    k_idx = tl.arange(0, BLOCK_K)
+    s_idx = tl.arange(0, BLOCK_S)
+    a_base = A_ptr + n.to(tl.int64) * a_stride_n
+    g_base = G_ptr + n.to(tl.int64) * g_stride_n
+    acc = tl.zeros([BLOCK_S], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + k_idx
+        k_mask = k < K
+        a_rows = a_base + k[:, None].to(tl.int64) * a_stride_k
+        g_rows = g_base + k[:, None].to(tl.int64) * g_stride_k
+        if PLUS:
+            sum_a = tl.zeros([BLOCK_K], tl.float32)
+            for s0 in range(0, S, BLOCK_S):
+                s = s0 + s_idx
+                a = tl.load(a_rows + s[None, :] * a_stride_s, mask=k_mask[:, None] & (s < S)[None, :], other=0.0)
+                sum_a += tl.sum(a.to(tl.float32), axis=1)
+        w = tl.zeros([BLOCK_K], tl.float32)
+        for s0 in range(0, S, BLOCK_S):
+            s = s0 + s_idx
+            g = tl.load(g_rows + s[None, :] * g_stride_s, mask=k_mask[:, None] & (s < S)[None, :], other=0.0)
+            g = g.to(tl.float32)
+            if PLUS:
+                g2 = g * g
+                denom = 2 * g2 + sum_a[:, None] * g2 * g + EPS
+                # padding lanes have g = 0: alpha 0 there, as where(g != 0, ...) gives
+                alpha = tl.where(g != 0.0, ieee_div(g2, denom), 0.0)
+                w += tl.sum(alpha * tl.where(g > 0.0, g, 0.0), axis=1)  # alpha NaN keeps a NaN gradient's NaN
+            else:
+                w += tl.sum(g, axis=1)
+        if not PLUS:
+            w = ieee_div(w, tl.full([BLOCK_K], S, tl.float32))
+        a = tl.load(a_rows + s_own[None, :] * a_stride_s, mask=k_mask[:, None] & (s_own < S)[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * a.to(tl.float32), axis=0)
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)
+    tl.store(Out_ptr + n * S + s_own, acc, mask=s_own < S)
+
+
 def weighted_map_triton(
     activations: Tensor, weights: Tensor | None, grads: Tensor | None, mode: str, relu: bool
 ) -> Tensor:
@@ -110,6 +182,16 @@ def weighted_map_triton(
     if out.numel() == 0:
         return out.zero_()
     a, a_sn, a_sk, a_ss = flat_spatial(activations)
+    if mode in GRADIENT_WEIGHT_MODES:
+        g, g_sn, g_sk, g_ss = flat_spatial(grads)
+        block_s = min(next_power_of_2(s), 32 if a_sk == 1 and k > 1 else 128)
+        block_k = max(1, min(next_power_of_2(k), 4096 // block_s, 64))
+        _gradient_weighted_map_kernel[(n, cdiv(s, block_s))](
+            a, g, out, k, s, a_sn, a_sk, a_ss, g_sn, g_sk, g_ss,
+            PLUS=mode == "gradcam++", RELU=relu, EPS=GRADCAM_PP_EPS, BLOCK_K=block_k, BLOCK_S=block_s,
+            num_warps=8 if block_k * block_s >= 4096 else 4,
+        )
+        return out
     if mode == "channel":
         g, g_sn, g_sk, g_ss = a, 0, 0, 0  # unused
         wt, w_sn, w_sk = weights, weights.stride(0), weights.stride(1)
@@ -136,7 +218,7 @@ def weighted_map_triton(
 def _native_grad_modes(activations: Tensor, grads: Tensor | None, mode: str, backend: str):
     """The C++ kernel (CPU: ``auto``, a gradient mode, one dtype) or the CUDA extension's (CUDA: the
     same, opted in through CUDA_KERNEL_ENV, not float64, at most 65,535 images) when it runs this call."""
-    if backend != "auto" or mode == "channel" or grads.dtype != activations.dtype:
+    if backend != "auto" or mode not in ("layercam", "flm") or grads.dtype != activations.dtype:
         return None
     if activations.device.type == "cpu":
         return _native.cpu_kernel("weighted_map_grad") if activations.dtype in _native.NATIVE_DTYPE_CODES else None
@@ -201,12 +283,12 @@ def weighted_map(
     Args:
         activations: ``Tensor[N, K, h, w]``, floating, NCHW or channels_last.
         weights: ``Tensor[N, K]`` for ``mode="channel"``.
-        grads: ``Tensor[N, K, h, w]`` (same shape as ``activations``) for ``"layercam"`` / ``"flm"``.
-        mode: ``"channel"``, ``"layercam"`` or ``"flm"``.
+        grads: ``Tensor[N, K, h, w]`` (same shape as ``activations``) for the other modes.
+        mode: ``"channel"``, ``"layercam"``, ``"flm"``, ``"gradcam"`` or ``"gradcam++"``.
         relu: apply a ReLU to the summed map.
-        backend: ``"auto"`` (Triton on CUDA, or the CUDA extension's kernel for the gradient modes
-            with ``RETHINKCAM_CUDA_WEIGHTED_MAP=1``; on the CPU the C++ kernel for the gradient modes,
-            PyTorch for ``"channel"``), ``"triton"`` or ``"reference"`` (pure PyTorch).
+        backend: ``"auto"`` (Triton on CUDA, or the CUDA extension's kernel for ``"layercam"`` /
+            ``"flm"`` with ``RETHINKCAM_CUDA_WEIGHTED_MAP=1``; on the CPU the C++ kernel for those two,
+            PyTorch for the others), ``"triton"`` or ``"reference"`` (pure PyTorch).
     Returns:
         ``Tensor[N, h, w]`` float32 on the activations' device.
     """
@@ -241,4 +323,5 @@ def weighted_map_trusted(
     return run_trusted(_weighted_map_op, _weighted_map_impl, activations, weights, grads, mode, relu, backend)
 
 
-__all__ = ["CUDA_KERNEL_ENV", "MODES", "weighted_map", "weighted_map_trusted", "weighted_map_native", "weighted_map_reference", "weighted_map_triton"]
+__all__ = ["CUDA_KERNEL_ENV", "GRADCAM_PP_EPS", "GRADIENT_WEIGHT_MODES", "MODES", "gradient_channel_weights_reference",
+           "weighted_map", "weighted_map_trusted", "weighted_map_native", "weighted_map_reference", "weighted_map_triton"]
