@@ -31,7 +31,8 @@ cv2 = pytest.importorskip("cv2")
 DEVICE = bench_device()
 RUN_INFO = {"device": device_name(DEVICE), "torch": torch.__version__}
 if DEVICE.type == "cuda":
-    MODELS, BATCHES = ["resnet50"], [1, 64]
+    # 256: the throughput target is "at the best batch" (only the floor and ours run there)
+    MODELS, BATCHES = ["resnet50"], [1, 64, 256]
 else:
     MODELS = ["resnet50"] if os.environ.get("RETHINKCAM_BENCH_VIDEO_R50") else ["demo"]
     BATCHES = [1, 16]
@@ -88,6 +89,8 @@ def test_video_gradcam_box(benchmark, provider, model_name, batch):
     target = target if target is not None else _last_conv_like(model)
     channels = input_channels(model)
     frame_size = size or 64
+    if batch > 64 and provider in ("eager", "pytorch-grad-cam"):
+        pytest.skip("the baselines are measured at batches 1 and 64")
     count = FRAMES_PER_CALL.get(batch, 4 * batch)
     frames = _frames(count, frame_size)
     chunks = [frames[k : k + batch] for k in range(0, count, batch)]

@@ -156,7 +156,7 @@ if has bench; then
       tap) bench tap tap "${BOX_TAP:-60}" ;;
       cam) bench cam cam "${BOX_CAM:-150}" ;;
       pas) bench pas pas "${BOX_PAS:-30}" ;;
-      video) bench video video "${BOX_VIDEO:-60}" ;;
+      video) bench video video "${BOX_VIDEO:-90}" ;;
       diffcam) bench diffcam diffcam "${BOX_DIFFCAM:-90}" ;;
       *) bench "$suite" "$suite" 30 ;;
     esac
