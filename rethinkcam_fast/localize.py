@@ -203,15 +203,17 @@ def input_policy(spec: str, image_size: int | None, normalize: str) -> tuple[int
     return size, (torchvision_name if normalize == "auto" else normalize == "imagenet")
 
 
-def load_user_model(spec: str, weights: str | None) -> nn.Module:
+def load_user_model(spec: str, weights: str | None, *, payload: dict[str, Any] | None = None) -> nn.Module:
     """:func:`build_model` plus its weights (``torch.load(weights_only=True)``), in ``eval()`` mode.
 
     A checkpoint written by ``rethinkcam train`` carries its architecture; when ``spec`` builds a
     :class:`~rethinkcam_fast.models.DigitsCAMNet`, the checkpoint's architecture (pool, widths) is used.
+    ``payload``: the file ``weights`` already read with :func:`~rethinkcam_fast.models.read_weights`
+    (a caller that also reads its metadata loads it once).
     """
     model = build_model(spec)
     if weights is not None:
-        payload = read_weights(weights)
+        payload = read_weights(weights) if payload is None else payload
         if isinstance(model, DigitsCAMNet) and payload.get("format") == CHECKPOINT_FORMAT:
             model = model_from_arch(payload.get("arch"), weights)
         load_state_into(model, state_dict_of(payload, weights), weights)

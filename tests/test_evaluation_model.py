@@ -163,6 +163,28 @@ def test_cli_evaluate_model_json_matches_the_function(dataset, capsys):
     assert "warning: no --checkpoint" in capsys.readouterr().err
 
 
+def test_cli_evaluate_model_reads_the_checkpoint_once(dataset, capsys, monkeypatch):
+    """Without --image-size the checkpoint's metadata is consulted for the input size: from the same
+    read that loads the weights (a ResNet50 checkpoint is ~100 MB)."""
+    import torch
+
+    reads = []
+    real_load = torch.load
+
+    def counting_load(*args, **kwargs):
+        reads.append(args[0])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    args = ["evaluate-model", "--model", os.path.join(dataset["root"], "model_def.py") + ":build",
+            "--checkpoint", os.path.join(dataset["root"], "model.pt"), "--data-root", dataset["data_root"],
+            "--metadata-root", dataset["metadata_root"], "--dataset-name", "CUB", "--split", "test",
+            "--method", "cam", "--batch-size", "4", "--cam-curve-interval", "0.1", "--json"]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    assert reads == [os.path.join(dataset["root"], "model.pt")]
+
+
 def test_load_model_errors(tmp_path):
     with pytest.raises(ValueError, match="MODULE:CALLABLE"):
         load_model("no_colon")
