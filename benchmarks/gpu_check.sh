@@ -21,7 +21,9 @@
 #   STAGES="build tests profile bench" SUITES="tap diffcam" DEADLINE=355 TESTS_BOX=130 BOX_PROFILE=80 (326 s)
 # Not yet run on a GPU: SUITES="evaluate", STAGES="sanitize", and everything built after those calls
 # (the level sweep box kernel, the CUDA weighted_map kernel, CAMEngine.graphed, video's packed
-# transfer and overlapping batches). Planned for the next session, as two back-to-back calls:
+# transfer and overlapping batches; then the split PaS histogram, Grad-CAM/Grad-CAM++ weights inside
+# the map kernel, GraphedCAM's one-copy boxes, video's NCHW row and batch 256). Planned for the next
+# session, as two back-to-back calls:
 #   STAGES="build tests sanitize bench" SUITES="boxes evaluate cam" DEADLINE=560 TESTS_BOX=150 BOX_SANITIZE=60
 #   STAGES="bench profile" SUITES="video diffcam" PROFILE_CASES="--case boxes --case fullycam_b64 --case flm_op" DEADLINE=250
 #
