@@ -137,12 +137,33 @@ OP_CASES = [("class_activation_map", cam_case, dtype, layout) for dtype in DTYPE
 OP_CASES += [("flm_fuse", flm_case, dtype, fuse) for dtype in DTYPES for fuse in ("sum", "max")]
 
 
-@pytest.mark.parametrize("provider", ["eager", "ours"])
+def _graphed(step):
+    """``step`` (forward + backward, fresh gradients) captured once in a CUDA graph; returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # Triton compilation, allocator
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+@pytest.mark.parametrize("provider", ["eager", "ours", "eager-graph", "ours-graph"])
 @pytest.mark.parametrize("op,build,dtype,variant", OP_CASES, ids=lambda v: getattr(v, "__name__", str(v)))
 def test_op_fwd_bwd(benchmark, op, build, dtype, variant, provider):
-    """``class_activation_map`` (variant: layout) and ``flm_fuse`` (variant: fusion) against eager."""
-    group, step = build(dtype, variant, provider)
-    _measure(benchmark, group, provider, "eager", f"{op} fwd+bwd", step)
+    """``class_activation_map`` (variant: layout) and ``flm_fuse`` (variant: fusion) against eager;
+    ``*-graph``: both captured in a CUDA graph, as a training step under CUDA graphs runs them (the
+    host's per-op work gone: what is left is GPU time)."""
+    graphed = provider.endswith("-graph")
+    if graphed and not CUDA:
+        pytest.skip("CUDA graphs need a GPU")
+    group, step = build(dtype, variant, provider.removesuffix("-graph"))
+    # (the graphed rows are their own table, against the graphed eager formulation)
+    _measure(benchmark, group, provider, "eager-graph" if graphed else "eager",
+             f"{op} fwd+bwd" + (", CUDA graph" if graphed else ""), _graphed(step) if graphed else step)
 
 
 # -- a training step with a CAM loss -------------------------------------------------------------------

@@ -169,3 +169,41 @@ def test_graphed_engine_with_a_fixed_target_and_autocast():
     del clobber
     assert got.labels.tolist() == [3, 3]
     torch.testing.assert_close(got.cams, want.cams, atol=1e-6, rtol=0)
+
+
+def test_differentiable_ops_are_capturable_in_a_cuda_graph():
+    """class_activation_map and flm_fuse forward+backward captured in a CUDA graph (no host sync:
+    the labels check is skipped during a capture) replay what eager gives."""
+    torch.manual_seed(0)
+    feats = torch.randn(4, 64, 7, 7, device="cuda").relu_().requires_grad_(True)
+    weight = torch.randn(10, 64, device="cuda").requires_grad_(True)
+    labels = torch.tensor([1, 3, 3, 9], device="cuda")
+    acts = [torch.randn(4, 8, s, s, device="cuda").requires_grad_(True) for s in (14, 7)]
+    grads = [torch.randn_like(a).requires_grad_(True) for a in acts]
+    grad_out = torch.randn(4, 56, 56, device="cuda")
+    leaves = [feats, weight, *acts, *grads]
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        cams = rethinkcam_fast.class_activation_map(feats, weight, labels, output_size=(56, 56))
+        fused = rethinkcam_fast.flm_fuse(acts, grads, (56, 56))
+        (cams * grad_out).sum().add((fused * grad_out).sum()).backward()
+        return cams, fused
+
+    want_cams, want_fused = (t.clone() for t in step())
+    want_grads = [t.grad.clone() for t in leaves]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cams, fused = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(cams, want_cams, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fused, want_fused, atol=1e-6, rtol=0)
+    for got, want in zip((t.grad for t in leaves), want_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

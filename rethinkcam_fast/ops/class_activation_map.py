@@ -312,8 +312,10 @@ def _check_cam_args(features, weight, labels) -> None:
         raise ValueError(f"labels must have shape ({n},) to match the features' batch, got {tuple(labels.shape)}")
     check_same_device(features=features, weight=weight, labels=labels)
     # One device sync (one reduction, one copy); skipped while torch.compile traces (a data-dependent
-    # branch would break the graph).
-    if n and not torch.compiler.is_compiling():
+    # branch would break the graph) and while a CUDA graph is captured (a capture cannot sync: a
+    # training step captured whole, e.g. with torch.cuda.make_graphed_callables, must bring labels
+    # in range itself).
+    if n and not torch.compiler.is_compiling() and not (labels.is_cuda and torch.cuda.is_current_stream_capturing()):
         low, high = torch.stack(torch.aminmax(labels)).tolist()
         if low < 0 or high >= weight.shape[0]:
             raise ValueError(f"labels out of range for {weight.shape[0]} classes (weight has {weight.shape[0]} rows)")
@@ -339,7 +341,8 @@ def class_activation_map(
         ``Tensor[N, H, W]``, float32 (float64 when an input is float64).
     Raises:
         TypeError: a non-tensor, non-floating ``features``/``weight``, non-integer ``labels``.
-        ValueError: wrong ranks or mismatched shapes, ``labels`` out of range, bad ``output_size``.
+        ValueError: wrong ranks or mismatched shapes, ``labels`` out of range (checked with one device
+            sync, except under ``torch.compile`` and during a CUDA graph capture), bad ``output_size``.
     """
     _check_cam_args(features, weight, labels)
     size = output_size_arg(output_size, features.shape[2:])
