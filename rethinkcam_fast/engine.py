@@ -27,7 +27,7 @@ from .ops.flm_fuse import flm_fuse_with_flags
 from .ops.fuse_maps import FUSE_MODES, fuse_maps_trusted
 from .ops.map_epilogue import map_epilogue_op
 from .ops.percentile_threshold import percentile_threshold
-from .ops.weighted_map import GRADCAM_PP_EPS, weighted_map, weighted_map_reference, weighted_map_trusted  # noqa: F401
+from .ops.weighted_map import weighted_map, weighted_map_reference, weighted_map_trusted
 
 METHODS = ("cam", "gradcam", "gradcam++", "layercam", "fullycam")
 

@@ -58,8 +58,10 @@ def oracle_fuse(maps, size, fuse):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("shape", [(2, 37, 5, 6), (1, 3, 1, 1), (3, 130, 7, 7)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 37, 5, 6), (1, 3, 1, 1), (3, 130, 7, 7), (2, 70, 12, 13)], ids=str)
 def test_weighted_map_matches_oracle(backend, dtype, layout, shape):
+    """(12 x 13 = 156 positions: Grad-CAM's and Grad-CAM++'s weights from their own kernel, then the
+    channel sum; smaller maps compute both in one pass.)"""
     gen = torch.Generator().manual_seed(sum(shape))
     a = torch.randn(shape, generator=gen).to(dtype)
     g = torch.randn(shape, generator=gen).to(dtype)
@@ -249,7 +251,12 @@ def test_gradient_weight_modes_keep_the_nan_of_a_gradient(backend, mode):
     """Grad-CAM / Grad-CAM++ weights from a NaN gradient are NaN, so the whole map is NaN (the epilogue
     flags it degenerate), as the engine's PyTorch formulas made it; an infinite activation shows where
     the formula puts it. NaN/inf patterns and finite values equal the float64 oracle's."""
-    a, g = torch.randn(3, 4, 5, 5).relu(), torch.randn(3, 4, 5, 5)
+    for side in (5, 12):  # one-pass kernel; weights kernel + channel sum
+        _check_gradient_weight_nan_policy(backend, mode, side)
+
+
+def _check_gradient_weight_nan_policy(backend, mode, side):
+    a, g = torch.randn(3, 4, side, side).relu(), torch.randn(3, 4, side, side)
     g[1, 0, 2, 2] = float("nan")
     a[2, 1, 3, 3] = float("inf")
     for relu in (False, True):

@@ -2,24 +2,36 @@
 
 For a feature map ``A[N, K, h, w]`` this op returns ``M[N, h, w]`` (float32), one of::
 
-    mode "channel":    M = sum_k W[n, k] * A[n, k]                  (CAM, Grad-CAM, Grad-CAM++)
+    mode "channel":    M = sum_k W[n, k] * A[n, k]                  (CAM: the classifier's weights)
     mode "layercam":   M = sum_k relu(G[n, k]) * A[n, k]            (LayerCAM)
     mode "flm":        M = sum_k relu(G[n, k]) * relu(A[n, k])      (Fully-CAM's FLM, per layer)
     mode "gradcam":    M = sum_k mean_s(G[n, k]) * A[n, k]          (Grad-CAM)
     mode "gradcam++":  M = sum_k w[n, k] * A[n, k],  w = sum_s alpha * relu(G),
                        alpha = G² / (2 G² + sum_s(A) G³ + 1e-6) where G != 0, else 0   (Grad-CAM++)
 
-optionally followed by a ReLU. The last two compute the channel weights from the gradients in the
-same kernel (Triton), where the engine used to run a chain of PyTorch ops for them (one for
-Grad-CAM, about a dozen, each over ``[N, K, h, w]``, for Grad-CAM++); their formulas are those of
-the common PyTorch implementations (DESIGN.md §2), and a NaN gradient makes the map NaN (flagged
-degenerate), as it did. NaN policy, the same on every backend: the ReLUs inside the sums map
-NaN to 0 (as :func:`rethinkcam_fast.flm_fuse` does); the ReLU of the summed map keeps NaN, so that a
-NaN map is flagged degenerate by the epilogue. The Triton kernel (CUDA) and the C++ kernel (CPU, the gradient
-modes: ``csrc/cpu/weighted_map.cpp``) read ``A`` (and ``G``) once, in place (NCHW or channels_last),
-and never materialise the ``[N, K, h, w]`` products; they accumulate in float32. The pure-PyTorch
-reference is the test oracle, the CPU path of ``"channel"`` (an einsum, already one pass) and the
-fallback without the extension.
+optionally followed by a ReLU. The formulas of the last two are those of the common PyTorch
+implementations (DESIGN.md §2).
+
+NaN policy, the same on every backend: the ReLUs inside the LayerCAM and FLM sums map NaN to 0 (as
+:func:`rethinkcam_fast.flm_fuse` does); Grad-CAM's and Grad-CAM++'s weights keep a NaN gradient's NaN
+(the map is then NaN); the ReLU of the summed map keeps NaN, so that a NaN map is flagged degenerate
+by the epilogue.
+
+Kernels, all accumulating in float32 and reading NCHW or channels_last in place, never storing a
+``[N, K, h, w]`` product:
+
+* Triton (CUDA), every mode: one pass over ``A`` (and ``G``). For ``"gradcam"`` / ``"gradcam++"`` the
+  channel weights come from the gradients in the kernel, where the engine ran PyTorch ops over
+  ``[N, K, h, w]`` for them (one for Grad-CAM, about a dozen for Grad-CAM++): a map of at most
+  ``FUSED_GRADIENT_WEIGHTS_MAX_S`` positions (a ResNet's last stage) takes one program per image
+  that computes the weights and the sum from one load of each tile; larger maps get their weights
+  from a kernel over (image, channel chunk) (Grad-CAM++ reads ``A`` twice there, for ``sum_s A``),
+  then the ``"channel"`` kernel's sum.
+* C++ (CPU, ``csrc/cpu/weighted_map.cpp``) and the opt-in CUDA extension kernel: ``"layercam"`` and
+  ``"flm"``.
+* The pure-PyTorch reference: the test oracle, the CPU path of the other modes (``"channel"`` is an
+  einsum, already one pass; the Grad-CAM weights are PyTorch ops there) and the fallback without
+  the extension.
 """
 
 from __future__ import annotations
@@ -37,8 +49,11 @@ from ._launch import autocast_off, check_backend, device_guard, flat_spatial, ru
 MODES = ("channel", "layercam", "flm", "gradcam", "gradcam++")
 GRADIENT_WEIGHT_MODES = ("gradcam", "gradcam++")  # channel weights computed from G inside the op
 GRADCAM_PP_EPS = 1e-6  # pytorch-grad-cam's epsilon in the Grad-CAM++ denominator
+# Maps of at most this many positions (7x7, 8x8, 10x10) take the one-pass kernel: one program per
+# image computes the weights and the sum from one load of each tile.
+FUSED_GRADIENT_WEIGHTS_MAX_S = 128
 _MODE_CODES = {mode: code for code, mode in enumerate(MODES)}
-# The CUDA extension's kernel for the gradient modes (csrc/cuda/weighted_map.cu): launched from C++,
+# The CUDA extension's kernel for "layercam" and "flm" (csrc/cuda/weighted_map.cu): launched from C++,
 # for Fully-CAM's 53 per-layer reductions inside autograd hooks, where a Triton launch from Python is
 # host time on top of the backward. Opt-in until an H100 run has checked and timed it.
 CUDA_KERNEL_ENV = "RETHINKCAM_CUDA_WEIGHTED_MAP"
@@ -124,53 +139,78 @@ def _weighted_map_kernel(
 
 
 @triton.jit
+def _tile_weight_sums(g, sum_a, PLUS: tl.constexpr, EPS: tl.constexpr):
+    """Per channel of a [BLOCK_K, BLOCK_S] tile (float32, zero-padded): Grad-CAM's sum of g, or
+    Grad-CAM++'s sum of alpha * relu(g) given sum_s A per channel."""
+    if PLUS:
+        g2 = g * g
+        denom = 2 * g2 + sum_a[:, None] * g2 * g + EPS
+        alpha = tl.where(g != 0.0, ieee_div(g2, denom), 0.0)  # padding lanes (g = 0): 0, as where(g != 0)
+        return tl.sum(alpha * tl.where(g > 0.0, g, 0.0), axis=1)  # a NaN gradient keeps its NaN via alpha
+    else:
+        return tl.sum(g, axis=1)
+
+
+@triton.jit
 def _gradient_weighted_map_kernel(
     A_ptr, G_ptr, Out_ptr,
     K, S, a_stride_n, a_stride_k, a_stride_s, g_stride_n, g_stride_k, g_stride_s,
     PLUS: tl.constexpr, RELU: tl.constexpr, EPS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Program (n, block of BLOCK_S positions): for each chunk of BLOCK_K channels, the channel weights
-    from the gradients over the whole map (Grad-CAM: their mean; Grad-CAM++: sum_s alpha * relu(g),
-    after a pass for sum_s A), then M[s] += w_k * A[k, s] at the program's own positions. A map of
-    at most BLOCK_S positions (a ResNet's last stage, 7x7) reads A and G once (A twice for ++)."""
+    """One program per image whose whole map fits one tile (S <= BLOCK_S: a ResNet's last stage): for
+    each chunk of BLOCK_K channels, one load of A and G gives the channel weights (Grad-CAM: mean of
+    g; Grad-CAM++: sum_s alpha * relu(g)) and their weighted sum M[s] += w_k * A[k, s]."""
     n = tl.program_id(0)
-    s_own = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s = tl.arange(0, BLOCK_S)
+    s_mask = s < S
     k_idx = tl.arange(0, BLOCK_K)
-    s_idx = tl.arange(0, BLOCK_S)
     a_base = A_ptr + n.to(tl.int64) * a_stride_n
     g_base = G_ptr + n.to(tl.int64) * g_stride_n
     acc = tl.zeros([BLOCK_S], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + k_idx
-        k_mask = k < K
-        a_rows = a_base + k[:, None].to(tl.int64) * a_stride_k
-        g_rows = g_base + k[:, None].to(tl.int64) * g_stride_k
-        if PLUS:
-            sum_a = tl.zeros([BLOCK_K], tl.float32)
-            for s0 in range(0, S, BLOCK_S):
-                s = s0 + s_idx
-                a = tl.load(a_rows + s[None, :] * a_stride_s, mask=k_mask[:, None] & (s < S)[None, :], other=0.0)
-                sum_a += tl.sum(a.to(tl.float32), axis=1)
-        w = tl.zeros([BLOCK_K], tl.float32)
-        for s0 in range(0, S, BLOCK_S):
-            s = s0 + s_idx
-            g = tl.load(g_rows + s[None, :] * g_stride_s, mask=k_mask[:, None] & (s < S)[None, :], other=0.0)
-            g = g.to(tl.float32)
-            if PLUS:
-                g2 = g * g
-                denom = 2 * g2 + sum_a[:, None] * g2 * g + EPS
-                # padding lanes have g = 0: alpha 0 there, as where(g != 0, ...) gives
-                alpha = tl.where(g != 0.0, ieee_div(g2, denom), 0.0)
-                w += tl.sum(alpha * tl.where(g > 0.0, g, 0.0), axis=1)  # alpha NaN keeps a NaN gradient's NaN
-            else:
-                w += tl.sum(g, axis=1)
+        mask = (k < K)[:, None] & s_mask[None, :]
+        a = tl.load(a_base + k[:, None].to(tl.int64) * a_stride_k + s[None, :] * a_stride_s, mask=mask, other=0.0)
+        g = tl.load(g_base + k[:, None].to(tl.int64) * g_stride_k + s[None, :] * g_stride_s, mask=mask, other=0.0)
+        a = a.to(tl.float32)
+        w = _tile_weight_sums(g.to(tl.float32), tl.sum(a, axis=1), PLUS, EPS)
         if not PLUS:
             w = ieee_div(w, tl.full([BLOCK_K], S, tl.float32))
-        a = tl.load(a_rows + s_own[None, :] * a_stride_s, mask=k_mask[:, None] & (s_own < S)[None, :], other=0.0)
-        acc += tl.sum(w[:, None] * a.to(tl.float32), axis=0)
+        acc += tl.sum(w[:, None] * a, axis=0)
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)
-    tl.store(Out_ptr + n * S + s_own, acc, mask=s_own < S)
+    tl.store(Out_ptr + n * S + s, acc, mask=s_mask)
+
+
+@triton.jit
+def _gradient_weights_kernel(
+    A_ptr, G_ptr, W_ptr,
+    K, S, a_stride_n, a_stride_k, a_stride_s, g_stride_n, g_stride_k, g_stride_s,
+    PLUS: tl.constexpr, EPS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Program (n, chunk of BLOCK_K channels): the channel weights w[n, k] (float32) of a map larger
+    than one tile, over all of it (Grad-CAM++: a pass for sum_s A first); the map is then the
+    "channel" kernel's sum with these weights."""
+    n = tl.program_id(0)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = k < K
+    s_idx = tl.arange(0, BLOCK_S)
+    a_rows = A_ptr + n.to(tl.int64) * a_stride_n + k[:, None].to(tl.int64) * a_stride_k
+    g_rows = G_ptr + n.to(tl.int64) * g_stride_n + k[:, None].to(tl.int64) * g_stride_k
+    sum_a = tl.zeros([BLOCK_K], tl.float32)
+    if PLUS:
+        for s0 in range(0, S, BLOCK_S):
+            s = s0 + s_idx
+            a = tl.load(a_rows + s[None, :] * a_stride_s, mask=k_mask[:, None] & (s < S)[None, :], other=0.0)
+            sum_a += tl.sum(a.to(tl.float32), axis=1)
+    w = tl.zeros([BLOCK_K], tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + s_idx
+        g = tl.load(g_rows + s[None, :] * g_stride_s, mask=k_mask[:, None] & (s < S)[None, :], other=0.0)
+        w += _tile_weight_sums(g.to(tl.float32), sum_a, PLUS, EPS)
+    if not PLUS:
+        w = ieee_div(w, tl.full([BLOCK_K], S, tl.float32))
+    tl.store(W_ptr + n * K + k, w, mask=k_mask)
 
 
 def weighted_map_triton(
@@ -184,14 +224,26 @@ def weighted_map_triton(
     a, a_sn, a_sk, a_ss = flat_spatial(activations)
     if mode in GRADIENT_WEIGHT_MODES:
         g, g_sn, g_sk, g_ss = flat_spatial(grads)
-        block_s = min(next_power_of_2(s), 32 if a_sk == 1 and k > 1 else 128)
-        block_k = max(1, min(next_power_of_2(k), 4096 // block_s, 64))
-        _gradient_weighted_map_kernel[(n, cdiv(s, block_s))](
-            a, g, out, k, s, a_sn, a_sk, a_ss, g_sn, g_sk, g_ss,
-            PLUS=mode == "gradcam++", RELU=relu, EPS=GRADCAM_PP_EPS, BLOCK_K=block_k, BLOCK_S=block_s,
-            num_warps=8 if block_k * block_s >= 4096 else 4,
+        plus = mode == "gradcam++"
+        if s <= FUSED_GRADIENT_WEIGHTS_MAX_S:  # the whole map in one tile: weights and sum in one pass
+            block_s = next_power_of_2(s)
+            block_k = max(1, min(next_power_of_2(k), 4096 // block_s, 64))
+            _gradient_weighted_map_kernel[(n,)](
+                a, g, out, k, s, a_sn, a_sk, a_ss, g_sn, g_sk, g_ss,
+                PLUS=plus, RELU=relu, EPS=GRADCAM_PP_EPS, BLOCK_K=block_k, BLOCK_S=block_s,
+                num_warps=8 if block_k * block_s >= 4096 else 4,
+            )
+            return out
+        # Larger maps: the weights once per (image, channel chunk), then the "channel" kernel's sum
+        # (one program per position block recomputing them would read G once per block).
+        weights = torch.empty((n, k), dtype=torch.float32, device=activations.device)
+        block_s = 64 if a_sk == 1 and k > 1 else 128
+        block_k = 32
+        _gradient_weights_kernel[(n, cdiv(k, block_k))](
+            a, g, weights, k, s, a_sn, a_sk, a_ss, g_sn, g_sk, g_ss,
+            PLUS=plus, EPS=GRADCAM_PP_EPS, BLOCK_K=block_k, BLOCK_S=block_s, num_warps=8,
         )
-        return out
+        mode = "channel"
     if mode == "channel":
         g, g_sn, g_sk, g_ss = a, 0, 0, 0  # unused
         wt, w_sn, w_sk = weights, weights.stride(0), weights.stride(1)
@@ -211,13 +263,14 @@ def weighted_map_triton(
 
 
 # --------------------------------------------------------------------------------------------------
-# C++ kernel (CPU, gradient modes).
+# C++ kernel (CPU, "layercam" and "flm").
 # --------------------------------------------------------------------------------------------------
 
 
 def _native_grad_modes(activations: Tensor, grads: Tensor | None, mode: str, backend: str):
-    """The C++ kernel (CPU: ``auto``, a gradient mode, one dtype) or the CUDA extension's (CUDA: the
-    same, opted in through CUDA_KERNEL_ENV, not float64, at most 65,535 images) when it runs this call."""
+    """The C++ kernel (CPU: ``auto``, mode ``"layercam"`` or ``"flm"``, one dtype) or the CUDA
+    extension's (CUDA: the same, opted in through CUDA_KERNEL_ENV, not float64, at most 65,535
+    images) when it runs this call."""
     if backend != "auto" or mode not in ("layercam", "flm") or grads.dtype != activations.dtype:
         return None
     if activations.device.type == "cpu":
