@@ -54,14 +54,16 @@ def _peak_mb(fn) -> float:
     return peak / 2**20
 
 
-def _measure(benchmark, group: str, provider: str, baseline: str, op: str, fn, rounds: int | None = None) -> None:
+def _measure(benchmark, group: str, provider: str, baseline: str, op: str, fn, rounds: int | None = None,
+             memory: bool = True) -> None:
     def step():
         fn()
         synchronize(DEVICE)
 
     for _ in range(2):  # warm-up: Triton compilation, allocator
         step()
-    benchmark.extra_info["peak_mem_mb"] = _peak_mb(step)
+    if memory:  # (a graph replay allocates nothing: its memory was taken at capture)
+        benchmark.extra_info["peak_mem_mb"] = _peak_mb(step)
     benchmark.group = group
     benchmark.extra_info.update(provider=provider, baseline=baseline, op=op, **RUN_INFO)
     benchmark.pedantic(step, rounds=rounds or (20 if CUDA else 5), iterations=1)
@@ -163,7 +165,8 @@ def test_op_fwd_bwd(benchmark, op, build, dtype, variant, provider):
     group, step = build(dtype, variant, provider.removesuffix("-graph"))
     # (the graphed rows are their own table, against the graphed eager formulation)
     _measure(benchmark, group, provider, "eager-graph" if graphed else "eager",
-             f"{op} fwd+bwd" + (", CUDA graph" if graphed else ""), _graphed(step) if graphed else step)
+             f"{op} fwd+bwd" + (", CUDA graph" if graphed else ""), _graphed(step) if graphed else step,
+             memory=not graphed)
 
 
 # -- a training step with a CAM loss -------------------------------------------------------------------

@@ -15,7 +15,7 @@ import importlib
 import importlib.util
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,17 +203,21 @@ def input_policy(spec: str, image_size: int | None, normalize: str) -> tuple[int
     return size, (torchvision_name if normalize == "auto" else normalize == "imagenet")
 
 
-def load_user_model(spec: str, weights: str | None, *, payload: dict[str, Any] | None = None) -> nn.Module:
+def load_user_model(spec: str, weights: str | None, *,
+                    on_payload: Callable[[dict[str, Any]], None] | None = None) -> nn.Module:
     """:func:`build_model` plus its weights (``torch.load(weights_only=True)``), in ``eval()`` mode.
 
     A checkpoint written by ``rethinkcam train`` carries its architecture; when ``spec`` builds a
     :class:`~rethinkcam_fast.models.DigitsCAMNet`, the checkpoint's architecture (pool, widths) is used.
-    ``payload``: the file ``weights`` already read with :func:`~rethinkcam_fast.models.read_weights`
-    (a caller that also reads its metadata loads it once).
+    ``on_payload`` is called with the file as :func:`~rethinkcam_fast.models.read_weights` gives it,
+    after the model is built (so a bad ``spec`` is reported first): a caller that also wants the
+    checkpoint's metadata reads the file once, and keeps no copy of the weights.
     """
     model = build_model(spec)
     if weights is not None:
-        payload = read_weights(weights) if payload is None else payload
+        payload = read_weights(weights)
+        if on_payload is not None:
+            on_payload(payload)
         if isinstance(model, DigitsCAMNet) and payload.get("format") == CHECKPOINT_FORMAT:
             model = model_from_arch(payload.get("arch"), weights)
         load_state_into(model, state_dict_of(payload, weights), weights)

@@ -19,8 +19,10 @@ if not torch.cuda.is_available():
 @pytest.mark.parametrize("kernel", ["triton", "cuda-extension"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("shape", [(64, 2048, 7, 7), (8, 512, 28, 28), (2, 64, 112, 112)], ids=str)
+@pytest.mark.parametrize("shape", [(64, 2048, 7, 7), (4, 256, 10, 10), (8, 512, 28, 28), (2, 64, 112, 112)], ids=str)
 def test_weighted_map_on_gpu(monkeypatch, kernel, dtype, layout, shape):
+    """Every mode; Grad-CAM/Grad-CAM++ take the one-pass kernel up to 128 positions (7x7, 10x10) and
+    the weights kernel + channel sum beyond (28x28, 112x112)."""
     if kernel == "cuda-extension":  # the gradient modes through csrc/cuda/weighted_map.cu (opt-in)
         monkeypatch.setenv(CUDA_KERNEL_ENV, "1")
         probe = torch.zeros((1, 1, 1, 1), device="cuda")
@@ -32,10 +34,13 @@ def test_weighted_map_on_gpu(monkeypatch, kernel, dtype, layout, shape):
     w = torch.randn(shape[:2], generator=gen).to(dtype)
     fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
     ac, gc, wc = a.cuda().to(memory_format=fmt), g.cuda().to(memory_format=fmt), w.cuda()
-    for mode in ("channel", "layercam", "flm"):
-        got = weighted_map(ac, wc, gc, mode=mode, relu=True).cpu()
-        want = oracle_weighted(a, w, g, mode, True)
-        torch.testing.assert_close(got.double(), want, atol=1e-4 * shape[1] ** 0.5, rtol=1e-3)
+    for mode in ("channel", "layercam", "flm", "gradcam", "gradcam++"):
+        # Grad-CAM++ on post-ReLU activations, as its targets give (its float32 formula cancels on signed ones)
+        acts, acts_gpu = (a.relu(), ac.relu()) if mode == "gradcam++" else (a, ac)
+        got = weighted_map(acts_gpu, wc, gc, mode=mode, relu=True).cpu()
+        want = oracle_weighted(acts, w, g, mode, True)
+        scale = max(1.0, float(want.abs().max())) if mode == "gradcam++" else 1.0
+        torch.testing.assert_close(got.double(), want, atol=1e-4 * shape[1] ** 0.5 * scale, rtol=1e-3)
 
 
 @pytest.mark.skipif(rethinkcam_fast._native.cuda_module() is None, reason="CUDA extension not built")

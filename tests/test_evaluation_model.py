@@ -183,6 +183,12 @@ def test_cli_evaluate_model_reads_the_checkpoint_once(dataset, capsys, monkeypat
     assert cli.main(args) == 0
     capsys.readouterr()
     assert reads == [os.path.join(dataset["root"], "model.pt")]
+    # Two faults: the model spec is reported first, before any checkpoint is read.
+    bad = [a if a != args[2] else "no_colon" for a in args]
+    bad[bad.index("--checkpoint") + 1] = os.path.join(dataset["root"], "missing.pt")
+    reads.clear()
+    assert cli.main(bad) == 2
+    assert "MODULE:CALLABLE" in capsys.readouterr().err and reads == []
 
 
 def test_load_model_errors(tmp_path):

@@ -248,7 +248,8 @@ def scenario_weighted_and_fused_maps():
     from rethinkcam_fast.ops.weighted_map import weighted_map
 
     for dtype in DTYPES:
-        for n, (k, s) in ((64, (2048, 7)), (1, (512, 14))):
+        # (10x10: Grad-CAM's one-pass kernel at its largest tile, 128 positions)
+        for n, (k, s) in ((64, (2048, 7)), (1, (512, 14)), (4, (256, 10))):
             for channels_last in (False, True):
                 a = _features(n, k, s, dtype, channels_last)
                 g = _features(n, k, s, dtype, channels_last)

@@ -153,7 +153,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return _run(args, evaluate)
 
 
-def _checkpoint_image_size(payload: dict | None) -> int | None:
+def _checkpoint_image_size(payload: dict) -> int | None:
     """The square input size a ``rethinkcam train`` checkpoint was trained at (its data config's
     canvas size), or None for any other file (``payload``: the file as read_weights gives it)."""
     from ..models import CHECKPOINT_FORMAT
@@ -181,17 +181,17 @@ def _cmd_evaluate_model(args: argparse.Namespace) -> int:
         evaluator = make_evaluator(metadata, cam_curve_interval=args.cam_curve_interval,
                                    iou_thresholds=args.iou_thresholds, multi_contour=args.multi_contour,
                                    mask_root=args.mask_root, device=device)
-        from ..models import read_weights
-
-        payload = read_weights(args.checkpoint) if args.checkpoint is not None else None  # read once
-        model = load_model(args.model, args.checkpoint, payload=payload).to(device).eval()
+        trained_size = []  # a train checkpoint's input size, from the read that loads the weights
+        model = load_model(args.model, args.checkpoint,
+                           on_payload=lambda payload: trained_size.append(_checkpoint_image_size(payload)))
+        model = model.to(device).eval()
         if args.checkpoint is None and rank_and_world()[0] == 0:
             print(f"rethinkcam {args.command}: warning: no --checkpoint: {args.model} runs with the weights its "
                   "factory gives it (random for a torchvision name)", file=sys.stderr)
         engine = CAMEngine(model, args.method, args.target_layer, boxes=False, warn_degenerate=False, nwc=args.nwc)
         channels = input_channels(model)
         normalize = channels == 3 if args.normalize == "auto" else args.normalize == "imagenet"
-        image_size = args.image_size or _checkpoint_image_size(payload) or 224
+        image_size = args.image_size or (trained_size[0] if trained_size else None) or 224
         dataset = WSOLImageDataset(args.data_root, metadata, image_size, channels=channels, normalize=normalize)
         rank, world = rank_and_world()
         shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))  # no padding duplicates

@@ -156,17 +156,17 @@ def evaluate_model(
     return total.compute()
 
 
-def load_model(spec: str, checkpoint: str | None = None, *, payload: dict | None = None) -> nn.Module:
+def load_model(spec: str, checkpoint: str | None = None, *, on_payload=None) -> nn.Module:
     """Build a model from ``MODULE:CALLABLE`` or ``path/to/file.py:CALLABLE`` (called without arguments,
     or an ``nn.Module`` object itself), then load a checkpoint (a plain ``state_dict``, one under a
     ``"state_dict"`` / ``"model"`` key, or a ``rethinkcam train`` checkpoint) with
     ``torch.load(weights_only=True)`` — :func:`rethinkcam_fast.localize.load_user_model`, which
-    ``rethinkcam localize`` and ``rethinkcam video`` use too. ``payload``: the checkpoint already read
-    (:func:`rethinkcam_fast.models.read_weights`), so that it is read once."""
+    ``rethinkcam localize`` and ``rethinkcam video`` use too. ``on_payload``: called with the checkpoint as
+    read (see :func:`rethinkcam_fast.localize.load_user_model`)."""
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
         raise ValueError(f"--model must be MODULE:CALLABLE or FILE.py:CALLABLE, got {spec!r}")
-    return load_user_model(spec, checkpoint, payload=payload)
+    return load_user_model(spec, checkpoint, on_payload=on_payload)
 
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "WSOLImageDataset", "collate_wsol", "evaluate_model", "load_model"]

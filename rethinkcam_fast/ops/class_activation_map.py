@@ -312,10 +312,12 @@ def _check_cam_args(features, weight, labels) -> None:
         raise ValueError(f"labels must have shape ({n},) to match the features' batch, got {tuple(labels.shape)}")
     check_same_device(features=features, weight=weight, labels=labels)
     # One device sync (one reduction, one copy); skipped while torch.compile traces (a data-dependent
-    # branch would break the graph) and while a CUDA graph is captured (a capture cannot sync: a
-    # training step captured whole, e.g. with torch.cuda.make_graphed_callables, must bring labels
-    # in range itself).
-    if n and not torch.compiler.is_compiling() and not (labels.is_cuda and torch.cuda.is_current_stream_capturing()):
+    # branch would break the graph). A CUDA graph capture cannot sync: there the check is a device-side
+    # assert, captured with the step (a bad label stops the replay with a CUDA error, not garbage).
+    if n and labels.is_cuda and torch.cuda.is_current_stream_capturing():
+        torch._assert_async(((labels >= 0) & (labels < weight.shape[0])).all(),
+                            f"labels out of range for {weight.shape[0]} classes")
+    elif n and not torch.compiler.is_compiling():
         low, high = torch.stack(torch.aminmax(labels)).tolist()
         if low < 0 or high >= weight.shape[0]:
             raise ValueError(f"labels out of range for {weight.shape[0]} classes (weight has {weight.shape[0]} rows)")
@@ -342,7 +344,8 @@ def class_activation_map(
     Raises:
         TypeError: a non-tensor, non-floating ``features``/``weight``, non-integer ``labels``.
         ValueError: wrong ranks or mismatched shapes, ``labels`` out of range (checked with one device
-            sync, except under ``torch.compile`` and during a CUDA graph capture), bad ``output_size``.
+            sync; not under ``torch.compile``; during a CUDA graph capture a device-side assert instead),
+            bad ``output_size``.
     """
     _check_cam_args(features, weight, labels)
     size = output_size_arg(output_size, features.shape[2:])
