@@ -226,8 +226,12 @@ def case_engine_gradcampp():
 
 
 def case_engine_fullycam():
-    """CAMEngine Fully-CAM (every conv) at batch 1 against forward + backward to the input."""
+    """CAMEngine Fully-CAM (every conv) at batch 1 against forward + backward to the input; and the
+    same engine with its per-layer reduction launched from C++ (the CUDA extension's kernel, opt-in
+    through RETHINKCAM_CUDA_WEIGHTED_MAP=1; here a no-op stands for the C++ launch), which replaces a
+    Triton launch per layer."""
     from rethinkcam_fast import CAMEngine
+    from rethinkcam_fast.ops import weighted_map as wm
 
     model = _mini_resnet()
     images = torch.rand(1, 3, 32, 32).to(memory_format=torch.channels_last)
@@ -239,7 +243,16 @@ def case_engine_fullycam():
         logits = model(x)
         torch.autograd.grad(logits.gather(1, logits.argmax(1)[:, None]).sum(), x)
 
-    return f"CAMEngine fullycam b1 MiniResNet ({convs} convs) 32²", {"fwd+full-bwd": floor, "ours": lambda: engine(images)}
+    def cpp_launched():
+        real = wm._native_grad_modes
+        wm._native_grad_modes = lambda a, g, mode, backend: (lambda *args: None) if mode in ("layercam", "flm") else None
+        try:
+            engine(images)  # the epilogue still on Triton: only the per-layer reduction differs
+        finally:
+            wm._native_grad_modes = real
+
+    return f"CAMEngine fullycam b1 MiniResNet ({convs} convs) 32²", {
+        "fwd+full-bwd": floor, "ours": lambda: engine(images), "ours-cpp-launch": cpp_launched}
 
 
 def case_pas_threshold():
