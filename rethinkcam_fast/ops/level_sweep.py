@@ -113,14 +113,15 @@ def level_sweep(levels: Tensor, table: Tensor, gt_boxes: Tensor, gt_offsets: Ten
 def trace_on_host(levels: Tensor, jobs: Tensor, gt_boxes: Tensor, gt_offsets: Tensor) -> tuple[Tensor, Tensor]:
     """The largest contour of each job ``[K, 2]`` (image, threshold) by the host's border follower, in
     OpenCV's order, and its IoU against the image's GT boxes: ``([K], [K, 4])`` on ``levels``' device."""
+    from .boxes import _largest_xywh_traced  # (boxes imports this module)
+
     height, width = levels.shape[1:]
     pairs = jobs.long().cpu()
     host = levels[pairs[:, 0].to(levels.device)].cpu().contiguous()
     single = pairs[:, 1:].contiguous()
     k = pairs.shape[0]
     module = _native.cpu_module()
-    boxes = torch.zeros((k, 1, 4), dtype=torch.int64)
-    module.contour_largest_boxes(host.data_ptr(), single.data_ptr(), boxes.data_ptr(), k, height, width, 1, 1)
+    boxes = _largest_xywh_traced(host, single)  # the border follower, OpenCV's order
     gt_cpu, off_cpu = gt_boxes.cpu(), gt_offsets.cpu()
     starts, stops = off_cpu[pairs[:, 0]], off_cpu[pairs[:, 0] + 1]
     gt_k = torch.cat([gt_cpu[a:b] for a, b in zip(starts.tolist(), stops.tolist())]).contiguous()
