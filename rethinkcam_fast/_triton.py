@@ -61,9 +61,8 @@ def can_launch_triton(device: "object") -> bool:
     """Whether a Triton kernel can run on tensors of ``device`` right now."""
     if not HAS_TRITON:
         return False
-    if triton_interpreted():
-        return True
-    return getattr(device, "type", None) == "cuda"
+    # (CUDA first: every GPU launch asks, and the environment lookup costs more than the comparison)
+    return getattr(device, "type", None) == "cuda" or triton_interpreted()
 
 
 @triton.jit
