@@ -65,6 +65,16 @@ def load_error(name: str) -> str | None:
     return _errors.get(name)
 
 
+def current_stream_handle(device: torch.device) -> int:
+    """The calling thread's current CUDA stream on ``device``, as the raw handle the CUDA kernels
+    launch on (what ``torch.cuda.current_stream(device).cuda_stream`` gives), through the one C call
+    Triton's own launcher uses: ``torch.cuda.current_stream`` builds a Python ``Stream`` first, host
+    time paid once a layer in Fully-CAM's hooks."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return raw(index) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+
+
 def _source_tree_hint() -> str:
     """A hint when the package was imported from an unbuilt source checkout (a Python session started in
     the repository's root imports ./rethinkcam_fast, not the installed package with its extensions)."""

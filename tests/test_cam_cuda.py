@@ -212,3 +212,15 @@ def test_differentiable_ops_are_capturable_in_a_cuda_graph():
     torch.testing.assert_close(fused, want_fused, atol=1e-6, rtol=0)
     for got, want in zip((t.grad for t in leaves), want_grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_current_stream_handle_is_torchs_current_stream():
+    """The raw handle the CUDA kernels launch on follows torch's current stream (default and inside
+    a torch.cuda.stream context), for a device with and without an index."""
+    from rethinkcam_fast._native import current_stream_handle
+
+    for device in (torch.device("cuda"), torch.device("cuda", torch.cuda.current_device())):
+        assert current_stream_handle(device) == torch.cuda.current_stream(device).cuda_stream
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            assert current_stream_handle(device) == side.cuda_stream

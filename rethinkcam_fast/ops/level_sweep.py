@@ -95,7 +95,7 @@ def level_sweep(levels: Tensor, table: Tensor, gt_boxes: Tensor, gt_offsets: Ten
             _native.cuda_module().level_sweep(
                 levels.data_ptr(), n, height, width, wanted.data_ptr(), gt_boxes.data_ptr(), gt_offsets.data_ptr(),
                 bool(multi_contour), scratch.data_ptr(), grid, block_threads, variant, iou.data_ptr(), xywh.data_ptr(),
-                status.data_ptr(), torch.cuda.current_stream(device).cuda_stream)
+                status.data_ptr(), _native.current_stream_handle(device))
     pending = status.nonzero()  # the one host sync: levels the sweep left to the host
     if pending.numel():
         kind = status[pending[:, 0], pending[:, 1]]

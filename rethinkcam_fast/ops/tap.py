@@ -410,7 +410,7 @@ def _native_backward(module, grad_out: Tensor, x: Tensor, thr: Tensor, inv: Tens
 def _native_last_arg(x: Tensor) -> int:
     """CPU kernels take a thread count; CUDA kernels take the current stream handle."""
     if x.device.type == "cuda":
-        return torch.cuda.current_stream(x.device).cuda_stream
+        return _native.current_stream_handle(x.device)
     return torch.get_num_threads()
 
 
