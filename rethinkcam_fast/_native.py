@@ -75,6 +75,12 @@ def current_stream_handle(device: torch.device) -> int:
     return raw(index) if raw is not None else torch.cuda.current_stream(device).cuda_stream
 
 
+def kernel_last_arg(t: torch.Tensor) -> int:
+    """The native kernels' last argument for tensors like ``t``: a thread count for the CPU kernels,
+    the current stream handle for the CUDA ones."""
+    return current_stream_handle(t.device) if t.is_cuda else torch.get_num_threads()
+
+
 def _source_tree_hint() -> str:
     """A hint when the package was imported from an unbuilt source checkout (a Python session started in
     the repository's root imports ./rethinkcam_fast, not the installed package with its extensions)."""

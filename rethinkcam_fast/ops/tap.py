@@ -407,13 +407,6 @@ def _native_backward(module, grad_out: Tensor, x: Tensor, thr: Tensor, inv: Tens
     return grad
 
 
-def _native_last_arg(x: Tensor) -> int:
-    """CPU kernels take a thread count; CUDA kernels take the current stream handle."""
-    if x.device.type == "cuda":
-        return _native.current_stream_handle(x.device)
-    return torch.get_num_threads()
-
-
 def _native_module(backend: str):
     return _native.cuda_module() if backend == "cuda" else _native.cpu_module()
 
@@ -469,7 +462,7 @@ def _forward_impl(x: Tensor, tau: float, backend: str) -> tuple[Tensor, Tensor, 
         if chosen == "triton":
             return tap_forward_triton(x, tau)
         if chosen in ("cuda", "native"):
-            return _native_forward(_native_module(chosen), x, tau, _native_last_arg(x))
+            return _native_forward(_native_module(chosen), x, tau, _native.kernel_last_arg(x))
         return _tap_forward_reference(x, tau)
 
 
@@ -480,7 +473,7 @@ def _backward_impl(grad_out: Tensor, x: Tensor, thr: Tensor, inv: Tensor, backen
         if chosen == "triton":
             return tap_backward_triton(grad_out, x, thr, inv)
         if chosen in ("cuda", "native"):
-            return _native_backward(_native_module(chosen), grad_out, x, thr, inv, _native_last_arg(x))
+            return _native_backward(_native_module(chosen), grad_out, x, thr, inv, _native.kernel_last_arg(x))
         return _tap_backward_reference(grad_out, x, thr, inv)
 
 

@@ -291,10 +291,8 @@ def weighted_map_native(kernel, activations: Tensor, grads: Tensor, mode: str, r
         return out
     a, a_sn, a_sk, a_ss = flat_spatial(activations)
     g, g_sn, g_sk, g_ss = flat_spatial(grads)
-    # The CPU kernel's last argument is its thread count, the CUDA kernel's the stream to launch on.
-    last = _native.current_stream_handle(a.device) if a.is_cuda else torch.get_num_threads()
     kernel(a.data_ptr(), g.data_ptr(), out.data_ptr(), n, k, h * w, a_sn, a_sk, a_ss, g_sn, g_sk, g_ss,
-           _native.NATIVE_DTYPE_CODES[a.dtype], _MODE_CODES[mode], bool(relu), last)
+           _native.NATIVE_DTYPE_CODES[a.dtype], _MODE_CODES[mode], bool(relu), _native.kernel_last_arg(a))
     return out
 
 
