@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ._cuda_graph import CapturedCall
 from ._validation import check_float_dtype, check_tensor, output_size_arg
-from .ops.boxes import CONVENTIONS, boxes_from_cams, largest_boxes_from_levels, pack_results, unpack_results
+from .ops.boxes import CONVENTIONS, boxes_from_cams, boxes_from_packed, pack_results, packed_to_host
 from .ops.level_sweep import gpu_boxes_enabled
 from .ops.class_activation_map import class_activation_map_with_flags
 from .ops.flm_fuse import flm_fuse_with_flags
@@ -133,8 +133,7 @@ class GraphedCAM:
         # wanted now; otherwise boxes_from_cams below, as the eager engine cuts them.
         host_boxes = self._host_boxes and engine.boxes
         if host_boxes:  # in stream order, before a later replay overwrites the packed buffer
-            self._host.copy_(outputs[-1], non_blocking=True)
-            self._copied.record(torch.cuda.current_stream(self.device))
+            packed_to_host(outputs[-1], self._host, self._copied)
         labels, scores, cams, degenerate, thresholds = (t.clone() for t in outputs[:5]) if copy else outputs[:5]
         result = CAMResult(labels=labels, scores=scores, cams=cams, degenerate=degenerate)
         if engine.warn_degenerate:
@@ -142,9 +141,7 @@ class GraphedCAM:
         if engine.boxes:
             result.thresholds = thresholds
             if host_boxes:
-                self._copied.synchronize()
-                _, _, host_thresholds, levels = unpack_results(self._host, *cams.shape)
-                boxes = largest_boxes_from_levels(levels, host_thresholds, engine.box_convention)
+                boxes = boxes_from_packed(self._host, self._copied, tuple(cams.shape), engine.box_convention)[3]
                 result.boxes = boxes.to(self.device)
             else:
                 result.boxes = boxes_from_cams(cams, thresholds, "largest", engine.box_convention, validate=False)

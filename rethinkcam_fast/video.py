@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ._cuda_graph import CapturedCall
 from .engine import CAMEngine
 from .localize import IMAGENET_MEAN, IMAGENET_STD, input_channels
-from .ops.boxes import largest_boxes_from_levels, pack_results, unpack_results
+from .ops.boxes import boxes_from_packed, pack_results, packed_to_host
 from .ops.percentile_threshold import percentile_threshold
 
 LUMA = (0.299, 0.587, 0.114)  # RGB -> grey (ITU-R BT.601), for single-channel models
@@ -359,21 +359,13 @@ class VideoLocalizer:
         # A replay's outputs are the graph's, overwritten by the next replay: copies are taken now, in
         # stream order (the maps on the device, the packed results to the host).
         kept = cams.clone() if self.keep_cams else None
-        if packed.device.type != "cuda":
-            return _InFlight(first_index, tuple(cams.shape), packed.cpu(), None, kept)
-        host = torch.empty(packed.numel(), dtype=torch.uint8, pin_memory=True)
-        host.copy_(packed, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(packed.device))
+        host, done = packed_to_host(packed)
         return _InFlight(first_index, tuple(cams.shape), host, done, kept)
 
     def _collect(self, job: _InFlight) -> list[FrameResult]:
         """Wait for a submitted batch's results, cut its boxes on the host, one result per frame."""
-        if job.done is not None:
-            job.done.synchronize()
-        labels, scores, thresholds, levels = unpack_results(job.host, *job.shape)
-        boxes = largest_boxes_from_levels(levels, thresholds, "exact").tolist()
-        labels, scores = labels.tolist(), scores.tolist()
+        labels, scores, _, boxes = boxes_from_packed(job.host, job.done, job.shape, "exact")
+        labels, scores, boxes = labels.tolist(), scores.tolist(), boxes.tolist()
         return [
             FrameResult(index=job.first_index + k, label=int(labels[k]), score=float(scores[k]),
                         box=tuple(int(v) for v in boxes[k]), cam=None if job.cams is None else job.cams[k])

@@ -375,7 +375,7 @@ def test_packed_results_round_trip_and_give_the_boxes_of_the_maps():
     boxes cut from it are boxes_from_cams' boxes of the maps."""
     from rethinkcam_fast import boxes_from_cams, percentile_threshold
     from rethinkcam_fast.ops.boxes import largest_boxes_from_levels
-    from rethinkcam_fast.ops.boxes import pack_results, unpack_results
+    from rethinkcam_fast.ops.boxes import boxes_from_packed, pack_results, packed_to_host, unpack_results
 
     gen = torch.Generator().manual_seed(3)
     cams = torch.rand((3, 17, 23), generator=gen) ** 3
@@ -393,6 +393,11 @@ def test_packed_results_round_trip_and_give_the_boxes_of_the_maps():
         assert torch.equal(largest_boxes_from_levels(levels, got_thresholds, convention),
                            boxes_from_cams(cams, thresholds, "largest", convention))
     assert largest_boxes_from_levels(levels, got_thresholds)[1].tolist() == [0, 0, 0, 0]
+    host, done = packed_to_host(packed)  # off CUDA: the buffer itself, nothing to wait for
+    assert done is None and torch.equal(host, packed)
+    unpacked = boxes_from_packed(host, done, (3, 17, 23), "exact")
+    assert [t.tolist() for t in unpacked[:3]] == [labels.tolist(), scores.float().tolist(), thresholds.tolist()]
+    assert torch.equal(unpacked[3], boxes_from_cams(cams, thresholds, "largest", "exact"))
     with pytest.raises(ValueError, match="packed batch of 3 maps of 17x22"):
         unpack_results(packed, 3, 17, 22)
     with pytest.raises(TypeError, match="CPU uint8 tensor"):

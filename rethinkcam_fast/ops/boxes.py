@@ -328,5 +328,29 @@ def unpack_results(packed: Tensor, batch: int, height: int, width: int) -> tuple
     return labels, scores, thresholds, levels
 
 
-__all__ = ["CONVENTIONS", "MODES", "RaggedBoxes", "boxes_from_cams", "largest_boxes_from_levels", "pack_results",
-           "unpack_results"]
+def packed_to_host(packed: Tensor, host: Tensor | None = None, done=None) -> tuple[Tensor, object | None]:
+    """Start the copy of a :func:`pack_results` buffer to pinned host memory (``host``, else a new
+    buffer), in the current stream's order: ``(host, done)``, ``done`` a CUDA event recorded after the
+    copy (the given one, else a new one). Off CUDA: ``(the buffer on the CPU, None)``."""
+    if packed.device.type != "cuda":
+        return packed.cpu(), None
+    if host is None:
+        host = torch.empty(packed.numel(), dtype=torch.uint8, pin_memory=True)
+    host.copy_(packed, non_blocking=True)
+    done = torch.cuda.Event() if done is None else done
+    done.record(torch.cuda.current_stream(packed.device))
+    return host, done
+
+
+def boxes_from_packed(host: Tensor, done, shape: tuple[int, int, int], convention: str
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Wait for :func:`packed_to_host`'s copy, then ``(labels, scores, thresholds, boxes [B, 4])`` on the
+    host, the boxes cut from the packed levels of maps ``shape = (B, H, W)``."""
+    if done is not None:
+        done.synchronize()
+    labels, scores, thresholds, levels = unpack_results(host, *shape)
+    return labels, scores, thresholds, largest_boxes_from_levels(levels, thresholds, convention)
+
+
+__all__ = ["CONVENTIONS", "MODES", "RaggedBoxes", "boxes_from_cams", "boxes_from_packed", "largest_boxes_from_levels",
+           "pack_results", "packed_to_host", "unpack_results"]
