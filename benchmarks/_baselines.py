@@ -27,3 +27,24 @@ def forward_with_activation(model, target, images):
     finally:
         handle.remove()
     return logits, store["a"]
+
+
+def minmax(maps: torch.Tensor) -> torch.Tensor:
+    flat = maps.flatten(1)
+    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    return ((flat - lo) / (hi - lo)).view_as(maps)
+
+
+def eager_cam(features, weight, labels, size):
+    """The eager formulation: channel sum, bilinear upsampling, per-image min-max (autograd backward)."""
+    m = torch.einsum("nk,nkhw->nhw", weight[labels].float(), features.float())
+    return minmax(F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0])
+
+
+def eager_flm(activations, gradients, size, fuse="sum"):
+    parts = []
+    for a, g in zip(activations, gradients):
+        m = (g.float().relu() * a.float().relu()).sum(1)
+        parts.append(minmax(F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]))
+    fused = sum(parts) if fuse == "sum" else torch.stack(parts).amax(0)
+    return minmax(fused)

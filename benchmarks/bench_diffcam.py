@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _baselines import eager_cam, eager_flm
 from _common import bench_device, device_name, quick, synchronize
 from _models import build
 from torch import nn
@@ -70,27 +71,6 @@ def _measure(benchmark, group: str, provider: str, baseline: str, op: str, fn, r
 
 
 # -- the ops -----------------------------------------------------------------------------------------
-
-
-def _minmax(maps: torch.Tensor) -> torch.Tensor:
-    flat = maps.flatten(1)
-    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
-    return ((flat - lo) / (hi - lo)).view_as(maps)
-
-
-def eager_cam(features, weight, labels, size):
-    """The eager formulation: channel sum, bilinear upsampling, per-image min-max (autograd backward)."""
-    m = torch.einsum("nk,nkhw->nhw", weight[labels].float(), features.float())
-    return _minmax(F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0])
-
-
-def eager_flm(activations, gradients, size, fuse="sum"):
-    parts = []
-    for a, g in zip(activations, gradients):
-        m = (g.float().relu() * a.float().relu()).sum(1)
-        parts.append(_minmax(F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]))
-    fused = sum(parts) if fuse == "sum" else torch.stack(parts).amax(0)
-    return _minmax(fused)
 
 
 def _fwd_bwd(fn, inputs, grad_out):

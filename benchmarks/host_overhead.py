@@ -36,7 +36,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import triton_compile_check as offline  # noqa: E402  (pops TRITON_INTERPRET before triton is imported)
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
@@ -135,14 +134,10 @@ def best_us(fns: dict, calls: int, rounds: int) -> dict:
 # Cases: (name, {provider: zero-argument call}); the first provider is the baseline.
 
 
-def _minmax(maps):
-    flat = maps.flatten(1)
-    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
-    return ((flat - lo) / (hi - lo)).view_as(maps)
-
-
 def case_cam_op():
     """class_activation_map forward+backward (issue 8's op) against its eager formulation."""
+    from _baselines import eager_cam
+
     from rethinkcam_fast import class_activation_map
 
     features = torch.rand(2, 64, 7, 7).to(memory_format=torch.channels_last).requires_grad_(True)
@@ -151,8 +146,7 @@ def case_cam_op():
     grad_out = torch.randn(2, 28, 28)
 
     def eager():
-        m = torch.einsum("nk,nkhw->nhw", weight[labels], features)
-        _minmax(F.interpolate(m[:, None], size=(28, 28), mode="bilinear", align_corners=False)[:, 0]).backward(grad_out)
+        eager_cam(features, weight, labels, (28, 28)).backward(grad_out)
 
     def ours():
         class_activation_map(features, weight, labels, output_size=(28, 28), backend="triton").backward(grad_out)
@@ -162,6 +156,8 @@ def case_cam_op():
 
 def case_flm_op():
     """flm_fuse forward+backward over four layers against its eager formulation."""
+    from _baselines import eager_flm
+
     from rethinkcam_fast import flm_fuse
 
     acts = [torch.rand(2, 8, s, s).to(memory_format=torch.channels_last).requires_grad_(True) for s in (8, 4, 2, 1)]
@@ -169,11 +165,7 @@ def case_flm_op():
     grad_out = torch.randn(2, 16, 16)
 
     def eager():
-        parts = []
-        for a, g in zip(acts, grads):
-            m = (g.relu() * a.relu()).sum(1)
-            parts.append(_minmax(F.interpolate(m[:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0]))
-        _minmax(sum(parts)).backward(grad_out)
+        eager_flm(acts, grads, (16, 16)).backward(grad_out)
 
     def ours():
         flm_fuse(acts, grads, (16, 16), backend="triton").backward(grad_out)
