@@ -133,16 +133,34 @@ def _graphed(step):
     return graph.replay
 
 
-@pytest.mark.parametrize("provider", ["eager", "ours", "eager-graph", "ours-graph"])
+def _through_triton_launch_path(step):
+    """``step`` with every Triton launch through Triton's own launch path (``RETHINKCAM_FAST_LAUNCH=0``)
+    instead of the package's launch cache: the same run measures what the cache saves."""
+    import rethinkcam_fast._triton as triton_support
+
+    def run():
+        mode, triton_support.LAUNCH_MODE = triton_support.LAUNCH_MODE, "triton"
+        try:
+            return step()
+        finally:
+            triton_support.LAUNCH_MODE = mode
+
+    return run
+
+
+@pytest.mark.parametrize("provider", ["eager", "ours", "ours-triton-launch", "eager-graph", "ours-graph"])
 @pytest.mark.parametrize("op,build,dtype,variant", OP_CASES, ids=lambda v: getattr(v, "__name__", str(v)))
 def test_op_fwd_bwd(benchmark, op, build, dtype, variant, provider):
     """``class_activation_map`` (variant: layout) and ``flm_fuse`` (variant: fusion) against eager;
+    ``ours-triton-launch``: ours with every kernel launched through Triton's Python launch path;
     ``*-graph``: both captured in a CUDA graph, as a training step under CUDA graphs runs them (the
     host's per-op work gone: what is left is GPU time)."""
     graphed = provider.endswith("-graph")
-    if graphed and not CUDA:
-        pytest.skip("CUDA graphs need a GPU")
-    group, step = build(dtype, variant, provider.removesuffix("-graph"))
+    if (graphed or provider == "ours-triton-launch") and not CUDA:
+        pytest.skip("CUDA graphs need a GPU; the CPU path launches no Triton kernel")
+    group, step = build(dtype, variant, provider.removesuffix("-graph").removesuffix("-triton-launch"))
+    if provider == "ours-triton-launch":
+        step = _through_triton_launch_path(step)
     # (the graphed rows are their own table, against the graphed eager formulation)
     _measure(benchmark, group, provider, "eager-graph" if graphed else "eager",
              f"{op} fwd+bwd" + (", CUDA graph" if graphed else ""), _graphed(step) if graphed else step,

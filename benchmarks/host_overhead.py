@@ -5,9 +5,12 @@ On the H100 the misses of the CAM-op and small-batch targets were host time: the
 section). This script measures that host time here, so that it can be cut between GPU sessions:
 
 * Triton's driver is replaced by a stand-in (``tests/triton_compile_check.py``'s, for ``--arch``) whose
-  launcher does nothing: every ``kernel[grid](...)`` goes through Triton's whole Python launch path
-  (argument binding, specialisation key, cache lookup) and stops where the C launcher would hand the
-  kernel to the driver; each specialisation is compiled once, on first use, with the wheel's ``ptxas``;
+  launcher only counts: every launch goes through the package's launch path (``rethinkcam_fast._triton.launch``:
+  its cache of compiled specialisations, else Triton's whole Python launch path: argument binding,
+  specialisation key, cache lookup) and stops where the C launcher would hand the kernel to the driver;
+  each specialisation is compiled once, on first use, with the wheel's ``ptxas``; each case's
+  ``ours-triton-launch`` row is ``ours`` with every launch through Triton's path
+  (``RETHINKCAM_FAST_LAUNCH=0``), timed in the same rounds;
 * the ops run with ``backend="triton"`` on CPU tensors of tiny shapes, so the aten ops between the
   launches cost their dispatch (a few µs) and almost no compute, as small CUDA tensors do;
 * launchers size their grids for ``--sms`` multiprocessors, as on the GPU.
@@ -39,29 +42,6 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
-
-
-class _Utils:
-    """The driver utilities a first launch touches: device properties and a loaded binary."""
-
-    def get_device_properties(self, device):
-        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32,
-                "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
-
-    def load_binary(self, name, kernel, shared, device):
-        return 1, 1, 32, 0, 1024  # module, function, registers, spills, max threads a block
-
-
-class NoLaunchDriver(offline.CompileOnlyDriver):
-    """Compiles each specialisation, then launches into a no-op: Triton's Python launch path, whole."""
-
-    def __init__(self, target: GPUTarget) -> None:
-        super().__init__(target)
-        self.utils = _Utils()
-
-    def launcher_cls(self, src, metadata):
-        return lambda *args: None
 
 
 class Counter(TorchDispatchMode):
@@ -76,22 +56,34 @@ class Counter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+_LAUNCHES = [0]  # kernels handed to the (stand-in) C launcher, by either launch path
+
+
+def _count_launch(name, grid, args) -> None:
+    _LAUNCHES[0] += 1
+
+
 def count_launches_and_ops(fn) -> tuple[int, int]:
-    launches = 0
-    original = JITFunction.run
+    before = _LAUNCHES[0]
+    with Counter() as counter:
+        fn()
+    return _LAUNCHES[0] - before, counter.ops
 
-    def counted(self, *args, **kwargs):
-        nonlocal launches
-        launches += 1
-        return original(self, *args, **kwargs)
 
-    JITFunction.run = counted
-    try:
-        with Counter() as counter:
+def with_triton_launch_path(fn):
+    """``fn`` with every launch through Triton's own launch path (``RETHINKCAM_FAST_LAUNCH=0``) instead of
+    the package's launch cache (``rethinkcam_fast._triton.launch``)."""
+    import rethinkcam_fast._triton as triton_support
+
+    def run():
+        mode = triton_support.LAUNCH_MODE
+        triton_support.LAUNCH_MODE = "triton"
+        try:
             fn()
-    finally:
-        JITFunction.run = original
-    return launches, counter.ops
+        finally:
+            triton_support.LAUNCH_MODE = mode
+
+    return run
 
 
 def count_python_calls(fn) -> int:
@@ -279,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     import rethinkcam_fast._triton as triton_support
     from rethinkcam_fast.ops import _launch
 
-    driver.set_active(NoLaunchDriver(GPUTarget("cuda", args.arch, 32)))
+    driver.set_active(offline.NoLaunchDriver(GPUTarget("cuda", args.arch, 32), on_launch=_count_launch))
     triton_support.triton_interpreted = lambda: True  # backend="triton" takes CPU tensors
     _launch.multiprocessor_count = lambda device: args.sms
     torch.set_num_threads(1)
@@ -293,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
           f"ops counted in one call; Triton's launch path up to its C launcher, no GPU (sm_{args.arch} stand-in)\n")
     for name in args.case or list(CASES):
         title, providers = CASES[name]()
+        providers["ours-triton-launch"] = with_triton_launch_path(providers["ours"])
         baseline = next(iter(providers))
         measured = {}
         for provider, fn in providers.items():

@@ -7,6 +7,7 @@ their ``@triton.jit`` definitions still parse when Triton is absent; launching o
 
 from __future__ import annotations
 
+import inspect
 import os
 
 try:
@@ -65,6 +66,124 @@ def can_launch_triton(device: "object") -> bool:
     return getattr(device, "type", None) == "cuda" or triton_interpreted()
 
 
+# ---------------------------------------------------------------------------------------------------
+# Launching a compiled kernel without Triton's Python launch path.
+#
+# ``kernel[grid](*args)`` binds every argument, specialises it (dtype, 16-byte alignment, ints equal to
+# 1 or divisible by 16), hashes a cache key and reads several environment knobs before it reaches the
+# C launcher: about 30 Python calls and 8 µs a launch on the CI CPU, and more on the slow hosts of the
+# H100 profile, where the small ops were host-bound (README, GPU). ``launch`` keeps its own cache, keyed
+# by properties at least as fine as those Triton specialises on, computed cheaply; the first launch of a key goes
+# through Triton (which compiles, caches and launches), later ones call the compiled kernel's launcher
+# directly with the same arguments Triton passes it.
+
+_LAUNCH_MODES = {"1": "fast", "fast": "fast", "0": "triton", "triton": "triton", "verify": "verify"}
+
+
+def _launch_mode_from_env() -> str:
+    value = os.environ.get("RETHINKCAM_FAST_LAUNCH", "1").strip().lower()
+    if value not in _LAUNCH_MODES:
+        raise ValueError(f"RETHINKCAM_FAST_LAUNCH must be one of {sorted(_LAUNCH_MODES)}, got {value!r}")
+    return _LAUNCH_MODES[value]
+
+
+#: ``"fast"`` (default): the cache above; ``"triton"`` (``RETHINKCAM_FAST_LAUNCH=0``): every launch
+#: through ``kernel[grid]``; ``"verify"``: the cache, and every cached launch also asks Triton which
+#: compiled kernel it would pick and raises if that is not the cached one (the launch tests).
+LAUNCH_MODE = _launch_mode_from_env()
+
+_CACHE_LIMIT = 4096  # keys a kernel keeps (ints are keyed by value: one per shape seen); then it starts over
+
+
+def _non_int_key(arg):
+    """The key part of a positional argument that is not an int: tensors by dtype and 16-byte alignment
+    of the data pointer (Triton's pointer specialisation); floats by type only (always fp32); bools and
+    other hashables (None, constexpr-like values) by type and value."""
+    kind = type(arg)
+    if kind is _torch_tensor or isinstance(arg, _torch_tensor):  # (the identity test skips a slow isinstance)
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if kind is float:
+        return float
+    return kind, arg
+
+
+def _arguments_key(args: tuple) -> tuple:
+    """What Triton's specialisation of ``args`` depends on, or finer: ints by value (Triton looks at
+    whether one is 1, a multiple of 16, or fits int32; a value decides all three), the rest by
+    :func:`_non_int_key`. Ints are most of a launch's arguments (sizes and strides): they take no call."""
+    return tuple([arg if type(arg) is int else _non_int_key(arg) for arg in args])
+
+
+def launch(kernel, grid: tuple, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` with Triton's Python launch path skipped once this kernel has
+    run with arguments of the same specialisation (see above). Constexprs and launch options go as
+    keyword arguments, as at every call site of the package; under Triton's interpreter, with launch
+    hooks installed (profilers such as proton), or with ``RETHINKCAM_FAST_LAUNCH=0``, this is exactly
+    ``kernel[grid](...)``. A kernel's module-level constants are read once, at its first compilation
+    (Triton re-checks them on every launch; the package's are never reassigned)."""
+    if LAUNCH_MODE == "triton" or not isinstance(kernel, _JITFunction):
+        kernel[grid](*args, **kwargs)
+        return
+    runtime = _knobs.runtime
+    if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
+        kernel[grid](*args, **kwargs)
+        return
+    active = _driver.active
+    device = active.get_current_device()
+    key = (device, _arguments_key(args), tuple(kwargs.items()))
+    cache = kernel.__dict__.get("_rethinkcam_launch_cache")
+    if cache is None:
+        cache = kernel.__dict__.setdefault("_rethinkcam_launch_cache", {})
+    entry = cache.get(key)
+    if entry is None:
+        compiled = kernel[grid](*args, **kwargs)  # Triton's path: compiles on a miss of its own cache
+        if not kernel.pre_run_hooks and hasattr(compiled, "packed_metadata"):  # (not an async compile)
+            if len(cache) >= _CACHE_LIMIT:
+                cache.clear()
+            cache[key] = (compiled, compiled.run, _bound_tail(kernel, len(args), kwargs))
+        return
+    compiled, launcher, tail = entry
+    if LAUNCH_MODE == "verify":
+        expected = kernel.run(*args, grid=grid, warmup=True, **kwargs)
+        if expected is not compiled:
+            raise AssertionError(f"launch cache of {kernel.fn.__name__} picked a kernel compiled for another "
+                                 f"specialisation than Triton's for the key {key}")
+    stream = active.get_current_stream(device)
+    size = len(grid)
+    launcher(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, compiled.function,
+             compiled.packed_metadata, None, None, None, *args, *tail)
+
+
+def _hooked(hook) -> bool:
+    """Whether a launch hook is installed: Triton 3.6+ keeps a ``HookChain`` there, empty unless a
+    profiler added a hook (Triton then still builds launch metadata and calls the empty chain from its
+    C launcher on every launch, which ``launch`` does not); earlier versions keep ``None``."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _bound_tail(kernel, positional: int, kwargs: dict) -> tuple:
+    """The values Triton binds to the parameters after the positional ones, in signature order: the
+    keyword arguments, else each parameter's default (constexprs and defaults, fixed by the key)."""
+    tail = []
+    for param in kernel.params[positional:]:
+        if param.name in kwargs:
+            tail.append(kwargs[param.name])
+        elif param.default is not inspect.Parameter.empty:
+            tail.append(param.default)
+        else:  # Triton has already launched this call, so it cannot be missing
+            raise TypeError(f"{kernel.fn.__name__}: no value for parameter {param.name}")
+    return tuple(tail)
+
+
+if HAS_TRITON:
+    from torch import Tensor as _torch_tensor
+    from triton import knobs as _knobs
+    from triton.runtime import driver as _driver
+    from triton.runtime.jit import JITFunction as _JITFunction
+else:  # pragma: no cover - without Triton every kernel is a _MissingKernel, which raises when launched
+    _JITFunction = ()
+
+
 @triton.jit
 def ieee_div(x, y):
     """``x / y`` rounded to nearest, as PyTorch, NumPy and C++ divide; ``x`` and ``y`` of one float dtype.
@@ -87,4 +206,5 @@ def ieee_reciprocal(y):
     return ieee_div(tl.full(y.shape, 1.0, y.dtype), y)
 
 
-__all__ = ["HAS_TRITON", "can_launch_triton", "ieee_div", "ieee_reciprocal", "tl", "triton", "triton_interpreted"]
+__all__ = ["HAS_TRITON", "can_launch_triton", "ieee_div", "ieee_reciprocal", "launch", "tl", "triton",
+           "triton_interpreted"]

@@ -42,17 +42,38 @@ def _has_nvidia_backend() -> bool:
     return True
 
 
-@pytest.mark.skipif(not (HAS_TRITON and _has_nvidia_backend()), reason="needs Triton's NVIDIA backend")
-def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
-    runs = {}
+needs_nvidia_backend = pytest.mark.skipif(not (HAS_TRITON and _has_nvidia_backend()),
+                                          reason="needs Triton's NVIDIA backend")
+
+
+def _env(cache: Path) -> dict:
+    env = {**os.environ, "TRITON_CACHE_DIR": str(cache)}
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def compile_runs(tmp_path_factory):
+    """Both architectures compiled from scratch, once for the module: ``{arch: (process, stdout, stderr,
+    report path, cache dir)}``."""
+    root = tmp_path_factory.mktemp("triton_compile")
+    started = {}
     for arch, sms in TARGETS.items():  # both at once: each is one CPU-bound process
-        env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / f"cache{arch}")}  # compile, not from a cache
-        env.pop("TRITON_INTERPRET", None)
-        report = tmp_path / f"sm{arch}.json"
+        cache = root / f"cache{arch}"  # compile, not from a cache
+        report = root / f"sm{arch}.json"
         cmd = [sys.executable, str(SCRIPT), "--arch", str(arch), "--sms", str(sms), "--json", str(report)]
-        runs[arch] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env), report)
-    for arch, (proc, report) in runs.items():
+        started[arch] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          env=_env(cache)), report, cache)
+    runs = {}
+    for arch, (proc, report, cache) in started.items():
         out, err = proc.communicate(timeout=900)
+        runs[arch] = (proc, out, err, report, cache)
+    return runs
+
+
+@needs_nvidia_backend
+def test_every_kernel_compiles_for_sm90_and_sm80(compile_runs):
+    for arch, (proc, out, err, report, _cache) in compile_runs.items():
         assert proc.returncode == 0, f"sm_{arch}:\n{out[-3000:]}{err[-6000:]}"
         result = json.loads(report.read_text())
         assert len(result["launchable"]) >= 15, result["launchable"]
@@ -70,3 +91,20 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
                         for c in result["compiled"] if c.get("spill_stores", 0) and c["constexprs"].get("ACC") != "fp64"
                         and not any(t.startswith("float64") for t in c["tensors"])]
             assert not spilling, spilling
+
+
+@needs_nvidia_backend
+def test_launch_cache_launches_what_triton_launches(compile_runs):
+    """``rethinkcam_fast._triton.launch`` skips Triton's Python launch path for specialisations it has seen:
+    every scenario, run through Triton's path and then twice through the cache (its verify mode asks Triton
+    which compiled kernel it would pick, and raises on a difference), must make the same launches: same
+    kernels, grids and arguments, in order, the last run entirely from the cache (unaligned inputs
+    included). sm_90's kernels are already compiled."""
+    proc, out, err, _report, cache = compile_runs[90]
+    assert proc.returncode == 0, f"sm_90 did not compile:\n{err[-3000:]}"
+    check = subprocess.run([sys.executable, str(SCRIPT), "--arch", "90", "--sms", str(TARGETS[90]), "--launch-check"],
+                           capture_output=True, text=True, env=_env(cache), timeout=600)
+    assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-6000:]
+    checked = [line for line in check.stdout.splitlines() if line.startswith("launch check ")]
+    assert len(checked) >= 9, check.stdout
+    assert all(line.split("from the cache: ")[1].split("/")[0] == line.split("/")[-1] for line in checked), check.stdout

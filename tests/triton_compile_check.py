@@ -77,6 +77,39 @@ class CompileOnlyDriver:
         return ty
 
 
+class _Utils:
+    """The driver utilities a first launch touches: device properties and a loaded binary."""
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32,
+                "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
+
+    def load_binary(self, name, kernel, shared, device):
+        return 1, 1, 32, 0, 1024  # module, function, registers, spills, max threads a block
+
+
+class NoLaunchDriver(CompileOnlyDriver):
+    """Compiles each specialisation, then launches into ``on_launch(kernel name, grid, args)`` (by default
+    a no-op): Triton's Python launch path, whole, up to its C launcher."""
+
+    def __init__(self, target: GPUTarget, on_launch=None) -> None:
+        super().__init__(target)
+        self.utils = _Utils()
+        self.on_launch = on_launch
+
+    def launcher_cls(self, src, metadata):
+        on_launch = self.on_launch
+        if on_launch is None:
+            return lambda *args: None
+        name = metadata.name
+
+        def launcher(grid_0, grid_1, grid_2, stream, function, packed_metadata, launch_metadata, enter_hook,
+                     exit_hook, *args):
+            on_launch(name, (grid_0, grid_1, grid_2), args)
+
+        return launcher
+
+
 class Recorder:
     """Every compiled specialisation, and every failure, keyed by kernel name."""
 
@@ -278,6 +311,24 @@ def scenario_percentile_threshold():
         rethinkcam_fast.percentile_threshold(torch.rand(600, 28, 28).to(dtype), backend="triton")
 
 
+def scenario_unaligned_inputs():
+    """Inputs whose data pointer is not 16-byte aligned (views into a buffer at an odd offset), between
+    aligned ones: Triton compiles another specialisation for them, which a launch cache must tell apart."""
+    import rethinkcam_fast
+    from rethinkcam_fast.ops.weighted_map import weighted_map
+
+    def view(shape, offset):
+        numel = 1
+        for size in shape:
+            numel *= size
+        return torch.rand(offset + numel)[offset:].view(shape)
+
+    for offset in (0, 1, 0, 3):
+        rethinkcam_fast.percentile_threshold(view((4, 32, 32), offset), backend="triton")
+        weighted_map(view((2, 16, 7, 7), offset), view((2, 16), offset), mode="channel", relu=True,
+                     backend="triton")
+
+
 def scenario_engine():
     """The engine's own launch sequence, every method, on the benchmarks' ResNet50 (batch 2)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -293,6 +344,68 @@ def scenario_engine():
             engine(images)
 
 
+def _argument_signature(arg):
+    """A launch argument as the launcher sees it, comparable across runs that allocate afresh."""
+    if isinstance(arg, torch.Tensor):
+        return "tensor", arg.dtype, tuple(arg.shape), arg.stride(), arg.storage_offset(), arg.data_ptr() % 16
+    return type(arg).__name__, arg
+
+
+def launch_check(names: list[str]) -> list[str]:
+    """Runs each scenario three times with a launcher that records every launch: through Triton's launch
+    path (``LAUNCH_MODE = "triton"``), then twice through ``rethinkcam_fast._triton.launch`` in its verify
+    mode, which raises when its cache picks another compiled kernel than Triton would. The third run must
+    launch from the cache alone, with the same kernels, grids and arguments, in the same order, as
+    Triton's run. Returns the problems found."""
+    import rethinkcam_fast._triton as triton_support
+
+    log: list = []
+    driver.set_active(NoLaunchDriver(driver.active.get_current_target(),
+                                     lambda name, grid, args: log.append(
+                                         (name, grid, tuple(map(_argument_signature, args))))))
+    through_triton = 0
+    original = JITFunction.run
+
+    def counted(self, *args, grid, warmup, **kwargs):
+        nonlocal through_triton
+        through_triton += not warmup  # (the verify mode's own look-ups are warm-ups)
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    JITFunction.run = counted
+    problems = []
+    try:
+        for name in names:
+            runs = []
+            for mode in ("triton", "verify", "verify"):
+                triton_support.LAUNCH_MODE = mode
+                log.clear()
+                through_triton = 0
+                torch.manual_seed(0)
+                try:
+                    SCENARIOS[name]()
+                except Exception as exc:  # noqa: BLE001 - reported, then the check fails
+                    problems.append(f"{name} ({mode}): {type(exc).__name__}: {exc}")
+                    traceback.print_exc()
+                    break
+                runs.append((list(log), through_triton))
+            else:
+                (reference, _), _, (cached, misses) = runs
+                print(f"launch check {name:<24} {len(reference):5d} launches; from the cache: "
+                      f"{len(cached) - misses}/{len(cached)}")
+                if misses:
+                    problems.append(f"{name}: {misses} launches still went through Triton on the third run")
+                if cached != reference:
+                    first = next((i for i, (a, b) in enumerate(zip(reference, cached)) if a != b),
+                                 min(len(reference), len(cached)))
+                    problems.append(f"{name}: launch {first} differs: Triton's path "
+                                    f"{reference[first] if first < len(reference) else None}, the cache's "
+                                    f"{cached[first] if first < len(cached) else None}")
+    finally:
+        JITFunction.run = original
+        triton_support.LAUNCH_MODE = "triton"
+    return problems
+
+
 SCENARIOS = {
     "tap": scenario_tap,
     "class_activation_map": scenario_class_activation_map,
@@ -301,6 +414,7 @@ SCENARIOS = {
     "output_size_one": scenario_output_size_one,
     "weighted_and_fused_maps": scenario_weighted_and_fused_maps,
     "percentile_threshold": scenario_percentile_threshold,
+    "unaligned_inputs": scenario_unaligned_inputs,
     "engine": scenario_engine,
 }
 
@@ -311,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sms", type=int, default=132, help="multiprocessors the launchers size grids for")
     parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="default: all")
     parser.add_argument("--json", type=Path, help="write every specialisation's resources here")
+    parser.add_argument("--launch-check", action="store_true",
+                        help="instead: check rethinkcam_fast's launch cache against Triton's launch path "
+                             "(see launch_check); compiles as needed, from TRITON_CACHE_DIR when warm")
     args = parser.parse_args(argv)
 
     import rethinkcam_fast._triton as triton_support
@@ -318,7 +435,13 @@ def main(argv: list[str] | None = None) -> int:
 
     driver.set_active(CompileOnlyDriver(GPUTarget("cuda", args.arch, 32)))
     triton_support.triton_interpreted = lambda: True  # let backend="triton" take CPU tensors
+    triton_support.LAUNCH_MODE = "triton"  # every launch through JITFunction.run, which compiles only
     _launch.multiprocessor_count = lambda device: args.sms
+    if args.launch_check:
+        problems = launch_check(args.scenario or list(SCENARIOS))
+        for problem in problems:
+            print(f"LAUNCH CHECK FAILED: {problem}", file=sys.stderr)
+        return 1 if problems else 0
     recorder = Recorder()
     recorder.patch()
     torch.manual_seed(0)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._triton import cdiv, next_power_of_2, tl, triton
+from .._triton import cdiv, launch, next_power_of_2, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, output_size_arg
 from . import _launch
 from ._launch import autocast_off, check_backend, device_guard, flat_spatial, use_triton
@@ -156,7 +156,7 @@ def channel_reduce_triton(
     splits = num_splits or _channel_splits(n * s_blocks, k, block_k, features.device)
     k_chunk = cdiv(cdiv(k, splits), block_k) * block_k
     out = torch.empty((splits, n, h, w), dtype=acc, device=features.device)
-    _channel_reduce_kernel[(n, s_blocks, splits)](
+    launch(_channel_reduce_kernel, (n, s_blocks, splits),
         a, wt, lab, g, out, k, s, k_chunk, a_sn, a_sk, a_ss, w_sc, w_sk, g_sn, g_sk, g_ss,
         MODE=mode, NWC=nwc, BLOCK_K=block_k, BLOCK_S=block_s, ACC=tl_acc(acc),
     )
@@ -173,7 +173,7 @@ def cam_reduce_backward_triton(
     dw_rows = torch.zeros((n, k), dtype=acc, device=features.device)
     if features.numel():
         block_k, block_s = _tile_config(k, h * w, a_ss)
-        _cam_reduce_bwd_kernel[(n, cdiv(k, block_k))](
+        launch(_cam_reduce_bwd_kernel, (n, cdiv(k, block_k)),
             grad_maps.to(acc).contiguous(), a, weight, labels, d_features, dw_rows,
             k, h * w, a_sn, a_sk, a_ss, d_sn, d_sk, d_ss, weight.stride(0), weight.stride(1),
             NWC=nwc, BLOCK_K=block_k, BLOCK_S=block_s, ACC=tl_acc(acc),

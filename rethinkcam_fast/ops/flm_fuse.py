@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._triton import cdiv, tl, triton
+from .._triton import cdiv, launch, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, output_size_arg
 from ._launch import check_backend, device_guard, use_triton
 from .class_activation_map import MODE_FLM, channel_reduce_triton, tl_acc
@@ -87,7 +87,7 @@ def flm_reduce_backward_triton(grad_maps: Tensor, activation: Tensor, gradient: 
     n, k, h, w = activation.shape
     block_k, block_s = _tile_config(k, h * w, a_ss)
     acc = acc_dtype(activation, gradient)
-    _flm_reduce_bwd_kernel[(n, cdiv(k, block_k), cdiv(h * w, block_s))](
+    launch(_flm_reduce_bwd_kernel, (n, cdiv(k, block_k), cdiv(h * w, block_s)),
         grad_maps.to(acc).contiguous(), a, g, d_act, d_grad, k, h * w,
         a_sn, a_sk, a_ss, g_sn, g_sk, g_ss, da_sn, da_sk, da_ss, dg_sn, dg_sk, dg_ss,
         BLOCK_K=block_k, BLOCK_S=block_s, ACC=tl_acc(acc),

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native
-from .._triton import cdiv, ieee_div, ieee_reciprocal, next_power_of_2, tl, triton
+from .._triton import cdiv, ieee_div, ieee_reciprocal, launch, next_power_of_2, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, output_size_arg
 from . import _launch
 from ._launch import check_backend, device_guard, run_inference_op, run_trusted, use_triton
@@ -395,7 +395,7 @@ def fuse_maps_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str
     splits = fuse_splits(n, pixels, block, device, num_splits)
     with device_guard(packed):
         if splits == 1:
-            _fuse_maps_kernel[(n,)](
+            launch(_fuse_maps_kernel, (n,),
                 packed, offsets, heights, widths, out, degenerate, layers, height, width,
                 FUSE_MAX=fuse == "max", SINGLE=layers == 1, BLOCK=block,
             )
@@ -404,18 +404,18 @@ def fuse_maps_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str
         partial = torch.empty((n, layers, splits, 2), dtype=torch.float32, device=device)
         source_bad = torch.empty((n, layers), dtype=torch.int8, device=device)
         stats = torch.empty((n, layers, 3), dtype=torch.float32, device=device)
-        _split_range_kernel[(n, layers, splits)](
+        launch(_split_range_kernel, (n, layers, splits),
             packed, offsets, heights, widths, partial, source_bad, layers, height, width, chunk,
             SPLITS=splits, BLOCK=block,
         )
-        _split_stats_kernel[(n, layers)](partial, source_bad, stats, layers, SPLITS=splits)
+        launch(_split_stats_kernel, (n, layers), partial, source_bad, stats, layers, SPLITS=splits)
         fused_range = torch.empty((n, splits, 2), dtype=torch.float32, device=device)  # per-chunk min, max
-        _split_fuse_kernel[(n, splits)](
+        launch(_split_fuse_kernel, (n, splits),
             packed, offsets, heights, widths, stats, out, fused_range, layers, height, width, chunk,
             FUSE_MAX=fuse == "max", SINGLE=layers == 1, SPLITS=splits, BLOCK=block,
         )
         if layers > 1:
-            _split_final_kernel[(n, splits)](out, fused_range, degenerate, height, width, chunk, SPLITS=splits,
+            launch(_split_final_kernel, (n, splits), out, fused_range, degenerate, height, width, chunk, SPLITS=splits,
                                              BLOCK=block)
         else:
             degenerate = stats[:, 0, 2].to(torch.int8)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._triton import cdiv, ieee_div, ieee_reciprocal, next_power_of_2, tl, triton
+from .._triton import cdiv, ieee_div, ieee_reciprocal, launch, next_power_of_2, tl, triton
 from . import _launch
 from ._launch import device_guard, use_triton
 from .fuse_maps import _bilinear, _layer_at, _layer_table, _range, _upsampled_range, degenerate_maps
@@ -580,7 +580,7 @@ def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str,
     chunk = cdiv(cdiv(height * width, splits), block) * block
     kw = dict(BLOCK=block, ACC=_tl_dtype(acc), **_EXACT)
     if multi and splits == 1:  # several maps, a batch that fills the GPU: one program per image
-        _fused_fwd_kernel[(n,)](
+        launch(_fused_fwd_kernel, (n,),
             *packing, out, fused, count, stats, final, degenerate, layers, height, width,
             FUSE_MAX=fuse_max, STORE_OUT=store_out, **kw,
         )
@@ -590,13 +590,13 @@ def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str,
         counts = torch.empty((n, layers, splits, 2), dtype=acc, device=device)
         fused_partial = torch.empty((n, splits, 2), dtype=acc, device=device)
         final_counts = torch.empty((n, splits, 2), dtype=acc, device=device)
-        _layer_range_kernel[(n, layers, splits)](*packing, partial, layers, height, width, chunk, SPLITS=splits, **kw)
-        _layer_stats_kernel[(n, layers)](*packing, partial, stats, layer_bad, layers, height, width, SPLITS=splits, **kw)
-        _layers_fuse_kernel[(n, splits)](
+        launch(_layer_range_kernel, (n, layers, splits), *packing, partial, layers, height, width, chunk, SPLITS=splits, **kw)
+        launch(_layer_stats_kernel, (n, layers), *packing, partial, stats, layer_bad, layers, height, width, SPLITS=splits, **kw)
+        launch(_layers_fuse_kernel, (n, splits),
             *packing, stats, layer_bad, fused, count, counts, fused_partial, layers, height, width, chunk,
             FUSE_MAX=fuse_max, SPLITS=splits, **kw,
         )
-        _fused_final_kernel[(n, splits)](
+        launch(_fused_final_kernel, (n, splits),
             fused, out, fused_partial, final, final_counts, degenerate, height, width, chunk,
             SPLITS=splits, STORE_OUT=store_out, **kw,
         )
@@ -606,8 +606,8 @@ def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str,
         partial = torch.empty((n, splits, 2), dtype=acc, device=device)
         counts = torch.empty((n, splits, 2), dtype=acc, device=device)
         if normalize:
-            _layer_range_kernel[(n, 1, splits)](*packing, partial, 1, height, width, chunk, SPLITS=splits, **kw)
-        _single_normalize_kernel[(n, splits)](
+            launch(_layer_range_kernel, (n, 1, splits), *packing, partial, 1, height, width, chunk, SPLITS=splits, **kw)
+        launch(_single_normalize_kernel, (n, splits),
             *packing, partial, out, stats, counts, degenerate, height, width, chunk,
             SPLITS=splits, NORMALIZE=normalize, STORE_OUT=store_out, **kw,
         )
@@ -672,20 +672,20 @@ def map_epilogue_backward_triton(
         block = min(next_power_of_2(height * width), 1024)
         if layers > 1:
             d_fused = torch.empty_like(fused)
-            _final_norm_bwd_kernel[(n,)](grad, fused, final, d_fused, height * width, BLOCK=block, ACC=_tl_dtype(acc),
+            launch(_final_norm_bwd_kernel, (n,), grad, fused, final, d_fused, height * width, BLOCK=block, ACC=_tl_dtype(acc),
                                          **_EXACT)
             grad = d_fused
         fuse_max = layers > 1 and fuse == "max"
         partial = torch.empty((n, layers, splits, 2), dtype=acc, device=d_maps.device)
         if normalize:
             chunk = cdiv(cdiv(height * width, splits), block) * block
-            _layer_bwd_sums_kernel[(n, layers, splits)](
+            launch(_layer_bwd_sums_kernel, (n, layers, splits),
                 *packing, stats, grad, fused, count, partial, layers, height, width, chunk,
                 SPLITS=splits, FUSE_MAX=fuse_max, BLOCK=block, ACC=_tl_dtype(acc), **_EXACT,
             )
         band_rows = cdiv(cdiv(height, splits), 32) * 32
         by, bx = _tile(max(m.shape[1] for m in maps)), _tile(max(m.shape[2] for m in maps))
-        _layer_bwd_kernel[(n, layers, splits)](
+        launch(_layer_bwd_kernel, (n, layers, splits),
             *packing, stats, partial, grad, fused, count, d_maps, layers, height, width, band_rows, total,
             NORMALIZE=normalize, FUSE_MAX=fuse_max, SPLITS=splits,
             # float64 (gradcheck's dtype) takes 32-wide output tiles: its tl.dot operands at 64 asked for

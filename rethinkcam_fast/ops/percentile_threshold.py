@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._triton import cdiv, next_power_of_2, tl, triton
+from .._triton import cdiv, launch, next_power_of_2, tl, triton
 from .._validation import check_float_dtype, check_flagged_maps, check_tensor, check_unit_maps
 from ._launch import device_guard, split_count, use_triton
 
@@ -130,7 +130,7 @@ def level_histogram_triton(cams: Tensor, num_splits: int | None = None) -> Tenso
     chunk = cdiv(blocks, splits) * block  # a whole number of blocks: only the last chunk pads
     hist = (torch.zeros if splits > 1 else torch.empty)((n, 256), dtype=torch.int64, device=cams.device)
     with device_guard(flat):
-        _level_histogram_kernel[(n, splits)](
+        launch(_level_histogram_kernel, (n, splits),
             flat, hist, pixels, flat.stride(0), chunk, BLOCK=block, F64=cams.dtype == torch.float64,
             SPLIT=splits > 1,
         )

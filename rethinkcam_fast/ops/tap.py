@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._triton import can_launch_triton, cdiv, ieee_reciprocal, next_power_of_2, tl, triton
+from .._triton import can_launch_triton, cdiv, ieee_reciprocal, launch, next_power_of_2, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, check_unit_interval
 from . import _launch
 from ._launch import device_guard, flat_spatial
@@ -328,7 +328,7 @@ def tap_forward_triton(x: Tensor, tau: float, num_splits: int | None = None) -> 
     programs = n * cdiv(c, block_c)
     splits = num_splits if num_splits is not None else _num_splits(programs, s, block_s, x.device)
     if splits <= 1:
-        _tap_fwd_kernel[(programs,)](
+        launch(_tap_fwd_kernel, (programs,),
             x, out, thr, inv, c, s, stride_n, stride_c, stride_s, *_tau_parts(tau),
             BLOCK_C=block_c, BLOCK_S=block_s, SINGLE_TILE=s <= block_s, IN_BF16=in_bf16, ACC=acc_tl,
         )
@@ -340,16 +340,16 @@ def tap_forward_triton(x: Tensor, tau: float, num_splits: int | None = None) -> 
     part_sum = torch.empty((n * c, splits), dtype=acc, device=x.device)
     part_count = torch.empty((n * c, splits), dtype=torch.int32, device=x.device)
     grid = (programs, splits)
-    _tap_split_max_kernel[grid](
+    launch(_tap_split_max_kernel, grid,
         x, part_max, c, s, stride_n, stride_c, stride_s, split_len,
         NUM_SPLITS=splits, BLOCK_C=block_c, BLOCK_S=block_s, ACC=acc_tl,
     )
-    _tap_split_sum_kernel[grid](
+    launch(_tap_split_sum_kernel, grid,
         x, part_max, part_sum, part_count, thr, c, s, stride_n, stride_c, stride_s, split_len, *_tau_parts(tau),
         NUM_SPLITS=splits, BLOCK_C=block_c, BLOCK_S=block_s, IN_BF16=in_bf16, ACC=acc_tl,
     )
     block_r = 128
-    _tap_split_combine_kernel[(cdiv(n * c, block_r),)](
+    launch(_tap_split_combine_kernel, (cdiv(n * c, block_r),),
         part_sum, part_count, out, inv, n * c, NUM_SPLITS=splits, BLOCK_R=block_r, ACC=acc_tl,
     )
     return out, thr, inv
@@ -365,7 +365,7 @@ def tap_backward_triton(grad_out: Tensor, x: Tensor, thr: Tensor, inv: Tensor) -
     block_c, block_s = _tile_config(c, s, stride_s)
     grid = (n * cdiv(c, block_c), cdiv(s, block_s))
     acc_tl = tl.float64 if thr.dtype == torch.float64 else tl.float32
-    _tap_bwd_kernel[grid](
+    launch(_tap_bwd_kernel, grid,
         x, grad, grad_out.contiguous(), thr, inv, c, s, stride_n, stride_c, stride_s,
         g_stride_n, g_stride_c, g_stride_s, BLOCK_C=block_c, BLOCK_S=block_s, ACC=acc_tl,
     )

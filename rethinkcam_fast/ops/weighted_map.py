@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._triton import cdiv, ieee_div, next_power_of_2, tl, triton
+from .._triton import cdiv, ieee_div, launch, next_power_of_2, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor
 from ._launch import autocast_off, check_backend, device_guard, flat_spatial, run_inference_op, run_trusted, use_triton
 
@@ -228,7 +228,7 @@ def weighted_map_triton(
         if s <= FUSED_GRADIENT_WEIGHTS_MAX_S:  # the whole map in one tile: weights and sum in one pass
             block_s = next_power_of_2(s)
             block_k = max(1, min(next_power_of_2(k), 4096 // block_s, 64))
-            _gradient_weighted_map_kernel[(n,)](
+            launch(_gradient_weighted_map_kernel, (n,),
                 a, g, out, k, s, a_sn, a_sk, a_ss, g_sn, g_sk, g_ss,
                 PLUS=plus, RELU=relu, EPS=GRADCAM_PP_EPS, BLOCK_K=block_k, BLOCK_S=block_s,
                 num_warps=8 if block_k * block_s >= 4096 else 4,
@@ -239,7 +239,7 @@ def weighted_map_triton(
         weights = torch.empty((n, k), dtype=torch.float32, device=activations.device)
         block_s = 64 if a_sk == 1 and k > 1 else 128
         block_k = 32
-        _gradient_weights_kernel[(n, cdiv(k, block_k))](
+        launch(_gradient_weights_kernel, (n, cdiv(k, block_k)),
             a, g, weights, k, s, a_sn, a_sk, a_ss, g_sn, g_sk, g_ss,
             PLUS=plus, EPS=GRADCAM_PP_EPS, BLOCK_K=block_k, BLOCK_S=block_s, num_warps=8,
         )
@@ -254,7 +254,7 @@ def weighted_map_triton(
     block_s = min(next_power_of_2(s), 32 if channels_last else 128)
     block_k = max(1, min(next_power_of_2(k), 4096 // block_s, 64))
     grid = (n, cdiv(s, block_s))
-    _weighted_map_kernel[grid](
+    launch(_weighted_map_kernel, grid,
         a, wt, g, out, k, s, a_sn, a_sk, a_ss, w_sn, w_sk, g_sn, g_sk, g_ss,
         MODE=_MODE_CODES[mode], RELU=relu, BLOCK_K=block_k, BLOCK_S=block_s,
         num_warps=8 if block_k * block_s >= 4096 else 4,  # 4K-element tiles on 4 warps: up to 128 registers
