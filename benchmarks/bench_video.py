@@ -81,7 +81,7 @@ def _last_conv_like(model):
 
 
 @pytest.mark.parametrize("provider", ["fwd", "eager", "pytorch-grad-cam", "ours", "ours-graph", "ours-bf16",
-                                      "ours-graph-nchw"])
+                                      "ours-graph-nchw", "ours-fold", "ours-graph-fold", "ours-bf16-fold"])
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("model_name", MODELS)
 def test_video_gradcam_box(benchmark, provider, model_name, batch):
@@ -117,16 +117,19 @@ def test_video_gradcam_box(benchmark, provider, model_name, batch):
             for chunk in chunks:
                 [_pas_box_on_host(c) for c in cam(input_tensor=_preprocess(chunk, size, channels), targets=None)]
     else:
-        if provider in ("ours-graph", "ours-bf16", "ours-graph-nchw") and DEVICE.type != "cuda":
+        if provider.startswith(("ours-graph", "ours-bf16")) and DEVICE.type != "cuda":
             pytest.skip("CUDA graphs and bf16 autocast are measured on a GPU")
         if provider == "ours-graph-nchw" and batch != 1:
             pytest.skip("the NCHW layout is measured at batch 1, where cuDNN's NHWC batch norm showed in the profile")
+        if provider == "ours-bf16-fold" and batch == 1:
+            pytest.skip("bf16 is measured for throughput, at the batches")
         # ours-bf16: the batched throughput target (>= 5,000 frames/s) with bf16 autocast, as
-        # `rethinkcam video --bf16` runs; the other rows are float32.
+        # `rethinkcam video --bf16` runs; the other rows are float32. *-fold: the same with the batch
+        # norms folded into the convolutions (`--fold-bn`); the copy is made at the first call.
         localizer = VideoLocalizer(model, "gradcam", target_layers=target, input_size=None if size is None else (size, size),
                                    mean=None, std=None, batch_size=batch, device=DEVICE,
-                                   cuda_graph=provider.startswith("ours-graph"), bf16=provider == "ours-bf16",
-                                   channels_last=provider != "ours-graph-nchw",
+                                   cuda_graph=provider.startswith("ours-graph"), bf16=provider.startswith("ours-bf16"),
+                                   channels_last=provider != "ours-graph-nchw", fold_batchnorm=provider.endswith("-fold"),
                                    prefetch_frames=2 * batch,
                                    # batch 1 measures a frame's latency (no overlap), batches throughput
                                    overlap_batches=batch > 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._native import has_cuda_kernels, has_native
 from .engine import CAMEngine, CAMResult, GraphedCAM
+from .folding import fold_batchnorm
 from .modules import TAP, replace_gap_with_tap
 from .ops.box_ious import best_box_ious, box_iou_matrix, cam_curve_thresholds, protocol_thresholds
 from .ops.boxes import RaggedBoxes, boxes_from_cams
@@ -37,6 +38,7 @@ __all__ = [
     "cam_curve_thresholds",
     "class_activation_map",
     "flm_fuse",
+    "fold_batchnorm",
     "has_cuda_kernels",
     "has_native",
     "fuse_maps",

@@ -35,6 +35,9 @@ def add_video_command(sub, cam_methods: tuple[str, ...], positive_int) -> None:
     video.add_argument("--nchw", action="store_true",
                        help="feed the model NCHW batches instead of channels_last (may be faster at --batch 1; "
                             "the model is loaded NCHW)")
+    video.add_argument("--fold-bn", action="store_true",
+                       help="run a copy of the model with its batch norms folded into the convolutions before "
+                            "them (same maps up to rounding, fewer kernels; the model must be torch.fx-traceable)")
     video.add_argument("--frames", type=positive_int, default=300, help="length of the --demo clip")
     video.add_argument("--scale", type=positive_int, help="enlarge the annotated frames (default: 4 for --demo, else 1)")
     video.add_argument("--fps", type=float, help="frame rate of the output video (default: the input's, or 25)")
@@ -105,7 +108,7 @@ def run_video_command(args: argparse.Namespace) -> int:
             mean=IMAGENET_MEAN if normalize else None, std=IMAGENET_STD if normalize else None,
             batch_size=args.batch, device=device, bf16=args.bf16, keep_cams=args.out is not None,
             cuda_graph=args.cuda_graph, overlap_batches=False if args.no_overlap else None,
-            channels_last=not args.nchw, nwc=method == "cam",
+            channels_last=not args.nchw, fold_batchnorm=args.fold_bn, nwc=method == "cam",
             pas_q=q, pas_theta=theta)
         hits, ious = [], []
         bar = tqdm(total=len(source) if isinstance(source, list) else None, unit="frame", disable=args.quiet,

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _models import SmallCNN, make
+from _models import MiniResNet, SmallCNN, make
 from conftest import requires_triton
 
 from rethinkcam_fast import CAMEngine
@@ -68,6 +68,40 @@ def test_nchw_layout_gives_the_same_results(model):
     for a, b in zip(nhwc.stream(frames), nchw.stream(frames), strict=True):
         assert (a.index, a.label, a.box) == (b.index, b.label, b.box)
         assert torch.allclose(a.cam, b.cam, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,target", [("gradcam", None), ("gradcam++", "layer2"), ("cam", None)])
+def test_folded_batch_norms_give_the_same_results(method, target):
+    resnet = make(MiniResNet, classes=4)
+    frames = random_frames(5)
+    options = {"input_size": (40, 40), "batch_size": 2, "keep_cams": True}
+    if target is not None:
+        options["target_layers"] = target
+    plain = VideoLocalizer(resnet, method, **options)
+    folded = VideoLocalizer(resnet, method, fold_batchnorm=True, **options)
+    results = list(zip(plain.stream(frames), folded.stream(frames), strict=True))
+    # the folded engine runs a copy without batch norms; the caller's model keeps its 13
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.engine.model.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in resnet.modules()) == 13
+    assert folded.engine.target_layers[0] is folded.engine.model.get_submodule(target or "layer3")
+    for a, b in results:
+        assert (a.index, a.label) == (b.index, b.label)
+        assert abs(a.score - b.score) < 1e-4
+        assert torch.allclose(a.cam, b.cam, atol=1e-4)
+        assert max(abs(u - v) for u, v in zip(a.box, b.box)) <= 1  # a threshold level may move by rounding
+
+
+def test_fold_batchnorm_on_an_untraceable_model_says_so():
+    class Branchy(SmallCNN):
+        def forward(self, x):
+            if x.mean() > 10:  # data-dependent: torch.fx cannot trace it
+                x = x * 0
+            return super().forward(x)
+
+    localizer = VideoLocalizer(make(Branchy, classes=4), "gradcam", input_size=(32, 32), batch_size=2,
+                               fold_batchnorm=True)
+    with pytest.raises(ValueError, match="cannot trace"):
+        list(localizer.stream(random_frames(2)))
 
 
 def test_frames_of_another_size_mid_stream_start_a_new_batch(model):
@@ -419,6 +453,24 @@ def test_cuda_graph_replay_equals_eager(method):
         replayed = list(graphed.stream(frames))
         assert len(graphed._graphs) == 1  # one capture, replayed for the three batches
         assert [(r.label, r.box) for r in replayed] == [(r.label, r.box) for r in eager]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cuda_graph_replay_of_the_folded_model(bf16):
+    """`--fold-bn` with `--cuda-graph`: the capture records the folded copy (folded before it)."""
+    model = make(MiniResNet, classes=4).cuda().eval().to(memory_format=torch.channels_last)
+    frames = random_frames(12, 48, 64)
+    options = {"input_size": (40, 40), "batch_size": 4, "keep_cams": True, "bf16": bf16}
+    eager = list(VideoLocalizer(model, "gradcam", **options).stream(frames))
+    graphed = VideoLocalizer(model, "gradcam", cuda_graph=True, fold_batchnorm=True, **options)
+    replayed = list(graphed.stream(frames))
+    assert len(graphed._graphs) == 1
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in graphed.engine.model.modules())
+    for a, b in zip(eager, replayed, strict=True):
+        assert a.label == b.label
+        assert torch.allclose(a.cam, b.cam, atol=0.05 if bf16 else 1e-3)
 
 
 def test_moving_digit_clip_is_deterministic_with_exact_boxes():

@@ -1,0 +1,152 @@
+"""fold_batchnorm: the same function with fewer layers, kept modules untouched, the caller's model intact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from _models import MiniResNet, MiniVGGGAP, make
+from rethinkcam_fast import CAMEngine, fold_batchnorm
+
+
+def _batch_norms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def _output_of(model: nn.Module, layer: str, images: torch.Tensor) -> torch.Tensor:
+    seen = {}
+    handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: seen.setdefault("out", o.clone()))
+    try:
+        model(images)
+    finally:
+        handle.remove()
+    return seen["out"]
+
+
+@pytest.fixture
+def resnet():
+    return make(MiniResNet)
+
+
+def test_folds_every_batch_norm_and_computes_the_same(resnet):
+    images = torch.rand(3, 3, 40, 40)
+    before = {k: v.clone() for k, v in resnet.state_dict().items()}
+    folded = fold_batchnorm(resnet)
+    assert _batch_norms(resnet) == 13 and _batch_norms(folded) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(folded(images), resnet(images), atol=1e-5, rtol=1e-5)
+    # the caller's model is untouched: same tensors, same values, its batch norms still there
+    after = resnet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p is not q for p in resnet.parameters() for q in folded.parameters())
+
+
+def test_kept_layer_keeps_its_output_and_is_folded_inside(resnet):
+    images = torch.rand(2, 3, 40, 40)
+    folded = fold_batchnorm(resnet, keep=[resnet.layer2])
+    assert _batch_norms(folded) == 0  # layer2's own batch norms folded too: only its output must hold
+    with torch.no_grad():
+        torch.testing.assert_close(_output_of(folded, "layer2", images), _output_of(resnet, "layer2", images),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_kept_conv_stays_unfolded(resnet):
+    images = torch.rand(2, 3, 40, 40)
+    folded = fold_batchnorm(resnet, keep=["conv1", "layer1.0.conv2"])
+    assert _batch_norms(folded) == 2  # bn1 and layer1.0.bn2 stay after their kept convs
+    with torch.no_grad():
+        for name in ("conv1", "layer1.0.conv2"):
+            torch.testing.assert_close(_output_of(folded, name, images), _output_of(resnet, name, images))
+        torch.testing.assert_close(folded(images), resnet(images), atol=1e-5, rtol=1e-5)
+
+
+def test_nothing_to_fold_returns_a_copy():
+    vgg = make(MiniVGGGAP)  # no batch norm
+    folded = fold_batchnorm(vgg)
+    assert folded is not vgg and _batch_norms(folded) == 0
+    images = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(folded(images), vgg(images))
+
+
+def test_training_mode_batch_norm_is_left_alone(resnet):
+    resnet.train()
+    resnet.layer1[0].bn1.eval()  # one frozen batch norm in a training model folds; the rest do not
+    folded = fold_batchnorm(resnet)
+    assert _batch_norms(folded) == 12
+    assert folded.training and all(m.training for m in folded.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+class _SharedOutput(nn.Module):
+    """The conv's output feeds its batch norm and a skip connection: folding would change the skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.shared_conv = nn.Conv2d(3, 3, 1)
+        self.shared_bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.bn(y) + y
+        # one batch norm called after two convs, and one conv called twice: neither pair may fold
+        return self.shared_bn(self.shared_conv(z)) + self.shared_bn(self.shared_conv(z * 2))
+
+
+def test_outputs_used_elsewhere_and_shared_modules_stay():
+    model = make(_SharedOutput)
+    folded = fold_batchnorm(model)
+    assert _batch_norms(folded) == 2
+    images = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(folded(images), model(images))
+
+
+def test_channels_last_and_bfloat16_weights_keep_their_layout_and_dtype(resnet):
+    model = resnet.to(torch.bfloat16).to(memory_format=torch.channels_last)
+    folded = fold_batchnorm(model)
+    conv = folded.get_submodule("layer1.0.conv1")
+    assert conv.weight.dtype == torch.bfloat16 and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(p.requires_grad for p in folded.parameters())
+    images = torch.rand(2, 3, 40, 40, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(images).float(), model(images).float(), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam", "gradcam++", "layercam"])
+def test_engine_on_the_folded_model_gives_the_same_maps(resnet, method):
+    images = torch.rand(4, 3, 48, 48)
+    folded = fold_batchnorm(resnet, keep=["layer3"])
+    kw = {"backend": "reference", "warn_degenerate": False}
+    ours = CAMEngine(folded, method, "layer3", **kw)(images)
+    theirs = CAMEngine(resnet, method, "layer3", **kw)(images)
+    assert torch.equal(ours.labels, theirs.labels)
+    torch.testing.assert_close(ours.scores, theirs.scores, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.cams, theirs.cams, atol=1e-4, rtol=1e-4)
+
+
+class _ValueBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = -x
+        return self.bn(self.conv(x))
+
+
+def test_bad_input_raises_clear_errors(resnet):
+    with pytest.raises(TypeError, match="nn.Module"):
+        fold_batchnorm("resnet")
+    with pytest.raises(ValueError, match="'layer9' is not a submodule"):
+        fold_batchnorm(resnet, keep=["layer9"])
+    with pytest.raises(ValueError, match="Conv2d is not a submodule"):
+        fold_batchnorm(resnet, keep=[nn.Conv2d(1, 1, 1)])
+    with pytest.raises(ValueError, match="cannot trace _ValueBranch"):
+        fold_batchnorm(make(_ValueBranch))
+    # a kept module that cannot be traced on its own is kept whole
+    outer = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), _ValueBranch()).eval()
+    folded = fold_batchnorm(outer, keep=["2"])
+    assert _batch_norms(folded) == 1 and type(folded.get_submodule("2")) is _ValueBranch
