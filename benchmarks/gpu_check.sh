@@ -22,10 +22,12 @@
 # Not yet run on a GPU: SUITES="evaluate", STAGES="sanitize", and everything built after those calls
 # (the level sweep box kernel, the CUDA weighted_map kernel, CAMEngine.graphed, video's packed
 # transfer and overlapping batches; then the split PaS histogram, Grad-CAM/Grad-CAM++ weights inside
-# the map kernel, GraphedCAM's one-copy boxes, video's NCHW row and batch 256). Planned for the next
-# session, as two back-to-back calls:
+# the map kernel, GraphedCAM's one-copy boxes, video's NCHW row and batch 256; then the launch cache
+# (every Triton launch), batch-norm folding and its video rows, the diffcam ours-triton-launch rows).
+# Planned for the next session, as two back-to-back calls (peer wheels carried: bash
+# benchmarks/peer_wheels.sh, carry benchmarks/peer_wheels):
 #   STAGES="build tests sanitize bench" SUITES="boxes evaluate cam" DEADLINE=560 TESTS_BOX=150 BOX_SANITIZE=60
-#   STAGES="bench profile" SUITES="video diffcam" PROFILE_CASES="--case boxes --case fullycam_b64 --case flm_op" DEADLINE=250
+#   STAGES="bench profile" SUITES="video diffcam" PROFILE_CASES="--case boxes --case fullycam_b64 --case flm_op --case video_b1" BOX_VIDEO=120 DEADLINE=300
 #
 # The device tool returns at most 8 files from $OUT: OUT gets summary.txt (written as the run goes),
 # tests_cuda.txt and gpu_check.tgz (everything: logs, tables, raw JSON), refreshed after every stage

@@ -117,27 +117,32 @@ def _arguments_key(args: tuple) -> tuple:
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` with Triton's Python launch path skipped once this kernel has
     run with arguments of the same specialisation (see above). Constexprs and launch options go as
-    keyword arguments, as at every call site of the package; under Triton's interpreter, with launch
-    hooks installed (profilers such as proton), or with ``RETHINKCAM_FAST_LAUNCH=0``, this is exactly
-    ``kernel[grid](...)``. A kernel's module-level constants are read once, at its first compilation
-    (Triton re-checks them on every launch; the package's are never reassigned)."""
+    keyword arguments, runtime arguments positionally, as at every call site of the package (a call
+    that does otherwise always takes Triton's path). Triton's path is also taken under its
+    interpreter, with launch hooks or pre-run hooks installed (profilers such as proton), or with
+    ``RETHINKCAM_FAST_LAUNCH=0``. The key includes the knobs Triton compiles with (``TRITON_DEBUG``,
+    the instrumentation mode...). A kernel's module-level constants are read once, at its first
+    compilation (Triton re-checks them on every launch; the package's are never reassigned)."""
     if LAUNCH_MODE == "triton" or not isinstance(kernel, _JITFunction):
         kernel[grid](*args, **kwargs)
         return
-    runtime = _knobs.runtime
-    if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
+    runtime, compilation = _knobs.runtime, _knobs.compilation
+    if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook) or kernel.pre_run_hooks:
         kernel[grid](*args, **kwargs)
         return
     active = _driver.active
     device = active.get_current_device()
-    key = (device, _arguments_key(args), tuple(kwargs.items()))
+    # (the knobs that enter Triton's own cache key besides the arguments, read as Triton reads them)
+    knobs = (kernel.debug, runtime.debug, compilation.instrumentation_mode,
+             getattr(compilation, "fpsan_homomorphic_casts", None), getattr(runtime, "add_stages_inspection_hook", None))
+    key = (device, knobs, _arguments_key(args), tuple([(name, type(value), value) for name, value in kwargs.items()]))
     cache = kernel.__dict__.get("_rethinkcam_launch_cache")
     if cache is None:
         cache = kernel.__dict__.setdefault("_rethinkcam_launch_cache", {})
     entry = cache.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **kwargs)  # Triton's path: compiles on a miss of its own cache
-        if not kernel.pre_run_hooks and hasattr(compiled, "packed_metadata"):  # (not an async compile)
+        if hasattr(compiled, "packed_metadata") and _keyable_call(kernel, len(args), kwargs):
             if len(cache) >= _CACHE_LIMIT:
                 cache.clear()
             cache[key] = (compiled, compiled.run, _bound_tail(kernel, len(args), kwargs))
@@ -152,6 +157,18 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     size = len(grid)
     launcher(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, compiled.function,
              compiled.packed_metadata, None, None, None, *args, *tail)
+
+
+def _keyable_call(kernel, positional: int, kwargs: dict) -> bool:
+    """Whether the key describes this call site's specialisation: every positional argument a runtime
+    parameter (keyed as above: a float constexpr passed positionally would be keyed by type only), and
+    every keyword argument a constexpr or a launch option (keyed by type and value: a runtime scalar
+    or tensor passed by keyword is not, and would keep the tensor alive in the key). Checked on a miss."""
+    params = kernel.params
+    if any(param.is_constexpr for param in params[:positional]):
+        return False
+    by_name = {param.name: param for param in params}
+    return all(name not in by_name or by_name[name].is_constexpr for name in kwargs)
 
 
 def _hooked(hook) -> bool:

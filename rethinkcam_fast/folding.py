@@ -15,6 +15,10 @@ targets are the convolutions themselves: nothing before their batch norm can fol
 
 The folded model is a copy (``torch.fx`` traced): the caller's model, its parameters and their
 ``requires_grad`` are untouched, and later updates to the caller's weights do not reach the copy.
+Tracing records tensor operations only, so inside the modules it traces through (those that hold a
+batch norm, kept ones included) a ``torch.no_grad()`` or ``torch.autocast`` block is not kept
+and a branch on ``self.training`` is fixed at the mode the model is in: run such a model unfolded. Hooks cannot be carried into a traced copy either (a forward hook would run
+once, on the tracer's proxies), so a model with hooks is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 
@@ -44,7 +49,26 @@ class _KeepTracer(fx.Tracer):
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     return (type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and not bn.training
-            and bn.track_running_stats and bn.running_mean is not None and bn.num_features == conv.out_channels)
+            and bn.track_running_stats and bn.running_mean is not None and bn.num_features == conv.out_channels
+            and not parametrize.is_parametrized(conv))  # (a parametrized weight is computed, not stored)
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _check_no_hooks(model: nn.Module) -> None:
+    """Refuse a model with module hooks (or global ones): a traced copy cannot keep them."""
+    hooked = [name or type(model).__name__ for name, m in model.named_modules()
+              if any(getattr(m, attr, None) for attr in _HOOKS)]
+    if hooked:
+        raise ValueError(f"fold_batchnorm: {hooked[:5]} {'have' if len(hooked) > 1 else 'has'} hooks, which a traced "
+                         "copy cannot keep (remove them, e.g. detach a CAM tool, or run the model unfolded)")
+    global_hooks = [name for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                      "_global_backward_hooks", "_global_backward_pre_hooks")
+                    if getattr(nn.modules.module, name, None)]
+    if global_hooks:
+        raise ValueError("fold_batchnorm: global module hooks are installed (nn.modules.module.register_module_*_hook), "
+                         "which would run on the tracer's proxies: remove them or run the model unfolded")
 
 
 def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -112,11 +136,12 @@ def fold_batchnorm(model: nn.Module, keep: Iterable[nn.Module | str] = ()) -> nn
         ``model``'s training mode, with the same submodule names for every module it still calls.
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: a ``keep`` entry is not a submodule of ``model``, or the model cannot be traced
-            (the tracer's message is included).
+        ValueError: a ``keep`` entry is not a submodule of ``model`` or is not called by its forward,
+            the model has hooks, or it cannot be traced (the tracer's message is included).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_no_hooks(model)
     names = {id(m): name for name, m in model.named_modules()}
     kept_names = []
     for entry in keep:
@@ -142,7 +167,10 @@ def fold_batchnorm(model: nn.Module, keep: Iterable[nn.Module | str] = ()) -> nn
     for name in sorted(set(kept.values()), key=len):
         if any(name.startswith(other + ".") for other in kept.values() if other != name):
             continue
-        inner = folded.get_submodule(name)
+        try:
+            inner = folded.get_submodule(name)
+        except AttributeError:  # (a traced copy holds only the modules its forward calls)
+            raise ValueError(f"keep: {name!r} is not called by {type(model).__name__}'s forward") from None
         inner_keep = {id(inner.get_submodule(n[len(name) + 1:])) for n in kept.values() if n.startswith(name + ".")}
         if inner_keep or not any(isinstance(m, nn.BatchNorm2d) for m in inner.modules()):
             continue

@@ -19,9 +19,11 @@ input.
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -124,6 +126,7 @@ def read_frames(source: str | int, report: DecodeReport | None = None) -> Iterat
 
 
 NOT_READY = object()  # prefetch(..., poll=True): the next frame is not decoded yet
+_NO_FRAME = object()  # an empty source
 
 
 def prefetch(frames: Iterable, depth: int, *, poll: bool = False) -> Iterator:
@@ -299,6 +302,10 @@ class VideoLocalizer:
         engine_options["boxes"] = False
         self.engine = CAMEngine(model, method, **engine_options)
         self._engine_options = engine_options
+        if fold_batchnorm and method == "fullycam" and engine_options.get("target_layers") is None:
+            warnings.warn("fold_batchnorm=True does nothing for method='fullycam' with its default target layers: "
+                          "every convolution is a target, so no batch norm can fold into one", stacklevel=2)
+            fold_batchnorm = False
         self._fold_pending = bool(fold_batchnorm)
         percentile_threshold(torch.zeros(0, 1, 1), self.pas_q, self.pas_theta)  # validate q and theta now
         self.channels = input_channels(model)
@@ -339,6 +346,8 @@ class VideoLocalizer:
     def explain(self, batch_u8: Tensor, targets: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Device ``uint8 [B, H, W, 3]`` -> ``(labels, scores, cams [B, H, W], PaS thresholds)``, all on
         the device, no host sync (so that it can be captured in a CUDA graph)."""
+        if self._fold_pending:
+            self._fold_model(batch_u8, targets)
         images = self.preprocess(batch_u8)
         self.engine.output_size = (batch_u8.shape[1], batch_u8.shape[2])  # maps in the frame's own pixels
         # No cast cache: under a caller's enclosing autocast the cached bf16 weights would outlive this
@@ -377,16 +386,23 @@ class VideoLocalizer:
 
     def _fold_model(self, batch_u8: Tensor, targets: int | None) -> None:
         """Swap the engine for one on a batch-norm-folded copy of the model, with the same target layers
-        (the default one found first, by one call on the batch's first frame) and classifier kept."""
-        self._fold_pending = False
+        (the default one found first, by one call on the batch's first frame) and classifier kept.
+        Tracing patches ``nn.Module.__call__`` process-wide while it runs: the stream folds before its
+        decode thread starts (which may run modules of the caller's frame source)."""
         engine = self.engine
-        if engine.target_layers is None:
-            self.explain(batch_u8[:1], targets)
-        names = [engine.layer_name(layer) for layer in engine.target_layers]
-        classifier = self._engine_options.get("classifier")
-        folded = fold_batchnorm(self.model, names + ([] if classifier is None else [classifier]))
+        self._fold_pending = False  # (the call below must not fold again)
+        try:
+            if engine.target_layers is None:
+                self.explain(batch_u8[:1], targets)
+            names = [engine.layer_name(layer) for layer in engine.target_layers]
+            classifier = self._engine_options.get("classifier")
+            inside = classifier is not None and any(m is classifier for m in self.model.modules())
+            folded = fold_batchnorm(self.model, names + ([classifier] if inside else []))
+        except BaseException:
+            self._fold_pending = True  # not folded: a later batch tries again (and fails the same way)
+            raise
         options = dict(self._engine_options, target_layers=names)
-        if classifier is not None:
+        if inside:
             options["classifier"] = folded.get_submodule(engine.layer_name(classifier))
         self.engine = CAMEngine(folded, engine.method, **options)
 
@@ -410,6 +426,13 @@ class VideoLocalizer:
                 received are localized and yielded first.
             targets: a class index to explain in every frame (default: each frame's top-1).
         """
+        if self._fold_pending:  # on the first frame, before the decode thread starts (see _fold_model)
+            frames = iter(frames)
+            head = next(frames, _NO_FRAME)
+            if head is _NO_FRAME:
+                return
+            self._fold_model(self._to_device([_as_hwc_uint8(head, 0)]), targets)
+            frames = itertools.chain([head], frames)
         pending: list[Tensor] = []
         first = 0
         index = 0

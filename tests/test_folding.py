@@ -150,3 +150,27 @@ def test_bad_input_raises_clear_errors(resnet):
     outer = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), _ValueBranch()).eval()
     folded = fold_batchnorm(outer, keep=["2"])
     assert _batch_norms(folded) == 1 and type(folded.get_submodule("2")) is _ValueBranch
+
+
+def test_hooks_unused_kept_modules_and_parametrized_convs(resnet):
+    handle = resnet.layer1.register_forward_hook(lambda m, i, o: None)
+    with pytest.raises(ValueError, match=r"\['layer1'\] has hooks"):
+        fold_batchnorm(resnet)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        with pytest.raises(ValueError, match="global module hooks"):
+            fold_batchnorm(resnet)
+    finally:
+        handle.remove()
+    resnet.unused = nn.Conv2d(3, 3, 1)  # a submodule the forward never calls
+    with pytest.raises(ValueError, match="'unused' is not called"):
+        fold_batchnorm(resnet, keep=["unused"])
+    del resnet.unused
+    # a parametrized weight is computed from others on every call: that conv keeps its batch norm
+    torch.nn.utils.parametrizations.weight_norm(resnet.conv1)
+    folded = fold_batchnorm(resnet)
+    assert _batch_norms(folded) == 1 and isinstance(folded.get_submodule("bn1"), nn.BatchNorm2d)
+    images = torch.rand(2, 3, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(images), resnet(images), atol=1e-5, rtol=1e-5)

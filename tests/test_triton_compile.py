@@ -99,7 +99,8 @@ def test_launch_cache_launches_what_triton_launches(compile_runs):
     every scenario, run through Triton's path and then twice through the cache (its verify mode asks Triton
     which compiled kernel it would pick, and raises on a difference), must make the same launches: same
     kernels, grids and arguments, in order, the last run entirely from the cache (unaligned inputs
-    included). sm_90's kernels are already compiled."""
+    included); and the rules for the calls it must leave to Triton (``launch_rules``). sm_90's kernels
+    are already compiled."""
     proc, out, err, _report, cache = compile_runs[90]
     assert proc.returncode == 0, f"sm_90 did not compile:\n{err[-3000:]}"
     check = subprocess.run([sys.executable, str(SCRIPT), "--arch", "90", "--sms", str(TARGETS[90]), "--launch-check"],
@@ -108,3 +109,6 @@ def test_launch_cache_launches_what_triton_launches(compile_runs):
     checked = [line for line in check.stdout.splitlines() if line.startswith("launch check ")]
     assert len(checked) >= 9, check.stdout
     assert all(line.split("from the cache: ")[1].split("/")[0] == line.split("/")[-1] for line in checked), check.stdout
+    # ... and it stays out of the way where its key could not tell specialisations apart (a constexpr
+    # passed positionally, a runtime argument by keyword, a changed TRITON_DEBUG, a pre-run hook)
+    assert "launch rules: 5 of 5 hold" in check.stdout, check.stdout

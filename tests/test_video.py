@@ -91,6 +91,37 @@ def test_folded_batch_norms_give_the_same_results(method, target):
         assert max(abs(u - v) for u, v in zip(a.box, b.box)) <= 1  # a threshold level may move by rounding
 
 
+def test_folding_happens_before_the_decode_thread_and_in_explain(monkeypatch):
+    """torch.fx patches nn.Module.__call__ process-wide while it traces: the stream folds on the first
+    frame, before its decode thread (which runs the caller's frame source) starts."""
+    from rethinkcam_fast import video as video_module
+
+    resnet = make(MiniResNet, classes=4)
+    localizer = VideoLocalizer(resnet, "gradcam", input_size=(40, 40), batch_size=2, fold_batchnorm=True)
+    seen = []
+    original = video_module.prefetch
+
+    def watched(*args, **kwargs):
+        seen.append(localizer._fold_pending)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(video_module, "prefetch", watched)
+    assert len(list(localizer.stream(random_frames(3)))) == 3
+    assert seen == [False]
+    assert list(localizer.stream([])) == []
+    direct = VideoLocalizer(resnet, "gradcam", input_size=(40, 40), fold_batchnorm=True)
+    direct.explain(torch.from_numpy(np.stack(random_frames(2))))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in direct.engine.model.modules())
+
+
+def test_fold_batchnorm_with_fullycam_defaults_warns_and_runs_unfolded():
+    resnet = make(MiniResNet, classes=4)
+    with pytest.warns(UserWarning, match="does nothing for method='fullycam'"):
+        localizer = VideoLocalizer(resnet, "fullycam", input_size=(40, 40), fold_batchnorm=True)
+    assert len(list(localizer.stream(random_frames(2)))) == 2
+    assert localizer.engine.model is resnet
+
+
 def test_fold_batchnorm_on_an_untraceable_model_says_so():
     class Branchy(SmallCNN):
         def forward(self, x):
@@ -101,6 +132,8 @@ def test_fold_batchnorm_on_an_untraceable_model_says_so():
     localizer = VideoLocalizer(make(Branchy, classes=4), "gradcam", input_size=(32, 32), batch_size=2,
                                fold_batchnorm=True)
     with pytest.raises(ValueError, match="cannot trace"):
+        list(localizer.stream(random_frames(2)))
+    with pytest.raises(ValueError, match="cannot trace"):  # not silently unfolded on a second try
         list(localizer.stream(random_frames(2)))
 
 

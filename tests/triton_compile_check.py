@@ -351,6 +351,82 @@ def _argument_signature(arg):
     return type(arg).__name__, arg
 
 
+@triton.jit
+def _probe_kernel(x_ptr, n, scale, BLOCK: triton.language.constexpr, SHIFT: triton.language.constexpr):
+    """A small kernel for the launch cache's rules (launch_rules)."""
+    offsets = triton.language.arange(0, BLOCK)
+    mask = offsets < n
+    value = triton.language.load(x_ptr + offsets, mask=mask)
+    triton.language.store(x_ptr + offsets, value * scale + SHIFT, mask=mask)
+
+
+def launch_rules() -> list[str]:
+    """The cases where ``rethinkcam_fast._triton.launch`` must not use its cache, checked by counting
+    the launches that go through Triton's path (``JITFunction.run`` without warm-up): a constexpr passed
+    positionally (keyed by type, so 2.0 and 3.0 would share a kernel), a runtime argument passed by
+    keyword, a knob Triton compiles with changed after a kernel was cached, pre-run hooks; and the
+    plain case, which must use it."""
+    import rethinkcam_fast._triton as triton_support
+    from triton import knobs
+
+    through_triton = 0
+    original = JITFunction.run
+
+    def counted(self, *args, grid, warmup, **kwargs):
+        nonlocal through_triton
+        through_triton += not warmup
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    problems = []
+    x = torch.zeros(64)
+    cases = {
+        "plain (cached after the first call)": (lambda: triton_support.launch(
+            _probe_kernel, (1,), x, 64, 2.0, BLOCK=64, SHIFT=1.0), 1),
+        "a constexpr passed positionally": (lambda: triton_support.launch(
+            _probe_kernel, (1,), x, 64, 2.0, 64, 1.0), 3),
+        "a runtime argument passed by keyword": (lambda: triton_support.launch(
+            _probe_kernel, (1,), x, 64, scale=2.0, BLOCK=64, SHIFT=1.0), 3),
+    }
+    mode = triton_support.LAUNCH_MODE
+    triton_support.LAUNCH_MODE = "fast"
+    JITFunction.run = counted
+    try:
+        for what, (call, expected) in cases.items():
+            _probe_kernel.__dict__.pop("_rethinkcam_launch_cache", None)
+            through_triton = 0
+            for _ in range(3):
+                call()
+            if through_triton != expected:
+                problems.append(f"launch rules, {what}: {through_triton} of 3 launches through Triton, expected {expected}")
+        plain = cases["plain (cached after the first call)"][0]
+        plain()  # cached (from the first case) with the knobs as they are
+        debug = knobs.runtime.debug
+        try:
+            knobs.runtime.debug = not debug
+            through_triton = 0
+            plain()
+            plain()
+            if through_triton != 1:
+                problems.append(f"launch rules, TRITON_DEBUG changed: {through_triton} of 2 launches through Triton "
+                                "(expected 1: the first, which compiles the other specialisation)")
+        finally:
+            knobs.runtime.debug = debug
+        calls = []
+        plain()  # cached with the knobs restored
+        _probe_kernel.pre_run_hooks.append(lambda *args, **kwargs: calls.append(1))
+        try:
+            plain()
+            if not calls:
+                problems.append("launch rules: a pre-run hook added after the kernel was cached did not run")
+        finally:
+            _probe_kernel.pre_run_hooks.clear()
+    finally:
+        JITFunction.run = original
+        triton_support.LAUNCH_MODE = mode
+    print(f"launch rules: {len(cases) + 2 - len(problems)} of {len(cases) + 2} hold")
+    return problems
+
+
 def launch_check(names: list[str]) -> list[str]:
     """Runs each scenario three times with a launcher that records every launch: through Triton's launch
     path (``LAUNCH_MODE = "triton"``), then twice through ``rethinkcam_fast._triton.launch`` in its verify
@@ -438,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     triton_support.LAUNCH_MODE = "triton"  # every launch through JITFunction.run, which compiles only
     _launch.multiprocessor_count = lambda device: args.sms
     if args.launch_check:
-        problems = launch_check(args.scenario or list(SCENARIOS))
+        problems = launch_check(args.scenario or list(SCENARIOS)) + launch_rules()
         for problem in problems:
             print(f"LAUNCH CHECK FAILED: {problem}", file=sys.stderr)
         return 1 if problems else 0
