@@ -16,7 +16,8 @@ from rethinkcam_fast import CAMEngine, flm_fuse
 from rethinkcam_fast.ops import flm_fuse as flm_mod
 from rethinkcam_fast.ops import map_epilogue as epi
 
-BACKENDS = ["reference", pytest.param("triton", marks=requires_triton)]
+# "auto" on the CPU: the C++ kernels (FLM reduction forward and backward) around the PyTorch epilogue
+BACKENDS = ["reference", "auto", pytest.param("triton", marks=requires_triton)]
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 
 
@@ -247,6 +248,47 @@ def test_degenerate_layers_and_nan(backend):
     assert all(torch.isfinite(g).all() for g in got)
     single = flm_fuse([acts[1][:1]], [grads[1][:1]], (6, 6), backend=backend)
     torch.testing.assert_close(out[0], single[0])  # image 0 is layer 1's map alone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "strided"])
+def test_cpu_native_reduction_backward_equals_the_reference(dtype, layout):
+    """The C++ backward of the FLM reduction gives the reference's values (NaN where it has NaN, the
+    sign of every zero), in the inputs' layout, whatever the thread count: an image whose map got no
+    gradient gives zeros even against inf, a zero gradient against inf gives NaN as 0 * inf does."""
+    kernel = rethinkcam_fast._native.cpu_kernel("flm_reduce_backward")
+    if kernel is None:
+        pytest.skip("the C++ extension is not built")
+    gen = torch.Generator().manual_seed(1)
+    shape = (3, 37, 6, 7)
+    if layout == "strided":  # neither NCHW nor channels_last: the kernel's strided loop
+        a = torch.randn(3, 6, 7, 37, generator=gen).permute(0, 3, 2, 1).transpose(2, 3).to(dtype)
+    else:
+        a = torch.randn(shape, generator=gen).to(dtype)
+    g = torch.randn(shape, generator=gen).to(dtype)
+    if layout == "nhwc":
+        a, g = a.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
+    grad_maps = torch.randn(3, 6, 7, generator=gen)
+    grad_maps[1] = 0  # a dead image, with an inf and a NaN in its inputs
+    grad_maps[1, 0, 0] = -0.0
+    a[1, 0, 0, 0], g[1, 2, 3, 3] = float("inf"), float("nan")
+    grad_maps[2, 2, 2] = -0.0  # 0 * inf in a live image: NaN, as PyTorch computes it
+    a[2, 5, 2, 2], g[2, 6, 2, 2] = float("inf"), float("-inf")
+    a[0, 1, 2, 3], g[0, 3, 4, 5] = float("nan"), float("nan")
+    want = flm_mod.flm_reduce_backward_reference(grad_maps, a, g)
+    assert want[1][2, 5, 2, 2].isnan()  # (the case is there: -0 * inf)
+    threads = torch.get_num_threads()
+    try:
+        for num_threads in (1, 2):
+            torch.set_num_threads(num_threads)
+            got = flm_mod.flm_reduce_backward_native(kernel, grad_maps, a, g)
+            for x, y in zip(got, want):
+                assert x.dtype == y.dtype and x.shape == y.shape and x.stride() == y.stride()
+                assert torch.equal(x.isnan(), y.isnan())
+                assert torch.equal(x.nan_to_num(), y.nan_to_num())
+                assert torch.equal(x.signbit() & ~x.isnan(), y.signbit() & ~y.isnan())
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_bad_input_raises_clear_errors():

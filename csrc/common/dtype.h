@@ -235,6 +235,37 @@ RCAM_HD acc_t<T> tap_threshold(acc_t<T> m, acc_t<T> tau) {
   return round_to<T>(m * tau);
 }
 
+// Raw bit patterns of each storage and accumulation type, for branch-free selects and stores
+// (a value ANDed with an all-ones or all-zeros mask: the value or +0, whatever the value is).
+template <typename T>
+struct RawType;
+template <>
+struct RawType<float> {
+  using type = uint32_t;
+};
+template <>
+struct RawType<double> {
+  using type = uint64_t;
+};
+template <>
+struct RawType<half_t> {
+  using type = uint16_t;
+};
+template <>
+struct RawType<bf16_t> {
+  using type = uint16_t;
+};
+template <typename T>
+using raw_t = typename RawType<T>::type;
+
+template <typename T>
+inline raw_t<T> to_raw(T v) {
+  raw_t<T> r;
+  static_assert(sizeof(r) == sizeof(v), "raw size mismatch");
+  std::memcpy(&r, &v, sizeof(r));
+  return r;
+}
+
 // Host-side dispatch on a dtype code: calls f with a value of the storage type (float, double,
 // half_t or bf16_t); an unknown code throws through check_dtype.
 template <typename F>

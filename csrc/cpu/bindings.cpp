@@ -20,6 +20,7 @@
 #include "levels.h"
 #include "pixel_histogram.h"
 #include "tap.h"
+#include "flm_reduce_backward.h"
 #include "weighted_map.h"
 
 namespace py = pybind11;
@@ -228,6 +229,25 @@ PYBIND11_MODULE(_C, m) {
       "out: float32 [N, S] <- sum_k relu(G) * A (mode 1, LayerCAM) or sum_k relu(G) * relu(A) (mode 2,\n"
       "FLM), then a ReLU if relu.  A and G: one dtype (0=f32, 1=f64, 2=f16, 3=bf16), element strides\n"
       "over the logical [N, K, S] view (NCHW and channels_last are read in place).");
+
+  m.def(
+      "flm_reduce_backward",
+      [](uintptr_t grad_maps_ptr, uintptr_t a_ptr, uintptr_t g_ptr, uintptr_t da_ptr, uintptr_t dg_ptr, int64_t N,
+         int64_t K, int64_t S, const std::vector<int64_t>& a_strides, const std::vector<int64_t>& g_strides,
+         const std::vector<int64_t>& da_strides, const std::vector<int64_t>& dg_strides, int dtype, int num_threads) {
+        for (const auto* v : {&a_strides, &g_strides, &da_strides, &dg_strides}) {
+          if (v->size() != 3) throw std::invalid_argument("flm_reduce_backward: strides are (n, k, s) triples");
+        }
+        rcam::cpu::flm_reduce_backward(as_ptr<const void>(grad_maps_ptr), as_ptr<const void>(a_ptr),
+                                       as_ptr<const void>(g_ptr), as_ptr<void>(da_ptr), as_ptr<void>(dg_ptr), N, K, S,
+                                       a_strides.data(), g_strides.data(), da_strides.data(), dg_strides.data(),
+                                       dtype, num_threads);
+      },
+      py::arg("grad_maps_ptr"), py::arg("a_ptr"), py::arg("g_ptr"), py::arg("da_ptr"), py::arg("dg_ptr"), py::arg("N"),
+      py::arg("K"), py::arg("S"), py::arg("a_strides"), py::arg("g_strides"), py::arg("da_strides"),
+      py::arg("dg_strides"), py::arg("dtype"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+      "dA, dG [N, K, S] (strided, the inputs' dtype) <- the backward of M = sum_k relu(G) relu(A) for dM\n"
+      "(contiguous [N, S], float64 for float64 tensors, float32 otherwise); an image with dM == 0 gets zeros.");
 
   m.def(
       "fuse_maps",

@@ -42,36 +42,6 @@ constexpr int kLanes = 8;
 template <typename A>
 using count_t = std::conditional_t<sizeof(A) == 4, int32_t, int64_t>;
 
-// Raw bit patterns used for the branch-free stores in the backward pass.
-template <typename T>
-struct RawType;
-template <>
-struct RawType<float> {
-  using type = uint32_t;
-};
-template <>
-struct RawType<double> {
-  using type = uint64_t;
-};
-template <>
-struct RawType<half_t> {
-  using type = uint16_t;
-};
-template <>
-struct RawType<bf16_t> {
-  using type = uint16_t;
-};
-template <typename T>
-using raw_t = typename RawType<T>::type;
-
-template <typename T>
-inline raw_t<T> to_raw(T v) {
-  raw_t<T> r;
-  static_assert(sizeof(r) == sizeof(v), "raw size mismatch");
-  std::memcpy(&r, &v, sizeof(r));
-  return r;
-}
-
 // Channels per tile for the channels_last paths.  Each s step reads one contiguous run of `tile`
 // channels.  Long runs keep the hardware prefetchers streaming: measured on a 2-core Xeon, runs
 // short enough for a tile's slab to stay in L2 between the two forward passes (at a stride of

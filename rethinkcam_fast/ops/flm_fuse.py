@@ -22,9 +22,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _native
 from .._triton import cdiv, launch, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, output_size_arg
-from ._launch import check_backend, device_guard, use_triton
+from ._launch import check_backend, device_guard, flat_spatial, use_triton
 from .class_activation_map import MODE_FLM, channel_reduce_triton, tl_acc
 from .fuse_maps import FUSE_MODES
 from .map_epilogue import (
@@ -35,7 +36,7 @@ from .map_epilogue import (
     map_epilogue_reference,
 )
 from .tap import _grad_buffer, _memory_format, _tile_config
-from .weighted_map import relu_nan_to_zero
+from .weighted_map import relu_nan_to_zero, weighted_map_native
 
 
 def flm_reduce_reference(activation: Tensor, gradient: Tensor) -> Tensor:
@@ -111,17 +112,49 @@ def flm_reduce_backward_reference(grad_maps: Tensor, activation: Tensor, gradien
             d_grad.contiguous(memory_format=_memory_format(gradient)))
 
 
+def _native_cpu(name: str, activation: Tensor, gradient: Tensor, backend: str, float64: bool):
+    """The C++ CPU kernel ``name`` when it runs this call: ``backend="auto"``, CPU tensors of one dtype
+    the kernel takes (``float64``: whether float64 is one), and the extension built."""
+    if (backend != "auto" or activation.device.type != "cpu" or gradient.dtype != activation.dtype
+            or activation.dtype not in _native.NATIVE_DTYPE_CODES or (activation.dtype == torch.float64 and not float64)):
+        return None
+    return _native.cpu_kernel(name)
+
+
 def _flm_reduce_impl(activation: Tensor, gradient: Tensor, backend: str) -> Tensor:
     if use_triton("flm_fuse", backend, activation.device):
         with device_guard(activation):
             return channel_reduce_triton(activation, MODE_FLM, gradients=gradient)
+    # (the C++ kernel sums in float32 whatever the dtype; the reference sums float64 in float64)
+    kernel = _native_cpu("weighted_map_grad", activation, gradient, backend, float64=False)
+    if kernel is not None:
+        return weighted_map_native(kernel, activation, gradient, "flm", False)
     return flm_reduce_reference(activation, gradient)
+
+
+def flm_reduce_backward_native(kernel, grad_maps: Tensor, activation: Tensor, gradient: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`flm_reduce_backward_reference`'s results from the C++ kernel: one pass over the inputs
+    and the outputs (the reference makes eight full-size passes and four temporaries), equal bit for bit."""
+    n, k, h, w = activation.shape
+    grad = grad_maps.to(acc_dtype(activation, gradient)).contiguous()
+    d_act = torch.empty_like(activation, memory_format=_memory_format(activation))
+    d_grad = torch.empty_like(gradient, memory_format=_memory_format(gradient))
+    a, *a_strides = flat_spatial(activation)
+    g, *g_strides = flat_spatial(gradient)
+    _, *da_strides = flat_spatial(d_act)
+    _, *dg_strides = flat_spatial(d_grad)
+    kernel(grad.data_ptr(), a.data_ptr(), g.data_ptr(), d_act.data_ptr(), d_grad.data_ptr(), n, k, h * w, a_strides,
+           g_strides, da_strides, dg_strides, _native.NATIVE_DTYPE_CODES[a.dtype], _native.kernel_last_arg(a))
+    return d_act, d_grad
 
 
 def _flm_reduce_backward_impl(grad_maps, activation, gradient, backend) -> tuple[Tensor, Tensor]:
     if use_triton("flm_fuse", backend, activation.device):
         with device_guard(activation):
             return flm_reduce_backward_triton(grad_maps, activation, gradient)
+    kernel = _native_cpu("flm_reduce_backward", activation, gradient, backend, float64=True)
+    if kernel is not None:
+        return flm_reduce_backward_native(kernel, grad_maps, activation, gradient)
     return flm_reduce_backward_reference(grad_maps, activation, gradient)
 
 
@@ -232,7 +265,9 @@ def flm_fuse(
         gradients: ``dy_c/dA_l`` per layer, each the shape of its activation.
         output_size: ``(H, W)`` of the maps.
         fuse: ``"sum"`` (Fully-CAM) or ``"max"`` (LayerCAM-style; tied layers share the gradient).
-        backend: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA; on the CPU the C++ kernels of the per-layer reduction, one
+            dtype for activations and gradients, the float64 forward in PyTorch; else PyTorch),
+            ``"triton"`` or ``"reference"`` (PyTorch).
     Returns:
         ``Tensor[N, H, W]`` in ``[0, 1]``, float32 (float64 when an input is float64). A constant or
         non-finite layer map contributes zeros (and gets zero gradient); a constant fused map is zeros.
@@ -267,6 +302,7 @@ __all__ = [
     "flm_fuse_reference",
     "flm_reduce",
     "flm_reduce_backward",
+    "flm_reduce_backward_native",
     "flm_reduce_backward_reference",
     "flm_reduce_backward_triton",
     "flm_reduce_reference",
