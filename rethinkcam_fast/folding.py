@@ -170,7 +170,10 @@ def fold_batchnorm(model: nn.Module, keep: Iterable[nn.Module | str] = ()) -> nn
         try:
             inner = folded.get_submodule(name)
         except AttributeError:  # (a traced copy holds only the modules its forward calls)
-            raise ValueError(f"keep: {name!r} is not called by {type(model).__name__}'s forward") from None
+            inner = None
+        if type(inner) is not type(twin.get_submodule(name)):  # absent, or only its parameters read
+            raise ValueError(f"keep: {name!r} is not called as a module by {type(model).__name__}'s forward "
+                             "(a traced copy keeps only the modules its forward calls)")
         inner_keep = {id(inner.get_submodule(n[len(name) + 1:])) for n in kept.values() if n.startswith(name + ".")}
         if inner_keep or not any(isinstance(m, nn.BatchNorm2d) for m in inner.modules()):
             continue

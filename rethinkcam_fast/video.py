@@ -19,7 +19,6 @@ input.
 
 from __future__ import annotations
 
-import itertools
 import os
 import queue
 import threading
@@ -126,16 +125,17 @@ def read_frames(source: str | int, report: DecodeReport | None = None) -> Iterat
 
 
 NOT_READY = object()  # prefetch(..., poll=True): the next frame is not decoded yet
-_NO_FRAME = object()  # an empty source
 
 
-def prefetch(frames: Iterable, depth: int, *, poll: bool = False) -> Iterator:
+def prefetch(frames: Iterable, depth: int, *, poll: bool = False, gate: threading.Event | None = None) -> Iterator:
     """Iterate ``frames`` in a background thread, at most ``depth`` items ahead (decode overlaps compute).
 
     Exceptions of the producer are re-raised in the consumer, at the point they happened. With
     ``poll``, :data:`NOT_READY` is yielded (once) before waiting for an item that is not there yet, so
     that the consumer can do other work first (the stream hands out finished results instead of
-    holding them while a live source is slow).
+    holding them while a live source is slow). With ``gate``, the producer hands over the first item,
+    then waits for the gate to be set before it asks the source for the next one (the source stays
+    on the producer's thread throughout, with whatever thread-local state it sets).
     """
     items: queue.Queue = queue.Queue(maxsize=max(1, depth))
     done = object()
@@ -143,13 +143,16 @@ def prefetch(frames: Iterable, depth: int, *, poll: bool = False) -> Iterator:
 
     def produce() -> None:
         try:
-            for item in frames:
+            for count, item in enumerate(frames):
                 while not stop.is_set():
                     try:
                         items.put(("item", item), timeout=0.1)
                         break
                     except queue.Full:
                         continue
+                if count == 0 and gate is not None:
+                    while not gate.wait(0.1) and not stop.is_set():
+                        pass
                 if stop.is_set():
                     return
             items.put(("done", done))
@@ -246,9 +249,9 @@ class VideoLocalizer:
         fold_batchnorm: run a copy of the model with its eval-mode batch norms folded into the
             convolutions before them (:func:`rethinkcam_fast.fold_batchnorm`), the target layers kept
             as they are, so the maps are the same up to float rounding and a ResNet50 runs 53 kernels
-            fewer a forward. The copy is made at the first batch (after one call that finds the
+            fewer a forward. The copy is made on the first frame (after one call that finds the
             default target layer, if none was given): weight changes to ``model`` after that do not
-            reach it. The model must be traceable by ``torch.fx`` (a clear error at the first batch
+            reach it. The model must be traceable by ``torch.fx`` (a clear error at the first frame
             otherwise).
     """
 
@@ -387,8 +390,8 @@ class VideoLocalizer:
     def _fold_model(self, batch_u8: Tensor, targets: int | None) -> None:
         """Swap the engine for one on a batch-norm-folded copy of the model, with the same target layers
         (the default one found first, by one call on the batch's first frame) and classifier kept.
-        Tracing patches ``nn.Module.__call__`` process-wide while it runs: the stream folds before its
-        decode thread starts (which may run modules of the caller's frame source)."""
+        Tracing patches ``nn.Module.__call__`` process-wide while it runs: the stream holds its decode
+        thread (which may run modules of the caller's frame source) until the fold is done."""
         engine = self.engine
         self._fold_pending = False  # (the call below must not fold again)
         try:
@@ -398,13 +401,13 @@ class VideoLocalizer:
             classifier = self._engine_options.get("classifier")
             inside = classifier is not None and any(m is classifier for m in self.model.modules())
             folded = fold_batchnorm(self.model, names + ([classifier] if inside else []))
+            options = dict(self._engine_options, target_layers=names)
+            if inside:
+                options["classifier"] = folded.get_submodule(engine.layer_name(classifier))
+            self.engine = CAMEngine(folded, engine.method, **options)
         except BaseException:
             self._fold_pending = True  # not folded: a later batch tries again (and fails the same way)
             raise
-        options = dict(self._engine_options, target_layers=names)
-        if inside:
-            options["classifier"] = folded.get_submodule(engine.layer_name(classifier))
-        self.engine = CAMEngine(folded, engine.method, **options)
 
     def _collect(self, job: _InFlight) -> list[FrameResult]:
         """Wait for a submitted batch's results, cut its boxes on the host, one result per frame."""
@@ -426,13 +429,12 @@ class VideoLocalizer:
                 received are localized and yielded first.
             targets: a class index to explain in every frame (default: each frame's top-1).
         """
-        if self._fold_pending:  # on the first frame, before the decode thread starts (see _fold_model)
-            frames = iter(frames)
-            head = next(frames, _NO_FRAME)
-            if head is _NO_FRAME:
-                return
-            self._fold_model(self._to_device([_as_hwc_uint8(head, 0)]), targets)
-            frames = itertools.chain([head], frames)
+        # Folding traces the model, which patches nn.Module.__call__ process-wide: the decode thread
+        # holds the source back after the first frame until the fold on that frame is done (see
+        # _fold_model), and the source itself never leaves the decode thread.
+        gate = threading.Event()
+        if not self._fold_pending:
+            gate.set()
         pending: list[Tensor] = []
         first = 0
         index = 0
@@ -460,11 +462,15 @@ class VideoLocalizer:
             yield from drain()
 
         try:
-            for frame in prefetch(frames, self.prefetch_frames, poll=True):
+            for frame in prefetch(frames, self.prefetch_frames, poll=True, gate=gate):
                 if frame is NOT_READY:  # the source is slower than the device: hand out what is done
                     yield from drain()
                     continue
                 hwc = _as_hwc_uint8(frame, index)
+                if not gate.is_set():  # the first frame: fold on it, then let the source go on
+                    if self._fold_pending:
+                        self._fold_model(self._to_device([hwc]), targets)
+                    gate.set()
                 if pending and hwc.shape != pending[0].shape:  # another size: close the batch first
                     # (pending is emptied before any result is handed out: once submitted, a batch is
                     # in flight, and an error while results are yielded must not submit it again)

@@ -254,21 +254,22 @@ def test_degenerate_layers_and_nan(backend):
 @pytest.mark.parametrize("layout", ["nchw", "nhwc", "strided"])
 def test_cpu_native_reduction_backward_equals_the_reference(dtype, layout):
     """The C++ backward of the FLM reduction gives the reference's values (NaN where it has NaN, the
-    sign of every zero), in the inputs' layout, whatever the thread count: an image whose map got no
-    gradient gives zeros even against inf, a zero gradient against inf gives NaN as 0 * inf does."""
+    sign of every zero for inputs without -0.0), in the inputs' layout, whatever the thread count: an
+    image whose map got no gradient gives zeros even against inf, a zero gradient against inf gives
+    NaN as 0 * inf does. Mismatched shapes at the (public, unchecked) custom op go to the reference."""
     kernel = rethinkcam_fast._native.cpu_kernel("flm_reduce_backward")
     if kernel is None:
         pytest.skip("the C++ extension is not built")
     gen = torch.Generator().manual_seed(1)
-    shape = (3, 37, 6, 7)
+    shape = (3, 37, 40, 41)  # over 131,072 elements: two threads share the work when two are allowed
     if layout == "strided":  # neither NCHW nor channels_last: the kernel's strided loop
-        a = torch.randn(3, 6, 7, 37, generator=gen).permute(0, 3, 2, 1).transpose(2, 3).to(dtype)
+        a = torch.randn(3, 40, 41, 37, generator=gen).permute(0, 3, 2, 1).transpose(2, 3).to(dtype)
     else:
         a = torch.randn(shape, generator=gen).to(dtype)
     g = torch.randn(shape, generator=gen).to(dtype)
     if layout == "nhwc":
         a, g = a.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
-    grad_maps = torch.randn(3, 6, 7, generator=gen)
+    grad_maps = torch.randn(3, 40, 41, generator=gen)
     grad_maps[1] = 0  # a dead image, with an inf and a NaN in its inputs
     grad_maps[1, 0, 0] = -0.0
     a[1, 0, 0, 0], g[1, 2, 3, 3] = float("inf"), float("nan")
@@ -289,6 +290,13 @@ def test_cpu_native_reduction_backward_equals_the_reference(dtype, layout):
                 assert torch.equal(x.signbit() & ~x.isnan(), y.signbit() & ~y.isnan())
     finally:
         torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError):  # [4, h*w] maps: the reference's broadcasting fails, no C++ read
+        torch.ops.rethinkcam_fast.flm_reduce_backward(grad_maps.flatten(1), a, g, "auto")
+    one = torch.ops.rethinkcam_fast.flm_reduce_backward(grad_maps[:1], a, g, "auto")  # broadcast, as the reference
+    want = flm_mod.flm_reduce_backward_reference(grad_maps[:1], a, g)
+    assert all(torch.equal(x.nan_to_num(), y.nan_to_num()) for x, y in zip(one, want))
+    with pytest.raises(RuntimeError):
+        torch.ops.rethinkcam_fast.flm_reduce(a, g[:1, :, :, :5], "auto")
 
 
 def test_bad_input_raises_clear_errors():

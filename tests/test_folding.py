@@ -164,9 +164,18 @@ def test_hooks_unused_kept_modules_and_parametrized_convs(resnet):
     finally:
         handle.remove()
     resnet.unused = nn.Conv2d(3, 3, 1)  # a submodule the forward never calls
-    with pytest.raises(ValueError, match="'unused' is not called"):
+    with pytest.raises(ValueError, match="'unused' is not called as a module"):
         fold_batchnorm(resnet, keep=["unused"])
     del resnet.unused
+
+    class ReadsWeights(MiniResNet):  # the classifier's parameters read directly: fx keeps no Linear
+        def forward(self, x):
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            x = torch.flatten(self.avgpool(self.layer3(self.layer2(self.layer1(x)))), 1)
+            return nn.functional.linear(x, self.fc.weight, self.fc.bias)
+
+    with pytest.raises(ValueError, match="'fc' is not called as a module"):
+        fold_batchnorm(make(ReadsWeights), keep=["fc"])
     # a parametrized weight is computed from others on every call: that conv keeps its batch norm
     torch.nn.utils.parametrizations.weight_norm(resnet.conv1)
     folded = fold_batchnorm(resnet)

@@ -91,23 +91,27 @@ def test_folded_batch_norms_give_the_same_results(method, target):
         assert max(abs(u - v) for u, v in zip(a.box, b.box)) <= 1  # a threshold level may move by rounding
 
 
-def test_folding_happens_before_the_decode_thread_and_in_explain(monkeypatch):
-    """torch.fx patches nn.Module.__call__ process-wide while it traces: the stream folds on the first
-    frame, before its decode thread (which runs the caller's frame source) starts."""
-    from rethinkcam_fast import video as video_module
+def test_folding_holds_the_source_on_its_thread_and_explain_folds_too():
+    """torch.fx patches nn.Module.__call__ process-wide while it traces: the stream's decode thread
+    hands over the first frame, the stream folds on it, and only then does the source (which may run
+    modules) go on. The source never runs on the caller's thread, so its thread-local state (here a
+    no_grad block around its yields) stays its own."""
+    import threading
 
     resnet = make(MiniResNet, classes=4)
     localizer = VideoLocalizer(resnet, "gradcam", input_size=(40, 40), batch_size=2, fold_batchnorm=True)
-    seen = []
-    original = video_module.prefetch
+    log = []
 
-    def watched(*args, **kwargs):
-        seen.append(localizer._fold_pending)
-        return original(*args, **kwargs)
+    def source():
+        with torch.no_grad():
+            for frame in random_frames(3):
+                folded = not any(isinstance(m, torch.nn.BatchNorm2d) for m in localizer.engine.model.modules())
+                log.append((threading.current_thread() is threading.main_thread(), folded))
+                yield frame
 
-    monkeypatch.setattr(video_module, "prefetch", watched)
-    assert len(list(localizer.stream(random_frames(3)))) == 3
-    assert seen == [False]
+    assert len(list(localizer.stream(source()))) == 3
+    assert log == [(False, False), (False, True), (False, True)]
+    assert torch.is_grad_enabled()
     assert list(localizer.stream([])) == []
     direct = VideoLocalizer(resnet, "gradcam", input_size=(40, 40), fold_batchnorm=True)
     direct.explain(torch.from_numpy(np.stack(random_frames(2))))
@@ -185,7 +189,7 @@ def test_overlapped_batches_submit_the_next_batch_before_collecting_and_keep_the
 
     import rethinkcam_fast.video as video
 
-    monkeypatch.setattr(video, "prefetch", lambda items, depth, poll=False: iter(items))
+    monkeypatch.setattr(video, "prefetch", lambda items, depth, poll=False, gate=None: iter(items))
     results = list(localizer.stream(eager_source()))
     assert [(r.index, r.label, r.box, r.score) for r in results] == [(r.index, r.label, r.box, r.score) for r in sequential]
     assert events[:5] == [("submit", 0), ("submit", 2), ("collect", 0), ("submit", 4), ("collect", 2)]
@@ -207,7 +211,7 @@ def test_an_error_while_results_are_handed_out_never_repeats_a_frame(model, monk
     monkeypatch.setattr(localizer, "_collect", flaky)
     import rethinkcam_fast.video as video
 
-    monkeypatch.setattr(video, "prefetch", lambda items, depth, poll=False: iter(items))
+    monkeypatch.setattr(video, "prefetch", lambda items, depth, poll=False, gate=None: iter(items))
     seen = []
     with pytest.raises(RuntimeError, match="cutting the boxes failed"):
         for result in localizer.stream(random_frames(6)):

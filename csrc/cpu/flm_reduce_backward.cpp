@@ -2,7 +2,8 @@
 // every element converted to the accumulation type (float32, or float64 for float64 tensors), the
 // products formed in the reference's order, ``(dM * relu(x)) * mask`` with the mask 0 or 1 (so a NaN
 // or inf product stays NaN where the mask is 0, as in PyTorch), then rounded once to the tensors'
-// dtype. Results are equal bit for bit to the reference's and do not depend on num_threads.
+// dtype. Results equal the reference's values and NaN positions (relu(-0.0) is +0 here, -0.0 in the
+// reference's fmax, as in the Triton kernel; NaN payloads may differ) and do not depend on num_threads.
 //
 // Layouts: when both inputs and both outputs have stride_s == 1 (NCHW) a work item is one (n, k)
 // row over the pixels; otherwise one (n, s) pixel over the channels (a contiguous run in

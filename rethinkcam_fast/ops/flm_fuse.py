@@ -112,11 +112,19 @@ def flm_reduce_backward_reference(grad_maps: Tensor, activation: Tensor, gradien
             d_grad.contiguous(memory_format=_memory_format(gradient)))
 
 
-def _native_cpu(name: str, activation: Tensor, gradient: Tensor, backend: str, float64: bool):
+def _native_cpu(name: str, activation: Tensor, gradient: Tensor, backend: str, float64: bool,
+                grad_maps: Tensor | None = None):
     """The C++ CPU kernel ``name`` when it runs this call: ``backend="auto"``, CPU tensors of one dtype
-    the kernel takes (``float64``: whether float64 is one), and the extension built."""
-    if (backend != "auto" or activation.device.type != "cpu" or gradient.dtype != activation.dtype
-            or activation.dtype not in _native.NATIVE_DTYPE_CODES or (activation.dtype == torch.float64 and not float64)):
+    the kernel takes (``float64``: whether float64 is one) and of matching shapes (the low-level custom
+    ops are public and unchecked: other shapes go to the reference, which broadcasts or raises as
+    PyTorch does), and the extension built."""
+    if (backend != "auto" or activation.device.type != "cpu" or gradient.device.type != "cpu"
+            or gradient.dtype != activation.dtype or activation.dtype not in _native.NATIVE_DTYPE_CODES
+            or (activation.dtype == torch.float64 and not float64) or activation.dim() != 4
+            or gradient.shape != activation.shape):
+        return None
+    if grad_maps is not None and (grad_maps.device.type != "cpu" or not grad_maps.is_floating_point()
+                                  or grad_maps.shape != (activation.shape[0], *activation.shape[2:])):
         return None
     return _native.cpu_kernel(name)
 
@@ -134,7 +142,9 @@ def _flm_reduce_impl(activation: Tensor, gradient: Tensor, backend: str) -> Tens
 
 def flm_reduce_backward_native(kernel, grad_maps: Tensor, activation: Tensor, gradient: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`flm_reduce_backward_reference`'s results from the C++ kernel: one pass over the inputs
-    and the outputs (the reference makes eight full-size passes and four temporaries), equal bit for bit."""
+    and the outputs (the reference makes eight full-size passes and four temporaries), the same values
+    and NaN positions (a -0.0 in A or G gives +0.0 where the reference's ``fmax`` keeps -0.0, as the
+    Triton kernel does; NaN payload bits may differ)."""
     n, k, h, w = activation.shape
     grad = grad_maps.to(acc_dtype(activation, gradient)).contiguous()
     d_act = torch.empty_like(activation, memory_format=_memory_format(activation))
@@ -152,7 +162,7 @@ def _flm_reduce_backward_impl(grad_maps, activation, gradient, backend) -> tuple
     if use_triton("flm_fuse", backend, activation.device):
         with device_guard(activation):
             return flm_reduce_backward_triton(grad_maps, activation, gradient)
-    kernel = _native_cpu("flm_reduce_backward", activation, gradient, backend, float64=True)
+    kernel = _native_cpu("flm_reduce_backward", activation, gradient, backend, float64=True, grad_maps=grad_maps)
     if kernel is not None:
         return flm_reduce_backward_native(kernel, grad_maps, activation, gradient)
     return flm_reduce_backward_reference(grad_maps, activation, gradient)
