@@ -299,6 +299,19 @@ def test_cpu_native_reduction_backward_equals_the_reference(dtype, layout):
         torch.ops.rethinkcam_fast.flm_reduce(a, g[:1, :, :, :5], "auto")
 
 
+def test_cpu_native_reduction_backward_on_an_input_expanded_along_the_pixels():
+    kernel = rethinkcam_fast._native.cpu_kernel("flm_reduce_backward")
+    if kernel is None:
+        pytest.skip("the C++ extension is not built")
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(2, 9, 1, 1, generator=gen).expand(2, 9, 12, 13)  # stride 0 along h and w
+    g = torch.randn(2, 9, 12, 13, generator=gen)
+    grad_maps = torch.randn(2, 12, 13, generator=gen)
+    for x, y in zip(flm_mod.flm_reduce_backward_native(kernel, grad_maps, a, g),
+                    flm_mod.flm_reduce_backward_reference(grad_maps, a, g)):
+        assert torch.equal(x, y) and x.is_contiguous()
+
+
 def test_bad_input_raises_clear_errors():
     (a,), (g,) = make_layers([(2, 3, 4, 4)], torch.float32)
     with pytest.raises(ValueError, match=r"gradients\[0\] must have the shape of activations\[0\]"):

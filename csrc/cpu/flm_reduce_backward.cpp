@@ -5,10 +5,10 @@
 // dtype. Results equal the reference's values and NaN positions (relu(-0.0) is +0 here, -0.0 in the
 // reference's fmax, as in the Triton kernel; NaN payloads may differ) and do not depend on num_threads.
 //
-// Layouts: when both inputs and both outputs have stride_s == 1 (NCHW) a work item is one (n, k)
-// row over the pixels; otherwise one (n, s) pixel over the channels (a contiguous run in
-// channels_last, strided in anything else). The unit-stride loops are separate instantiations so
-// that they vectorise. Each element is written by one thread.
+// Layouts: when both outputs have stride_s == 1 (NCHW) a work item is one (n, k) row over the
+// pixels; otherwise one (n, s) pixel over the channels (a contiguous run in channels_last, strided in
+// anything else); inputs are read with their own strides. The unit-stride loops are separate
+// instantiations so that they vectorise. Each element is written by one thread.
 #include "flm_reduce_backward.h"
 
 #include <cstdint>
@@ -105,10 +105,11 @@ struct Pass {
 template <typename T>
 void run(const Pass<T>& p, int64_t N, int64_t K, int64_t S, int num_threads) {
   const int threads = effective_threads(N * K * S, num_threads, 65536);
-  // NCHW-like (pixels adjacent in every tensor): a work item is one (n, k) row over the pixels;
-  // otherwise (channels_last, or anything else) one (n, s) pixel over the channels.
-  const bool rows = p.as.s == 1 && p.gs.s == 1 && p.das.s == 1 && p.dgs.s == 1 &&
-                    !(p.as.k == 1 && p.gs.k == 1 && p.das.k == 1 && p.dgs.k == 1);
+  // The outputs' layout decides (they are written once, the inputs' layout follows them in every
+  // common case): NCHW outputs take one (n, k) row over the pixels per work item, channels_last ones
+  // one (n, s) pixel over the channels. Inputs of another layout (a view, an input expanded along the
+  // pixels) are read with their strides either way.
+  const bool rows = p.das.s == 1 && p.dgs.s == 1 && !(p.das.k == 1 && p.dgs.k == 1);
   if (rows) {
     parallel_for(0, N * K, threads, [&](int64_t b, int64_t e) {
       for (int64_t item = b; item < e; ++item) p.item(item / K, item % K, 0, S, true);
