@@ -24,6 +24,22 @@ def environment(name: str, value: str):
             os.environ[name] = previous
 
 
+def through_triton_launch_path(fn):
+    """``fn`` with every Triton launch through Triton's own launch path (``RETHINKCAM_FAST_LAUNCH=0``)
+    instead of the package's launch cache (``rethinkcam_fast._triton.launch``): a row that measures,
+    in the same run, what the cache saves."""
+    import rethinkcam_fast._triton as triton_support
+
+    def run():
+        mode, triton_support.LAUNCH_MODE = triton_support.LAUNCH_MODE, "triton"
+        try:
+            return fn()
+        finally:
+            triton_support.LAUNCH_MODE = mode
+
+    return run
+
+
 @contextlib.contextmanager
 def torch_threads(count: int):
     """``torch.set_num_threads(count)`` inside the block (the native kernels follow it too)."""

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _baselines import eager_cam, eager_flm
-from _common import bench_device, device_name, quick, synchronize
+from _common import bench_device, device_name, quick, synchronize, through_triton_launch_path
 from _models import build
 from torch import nn
 
@@ -133,21 +133,6 @@ def _graphed(step):
     return graph.replay
 
 
-def _through_triton_launch_path(step):
-    """``step`` with every Triton launch through Triton's own launch path (``RETHINKCAM_FAST_LAUNCH=0``)
-    instead of the package's launch cache: the same run measures what the cache saves."""
-    import rethinkcam_fast._triton as triton_support
-
-    def run():
-        mode, triton_support.LAUNCH_MODE = triton_support.LAUNCH_MODE, "triton"
-        try:
-            return step()
-        finally:
-            triton_support.LAUNCH_MODE = mode
-
-    return run
-
-
 @pytest.mark.parametrize("provider", ["eager", "ours", "ours-triton-launch", "eager-graph", "ours-graph"])
 @pytest.mark.parametrize("op,build,dtype,variant", OP_CASES, ids=lambda v: getattr(v, "__name__", str(v)))
 def test_op_fwd_bwd(benchmark, op, build, dtype, variant, provider):
@@ -160,7 +145,7 @@ def test_op_fwd_bwd(benchmark, op, build, dtype, variant, provider):
         pytest.skip("CUDA graphs need a GPU; the CPU path launches no Triton kernel")
     group, step = build(dtype, variant, provider.removesuffix("-graph").removesuffix("-triton-launch"))
     if provider == "ours-triton-launch":
-        step = _through_triton_launch_path(step)
+        step = through_triton_launch_path(step)
     # (the graphed rows are their own table, against the graphed eager formulation)
     _measure(benchmark, group, provider, "eager-graph" if graphed else "eager",
              f"{op} fwd+bwd" + (", CUDA graph" if graphed else ""), _graphed(step) if graphed else step,

@@ -38,6 +38,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import triton_compile_check as offline  # noqa: E402  (pops TRITON_INTERPRET before triton is imported)
 
+from _common import through_triton_launch_path  # noqa: E402
+
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -68,22 +70,6 @@ def count_launches_and_ops(fn) -> tuple[int, int]:
     with Counter() as counter:
         fn()
     return _LAUNCHES[0] - before, counter.ops
-
-
-def with_triton_launch_path(fn):
-    """``fn`` with every launch through Triton's own launch path (``RETHINKCAM_FAST_LAUNCH=0``) instead of
-    the package's launch cache (``rethinkcam_fast._triton.launch``)."""
-    import rethinkcam_fast._triton as triton_support
-
-    def run():
-        mode = triton_support.LAUNCH_MODE
-        triton_support.LAUNCH_MODE = "triton"
-        try:
-            fn()
-        finally:
-            triton_support.LAUNCH_MODE = mode
-
-    return run
 
 
 def count_python_calls(fn) -> int:
@@ -285,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
           f"ops counted in one call; Triton's launch path up to its C launcher, no GPU (sm_{args.arch} stand-in)\n")
     for name in args.case or list(CASES):
         title, providers = CASES[name]()
-        providers["ours-triton-launch"] = with_triton_launch_path(providers["ours"])
+        providers["ours-triton-launch"] = through_triton_launch_path(providers["ours"])
         baseline = next(iter(providers))
         measured = {}
         for provider, fn in providers.items():

@@ -29,8 +29,9 @@ from collections.abc import Iterable
 
 import torch
 from torch import fx, nn
-from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+from .ops.tap import _memory_format
 
 
 class _KeepTracer(fx.Tracer):
@@ -48,9 +49,10 @@ class _KeepTracer(fx.Tracer):
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    # (exactly nn.Conv2d: a parametrized conv, whose weight is computed rather than stored, has its own
+    # class, ParametrizedConv2d)
     return (type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and not bn.training
-            and bn.track_running_stats and bn.running_mean is not None and bn.num_features == conv.out_channels
-            and not parametrize.is_parametrized(conv))  # (a parametrized weight is computed, not stored)
+            and bn.track_running_stats and bn.running_mean is not None and bn.num_features == conv.out_channels)
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -75,17 +77,14 @@ def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A copy of ``conv`` computing ``bn(conv(x))``: the arithmetic in float64 (``fuse_conv_bn_weights``),
     then the conv's own dtype, device, memory format and ``requires_grad``."""
     weight = conv.weight
-    bias = conv.bias
-    double = {"dtype": torch.float64}
-    fused_weight, fused_bias = fuse_conv_bn_weights(
-        weight.detach().to(**double), None if bias is None else bias.detach().to(**double),
-        bn.running_mean.to(**double), bn.running_var.to(**double), bn.eps,
-        None if bn.weight is None else bn.weight.detach().to(**double),
-        None if bn.bias is None else bn.bias.detach().to(**double))
+
+    def double(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().double()
+
+    fused_weight, fused_bias = fuse_conv_bn_weights(double(weight), double(conv.bias), double(bn.running_mean),
+                                                    double(bn.running_var), bn.eps, double(bn.weight), double(bn.bias))
     folded = copy.deepcopy(conv)
-    layout = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) and weight.dim() == 4 \
-        and not weight.is_contiguous() else torch.contiguous_format
-    folded.weight = nn.Parameter(fused_weight.to(weight.dtype).contiguous(memory_format=layout),
+    folded.weight = nn.Parameter(fused_weight.to(weight.dtype).contiguous(memory_format=_memory_format(weight)),
                                  requires_grad=weight.requires_grad)
     folded.bias = nn.Parameter(fused_bias.to(weight.dtype), requires_grad=weight.requires_grad)
     return folded

@@ -370,8 +370,6 @@ class VideoLocalizer:
         """Enqueue a batch: frames to the device, the (replayed or eager) explain, its packed results
         to pinned host memory; returns without waiting for the device (on CUDA)."""
         batch_u8 = self._to_device(frames)
-        if self._fold_pending:  # before any capture: a capture must record the folded model
-            self._fold_model(batch_u8, targets)
         if self.cuda_graph and len(frames) == self.batch_size:
             key = tuple(batch_u8.shape) + (-1 if targets is None else int(targets),)
             if key not in self._graphs:
@@ -467,9 +465,8 @@ class VideoLocalizer:
                     yield from drain()
                     continue
                 hwc = _as_hwc_uint8(frame, index)
-                if not gate.is_set():  # the first frame: fold on it, then let the source go on
-                    if self._fold_pending:
-                        self._fold_model(self._to_device([hwc]), targets)
+                if not gate.is_set():  # the first frame: fold on it (before any batch or capture), then
+                    self._fold_model(self._to_device([hwc]), targets)  # let the source go on
                     gate.set()
                 if pending and hwc.shape != pending[0].shape:  # another size: close the batch first
                     # (pending is emptied before any result is handed out: once submitted, a batch is

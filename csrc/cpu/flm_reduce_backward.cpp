@@ -51,6 +51,7 @@ struct Pass {
   T* dg;
   Strides as, gs, das, dgs;
   const std::vector<uint8_t>* dead;
+  int64_t S;  // pixels an image (dM's row length)
 
   // ``count`` elements of image n from (k, s), stepping by the given strides in each tensor, all
   // under the same dM value (a row: one k, consecutive s) or a run of dM values (a pixel run is one
@@ -77,7 +78,7 @@ struct Pass {
     const T* pg = g + n * gs.n + k * gs.k + s * gs.s;
     T* pda = da + n * das.n + k * das.k + s * das.s;
     T* pdg = dg + n * dgs.n + k * dgs.k + s * dgs.s;
-    const Acc* row = dm + n * s_total + s;
+    const Acc* row = dm + n * S + s;
     const bool is_dead = (*dead)[static_cast<size_t>(n)] != 0;
     if (over_s) {  // consecutive pixels of one channel: dM steps with the pixel
       spans<1>(pa, pg, pda, pdg, count, as.s, gs.s, das.s, dgs.s, row, is_dead);
@@ -99,7 +100,6 @@ struct Pass {
     }
   }
 
-  int64_t s_total = 0;
 };
 
 template <typename T>
@@ -147,10 +147,9 @@ void flm_reduce_backward(const void* grad_maps, const void* a, const void* g, vo
       }
     }
     const auto strides = [](const int64_t* v) { return Strides{v[0], v[1], v[2]}; };
-    Pass<T> pass{dm, static_cast<const T*>(a), static_cast<const T*>(g), static_cast<T*>(d_a),
-                 static_cast<T*>(d_g), strides(a_strides), strides(g_strides), strides(da_strides),
-                 strides(dg_strides), &dead};
-    pass.s_total = S;
+    const Pass<T> pass{dm, static_cast<const T*>(a), static_cast<const T*>(g), static_cast<T*>(d_a),
+                       static_cast<T*>(d_g), strides(a_strides), strides(g_strides), strides(da_strides),
+                       strides(dg_strides), &dead, S};
     run<T>(pass, N, K, S, num_threads);
   });
 }
