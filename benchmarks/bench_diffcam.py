@@ -82,6 +82,11 @@ def _fwd_bwd(fn, inputs, grad_out):
     return step
 
 
+def _backend(provider: str) -> str:
+    """``ours-reference``: the op on its pure-PyTorch path (on the CPU: without the C++ kernels)."""
+    return "reference" if provider == "ours-reference" else "auto"
+
+
 def cam_case(dtype: str, layout: str, provider: str):
     """``(group, step)``: forward+backward of one CAM provider on ResNet50 layer4 shapes."""
     torch.manual_seed(0)
@@ -95,7 +100,8 @@ def cam_case(dtype: str, layout: str, provider: str):
     if provider == "eager":
         fn = lambda: eager_cam(features, weight, labels, SIZE)  # noqa: E731
     else:
-        fn = lambda: class_activation_map(features, weight, labels, output_size=SIZE)  # noqa: E731
+        backend = _backend(provider)
+        fn = lambda: class_activation_map(features, weight, labels, output_size=SIZE, backend=backend)  # noqa: E731
     return f"cam {CAM_BATCH}x2048x7x7->224 {dtype} {layout}", _fwd_bwd(fn, [features, weight], grad_out)
 
 
@@ -110,7 +116,8 @@ def flm_case(dtype: str, fuse: str, provider: str):
     if provider == "eager":
         fn = lambda: eager_flm(acts, grads, SIZE, fuse)  # noqa: E731
     else:
-        fn = lambda: flm_fuse(acts, grads, SIZE, fuse)  # noqa: E731
+        backend = _backend(provider)
+        fn = lambda: flm_fuse(acts, grads, SIZE, fuse, backend=backend)  # noqa: E731
     group = f"flm {FLM_BATCH}x[{','.join(f'{k}x{s}²' for k, s in FLM_LAYERS)}]->224 {dtype} {fuse}"
     return group, _fwd_bwd(fn, acts + grads, grad_out)
 
@@ -133,16 +140,20 @@ def _graphed(step):
     return graph.replay
 
 
-@pytest.mark.parametrize("provider", ["eager", "ours", "ours-triton-launch", "eager-graph", "ours-graph"])
+@pytest.mark.parametrize("provider", ["eager", "ours", "ours-reference", "ours-triton-launch", "eager-graph",
+                                      "ours-graph"])
 @pytest.mark.parametrize("op,build,dtype,variant", OP_CASES, ids=lambda v: getattr(v, "__name__", str(v)))
 def test_op_fwd_bwd(benchmark, op, build, dtype, variant, provider):
     """``class_activation_map`` (variant: layout) and ``flm_fuse`` (variant: fusion) against eager;
+    ``ours-reference`` (CPU): ours on the pure-PyTorch path, without the C++ kernels;
     ``ours-triton-launch``: ours with every kernel launched through Triton's Python launch path;
     ``*-graph``: both captured in a CUDA graph, as a training step under CUDA graphs runs them (the
     host's per-op work gone: what is left is GPU time)."""
     graphed = provider.endswith("-graph")
     if (graphed or provider == "ours-triton-launch") and not CUDA:
         pytest.skip("CUDA graphs need a GPU; the CPU path launches no Triton kernel")
+    if provider == "ours-reference" and CUDA:
+        pytest.skip("the C++ kernels are the CPU path's: on a GPU ours is the Triton path")
     group, step = build(dtype, variant, provider.removesuffix("-graph").removesuffix("-triton-launch"))
     if provider == "ours-triton-launch":
         step = through_triton_launch_path(step)
@@ -232,7 +243,8 @@ def interleaved(rounds: int = 15) -> None:
     per provider and the ratio of the minima — robust where other jobs share the CPU (medians are not)."""
     import time
 
-    cases = [[build(dtype, variant, p) for p in ("eager", "ours")] for _, build, dtype, variant in OP_CASES]
+    providers = ("eager", "ours") if CUDA else ("eager", "ours", "ours-reference")
+    cases = [[build(dtype, variant, p) for p in providers] for _, build, dtype, variant in OP_CASES]
     cases += [[train_case(p) for p in TRAIN_PROVIDERS]]
     print(f"device: {RUN_INFO['device']} | torch {torch.__version__} | min / median of {rounds} interleaved rounds")
     for case in cases:

@@ -13,7 +13,8 @@ import rethinkcam_fast
 from rethinkcam_fast import CAMEngine, class_activation_map
 from rethinkcam_fast.ops import class_activation_map as cam_mod
 
-BACKENDS = ["reference", pytest.param("triton", marks=requires_triton)]
+# "auto" on the CPU: the C++ epilogue kernels (forward and backward) around the PyTorch reduction
+BACKENDS = ["reference", "auto", pytest.param("triton", marks=requires_triton)]
 # Per-dtype tolerance, relative to the largest magnitude of the compared tensor.
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 
@@ -236,11 +237,12 @@ def test_exports():
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_torch_compile_fullgraph_forward_and_backward(backend):
     features, weight, labels = make_inputs((2, 3, 3, 4), 4, torch.float32, seed=8)
 
     def loss(f, w):
-        return class_activation_map(f, w, labels, True, (6, 7), backend="reference").square().mean()
+        return class_activation_map(f, w, labels, True, (6, 7), backend=backend).square().mean()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     got = torch.autograd.grad(compiled(features, weight), (features, weight))

@@ -16,7 +16,7 @@ from rethinkcam_fast import CAMEngine, flm_fuse
 from rethinkcam_fast.ops import flm_fuse as flm_mod
 from rethinkcam_fast.ops import map_epilogue as epi
 
-# "auto" on the CPU: the C++ kernels (FLM reduction forward and backward) around the PyTorch epilogue
+# "auto" on the CPU: the C++ kernels (FLM reduction and epilogue, forward and backward)
 BACKENDS = ["reference", "auto", pytest.param("triton", marks=requires_triton)]
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 
@@ -64,6 +64,25 @@ def check_against_oracle(acts, grads, size, fuse, backend, tol=None):
 SHAPES = [(2, 4, 3, 3), (2, 3, 6, 5), (2, 70, 2, 2)]
 
 
+def epilogue_forward(backend):
+    """The epilogue's forward as ``backend`` runs it on these (CPU) maps."""
+    if backend == "triton":
+        return epi.map_epilogue_triton
+    if backend == "auto":
+        assert rethinkcam_fast._native.cpu_kernel("map_epilogue_forward") is not None  # (not the reference)
+    return lambda maps, size, fuse, normalize=True: epi.epilogue_forward_impl(maps, size, fuse, normalize, backend)
+
+
+def epilogue_backward(backend):
+    """The epilogue's backward as ``backend`` runs it on these (CPU) maps."""
+    if backend == "triton":
+        return epi.map_epilogue_backward_triton
+    if backend == "auto":
+        assert rethinkcam_fast._native.cpu_kernel("map_epilogue_backward") is not None
+    return lambda grad, maps, size, fuse, normalize=True: epi.epilogue_backward_impl(grad, maps, size, fuse,
+                                                                                     normalize, backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
@@ -109,20 +128,89 @@ EPILOGUE_CASES = [
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sizes,out_size,fuse,normalize", EPILOGUE_CASES, ids=str)
 def test_epilogue_backward_is_exact(backend, sizes, out_size, fuse, normalize):
-    """The written-out backward (reference) and the Triton kernels against autograd through the
+    """The written-out backward (reference), the C++ kernels (auto) and the Triton kernels against autograd through the
     differentiable reference forward, in float64."""
     gen = torch.Generator().manual_seed(len(sizes))
     maps = [torch.rand((2, *s), generator=gen, dtype=torch.float64, requires_grad=True) for s in sizes]
     want_out, _ = epi.map_epilogue_reference(maps, out_size, fuse, normalize)
     grad_out = torch.randn(want_out.shape, generator=gen, dtype=torch.float64)
     want = torch.autograd.grad(want_out, maps, grad_out)
-    impl = epi.map_epilogue_backward_reference if backend == "reference" else epi.map_epilogue_backward_triton
-    got = impl(grad_out, [m.detach() for m in maps], out_size, fuse, normalize)
+    got = epilogue_backward(backend)(grad_out, [m.detach() for m in maps], out_size, fuse, normalize)
+    assert len(got) == len(want)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
-    if backend == "triton":
-        out, _ = epi.map_epilogue_triton([m.detach() for m in maps], out_size, fuse, normalize)
-        torch.testing.assert_close(out, want_out, atol=1e-12, rtol=0)
+    out, _ = epilogue_forward(backend)([m.detach() for m in maps], out_size, fuse, normalize)
+    torch.testing.assert_close(out, want_out, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("sizes,fuse,normalize", [([(5, 6)], "sum", False), ([(5, 6)], "sum", True),
+                                                  ([(5, 6), (3, 3), (9, 8), (1, 1)], "sum", True),
+                                                  ([(5, 6), (3, 3), (9, 8), (1, 1)], "max", True)], ids=str)
+def test_cpu_native_epilogue_equals_the_reference_on_edge_cases(dtype, sizes, fuse, normalize):
+    """The C++ epilogue against the reference's forward (values, degenerate flags) and its written-out
+    backward (NaN positions too; test_epilogue_backward_is_exact holds both to autograd): constant, NaN, inf and 1x1 source maps, a float64 map constant at float32 resolution (the
+    reference judges constancy in float32), ties at the extremes and between layers, a NaN upstream
+    gradient, a 1x1 output; results equal whatever the thread count."""
+    forward, backward = epilogue_forward("auto"), epilogue_backward("auto")
+    gen = torch.Generator().manual_seed(21)
+    maps = [torch.rand((7, *s), generator=gen, dtype=torch.float64).to(dtype) for s in sizes]
+    maps[0][1] = 0.25  # constant
+    maps[0][2, 1, 1] = float("nan")
+    maps[0][3, 2, 2] = float("inf")
+    maps[0][4] = torch.round(maps[0][4] * 2) / 2  # ties at the minimum and the maximum
+    if dtype == torch.float64:
+        maps[0][5] = 0.5 + 1e-12 * torch.rand((1, *sizes[0]), generator=gen, dtype=dtype)  # constant in float32
+    if len(maps) > 1:
+        maps[1][6] = maps[0][6, :3, :3]
+    # The plateau of image 4 ties exactly in both at a dyadic scale (10x12 from layer 0's 5x6); at 33x70
+    # F.interpolate's rounding leaves some of its pixels an ulp below the maximum (the kernel's lerp
+    # keeps them tied), so there image 4's gradients are not compared.
+    for size in [(1, 1), (10, 12), (33, 70)] if normalize else [(1, 1), (17, 12)]:
+        compared = [n for n in range(7) if size != (33, 70) or n != 4]
+        want, want_degenerate = epi.map_epilogue_reference(maps, size, fuse, normalize)
+        grad_out = torch.randn(want.shape, generator=gen, dtype=dtype)
+        grad_out[0, 0, 0] = float("nan")  # NaN sums: NaN at the pixel and at image 0's extremes
+        wanted = epi.map_epilogue_backward_reference(grad_out, maps, size, fuse, normalize)
+        threads = torch.get_num_threads()
+        try:
+            results = []
+            for num_threads in (1, 2):
+                torch.set_num_threads(num_threads)
+                out, degenerate = forward(maps, size, fuse, normalize)
+                results.append((out, degenerate, backward(grad_out, maps, size, fuse, normalize)))
+        finally:
+            torch.set_num_threads(threads)
+        (out, degenerate, got), (out2, degenerate2, got2) = results
+        assert torch.equal(out.isnan(), out2.isnan()) and torch.equal(out.nan_to_num(), out2.nan_to_num())
+        assert torch.equal(degenerate, degenerate2)
+        assert all(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+                   for a, b in zip(got, got2))
+        assert out.dtype == want.dtype and torch.equal(degenerate, want_degenerate)
+        torch.testing.assert_close(out, want, atol=1e-6 if dtype == torch.float32 else 1e-12, rtol=0, equal_nan=True)
+        assert len(got) == (len(maps) if normalize else 1)
+        for g, w in zip(got, wanted):
+            g, w = g[compared], w[compared]
+            assert torch.equal(g.isnan(), w.isnan())
+            scale = float(w.nan_to_num().abs().max()) or 1.0
+            torch.testing.assert_close(g, w, atol=(1e-5 if dtype == torch.float32 else 1e-12) * scale, rtol=0,
+                                       equal_nan=True)
+        if normalize and not want_degenerate[0]:  # (a 1x1 output is constant: degenerate, zero gradient)
+            assert torch.isnan(got[0][0]).any() and not torch.isnan(got[0][1:]).any()
+
+
+@pytest.mark.parametrize("fuse", ["sum", "max"])
+def test_cpu_native_epilogue_forward_equals_the_engines_fuse_maps_bit_for_bit(fuse):
+    """On the CPU the differentiable forward (float32) and the engine's inference epilogue compute the
+    same values: one upsampling (exact on plateaus), one normalisation, one fusion order."""
+    gen = torch.Generator().manual_seed(23)
+    maps = [torch.rand((3, *s), generator=gen) for s in [(7, 7), (14, 14), (4, 5)]]
+    maps[0][1] = torch.round(maps[0][1] * 2) / 2  # plateaus at the extremes
+    maps[1][2] = 0.5  # a constant layer
+    for layers in (maps[:1], maps):
+        want = rethinkcam_fast.fuse_maps(layers, (33, 70), fuse=fuse)
+        got = epilogue_forward("auto")(layers, (33, 70), fuse)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @requires_triton
@@ -184,8 +272,7 @@ def test_ties_between_layers_and_degenerate_layers(backend):
         want_out, _ = epi.map_epilogue_reference(maps, (6, 8), fuse)
         grad_out = torch.randn(want_out.shape, generator=gen, dtype=torch.float64)
         want = torch.autograd.grad(want_out, maps, grad_out)
-        impl = epi.map_epilogue_backward_reference if backend == "reference" else epi.map_epilogue_backward_triton
-        got = impl(grad_out, [m.detach() for m in maps], (6, 8), fuse)
+        got = epilogue_backward(backend)(grad_out, [m.detach() for m in maps], (6, 8), fuse)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
         torch.testing.assert_close(got[0], got[1])  # identical layers: equal shares

@@ -18,6 +18,7 @@
 #include "fuse_maps.h"
 #include "level_sweep_emulated.h"
 #include "levels.h"
+#include "map_epilogue.h"
 #include "pixel_histogram.h"
 #include "tap.h"
 #include "flm_reduce_backward.h"
@@ -30,6 +31,18 @@ namespace {
 template <typename P>
 P* as_ptr(uintptr_t p) {
   return reinterpret_cast<P*>(p);
+}
+
+// Per-layer pointers, checked against the per-layer sizes.
+template <typename P>
+std::vector<P*> pointer_list(const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& heights,
+                             const std::vector<int64_t>& widths) {
+  if (heights.size() != ptrs.size() || widths.size() != ptrs.size()) {
+    throw std::invalid_argument("rethinkcam_fast: map pointers, heights and widths differ in length");
+  }
+  std::vector<P*> out;
+  for (uintptr_t p : ptrs) out.push_back(as_ptr<P>(p));
+  return out;
 }
 
 }  // namespace
@@ -254,11 +267,7 @@ PYBIND11_MODULE(_C, m) {
       [](const std::vector<uintptr_t>& map_ptrs, const std::vector<int64_t>& heights,
          const std::vector<int64_t>& widths, int64_t N, int64_t H, int64_t W, bool fuse_max, uintptr_t out_ptr,
          uintptr_t degenerate_ptr, int num_threads) {
-        if (heights.size() != map_ptrs.size() || widths.size() != map_ptrs.size()) {
-          throw std::invalid_argument("rethinkcam_fast.fuse_maps: map_ptrs, heights and widths differ in length");
-        }
-        std::vector<const float*> maps;
-        for (uintptr_t p : map_ptrs) maps.push_back(as_ptr<const float>(p));
+        const std::vector<const float*> maps = pointer_list<const float>(map_ptrs, heights, widths);
         py::gil_scoped_release release;
         rcam::cpu::fuse_maps(maps.data(), heights.data(), widths.data(), static_cast<int64_t>(maps.size()), N, H, W,
                              fuse_max, as_ptr<float>(out_ptr), as_ptr<uint8_t>(degenerate_ptr), num_threads);
@@ -268,6 +277,41 @@ PYBIND11_MODULE(_C, m) {
       "out: float32 [N, H, W], degenerate: uint8 [N] <- the layers' maps (contiguous float32\n"
       "[N, heights[l], widths[l]]) upsampled (bilinear, align_corners=False), min-max normalised,\n"
       "fused by sum (or max) and normalised again; as fuse_maps_reference, to float32 rounding.");
+
+  m.def(
+      "map_epilogue_forward",
+      [](const std::vector<uintptr_t>& map_ptrs, const std::vector<int64_t>& heights,
+         const std::vector<int64_t>& widths, int64_t N, int64_t H, int64_t W, bool fuse_max, bool normalize,
+         uintptr_t out_ptr, uintptr_t degenerate_ptr, int dtype, int num_threads) {
+        const std::vector<const void*> maps = pointer_list<const void>(map_ptrs, heights, widths);
+        py::gil_scoped_release release;
+        rcam::cpu::map_epilogue_forward(maps.data(), heights.data(), widths.data(), static_cast<int64_t>(maps.size()),
+                                        N, H, W, fuse_max, normalize, as_ptr<void>(out_ptr),
+                                        as_ptr<uint8_t>(degenerate_ptr), dtype, num_threads);
+      },
+      py::arg("map_ptrs"), py::arg("heights"), py::arg("widths"), py::arg("N"), py::arg("H"), py::arg("W"),
+      py::arg("fuse_max"), py::arg("normalize"), py::arg("out_ptr"), py::arg("degenerate_ptr"), py::arg("dtype"),
+      py::arg("num_threads"),
+      "out [N, H, W], degenerate uint8 [N] <- the differentiable epilogue's forward (map_epilogue_reference)\n"
+      "of the layers' maps (contiguous [N, heights[l], widths[l]]), all of dtype 0 (float32) or 1 (float64).");
+
+  m.def(
+      "map_epilogue_backward",
+      [](uintptr_t grad_ptr, const std::vector<uintptr_t>& map_ptrs, const std::vector<int64_t>& heights,
+         const std::vector<int64_t>& widths, const std::vector<uintptr_t>& grad_map_ptrs, int64_t N, int64_t H,
+         int64_t W, bool fuse_max, bool normalize, int dtype, int num_threads) {
+        const std::vector<const void*> maps = pointer_list<const void>(map_ptrs, heights, widths);
+        const std::vector<void*> grad_maps = pointer_list<void>(grad_map_ptrs, heights, widths);
+        py::gil_scoped_release release;
+        rcam::cpu::map_epilogue_backward(as_ptr<const void>(grad_ptr), maps.data(), heights.data(), widths.data(),
+                                         static_cast<int64_t>(maps.size()), N, H, W, fuse_max, normalize,
+                                         grad_maps.data(), dtype, num_threads);
+      },
+      py::arg("grad_ptr"), py::arg("map_ptrs"), py::arg("heights"), py::arg("widths"), py::arg("grad_map_ptrs"),
+      py::arg("N"), py::arg("H"), py::arg("W"), py::arg("fuse_max"), py::arg("normalize"), py::arg("dtype"),
+      py::arg("num_threads"),
+      "grad_maps[l] (contiguous like the maps, overwritten) <- the differentiable epilogue's backward\n"
+      "(map_epilogue_backward_reference) from grad [N, H, W], all of dtype 0 (float32) or 1 (float64).");
 
   m.def(
       "emulate_level_sweep",

@@ -29,54 +29,17 @@
 #include <string>
 #include <vector>
 
+#include "bilinear.h"
 #include "parallel.h"
 
 namespace rcam {
 namespace cpu {
 namespace {
 
-// Source indices and weights of one axis (in -> out samples).
-struct Axis {
-  std::vector<int64_t> i0, i1;
-  std::vector<float> l1;  // weight of the second neighbour
-};
-
-Axis axis_table(int64_t in, int64_t out) {
-  Axis a;
-  a.i0.resize(static_cast<size_t>(out));
-  a.i1.resize(static_cast<size_t>(out));
-  a.l1.resize(static_cast<size_t>(out));
-  const float scale = static_cast<float>(in) / static_cast<float>(out);
-  for (int64_t o = 0; o < out; ++o) {
-    float src = scale * (static_cast<float>(o) + 0.5f) - 0.5f;
-    if (src < 0.0f) src = 0.0f;
-    const int64_t i = std::min(static_cast<int64_t>(std::floor(src)), in - 1);
-    const float l = std::min(std::max(src - static_cast<float>(i), 0.0f), 1.0f);
-    a.i0[static_cast<size_t>(o)] = i;
-    a.i1[static_cast<size_t>(o)] = i + (i < in - 1 ? 1 : 0);
-    a.l1[static_cast<size_t>(o)] = l;
-  }
-  return a;
-}
-
-inline bool is_finite(float v) { return std::fabs(v) <= std::numeric_limits<float>::max(); }
-
-// Whether a source map [count] has a non-finite value or is constant.
-bool source_degenerate(const float* m, int64_t count) {
-  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
-  bool finite = true;
-  for (int64_t k = 0; k < count; ++k) {
-    finite &= is_finite(m[k]);
-    lo = std::min(lo, m[k]);
-    hi = std::max(hi, m[k]);
-  }
-  return !finite || !(hi > lo);
-}
-
 // Bilinear upsampling of m [h, w] into up [H, W]; returns (lo, hi) of the result, or NaNs when a
 // value is not finite (finite neighbours near the float32 limit can overflow).
-void upsample(const float* m, int64_t w, const Axis& ya, const Axis& xa, int64_t H, int64_t W, float* up,
-              float* lo_out, float* hi_out) {
+void upsample(const float* m, int64_t w, const BilinearAxis<float>& ya, const BilinearAxis<float>& xa, int64_t H,
+              int64_t W, float* up, float* lo_out, float* hi_out) {
   float lo = std::numeric_limits<float>::infinity(), hi = -lo;
   bool finite = true;
   for (int64_t oy = 0; oy < H; ++oy) {
@@ -87,10 +50,8 @@ void upsample(const float* m, int64_t w, const Axis& ya, const Axis& xa, int64_t
     for (int64_t ox = 0; ox < W; ++ox) {
       const int64_t x0 = xa.i0[static_cast<size_t>(ox)], x1 = xa.i1[static_cast<size_t>(ox)];
       const float wx1 = xa.l1[static_cast<size_t>(ox)];
-      // a + (b - a) * l: equal neighbours give their value exactly (see the top of the file).
-      const float top = r0[x0] + (r0[x1] - r0[x0]) * wx1;
-      const float bottom = r1[x0] + (r1[x1] - r1[x0]) * wx1;
-      const float v = top + (bottom - top) * wy1;
+      // Equal neighbours give their value exactly (see the top of the file).
+      const float v = lerp(lerp(r0[x0], r0[x1], wx1), lerp(r1[x0], r1[x1], wx1), wy1);
       dst[ox] = v;
       finite &= is_finite(v);
       lo = std::min(lo, v);
@@ -115,14 +76,14 @@ void fuse_maps(const float* const* maps, const int64_t* heights, const int64_t* 
   if (N < 0 || H < 0 || W < 0) throw std::invalid_argument("rethinkcam_fast.fuse_maps: negative size");
   const int64_t HW = H * W;
   if (N == 0 || HW == 0) return;
-  std::vector<Axis> ys, xs;
+  std::vector<BilinearAxis<float>> ys, xs;
   int64_t work = 0;
   for (int64_t l = 0; l < L; ++l) {
     if (heights[l] < 1 || widths[l] < 1 || maps[l] == nullptr) {
       throw std::invalid_argument("rethinkcam_fast.fuse_maps: map " + std::to_string(l) + " is empty or null");
     }
-    ys.push_back(axis_table(heights[l], H));
-    xs.push_back(axis_table(widths[l], W));
+    ys.push_back(bilinear_axis<float>(heights[l], H));
+    xs.push_back(bilinear_axis<float>(widths[l], W));
     work += HW + heights[l] * widths[l];
   }
   const int threads = static_cast<int>(std::min<int64_t>(effective_threads(N * work, num_threads, 65536), N));

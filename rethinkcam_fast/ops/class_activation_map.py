@@ -16,6 +16,9 @@ gathers ``W'[y_n]`` itself; the backward writes ``dA = W'[y_n, k] * dM`` and red
 the gradient itself; ``dW`` is ``onehot(y)^T @ dw`` (a matmul: deterministic, no atomics). They
 accumulate in float32 (float64 for float64 inputs). The channel-reduction kernel here also serves
 :mod:`rethinkcam_fast.ops.flm_fuse` (``MODE_FLM``).
+
+On the CPU (``"auto"``) the reduction and its backward are PyTorch's (an einsum, and a broadcast
+product plus an einsum: one pass each already) and the epilogue runs in C++ (``csrc/cpu/map_epilogue.cpp``).
 """
 
 from __future__ import annotations
@@ -338,7 +341,8 @@ def class_activation_map(
         normalize: per-image min-max into ``[0, 1]`` — differentiable, through the min and the max
             (see :mod:`rethinkcam_fast.ops.map_epilogue` for why); a constant or non-finite map is
             zeros with zero gradient. ``False`` returns the upsampled raw map.
-        backend: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA; on the CPU the PyTorch reduction and the C++ epilogue
+            kernels, or PyTorch without the extension), ``"triton"`` or ``"reference"`` (PyTorch).
     Returns:
         ``Tensor[N, H, W]``, float32 (float64 when an input is float64).
     Raises:

@@ -15,6 +15,10 @@ Triton kernels: the per-layer reduction is the channel-reduction kernel of
 :mod:`rethinkcam_fast.ops.class_activation_map` (``MODE_FLM``: reads ``A`` and ``G`` once, in place);
 its backward is one elementwise pass per layer (``dA = dM relu(G) [A > 0]``, ``dG = dM relu(A) [G > 0]``)
 written straight into the gradients, so no ``[N, K, h, w]`` product is stored besides them.
+
+C++ kernels (the CPU's ``"auto"``): the reduction's forward (``weighted_map``'s ``"flm"`` mode) and its
+backward (``csrc/cpu/flm_reduce_backward.cpp``, one pass), and the epilogue's forward and backward
+(``csrc/cpu/map_epilogue.cpp``, see :mod:`rethinkcam_fast.ops.map_epilogue`).
 """
 
 from __future__ import annotations
@@ -275,9 +279,10 @@ def flm_fuse(
         gradients: ``dy_c/dA_l`` per layer, each the shape of its activation.
         output_size: ``(H, W)`` of the maps.
         fuse: ``"sum"`` (Fully-CAM) or ``"max"`` (LayerCAM-style; tied layers share the gradient).
-        backend: ``"auto"`` (Triton on CUDA; on the CPU the C++ kernels of the per-layer reduction, one
-            dtype for activations and gradients, the float64 forward in PyTorch; else PyTorch),
-            ``"triton"`` or ``"reference"`` (PyTorch).
+        backend: ``"auto"`` (Triton on CUDA; on the CPU the C++ kernels: the epilogue's forward and
+            backward, and the per-layer reduction's for one dtype of activations and gradients, whose
+            float64 forward stays in PyTorch; without the extension PyTorch), ``"triton"`` or
+            ``"reference"`` (PyTorch).
     Returns:
         ``Tensor[N, H, W]`` in ``[0, 1]``, float32 (float64 when an input is float64). A constant or
         non-finite layer map contributes zeros (and gets zero gradient); a constant fused map is zeros.

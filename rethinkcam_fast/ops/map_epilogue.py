@@ -30,6 +30,16 @@ it is deterministic (no atomics), and nothing per layer is stored at output reso
 statistics (minimum, maximum, tie counts, the fused map) come from the forward's own state in the
 autograd Functions (see :func:`epilogue_function_forward`), and are recomputed by the forward kernels
 where there is none (the custom ops under ``torch.compile``, a second backward with ``retain_graph``).
+
+C++ (CPU, ``backend="auto"``, ``csrc/cpu/map_epilogue.cpp``): the forward and the backward, one image
+per thread work item, all of its layers in cache-resident per-image buffers, nothing stored between
+the passes (the backward recomputes the upsampled maps). Same formulas as the reference, with one
+deliberate rounding difference: the upsampling interpolates as ``a + (b - a) * l``, exact where the
+neighbours are equal (as the engine's ``fuse_maps`` kernel), where ``F.interpolate`` computes
+``a * (1 - l) + b * l``; so a plateau at a map's extreme ties there whole and shares its gradient,
+where the reference can leave some of its pixels an ulp below it. Values agree with the
+reference's to rounding (float32: 1e-7 of the [0, 1] output), and the float32 forward equals
+``fuse_maps``' bit for bit.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _native
 from .._triton import cdiv, ieee_div, ieee_reciprocal, launch, next_power_of_2, tl, triton
 from . import _launch
 from ._launch import device_guard, use_triton
@@ -769,6 +780,53 @@ def map_epilogue_backward_reference(
 
 
 # --------------------------------------------------------------------------------------------------
+# C++ kernels (CPU): csrc/cpu/map_epilogue.cpp, the reference's arithmetic in one pass per image.
+# --------------------------------------------------------------------------------------------------
+
+
+def _native_kernel(name: str, backend: str, maps: list[Tensor], *others: Tensor):
+    """The C++ kernel ``name`` when it runs this call: ``backend="auto"``, CPU tensors, floating
+    ``[N, h, w]`` maps of one batch with a spatial extent, and the extension built; else ``None``."""
+    if backend != "auto" or any(t.device.type != "cpu" or not t.is_floating_point() for t in (*maps, *others)):
+        return None
+    if any(m.dim() != 3 or m.shape[0] != maps[0].shape[0] or m.shape[1] * m.shape[2] == 0 for m in maps):
+        return None
+    return _native.cpu_kernel(name)
+
+
+def _native_maps(maps: list[Tensor], normalize: bool) -> tuple[list[Tensor], torch.dtype]:
+    """The maps the kernels read (contiguous, in the accumulation dtype; one without normalisation,
+    as the reference) and that dtype."""
+    acc = acc_dtype(*maps)
+    return [m.to(acc).contiguous() for m in (maps if normalize else maps[:1])], acc
+
+
+def map_epilogue_native(kernel, maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum",
+                        normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """:func:`map_epilogue_reference`'s forward from the C++ kernel (equal to it to rounding)."""
+    flat, acc = _native_maps(maps, normalize)
+    n = flat[0].shape[0]
+    out = torch.empty((n, *output_size), dtype=acc)
+    degenerate = torch.zeros(n, dtype=torch.uint8)
+    kernel([m.data_ptr() for m in flat], [m.shape[1] for m in flat], [m.shape[2] for m in flat], n, *output_size,
+           fuse == "max", normalize, out.data_ptr(), degenerate.data_ptr(), _native.NATIVE_DTYPE_CODES[acc],
+           torch.get_num_threads())
+    return out, degenerate.bool()
+
+
+def map_epilogue_backward_native(kernel, grad_out: Tensor, maps: list[Tensor], output_size: tuple[int, int],
+                                 fuse: str = "sum", normalize: bool = True) -> list[Tensor]:
+    """:func:`map_epilogue_backward_reference`'s results from the C++ kernel (equal to them to rounding)."""
+    flat, acc = _native_maps(maps, normalize)
+    grad = grad_out.to(acc).contiguous()
+    grads = [torch.empty_like(m) for m in flat]
+    kernel(grad.data_ptr(), [m.data_ptr() for m in flat], [m.shape[1] for m in flat], [m.shape[2] for m in flat],
+           [g.data_ptr() for g in grads], flat[0].shape[0], *output_size, fuse == "max", normalize,
+           _native.NATIVE_DTYPE_CODES[acc], torch.get_num_threads())
+    return [g.to(m.dtype) for g, m in zip(grads, maps)]
+
+
+# --------------------------------------------------------------------------------------------------
 # Dispatch, autograd and custom ops (internal: the public ops are class_activation_map and flm_fuse).
 # --------------------------------------------------------------------------------------------------
 
@@ -778,6 +836,9 @@ def epilogue_forward_impl(maps, output_size, fuse, normalize, backend) -> tuple[
     if use_triton("map_epilogue", backend, maps[0].device):
         with device_guard(maps[0]):
             return map_epilogue_triton(maps, output_size, fuse, normalize)
+    kernel = _native_kernel("map_epilogue_forward", backend, maps)
+    if kernel is not None:
+        return map_epilogue_native(kernel, maps, output_size, fuse, normalize)
     with torch.no_grad():
         return map_epilogue_reference(maps, output_size, fuse, normalize)
 
@@ -812,6 +873,9 @@ def epilogue_backward_impl(grad_out, maps, output_size, fuse, normalize, backend
     if use_triton("map_epilogue", backend, maps[0].device):
         with device_guard(maps[0]):
             return map_epilogue_backward_triton(grad_out, maps, output_size, fuse, normalize, state=state)
+    kernel = _native_kernel("map_epilogue_backward", backend, maps, grad_out)
+    if kernel is not None and tuple(grad_out.shape) == (maps[0].shape[0], *output_size):  # (else the reference raises)
+        return map_epilogue_backward_native(kernel, grad_out, maps, output_size, fuse, normalize)
     return map_epilogue_backward_reference(grad_out, maps, output_size, fuse, normalize)
 
 
@@ -865,8 +929,10 @@ __all__ = [
     "epilogue_backward_impl",
     "epilogue_forward_impl",
     "epilogue_function_forward",
+    "map_epilogue_backward_native",
     "map_epilogue_backward_reference",
     "map_epilogue_backward_triton",
+    "map_epilogue_native",
     "map_epilogue_op",
     "map_epilogue_reference",
     "map_epilogue_triton",
