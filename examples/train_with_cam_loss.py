@@ -94,7 +94,7 @@ def main() -> int:
                   f"  Top-1 Cls {metrics['top1_cls']:.1f}", flush=True)
         runs.append(row)
     names = [k for k in runs[0] if k != "seed"]
-    print(f"\nTAP model, CAM + NWC at the protocol's thresholds, {len(runs)} seeds, "
+    print(f"\nTAP model, CAM + NWC at the protocol's thresholds, {len(runs)} seed{'s' if len(runs) > 1 else ''}, "
           f"{args.train_size} training canvases x {args.epochs} epochs ({(time.perf_counter() - start) / 60:.1f} min)\n")
     print("| training | MaxBoxAccV2 | MaxBoxAcc | Top-1 Loc | Top-1 Cls | train time |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -102,8 +102,8 @@ def main() -> int:
         cells = []
         for key in ("max_box_acc_v2", "max_box_acc", "top1_loc", "top1_cls", "seconds"):
             values = np.array([run[name][key] for run in runs])
-            std = values.std(ddof=1) if len(values) > 1 else 0.0
-            cells.append(f"{values.mean():.1f} ± {std:.1f}" + (" s" if key == "seconds" else ""))
+            spread = f" ± {values.std(ddof=1):.1f}" if len(values) > 1 else ""  # (one seed: no spread to show)
+            cells.append(f"{values.mean():.1f}{spread}" + (" s" if key == "seconds" else ""))
         print(f"| {name} | " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as fh:

@@ -31,35 +31,56 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DEFAULT_OUT, run_demo
     from .models import CheckpointError
 
+    made: list[str] = []
     try:
-        _check_output_dir(args.out or DEFAULT_OUT)
+        made = _check_output_dir(args.out or DEFAULT_OUT)
         given = {"out_dir": args.out, "method": args.method, "box_threshold": args.box_threshold}
         run_demo(count=args.count, grid=args.grid, weights=args.weights,
                  **{k: v for k, v in given.items() if v is not None})  # run_demo's defaults otherwise
     except (CheckpointError, ValueError) as exc:
-        return _fail(exc)
+        return _fail(exc, made)
     return 0
 
 
-def _check_output_dir(path: str) -> None:
+def _check_output_dir(path: str) -> list[str]:
     """A folder for outputs exists at ``path`` or can be made there, and is writable — checked before
-    any work, so that a bad ``--out`` is not found only after the run."""
+    any work, so that a bad ``--out`` is not found only after the run. Returns the folders it made."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"--out {path}: exists and is not a directory")
-    _writable_folder(path, f"--out {path}", "it", "the directory")
+    return _writable_folder(path, f"--out {path}", "it", "the directory")
 
 
-def _writable_folder(folder: str, label: str, it: str, the_folder: str) -> None:
-    """Make ``folder`` if needed and check that it is writable; errors start with ``label``."""
+def _writable_folder(folder: str, label: str, it: str, the_folder: str) -> list[str]:
+    """Make ``folder`` if needed and check that it is writable; errors start with ``label``. Returns
+    the folders it made, outermost first: a command that fails removes them again if still empty
+    (:func:`_fail`), so a failed run leaves no empty output folder behind."""
+    made, probe = [], os.path.abspath(folder)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        made.insert(0, probe)
+        probe = os.path.dirname(probe)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
+        _remove_if_empty(made)
         raise ValueError(f"{label}: cannot create {it} ({exc.strerror})") from None
     if not os.access(folder, os.W_OK):
+        _remove_if_empty(made)
         raise ValueError(f"{label}: {the_folder} is not writable")
+    return made
 
 
-def _fail(exc: Exception) -> int:
+def _remove_if_empty(made: list[str]) -> None:
+    """Remove folders :func:`_writable_folder` made, innermost first, while they are empty."""
+    for folder in reversed(made):
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty (the run wrote something: keep it), or gone
+            return
+
+
+def _fail(exc: Exception | str, made: list[str] | None = None) -> int:
+    """Print the error, remove the (still empty) output folders the command ``made``; exit code 2."""
+    _remove_if_empty(made or [])
     print(f"rethinkcam: error: {exc}", file=sys.stderr)
     return 2
 
@@ -72,21 +93,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    made: list[str] = []
     try:  # everything that can be wrong with the arguments fails here, before the data and the training
         resolve_device(args.device)
-        _check_output_file(args.out)
+        made = check_output_file(args.out)
         if args.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {args.seed}")
+        if args.tau is not None and args.pool != "tap":
+            raise ValueError(f"--tau is TAP's threshold: it needs --pool tap (got --pool {args.pool})")
+        if args.canvas_size < 8:
+            raise ValueError(f"--canvas-size must be at least 8 (the digits' 8x8 source grid), got {args.canvas_size}")
+        low, high = ClutteredDigitsConfig.digit_size
         data = ClutteredDigitsConfig(canvas_size=args.canvas_size, seed=args.seed,
+                                     digit_size=(min(low, args.canvas_size), min(high, args.canvas_size)),
                                      counts={"train": args.train_size, "val": args.val_size, "test": args.test_size})
         options = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                device=args.device, amp=not args.no_amp, compile=args.compile)
     except ValueError as exc:
-        return _fail(exc)
+        return _fail(exc, made)
     splits = generate_cluttered_digits(data)
     if args.data_out:
         print(f"wrote {write_wsol_dataset(args.data_out, splits)}")
-    report = train_digits_model(args.pool, args.tau, tuple(args.widths), options, data, splits, args.out,
+    tau = 0.1 if args.tau is None else args.tau
+    report = train_digits_model(args.pool, tau, tuple(args.widths), options, data, splits, args.out,
                                 progress=not args.quiet)
     val = f", val acc {report.val_accuracy[-1]:.1f} %" if report.val_accuracy else ""
     print(f"trained {args.pool} model on {report.device} in {report.seconds:.1f} s "
@@ -94,12 +123,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output_file(path: str) -> None:
-    """A file can be written at ``path`` (its folder exists or can be made, and it is not a folder)."""
+def check_output_file(path: str, option: str = "--out") -> list[str]:
+    """A file can be written at ``path`` (its folder exists or can be made, and it is not a folder);
+    returns the folders it made (see :func:`_writable_folder`)."""
     if os.path.isdir(path):
-        raise ValueError(f"--out {path}: is a directory; give a file name")
+        raise ValueError(f"{option} {path}: is a directory; give a file name")
     folder = os.path.dirname(os.path.abspath(path))
-    _writable_folder(folder, f"--out {path}", "its folder", f"the folder {folder}")
+    return _writable_folder(folder, f"{option} {path}", "its folder", f"the folder {folder}")
 
 
 def _cmd_localize(args: argparse.Namespace) -> int:
@@ -110,9 +140,10 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     from .training import resolve_device
 
     image_size, normalize = input_policy(args.model, args.image_size, args.normalize)
+    made: list[str] = []
     try:
         device = resolve_device(args.device)
-        _check_output_dir(args.out)
+        made = _check_output_dir(args.out)
         model = load_user_model(args.model, args.weights)
         if args.weights is None:
             print(f"rethinkcam: warning: no --weights: {args.model} runs with the weights its factory gives it "
@@ -120,9 +151,9 @@ def _cmd_localize(args: argparse.Namespace) -> int:
         records = localize_files(args.images, model, args.method, nwc=not args.no_nwc, box_threshold=args.box_threshold,
                                  image_size=image_size, normalize=normalize, device=device, out_dir=args.out)
     except (ImageReadError, CheckpointError, ValueError, FileNotFoundError) as exc:
-        return _fail(exc)
+        return _fail(exc, made)
     except RuntimeError as exc:  # the model itself failed on these inputs (too small, wrong channels, ...)
-        return _fail(f"the model failed on the input: {str(exc).strip().splitlines()[0]}")
+        return _fail(f"the model failed on the input: {str(exc).strip().splitlines()[0]}", made)
     for record in records:
         print(f"{record['image']}: class {record['label']} score {record['score']:.3f} box {record['box']}")
     print(f"wrote {args.out}")
@@ -173,13 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train the cluttered-digits CNN (GAP or TAP) and write a checkpoint")
     train.add_argument("--out", required=True, help="checkpoint file (written atomically after every epoch)")
     train.add_argument("--pool", choices=["gap", "tap"], default="tap", help="global pool (default: tap)")
-    train.add_argument("--tau", type=_tap_tau, default=0.1, help="TAP threshold ratio in [0, 1) (default: 0.1)")
+    train.add_argument("--tau", type=_tap_tau, help="TAP threshold ratio in [0, 1), with --pool tap (default: 0.1)")
     train.add_argument("--widths", type=_positive_int, nargs=3, default=[16, 32, 64], help="channels per stage (default: 16 32 64)")
     train.add_argument("--epochs", type=_positive_int, default=6, help="(default: 6)")
     train.add_argument("--batch-size", type=_positive_int, default=64, help="(default: 64)")
     train.add_argument("--lr", type=float, default=4e-3, help="AdamW learning rate (default: 0.004)")
     train.add_argument("--seed", type=int, default=0, help="seeds the data (instance split, canvases) and training")
-    train.add_argument("--canvas-size", type=_positive_int, default=64, help="(default: 64)")
+    train.add_argument("--canvas-size", type=_positive_int, default=64,
+                       help="canvas side in pixels, at least 8; digits are 20-32 px, at most the canvas (default: 64)")
     train.add_argument("--train-size", type=_positive_int, default=4000, help="(default: 4000)")
     train.add_argument("--val-size", type=int, default=500, help="(default: 500)")
     train.add_argument("--test-size", type=int, default=1000, help="(default: 1000)")
@@ -206,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     localize.add_argument("--normalize", choices=["auto", "imagenet", "none"], default="auto",
                           help="input normalisation (auto: ImageNet for torchvision names, none otherwise)")
     localize.add_argument("--device", default="cpu")
-    localize.add_argument("--out", default="rethinkcam_localize", help="directory for localizations.json and grid.png")
+    localize.add_argument("--out", default="rethinkcam_localize", help="directory for localizations.json and grid.png (default: rethinkcam_localize)")
     localize.set_defaults(func=_cmd_localize)
 
     info = sub.add_parser("info", help="which kernels (native, CUDA, Triton) are live here")

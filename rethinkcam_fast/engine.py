@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ._cuda_graph import CapturedCall
 from ._validation import check_float_dtype, check_tensor, output_size_arg
+from .ops._launch import check_backend
 from .ops.boxes import CONVENTIONS, boxes_from_cams, boxes_from_packed, pack_results, packed_to_host
 from .ops.level_sweep import gpu_boxes_enabled
 from .ops.class_activation_map import class_activation_map_with_flags
@@ -259,6 +260,7 @@ class CAMEngine:
         self.pas_q, self.pas_theta, self.box_convention = pas_q, pas_theta, box_convention
         if self.boxes:  # validate q and theta now rather than after a forward pass
             percentile_threshold(torch.zeros(0, 1, 1), pas_q, pas_theta)
+        check_backend(backend)  # now, not at the first call
         self.backend = backend
         self.differentiable = bool(differentiable)
         self._names = {id(m): name or type(model).__name__ for name, m in model.named_modules()}
@@ -278,6 +280,9 @@ class CAMEngine:
             return None  # the last conv-like layer, found on the first call
         if isinstance(target_layers, (nn.Module, str)):
             target_layers = [target_layers]
+        if not isinstance(target_layers, (list, tuple)):
+            raise TypeError("target_layers must be a module, its name, or a list of them, got "
+                            f"{type(target_layers).__name__}")
         layers = []
         for layer in target_layers:
             if isinstance(layer, str):

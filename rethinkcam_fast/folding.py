@@ -119,14 +119,14 @@ def _fold_graph(module: fx.GraphModule, keep: set[int]) -> int:
     return folded
 
 
-def fold_batchnorm(model: nn.Module, keep: Iterable[nn.Module | str] = ()) -> nn.Module:
+def fold_batchnorm(model: nn.Module, keep: nn.Module | str | Iterable[nn.Module | str] = ()) -> nn.Module:
     """A copy of ``model`` with every eval-mode ``BatchNorm2d`` folded into the ``Conv2d`` before it.
 
     Args:
         model: the network (traced with ``torch.fx``: its forward must not branch on tensor values).
             A batch norm in training mode, without running statistics, after something else than a
             convolution, or after a convolution whose output is also used elsewhere, stays as it is.
-        keep: modules of ``model`` (or their names) that must stay modules with the outputs the model
+        keep: a module of ``model`` (or its name), or several, that must stay modules with the outputs the model
             gives them, e.g. a CAM's target layers, so that hooks on them see what they saw: each is
             folded on its own and stays under its name (``folded.get_submodule(name)``). A kept
             convolution is not folded with the batch norm after it.
@@ -140,6 +140,8 @@ def fold_batchnorm(model: nn.Module, keep: Iterable[nn.Module | str] = ()) -> nn
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(keep, (nn.Module, str)):  # one entry (a string is not a list of its letters)
+        keep = [keep]
     _check_no_hooks(model)
     names = {id(m): name for name, m in model.named_modules()}
     kept_names = []

@@ -1,6 +1,6 @@
 """From a classifier to boxes: WSOL box metrics, per-image records, and ``rethinkcam localize``.
 
-* :func:`wsol_box_metrics` — MaxBoxAcc, MaxBoxAccV2 and Top-1 Loc of a set of CAMs (DESIGN.md §3: one
+* :func:`wsol_box_metrics` — MaxBoxAcc, MaxBoxAccV2 and Top-1 Loc of a set of CAMs (the WSOL protocol: one
   CAM threshold for the whole dataset), on top of :func:`~rethinkcam_fast.best_box_ious`. It is the
   single place these numbers are computed here, so the evaluator (issue 5) can replace it in one go.
 * :func:`localization_records` / :func:`write_outputs` — the JSON list (``label``, ``score``, ``box``
@@ -79,7 +79,7 @@ def sweep_levels(cams: Tensor, cam_thresholds: np.ndarray, percentile: float | N
 def wsol_box_metrics(cams: Tensor, gt_boxes: Tensor, labels: Tensor, predictions: Tensor, *,
                      percentile: float | None = None, cam_curve_interval: float = 0.01,
                      fixed_thresholds: dict[str, Tensor] | None = None) -> LocalizationMetrics:
-    """MaxBoxAcc, MaxBoxAccV2 and Top-1 Loc (DESIGN.md §3) of ground-truth-class CAMs.
+    """MaxBoxAcc, MaxBoxAccV2 and Top-1 Loc (the WSOL protocol) of ground-truth-class CAMs.
 
     Args:
         cams: ``Tensor[N, H, W]`` in ``[0, 1]``, the maps of the true classes, in the GT boxes' pixel grid.
@@ -168,15 +168,19 @@ def build_model(spec: str) -> nn.Module:
                 loader.loader.exec_module(module)
             else:
                 module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ValueError(f"--model {spec}: cannot import {module_name} ({exc})") from exc
+        except Exception as exc:  # ImportError, or the module's own code failing (a SyntaxError, ...)
+            raise ValueError(f"--model {spec}: cannot import {module_name} ({type(exc).__name__}: {exc})") from exc
         if not hasattr(module, attr):
             raise ValueError(f"--model {spec}: {module_name} has no attribute {attr!r}")
         factory = getattr(module, attr)
         if isinstance(factory, nn.Module):  # a module-level model object
             model = factory
         elif callable(factory):
-            model = factory()
+            try:
+                model = factory()
+            except Exception as exc:  # a factory that needs arguments, or fails while building
+                raise ValueError(f"--model {spec}: building the model failed: {module_name}.{attr}() raised "
+                                 f"{type(exc).__name__}: {exc} (the factory is called without arguments)") from exc
         else:
             raise ValueError(f"--model {spec}: {module_name}.{attr} is neither an nn.Module nor callable")
     else:

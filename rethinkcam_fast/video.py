@@ -202,7 +202,11 @@ def _as_hwc_uint8(frame, index: int) -> Tensor:
             if frame.shape[0] not in (1, 3):
                 raise ValueError(f"frame {index}: a float frame is [C, H, W] with 1 or 3 channels, got shape {given}")
             frame = frame.permute(1, 2, 0)
-        frame = (frame.clamp(0, 1) * 255).round().to(torch.uint8)
+        low, high = (float(v) for v in torch.aminmax(frame)) if frame.numel() else (0.0, 0.0)
+        if not (0.0 <= low and high <= 1.0):  # (NaN fails too) 0-255 floats would clamp to a white frame
+            raise ValueError(f"frame {index}: a float frame holds values in [0, 1], got [{low:g}, {high:g}]"
+                             + (" (0-255 data: pass it as uint8)" if high > 1.0 and high <= 255.0 else ""))
+        frame = (frame * 255).round().to(torch.uint8)
     if frame.dim() == 2:  # grey
         frame = frame[:, :, None]
     if frame.shape[2] == 4:  # RGBA: the alpha channel is not part of the picture the model sees
@@ -214,13 +218,27 @@ def _as_hwc_uint8(frame, index: int) -> Tensor:
     return frame
 
 
+def _input_size(size) -> tuple[int, int] | None:
+    """``input_size`` as ``(H, W)`` positive ints (one int: a square), or ``None``."""
+    if size is None:
+        return None
+    pair = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)):
+        raise TypeError(f"input_size must be None, an int or a pair (H, W) of ints, got {size!r}")
+    if min(pair) < 1:
+        raise ValueError(f"input_size must be positive, got {size!r}")
+    return int(pair[0]), int(pair[1])
+
+
 class VideoLocalizer:
     """CAM + PaS box for every frame of a stream, batched on the device, results in order.
 
     Args:
         model: the classifier (put in ``eval()`` by the caller; its mode is left untouched).
         method: any :class:`CAMEngine` method; ``engine_options`` are passed on (``nwc``, ``pas_q``...).
-        input_size: ``(H, W)`` the model sees (frames are resized on the device); ``None``: as is.
+        input_size: ``(H, W)`` the model sees, or one int for a square (frames are resized on the
+            device); ``None``: as is.
         mean, std: per-channel normalisation after scaling to ``[0, 1]`` (ImageNet's by default;
             ``None`` for none); applied to 3-channel input only. A model whose first convolution
             takes one channel gets grey frames (BT.601 luma).
@@ -285,8 +303,11 @@ class VideoLocalizer:
             param = next(model.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            why = "this PyTorch has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device={str(device)!r}: {why} (torch {torch.__version__})")
         self.model = model
-        self.input_size = None if input_size is None else (int(input_size[0]), int(input_size[1]))
+        self.input_size = _input_size(input_size)
         self.batch_size = int(batch_size)
         self.bf16 = bool(bf16)
         self.keep_cams = bool(keep_cams)
@@ -516,6 +537,9 @@ def localize_video(
     """
     if display_scale < 1:
         raise ValueError(f"display_scale must be >= 1, got {display_scale}")
+    for name, path in (("out_video", out_video), ("out_jsonl", out_jsonl)):
+        if path is not None:
+            _check_target(name, path)
     import json
 
     report = DecodeReport()
@@ -579,6 +603,15 @@ def localize_video(
             if leftover is not None and os.path.exists(leftover):
                 os.remove(leftover)
     return report
+
+
+def _check_target(name: str, path: str) -> None:
+    """An output file can be made at ``path`` (checked before any frame is read)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{name} {path!r} is a directory; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{name} {path!r}: the folder {folder} does not exist")
 
 
 def _temp_name(path: str) -> str:

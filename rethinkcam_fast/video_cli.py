@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
 
 
@@ -21,7 +19,7 @@ def add_video_command(sub, cam_methods: tuple[str, ...], positive_int) -> None:
     video.add_argument("--method", choices=cam_methods, help="CAM method (default: gradcam; the demo's own choice with --demo)")
     video.add_argument("--box-threshold", choices=["max", "pas"],
                        help="box threshold 0.2 x max or PaS 0.35 x p90 (default: pas; the demo's choice with --demo)")
-    video.add_argument("--batch", type=positive_int, default=8, help="frames per batch: the latency bound")
+    video.add_argument("--batch", type=positive_int, default=8, help="frames per batch: the latency bound (default: 8)")
     video.add_argument("--image-size", type=positive_int,
                        help="resize frames to this square for the model (default: 224 for torchvision names, else none)")
     video.add_argument("--normalize", choices=["auto", "imagenet", "none"], default="auto",
@@ -61,39 +59,32 @@ def run_video_command(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from .cli import _fail, check_output_file
     from .localize import BOX_THRESHOLDS, IMAGENET_MEAN, IMAGENET_STD, input_policy, load_user_model
     from .models import CheckpointError
     from .ops.box_ious import box_iou_matrix
     from .training import resolve_device
     from .video import VideoLocalizer, VideoReadError, localize_video
 
-    def fail(message) -> int:
-        print(f"rethinkcam: error: {message}", file=sys.stderr)
-        return 2
-
     if args.demo and args.input is not None:
-        return fail("give a video INPUT (file or camera index) or --demo, not both")
+        return _fail("give a video INPUT (file or camera index) or --demo, not both")
     if not args.demo and args.input is None:
-        return fail("give a video INPUT (file or camera index), or --demo for the built-in clip")
+        return _fail("give a video INPUT (file or camera index), or --demo for the built-in clip")
     if not args.demo and not args.model:
-        return fail("--model is required with a video INPUT")
+        return _fail("--model is required with a video INPUT")
     if args.demo and (args.model or args.weights):
-        return fail("--demo runs the shipped model: leave out --model/--weights (or give a video INPUT)")
+        return _fail("--demo runs the shipped model: leave out --model/--weights (or give a video INPUT)")
     if not (args.out or args.jsonl):
-        return fail("nothing to write: give --out and/or --jsonl")
+        return _fail("nothing to write: give --out and/or --jsonl")
     if args.fps is not None and not (args.fps > 0 and math.isfinite(args.fps)):
-        return fail(f"--fps must be a positive frame rate, got {args.fps}")
+        return _fail(f"--fps must be a positive frame rate, got {args.fps}")
     gt_boxes = label = None
+    made: list[str] = []  # output folders made here: removed again if the run fails before writing
     try:
         device = resolve_device(args.device)
-        for path in (args.out, args.jsonl):
-            folder = os.path.dirname(os.path.abspath(path)) if path else None
-            if folder and not os.path.isdir(folder):
-                raise ValueError(f"{path}: the folder {folder} does not exist")
-            if path and os.path.isdir(path):
-                raise ValueError(f"{path}: is a directory; give a file name")
-            if folder and not os.access(folder, os.W_OK):
-                raise ValueError(f"{path}: the folder {folder} is not writable")
+        for option, path in (("--out", args.out), ("--jsonl", args.jsonl)):
+            if path:
+                made += check_output_file(path, option)
         if args.demo:
             model, source, gt_boxes, label, method, box_threshold = _demo_source(args)
             image_size, normalize = None, False
@@ -129,7 +120,7 @@ def run_video_command(args: argparse.Namespace) -> int:
             bar.close()
         seconds = time.perf_counter() - start
     except (VideoReadError, CheckpointError, ValueError, FileNotFoundError, ImportError) as exc:
-        return fail(exc)
+        return _fail(exc, made)
     done = report.frames_processed
     note = ""
     if report.truncated:

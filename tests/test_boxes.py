@@ -164,6 +164,10 @@ def test_threshold_forms_and_shapes():
 
 def test_bad_input_raises_clear_errors():
     cams = torch.rand(2, 6, 6)
+    ragged = boxes_from_cams(cams, torch.tensor([100, 120]), mode="all")
+    assert torch.equal(ragged.boxes_of(-1, -1), ragged.boxes_of(1, 0))
+    with pytest.raises(IndexError, match=r"boxes_of\(10, 0\): there are 2 images and 1 thresholds"):
+        ragged.boxes_of(10, 0)
     with pytest.raises(ValueError, match=r"thresholds must be uint8 levels"):
         boxes_from_cams(cams, 256)
     with pytest.raises(ValueError, match=r"thresholds must be uint8 levels"):

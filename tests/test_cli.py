@@ -44,11 +44,13 @@ def test_bad_arguments_and_weights_are_clear_errors(tmp_path, capsys):
     assert "not a readable PyTorch weights file" in capsys.readouterr().err
 
 
-def test_user_mistakes_are_one_line_errors_before_any_work(tmp_path, capsys):
+def test_user_mistakes_are_one_line_errors_before_any_work(tmp_path, capsys, monkeypatch):
     """Each of these used to end in a traceback (or, for a missing --weights, in silent random output)."""
     import numpy as np
     import torch
     from PIL import Image
+
+    monkeypatch.chdir(tmp_path)  # (the default output folders are made here, and removed after a failure)
 
     image = tmp_path / "digit.png"
     Image.fromarray((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)).save(image)
@@ -69,7 +71,8 @@ def test_user_mistakes_are_one_line_errors_before_any_work(tmp_path, capsys):
     a_file.write_text("")
     assert "cannot create its folder" in error_of(["train", "--out", str(a_file / "m.pt")])
     train = ["train", "--out", str(tmp_path / "m.pt"), "--epochs", "1", "--train-size", "8"]
-    for flags, message in ((["--canvas-size", "16"], "digit_size"), (["--lr", "inf"], "lr must be"),
+    for flags, message in ((["--canvas-size", "7"], "at least 8"), (["--pool", "gap", "--tau", "0.2"], "--pool tap"),
+                           (["--lr", "inf"], "lr must be"),
                            (["--lr", "0"], "lr must be"), (["--seed", "-1"], "--seed"),
                            (["--val-size", "-1"], "non-negative"), (["--device", "meta"], "not supported")):
         assert message in error_of([*train, *flags]), flags
@@ -80,13 +83,17 @@ def test_user_mistakes_are_one_line_errors_before_any_work(tmp_path, capsys):
     assert "is a directory" in error_of(["video", "--demo", "--jsonl", str(tmp_path)])
     assert "--fps must be a positive" in error_of(["video", "--demo", "--jsonl", str(tmp_path / "b.jsonl"), "--fps", "-1"])
     assert "leave out --model" in error_of(["video", "--demo", "--jsonl", str(tmp_path / "b.jsonl"), *model])
-    assert "does not exist" in error_of(["video", "--demo", "--out", str(tmp_path / "missing" / "x.mp4")])
+    assert "cannot create its folder" in error_of(["video", "--demo", "--jsonl", str(a_file / "x.jsonl")])
+    assert "is a directory" in error_of(["video", "--demo", "--out", str(tmp_path / "new" / "x.mp4"),
+                                         "--jsonl", str(tmp_path)])
+    assert not (tmp_path / "new").exists()  # the folder made for --out is removed again after the failure
     pickled = tmp_path / "whole_model.pt"
     torch.save(torch.nn.Linear(2, 2), pickled)
     assert "torch.save(model)" in error_of(["localize", str(image), *model, "--weights", str(pickled)])
     tiny = tmp_path / "tiny.png"
     Image.fromarray(np.zeros((3, 3), np.uint8)).save(tiny)
     assert "the model failed on the input" in error_of(["localize", str(tiny), *model])
+    assert not (tmp_path / "rethinkcam_localize").exists()  # no empty default output folder left behind
     # No --weights: it runs, but says the model has its factory's (random) weights.
     assert cli.main(["localize", str(image), *model, "--out", str(tmp_path / "loc")]) == 0
     assert "warning: no --weights" in capsys.readouterr().err

@@ -122,7 +122,14 @@ def test_localize_bad_input_is_a_clear_error(tmp_path, capsys):
     other_arch = tmp_path / "other.pt"
     save_checkpoint(str(other_arch), DigitsCAMNet("tap", widths=(4, 8, 8)))
     model = ["--model", "rethinkcam_fast.models:DigitsCAMNet"]
+    factories = tmp_path / "factories.py"
+    factories.write_text("def needs_args(width):\n    return None\n\ndef fails():\n    raise RuntimeError('no GPU here')\n")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def make(:\n")
     cases = [
+        ([good, "--model", f"{factories}:needs_args"], "needs_args() raised TypeError"),
+        ([good, "--model", f"{factories}:fails"], "building the model failed"),
+        ([good, "--model", f"{broken}:make"], "cannot import"),
         ([str(tmp_path / "missing.png"), *model, "--weights", SHIPPED_WEIGHTS], "image not found"),
         ([str(corrupt), *model, "--weights", SHIPPED_WEIGHTS], "not a readable image"),
         ([good, *model, "--weights", str(bad_weights)], "not a readable PyTorch weights file"),
@@ -134,6 +141,7 @@ def test_localize_bad_input_is_a_clear_error(tmp_path, capsys):
     for argv, message in cases:
         assert cli.main(["localize", *argv, "--out", str(tmp_path / "o")]) == 2, argv
         assert message in capsys.readouterr().err, argv
+        assert not (tmp_path / "o").exists(), argv  # nothing written, no empty output folder left
     # A weights file of another architecture: the builder follows the checkpoint's record for our
     # own model, so use a bare state dict against the default architecture.
     bare = tmp_path / "bare.pt"

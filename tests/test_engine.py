@@ -231,6 +231,10 @@ def test_bad_input_raises_clear_errors():
         CAMEngine(model, "gradcam", [model.features[0], model.features[2]])
     with pytest.raises(ValueError, match="nwc=True"):
         CAMEngine(model, "gradcam", nwc=True)
+    with pytest.raises(TypeError, match="target_layers must be a module, its name, or a list"):
+        CAMEngine(model, "gradcam", 3)
+    with pytest.raises(ValueError, match="backend must be one of"):  # at construction, not at the first call
+        CAMEngine(model, "gradcam", backend="gpu")
     engine = CAMEngine(model, "gradcam", model.features)
     with pytest.raises(ValueError, match="images must be a 4-D"):
         engine(torch.randn(3, 20, 20))

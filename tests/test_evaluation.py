@@ -298,7 +298,13 @@ def test_bad_gt_boxes_and_arguments_raise():
         evaluator.update(maps, torch.tensor([[0, 0, 5, 5]]), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="metadata"):
         evaluator.update(maps)
+    with pytest.raises(ValueError, match=r"image 'b' lies outside the maps' 10x10 grid"):  # e.g. image pixels
+        evaluator.update(maps, [torch.tensor([[0, 0, 5, 5]]), torch.tensor([[80, 2, 190, 9]])], image_ids=["a", "b"])
     assert evaluator.num_images == 0
+    with pytest.warns(RuntimeWarning, match=r"maps\[1\] reaches past the maps' 10x10 grid"):
+        evaluator.update(maps, [torch.tensor([[0, 0, 10, 10]]), torch.tensor([[2, 2, 11, 9]])])
+    assert evaluator.num_images == 2  # (x1 == W, a scaled box at the edge, passes without a warning)
+    evaluator.reset()
     with pytest.raises(ValueError, match="percentages"):
         BoxEvaluator(0.1, (50, 150))
     with pytest.raises(ValueError, match="repeat"):

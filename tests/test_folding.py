@@ -142,6 +142,8 @@ def test_bad_input_raises_clear_errors(resnet):
         fold_batchnorm("resnet")
     with pytest.raises(ValueError, match="'layer9' is not a submodule"):
         fold_batchnorm(resnet, keep=["layer9"])
+    with pytest.raises(ValueError, match="'layer9' is not a submodule"):  # one name, not a list of letters
+        fold_batchnorm(resnet, keep="layer9")
     with pytest.raises(ValueError, match="Conv2d is not a submodule"):
         fold_batchnorm(resnet, keep=[nn.Conv2d(1, 1, 1)])
     with pytest.raises(ValueError, match="cannot trace _ValueBranch"):

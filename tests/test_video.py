@@ -370,6 +370,19 @@ def test_bad_input_raises_clear_errors(model):
         VideoLocalizer(model, mean=(0.5, 0.5, 0.5), std=None)
     with pytest.raises(ValueError, match="keep_cams"):
         localize_video(localizer, random_frames(1), out_video="never.mp4")
+    for size, error in ((64.0, TypeError), ((32,), TypeError), ((0, 3), ValueError), ((-5, -5), ValueError)):
+        with pytest.raises(error, match="input_size"):
+            VideoLocalizer(model, input_size=size)
+    assert VideoLocalizer(model, input_size=48).input_size == (48, 48)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda'"):
+            VideoLocalizer(model, device="cuda")
+    with pytest.raises(ValueError, match=r"frame 0: a float frame holds values in \[0, 1\].*pass it as uint8"):
+        list(localizer.stream([torch.rand(3, 8, 8) * 255]))
+    with pytest.raises(ValueError, match="frame 1: a float frame"):
+        list(localizer.stream([torch.rand(3, 8, 8), torch.full((3, 8, 8), float("nan"))]))
+    with pytest.raises(FileNotFoundError, match="out_jsonl .* the folder .* does not exist"):
+        localize_video(localizer, random_frames(1), out_jsonl="/no/such/folder/x.jsonl")
 
 
 def test_cuda_graph_needs_cuda(model):

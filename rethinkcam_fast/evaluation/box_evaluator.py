@@ -183,7 +183,7 @@ class BoxEvaluator(CountingEvaluator):
                 raise ValueError("update() needs gt_boxes, or image_ids and an evaluator built with metadata=")
             gt_boxes, gt_offsets = self.load_targets(image_ids, (height, width))
         boxes, offsets = _ragged_boxes(gt_boxes, gt_offsets, n)
-        self._check_boxes(boxes, offsets, n, image_ids)
+        self._check_boxes(boxes, offsets, n, image_ids, (height, width))
         top1 = self._top1(labels, predictions, n)
         if n == 0:
             return
@@ -207,7 +207,8 @@ class BoxEvaluator(CountingEvaluator):
             state["num_top1_correct"] += top1.sum()
 
     @staticmethod
-    def _check_boxes(boxes: Tensor, offsets: Tensor, n: int, image_ids: Sequence[str] | None) -> None:
+    def _check_boxes(boxes: Tensor, offsets: Tensor, n: int, image_ids: Sequence[str] | None,
+                     grid: tuple[int, int]) -> None:
         if boxes.dim() != 2 or boxes.shape[1] != 4 or boxes.is_floating_point():
             raise ValueError(f"GT boxes must be an integer tensor [G, 4], got {boxes.dtype} {tuple(boxes.shape)}")
         offsets = offsets.cpu().to(torch.int64)
@@ -225,6 +226,20 @@ class BoxEvaluator(CountingEvaluator):
                              "(x0, y0, x1, y1) with 0 <= x0 <= x1 and 0 <= y0 <= y1")
         if bool((counts == 0).any()):
             raise ValueError(f"{describe_image(image_ids, int((counts == 0).nonzero()[0, 0]))} has no GT box")
+        height, width = grid
+        # Boxes in another coordinate system (the original image's pixels) would score 0 % silently.
+        outside = (boxes[:, 0] >= width) | (boxes[:, 1] >= height)
+        if bool(outside.any()):
+            row = int(outside.nonzero()[0, 0])
+            raise ValueError(f"GT box {boxes[row].tolist()} of {describe_image(image_ids, int(owner[row]))} lies "
+                             f"outside the maps' {height}x{width} grid: boxes are in the maps' pixels (scale them "
+                             "from the image's)")
+        past = (boxes[:, 2] > width) | (boxes[:, 3] > height)  # (x1 == W: a scaled box at the edge)
+        if bool(past.any()):
+            row = int(past.nonzero()[0, 0])
+            warnings.warn(f"GT box {boxes[row].tolist()} of {describe_image(image_ids, int(owner[row]))} reaches past "
+                          f"the maps' {height}x{width} grid: are the boxes in the maps' pixels?", RuntimeWarning,
+                          stacklevel=3)
 
     @staticmethod
     def _top1(labels: Tensor | None, predictions: Tensor | None, n: int) -> Tensor | None:

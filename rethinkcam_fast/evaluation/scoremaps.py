@@ -34,6 +34,13 @@ def scoremap_path(scoremap_root: str, image_id: str) -> str:
     return os.path.join(scoremap_root, image_id + ".npy")
 
 
+def _npy_error(exc: Exception) -> str:
+    """numpy's reason, except its advice about pickles: with ``allow_pickle=False`` it gives it for any
+    file that is not a ``.npy`` array (text, a truncated header), which misleads."""
+    text = str(exc)
+    return "not a .npy array file (or a damaged one)" if "allow_pickle" in text else text
+
+
 def load_scoremap(scoremap_root: str, image_id: str, shape: tuple[int, int] | None = None) -> np.ndarray:
     """One saved score map: a 2-D floating array (of ``shape`` when given). Errors name the image."""
     path = scoremap_path(scoremap_root, image_id)
@@ -42,7 +49,7 @@ def load_scoremap(scoremap_root: str, image_id: str, shape: tuple[int, int] | No
     except FileNotFoundError:
         raise FileNotFoundError(f"score map of image {image_id!r} not found: {path}") from None
     except (ValueError, OSError, EOFError) as exc:
-        raise ValueError(f"score map of image {image_id!r} cannot be read ({path}): {exc}") from None
+        raise ValueError(f"score map of image {image_id!r} cannot be read ({path}): {_npy_error(exc)}") from None
     if not isinstance(array, np.ndarray) or array.dtype.kind != "f":
         raise ValueError(f"score map of image {image_id!r} must be a floating array, got {getattr(array, 'dtype', None)}")
     if array.ndim != 2:
@@ -61,7 +68,7 @@ def evaluation_shape(scoremap_root: str, image_id: str) -> tuple[int, int]:
     except FileNotFoundError:
         raise FileNotFoundError(f"score map of image {image_id!r} not found: {path}") from None
     except (ValueError, OSError, EOFError) as exc:
-        raise ValueError(f"score map of image {image_id!r} cannot be read ({path}): {exc}") from None
+        raise ValueError(f"score map of image {image_id!r} cannot be read ({path}): {_npy_error(exc)}") from None
     if len(shape) != 2:
         raise ValueError(f"score map of image {image_id!r} must be 2-D [H, W], got shape {shape}")
     return int(shape[0]), int(shape[1])

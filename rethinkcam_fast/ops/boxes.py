@@ -58,6 +58,10 @@ class RaggedBoxes:
 
     def boxes_of(self, n: int, t: int = 0) -> Tensor:
         """``LongTensor[k, 4]``: the boxes of image ``n`` at threshold index ``t``."""
+        images, thresholds = self.offsets.shape[0], self.offsets.shape[1] - 1
+        if not (-images <= n < images and -thresholds <= t < thresholds):
+            raise IndexError(f"boxes_of({n}, {t}): there are {images} images and {thresholds} thresholds")
+        t %= thresholds
         return self.boxes[int(self.offsets[n, t]) : int(self.offsets[n, t + 1])]
 
 

@@ -428,8 +428,10 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         return backend
     if backend == "cuda":
         if device.type != "cuda" or _native.cuda_module() is None:
+            why = _native.load_error("_C_cuda")
             raise RuntimeError(
-                f"backend='cuda' needs a CUDA tensor and the CUDA extension ({_native.load_error('_C_cuda')})"
+                "backend='cuda' needs a CUDA tensor and the CUDA extension"
+                + (f" ({why})" if why else f" (got a {device.type} tensor)" if device.type != "cuda" else "")
             )
         return backend
     if backend == "native":
