@@ -42,10 +42,10 @@ def cam_reduce_reference(features: Tensor, weight: Tensor, labels: Tensor, nwc: 
     """``M[N, h, w] = sum_k W'[labels, k] * features[:, k]`` in float32 (float64 for float64 inputs)."""
     acc = acc_dtype(features, weight)
     with autocast_off(features):  # float32 sums under autocast too, as the kernels'
-        w = weight.to(acc)
+        w = weight[labels].to(acc)  # (the N rows used, not all C converted)
         if nwc:
             w = w.relu()  # gradient only where W > 0
-        return torch.einsum("nk,nkhw->nhw", w[labels], features.to(acc))
+        return torch.einsum("nk,nkhw->nhw", w, features.to(acc))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,9 +186,13 @@ def cam_reduce_backward_triton(
 
 
 def _weight_grad(dw_rows: Tensor, weight: Tensor, labels: Tensor, nwc: bool) -> Tensor:
-    """``dW[C, K] = onehot(labels)^T @ dw_rows`` (deterministic), masked to ``W > 0`` under NWC."""
-    onehot = torch.nn.functional.one_hot(labels, weight.shape[0]).to(dw_rows.dtype)
-    d_weight = onehot.T @ dw_rows
+    """``dW[C, K] = onehot(labels)^T @ dw_rows``, masked to ``W > 0`` under NWC; deterministic: on a
+    GPU the matmul (``index_add_`` would use atomics there), on the CPU ``index_add_`` (sequential;
+    the matmul's ``C * N * K`` multiply-adds were 8 ms of a [16, 2048] -> 1,000-class call)."""
+    if dw_rows.device.type == "cpu":
+        d_weight = torch.zeros((weight.shape[0], dw_rows.shape[1]), dtype=dw_rows.dtype).index_add_(0, labels, dw_rows)
+    else:
+        d_weight = torch.nn.functional.one_hot(labels, weight.shape[0]).to(dw_rows.dtype).T @ dw_rows
     if nwc:
         d_weight = torch.where(weight > 0, d_weight, torch.zeros_like(d_weight))
     return d_weight.to(weight.dtype)
@@ -200,10 +204,10 @@ def cam_reduce_backward_reference(
     """The backward of :func:`cam_reduce_reference` written out (the CPU path)."""
     acc = acc_dtype(features, weight)
     grad = grad_maps.to(acc)
-    w = weight.to(acc)
+    w = weight[labels].to(acc)
     if nwc:
         w = w.relu()
-    d_features = (w[labels][:, :, None, None] * grad[:, None]).to(features.dtype)
+    d_features = (w[:, :, None, None] * grad[:, None]).to(features.dtype)
     d_features = d_features.contiguous(memory_format=_memory_format(features))
     a = features.to(acc)
     dead = (grad == 0).flatten(1).all(dim=1)  # images with a zero upstream gradient contribute exactly 0,
