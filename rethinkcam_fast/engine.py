@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ._cuda_graph import CapturedCall
 from ._validation import check_float_dtype, check_tensor, output_size_arg
-from .ops._launch import check_backend
+from .ops._launch import autocast_off, check_backend
 from .ops.boxes import CONVENTIONS, boxes_from_cams, boxes_from_packed, pack_results, packed_to_host
 from .ops.level_sweep import gpu_boxes_enabled
 from .ops.class_activation_map import class_activation_map_with_flags
@@ -162,10 +162,15 @@ class _Capture:
     # The hooks sit on the model's (shared) modules for the call's duration: another thread running
     # the same model meanwhile must not land in this call's capture.
     thread: int = field(default_factory=threading.get_ident)
+    # "cam" without a classifier yet: (nn.Linear, its output, len(order) when it finished) per run.
+    linears: list[tuple[nn.Module, Tensor, int]] = field(default_factory=list)
 
 
 def _contains_conv(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+
+
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def _trains(module: nn.Module) -> bool:
@@ -183,9 +188,13 @@ class CAMEngine:
         method: ``"cam"``, ``"gradcam"``, ``"gradcam++"``, ``"layercam"`` or ``"fullycam"``.
         target_layers: modules or their names (``model.named_modules()``). Default: the last
             conv-like layer (the last module, in execution order, that contains a convolution and
-            outputs a 4-D map) for the single-layer methods; every ``nn.Conv2d`` for ``"fullycam"``.
+            outputs a 4-D map with a spatial extent, found for each input size) for the single-layer
+            methods; every ``nn.Conv2d`` for ``"fullycam"``.
         classifier: for ``"cam"``: the ``nn.Linear`` (or 1x1 ``nn.Conv2d``) after the global pool.
-            Default: the last ``nn.Linear`` mapping the target layer's channels to the logits.
+            Default: the ``nn.Linear`` from the target layer's channels to the classes that the forward
+            runs after the target layer (the one whose output is the logits); a 1x1 conv head to the
+            classes (network in network) when the forward has none. Checked once against the logits
+            (a warning when the classifier does not pool the target layer's output).
         nwc: negative weight clamping for ``"cam"``: ``max(W, 0)`` in the map (logits unchanged).
         output_size: ``(H, W)`` of the maps; default the input's size.
         fuse: multi-layer fusion, ``"sum"`` (Fully-CAM's formula) or ``"max"`` (LayerCAM-style).
@@ -246,6 +255,9 @@ class CAMEngine:
             raise ValueError("nwc=True (negative weight clamping) applies to method='cam' only")
         if classifier is not None and not isinstance(classifier, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"classifier must be an nn.Linear or a 1x1 nn.Conv2d, got {type(classifier).__name__}")
+        if classifier is not None and method != "cam":
+            raise ValueError(f"classifier= applies to method='cam' only (method={method!r} takes its weights from "
+                             "the gradients)")
         self.model = model
         self.method = method
         self.classifier = classifier
@@ -259,13 +271,23 @@ class CAMEngine:
         self.boxes = bool(boxes)
         self.pas_q, self.pas_theta, self.box_convention = pas_q, pas_theta, box_convention
         if self.boxes:  # validate q and theta now rather than after a forward pass
-            percentile_threshold(torch.zeros(0, 1, 1), pas_q, pas_theta)
+            try:
+                percentile_threshold(torch.zeros(0, 1, 1), pas_q, pas_theta)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"pas_q={pas_q!r}, pas_theta={pas_theta!r}: {exc}") from None
         check_backend(backend)  # now, not at the first call
         self.backend = backend
         self.differentiable = bool(differentiable)
         self._names = {id(m): name or type(model).__name__ for name, m in model.named_modules()}
         self._default_layers = False
         self.target_layers = self._resolve_layers(target_layers)
+        # The single-layer default target is found on a call, for that call's input size (a later call
+        # at another size finds it again: a layer whose output is 1x1 at one size is not at another);
+        # a classifier the engine found goes with it.
+        self._default_for_size: tuple[int, ...] | None = None
+        self._found_classifier = False
+        self._checked_pooling = False  # "cam": whether the classifier was checked against the logits
+        self._warned_training = False
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -324,6 +346,11 @@ class CAMEngine:
         """
         check_tensor("images", images, ndim=4)
         check_float_dtype("images", images)
+        if self.model.training and not self.differentiable and not self._warned_training:
+            self._warned_training = True
+            warnings.warn(f"{type(self.model).__name__} is in training mode: each call updates its batch norms' "
+                          "running statistics and dropout makes the maps random; call model.eval() for "
+                          "inference CAMs (the engine leaves the mode to you)", RuntimeWarning, stacklevel=2)
         needs_graph = self.method != "cam" or self.differentiable
         if not needs_graph:
             with torch.set_grad_enabled(False):
@@ -360,6 +387,10 @@ class CAMEngine:
         given = images
         output_size = self.output_size or (images.shape[2], images.shape[3])
         capture = _Capture()
+        if self._default_for_size is not None and self._default_for_size != tuple(images.shape[2:]):
+            self.target_layers = self._default_for_size = None  # found again for this input size
+            if self._found_classifier:
+                self.classifier, self._found_classifier, self._checked_pooling = None, False, False
         layers = self.target_layers
         # A 1x1 conv classifier (``classifier=``) is not a feature layer: the default target is found
         # among the modules that do not hold it.
@@ -374,6 +405,9 @@ class CAMEngine:
                              "(convolutional features, then logits [N, num_classes])")
         needs_grad = self.method != "cam"
         handles = [m.register_forward_hook(self._forward_hook(capture)) for m in candidates]
+        if self.method == "cam" and self.classifier is None:  # which nn.Linear makes the logits
+            handles += [m.register_forward_hook(self._linear_hook(capture)) for m in self.model.modules()
+                        if isinstance(m, nn.Linear)]
         if needs_grad and stand_in is None:
             stand_in = not (self.differentiable and self._graph_reaches_targets(images))
         if needs_grad and stand_in:
@@ -396,6 +430,10 @@ class CAMEngine:
             # whose "map" is one value — its CAM would be constant, i.e. zeros.
             spatial = [m for m in capture.order if capture.activations[id(m)].shape[2] * capture.activations[id(m)].shape[3] > 1]
             layers = self.target_layers = [(spatial or capture.order)[-1]]
+            self._default_for_size = tuple(images.shape[2:])
+        if self.method == "cam" and self.classifier is None:
+            if self._find_classifier(layers[0], capture, logits):  # the default target was a 1x1 conv head
+                return self._explain(given, targets, stand_in=stand_in, exhaustive=exhaustive)
         labels = self._resolve_targets(targets, logits)
         scores = logits.gather(1, labels[:, None])[:, 0]
         if self._default_layers:  # "every nn.Conv2d" means every one that ran
@@ -404,6 +442,9 @@ class CAMEngine:
         if missing:
             raise ValueError(f"target layer(s) {missing} produced no 4-D tensor output during the forward pass")
 
+        if self.method == "cam" and not self._checked_pooling:
+            self._checked_pooling = True
+            self._check_pooling(layers[0], capture.activations[id(layers[0])], logits)
         if self.method != "cam":
             if not stand_in and any(not capture.activations[id(m)].requires_grad and not _trains(m) for m in layers):
                 # (differentiable=True, a default target found frozen): record from a stand-in input
@@ -486,6 +527,76 @@ class CAMEngine:
 
         return hook
 
+    @staticmethod
+    def _linear_hook(capture: _Capture):
+        linears, order, thread = capture.linears, capture.order, capture.thread
+
+        def hook(module: nn.Module, inputs, output) -> None:
+            if isinstance(output, Tensor) and threading.get_ident() == thread:
+                linears.append((module, output, len(order)))
+
+        return hook
+
+    def _find_classifier(self, target: nn.Module, capture: _Capture, logits: Tensor) -> bool:
+        """``"cam"``: the classifier, from what the forward ran: an ``nn.Linear`` from the target's
+        channels to the classes that ran after the target layer — the one whose output is the logits,
+        else the last — rather than any the model holds (a second head, an unused layer). With none, a
+        default target that is itself a 1x1 conv from those channels to the classes (a network-in-network
+        head) becomes the classifier and ``True`` asks for the call again (the target is then the
+        conv-like layer before it); else the last such ``nn.Linear`` the model holds (one the forward
+        applies without calling the module). Raises when there is none."""
+        channels, num_classes = capture.activations[id(target)].shape[1], logits.shape[1]
+        after = capture.order.index(target) + 1 if target in capture.order else 0
+        ran = [(m, out) for m, out, done in capture.linears
+               if done >= after and m.in_features == channels and m.out_features == num_classes]
+        if ran:
+            self.classifier = next((m for m, out in ran if out is logits), ran[-1][0])
+            self._found_classifier = True
+            return False
+        if (self._default_for_size is not None and isinstance(target, nn.Conv2d) and target.kernel_size == (1, 1)
+                and target.out_channels == num_classes and target.groups == 1):
+            self.classifier, self._found_classifier = target, True
+            self.target_layers = self._default_for_size = None
+            return True
+        held = [m for m in self.model.modules()  # applied without its hooks (F.linear(x, fc.weight), fc.forward)
+                if isinstance(m, nn.Linear) and m.in_features == channels and m.out_features == num_classes]
+        if held:  # (checked against the logits by _check_pooling)
+            self.classifier, self._found_classifier = held[-1], True
+            return False
+        raise ValueError(
+            f"method='cam' needs the classifier after the global pool: no nn.Linear({channels} -> {num_classes}) "
+            f"ran after the target layer {self.layer_name(target)!r} in {type(self.model).__name__}'s forward; "
+            "pass classifier= (an nn.Linear, or a 1x1 nn.Conv2d) or target_layers=")
+
+    def _check_pooling(self, target: nn.Module, activation: Tensor, logits: Tensor) -> None:
+        """``"cam"``, once: the CAM is ``W`` times the target layer's output, which is the classifier's
+        view of the logits only if the forward global-average-pools that very output into it. When the
+        classifier applied to the average of that output does not give the logits — an activation
+        applied functionally after the target layer (``F.relu``), another pool, a head with several
+        layers — say so (a TAP model, whose pool thresholds, is not checked)."""
+        from .modules import TAP
+
+        if any(isinstance(m, TAP) for m in self.model.modules()):
+            return
+        with torch.no_grad(), autocast_off(activation):  # (no cast of the weights: a captured call reads none)
+            weight = self._classifier_weight(activation.shape[1], logits.shape[1]).float()
+            bias = getattr(self.classifier, "bias", None)
+            pooled = activation.detach().float().mean(dim=(2, 3)) @ weight.T
+            if bias is not None:
+                pooled = pooled + bias.detach().float()
+            want = logits.detach().float()
+            error = float((pooled - want).abs().max()) if want.numel() else 0.0
+            scale = float(want.abs().max()) if want.numel() else 0.0
+        tolerance = (3e-2 if activation.dtype in (torch.float16, torch.bfloat16) else 1e-3) * (scale + 1.0)
+        if not error <= tolerance:  # (NaN too)
+            warnings.warn(
+                f"method='cam': {type(self.classifier).__name__} {self.layer_name(self.classifier)!r} applied to the "
+                f"global average of target layer {self.layer_name(target)!r}'s output does not give the logits "
+                f"(off by {error:.3g}): the forward changes that output before the classifier sees it (a functional "
+                "activation such as F.relu after the layer, another pool, a head of several layers), so the map is "
+                "not the classifier's CAM; pass the module whose output is pooled as target_layers=, or use a "
+                "gradient method", RuntimeWarning, stacklevel=4)
+
     def _resolve_targets(self, targets, logits: Tensor) -> Tensor:
         n, num_classes = logits.shape
         if targets is None:
@@ -493,14 +604,20 @@ class CAMEngine:
         if isinstance(targets, np.ndarray) and targets.dtype.kind in "iu":  # numpy labels, as data loaders give
             # (any integer dtype, byte order or stride; a 0-d array is one class for every image)
             targets = int(targets) if targets.ndim == 0 else torch.from_numpy(np.ascontiguousarray(targets, np.int64))
+        elif isinstance(targets, (list, tuple)) and all(
+                isinstance(t, Integral) and not isinstance(t, (bool, np.bool_)) for t in targets):
+            targets = torch.tensor(targets, dtype=torch.long)  # one class per image
+        elif isinstance(targets, Tensor) and targets.dim() == 0 and targets.dtype in _INTEGER_DTYPES:
+            targets = int(targets)  # one class for every image, as a 0-d array
         if isinstance(targets, (bool, np.bool_)) or not isinstance(targets, (Integral, Tensor)):
-            raise TypeError(f"targets must be None, an int or a LongTensor[N], got {type(targets).__name__}")
+            raise TypeError("targets must be None, an int, a list of ints or an integer tensor [N], got "
+                            f"{type(targets).__name__}")
         if isinstance(targets, Integral):  # numpy integers too
             targets = int(targets)
             if not 0 <= targets < num_classes:
                 raise ValueError(f"target class {targets} out of range for {num_classes} classes")
             return torch.full((n,), targets, dtype=torch.long, device=logits.device)
-        if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        if targets.dtype not in _INTEGER_DTYPES:
             raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
         if targets.shape != (n,):
             raise ValueError(f"targets must have shape ({n},) to match the batch, got {tuple(targets.shape)}")
@@ -571,16 +688,7 @@ class CAMEngine:
             cams, degenerate
 
     def _classifier_weight(self, channels: int, num_classes: int, detach: bool = True) -> Tensor:
-        classifier = self.classifier
-        if classifier is None:
-            found = [m for m in self.model.modules()
-                     if isinstance(m, nn.Linear) and m.in_features == channels and m.out_features == num_classes]
-            if not found:
-                raise ValueError(
-                    f"method='cam' needs the classifier after the global pool: {type(self.model).__name__} has no "
-                    f"nn.Linear({channels} -> {num_classes}); pass classifier=..."
-                )
-            classifier = self.classifier = found[-1]
+        classifier = self.classifier  # (given, or found by _find_classifier during the call)
         weight = classifier.weight.detach() if detach else classifier.weight
         if weight.dim() == 4:
             if weight.shape[2:] != (1, 1):

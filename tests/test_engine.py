@@ -592,3 +592,126 @@ def test_graphed_engine_refuses_what_a_cuda_graph_cannot_do():
         CAMEngine(model, "gradcam").graphed(images, targets=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="4-D"):
         CAMEngine(model, "gradcam").graphed(images[0])
+
+
+# -- configuration found from the forward (issues from an API review) ---------------------------------
+
+
+class _TwoHeads(nn.Module):
+    """The forward uses head_a; head_b, of the same shape, is never run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+        self.head_a, self.head_b = nn.Linear(6, 5), nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.head_a(self.features(x).mean((2, 3)))
+
+
+class _FunctionalRelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 1), 1))
+
+
+class _Strided(nn.Module):
+    """c2's output is 1x1 at 16x16 inputs, 4x4 at 64x64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 6, 4, stride=4), nn.Conv2d(6, 8, 4, stride=4), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c2(F.relu(self.c1(x)))).mean((2, 3)))
+
+
+class _NetworkInNetwork(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+        self.cls = nn.Conv2d(6, 5, 1)
+
+    def forward(self, x):
+        return self.cls(self.features(x)).mean((2, 3))
+
+
+def test_cam_takes_the_classifier_the_forward_runs():
+    model = make(_TwoHeads).eval()
+    images = images_for()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a GAP model whose head is found: no pooling warning
+        engine = CAMEngine(model, "cam", boxes=False)
+        got = engine(images)
+    assert engine.classifier is model.head_a
+    want = CAMEngine(model, "cam", classifier=model.head_a, boxes=False)(images)
+    torch.testing.assert_close(got.cams, want.cams, atol=0, rtol=0)
+
+
+def test_cam_warns_when_the_classifier_does_not_pool_the_target_layer():
+    model = make(_FunctionalRelu).eval()
+    engine = CAMEngine(model, "cam", boxes=False)
+    with pytest.warns(RuntimeWarning, match="'conv2''s output does not give the logits"):
+        engine(images_for())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per engine
+        engine(images_for(1))
+    tap_model = replace_gap_with_tap(make(SmallCNN)).eval()  # TAP pools a thresholded map: not checked
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CAMEngine(tap_model, "cam", boxes=False)(images_for())
+
+
+def test_a_1x1_conv_head_is_found_as_the_cam_classifier():
+    model = make(_NetworkInNetwork).eval()
+    images = images_for()
+    engine = CAMEngine(model, "cam", boxes=False)
+    got = engine(images)
+    assert engine.classifier is model.cls and engine.target_layers == [model.features]
+    want = CAMEngine(model, "cam", classifier=model.cls, boxes=False)(images)
+    torch.testing.assert_close(got.cams, want.cams, atol=0, rtol=0)
+
+
+def test_the_default_target_follows_the_input_size_not_the_call_history():
+    model = make(_Strided).eval()
+    small, large = images_for(size=16), images_for(size=64)
+    engine = CAMEngine(model, "gradcam", boxes=False)
+    first_small = engine(small)
+    assert engine.target_layers == [model.c1]  # c2's map would be 1x1 (constant)
+    got_large = engine(large)
+    assert engine.target_layers == [model.c2]
+    torch.testing.assert_close(got_large.cams, CAMEngine(model, "gradcam", boxes=False)(large).cams, atol=0, rtol=0)
+    torch.testing.assert_close(engine(small).cams, first_small.cams, atol=0, rtol=0)
+    pinned = CAMEngine(model, "gradcam", [model.c1], boxes=False)
+    pinned(large)
+    assert pinned.target_layers == [model.c1]  # a target the caller gave stays
+
+
+def test_a_model_in_training_mode_gets_one_warning():
+    model = make(SmallCNN).train()
+    engine = CAMEngine(model, "gradcam", boxes=False)
+    with pytest.warns(RuntimeWarning, match="is in training mode"):
+        engine(images_for())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine(images_for())  # once per engine
+        CAMEngine(model, "gradcam", differentiable=True, boxes=False)(images_for())  # training with a CAM loss
+        CAMEngine(model.eval(), "gradcam", boxes=False)(images_for())
+
+
+def test_targets_as_a_list_or_a_0d_tensor_and_argument_names_in_errors():
+    model = make(SmallCNN).eval()
+    engine = CAMEngine(model, "gradcam", boxes=False)
+    images = images_for()
+    want = engine(images, targets=torch.tensor([1, 0, 2]))
+    assert torch.equal(engine(images, targets=[1, 0, 2]).cams, want.cams)
+    assert torch.equal(engine(images, targets=torch.tensor(2)).labels, torch.full((3,), 2))
+    with pytest.raises(TypeError, match="a list of ints"):
+        engine(images, targets=[1.0, 0, 2])
+    with pytest.raises(ValueError, match="classifier= applies to method='cam' only"):
+        CAMEngine(model, "gradcam", classifier=nn.Linear(8, 5))
+    with pytest.raises(ValueError, match="pas_q=200"):
+        CAMEngine(model, "gradcam", pas_q=200)

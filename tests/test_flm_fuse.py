@@ -199,6 +199,21 @@ def test_cpu_native_epilogue_equals_the_reference_on_edge_cases(dtype, sizes, fu
             assert torch.isnan(got[0][0]).any() and not torch.isnan(got[0][1:]).any()
 
 
+def test_cpu_native_epilogue_near_the_float32_limit():
+    """Finite neighbours of opposite signs near float32's limit: their difference overflows, where
+    the interpolation must not turn a finite map into a non-finite (hence zeroed) one."""
+    forward = epilogue_forward("auto")
+    cases = [([torch.tensor([[[-2e38, 2e38, 1.0, 0.0]]])], (1, 2)),
+             ([torch.tensor([[[-3e38, 3e38, 0.5]]]), torch.tensor([[[0.0, 1.0, 0.3]]])], (1, 3))]
+    for maps, size in cases:
+        want, want_degenerate = epi.map_epilogue_reference(maps, size)
+        got, degenerate = forward(maps, size, "sum")
+        assert torch.equal(degenerate, want_degenerate), maps
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        engine_out, _ = rethinkcam_fast.fuse_maps(maps, size)  # the inference epilogue's C++ kernel
+        assert torch.isfinite(engine_out).all()
+
+
 @pytest.mark.parametrize("fuse", ["sum", "max"])
 def test_cpu_native_epilogue_forward_equals_the_engines_fuse_maps_bit_for_bit(fuse):
     """On the CPU the differentiable forward (float32) and the engine's inference epilogue compute the

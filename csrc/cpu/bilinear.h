@@ -47,10 +47,14 @@ BilinearAxis<T> bilinear_axis(int64_t in, int64_t out) {
 // a + (b - a) * l: the interpolation between two neighbours, exact where they are equal. (ATen's
 // a * (1 - l) + b * l is not: a plateau comes out with last-bit noise, which a min-max normalisation
 // stretches to [0, 1] on a map that resizes to a constant, and which decides which of a plateau's
-// pixels tie at a map's extreme. Both are the same linear map up to rounding.)
+// pixels tie at a map's extreme. Both are the same linear map up to rounding.) Where b - a
+// overflows (finite neighbours of opposite signs near the type's limit) it takes ATen's form, which
+// stays finite there.
 template <typename T>
 inline T lerp(T a, T b, T l) {
-  return a + (b - a) * l;
+  const T d = b - a;
+  if (std::fabs(d) <= std::numeric_limits<T>::max()) return a + d * l;
+  return a * (static_cast<T>(1) - l) + b * l;  // (inf or NaN neighbours: non-finite either way)
 }
 
 template <typename T>

@@ -64,9 +64,9 @@ std::vector<Layer<T>> layer_tables(const void* const* maps, const int64_t* heigh
 }
 
 // Upsampling of image n's map of a layer into up [H, W]: by lerp (see the top of the file), or with
-// Raw (normalize = false) as F.interpolate rounds it, (m00 * lx0 + m01 * lx1) * ly0 + (m10 * lx0 +
-// m11 * lx1) * ly1: there no extreme is taken, and an infinite value stays infinite (lerp's inf - inf
-// would make it NaN).
+// Raw (normalize = false) by F.interpolate's formula, (m00 * lx0 + m01 * lx1) * ly0 + (m10 * lx0 +
+// m11 * lx1) * ly1 (equal to its results to rounding): there no extreme is taken, and an infinite
+// value stays infinite (lerp's inf - inf would make it NaN).
 template <bool Raw = false, typename T>
 void upsample(const Layer<T>& layer, int64_t n, int64_t H, int64_t W, T* up) {
   const T* m = layer.maps + n * layer.h * layer.w;
@@ -378,7 +378,11 @@ void map_epilogue_backward(const void* grad, const void* const* maps, const int6
                            int64_t L, int64_t N, int64_t H, int64_t W, bool fuse_max, bool normalize,
                            void* const* grad_maps, int dtype, int num_threads) {
   check_sizes(L, N, H, W, normalize, dtype);
-  if (N == 0) return;
+  if (N == 0) return;  // (empty buffers may have null addresses)
+  if (H * W > 0 && grad == nullptr) throw std::invalid_argument("rethinkcam_fast.map_epilogue: null grad");
+  for (int64_t l = 0; l < L; ++l) {
+    if (grad_maps[l] == nullptr) throw std::invalid_argument("rethinkcam_fast.map_epilogue: null gradient buffer");
+  }
   if (H * W == 0) {  // no outputs: every gradient is zero
     for (int64_t l = 0; l < L; ++l) {
       const size_t count = static_cast<size_t>(N * heights[l] * widths[l]);

@@ -38,8 +38,9 @@ deliberate rounding difference: the upsampling interpolates as ``a + (b - a) * l
 neighbours are equal (as the engine's ``fuse_maps`` kernel), where ``F.interpolate`` computes
 ``a * (1 - l) + b * l``; so a plateau at a map's extreme ties there whole and shares its gradient,
 where the reference can leave some of its pixels an ulp below it. Values agree with the
-reference's to rounding (float32: 1e-7 of the [0, 1] output), and the float32 forward equals
-``fuse_maps``' bit for bit.
+reference's to rounding — a few ulp of the upsampled maps, which min-max normalisation scales by
+1 / span (a map whose span is a few ulp of its magnitude differs at the scale of the output) — and
+the float32 forward equals ``fuse_maps``' bit for bit.
 """
 
 from __future__ import annotations
@@ -904,7 +905,7 @@ def map_epilogue_backward_op(
 
 @map_epilogue_backward_op.register_fake
 def _map_epilogue_backward_fake(grad_out, maps, output_size, fuse, normalize, backend):
-    return [torch.empty_like(m) for m in maps]
+    return [m.new_empty(m.shape) for m in maps]  # contiguous, as every backend returns them
 
 
 def _epilogue_setup_context(ctx, inputs, output) -> None:
