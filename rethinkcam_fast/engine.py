@@ -281,12 +281,14 @@ class CAMEngine:
         self._names = {id(m): name or type(model).__name__ for name, m in model.named_modules()}
         self._default_layers = False
         self.target_layers = self._resolve_layers(target_layers)
-        # The single-layer default target is found on a call, for that call's input size (a later call
-        # at another size finds it again: a layer whose output is 1x1 at one size is not at another);
-        # a classifier the engine found goes with it.
-        self._default_for_size: tuple[int, ...] | None = None
-        self._found_classifier = False
-        self._checked_pooling = False  # "cam": whether the classifier was checked against the logits
+        # What a call finds from the forward, per input size (a layer whose output is 1x1 at one size
+        # is not at another): the single-layer default target and the "cam" classifier. Each call
+        # works from its own size's entry, so calls at other sizes, from other threads too, never
+        # change it; target_layers and classifier show the latest call's.
+        self._find_target = self.target_layers is None
+        self._find_head = method == "cam" and classifier is None
+        self._found: dict[tuple[int, ...], tuple[nn.Module | None, nn.Module | None]] = {}
+        self._checked_pooling: set[tuple[int, int]] = set()  # (target, classifier) checked against the logits
         self._warned_training = False
 
     # -- configuration ------------------------------------------------------------------------
@@ -380,21 +382,24 @@ class CAMEngine:
         return GraphedCAM(self, example, targets)
 
     def _explain(self, images: Tensor, targets: int | Tensor | None, *, stand_in: bool | None = None,
-                 exhaustive: bool = False) -> CAMResult:
+                 exhaustive: bool = False, head: nn.Module | None = None) -> CAMResult:
         """One call. ``stand_in``: record the graph from a leaf copy of the images (``None``: decide);
         ``exhaustive``: Fully-CAM's backward also runs to every target layer (see _fully_cam_maps);
-        both are set by the retries below, in the rare models that need them."""
+        both are set by the retries below, in the rare models that need them; ``head``: a 1x1 conv
+        classifier found by the call (see _find_classifier)."""
         given = images
         output_size = self.output_size or (images.shape[2], images.shape[3])
         capture = _Capture()
-        if self._default_for_size is not None and self._default_for_size != tuple(images.shape[2:]):
-            self.target_layers = self._default_for_size = None  # found again for this input size
-            if self._found_classifier:
-                self.classifier, self._found_classifier, self._checked_pooling = None, False, False
-        layers = self.target_layers
-        # A 1x1 conv classifier (``classifier=``) is not a feature layer: the default target is found
-        # among the modules that do not hold it.
-        head = self.classifier if isinstance(self.classifier, nn.Conv2d) else None
+        size = tuple(images.shape[2:])
+        found_target, classifier = self._found.get(size, (None, None))
+        if not self._find_head:
+            classifier = self.classifier
+        elif head is not None:
+            classifier = head
+        layers = ([found_target] if found_target is not None else None) if self._find_target else self.target_layers
+        # A 1x1 conv classifier is not a feature layer: the default target is found among the modules
+        # that do not hold it.
+        head = classifier if isinstance(classifier, nn.Conv2d) else None
         candidates = layers if layers is not None else [
             m for m in self.model.modules()
             if m is not self.model and _contains_conv(m) and (head is None or all(x is not head for x in m.modules()))
@@ -405,11 +410,11 @@ class CAMEngine:
                              "(convolutional features, then logits [N, num_classes])")
         needs_grad = self.method != "cam"
         handles = [m.register_forward_hook(self._forward_hook(capture)) for m in candidates]
-        if self.method == "cam" and self.classifier is None:  # which nn.Linear makes the logits
+        if self.method == "cam" and classifier is None:  # which nn.Linear makes the logits
             handles += [m.register_forward_hook(self._linear_hook(capture)) for m in self.model.modules()
                         if isinstance(m, nn.Linear)]
         if needs_grad and stand_in is None:
-            stand_in = not (self.differentiable and self._graph_reaches_targets(images))
+            stand_in = not (self.differentiable and self._graph_reaches_targets(images, layers))
         if needs_grad and stand_in:
             # A graph must be recorded even for a frozen (or partly frozen) model; an input that
             # requires grad does it without touching the parameters.
@@ -429,11 +434,17 @@ class CAMEngine:
             # ends with the global pool (``nn.Sequential(*backbone_with_pool)``) outputs [N, C, 1, 1],
             # whose "map" is one value — its CAM would be constant, i.e. zeros.
             spatial = [m for m in capture.order if capture.activations[id(m)].shape[2] * capture.activations[id(m)].shape[3] > 1]
-            layers = self.target_layers = [(spatial or capture.order)[-1]]
-            self._default_for_size = tuple(images.shape[2:])
-        if self.method == "cam" and self.classifier is None:
-            if self._find_classifier(layers[0], capture, logits):  # the default target was a 1x1 conv head
-                return self._explain(given, targets, stand_in=stand_in, exhaustive=exhaustive)
+            layers = [(spatial or capture.order)[-1]]
+        if self.method == "cam" and classifier is None:
+            classifier = self._find_classifier(layers[0], capture, logits)
+            if classifier is layers[0]:  # the default target was a 1x1 conv head: again, with it as the head
+                return self._explain(given, targets, stand_in=stand_in, exhaustive=exhaustive, head=classifier)
+        if self._find_target or self._find_head:
+            self._found[size] = (layers[0] if self._find_target else None, classifier if self._find_head else None)
+            if self._find_target:  # (the latest call's, for the caller to read)
+                self.target_layers = layers
+            if self._find_head:
+                self.classifier = classifier
         labels = self._resolve_targets(targets, logits)
         scores = logits.gather(1, labels[:, None])[:, 0]
         if self._default_layers:  # "every nn.Conv2d" means every one that ran
@@ -442,16 +453,17 @@ class CAMEngine:
         if missing:
             raise ValueError(f"target layer(s) {missing} produced no 4-D tensor output during the forward pass")
 
-        if self.method == "cam" and not self._checked_pooling:
-            self._checked_pooling = True
-            self._check_pooling(layers[0], capture.activations[id(layers[0])], logits)
+        if self.method == "cam" and (id(layers[0]), id(classifier)) not in self._checked_pooling:
+            self._checked_pooling.add((id(layers[0]), id(classifier)))
+            self._check_pooling(layers[0], capture.activations[id(layers[0])], logits, classifier)
         if self.method != "cam":
             if not stand_in and any(not capture.activations[id(m)].requires_grad and not _trains(m) for m in layers):
                 # (differentiable=True, a default target found frozen): record from a stand-in input
                 return self._explain(given, targets, stand_in=True, exhaustive=exhaustive)
             self._check_on_graph(layers, capture, scores)
         if self.differentiable:
-            maps, cams, degenerate = self._differentiable_maps(layers, capture, labels, scores, logits, output_size)
+            maps, cams, degenerate = self._differentiable_maps(layers, capture, labels, scores, logits, output_size,
+                                                               classifier)
         else:
             if self.method == "fullycam":
                 maps = self._fully_cam_maps(layers, capture, scores, images, exhaustive)
@@ -459,7 +471,7 @@ class CAMEngine:
                     return self._explain(given, targets, stand_in=stand_in, exhaustive=True)
             else:
                 activation = capture.activations[id(layers[0])]
-                maps = [self._single_layer_map(activation, labels, scores, logits.shape[1])]
+                maps = [self._single_layer_map(layers[0], activation, labels, scores, logits.shape[1], classifier)]
             # (the checks fuse_maps would make that the engine's own maps can fail)
             device = maps[0].device
             if any(m.shape[1] * m.shape[2] == 0 or m.device != device for m in maps):
@@ -489,18 +501,18 @@ class CAMEngine:
             result.boxes = boxes_from_cams(plain, result.thresholds, "largest", self.box_convention, validate=False)
         return result
 
-    def _graph_reaches_targets(self, images: Tensor) -> bool:
+    def _graph_reaches_targets(self, images: Tensor, layers: list[nn.Module] | None) -> bool:
         """Whether the forward puts the target layers' outputs on the graph by itself — the input
         requires grad, or every target layer has a parameter that requires grad — so that
         differentiable maps reach the caller's images and parameters without a stand-in input (which
         would record, and later backpropagate through, a frozen backbone for nothing). With the
-        default single target, not known before the first call, any trainable parameter counts; a
-        frozen target found then makes the call start again from a stand-in."""
+        default single target, not known before a call at this input size, any trainable parameter
+        counts; a frozen target found then makes the call start again from a stand-in."""
         if images.requires_grad:
             return True
-        if self.target_layers is None:
+        if layers is None:
             return any(p.requires_grad for p in self.model.parameters())
-        return all(_trains(m) for m in self.target_layers)
+        return all(_trains(m) for m in layers)
 
     def _forward_hook(self, capture: _Capture):
         """Record a module's 4-D output. It is the tensor object itself: in-place ops that follow
@@ -537,38 +549,33 @@ class CAMEngine:
 
         return hook
 
-    def _find_classifier(self, target: nn.Module, capture: _Capture, logits: Tensor) -> bool:
+    def _find_classifier(self, target: nn.Module, capture: _Capture, logits: Tensor) -> nn.Module:
         """``"cam"``: the classifier, from what the forward ran: an ``nn.Linear`` from the target's
         channels to the classes that ran after the target layer — the one whose output is the logits,
         else the last — rather than any the model holds (a second head, an unused layer). With none, a
         default target that is itself a 1x1 conv from those channels to the classes (a network-in-network
-        head) becomes the classifier and ``True`` asks for the call again (the target is then the
-        conv-like layer before it); else the last such ``nn.Linear`` the model holds (one the forward
-        applies without calling the module). Raises when there is none."""
+        head) is the classifier (returned as is: the call runs again, the target then the conv-like
+        layer before it); else the last such ``nn.Linear`` the model holds (one the forward applies
+        without calling the module). Raises when there is none."""
         channels, num_classes = capture.activations[id(target)].shape[1], logits.shape[1]
         after = capture.order.index(target) + 1 if target in capture.order else 0
         ran = [(m, out) for m, out, done in capture.linears
                if done >= after and m.in_features == channels and m.out_features == num_classes]
         if ran:
-            self.classifier = next((m for m, out in ran if out is logits), ran[-1][0])
-            self._found_classifier = True
-            return False
-        if (self._default_for_size is not None and isinstance(target, nn.Conv2d) and target.kernel_size == (1, 1)
+            return next((m for m, out in ran if out is logits), ran[-1][0])
+        if (self._find_target and isinstance(target, nn.Conv2d) and target.kernel_size == (1, 1)
                 and target.out_channels == num_classes and target.groups == 1):
-            self.classifier, self._found_classifier = target, True
-            self.target_layers = self._default_for_size = None
-            return True
+            return target
         held = [m for m in self.model.modules()  # applied without its hooks (F.linear(x, fc.weight), fc.forward)
                 if isinstance(m, nn.Linear) and m.in_features == channels and m.out_features == num_classes]
         if held:  # (checked against the logits by _check_pooling)
-            self.classifier, self._found_classifier = held[-1], True
-            return False
+            return held[-1]
         raise ValueError(
             f"method='cam' needs the classifier after the global pool: no nn.Linear({channels} -> {num_classes}) "
             f"ran after the target layer {self.layer_name(target)!r} in {type(self.model).__name__}'s forward; "
             "pass classifier= (an nn.Linear, or a 1x1 nn.Conv2d) or target_layers=")
 
-    def _check_pooling(self, target: nn.Module, activation: Tensor, logits: Tensor) -> None:
+    def _check_pooling(self, target: nn.Module, activation: Tensor, logits: Tensor, classifier: nn.Module) -> None:
         """``"cam"``, once: the CAM is ``W`` times the target layer's output, which is the classifier's
         view of the logits only if the forward global-average-pools that very output into it. When the
         classifier applied to the average of that output does not give the logits — an activation
@@ -579,8 +586,8 @@ class CAMEngine:
         if any(isinstance(m, TAP) for m in self.model.modules()):
             return
         with torch.no_grad(), autocast_off(activation):  # (no cast of the weights: a captured call reads none)
-            weight = self._classifier_weight(activation.shape[1], logits.shape[1]).float()
-            bias = getattr(self.classifier, "bias", None)
+            weight = self._classifier_weight(classifier, activation.shape[1], logits.shape[1]).float()
+            bias = getattr(classifier, "bias", None)
             pooled = activation.detach().float().mean(dim=(2, 3)) @ weight.T
             if bias is not None:
                 pooled = pooled + bias.detach().float()
@@ -590,7 +597,7 @@ class CAMEngine:
         tolerance = (3e-2 if activation.dtype in (torch.float16, torch.bfloat16) else 1e-3) * (scale + 1.0)
         if not error <= tolerance:  # (NaN too)
             warnings.warn(
-                f"method='cam': {type(self.classifier).__name__} {self.layer_name(self.classifier)!r} applied to the "
+                f"method='cam': {type(classifier).__name__} {self.layer_name(classifier)!r} applied to the "
                 f"global average of target layer {self.layer_name(target)!r}'s output does not give the logits "
                 f"(off by {error:.3g}): the forward changes that output before the classifier sees it (a functional "
                 "activation such as F.relu after the layer, another pool, a head of several layers), so the map is "
@@ -628,9 +635,10 @@ class CAMEngine:
 
     # -- per-method maps ------------------------------------------------------------------------
 
-    def _single_layer_map(self, activation: Tensor, labels: Tensor, scores: Tensor, num_classes: int) -> Tensor:
+    def _single_layer_map(self, layer: nn.Module, activation: Tensor, labels: Tensor, scores: Tensor,
+                          num_classes: int, classifier: nn.Module | None) -> Tensor:
         if self.method == "cam":
-            weight = self._classifier_weight(activation.shape[1], num_classes)
+            weight = self._classifier_weight(classifier, activation.shape[1], num_classes)
             if self.nwc:
                 weight = weight.clamp_min(0)
             # No ReLU: plain CAM is min-max normalised as is (won-bae / wsolevaluation).
@@ -640,7 +648,7 @@ class CAMEngine:
         except RuntimeError as exc:
             if "not have been used in the graph" not in str(exc):
                 raise
-            raise self._off_graph_error(self.target_layers) from None
+            raise self._off_graph_error([layer]) from None
         if self.differentiable:  # plain PyTorch ops: the graph runs through the activation and its gradient
             def reduce(a, weights=None, grads=None, mode="channel", relu=True):
                 with torch.autocast(a.device.type, enabled=False):  # float32 sums, as the kernel's
@@ -653,7 +661,7 @@ class CAMEngine:
         # LayerCAM, Grad-CAM and Grad-CAM++ (channel weights from the gradient, in the op: DESIGN.md §2)
         return reduce(activation, grads=grad, mode=self.method, relu=True)
 
-    def _differentiable_maps(self, layers, capture, labels, scores, logits, output_size):
+    def _differentiable_maps(self, layers, capture, labels, scores, logits, output_size, classifier):
         """``(per-layer maps, cams, degenerate)``: cams attached to the graph, the per-layer maps (only
         with ``return_layer_maps``) detached."""
         size = [int(output_size[0]), int(output_size[1])]
@@ -676,10 +684,10 @@ class CAMEngine:
             return [self._flm_layer_map(a, g) for a, g in zip(acts, grads)], cams, degenerate
         activation = capture.activations[id(layers[0])]
         if self.method != "cam":
-            (layer_map,) = maps = [self._single_layer_map(activation, labels, scores, logits.shape[1])]
+            (layer_map,) = maps = [self._single_layer_map(layers[0], activation, labels, scores, logits.shape[1], None)]
             cams, degenerate = map_epilogue_op(maps, size, "sum", True, self.backend)
             return [layer_map.detach()], cams, degenerate
-        weight = self._classifier_weight(activation.shape[1], logits.shape[1], detach=False)
+        weight = self._classifier_weight(classifier, activation.shape[1], logits.shape[1], detach=False)
         cams, degenerate = class_activation_map_with_flags(activation, weight, labels, self.nwc, size, True, self.backend)
         if not self.return_layer_maps:
             return [], cams, degenerate
@@ -687,8 +695,9 @@ class CAMEngine:
         return [weighted_map(activation.detach(), plain[labels], mode="channel", relu=False, backend=self.backend)], \
             cams, degenerate
 
-    def _classifier_weight(self, channels: int, num_classes: int, detach: bool = True) -> Tensor:
-        classifier = self.classifier  # (given, or found by _find_classifier during the call)
+    @staticmethod
+    def _classifier_weight(classifier: nn.Module, channels: int, num_classes: int, detach: bool = True) -> Tensor:
+        """``W[C, K]`` of the call's classifier (given, or found by _find_classifier)."""
         weight = classifier.weight.detach() if detach else classifier.weight
         if weight.dim() == 4:
             if weight.shape[2:] != (1, 1):

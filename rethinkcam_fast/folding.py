@@ -129,7 +129,9 @@ def fold_batchnorm(model: nn.Module, keep: nn.Module | str | Iterable[nn.Module 
         keep: a module of ``model`` (or its name), or several, that must stay modules with the outputs the model
             gives them, e.g. a CAM's target layers, so that hooks on them see what they saw: each is
             folded on its own and stays under its name (``folded.get_submodule(name)``). A kept
-            convolution is not folded with the batch norm after it.
+            convolution is not folded with the batch norm after it. Keep the layers a CAM explains and
+            give them to the engine as ``target_layers``: other modules that hold a batch norm are
+            inlined into the copy's graph, so a default target found on the copy can differ.
     Returns:
         The folded copy (an ``fx.GraphModule``, or a copy of ``model`` when nothing folds), in
         ``model``'s training mode, with the same submodule names for every module it still calls.

@@ -715,3 +715,29 @@ def test_targets_as_a_list_or_a_0d_tensor_and_argument_names_in_errors():
         CAMEngine(model, "gradcam", classifier=nn.Linear(8, 5))
     with pytest.raises(ValueError, match="pas_q=200"):
         CAMEngine(model, "gradcam", pas_q=200)
+
+
+def test_one_engine_shared_by_threads_at_two_input_sizes():
+    """Each call works from its own input size's default target: calls at another size, on other
+    threads, never change it mid-call."""
+    import threading
+
+    model = make(_Strided).eval()
+    engine = CAMEngine(model, "gradcam", boxes=False, warn_degenerate=False)
+    inputs = {16: images_for(size=16), 64: images_for(size=64)}
+    want = {size: CAMEngine(model, "gradcam", boxes=False)(x).cams for size, x in inputs.items()}
+    errors = []
+
+    def run(size):
+        try:
+            for _ in range(15):
+                torch.testing.assert_close(engine(inputs[size]).cams, want[size], atol=0, rtol=0)
+        except Exception as exc:  # (reported below: pytest does not see a thread's exception)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(size,)) for size in (16, 64, 16, 64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
