@@ -166,6 +166,11 @@ class _Capture:
     linears: list[tuple[nn.Module, Tensor, int]] = field(default_factory=list)
 
 
+def _is_conv_head(module: nn.Module) -> bool:
+    """A 1x1 ungrouped ``nn.Conv2d``: what a network-in-network head is (a classifier per pixel)."""
+    return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+
+
 def _contains_conv(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
 
@@ -253,13 +258,19 @@ class CAMEngine:
             raise ValueError(f"fuse must be one of {FUSE_MODES}, got {fuse!r}")
         if nwc and method != "cam":
             raise ValueError("nwc=True (negative weight clamping) applies to method='cam' only")
-        if classifier is not None and not isinstance(classifier, (nn.Linear, nn.Conv2d)):
-            raise TypeError(f"classifier must be an nn.Linear or a 1x1 nn.Conv2d, got {type(classifier).__name__}")
-        if classifier is not None and method != "cam":
-            raise ValueError(f"classifier= applies to method='cam' only (method={method!r} takes its weights from "
-                             "the gradients)")
         self.model = model
         self.method = method
+        # What a call finds from the forward, per input size (a layer whose output is 1x1 at one size
+        # is not at another): the single-layer default target and the "cam" classifier. Each call
+        # works from its own size's entry, so calls at other sizes, from other threads too, never
+        # change it; target_layers and classifier show the latest call's (assigning either makes it
+        # the given one).
+        self._found: dict[tuple[int, ...], tuple[nn.Module | None, nn.Module | None]] = {}
+        self._checked_pooling: set[tuple[int, int]] = set()  # (target, classifier) checked against the logits
+        self._warned_training = False
+        # The modules whose behaviour depends on train()/eval() (the training-mode warning reads these).
+        self._mode_modules = [m for m in model.modules()
+                              if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))]
         self.classifier = classifier
         self.nwc = bool(nwc)
         self.output_size = None if output_size is None else tuple(output_size_arg(output_size, (0, 0)))
@@ -280,18 +291,40 @@ class CAMEngine:
         self.differentiable = bool(differentiable)
         self._names = {id(m): name or type(model).__name__ for name, m in model.named_modules()}
         self._default_layers = False
-        self.target_layers = self._resolve_layers(target_layers)
-        # What a call finds from the forward, per input size (a layer whose output is 1x1 at one size
-        # is not at another): the single-layer default target and the "cam" classifier. Each call
-        # works from its own size's entry, so calls at other sizes, from other threads too, never
-        # change it; target_layers and classifier show the latest call's.
-        self._find_target = self.target_layers is None
-        self._find_head = method == "cam" and classifier is None
-        self._found: dict[tuple[int, ...], tuple[nn.Module | None, nn.Module | None]] = {}
-        self._checked_pooling: set[tuple[int, int]] = set()  # (target, classifier) checked against the logits
-        self._warned_training = False
+        self.target_layers = target_layers
 
     # -- configuration ------------------------------------------------------------------------
+
+    @property
+    def target_layers(self) -> list[nn.Module] | None:
+        """The target layers: the given ones, or the latest call's default (``None`` before one)."""
+        return self._target_layers
+
+    @target_layers.setter
+    def target_layers(self, value) -> None:
+        self._target_layers = self._resolve_layers(value)
+        self._find_target = self._target_layers is None
+        self._found.clear()
+
+    @property
+    def classifier(self) -> nn.Module | None:
+        """``"cam"``'s classifier: the given one, or the one the latest call found."""
+        return self._classifier
+
+    @classifier.setter
+    def classifier(self, value) -> None:
+        if value is not None and not isinstance(value, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"classifier must be an nn.Linear or a 1x1 nn.Conv2d, got {type(value).__name__}")
+        if value is not None and self.method != "cam":
+            raise ValueError(f"classifier= applies to method='cam' only (method={self.method!r} takes its weights "
+                             "from the gradients)")
+        self._classifier = value
+        self._find_head = self.method == "cam" and value is None
+        self._found.clear()
+
+    def _training(self) -> bool:
+        """Whether a module whose behaviour depends on the mode (batch norm, dropout) is in train()."""
+        return any(m.training for m in self._mode_modules)
 
     def _resolve_layers(self, target_layers) -> list[nn.Module] | None:
         if target_layers is None:
@@ -348,11 +381,11 @@ class CAMEngine:
         """
         check_tensor("images", images, ndim=4)
         check_float_dtype("images", images)
-        if self.model.training and not self.differentiable and not self._warned_training:
+        if not self._warned_training and not self.differentiable and self._training():
             self._warned_training = True
-            warnings.warn(f"{type(self.model).__name__} is in training mode: each call updates its batch norms' "
-                          "running statistics and dropout makes the maps random; call model.eval() for "
-                          "inference CAMs (the engine leaves the mode to you)", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{type(self.model).__name__} has batch norms or dropout in training mode: calls update "
+                          "the batch norms' running statistics and dropout makes the maps random; call model.eval() "
+                          "for inference CAMs (the engine leaves the mode to you)", RuntimeWarning, stacklevel=2)
         needs_graph = self.method != "cam" or self.differentiable
         if not needs_graph:
             with torch.set_grad_enabled(False):
@@ -382,21 +415,25 @@ class CAMEngine:
         return GraphedCAM(self, example, targets)
 
     def _explain(self, images: Tensor, targets: int | Tensor | None, *, stand_in: bool | None = None,
-                 exhaustive: bool = False, head: nn.Module | None = None) -> CAMResult:
+                 exhaustive: bool = False, head: nn.Module | None = None,
+                 pooled: nn.Module | None = None) -> CAMResult:
         """One call. ``stand_in``: record the graph from a leaf copy of the images (``None``: decide);
         ``exhaustive``: Fully-CAM's backward also runs to every target layer (see _fully_cam_maps);
         both are set by the retries below, in the rare models that need them; ``head``: a 1x1 conv
-        classifier found by the call (see _find_classifier)."""
+        classifier found by the call (see _find_classifier); ``pooled``: ``"cam"``'s default target
+        moved to the module whose output the classifier pools (see _check_pooling)."""
         given = images
         output_size = self.output_size or (images.shape[2], images.shape[3])
         capture = _Capture()
         size = tuple(images.shape[2:])
         found_target, classifier = self._found.get(size, (None, None))
         if not self._find_head:
-            classifier = self.classifier
+            classifier = self._classifier
         elif head is not None:
             classifier = head
-        layers = ([found_target] if found_target is not None else None) if self._find_target else self.target_layers
+        if pooled is not None:  # "cam": the default target's output is not what the classifier pools; this is
+            found_target = pooled
+        layers = ([found_target] if found_target is not None else None) if self._find_target else self._target_layers
         # A 1x1 conv classifier is not a feature layer: the default target is found among the modules
         # that do not hold it.
         head = classifier if isinstance(classifier, nn.Conv2d) else None
@@ -410,9 +447,9 @@ class CAMEngine:
                              "(convolutional features, then logits [N, num_classes])")
         needs_grad = self.method != "cam"
         handles = [m.register_forward_hook(self._forward_hook(capture)) for m in candidates]
-        if self.method == "cam" and classifier is None:  # which nn.Linear makes the logits
+        if self.method == "cam" and classifier is None:  # which nn.Linear (or 1x1 conv head) makes the logits
             handles += [m.register_forward_hook(self._linear_hook(capture)) for m in self.model.modules()
-                        if isinstance(m, nn.Linear)]
+                        if isinstance(m, nn.Linear) or _is_conv_head(m)]
         if needs_grad and stand_in is None:
             stand_in = not (self.differentiable and self._graph_reaches_targets(images, layers))
         if needs_grad and stand_in:
@@ -437,14 +474,15 @@ class CAMEngine:
             layers = [(spatial or capture.order)[-1]]
         if self.method == "cam" and classifier is None:
             classifier = self._find_classifier(layers[0], capture, logits)
-            if classifier is layers[0]:  # the default target was a 1x1 conv head: again, with it as the head
+            if any(m is classifier for m in layers[0].modules()):  # the default target held the 1x1 conv head:
+                # again, with it as the head (the target is then found among the modules without it)
                 return self._explain(given, targets, stand_in=stand_in, exhaustive=exhaustive, head=classifier)
         if self._find_target or self._find_head:
             self._found[size] = (layers[0] if self._find_target else None, classifier if self._find_head else None)
             if self._find_target:  # (the latest call's, for the caller to read)
-                self.target_layers = layers
+                self._target_layers = layers
             if self._find_head:
-                self.classifier = classifier
+                self._classifier = classifier
         labels = self._resolve_targets(targets, logits)
         scores = logits.gather(1, labels[:, None])[:, 0]
         if self._default_layers:  # "every nn.Conv2d" means every one that ran
@@ -453,9 +491,14 @@ class CAMEngine:
         if missing:
             raise ValueError(f"target layer(s) {missing} produced no 4-D tensor output during the forward pass")
 
-        if self.method == "cam" and (id(layers[0]), id(classifier)) not in self._checked_pooling:
+        if (self.method == "cam" and (id(layers[0]), id(classifier)) not in self._checked_pooling
+                and logits.shape[0] and not self._training()):  # (dropout or batch statistics: no exact check)
             self._checked_pooling.add((id(layers[0]), id(classifier)))
-            self._check_pooling(layers[0], capture.activations[id(layers[0])], logits, classifier)
+            better = self._check_pooling(layers[0], capture.activations[id(layers[0])], logits, classifier, images,
+                                         may_move=self._find_target and pooled is None)
+            if better is not None:  # the default target, moved to the output the classifier pools
+                return self._explain(given, targets, stand_in=stand_in, exhaustive=exhaustive, head=head,
+                                     pooled=better)
         if self.method != "cam":
             if not stand_in and any(not capture.activations[id(m)].requires_grad and not _trains(m) for m in layers):
                 # (differentiable=True, a default target found frozen): record from a stand-in input
@@ -541,11 +584,13 @@ class CAMEngine:
 
     @staticmethod
     def _linear_hook(capture: _Capture):
+        """Records each run of an ``nn.Linear`` or 1x1 conv: the output itself only when 2-D (the
+        logits are; keeping a ConvNeXt's pointwise outputs [N, H, W, 4C] would hold them all)."""
         linears, order, thread = capture.linears, capture.order, capture.thread
 
         def hook(module: nn.Module, inputs, output) -> None:
             if isinstance(output, Tensor) and threading.get_ident() == thread:
-                linears.append((module, output, len(order)))
+                linears.append((module, output if output.dim() == 2 else None, len(order)))
 
         return hook
 
@@ -553,19 +598,24 @@ class CAMEngine:
         """``"cam"``: the classifier, from what the forward ran: an ``nn.Linear`` from the target's
         channels to the classes that ran after the target layer — the one whose output is the logits,
         else the last — rather than any the model holds (a second head, an unused layer). With none, a
-        default target that is itself a 1x1 conv from those channels to the classes (a network-in-network
-        head) is the classifier (returned as is: the call runs again, the target then the conv-like
-        layer before it); else the last such ``nn.Linear`` the model holds (one the forward applies
-        without calling the module). Raises when there is none."""
+        1x1 conv from those channels to the classes that ran after it (a network-in-network head); or,
+        for a default target that is or ends with such a conv, that conv (the call then runs again,
+        the target found among the modules without it); else the last such ``nn.Linear`` the model
+        holds (one the forward applies without calling the module). Raises when there is none."""
         channels, num_classes = capture.activations[id(target)].shape[1], logits.shape[1]
         after = capture.order.index(target) + 1 if target in capture.order else 0
-        ran = [(m, out) for m, out, done in capture.linears
-               if done >= after and m.in_features == channels and m.out_features == num_classes]
+        ran = [(m, out) for m, out, done in capture.linears if done >= after and isinstance(m, nn.Linear)
+               and m.in_features == channels and m.out_features == num_classes]
         if ran:
             return next((m for m, out in ran if out is logits), ran[-1][0])
-        if (self._find_target and isinstance(target, nn.Conv2d) and target.kernel_size == (1, 1)
-                and target.out_channels == num_classes and target.groups == 1):
-            return target
+        heads = [m for m, _, done in capture.linears if done >= after and m is not target and _is_conv_head(m)
+                 and m.in_channels == channels and m.out_channels == num_classes]
+        if heads:  # a 1x1 conv head after the (given) target
+            return heads[-1]
+        if self._find_target:  # a default target that is (or ends with) a 1x1 conv to the classes
+            convs = [m for m in target.modules() if isinstance(m, nn.Conv2d)]
+            if convs and _is_conv_head(convs[-1]) and convs[-1].out_channels == num_classes == channels:
+                return convs[-1]
         held = [m for m in self.model.modules()  # applied without its hooks (F.linear(x, fc.weight), fc.forward)
                 if isinstance(m, nn.Linear) and m.in_features == channels and m.out_features == num_classes]
         if held:  # (checked against the logits by _check_pooling)
@@ -575,34 +625,76 @@ class CAMEngine:
             f"ran after the target layer {self.layer_name(target)!r} in {type(self.model).__name__}'s forward; "
             "pass classifier= (an nn.Linear, or a 1x1 nn.Conv2d) or target_layers=")
 
-    def _check_pooling(self, target: nn.Module, activation: Tensor, logits: Tensor, classifier: nn.Module) -> None:
-        """``"cam"``, once: the CAM is ``W`` times the target layer's output, which is the classifier's
-        view of the logits only if the forward global-average-pools that very output into it. When the
-        classifier applied to the average of that output does not give the logits — an activation
-        applied functionally after the target layer (``F.relu``), another pool, a head with several
-        layers — say so (a TAP model, whose pool thresholds, is not checked)."""
+    def _check_pooling(self, target: nn.Module, activation: Tensor, logits: Tensor, classifier: nn.Module,
+                       images: Tensor, may_move: bool) -> nn.Module | None:
+        """``"cam"``, once per target and classifier: the CAM is ``W`` times the target layer's output,
+        which is the classifier's view of the logits only if the forward global-average-pools that very
+        output into it. When the classifier applied to the average of that output does not give the
+        logits — an activation or a batch norm module after the target layer, one applied functionally
+        (``F.relu``), another pool, a head of several layers — look for the module, finishing after the
+        target, whose output it does pool (one more forward). With ``may_move`` (a default target)
+        that module is returned, to be the target; otherwise warn, naming it when there is one. A TAP
+        model, whose pool thresholds, is not checked."""
         from .modules import TAP
 
         if any(isinstance(m, TAP) for m in self.model.modules()):
-            return
+            return None
         with torch.no_grad(), autocast_off(activation):  # (no cast of the weights: a captured call reads none)
             weight = self._classifier_weight(classifier, activation.shape[1], logits.shape[1]).float()
             bias = getattr(classifier, "bias", None)
-            pooled = activation.detach().float().mean(dim=(2, 3)) @ weight.T
-            if bias is not None:
-                pooled = pooled + bias.detach().float()
+            bias = None if bias is None else bias.detach().float()
             want = logits.detach().float()
-            error = float((pooled - want).abs().max()) if want.numel() else 0.0
             scale = float(want.abs().max()) if want.numel() else 0.0
-        tolerance = (3e-2 if activation.dtype in (torch.float16, torch.bfloat16) else 1e-3) * (scale + 1.0)
-        if not error <= tolerance:  # (NaN too)
-            warnings.warn(
-                f"method='cam': {type(classifier).__name__} {self.layer_name(classifier)!r} applied to the "
-                f"global average of target layer {self.layer_name(target)!r}'s output does not give the logits "
-                f"(off by {error:.3g}): the forward changes that output before the classifier sees it (a functional "
-                "activation such as F.relu after the layer, another pool, a head of several layers), so the map is "
-                "not the classifier's CAM; pass the module whose output is pooled as target_layers=, or use a "
-                "gradient method", RuntimeWarning, stacklevel=4)
+        low_precision = any(t.dtype in (torch.float16, torch.bfloat16) for t in (activation, logits, classifier.weight))
+        tolerance = (3e-2 if low_precision else 1e-3) * (scale + 1.0)
+
+        def error(output: Tensor) -> float:  # max |classifier(mean of output) - logits|
+            with torch.no_grad(), autocast_off(output):
+                pooled = output.detach().float().mean(dim=(2, 3)) @ weight.T
+                pooled = pooled if bias is None else pooled + bias
+                return float((pooled - want).abs().max()) if want.numel() else 0.0
+
+        off = error(activation)
+        if off <= tolerance:
+            return None
+        pooled_layer = self._pooled_layer(images, target, weight.shape[1], error, tolerance)
+        if may_move and pooled_layer is not None:
+            return pooled_layer
+        advice = (f"pass target_layers={self.layer_name(pooled_layer)!r}, whose output it pools" if pooled_layer
+                  is not None else "pass the module whose output is pooled as target_layers=, or use a gradient method")
+        warnings.warn(
+            f"method='cam': {type(classifier).__name__} {self.layer_name(classifier)!r} applied to the global average "
+            f"of target layer {self.layer_name(target)!r}'s output does not give the logits (off by {off:.3g}): the "
+            "forward changes that output before the classifier sees it (an activation after the layer, as a module "
+            "or F.relu; another pool; a head of several layers), so the map is not the classifier's CAM; " + advice,
+            RuntimeWarning, stacklevel=4)
+        return None
+
+    def _pooled_layer(self, images: Tensor, target: nn.Module, channels: int, error, tolerance: float):
+        """The first module finishing after ``target`` whose 4-D output (with a spatial extent and
+        ``channels`` channels) the classifier turns into the logits by its global average, or None."""
+        outputs: list[tuple[nn.Module, Tensor]] = []
+        thread = threading.get_ident()
+
+        def record(module, inputs, output) -> None:
+            if (isinstance(output, Tensor) and output.dim() == 4 and output.shape[1] == channels
+                    and output.shape[2] * output.shape[3] > 1 and threading.get_ident() == thread):
+                outputs.append((module, output))
+
+        handles = [m.register_forward_hook(record) for m in self.model.modules() if m is not self.model]
+        try:
+            with torch.no_grad():
+                self.model(images.detach())
+        finally:
+            for handle in handles:
+                handle.remove()
+        after = False
+        for module, output in outputs:  # in the order they finished
+            if module is target:
+                after = True
+            elif after and error(output) <= tolerance:
+                return module
+        return None
 
     def _resolve_targets(self, targets, logits: Tensor) -> Tensor:
         n, num_classes = logits.shape

@@ -414,10 +414,11 @@ class VideoLocalizer:
         engine = self.engine
         self._fold_pending = False  # (the call below must not fold again)
         try:
-            if engine.target_layers is None:
-                self.explain(batch_u8[:1], targets)
+            if engine.target_layers is None or (engine.method == "cam" and engine.classifier is None):
+                self.explain(batch_u8[:1], targets)  # (finds the default target and the classifier)
             names = [engine.layer_name(layer) for layer in engine.target_layers]
-            classifier = self._engine_options.get("classifier")
+            # (the given classifier, or the one the call found: a 1x1 conv head must stay a module too)
+            classifier = self._engine_options.get("classifier") or (engine.classifier if engine.method == "cam" else None)
             inside = classifier is not None and any(m is classifier for m in self.model.modules())
             folded = fold_batchnorm(self.model, names + ([classifier] if inside else []))
             options = dict(self._engine_options, target_layers=names)

@@ -361,7 +361,9 @@ def test_default_target_skips_a_container_that_ends_with_the_pool():
     for method in ("cam", "gradcam", "layercam"):
         engine = CAMEngine(Net().eval(), method)
         result = engine(images)
-        assert engine.layer_name(engine.target_layers[0]) == "encoder.2" and not result.degenerate.any()
+        # ("cam" takes the ReLU after the conv: its output is what the classifier pools)
+        want = "encoder.3" if method == "cam" else "encoder.2"
+        assert engine.layer_name(engine.target_layers[0]) == want and not result.degenerate.any()
 
 
 def test_a_target_layer_with_an_empty_feature_map_raises_a_clear_error():
@@ -654,11 +656,21 @@ def test_cam_takes_the_classifier_the_forward_runs():
 def test_cam_warns_when_the_classifier_does_not_pool_the_target_layer():
     model = make(_FunctionalRelu).eval()
     engine = CAMEngine(model, "cam", boxes=False)
-    with pytest.warns(RuntimeWarning, match="'conv2''s output does not give the logits"):
-        engine(images_for())
+    with pytest.warns(RuntimeWarning, match="'conv2''s output does not give the logits.*gradient method"):
+        engine(images_for())  # (F.relu: no module holds the pooled output to name)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per engine
         engine(images_for(1))
+    sequential = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),
+                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
+    with pytest.warns(RuntimeWarning, match="'2''s output does not give the logits.*pass target_layers='4'"):
+        CAMEngine(sequential, "cam", "2", boxes=False)(images_for())  # a given target stays, with advice
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine = CAMEngine(sequential, "cam", boxes=False)  # the default moves past the batch norm and the ReLU
+        got = engine(images_for())
+        assert engine.target_layers == [sequential[4]]
+        torch.testing.assert_close(got.cams, CAMEngine(sequential, "cam", "4", boxes=False)(images_for()).cams)
     tap_model = replace_gap_with_tap(make(SmallCNN)).eval()  # TAP pools a thresholded map: not checked
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -673,6 +685,49 @@ def test_a_1x1_conv_head_is_found_as_the_cam_classifier():
     assert engine.classifier is model.cls and engine.target_layers == [model.features]
     want = CAMEngine(model, "cam", classifier=model.cls, boxes=False)(images)
     torch.testing.assert_close(got.cams, want.cams, atol=0, rtol=0)
+
+
+def test_a_1x1_conv_head_after_a_given_target_or_inside_the_default_one():
+    model = make(_NetworkInNetwork).eval()
+    engine = CAMEngine(model, "cam", "features", boxes=False)
+    engine(images_for())
+    assert engine.classifier is model.cls
+
+    class HeadInside(nn.Module):  # the default target (the Sequential) ends with the head
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 1))
+
+        def forward(self, x):
+            return self.features(x).mean((2, 3))
+
+    model = make(HeadInside).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine = CAMEngine(model, "cam", boxes=False)
+        got = engine(images_for())
+    assert engine.classifier is model.features[2] and engine.target_layers == [model.features[1]]
+    want = CAMEngine(model, "cam", "features.1", classifier=model.features[2], boxes=False)(images_for())
+    torch.testing.assert_close(got.cams, want.cams, atol=0, rtol=0)
+
+
+def test_no_pooling_check_while_dropout_or_batch_statistics_are_on():
+    """A CAM loss in training (differentiable=True, train() mode): dropout before the classifier
+    makes the logits differ from the classifier of the pooled map; no warning for that."""
+    class DropHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+            self.drop, self.fc = nn.Dropout(0.5), nn.Linear(6, 5)
+
+        def forward(self, x):
+            return self.fc(self.drop(self.features(x).mean((2, 3))))
+
+    model = make(DropHead).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CAMEngine(model, "cam", differentiable=True, boxes=False)(images_for()).cams.sum().backward()
+    assert model.fc.weight.grad is not None
 
 
 def test_the_default_target_follows_the_input_size_not_the_call_history():
@@ -691,15 +746,18 @@ def test_the_default_target_follows_the_input_size_not_the_call_history():
 
 
 def test_a_model_in_training_mode_gets_one_warning():
-    model = make(SmallCNN).train()
+    model = make(MiniResNet).train()  # (batch norms)
     engine = CAMEngine(model, "gradcam", boxes=False)
-    with pytest.warns(RuntimeWarning, match="is in training mode"):
+    with pytest.warns(RuntimeWarning, match="batch norms or dropout in training mode"):
         engine(images_for())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         engine(images_for())  # once per engine
         CAMEngine(model, "gradcam", differentiable=True, boxes=False)(images_for())  # training with a CAM loss
         CAMEngine(model.eval(), "gradcam", boxes=False)(images_for())
+        wrapper = nn.Sequential(model.eval())
+        wrapper.training = True  # a wrapper in train() around an eval() model (DataParallel's): nothing to say
+        CAMEngine(wrapper, "gradcam", boxes=False)(images_for())
 
 
 def test_targets_as_a_list_or_a_0d_tensor_and_argument_names_in_errors():
