@@ -381,7 +381,8 @@ class CAMEngine:
         """
         check_tensor("images", images, ndim=4)
         check_float_dtype("images", images)
-        if not self._warned_training and not self.differentiable and self._training():
+        # (the model's own flag first: an eval() model, the usual case, costs one attribute read a call)
+        if not self._warned_training and not self.differentiable and self.model.training and self._training():
             self._warned_training = True
             warnings.warn(f"{type(self.model).__name__} has batch norms or dropout in training mode: calls update "
                           "the batch norms' running statistics and dropout makes the maps random; call model.eval() "

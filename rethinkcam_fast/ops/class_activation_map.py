@@ -182,14 +182,15 @@ def cam_reduce_backward_triton(
             NWC=nwc, BLOCK_K=block_k, BLOCK_S=block_s, ACC=tl_acc(acc),
             num_warps=8 if block_k * block_s >= 4096 else 4,  # 4K-element tiles: 255 registers on 4 warps (sm_90)
         )
-    return d_features, _weight_grad(dw_rows, weight, labels, nwc)
+    return d_features, _weight_grad(dw_rows, weight, labels, nwc, by_matmul=True)
 
 
-def _weight_grad(dw_rows: Tensor, weight: Tensor, labels: Tensor, nwc: bool) -> Tensor:
+def _weight_grad(dw_rows: Tensor, weight: Tensor, labels: Tensor, nwc: bool, by_matmul: bool) -> Tensor:
     """``dW[C, K] = onehot(labels)^T @ dw_rows``, masked to ``W > 0`` under NWC; deterministic: on a
-    GPU the matmul (``index_add_`` would use atomics there), on the CPU ``index_add_`` (sequential;
-    the matmul's ``C * N * K`` multiply-adds were 8 ms of a [16, 2048] -> 1,000-class call)."""
-    if dw_rows.device.type == "cpu":
+    GPU (``by_matmul``, the Triton path's) the matmul, as ``index_add_`` would use atomics there; on
+    the CPU ``index_add_`` (sequential; the matmul's ``C * N * K`` multiply-adds were 8 ms of a
+    [16, 2048] -> 1,000-class call)."""
+    if not by_matmul:
         d_weight = torch.zeros((weight.shape[0], dw_rows.shape[1]), dtype=dw_rows.dtype).index_add_(0, labels, dw_rows)
     else:
         d_weight = torch.nn.functional.one_hot(labels, weight.shape[0]).to(dw_rows.dtype).T @ dw_rows
@@ -214,7 +215,7 @@ def cam_reduce_backward_reference(
     if bool(dead.any()):  # even against NaN features (the NaN policy)
         a = torch.where(dead[:, None, None, None], 0, a)
     dw_rows = torch.einsum("nhw,nkhw->nk", grad, a)
-    return d_features, _weight_grad(dw_rows, weight, labels, nwc)
+    return d_features, _weight_grad(dw_rows, weight, labels, nwc, by_matmul=dw_rows.device.type != "cpu")
 
 
 # --------------------------------------------------------------------------------------------------
