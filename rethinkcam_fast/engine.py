@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import threading
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from numbers import Integral
 
@@ -223,6 +224,9 @@ class CAMEngine:
             for Fully-CAM) stay alive until the loss's backward; README "Differentiable CAMs" gives the
             measured times. Boxes are cut from the detached maps. Off by default: maps are then
             detached, parameters' ``.grad`` and ``requires_grad`` are never touched.
+        logits: for a model whose forward returns more than the logits (a tuple, a dict, an object
+            with fields): an index, a key or attribute name, or a callable that picks the logits
+            ``[N, C]`` from the output. Default: the output is the logits.
 
     Usage::
 
@@ -249,6 +253,7 @@ class CAMEngine:
         box_convention: str = "wsol",
         backend: str = "auto",
         differentiable: bool = False,
+        logits: Callable[[object], Tensor] | int | str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -260,6 +265,9 @@ class CAMEngine:
             raise ValueError("nwc=True (negative weight clamping) applies to method='cam' only")
         self.model = model
         self.method = method
+        if not (logits is None or callable(logits) or isinstance(logits, (int, str))) or isinstance(logits, bool):
+            raise TypeError(f"logits must be None, an index, a key or a callable, got {type(logits).__name__}")
+        self.logits = logits
         # What a call finds from the forward, per input size (a layer whose output is 1x1 at one size
         # is not at another): the single-layer default target and the "cam" classifier. Each call
         # works from its own size's entry, so calls at other sizes, from other threads too, never
@@ -458,13 +466,10 @@ class CAMEngine:
             # requires grad does it without touching the parameters.
             images = images.detach().requires_grad_(True)
         try:
-            logits = self.model(images)
+            logits = self._logits_of(self.model(images))
         finally:
             for handle in handles:
                 handle.remove()
-        if not isinstance(logits, Tensor) or logits.dim() != 2:
-            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise ValueError(f"the model must return logits [N, num_classes], got {shape}")
         if layers is None:
             if not capture.order:
                 raise ValueError("no conv-like layer produced a 4-D feature map during the forward pass")
@@ -544,6 +549,29 @@ class CAMEngine:
                                                      backend=self.backend)
             result.boxes = boxes_from_cams(plain, result.thresholds, "largest", self.box_convention, validate=False)
         return result
+
+    def _logits_of(self, output) -> Tensor:
+        """The logits ``[N, num_classes]`` in the model's output: the output itself, or what
+        ``logits=`` picks from it (an index into a tuple, a key of a dict or an attribute name, a
+        callable)."""
+        picked = output
+        try:
+            if callable(self.logits):
+                picked = self.logits(output)
+            elif isinstance(self.logits, int):
+                picked = output[self.logits]
+            elif isinstance(self.logits, str):
+                picked = output[self.logits] if isinstance(output, Mapping) else getattr(output, self.logits)
+        except (IndexError, KeyError, AttributeError, TypeError) as exc:
+            raise ValueError(f"logits={self.logits!r} does not pick the logits from the model's output "
+                             f"({type(output).__name__}): {type(exc).__name__}: {exc}") from None
+        if not isinstance(picked, Tensor) or picked.dim() != 2:
+            shape = tuple(picked.shape) if isinstance(picked, Tensor) else type(picked).__name__
+            hint = "" if self.logits is not None or isinstance(picked, Tensor) else (
+                "; for a model that returns several outputs, pick the logits with logits= (an index, a key or a "
+                "callable)")
+            raise ValueError(f"the model must return logits [N, num_classes], got {shape}{hint}")
+        return picked
 
     def _graph_reaches_targets(self, images: Tensor, layers: list[nn.Module] | None) -> bool:
         """Whether the forward puts the target layers' outputs on the graph by itself — the input
@@ -685,7 +713,7 @@ class CAMEngine:
         handles = [m.register_forward_hook(record) for m in self.model.modules() if m is not self.model]
         try:
             with torch.no_grad():
-                self.model(images.detach())
+                self._logits_of(self.model(images.detach()))
         finally:
             for handle in handles:
                 handle.remove()

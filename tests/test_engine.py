@@ -799,3 +799,36 @@ def test_one_engine_shared_by_threads_at_two_input_sizes():
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_logits_picked_from_a_model_with_several_outputs():
+    class TwoOutputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make(SmallCNN)
+
+        def forward(self, x):
+            return {"logits": self.net(x), "aux": x.mean()}
+
+    model, images = TwoOutputs().eval(), images_for()
+    want = CAMEngine(model.net, "gradcam", boxes=False)(images).cams
+    for pick in ("logits", lambda out: out["logits"]):
+        torch.testing.assert_close(CAMEngine(model, "gradcam", boxes=False, logits=pick)(images).cams, want,
+                                   atol=0, rtol=0)
+    class AsTuple(nn.Module):
+        def __init__(self, net) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x), x.mean()
+
+    cams = CAMEngine(model.net, "cam", boxes=False)(images).cams  # ("cam" finds the classifier through it too)
+    torch.testing.assert_close(CAMEngine(AsTuple(model.net).eval(), "cam", boxes=False, logits=0)(images).cams, cams,
+                               atol=0, rtol=0)
+    with pytest.raises(ValueError, match="pick the logits with logits="):
+        CAMEngine(model, "gradcam", boxes=False)(images)
+    with pytest.raises(ValueError, match="logits='scores' does not pick the logits.*KeyError"):
+        CAMEngine(model, "gradcam", boxes=False, logits="scores")(images)
+    with pytest.raises(TypeError, match="logits must be None, an index"):
+        CAMEngine(model, "gradcam", logits=2.5)
