@@ -9,6 +9,7 @@ input's device. Hooks live only for the duration of one call, so an engine never
 from __future__ import annotations
 
 import copy
+import itertools
 import threading
 import warnings
 from collections.abc import Callable, Mapping
@@ -163,7 +164,8 @@ class _Capture:
     # The hooks sit on the model's (shared) modules for the call's duration: another thread running
     # the same model meanwhile must not land in this call's capture.
     thread: int = field(default_factory=threading.get_ident)
-    # "cam" without a classifier yet: (nn.Linear, its output, len(order) when it finished) per run.
+    # "cam" without a classifier yet: (nn.Linear or nn.Conv2d, its 2-D output or None, len(order) when
+    # it finished) per run.
     linears: list[tuple[nn.Module, Tensor, int]] = field(default_factory=list)
 
 
@@ -274,7 +276,9 @@ class CAMEngine:
         # change it; target_layers and classifier show the latest call's (assigning either makes it
         # the given one).
         self._found: dict[tuple[int, ...], tuple[nn.Module | None, nn.Module | None]] = {}
-        self._checked_pooling: set[tuple[int, int]] = set()  # (target, classifier) checked against the logits
+        # "cam": (input size, target, classifier) checked against the logits -> the module the target
+        # moves to (a default target whose output the classifier does not pool), or None.
+        self._pooling: dict[tuple, nn.Module | None] = {}
         self._warned_training = False
         # The modules whose behaviour depends on train()/eval() (the training-mode warning reads these).
         self._mode_modules = [m for m in model.modules()
@@ -313,6 +317,7 @@ class CAMEngine:
         self._target_layers = self._resolve_layers(value)
         self._find_target = self._target_layers is None
         self._found.clear()
+        self._pooling.clear()
 
     @property
     def classifier(self) -> nn.Module | None:
@@ -329,6 +334,7 @@ class CAMEngine:
         self._classifier = value
         self._find_head = self.method == "cam" and value is None
         self._found.clear()
+        self._pooling.clear()
 
     def _training(self) -> bool:
         """Whether a module whose behaviour depends on the mode (batch norm, dropout) is in train()."""
@@ -425,12 +431,13 @@ class CAMEngine:
 
     def _explain(self, images: Tensor, targets: int | Tensor | None, *, stand_in: bool | None = None,
                  exhaustive: bool = False, head: nn.Module | None = None,
-                 pooled: nn.Module | None = None) -> CAMResult:
+                 pooled: nn.Module | None = None, depth: int = 0) -> CAMResult:
         """One call. ``stand_in``: record the graph from a leaf copy of the images (``None``: decide);
         ``exhaustive``: Fully-CAM's backward also runs to every target layer (see _fully_cam_maps);
         both are set by the retries below, in the rare models that need them; ``head``: a 1x1 conv
         classifier found by the call (see _find_classifier); ``pooled``: ``"cam"``'s default target
-        moved to the module whose output the classifier pools (see _check_pooling)."""
+        moved to the module whose output the classifier pools (see _check_pooling); ``depth``: how
+        many restarts led here (the warnings' stack levels)."""
         given = images
         output_size = self.output_size or (images.shape[2], images.shape[3])
         capture = _Capture()
@@ -455,17 +462,20 @@ class CAMEngine:
             raise ValueError(f"{what} has no convolutional layer inside it to explain: CAMEngine takes a classifier "
                              "(convolutional features, then logits [N, num_classes])")
         needs_grad = self.method != "cam"
-        handles = [m.register_forward_hook(self._forward_hook(capture)) for m in candidates]
-        if self.method == "cam" and classifier is None:  # which nn.Linear (or 1x1 conv head) makes the logits
-            handles += [m.register_forward_hook(self._linear_hook(capture)) for m in self.model.modules()
-                        if isinstance(m, nn.Linear) or _is_conv_head(m)]
         if needs_grad and stand_in is None:
             stand_in = not (self.differentiable and self._graph_reaches_targets(images, layers))
         if needs_grad and stand_in:
             # A graph must be recorded even for a frozen (or partly frozen) model; an input that
             # requires grad does it without touching the parameters.
             images = images.detach().requires_grad_(True)
-        try:
+        handles = []
+        try:  # (hooks registered one by one inside: a module refusing one must not orphan the others')
+            for m in candidates:
+                handles.append(m.register_forward_hook(self._forward_hook(capture)))
+            if self.method == "cam" and classifier is None:  # which nn.Linear (or 1x1 conv head) makes the logits
+                for m in self.model.modules():
+                    if isinstance(m, (nn.Linear, nn.Conv2d)):
+                        handles.append(m.register_forward_hook(self._linear_hook(capture)))
             logits = self._logits_of(self.model(images))
         finally:
             for handle in handles:
@@ -482,7 +492,8 @@ class CAMEngine:
             classifier = self._find_classifier(layers[0], capture, logits)
             if any(m is classifier for m in layers[0].modules()):  # the default target held the 1x1 conv head:
                 # again, with it as the head (the target is then found among the modules without it)
-                return self._explain(given, targets, stand_in=stand_in, exhaustive=exhaustive, head=classifier)
+                return self._explain(given, targets, stand_in=stand_in, exhaustive=exhaustive, head=classifier,
+                                     depth=depth + 1)
         if self._find_target or self._find_head:
             self._found[size] = (layers[0] if self._find_target else None, classifier if self._find_head else None)
             if self._find_target:  # (the latest call's, for the caller to read)
@@ -497,18 +508,24 @@ class CAMEngine:
         if missing:
             raise ValueError(f"target layer(s) {missing} produced no 4-D tensor output during the forward pass")
 
-        if (self.method == "cam" and (id(layers[0]), id(classifier)) not in self._checked_pooling
-                and logits.shape[0] and not self._training()):  # (dropout or batch statistics: no exact check)
-            self._checked_pooling.add((id(layers[0]), id(classifier)))
-            better = self._check_pooling(layers[0], capture.activations[id(layers[0])], logits, classifier, images,
-                                         may_move=self._find_target and pooled is None)
-            if better is not None:  # the default target, moved to the output the classifier pools
+        if self.method == "cam" and logits.shape[0] and not self._training():  # (dropout, batch statistics:
+            key = (size, id(layers[0]), id(classifier))                             # no exact check)
+            if key in self._pooling:
+                better = self._pooling[key]
+            else:  # (recorded once done: a failed check is tried again)
+                better = self._pooling[key] = self._check_pooling(
+                    layers[0], capture.activations[id(layers[0])], logits, classifier, images,
+                    may_move=self._find_target and pooled is None, stacklevel=4 + depth)
+            if better is not None and pooled is None and self._find_target:
+                # The default target, moved to the output the classifier pools (also where another
+                # thread's first call at this size stored the unmoved one meanwhile).
                 return self._explain(given, targets, stand_in=stand_in, exhaustive=exhaustive, head=head,
-                                     pooled=better)
+                                     pooled=better, depth=depth + 1)
         if self.method != "cam":
             if not stand_in and any(not capture.activations[id(m)].requires_grad and not _trains(m) for m in layers):
                 # (differentiable=True, a default target found frozen): record from a stand-in input
-                return self._explain(given, targets, stand_in=True, exhaustive=exhaustive)
+                return self._explain(given, targets, stand_in=True, exhaustive=exhaustive, head=head, pooled=pooled,
+                                     depth=depth + 1)
             self._check_on_graph(layers, capture, scores)
         if self.differentiable:
             maps, cams, degenerate = self._differentiable_maps(layers, capture, labels, scores, logits, output_size,
@@ -517,7 +534,8 @@ class CAMEngine:
             if self.method == "fullycam":
                 maps = self._fully_cam_maps(layers, capture, scores, images, exhaustive)
                 if maps is None:  # a cut the forward hooks could not see: again, reaching every layer
-                    return self._explain(given, targets, stand_in=stand_in, exhaustive=True)
+                    return self._explain(given, targets, stand_in=stand_in, exhaustive=True, head=head,
+                                         pooled=pooled, depth=depth + 1)
             else:
                 activation = capture.activations[id(layers[0])]
                 maps = [self._single_layer_map(layers[0], activation, labels, scores, logits.shape[1], classifier)]
@@ -535,7 +553,7 @@ class CAMEngine:
             cams, degenerate = fuse_maps_trusted(maps, [int(output_size[0]), int(output_size[1])], self.fuse,
                                                  self.backend)
         if self.warn_degenerate:
-            _warn_degenerate(degenerate, stacklevel=3)
+            _warn_degenerate(degenerate, stacklevel=3 + depth)
         layer_maps = None
         if self.return_layer_maps:
             layer_maps = {self.layer_name(m): mp for m, mp in zip(layers, maps)}
@@ -613,7 +631,7 @@ class CAMEngine:
 
     @staticmethod
     def _linear_hook(capture: _Capture):
-        """Records each run of an ``nn.Linear`` or 1x1 conv: the output itself only when 2-D (the
+        """Records each run of an ``nn.Linear`` or ``nn.Conv2d``: the output itself only when 2-D (the
         logits are; keeping a ConvNeXt's pointwise outputs [N, H, W, 4C] would hold them all)."""
         linears, order, thread = capture.linears, capture.order, capture.thread
 
@@ -627,7 +645,8 @@ class CAMEngine:
         """``"cam"``: the classifier, from what the forward ran: an ``nn.Linear`` from the target's
         channels to the classes that ran after the target layer — the one whose output is the logits,
         else the last — rather than any the model holds (a second head, an unused layer). With none, a
-        1x1 conv from those channels to the classes that ran after it (a network-in-network head); or,
+        1x1 conv from those channels to the classes that ran after it as the last layer with weights
+        to run (a network-in-network head; not a bottleneck's 1x1 conv inside a later block); or,
         for a default target that is or ends with such a conv, that conv (the call then runs again,
         the target found among the modules without it); else the last such ``nn.Linear`` the model
         holds (one the forward applies without calling the module). Raises when there is none."""
@@ -637,10 +656,11 @@ class CAMEngine:
                and m.in_features == channels and m.out_features == num_classes]
         if ran:
             return next((m for m, out in ran if out is logits), ran[-1][0])
-        heads = [m for m, _, done in capture.linears if done >= after and m is not target and _is_conv_head(m)
-                 and m.in_channels == channels and m.out_channels == num_classes]
-        if heads:  # a 1x1 conv head after the (given) target
-            return heads[-1]
+        if capture.linears:  # a 1x1 conv head after the (given) target: the last layer with weights to run
+            last, _, done = capture.linears[-1]
+            if (done >= after and last is not target and _is_conv_head(last) and last.in_channels == channels
+                    and last.out_channels == num_classes):
+                return last
         if self._find_target:  # a default target that is (or ends with) a 1x1 conv to the classes
             convs = [m for m in target.modules() if isinstance(m, nn.Conv2d)]
             if convs and _is_conv_head(convs[-1]) and convs[-1].out_channels == num_classes == channels:
@@ -655,7 +675,7 @@ class CAMEngine:
             "pass classifier= (an nn.Linear, or a 1x1 nn.Conv2d) or target_layers=")
 
     def _check_pooling(self, target: nn.Module, activation: Tensor, logits: Tensor, classifier: nn.Module,
-                       images: Tensor, may_move: bool) -> nn.Module | None:
+                       images: Tensor, may_move: bool, stacklevel: int) -> nn.Module | None:
         """``"cam"``, once per target and classifier: the CAM is ``W`` times the target layer's output,
         which is the classifier's view of the logits only if the forward global-average-pools that very
         output into it. When the classifier applied to the average of that output does not give the
@@ -696,34 +716,51 @@ class CAMEngine:
             f"of target layer {self.layer_name(target)!r}'s output does not give the logits (off by {off:.3g}): the "
             "forward changes that output before the classifier sees it (an activation after the layer, as a module "
             "or F.relu; another pool; a head of several layers), so the map is not the classifier's CAM; " + advice,
-            RuntimeWarning, stacklevel=4)
+            RuntimeWarning, stacklevel=stacklevel)
         return None
 
     def _pooled_layer(self, images: Tensor, target: nn.Module, channels: int, error, tolerance: float):
-        """The first module finishing after ``target`` whose 4-D output (with a spatial extent and
-        ``channels`` channels) the classifier turns into the logits by its global average, or None."""
-        outputs: list[tuple[nn.Module, Tensor]] = []
-        thread = threading.get_ident()
+        """The module whose output the classifier pools: among the modules whose last run finishes
+        after the target's, with a 4-D output of ``channels`` channels that varies over a spatial
+        extent, the last one whose global average the classifier turns into the logits (so the
+        outermost of modules sharing that tensor: a block rather than its final ReLU); or None, also
+        when the extra forward fails (the check is advice, not the call's work)."""
+        last: dict[int, tuple[int, nn.Module, Tensor | None]] = {}  # a module's last run: (order, module, output)
+        thread, counter = threading.get_ident(), itertools.count()
 
         def record(module, inputs, output) -> None:
-            if (isinstance(output, Tensor) and output.dim() == 4 and output.shape[1] == channels
-                    and output.shape[2] * output.shape[3] > 1 and threading.get_ident() == thread):
-                outputs.append((module, output))
+            if threading.get_ident() != thread:
+                return
+            keep = (isinstance(output, Tensor) and output.dim() == 4 and output.shape[1] == channels
+                    and output.shape[2] * output.shape[3] > 1)
+            last[id(module)] = (next(counter), module, output if keep else None)
 
-        handles = [m.register_forward_hook(record) for m in self.model.modules() if m is not self.model]
+        handles = []
         try:
+            for m in self.model.modules():  # (one by one: a module refusing hooks must not orphan the others')
+                if m is not self.model:
+                    handles.append(m.register_forward_hook(record))
             with torch.no_grad():
                 self._logits_of(self.model(images.detach()))
+        except Exception:  # (a ScriptModule refuses hooks; memory; the model's own error on a second run)
+            return None
         finally:
             for handle in handles:
                 handle.remove()
-        after = False
-        for module, output in outputs:  # in the order they finished
-            if module is target:
-                after = True
-            elif after and error(output) <= tolerance:
-                return module
-        return None
+        if id(target) not in last:
+            return None
+        after = last[id(target)][0]
+        found = None
+        for order, module, output in sorted(last.values(), key=lambda item: item[0]):
+            if order <= after or output is None:
+                continue
+            with torch.no_grad():
+                flat = output.detach().flatten(2)
+                if bool((flat.amax(dim=2) == flat.amin(dim=2)).all()):  # constant over the pixels: no map
+                    continue
+            if error(output) <= tolerance:
+                found = module
+        return found
 
     def _resolve_targets(self, targets, logits: Tensor) -> Tensor:
         n, num_classes = logits.shape

@@ -832,3 +832,38 @@ def test_logits_picked_from_a_model_with_several_outputs():
         CAMEngine(model, "gradcam", boxes=False, logits="scores")(images)
     with pytest.raises(TypeError, match="logits must be None, an index"):
         CAMEngine(model, "gradcam", logits=2.5)
+
+
+def test_a_moved_cam_target_holds_at_every_input_size_and_after_a_reset():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(6, 5)).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_(generator=torch.Generator().manual_seed(0))
+    engine = CAMEngine(model, "cam", boxes=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for size in (16, 24, 16, 24):
+            engine(images_for(size=size))
+            assert engine.target_layers == [model[2]], size
+        engine.target_layers = None
+        engine(images_for(size=24))
+        assert engine.target_layers == [model[2]]
+
+
+def test_the_pooling_check_survives_a_module_that_refuses_hooks():
+    class Scripted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3, padding=1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # (torch.jit.script's own, torch >= 2.10)
+                self.act = torch.jit.script(nn.Sequential(nn.BatchNorm2d(6), nn.ReLU()).eval())
+            self.fc = nn.Linear(6, 5)
+
+        def forward(self, x):
+            return self.fc(self.act(self.conv(x)).mean((2, 3)))
+
+    model = make(Scripted).eval()
+    with pytest.warns(RuntimeWarning, match="does not give the logits"):  # (no module to name: the search failed)
+        CAMEngine(model, "cam", boxes=False)(images_for())
+    assert all(not m._forward_hooks for m in model.modules() if not isinstance(m, torch.jit.ScriptModule))
