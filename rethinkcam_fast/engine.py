@@ -179,6 +179,7 @@ def _contains_conv(module: nn.Module) -> bool:
 
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_UNCHECKED = object()  # (the pooling check not made yet)
 
 
 def _trains(module: nn.Module) -> bool:
@@ -447,7 +448,7 @@ class CAMEngine:
             classifier = self._classifier
         elif head is not None:
             classifier = head
-        if pooled is not None:  # "cam": the default target's output is not what the classifier pools; this is
+        if pooled is not None:  # "cam": the default target, moved to the module whose output the classifier pools
             found_target = pooled
         layers = ([found_target] if found_target is not None else None) if self._find_target else self._target_layers
         # A 1x1 conv classifier is not a feature layer: the default target is found among the modules
@@ -508,14 +509,15 @@ class CAMEngine:
         if missing:
             raise ValueError(f"target layer(s) {missing} produced no 4-D tensor output during the forward pass")
 
-        if self.method == "cam" and logits.shape[0] and not self._training():  # (dropout, batch statistics:
-            key = (size, id(layers[0]), id(classifier))                             # no exact check)
-            if key in self._pooling:
-                better = self._pooling[key]
-            else:  # (recorded once done: a failed check is tried again)
-                better = self._pooling[key] = self._check_pooling(
-                    layers[0], capture.activations[id(layers[0])], logits, classifier, images,
-                    may_move=self._find_target and pooled is None, stacklevel=4 + depth)
+        if self.method == "cam" and logits.shape[0]:
+            key = (size, id(layers[0]), id(classifier))
+            better = self._pooling.get(key, _UNCHECKED)
+            if better is _UNCHECKED:  # (no exact check under dropout or batch statistics: later, in eval())
+                better = None
+                if not self._training():  # (recorded once done: a check that failed is tried again)
+                    better = self._pooling[key] = self._check_pooling(
+                        layers[0], capture.activations[id(layers[0])], logits, classifier, images,
+                        may_move=self._find_target and pooled is None, stacklevel=4 + depth)
             if better is not None and pooled is None and self._find_target:
                 # The default target, moved to the output the classifier pools (also where another
                 # thread's first call at this size stored the unmoved one meanwhile).
