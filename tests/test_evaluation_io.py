@@ -94,7 +94,12 @@ def _split(tmp_path, **files):
 
 @pytest.mark.parametrize("files, message", [
     ({"localization.txt": "a.jpg,1,2,30,40\nb.jpg,0,0,10\n"}, r"localization\.txt:2: expected 'path,x0,y0,x1,y1'"),
-    ({"localization.txt": "a.jpg,1,2,30,40\nb.jpg,0,0,ten,10\n"}, r"localization\.txt:2: x1 must be an integer"),
+    ({"localization.txt": "a.jpg,1,2,30,40\nb.jpg,0,0,ten,10\n"}, r"localization\.txt:2: x1 must be a number"),
+    ({"localization.txt": "a.jpg,1,2,30,40\nb.jpg,0,0,nan,10\n"}, r"localization\.txt:2: x1 must be finite"),
+    ({"localization.txt": "a.jpg,120,2,130,40\nb.jpg,0,0,3,10\n"}, r"localization\.txt:1: box \(120, 2, 130, 40\) "
+                                                                     r"of image 'a\.jpg' lies outside the image"),
+    ({"image_sizes.txt": "a.jpg,100,80\nb.jpg,50,60\na.jpg,50,50\n"}, r"image_sizes\.txt:3: image 'a\.jpg' already"),
+    ({"class_labels.txt": "a.jpg,0\nb.jpg,1\na.jpg,3\n"}, r"class_labels\.txt:3: image 'a\.jpg' already listed"),
     ({"localization.txt": "a.jpg,1,2,30,40\nb.jpg,9,0,3,10\n"}, r"localization\.txt:2: box must satisfy x0 <= x1"),
     ({"localization.txt": "a.jpg,-1,2,30,40\nb.jpg,0,0,3,10\n"}, r"localization\.txt:1: box coordinates must be non-negative"),
     ({"localization.txt": "a.jpg,1,2,30,40\n"}, r"localization\.txt: no box for image 'b\.jpg'"),
@@ -116,7 +121,7 @@ def test_mask_metadata_rules(tmp_path):
     split.mkdir(parents=True)
     (split / "image_ids.txt").write_text("a.jpg\n")
     (split / "localization.txt").write_text("a.jpg,a_m0.png,a_ignore.png\na.jpg,a_m1.png,other_ignore.png\n")
-    with pytest.raises(MetadataError, match=r"localization\.txt:2: .*ignore mask on an earlier line"):
+    with pytest.raises(MetadataError, match=r"localization\.txt:2: .*names an ignore mask on a later line"):
         load_metadata(str(tmp_path), "OpenImages", "val")
     (split / "localization.txt").write_text("a.jpg,a_m0.png,\n\na.jpg,a_m1.png,\n")  # blank lines are skipped
     metadata = load_metadata(str(tmp_path), "OpenImages", "val")
@@ -143,7 +148,9 @@ def small_split(tmp_path):
 @pytest.mark.parametrize("damage, error, message", [
     (lambda path: os.remove(path), FileNotFoundError, r"score map of image '001\.class_1/img_0001\.jpg' not found"),
     (lambda path: np.save(path, np.zeros((40, 47))), ValueError, r"img_0001\.jpg' has shape \(40, 47\), expected \(40, 48\)"),
-    (lambda path: np.save(path, np.zeros((40, 48), dtype=np.uint8)), ValueError, r"img_0001\.jpg' must be a floating"),
+    (lambda path: np.save(path, np.zeros((40, 48), dtype=np.uint8)), ValueError, r"img_0001\.jpg' must be a float16"),
+    (lambda path: np.save(path, np.zeros((40, 48), dtype=np.longdouble)), ValueError, r"img_0001\.jpg' must be a float"),
+    (lambda path: np.savez(open(path, "wb"), np.zeros((40, 48))), ValueError, r"img_0001\.jpg' is not a \.npy array"),
     (lambda path: np.save(path, np.full((40, 48), np.nan)), ValueError, r"img_0001\.jpg' has non-finite values"),
     (lambda path: np.save(path, np.full((40, 48), 1.25)), ValueError, r"img_0001\.jpg' has values outside \[0, 1\]"),
     (lambda path: open(path, "wb").write(b"not numpy"), ValueError, r"img_0001\.jpg' cannot be read.*not a \.npy array"),
@@ -264,3 +271,24 @@ def test_torchrun_a_failing_rank_stops_every_rank_with_its_error(small_split, tm
     done = _run_module(args, cwd=tmp_path, env_extra={"OMP_NUM_THREADS": "1"}, timeout=60)
     assert done.returncode != 0 and "{" not in done.stdout
     assert "img_0003.jpg' not found" in done.stderr and "failed on another rank" in done.stderr
+
+
+def test_decimal_box_coordinates_and_undecodable_metadata(tmp_path):
+    """Decimal coordinates are read as the reference's float() reads them and scaled by the same
+    truncation; a file that is not UTF-8 is named."""
+    root, split = _split(tmp_path, **{"localization.txt": "a.jpg,10.5,2,30.75,40.0\nb.jpg,0,0,10,10\n"})
+    metadata = load_metadata(root, "CUB", "test")
+    boxes, offsets = metadata.resized_boxes(["a.jpg"], (40, 50))
+    want = [int(10.5 * 50 / 100), int(2 * 40 / 80), int(30.75 * 50 / 100), int(40.0 * 40 / 80)]
+    assert boxes.tolist() == [want] and offsets.tolist() == [0, 1]
+    with open(os.path.join(split, "image_ids.txt"), "wb") as fh:
+        fh.write("a.jpg\n\u00e9.jpg\n".encode("latin-1"))
+    with pytest.raises(MetadataError, match=r"image_ids\.txt: not UTF-8 text"):
+        load_metadata(root, "CUB", "test")
+
+
+def test_iou_thresholds_given_as_fractions_are_refused():
+    from rethinkcam_fast.evaluation import BoxEvaluator
+
+    with pytest.raises(ValueError, match=r"0\.5 looks like a fraction .* give 50 for IoU >= 0\.5"):
+        BoxEvaluator(0.01, iou_thresholds=(0.5,))

@@ -85,6 +85,9 @@ def _check_iou_thresholds(values: Sequence[float]) -> tuple[float, ...]:
     for value in values:
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, Real) or not 0 <= value <= 100:
             raise ValueError(f"IoU thresholds are percentages in [0, 100], got {value!r}")
+        if 0 < value < 1:  # a fraction where a percentage was meant (as the CLI refuses it)
+            raise ValueError(f"IoU thresholds are percentages: {value!r} looks like a fraction (IoU >= "
+                             f"{value / 100:g}); give {value * 100:g} for IoU >= {value:g}")
     if len(set(values)) != len(values):
         raise ValueError(f"IoU thresholds repeat: {values}")
     return values

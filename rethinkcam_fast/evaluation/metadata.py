@@ -6,7 +6,8 @@ Files of one split (one record per line, comma separated, no header):
 * ``class_labels.txt``: ``path,label``.
 * ``image_sizes.txt``: ``path,width,height`` of the original image.
 * ``localization.txt``: ``path,x0,y0,x1,y1`` per ground-truth box (several lines per image allowed;
-  inclusive pixel coordinates of the original image) — or, for masks (OpenImages),
+  inclusive pixel coordinates of the original image, integers or decimals as the reference's
+  ``float()`` reads them; a box starting outside its image is an error) — or, for masks (OpenImages),
   ``path,mask.png,ignore.png`` per instance mask, the ignore mask on the image's first line only.
 
 Every malformed line raises :class:`MetadataError` naming ``file:line``; empty lines are skipped.
@@ -37,15 +38,36 @@ def _records(path: str, fields: int, layout: str) -> Iterator[tuple[int, list[st
     """``(line_number, fields)`` of every non-empty line of ``path``; exactly ``fields`` comma-separated fields."""
     if not os.path.isfile(path):
         raise MetadataError(f"{path}: metadata file not found")
-    with open(path, encoding="utf-8") as fh:
-        for number, raw in enumerate(fh, start=1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split(",")
-            if len(parts) != fields or not parts[0]:
-                raise MetadataError(f"{path}:{number}: expected {layout!r}, got {line!r}")
-            yield number, parts
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except UnicodeDecodeError as exc:
+        raise MetadataError(f"{path}: not UTF-8 text ({exc})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        parts = line.split(",")
+        if len(parts) != fields or not parts[0]:
+            raise MetadataError(f"{path}:{number}: expected {layout!r}, got {line!r}")
+        yield number, parts
+
+
+def _once(seen: dict[str, int], path: str, number: int, image_id: str) -> None:
+    """A per-image file lists each image once (a second line would silently replace the first)."""
+    if image_id in seen:
+        raise MetadataError(f"{path}:{number}: image {image_id!r} already listed on line {seen[image_id]}")
+    seen[image_id] = number
+
+
+def _parse_coordinate(path: str, number: int, text: str, what: str) -> float:
+    """A box coordinate: an integer or, as the reference's ``float()`` reads it, a decimal."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise MetadataError(f"{path}:{number}: {what} must be a number, got {text!r}") from None
+    if not np.isfinite(value):
+        raise MetadataError(f"{path}:{number}: {what} must be finite, got {text!r}")
+    return value
 
 
 def _parse_int(path: str, number: int, text: str, what: str) -> int:
@@ -145,16 +167,15 @@ def _read_image_ids(directory: str) -> tuple[str, ...]:
     path = os.path.join(directory, "image_ids.txt")
     seen: dict[str, int] = {}
     for number, (image_id,) in _records(path, 1, "path"):
-        if image_id in seen:
-            raise MetadataError(f"{path}:{number}: image {image_id!r} already listed on line {seen[image_id]}")
-        seen[image_id] = number
+        _once(seen, path, number, image_id)
     return tuple(seen)
 
 
 def _read_class_labels(directory: str) -> dict[str, int]:
     path = os.path.join(directory, "class_labels.txt")
-    labels = {}
+    labels, seen = {}, {}
     for number, (image_id, label) in _records(path, 2, "path,label"):
+        _once(seen, path, number, image_id)
         value = _parse_int(path, number, label, "label")
         if value < 0:
             raise MetadataError(f"{path}:{number}: label must be >= 0, got {value}")
@@ -164,8 +185,9 @@ def _read_class_labels(directory: str) -> dict[str, int]:
 
 def _read_image_sizes(directory: str) -> dict[str, tuple[int, int]]:
     path = os.path.join(directory, "image_sizes.txt")
-    sizes = {}
+    sizes, seen = {}, {}
     for number, (image_id, width, height) in _records(path, 3, "path,width,height"):
+        _once(seen, path, number, image_id)
         w, h = _parse_int(path, number, width, "width"), _parse_int(path, number, height, "height")
         if w <= 0 or h <= 0:
             raise MetadataError(f"{path}:{number}: image size must be positive, got {w}x{h}")
@@ -173,17 +195,25 @@ def _read_image_sizes(directory: str) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-def _read_boxes(directory: str) -> dict[str, np.ndarray]:
+def _read_boxes(directory: str, sizes: dict[str, tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
+    """Boxes per image, float64 ``[k, 4]`` in the original image's pixels (integers, or decimals as
+    the reference reads them); with ``sizes``, a box that starts outside its image is an error."""
     path = os.path.join(directory, "localization.txt")
-    boxes: dict[str, list[tuple[int, int, int, int]]] = {}
+    boxes: dict[str, list[tuple[float, float, float, float]]] = {}
     for number, (image_id, *coords) in _records(path, 5, "path,x0,y0,x1,y1"):
-        x0, y0, x1, y1 = (_parse_int(path, number, c, name) for c, name in zip(coords, ("x0", "y0", "x1", "y1")))
-        if min(x0, y0, x1, y1) < 0:
-            raise MetadataError(f"{path}:{number}: box coordinates must be non-negative, got {(x0, y0, x1, y1)}")
+        x0, y0, x1, y1 = box = tuple(_parse_coordinate(path, number, c, name)
+                                     for c, name in zip(coords, ("x0", "y0", "x1", "y1")))
+        shown = tuple(int(v) if v == int(v) else v for v in box)
+        if min(box) < 0:
+            raise MetadataError(f"{path}:{number}: box coordinates must be non-negative, got {shown}")
         if x1 < x0 or y1 < y0:
-            raise MetadataError(f"{path}:{number}: box must satisfy x0 <= x1 and y0 <= y1, got {(x0, y0, x1, y1)}")
-        boxes.setdefault(image_id, []).append((x0, y0, x1, y1))
-    return {image_id: np.array(b, dtype=np.int64).reshape(-1, 4) for image_id, b in boxes.items()}
+            raise MetadataError(f"{path}:{number}: box must satisfy x0 <= x1 and y0 <= y1, got {shown}")
+        size = None if sizes is None else sizes.get(image_id)
+        if size is not None and (x0 >= size[0] or y0 >= size[1]):
+            raise MetadataError(f"{path}:{number}: box {shown} of image {image_id!r} lies outside the image "
+                                f"({size[0]}x{size[1]} in image_sizes.txt)")
+        boxes.setdefault(image_id, []).append(box)
+    return {image_id: np.array(b, dtype=np.float64).reshape(-1, 4) for image_id, b in boxes.items()}
 
 
 def _read_masks(directory: str) -> tuple[dict[str, tuple[str, ...]], dict[str, str | None]]:
@@ -195,8 +225,8 @@ def _read_masks(directory: str) -> tuple[dict[str, tuple[str, ...]], dict[str, s
             raise MetadataError(f"{path}:{number}: empty mask path for image {image_id!r}")
         if image_id in masks:
             if ignore:
-                raise MetadataError(f"{path}:{number}: image {image_id!r} has its ignore mask on an earlier line; "
-                                    "later lines must leave it empty")
+                raise MetadataError(f"{path}:{number}: image {image_id!r} names an ignore mask on a later line; "
+                                    "it goes on the image's first line only (later lines leave it empty)")
             masks[image_id].append(mask)
         else:
             masks[image_id] = [mask]
@@ -233,7 +263,7 @@ def read_metadata(directory: str, localization: str = "boxes") -> WSOLMetadata:
         sizes_path = os.path.join(directory, "image_sizes.txt")
         sizes = _read_image_sizes(directory) if os.path.isfile(sizes_path) else None
         _require(sizes, image_ids, sizes_path, "size")
-        boxes = _read_boxes(directory)
+        boxes = _read_boxes(directory, sizes)
         _require(boxes, image_ids, local_path, "box")
         return WSOLMetadata(directory, image_ids, "boxes", labels, sizes, boxes=boxes)
     masks, ignores = _read_masks(directory)

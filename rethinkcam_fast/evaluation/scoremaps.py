@@ -41,6 +41,13 @@ def _npy_error(exc: Exception) -> str:
     return "not a .npy array file (or a damaged one)" if "allow_pickle" in text else text
 
 
+def _require_array(loaded, image_id: str, path: str) -> None:
+    """An .npz archive under a .npy name loads as an NpzFile, not an array."""
+    if not isinstance(loaded, np.ndarray):
+        raise ValueError(f"score map of image {image_id!r} is not a .npy array ({path} holds a "
+                         f"{type(loaded).__name__})")
+
+
 def load_scoremap(scoremap_root: str, image_id: str, shape: tuple[int, int] | None = None) -> np.ndarray:
     """One saved score map: a 2-D floating array (of ``shape`` when given). Errors name the image."""
     path = scoremap_path(scoremap_root, image_id)
@@ -50,8 +57,10 @@ def load_scoremap(scoremap_root: str, image_id: str, shape: tuple[int, int] | No
         raise FileNotFoundError(f"score map of image {image_id!r} not found: {path}") from None
     except (ValueError, OSError, EOFError) as exc:
         raise ValueError(f"score map of image {image_id!r} cannot be read ({path}): {_npy_error(exc)}") from None
-    if not isinstance(array, np.ndarray) or array.dtype.kind != "f":
-        raise ValueError(f"score map of image {image_id!r} must be a floating array, got {getattr(array, 'dtype', None)}")
+    _require_array(array, image_id, path)
+    if array.dtype.kind != "f" or array.dtype.itemsize > 8:
+        raise ValueError(f"score map of image {image_id!r} must be a float16, float32 or float64 array, got "
+                         f"{array.dtype}")
     if array.ndim != 2:
         raise ValueError(f"score map of image {image_id!r} must be 2-D [H, W], got shape {array.shape}")
     if shape is not None and array.shape != tuple(shape):
@@ -64,13 +73,17 @@ def evaluation_shape(scoremap_root: str, image_id: str) -> tuple[int, int]:
     """The evaluation grid ``(H, W)``: the shape of the split's first score map (read without loading it)."""
     path = scoremap_path(scoremap_root, image_id)
     try:
-        shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        loaded = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         raise FileNotFoundError(f"score map of image {image_id!r} not found: {path}") from None
     except (ValueError, OSError, EOFError) as exc:
         raise ValueError(f"score map of image {image_id!r} cannot be read ({path}): {_npy_error(exc)}") from None
+    _require_array(loaded, image_id, path)
+    shape = loaded.shape
     if len(shape) != 2:
         raise ValueError(f"score map of image {image_id!r} must be 2-D [H, W], got shape {shape}")
+    if 0 in shape:
+        raise ValueError(f"score map of image {image_id!r} is empty, shape {shape}")
     return int(shape[0]), int(shape[1])
 
 
