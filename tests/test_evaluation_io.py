@@ -169,6 +169,17 @@ def test_cli_reports_errors_on_stderr_with_exit_code_1(small_split, capsys):
     assert code == 2 and "img_0003.jpg' not found" in captured.err and captured.out == ""
 
 
+def test_cli_names_a_mean_over_other_deltas_for_what_it_is(small_split, capsys):
+    args = ["evaluate", "--scoremap-root", small_split["scoremap_root"], "--metadata-root",
+            small_split["metadata_root"], "--dataset-name", "CUB", "--split", "test", "--cam-curve-interval", "0.1"]
+    assert cli.main(args) == 0
+    assert "MaxBoxAccV2 (mean over δ) %" in capsys.readouterr().out
+    assert cli.main([*args, "--iou-thresholds", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "mean MaxBoxAcc over δ = 50, every contour (MaxBoxAccV2 takes δ = 30, 50, 70)" in out
+    assert "MaxBoxAccV2 (mean over δ)" not in out
+
+
 # -- resume -------------------------------------------------------------------------------------------
 
 def test_resume_after_an_interruption_gives_the_uninterrupted_numbers(boxes, tmp_path):
