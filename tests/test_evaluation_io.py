@@ -303,3 +303,15 @@ def test_iou_thresholds_given_as_fractions_are_refused():
 
     with pytest.raises(ValueError, match=r"0\.5 looks like a fraction .* give 50 for IoU >= 0\.5"):
         BoxEvaluator(0.01, iou_thresholds=(0.5,))
+
+
+def test_class_labels_are_needed_only_where_labels_are(tmp_path):
+    root, _ = _split(tmp_path, **{"class_labels.txt": "a.jpg,0\n"})  # no label for b.jpg
+    metadata = load_metadata(root, "CUB", "test")  # enough for the box metrics, which use no labels
+    assert metadata.labels_of(["a.jpg"]).tolist() == [0]
+    with pytest.raises(MetadataError, match=r"class_labels\.txt: no class label for image 'b\.jpg'"):
+        metadata.labels_of(["a.jpg", "b.jpg"])
+    from rethinkcam_fast.evaluation import WSOLImageDataset
+
+    with pytest.raises(MetadataError, match=r"no class label for image 'b\.jpg'"):
+        WSOLImageDataset(str(tmp_path), metadata, 32)  # (Top-1 Loc needs them all)

@@ -112,9 +112,14 @@ class WSOLMetadata:
 
     def labels_of(self, image_ids: Sequence[str]) -> Tensor:
         """``LongTensor[N]``: the class labels of ``image_ids``."""
-        if self.class_labels is None:
-            raise MetadataError(f"{os.path.join(self.directory, 'class_labels.txt')}: metadata file not found")
+        self.require_labels(image_ids)
         return torch.tensor([self.class_labels[i] for i in _known(self, image_ids)], dtype=torch.int64)
+
+    def require_labels(self, image_ids: Sequence[str] | None = None) -> None:
+        """A ``MetadataError`` unless ``class_labels.txt`` gives a label to each of ``image_ids`` (all the
+        split's by default): read when present, it is needed only where labels are (Top-1 Loc)."""
+        _require(self.class_labels, self.image_ids if image_ids is None else image_ids,
+                 os.path.join(self.directory, "class_labels.txt"), "class label")
 
     def resized_boxes(self, image_ids: Sequence[str], size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """GT boxes of ``image_ids`` scaled to a ``size = (height, width)`` evaluation grid.
@@ -247,7 +252,8 @@ def read_metadata(directory: str, localization: str = "boxes") -> WSOLMetadata:
     """Read one split directory. ``localization``: ``"boxes"`` (``x0,y0,x1,y1`` lines) or ``"masks"``.
 
     ``image_ids.txt`` and ``localization.txt`` are required (and ``image_sizes.txt`` for boxes);
-    every listed image must have its localization (and size). ``class_labels.txt`` is read when present.
+    every listed image must have its localization (and size). ``class_labels.txt`` is read when present
+    (each image's label is required only where labels are used: :meth:`WSOLMetadata.require_labels`).
     """
     if localization not in ("boxes", "masks"):
         raise ValueError(f"localization must be 'boxes' or 'masks', got {localization!r}")
@@ -255,9 +261,7 @@ def read_metadata(directory: str, localization: str = "boxes") -> WSOLMetadata:
         raise MetadataError(f"{directory}: metadata directory not found")
     image_ids = _read_image_ids(directory)
     labels_path = os.path.join(directory, "class_labels.txt")
-    labels = _read_class_labels(directory) if os.path.isfile(labels_path) else None
-    if labels is not None:
-        _require(labels, image_ids, labels_path, "class label")
+    labels = _read_class_labels(directory) if os.path.isfile(labels_path) else None  # (checked where needed)
     local_path = os.path.join(directory, "localization.txt")
     if localization == "boxes":
         sizes_path = os.path.join(directory, "image_sizes.txt")

@@ -22,7 +22,7 @@ from ..imageio import to_8bit
 from ..localize import IMAGENET_MEAN, IMAGENET_STD, load_user_model
 from .box_evaluator import BoxEvaluator, BoxMetrics
 from .mask_evaluator import MaskEvaluator, MaskMetrics
-from .metadata import MetadataError, WSOLMetadata
+from .metadata import WSOLMetadata
 
 
 
@@ -39,8 +39,7 @@ class WSOLImageDataset(torch.utils.data.Dataset):
     def __init__(self, data_root: str, metadata: WSOLMetadata, image_size: int = 224,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, *,
                  channels: int = 3, normalize: bool = True) -> None:
-        if metadata.class_labels is None:
-            raise MetadataError(f"{os.path.join(metadata.directory, 'class_labels.txt')}: metadata file not found")
+        metadata.require_labels()
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
         if channels not in (1, 3):
