@@ -166,7 +166,7 @@ class _Capture:
     thread: int = field(default_factory=threading.get_ident)
     # "cam" without a classifier yet: (nn.Linear or nn.Conv2d, its 2-D output or None, len(order) when
     # it finished) per run.
-    linears: list[tuple[nn.Module, Tensor, int]] = field(default_factory=list)
+    linears: list[tuple[nn.Module, Tensor | None, int]] = field(default_factory=list)
 
 
 def _is_conv_head(module: nn.Module) -> bool:
@@ -678,7 +678,7 @@ class CAMEngine:
 
     def _check_pooling(self, target: nn.Module, activation: Tensor, logits: Tensor, classifier: nn.Module,
                        images: Tensor, may_move: bool, stacklevel: int) -> nn.Module | None:
-        """``"cam"``, once per target and classifier: the CAM is ``W`` times the target layer's output,
+        """``"cam"``, once per input size, target and classifier: the CAM is ``W`` times the target layer's output,
         which is the classifier's view of the logits only if the forward global-average-pools that very
         output into it. When the classifier applied to the average of that output does not give the
         logits — an activation or a batch norm module after the target layer, one applied functionally

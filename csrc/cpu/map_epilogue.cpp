@@ -161,21 +161,31 @@ Range<T> normalize_into(const T* x, int64_t count, bool forced, T* p) {
 template <typename T>
 struct Image {
   const std::vector<Layer<T>>& layers;
-  const std::vector<uint8_t>& forced;  // [N * L]: source map constant or non-finite
   int64_t L, H, W, HW;
   bool fuse_max;
   std::unique_ptr<T[]> up, part;
+  std::vector<uint8_t> forced;  // [L] of the current image: its source map constant or non-finite
 
-  Image(const std::vector<Layer<T>>& layers_, const std::vector<uint8_t>& forced_, int64_t H_, int64_t W_, bool max_)
-      : layers(layers_), forced(forced_), L(static_cast<int64_t>(layers_.size())), H(H_), W(W_), HW(H_ * W_),
-        fuse_max(max_), up(new T[static_cast<size_t>(H_ * W_)]), part(new T[static_cast<size_t>(H_ * W_)]) {}
+  Image(const std::vector<Layer<T>>& layers_, int64_t H_, int64_t W_, bool max_)
+      : layers(layers_), L(static_cast<int64_t>(layers_.size())), H(H_), W(W_), HW(H_ * W_), fuse_max(max_),
+        up(new T[static_cast<size_t>(H_ * W_)]), part(new T[static_cast<size_t>(H_ * W_)]),
+        forced(static_cast<size_t>(L)) {}
 
-  bool forced_at(int64_t n, int64_t l) const { return forced[static_cast<size_t>(n * L + l)] != 0; }
+  // Image n's per-layer source checks, before its other work.
+  void start(int64_t n) {
+    for (int64_t l = 0; l < L; ++l) {
+      const Layer<T>& layer = layers[static_cast<size_t>(l)];
+      const int64_t hw = layer.h * layer.w;
+      forced[static_cast<size_t>(l)] = source_degenerate(layer.maps + n * hw, hw) ? 1 : 0;
+    }
+  }
 
-  // up = U_l, part = P_l of image n; returns P_l's statistics.
+  bool forced_at(int64_t l) const { return forced[static_cast<size_t>(l)] != 0; }
+
+  // up = U_l, part = P_l of image n (after start(n)); returns P_l's statistics.
   Range<T> layer(int64_t n, int64_t l) {
     upsample(layers[static_cast<size_t>(l)], n, H, W, up.get());
-    return normalize_into(up.get(), HW, forced_at(n, l), part.get());
+    return normalize_into(up.get(), HW, forced_at(l), part.get());
   }
 
   // fused = F (before its own min-max) of image n, for several layers.
@@ -233,22 +243,6 @@ MinMaxGrad<T> minmax_grad(const G& g, const T* x, int64_t count, bool forced) {
 }
 
 template <typename T>
-std::vector<uint8_t> forced_flags(const std::vector<Layer<T>>& layers, int64_t N, int threads) {
-  const int64_t L = static_cast<int64_t>(layers.size());
-  std::vector<uint8_t> forced(static_cast<size_t>(N * L));
-  parallel_for(0, N, threads, [&](int64_t b, int64_t e) {
-    for (int64_t n = b; n < e; ++n) {
-      for (int64_t l = 0; l < L; ++l) {
-        const Layer<T>& layer = layers[static_cast<size_t>(l)];
-        const int64_t hw = layer.h * layer.w;
-        forced[static_cast<size_t>(n * L + l)] = source_degenerate(layer.maps + n * hw, hw) ? 1 : 0;
-      }
-    }
-  });
-  return forced;
-}
-
-template <typename T>
 int threads_for(const std::vector<Layer<T>>& layers, int64_t N, int64_t HW, int num_threads) {
   int64_t work = 0;
   for (const Layer<T>& layer : layers) work += 3 * HW + layer.h * layer.w;
@@ -261,18 +255,19 @@ void forward(const void* const* maps, const int64_t* heights, const int64_t* wid
   const std::vector<Layer<T>> layers = layer_tables<T>(maps, heights, widths, L, H, W);
   const int64_t HW = H * W;
   const int threads = threads_for(layers, N, HW, num_threads);
-  const std::vector<uint8_t> forced = forced_flags(layers, N, threads);
   parallel_for(0, N, threads, [&](int64_t b, int64_t e) {
-    Image<T> image(layers, forced, H, W, fuse_max);
+    Image<T> image(layers, H, W, fuse_max);
     for (int64_t n = b; n < e; ++n) {
       T* o = out + n * HW;
       if (!normalize) {
         upsample<true>(layers[0], n, H, W, o);
         degenerate[n] = 0;
       } else if (L == 1) {
+        image.start(n);
         upsample(layers[0], n, H, W, o);
-        degenerate[n] = normalize_into(o, HW, image.forced_at(n, 0), o).degenerate ? 1 : 0;
+        degenerate[n] = normalize_into(o, HW, image.forced_at(0), o).degenerate ? 1 : 0;
       } else {
+        image.start(n);
         image.fuse(n, o);
         degenerate[n] = normalize_into(o, HW, false, o).degenerate ? 1 : 0;
       }
@@ -287,7 +282,6 @@ void backward(const T* grad, const void* const* maps, const int64_t* heights, co
   const std::vector<Layer<T>> layers = layer_tables<T>(maps, heights, widths, L, H, W);
   const int64_t HW = H * W;
   const int threads = threads_for(layers, N, HW, num_threads);
-  const std::vector<uint8_t> forced = forced_flags(layers, N, threads);
   auto grad_map = [&](int64_t l, int64_t n) {
     const Layer<T>& layer = layers[static_cast<size_t>(l)];
     return static_cast<T*>(grad_maps[l]) + n * layer.h * layer.w;
@@ -295,7 +289,7 @@ void backward(const T* grad, const void* const* maps, const int64_t* heights, co
   int64_t max_w = 0;
   for (const Layer<T>& layer : layers) max_w = std::max(max_w, layer.w);
   parallel_for(0, N, threads, [&](int64_t b, int64_t e) {
-    Image<T> image(layers, forced, H, W, fuse_max);
+    Image<T> image(layers, H, W, fuse_max);
     const size_t hw = static_cast<size_t>(HW);
     std::unique_ptr<T[]> row(new T[static_cast<size_t>(max_w)]);
     std::unique_ptr<T[]> fused(L > 1 ? new T[hw] : nullptr), d_fused(L > 1 ? new T[hw] : nullptr);
@@ -306,7 +300,7 @@ void backward(const T* grad, const void* const* maps, const int64_t* heights, co
     auto layer_backward = [&](int64_t n, int64_t l, const auto& share) {
       const Layer<T>& layer = layers[static_cast<size_t>(l)];
       T* out = grad_map(l, n);
-      const MinMaxGrad<T> c = minmax_grad(share, up, HW, image.forced_at(n, l));
+      const MinMaxGrad<T> c = minmax_grad(share, up, HW, image.forced_at(l));
       if (c.degenerate) {
         std::fill(out, out + layer.h * layer.w, static_cast<T>(0));
       } else {
@@ -320,6 +314,7 @@ void backward(const T* grad, const void* const* maps, const int64_t* heights, co
         upsample_adjoint(layers[0], H, W, upstream, row.get(), grad_map(0, n));
         continue;
       }
+      image.start(n);
       if (L == 1) {
         upsample(layers[0], n, H, W, image.up.get());
         layer_backward(n, 0, upstream);
