@@ -83,18 +83,18 @@ class GraphedCAM:
     ``layer_maps`` is not returned.
     """
 
-    def __init__(self, engine: CAMEngine, example: Tensor, targets: int | None = None) -> None:
+    def __init__(self, engine: CAMEngine, example: Tensor, targets: int | Tensor | None = None) -> None:
         check_tensor("example", example, ndim=4)
         check_float_dtype("example", example)
         if engine.differentiable:
             raise ValueError("CAMEngine.graphed does not apply to differentiable=True: a replay returns no autograd graph")
-        if targets is not None and (isinstance(targets, (bool, np.bool_)) or not isinstance(targets, Integral)):
+        if targets is not None and _class_index(targets) is None:
             raise TypeError(f"targets must be None or one int class index, got {type(targets).__name__}")
         if example.device.type != "cuda":
             raise ValueError(f"CAMEngine.graphed needs a CUDA tensor (CUDA graphs), got one on {example.device}")
         self.engine = engine
         self.shape, self.dtype, self.device = tuple(example.shape), example.dtype, example.device
-        self.targets = None if targets is None else int(targets)
+        self.targets = None if targets is None else _class_index(targets)
         # The captured call runs on a copy that never warns (a host sync) nor cuts boxes (on the host,
         # after the replay): the caller's engine, which other threads may share, is left as it is.
         self._captured = copy.copy(engine)
@@ -179,6 +179,20 @@ def _contains_conv(module: nn.Module) -> bool:
 
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _class_index(value) -> int | None:
+    """One class index given as a Python or numpy integer, or as a 0-d integer tensor or array (what
+    ``labels[i]`` gives); None for anything else (bools included)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, Integral):
+        return int(value)
+    if isinstance(value, Tensor) and value.dim() == 0 and value.dtype in _INTEGER_DTYPES:
+        return int(value)
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
+        return int(value)
+    return None
 _UNCHECKED = object()  # (the pooling check not made yet)
 
 
@@ -387,8 +401,12 @@ class CAMEngine:
 
     # -- the call -----------------------------------------------------------------------------
 
-    def __call__(self, images: Tensor, targets: int | Tensor | None = None) -> CAMResult:
+    def __call__(self, images: Tensor, targets: int | Tensor | np.ndarray | list | None = None) -> CAMResult:
         """Explain ``targets`` (default: top-1) for ``images[N, C, H, W]``; see :class:`CAMResult`.
+
+        ``targets``: ``None`` (each image's top-1 class), one class for every image (an int, or a 0-d
+        integer tensor or array), or one per image (an integer tensor or array ``[N]``, or a list of
+        ints or 0-d integer tensors).
 
         Works inside ``torch.no_grad()`` and ``torch.inference_mode()`` too: gradient methods (and
         ``differentiable=True``) leave them for their own pass (an inference-mode input is copied
@@ -411,7 +429,7 @@ class CAMEngine:
                 images = images.clone()
             return self._explain(images, targets)
 
-    def graphed(self, example: Tensor, targets: int | None = None) -> GraphedCAM:
+    def graphed(self, example: Tensor, targets: int | Tensor | None = None) -> GraphedCAM:
         """This engine's call for batches shaped like ``example``, captured once in a CUDA graph.
 
         Calling the result with images of the same shape, dtype and device copies them in and
@@ -423,7 +441,8 @@ class CAMEngine:
 
         Args:
             example: ``Tensor[N, C, H, W]`` on a CUDA device (its values do not matter).
-            targets: ``None`` (top-1) or one class index for every image; fixed at capture.
+            targets: ``None`` (top-1) or one class index for every image (an int, or a 0-d integer
+                tensor); fixed at capture.
         Raises:
             ValueError: a tensor off CUDA, or ``differentiable=True`` (a replay returns no graph).
             TypeError: ``targets`` neither ``None`` nor an int.
@@ -768,14 +787,16 @@ class CAMEngine:
         n, num_classes = logits.shape
         if targets is None:
             return logits.detach().argmax(dim=1)
-        if isinstance(targets, np.ndarray) and targets.dtype.kind in "iu":  # numpy labels, as data loaders give
-            # (any integer dtype, byte order or stride; a 0-d array is one class for every image)
-            targets = int(targets) if targets.ndim == 0 else torch.from_numpy(np.ascontiguousarray(targets, np.int64))
-        elif isinstance(targets, (list, tuple)) and all(
-                isinstance(t, Integral) and not isinstance(t, (bool, np.bool_)) for t in targets):
-            targets = torch.tensor(targets, dtype=torch.long)  # one class per image
-        elif isinstance(targets, Tensor) and targets.dim() == 0 and targets.dtype in _INTEGER_DTYPES:
-            targets = int(targets)  # one class for every image, as a 0-d array
+        one = _class_index(targets)  # one class for every image (a 0-d tensor or array too)
+        if one is not None:
+            targets = one
+        elif isinstance(targets, np.ndarray) and targets.dtype.kind in "iu":  # numpy labels, as data loaders give
+            # (any integer dtype, byte order or stride)
+            targets = torch.from_numpy(np.ascontiguousarray(targets, np.int64))
+        elif isinstance(targets, (list, tuple)):  # one class per image: ints, or 0-d tensors as labels[i] gives
+            indices = [_class_index(t) for t in targets]
+            if all(i is not None for i in indices):
+                targets = torch.tensor(indices, dtype=torch.long)
         if isinstance(targets, (bool, np.bool_)) or not isinstance(targets, (Integral, Tensor)):
             raise TypeError("targets must be None, an int, a list of ints or an integer tensor [N], got "
                             f"{type(targets).__name__}")

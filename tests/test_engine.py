@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -590,8 +591,11 @@ def test_graphed_engine_refuses_what_a_cuda_graph_cannot_do():
         CAMEngine(model, "gradcam").graphed(images)
     with pytest.raises(ValueError, match="differentiable"):
         CAMEngine(model, "gradcam", differentiable=True).graphed(images)
-    with pytest.raises(TypeError, match="one int class index"):
-        CAMEngine(model, "gradcam").graphed(images, targets=torch.tensor([1, 2]))
+    for bad in (torch.tensor([1, 2]), torch.tensor(1.0), True, 1.0):
+        with pytest.raises(TypeError, match="one int class index"):
+            CAMEngine(model, "gradcam").graphed(images, targets=bad)
+    with pytest.raises(ValueError, match="needs a CUDA tensor"):  # a 0-d integer tensor is one class index
+        CAMEngine(model, "gradcam").graphed(images, targets=torch.tensor(1))
     with pytest.raises(ValueError, match="4-D"):
         CAMEngine(model, "gradcam").graphed(images[0])
 
@@ -767,8 +771,13 @@ def test_targets_as_a_list_or_a_0d_tensor_and_argument_names_in_errors():
     want = engine(images, targets=torch.tensor([1, 0, 2]))
     assert torch.equal(engine(images, targets=[1, 0, 2]).cams, want.cams)
     assert torch.equal(engine(images, targets=torch.tensor(2)).labels, torch.full((3,), 2))
-    with pytest.raises(TypeError, match="a list of ints"):
-        engine(images, targets=[1.0, 0, 2])
+    labels = torch.tensor([1, 0, 2], dtype=torch.int32)  # a list of labels[i], as a loop over a batch gives
+    assert torch.equal(engine(images, targets=[labels[i] for i in range(3)]).cams, want.cams)
+    assert torch.equal(engine(images, targets=(np.int16(1), np.array(0), 2)).cams, want.cams)
+    assert torch.equal(engine(images, targets=np.array(2)).labels, torch.full((3,), 2))
+    for bad in ([1.0, 0, 2], [True, 0, 2], [torch.tensor([1]), 0, 2], [torch.tensor(1.0), 0, 2]):
+        with pytest.raises(TypeError, match="a list of ints"):
+            engine(images, targets=bad)
     with pytest.raises(ValueError, match="classifier= applies to method='cam' only"):
         CAMEngine(model, "gradcam", classifier=nn.Linear(8, 5))
     with pytest.raises(ValueError, match="pas_q=200"):
