@@ -19,7 +19,7 @@ class CapturedCall:
     """
 
     def __init__(self, fn: Callable[[Tensor], tuple[Tensor, ...]], example: Tensor, warmup: int = 2) -> None:
-        with torch.cuda.device(example.device):  # the capture's own stream lives on the example's device
+        with torch.cuda.device(example.device):
             self.static_in = example.clone()
             side = torch.cuda.Stream(device=example.device)
             side.wait_stream(torch.cuda.current_stream(example.device))
@@ -28,7 +28,11 @@ class CapturedCall:
                     fn(self.static_in)
             torch.cuda.current_stream(example.device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # Captured on the side stream, which lives on the example's device: torch.cuda.graph's
+            # default capture stream is one per process, made on whichever device was current at the
+            # process's first capture, and entering it would make that device current (a capture on
+            # cuda:1 after one on cuda:0 would record nothing of the work, which runs on cuda:1).
+            with torch.cuda.graph(self.graph, stream=side):
                 self.static_out = fn(self.static_in)
 
     def __call__(self, batch: Tensor) -> tuple[Tensor, ...]:

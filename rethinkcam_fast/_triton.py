@@ -123,6 +123,11 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     ``RETHINKCAM_FAST_LAUNCH=0``. The key includes the knobs Triton compiles with (``TRITON_DEBUG``,
     the instrumentation mode...). A kernel's module-level constants are read once, at its first
     compilation (Triton re-checks them on every launch; the package's are never reassigned)."""
+    size = len(grid)
+    if size > 1 and (grid[1] > GRID_YZ_LIMIT or (size > 2 and grid[2] > GRID_YZ_LIMIT)):
+        # (checked on every path: the interpreter would run it, the GPU fail with "invalid argument")
+        raise ValueError(f"launch grid {tuple(grid)} exceeds CUDA's {GRID_YZ_LIMIT} blocks on axis 1 or 2 "
+                         f"({getattr(kernel, '__name__', kernel)}: an input too large for this kernel)")
     if LAUNCH_MODE == "triton" or not isinstance(kernel, _JITFunction):
         kernel[grid](*args, **kwargs)
         return
@@ -154,7 +159,6 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
             raise AssertionError(f"launch cache of {kernel.fn.__name__} picked a kernel compiled for another "
                                  f"specialisation than Triton's for the key {key}")
     stream = active.get_current_stream(device)
-    size = len(grid)
     launcher(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, compiled.function,
              compiled.packed_metadata, None, None, None, *args, *tail)
 
@@ -217,11 +221,26 @@ def ieee_div(x, y):
     return q
 
 
+# CUDA caps a launch grid's axes 1 and 2 at 65,535 blocks (axis 0 at 2**31 - 1), and Triton's
+# interpreter does not check: position blocks, which grow with the map (65,535 blocks of 32 positions
+# are a 1449 x 1449 map), go on axis 0 through grid_pair.
+GRID_YZ_LIMIT = 65535
+
+
+@triton.jit
+def grid_pair(count0):
+    """``(i, j)`` of a 1-D launch over ``count0 * count1`` programs that stands for the 2-D grid
+    ``(count0, count1)``: ``i`` varies fastest, as a 2-D grid's axis 0 does on the GPU, so the blocks run
+    in the same order, and ``count1`` may exceed :data:`GRID_YZ_LIMIT`."""
+    pid = tl.program_id(0)
+    return pid % count0, pid // count0
+
+
 @triton.jit
 def ieee_reciprocal(y):
     """``1 / y`` rounded to nearest (see :func:`ieee_div`), in ``y``'s float dtype and shape."""
     return ieee_div(tl.full(y.shape, 1.0, y.dtype), y)
 
 
-__all__ = ["HAS_TRITON", "can_launch_triton", "ieee_div", "ieee_reciprocal", "launch", "tl", "triton",
+__all__ = ["GRID_YZ_LIMIT", "HAS_TRITON", "can_launch_triton", "grid_pair", "ieee_div", "ieee_reciprocal", "launch", "tl", "triton",
            "triton_interpreted"]

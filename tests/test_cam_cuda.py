@@ -143,6 +143,26 @@ def test_graphed_engine_replays_what_the_engine_gives(method):
         graphed(torch.randn(2, 3, 64, 64, device="cuda"))
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_graphed_engines_on_two_devices_in_one_process():
+    """A capture on cuda:1 after one on cuda:0: each replays its own work (torch.cuda.graph's default
+    capture stream is made once, on the device current at the process's first capture)."""
+    engines, batches = {}, {}
+    for index in (0, 1):
+        device = torch.device("cuda", index)
+        model = make(MiniResNet).to(device)
+        gen = torch.Generator().manual_seed(index)
+        batches[index] = [torch.randn(2, 3, 32, 32, generator=gen).to(device) for _ in range(2)]
+        engine = CAMEngine(model, "gradcam", warn_degenerate=False)
+        engines[index] = (engine, engine.graphed(batches[index][0]))
+    for index, (engine, graphed) in engines.items():
+        for images in batches[index]:
+            got, want = graphed(images), engine(images)
+            assert got.cams.device == images.device
+            assert torch.equal(got.labels, want.labels) and torch.equal(got.boxes, want.boxes)
+            torch.testing.assert_close(got.cams, want.cams, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("convention", ["wsol", "exact"])
 def test_graphed_engine_cuts_boxes_from_one_packed_copy(convention):
     """The replay's thresholds and levels come to the host in one copy; the boxes go back to the

@@ -85,6 +85,14 @@ def test_every_kernel_compiles_for_sm90_and_sm80(compile_runs):
         approximate = [(c["kernel"], c["scenario"], c["approx_div"]) for c in result["compiled"]
                        if c["approx_div"] and c["kernel"] not in APPROXIMATE_DIVISION]
         assert not approximate, f"sm_{arch}: float32 divisions lowered to div.full (use ieee_div): {approximate}"
+        # The map epilogues (inference and differentiable) must round as the C++ kernels and as each
+        # other: launched with EXACT_FP, no contracted multiply-adds.
+        # (_layer_bwd_kernel's are its tl.dot's multiply-accumulates, the upsampling's adjoint, which
+        # nothing compares by equality; with fusion off, nothing else there contracts.)
+        contracted = [(c["kernel"], c["scenario"], c["fma"]) for c in result["compiled"] if c["fma"]
+                      and c["kernel"].startswith(("rethinkcam_fast.ops.fuse_maps.", "rethinkcam_fast.ops.map_epilogue."))
+                      and c["kernel"] != "rethinkcam_fast.ops.map_epilogue._layer_bwd_kernel"]
+        assert not contracted, f"sm_{arch}: map epilogue kernels with FMA contraction (launch with EXACT_FP): {contracted}"
         if arch == 90:
             # float64 is gradcheck's dtype, not a speed path: its specialisations may spill.
             spilling = [(c["kernel"], c["tensors"], c["constexprs"], c["spill_stores"])

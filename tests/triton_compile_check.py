@@ -136,7 +136,9 @@ class Recorder:
         # div.full.f32 / div.approx.f32: Triton's lowering of a float32 `/` (up to 2 ulp off), which the
         # interpreter cannot show; the kernels divide with ieee_div (div.rn) instead.
         approx = len(re.findall(r"\bdiv\.(?:full|approx)(?:\.ftz)?\.f32\b", kernel.asm["ptx"]))
-        return {**found, "shared": kernel.metadata.shared, "approx_div": approx}
+        # fma.rn.f32: a contracted a * b + c (Triton's default on the GPU, never in the interpreter)
+        fma = len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", kernel.asm["ptx"]))
+        return {**found, "shared": kernel.metadata.shared, "approx_div": approx, "fma": fma}
 
     def patch(self) -> None:
         original = JITFunction.run

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._triton import cdiv, launch, next_power_of_2, tl, triton
+from .._triton import cdiv, grid_pair, launch, next_power_of_2, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, output_size_arg
 from . import _launch
 from ._launch import autocast_off, check_backend, device_guard, flat_spatial, use_triton
@@ -59,15 +59,15 @@ MODE_FLM = 1
 @triton.jit
 def _channel_reduce_kernel(
     A_ptr, W_ptr, Labels_ptr, G_ptr, Out_ptr,
-    K, S, K_CHUNK, a_stride_n, a_stride_k, a_stride_s, w_stride_c, w_stride_k, g_stride_n, g_stride_k, g_stride_s,
+    N, K, S, K_CHUNK, a_stride_n, a_stride_k, a_stride_s, w_stride_c, w_stride_k, g_stride_n, g_stride_k, g_stride_s,
     MODE: tl.constexpr, NWC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
     """M[n, s] = sum_k W'[y_n, k] A[n, k, s] (CAM) or sum_k relu(G) relu(A) (FLM); one program per
     (image, block of BLOCK_S positions, chunk of K_CHUNK channels), looping over its channels; chunk
     c writes its partial sums to Out[c] (the launcher sums them in a fixed order)."""
-    n = tl.program_id(0)
-    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    chunk = tl.program_id(2)
+    n, s_block = grid_pair(N)
+    s = s_block * BLOCK_S + tl.arange(0, BLOCK_S)
+    chunk = tl.program_id(1)
     k_stop = tl.minimum(chunk * K_CHUNK + K_CHUNK, K)
     s_mask = s < S
     k_idx = tl.arange(0, BLOCK_K)
@@ -91,7 +91,7 @@ def _channel_reduce_kernel(
             g = g.to(ACC)
             # relu as where(x > 0, x, 0): NaN maps to 0 the same way on the GPU and in the interpreter.
             acc += tl.sum(tl.where(g > 0.0, g, 0.0) * tl.where(a > 0.0, a, 0.0), axis=0)
-    tl.store(Out_ptr + chunk.to(tl.int64) * tl.num_programs(0) * S + n * S + s, acc, mask=s_mask)
+    tl.store(Out_ptr + chunk.to(tl.int64) * N * S + n * S + s, acc, mask=s_mask)
 
 
 @triton.jit
@@ -159,8 +159,8 @@ def channel_reduce_triton(
     splits = num_splits or _channel_splits(n * s_blocks, k, block_k, features.device)
     k_chunk = cdiv(cdiv(k, splits), block_k) * block_k
     out = torch.empty((splits, n, h, w), dtype=acc, device=features.device)
-    launch(_channel_reduce_kernel, (n, s_blocks, splits),
-        a, wt, lab, g, out, k, s, k_chunk, a_sn, a_sk, a_ss, w_sc, w_sk, g_sn, g_sk, g_ss,
+    launch(_channel_reduce_kernel, (n * s_blocks, splits),  # (image, position block) on axis 0 (grid_pair)
+        a, wt, lab, g, out, n, k, s, k_chunk, a_sn, a_sk, a_ss, w_sc, w_sk, g_sn, g_sk, g_ss,
         MODE=mode, NWC=nwc, BLOCK_K=block_k, BLOCK_S=block_s, ACC=tl_acc(acc),
     )
     return out.sum(dim=0) if splits > 1 else out[0]

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._triton import cdiv, launch, tl, triton
+from .._triton import cdiv, grid_pair, launch, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, output_size_arg
 from ._launch import check_backend, device_guard, flat_spatial, use_triton
 from .class_activation_map import MODE_FLM, channel_reduce_triton, tl_acc
@@ -59,15 +59,16 @@ def flm_fuse_reference(
 
 @triton.jit
 def _flm_reduce_bwd_kernel(
-    DM_ptr, A_ptr, G_ptr, DA_ptr, DG_ptr, K, S,
+    DM_ptr, A_ptr, G_ptr, DA_ptr, DG_ptr, N, K, S,
     a_stride_n, a_stride_k, a_stride_s, g_stride_n, g_stride_k, g_stride_s,
     da_stride_n, da_stride_k, da_stride_s, dg_stride_n, dg_stride_k, dg_stride_s,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
     """dA = dM relu(G) [A > 0], dG = dM relu(A) [G > 0] for one (image, channel block, position block)."""
-    n = tl.program_id(0).to(tl.int64)
+    n, s_block = grid_pair(N)
+    n = n.to(tl.int64)
     k = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    s = tl.program_id(2) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s = s_block * BLOCK_S + tl.arange(0, BLOCK_S)
     mask = (k < K)[:, None] & (s < S)[None, :]
     dm = tl.load(DM_ptr + n * S + s, mask=s < S, other=0.0).to(ACC)[None, :]
     a = tl.load(A_ptr + n * a_stride_n + k[:, None] * a_stride_k + s[None, :] * a_stride_s, mask=mask, other=0.0)
@@ -92,8 +93,9 @@ def flm_reduce_backward_triton(grad_maps: Tensor, activation: Tensor, gradient: 
     n, k, h, w = activation.shape
     block_k, block_s = _tile_config(k, h * w, a_ss)
     acc = acc_dtype(activation, gradient)
-    launch(_flm_reduce_bwd_kernel, (n, cdiv(k, block_k), cdiv(h * w, block_s)),
-        grad_maps.to(acc).contiguous(), a, g, d_act, d_grad, k, h * w,
+    # (image, position block) on axis 0 (grid_pair): position blocks outgrow axis 2's 65,535 at 2048²
+    launch(_flm_reduce_bwd_kernel, (n * cdiv(h * w, block_s), cdiv(k, block_k)),
+        grad_maps.to(acc).contiguous(), a, g, d_act, d_grad, n, k, h * w,
         a_sn, a_sk, a_ss, g_sn, g_sk, g_ss, da_sn, da_sk, da_ss, dg_sn, dg_sk, dg_ss,
         BLOCK_K=block_k, BLOCK_S=block_s, ACC=tl_acc(acc),
     )

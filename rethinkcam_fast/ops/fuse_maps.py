@@ -31,6 +31,12 @@ from . import _launch
 from ._launch import check_backend, device_guard, run_inference_op, run_trusted, use_triton
 
 FUSE_MODES = ("sum", "max")
+# Launch option of every kernel here and in map_epilogue: no FMA contraction. Triton contracts
+# ``a * b + c`` on the GPU by default (its interpreter never does), which would round the upsampled
+# values differently from the C++ kernels and between this inference epilogue and the differentiable
+# one (map_epilogue), whose thresholds and boxes must agree with it; map_epilogue's backward also
+# finds pixels at the min and max by equality with values recomputed in other kernels.
+EXACT_FP = {"enable_fp_fusion": False}
 
 
 def degenerate_maps(maps: Tensor) -> Tensor:
@@ -340,29 +346,35 @@ def _split_final_kernel(Out_ptr, Partial_ptr, Degenerate_ptr, H, W, CHUNK, SPLIT
 
 
 # Layer tables read by a kernel captured in a CUDA graph: the graph holds their addresses, so they must
-# outlive any eviction from the cache below (a few bytes each).
-_CAPTURED_TABLES: list[tuple[Tensor, Tensor, Tensor]] = []
+# outlive any eviction from the cache below (a few bytes each; each table once, by identity).
+_CAPTURED_TABLES: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
 
 def _layer_table(shapes: tuple[tuple[int, int, int], ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """``(int64 offsets, int32 heights, int32 widths)`` of packed ``[N, h_l, w_l]`` maps on ``device``
     (see :func:`_cached_layer_table`); one used inside a CUDA-graph capture is kept for good."""
-    table = _cached_layer_table(shapes, device)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        _CAPTURED_TABLES.append(table)
+    table, home = _cached_layer_table(shapes, device)
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            _CAPTURED_TABLES[id(table[0])] = table  # (never freed, so no stream needs recording)
+        else:
+            stream = torch.cuda.current_stream(device)
+            if stream != home:  # read on another stream than the one it was made on: when the cache
+                for t in table:  # evicts it, its memory must wait for this stream's kernels
+                    t.record_stream(stream)
     return table
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_layer_table(shapes: tuple[tuple[int, int, int], ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """``(int64 offsets, int32 heights, int32 widths)`` of packed ``[N, h_l, w_l]`` maps on ``device``,
-    cached: no host-to-device copy per call once a layer layout has been seen, which also keeps the
-    launchers capturable in a CUDA graph (the video path warms up before it captures)."""
+def _cached_layer_table(shapes: tuple[tuple[int, int, int], ...], device: torch.device):
+    """``((int64 offsets, int32 heights, int32 widths), stream made on)`` of packed ``[N, h_l, w_l]``
+    maps on ``device``, cached: no host-to-device copy per call once a layer layout has been seen, which
+    also keeps the launchers capturable in a CUDA graph (the video path warms up before it captures)."""
     sizes = torch.tensor([n * h * w for n, h, w in shapes], dtype=torch.int64)
     offsets = (torch.cumsum(sizes, 0) - sizes).to(device)
     heights = torch.tensor([h for _, h, _ in shapes], dtype=torch.int32, device=device)
     widths = torch.tensor([w for _, _, w in shapes], dtype=torch.int32, device=device)
-    return offsets, heights, widths
+    return (offsets, heights, widths), torch.cuda.current_stream(device) if device.type == "cuda" else None
 
 
 def fuse_splits(n: int, pixels: int, block: int, device: torch.device, forced: int | None = None) -> int:
@@ -397,7 +409,7 @@ def fuse_maps_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str
         if splits == 1:
             launch(_fuse_maps_kernel, (n,),
                 packed, offsets, heights, widths, out, degenerate, layers, height, width,
-                FUSE_MAX=fuse == "max", SINGLE=layers == 1, BLOCK=block,
+                FUSE_MAX=fuse == "max", SINGLE=layers == 1, BLOCK=block, **EXACT_FP,
             )
             return out, degenerate.bool()
         chunk = cdiv(cdiv(pixels, splits), block) * block
@@ -406,17 +418,17 @@ def fuse_maps_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str
         stats = torch.empty((n, layers, 3), dtype=torch.float32, device=device)
         launch(_split_range_kernel, (n, layers, splits),
             packed, offsets, heights, widths, partial, source_bad, layers, height, width, chunk,
-            SPLITS=splits, BLOCK=block,
+            SPLITS=splits, BLOCK=block, **EXACT_FP,
         )
-        launch(_split_stats_kernel, (n, layers), partial, source_bad, stats, layers, SPLITS=splits)
+        launch(_split_stats_kernel, (n, layers), partial, source_bad, stats, layers, SPLITS=splits, **EXACT_FP)
         fused_range = torch.empty((n, splits, 2), dtype=torch.float32, device=device)  # per-chunk min, max
         launch(_split_fuse_kernel, (n, splits),
             packed, offsets, heights, widths, stats, out, fused_range, layers, height, width, chunk,
-            FUSE_MAX=fuse == "max", SINGLE=layers == 1, SPLITS=splits, BLOCK=block,
+            FUSE_MAX=fuse == "max", SINGLE=layers == 1, SPLITS=splits, BLOCK=block, **EXACT_FP,
         )
         if layers > 1:
             launch(_split_final_kernel, (n, splits), out, fused_range, degenerate, height, width, chunk, SPLITS=splits,
-                                             BLOCK=block)
+                                             BLOCK=block, **EXACT_FP)
         else:
             degenerate = stats[:, 0, 2].to(torch.int8)
     return out, degenerate.bool()

@@ -54,12 +54,11 @@ from .. import _native
 from .._triton import cdiv, ieee_div, ieee_reciprocal, launch, next_power_of_2, tl, triton
 from . import _launch
 from ._launch import device_guard, use_triton
-from .fuse_maps import _bilinear, _layer_at, _layer_table, _range, _upsampled_range, degenerate_maps
+from .fuse_maps import EXACT_FP, _bilinear, _layer_at, _layer_table, _range, _upsampled_range, degenerate_maps
 
 _STATS = 5  # per (image, layer): min, max, 1/span (0 when degenerate), #pixels at min, #pixels at max
 # The backward recomputes upsampled values in other kernels and finds the pixels at the min, at the max
 # and at the fused maximum by equality, so every kernel here must round identically: no FMA contraction.
-_EXACT = {"enable_fp_fusion": False}
 
 
 def acc_dtype(*tensors: Tensor) -> torch.dtype:
@@ -590,7 +589,7 @@ def _forward_triton(maps: list[Tensor], output_size: tuple[int, int], fuse: str,
         return out, degenerate.bool(), fused, count, stats, final, packing
     splits = _forward_splits(num_splits, n, height * width, block, device)
     chunk = cdiv(cdiv(height * width, splits), block) * block
-    kw = dict(BLOCK=block, ACC=_tl_dtype(acc), **_EXACT)
+    kw = dict(BLOCK=block, ACC=_tl_dtype(acc), **EXACT_FP)
     if multi and splits == 1:  # several maps, a batch that fills the GPU: one program per image
         launch(_fused_fwd_kernel, (n,),
             *packing, out, fused, count, stats, final, degenerate, layers, height, width,
@@ -685,7 +684,7 @@ def map_epilogue_backward_triton(
         if layers > 1:
             d_fused = torch.empty_like(fused)
             launch(_final_norm_bwd_kernel, (n,), grad, fused, final, d_fused, height * width, BLOCK=block, ACC=_tl_dtype(acc),
-                                         **_EXACT)
+                                         **EXACT_FP)
             grad = d_fused
         fuse_max = layers > 1 and fuse == "max"
         partial = torch.empty((n, layers, splits, 2), dtype=acc, device=d_maps.device)
@@ -693,7 +692,7 @@ def map_epilogue_backward_triton(
             chunk = cdiv(cdiv(height * width, splits), block) * block
             launch(_layer_bwd_sums_kernel, (n, layers, splits),
                 *packing, stats, grad, fused, count, partial, layers, height, width, chunk,
-                SPLITS=splits, FUSE_MAX=fuse_max, BLOCK=block, ACC=_tl_dtype(acc), **_EXACT,
+                SPLITS=splits, FUSE_MAX=fuse_max, BLOCK=block, ACC=_tl_dtype(acc), **EXACT_FP,
             )
         band_rows = cdiv(cdiv(height, splits), 32) * 32
         by, bx = _tile(max(m.shape[1] for m in maps)), _tile(max(m.shape[2] for m in maps))
@@ -708,7 +707,7 @@ def map_epilogue_backward_triton(
             # Triton 3.6 (the GPU image's); 16 warps: about 100-128 registers, no spills on 3.9; on 3.6 the
             # fuse="max" float32 specialisation spills 40 B since its scales became IEEE divisions (its
             # forward+backward measured no slower on an H100: 3.55 ms against 3.80 before).
-            num_warps=16 if by * bx >= 1024 else 8, **_EXACT,
+            num_warps=16 if by * bx >= 1024 else 8, **EXACT_FP,
         )
     d_maps = d_maps.sum(dim=0) if splits > 1 else d_maps[0]  # a fixed-order sum: deterministic
     grads, start = [], 0

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._triton import can_launch_triton, cdiv, ieee_reciprocal, launch, next_power_of_2, tl, triton
+from .._triton import can_launch_triton, cdiv, grid_pair, ieee_reciprocal, launch, next_power_of_2, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, check_unit_interval
 from . import _launch
 from ._launch import device_guard, flat_spatial
@@ -94,9 +94,8 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 @triton.jit
-def _tap_program_rows(C, stride_n, stride_c, BLOCK_C: tl.constexpr):
-    """This program's (image n, channels c[BLOCK_C], their mask, int64 row offsets into x)."""
-    pid = tl.program_id(0)
+def _tap_program_rows(pid, C, stride_n, stride_c, BLOCK_C: tl.constexpr):
+    """Row block ``pid``'s (image n, channels c[BLOCK_C], their mask, int64 row offsets into x)."""
     num_c_blocks = tl.cdiv(C, BLOCK_C)
     n = pid // num_c_blocks
     c = (pid % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -175,7 +174,7 @@ def _tap_fwd_kernel(
     ACC: tl.constexpr,
 ):
     """One program per (image, block of BLOCK_C channels): max pass, then threshold/sum/count pass."""
-    n, c, c_mask, row_off = _tap_program_rows(C, stride_n, stride_c, BLOCK_C)
+    n, c, c_mask, row_off = _tap_program_rows(tl.program_id(0), C, stride_n, stride_c, BLOCK_C)
     if SINGLE_TILE:
         # Whole rows fit one tile: load once and keep them in registers for both passes.
         s = tl.arange(0, BLOCK_S)
@@ -204,7 +203,7 @@ def _tap_split_max_kernel(
 ):
     """Split path, stage 1: max over one of NUM_SPLITS slices of S (NaN where the slice held one)."""
     split = tl.program_id(1)
-    n, c, c_mask, row_off = _tap_program_rows(C, stride_n, stride_c, BLOCK_C)
+    n, c, c_mask, row_off = _tap_program_rows(tl.program_id(0), C, stride_n, stride_c, BLOCK_C)
     s_start = split * SPLIT_LEN
     s_stop = tl.minimum(s_start + SPLIT_LEN, S)
     row_max, row_nan = _tap_tile_max(X_ptr, row_off, c_mask, s_start, s_stop, stride_s, BLOCK_C, BLOCK_S, ACC)
@@ -221,7 +220,7 @@ def _tap_split_sum_kernel(
 ):
     """Split path, stage 2: every slice re-reduces the partial maxima (cheap, deterministic), then sums."""
     split = tl.program_id(1)
-    n, c, c_mask, row_off = _tap_program_rows(C, stride_n, stride_c, BLOCK_C)
+    n, c, c_mask, row_off = _tap_program_rows(tl.program_id(0), C, stride_n, stride_c, BLOCK_C)
     row = n * C + c
     k = tl.arange(0, NUM_SPLITS)
     part = tl.load(PartMax_ptr + row[:, None] * NUM_SPLITS + k[None, :], mask=c_mask[:, None], other=float("-inf"))
@@ -256,12 +255,13 @@ def _tap_split_combine_kernel(
 @triton.jit
 def _tap_bwd_kernel(
     X_ptr, Grad_ptr, GradOut_ptr, Thr_ptr, Inv_ptr,
-    C, S, stride_n, stride_c, stride_s, g_stride_n, g_stride_c, g_stride_s,
+    ROWS, C, S, stride_n, stride_c, stride_s, g_stride_n, g_stride_c, g_stride_s,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
     """grad[n, c, s] = (x > thr) * grad_out[n, c] * inv[n, c]; every element written exactly once."""
-    n, c, c_mask, row_off = _tap_program_rows(C, stride_n, stride_c, BLOCK_C)
-    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    rows, s_block = grid_pair(ROWS)
+    n, c, c_mask, row_off = _tap_program_rows(rows, C, stride_n, stride_c, BLOCK_C)
+    s = s_block * BLOCK_S + tl.arange(0, BLOCK_S)
     row = n * C + c
     thr = tl.load(Thr_ptr + row, mask=c_mask, other=0.0)
     scale = tl.load(GradOut_ptr + row, mask=c_mask, other=0.0).to(ACC) * tl.load(Inv_ptr + row, mask=c_mask, other=0.0)
@@ -363,10 +363,11 @@ def tap_backward_triton(grad_out: Tensor, x: Tensor, thr: Tensor, inv: Tensor) -
     n, c = x.shape[:2]
     s = x.shape[2] * x.shape[3]
     block_c, block_s = _tile_config(c, s, stride_s)
-    grid = (n * cdiv(c, block_c), cdiv(s, block_s))
+    rows = n * cdiv(c, block_c)
+    grid = (rows * cdiv(s, block_s),)  # (row block, position block), row blocks fastest (grid_pair)
     acc_tl = tl.float64 if thr.dtype == torch.float64 else tl.float32
     launch(_tap_bwd_kernel, grid,
-        x, grad, grad_out.contiguous(), thr, inv, c, s, stride_n, stride_c, stride_s,
+        x, grad, grad_out.contiguous(), thr, inv, rows, c, s, stride_n, stride_c, stride_s,
         g_stride_n, g_stride_c, g_stride_s, BLOCK_C=block_c, BLOCK_S=block_s, ACC=acc_tl,
     )
     return grad

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._triton import cdiv, ieee_div, launch, next_power_of_2, tl, triton
+from .._triton import cdiv, grid_pair, ieee_div, launch, next_power_of_2, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor
 from ._launch import autocast_off, check_backend, device_guard, flat_spatial, run_inference_op, run_trusted, use_triton
 
@@ -105,11 +105,11 @@ def weighted_map_reference(
 @triton.jit
 def _weighted_map_kernel(
     A_ptr, W_ptr, G_ptr, Out_ptr,
-    K, S, a_stride_n, a_stride_k, a_stride_s, w_stride_n, w_stride_k, g_stride_n, g_stride_k, g_stride_s,
+    N, K, S, a_stride_n, a_stride_k, a_stride_s, w_stride_n, w_stride_k, g_stride_n, g_stride_k, g_stride_s,
     MODE: tl.constexpr, RELU: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    n = tl.program_id(0)
-    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    n, s_block = grid_pair(N)
+    s = s_block * BLOCK_S + tl.arange(0, BLOCK_S)
     s_mask = s < S
     k_idx = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_S], tl.float32)
@@ -253,9 +253,9 @@ def weighted_map_triton(
     channels_last = a_sk == 1 and k > 1
     block_s = min(next_power_of_2(s), 32 if channels_last else 128)
     block_k = max(1, min(next_power_of_2(k), 4096 // block_s, 64))
-    grid = (n, cdiv(s, block_s))
+    grid = (n * cdiv(s, block_s),)  # (image, position block), images fastest (grid_pair)
     launch(_weighted_map_kernel, grid,
-        a, wt, g, out, k, s, a_sn, a_sk, a_ss, w_sn, w_sk, g_sn, g_sk, g_ss,
+        a, wt, g, out, n, k, s, a_sn, a_sk, a_ss, w_sn, w_sk, g_sn, g_sk, g_ss,
         MODE=_MODE_CODES[mode], RELU=relu, BLOCK_K=block_k, BLOCK_S=block_s,
         num_warps=8 if block_k * block_s >= 4096 else 4,  # 4K-element tiles on 4 warps: up to 128 registers
     )                                                      # a thread and spills in bf16 (sm_90)
