@@ -27,7 +27,7 @@ from .ops.boxes import CONVENTIONS, boxes_from_cams, boxes_from_packed, pack_res
 from .ops.level_sweep import gpu_boxes_enabled
 from .ops.class_activation_map import class_activation_map_with_flags
 from .ops.flm_fuse import flm_fuse_with_flags
-from .ops.fuse_maps import FUSE_MODES, fuse_maps_trusted
+from .ops.fuse_maps import FUSE_MODES, UPSAMPLE_MODES, fuse_maps_reference, fuse_maps_trusted
 from .ops.map_epilogue import map_epilogue_op
 from .ops.percentile_threshold import percentile_threshold
 from .ops.weighted_map import weighted_map, weighted_map_reference, weighted_map_trusted
@@ -45,7 +45,8 @@ class CAMResult:
             with ``differentiable=True``, detached otherwise.
         cams: ``Tensor[N, H, W]`` float32 in ``[0, 1]``, on the input's device; attached to the graph
             with ``differentiable=True``.
-        degenerate: ``BoolTensor[N]``, images whose map was constant or non-finite (returned as zeros).
+        degenerate: ``BoolTensor[N]``, images whose map was constant or non-finite, or whose target score
+            was (returned as zeros).
         layer_maps: per-layer maps at feature resolution (``{name: Tensor[N, h, w]}``), on request.
         boxes: ``LongTensor[N, 4]`` (x0, y0, x1, y1) of the largest contour above the PaS threshold
             (``None`` with ``boxes=False``); ``[0, 0, 0, 0]`` for an empty mask.
@@ -69,7 +70,8 @@ def _warn_degenerate(degenerate: Tensor, stacklevel: int) -> None:
     ``bool [N]``; reading it syncs with the device)."""
     if bool(degenerate.any()):
         warnings.warn(
-            f"{int(degenerate.sum())} of {len(degenerate)} CAMs were constant or non-finite and were set to zeros",
+            f"{int(degenerate.sum())} of {len(degenerate)} CAMs were constant or non-finite (or explained a non-finite "
+            "score) and were set to zeros",
             RuntimeWarning,
             stacklevel=stacklevel,
         )
@@ -220,7 +222,13 @@ class CAMEngine:
             (a warning when the classifier does not pool the target layer's output).
         nwc: negative weight clamping for ``"cam"``: ``max(W, 0)`` in the map (logits unchanged).
         output_size: ``(H, W)`` of the maps; default the input's size.
-        fuse: multi-layer fusion, ``"sum"`` (Fully-CAM's formula) or ``"max"`` (LayerCAM-style).
+        fuse: multi-layer fusion, ``"sum"`` (Fully-CAM's formula) or ``"max"`` (LayerCAM-style: the
+            element-wise max of the per-layer normalised maps, without the ``tanh(2 M / max M)`` scaling
+            the LayerCAM paper applies to shallow layers).
+        upsample: ``"bilinear"`` (``align_corners=False``; the fused kernels) or ``"bicubic"``, the
+            resize of wsolevaluation's reference pipeline (``cv2.INTER_CUBIC``, which PyTorch's bicubic
+            equals to rounding), for maps to compare with numbers computed there; it runs as PyTorch
+            ops (no fused kernel) and not with ``differentiable=True``.
         return_layer_maps: also return each layer's map at feature resolution.
         warn_degenerate: warn when a map is constant or non-finite (costs one device sync).
         boxes: also return PaS boxes (``result.boxes``; the contour kernel runs on the CPU, so CUDA
@@ -262,6 +270,7 @@ class CAMEngine:
         nwc: bool = False,
         output_size: tuple[int, int] | None = None,
         fuse: str = "sum",
+        upsample: str = "bilinear",
         return_layer_maps: bool = False,
         warn_degenerate: bool = True,
         boxes: bool = True,
@@ -280,6 +289,11 @@ class CAMEngine:
             raise ValueError(f"fuse must be one of {FUSE_MODES}, got {fuse!r}")
         if nwc and method != "cam":
             raise ValueError("nwc=True (negative weight clamping) applies to method='cam' only")
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
+        if upsample != "bilinear" and differentiable:
+            raise ValueError("upsample='bicubic' applies to inference maps only: differentiable=True upsamples "
+                             "bilinearly (the differentiable ops' kernels)")
         self.model = model
         self.method = method
         if not (logits is None or callable(logits) or isinstance(logits, (int, str))) or isinstance(logits, bool):
@@ -302,6 +316,7 @@ class CAMEngine:
         self.nwc = bool(nwc)
         self.output_size = None if output_size is None else tuple(output_size_arg(output_size, (0, 0)))
         self.fuse = fuse
+        self.upsample = upsample
         self.return_layer_maps = return_layer_maps
         self.warn_degenerate = warn_degenerate
         if box_convention not in CONVENTIONS:
@@ -531,12 +546,14 @@ class CAMEngine:
         if self.method == "cam" and logits.shape[0]:
             key = (size, id(layers[0]), id(classifier))
             better = self._pooling.get(key, _UNCHECKED)
-            if better is _UNCHECKED:  # (no exact check under dropout or batch statistics: later, in eval())
-                better = None
-                if not self._training():  # (recorded once done: a check that failed is tried again)
-                    better = self._pooling[key] = self._check_pooling(
-                        layers[0], capture.activations[id(layers[0])], logits, classifier, images,
-                        may_move=self._find_target and pooled is None, stacklevel=4 + depth)
+            if better is _UNCHECKED:
+                better = self._check_pooling(layers[0], capture.activations[id(layers[0])], logits, classifier,
+                                             images, may_move=self._find_target and pooled is None,
+                                             stacklevel=4 + depth)
+                if better is _UNCHECKED:  # (this batch could not tell: a later call checks again)
+                    better = None
+                else:
+                    self._pooling[key] = better
             if better is not None and pooled is None and self._find_target:
                 # The default target, moved to the output the classifier pools (also where another
                 # thread's first call at this size stored the unmoved one meanwhile).
@@ -569,10 +586,21 @@ class CAMEngine:
                 where = {self.layer_name(l): str(m.device) for l, m in zip(layers, maps)}
                 raise ValueError(f"the target layers' outputs lie on several devices ({where}): CAMEngine fuses "
                                  "their maps on one device")
-            if self.fuse not in FUSE_MODES:  # (an attribute set after construction)
+            if self.fuse not in FUSE_MODES:  # (attributes set after construction)
                 raise ValueError(f"fuse must be one of {FUSE_MODES}, got {self.fuse!r}")
-            cams, degenerate = fuse_maps_trusted(maps, [int(output_size[0]), int(output_size[1])], self.fuse,
-                                                 self.backend)
+            if self.upsample not in UPSAMPLE_MODES:
+                raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {self.upsample!r}")
+            size = [int(output_size[0]), int(output_size[1])]
+            if self.upsample == "bilinear":
+                cams, degenerate = fuse_maps_trusted(maps, size, self.fuse, self.backend)
+            else:  # (PyTorch's interpolation: the epilogue kernels are bilinear)
+                cams, degenerate = fuse_maps_reference(maps, size, self.fuse, self.upsample)
+        # A map explaining a non-finite score (NaN logits: a NaN in the image) is zeros and flagged,
+        # whatever the method: the NaN policy of LayerCAM's and Fully-CAM's ReLUs (NaN -> 0) can leave
+        # such a map finite and plausible-looking. (No host sync: three elementwise ops.)
+        finite = torch.isfinite(scores.detach())
+        cams = cams * finite[:, None, None]
+        degenerate = degenerate | ~finite
         if self.warn_degenerate:
             _warn_degenerate(degenerate, stacklevel=3 + depth)
         layer_maps = None
@@ -696,57 +724,78 @@ class CAMEngine:
             "pass classifier= (an nn.Linear, or a 1x1 nn.Conv2d) or target_layers=")
 
     def _check_pooling(self, target: nn.Module, activation: Tensor, logits: Tensor, classifier: nn.Module,
-                       images: Tensor, may_move: bool, stacklevel: int) -> nn.Module | None:
+                       images: Tensor, may_move: bool, stacklevel: int):
         """``"cam"``, once per input size, target and classifier: the CAM is ``W`` times the target layer's output,
-        which is the classifier's view of the logits only if the forward global-average-pools that very
-        output into it. When the classifier applied to the average of that output does not give the
+        which is the classifier's view of the logits only if the forward pools that very output into it
+        — a global average, or a :class:`TAP` of the model (the CAM itself is then still taken from the
+        unthresholded output). When the classifier applied to the pool of that output does not give the
         logits — an activation or a batch norm module after the target layer, one applied functionally
         (``F.relu``), another pool, a head of several layers — look for the module, finishing after the
         target, whose output it does pool (one more forward). With ``may_move`` (a default target)
-        that module is returned, to be the target; otherwise warn, naming it when there is one. A TAP
-        model, whose pool thresholds, is not checked."""
-        from .modules import TAP
+        that module is returned, to be the target; otherwise warn, naming it when there is one.
 
-        if any(isinstance(m, TAP) for m in self.model.modules()):
-            return None
+        In ``train()`` mode (dropout and batch statistics make the call's own logits no exact
+        reference) the check runs on that one more forward, made in ``eval()`` mode, the modules'
+        modes restored after. Images with non-finite logits are left out; returns ``_UNCHECKED`` when
+        the batch cannot tell (no image left, or the extra forward failed), for a later call to check."""
+        from .modules import TAP
+        from .ops.tap import tap
+
+        taus = sorted({float(m.tau) for m in self.model.modules() if isinstance(m, TAP)})
+        channels = activation.shape[1]
+        run = None
+        if self._training():
+            run = self._recorded_forward(images, channels, eval_mode=True)
+            if run is None or run[0].get(id(target), (0, None, None))[2] is None:
+                return _UNCHECKED
+            activation, logits = run[0][id(target)][2], run[1]
         with torch.no_grad(), autocast_off(activation):  # (no cast of the weights: a captured call reads none)
-            weight = self._classifier_weight(classifier, activation.shape[1], logits.shape[1]).float()
+            weight = self._classifier_weight(classifier, channels, logits.shape[1]).float()
             bias = getattr(classifier, "bias", None)
             bias = None if bias is None else bias.detach().float()
             want = logits.detach().float()
-            scale = float(want.abs().max()) if want.numel() else 0.0
+            finite = torch.isfinite(want).all(dim=1)
+            if not bool(finite.any()):
+                return _UNCHECKED
+            want = want[finite]
+            scale = float(want.abs().max())
         low_precision = any(t.dtype in (torch.float16, torch.bfloat16) for t in (activation, logits, classifier.weight))
         tolerance = (3e-2 if low_precision else 1e-3) * (scale + 1.0)
 
-        def error(output: Tensor) -> float:  # max |classifier(mean of output) - logits|
+        def error(output: Tensor) -> float:  # max |classifier(pool of output) - logits|, the closest pool's
             with torch.no_grad(), autocast_off(output):
-                pooled = output.detach().float().mean(dim=(2, 3)) @ weight.T
-                pooled = pooled if bias is None else pooled + bias
-                return float((pooled - want).abs().max()) if want.numel() else 0.0
+                x = output.detach().float()[finite]
+                best = float("inf")
+                for pooled in [x.mean(dim=(2, 3))] + [tap(x, tau) for tau in taus]:
+                    pooled = pooled @ weight.T
+                    pooled = pooled if bias is None else pooled + bias
+                    best = min(best, float((pooled - want).abs().max()))
+                return best
 
         off = error(activation)
         if off <= tolerance:
             return None
-        pooled_layer = self._pooled_layer(images, target, weight.shape[1], error, tolerance)
+        run = run or self._recorded_forward(images, channels)
+        pooled_layer = None if run is None else self._pooled_layer(run[0], target, error, tolerance)
         if may_move and pooled_layer is not None:
             return pooled_layer
         advice = (f"pass target_layers={self.layer_name(pooled_layer)!r}, whose output it pools" if pooled_layer
                   is not None else "pass the module whose output is pooled as target_layers=, or use a gradient method")
         warnings.warn(
-            f"method='cam': {type(classifier).__name__} {self.layer_name(classifier)!r} applied to the global average "
+            f"method='cam': {type(classifier).__name__} {self.layer_name(classifier)!r} applied to the global pool "
             f"of target layer {self.layer_name(target)!r}'s output does not give the logits (off by {off:.3g}): the "
             "forward changes that output before the classifier sees it (an activation after the layer, as a module "
             "or F.relu; another pool; a head of several layers), so the map is not the classifier's CAM; " + advice,
             RuntimeWarning, stacklevel=stacklevel)
         return None
 
-    def _pooled_layer(self, images: Tensor, target: nn.Module, channels: int, error, tolerance: float):
-        """The module whose output the classifier pools: among the modules whose last run finishes
-        after the target's, with a 4-D output of ``channels`` channels that varies over a spatial
-        extent, the last one whose global average the classifier turns into the logits (so the
-        outermost of modules sharing that tensor: a block rather than its final ReLU); or None, also
-        when the extra forward fails (the check is advice, not the call's work)."""
-        last: dict[int, tuple[int, nn.Module, Tensor | None]] = {}  # a module's last run: (order, module, output)
+    def _recorded_forward(self, images: Tensor, channels: int, eval_mode: bool = False):
+        """One more forward (no grad; in ``eval()`` mode with ``eval_mode``, each module's mode restored
+        after) recording each module's last run: ``({id: (order, module, output)}, logits)``, the output
+        kept only when 4-D with ``channels`` channels over a spatial extent; None when the forward fails
+        (a ScriptModule refuses hooks; memory; the model's own error on a second run: the check is
+        advice, not the call's work)."""
+        last: dict[int, tuple[int, nn.Module, Tensor | None]] = {}
         thread, counter = threading.get_ident(), itertools.count()
 
         def record(module, inputs, output) -> None:
@@ -756,18 +805,30 @@ class CAMEngine:
                     and output.shape[2] * output.shape[3] > 1)
             last[id(module)] = (next(counter), module, output if keep else None)
 
-        handles = []
+        handles, modes = [], [(m, m.training) for m in self.model.modules()] if eval_mode else []
         try:
             for m in self.model.modules():  # (one by one: a module refusing hooks must not orphan the others')
                 if m is not self.model:
                     handles.append(m.register_forward_hook(record))
+            if eval_mode:
+                self.model.eval()
             with torch.no_grad():
-                self._logits_of(self.model(images.detach()))
-        except Exception:  # (a ScriptModule refuses hooks; memory; the model's own error on a second run)
+                logits = self._logits_of(self.model(images.detach()))
+        except Exception:
             return None
         finally:
             for handle in handles:
                 handle.remove()
+            for m, mode in modes:
+                m.training = mode
+        return last, logits
+
+    @staticmethod
+    def _pooled_layer(last: dict, target: nn.Module, error, tolerance: float) -> nn.Module | None:
+        """The module whose output the classifier pools, from a recorded forward: among the modules
+        whose last run finishes after the target's, with a kept output that varies over its pixels, the
+        last one whose pool the classifier turns into the logits (so the outermost of modules sharing
+        that tensor: a block rather than its final ReLU); or None."""
         if id(target) not in last:
             return None
         after = last[id(target)][0]

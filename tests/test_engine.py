@@ -220,6 +220,23 @@ def test_constant_map_becomes_zeros_with_a_warning():
         CAMEngine(model, "cam", model.features, warn_degenerate=False)(images_for())
 
 
+@pytest.mark.parametrize("method", ["cam", "gradcam", "gradcam++", "layercam", "fullycam"])
+def test_an_image_with_nan_logits_gets_a_zero_flagged_map(method):
+    """A NaN pixel makes the image's logits NaN while its gradients stay finite (a Linear's input
+    gradient is its weight): LayerCAM's and Fully-CAM's ReLUs (NaN -> 0) would give a plausible map.
+    Every method flags it and zeroes it; the other images are as without it."""
+    model = make(MiniResNet).eval()
+    images = images_for(3, n=3, size=32)
+    clean = CAMEngine(model, method, warn_degenerate=False)(images)
+    images[1, 0, 5:9, 5:9] = float("nan")
+    with pytest.warns(RuntimeWarning, match="1 of 3 CAMs .*non-finite score"):
+        got = CAMEngine(model, method)(images, clean.labels)
+    assert got.degenerate.tolist() == [False, True, False]
+    assert (got.cams[1] == 0).all() and got.boxes[1].tolist() == [0, 0, 0, 0]
+    for n in (0, 2):
+        torch.testing.assert_close(got.cams[n], clean.cams[n], atol=1e-6, rtol=0)
+
+
 def test_bad_input_raises_clear_errors():
     model = make(SmallCNN)
     with pytest.raises(ValueError, match="method must be one of"):
@@ -675,10 +692,94 @@ def test_cam_warns_when_the_classifier_does_not_pool_the_target_layer():
         got = engine(images_for())
         assert engine.target_layers == [sequential[4]]
         torch.testing.assert_close(got.cams, CAMEngine(sequential, "cam", "4", boxes=False)(images_for()).cams)
-    tap_model = replace_gap_with_tap(make(SmallCNN)).eval()  # TAP pools a thresholded map: not checked
+    tap_model = replace_gap_with_tap(make(SmallCNN)).eval()  # TAP pools the target's output: checked with TAP
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        CAMEngine(tap_model, "cam", boxes=False)(images_for())
+        engine = CAMEngine(tap_model, "cam", boxes=False)
+        engine(images_for())
+    assert engine.target_layers == [tap_model.features]
+
+
+def test_bicubic_upsampling_gives_wsolevaluations_maps():
+    """upsample="bicubic": the CAM as wsolevaluation's inference computes it — cv2.resize(cam,
+    INTER_CUBIC) of the feature-resolution map, then normalize_scoremap (min-max; zeros when constant
+    or NaN) — written here with OpenCV and numpy."""
+    cv2 = pytest.importorskip("cv2")
+    model = make(MiniVGGGAP).eval()
+    images = images_for(7, n=4, size=24)
+    engine = CAMEngine(model, "cam", upsample="bicubic", return_layer_maps=True, boxes=False)
+    got = engine(images)
+    bilinear = CAMEngine(model, "cam", boxes=False)(images)
+    assert not torch.allclose(got.cams, bilinear.cams, atol=1e-3)  # (bicubic overshoots: another map)
+    (layer_maps,) = got.layer_maps.values()
+    for n in range(images.shape[0]):
+        cam = cv2.resize(layer_maps[n].numpy(), (24, 24), interpolation=cv2.INTER_CUBIC)
+        cam = np.zeros_like(cam) if np.isnan(cam).any() or cam.min() == cam.max() else (cam - cam.min()) / (cam.max() - cam.min())
+        np.testing.assert_allclose(got.cams[n].numpy(), cam, atol=2e-6, rtol=0)
+    fully = CAMEngine(model, "fullycam", upsample="bicubic", fuse="max", return_layer_maps=True, boxes=False)(images)
+    want, _ = rethinkcam_fast.ops.fuse_maps.fuse_maps_reference(list(fully.layer_maps.values()), (24, 24), "max",
+                                                                 "bicubic")
+    torch.testing.assert_close(fully.cams, want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="upsample must be one of"):
+        CAMEngine(model, "cam", upsample="nearest")
+    with pytest.raises(ValueError, match="differentiable=True upsamples bilinearly"):
+        CAMEngine(model, "cam", upsample="bicubic", differentiable=True)
+
+
+def _conv_bn_relu_head(tau=None):
+    """wsolevaluation's VggCam layout in small: features, conv, BN, ReLU, pool (GAP, or TAP with tau), fc."""
+    pool = nn.AdaptiveAvgPool2d(1) if tau is None else TAP(tau)
+    return make(lambda: nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1),
+                                      nn.BatchNorm2d(8), nn.ReLU(), pool, nn.Flatten(), nn.Linear(8, 5)))
+
+
+@pytest.mark.parametrize("tau", [None, 0.0, 0.3], ids=["gap", "tap0", "tap0.3"])
+def test_cam_default_target_is_the_pooled_output_with_gap_or_tap(tau):
+    """The rethinking-CAM setup (VGG + TAP): the default target is the ReLU whose output TAP pools, as
+    with GAP, not the conv before its batch norm; a given pre-activation target warns, naming it."""
+    model = _conv_bn_relu_head(tau).eval()
+    images = images_for(size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine = CAMEngine(model, "cam", boxes=False)
+        got = engine(images)
+    assert engine.target_layers == [model[4]]
+    want = oracle_single(model, model[4], images, got.labels, "cam", classifier=model[7])
+    torch.testing.assert_close(got.cams.double(), want, atol=2e-5, rtol=1e-4)
+    with pytest.warns(RuntimeWarning, match="'2''s output does not give the logits.*pass target_layers='4'"):
+        CAMEngine(model, "cam", "2", boxes=False)(images)
+
+
+def test_cam_default_target_is_the_same_in_train_and_eval_mode():
+    """A CAM loss in a training loop: the first call, in train() mode, already finds the pooled
+    output (checked on one more forward in eval() mode), and every module's mode is restored."""
+    model = _conv_bn_relu_head(0.1).train()
+    model[1].eval()  # (a module in eval() inside a train() model keeps its own mode)
+    engine = CAMEngine(model, "cam", differentiable=True, boxes=False)
+    engine(images_for(size=16)).cams.sum().backward()
+    assert engine.target_layers == [model[4]]
+    assert model.training and model[3].training and not model[1].training
+    evaluated = CAMEngine(model.eval(), "cam", boxes=False)
+    evaluated(images_for(size=16))
+    assert evaluated.target_layers == [model[4]]
+
+
+def test_cam_pooling_check_leaves_out_images_with_non_finite_logits():
+    """A NaN image in the first batch neither decides the check nor warns; a batch with no finite
+    logits leaves it to a later call."""
+    model = _conv_bn_relu_head().eval()
+    images = images_for(size=16)
+    images[1, 0, 3, 3] = float("nan")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "CAM map", RuntimeWarning)  # (the NaN image's degenerate map)
+        warnings.simplefilter("error", RuntimeWarning)
+        engine = CAMEngine(model, "cam", boxes=False, warn_degenerate=False)
+        engine(images)
+        assert engine.target_layers == [model[4]]
+        engine = CAMEngine(model, "cam", boxes=False, warn_degenerate=False)
+        engine(torch.full_like(images, float("nan")))  # nothing to tell from
+        engine(images_for(size=16))
+        assert engine.target_layers == [model[4]]
 
 
 def test_a_1x1_conv_head_is_found_as_the_cam_classifier():
@@ -715,9 +816,10 @@ def test_a_1x1_conv_head_after_a_given_target_or_inside_the_default_one():
     torch.testing.assert_close(got.cams, want.cams, atol=0, rtol=0)
 
 
-def test_no_pooling_check_while_dropout_or_batch_statistics_are_on():
+def test_no_pooling_warning_for_dropout_or_batch_statistics_in_training():
     """A CAM loss in training (differentiable=True, train() mode): dropout before the classifier
-    makes the logits differ from the classifier of the pooled map; no warning for that."""
+    makes the logits differ from the classifier of the pooled map; the check runs in eval() mode, so
+    no warning for that."""
     class DropHead(nn.Module):
         def __init__(self) -> None:
             super().__init__()

@@ -157,6 +157,12 @@ def test_cli_evaluate_model_json_matches_the_function(dataset, capsys):
     expected = evaluate_model(engine, _loader(metadata, dataset["data_root"]), BoxEvaluator(0.01, metadata=metadata))
     assert result["MaxBoxAcc"] == expected.to_dict()["MaxBoxAcc"] and result["Top-1 Loc"] == expected.to_dict()["Top-1 Loc"]
     assert any("Top-1 Cls" in line for line in out)
+    # --upsample bicubic: the maps of wsolevaluation's pipeline (cv2.INTER_CUBIC)
+    assert cli.main(args + ["--upsample", "bicubic"]) == 0
+    bicubic = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    engine = CAMEngine(dataset["model"], "gradcam", boxes=False, warn_degenerate=False, upsample="bicubic")
+    expected = evaluate_model(engine, _loader(metadata, dataset["data_root"]), BoxEvaluator(0.01, metadata=metadata))
+    assert bicubic["MaxBoxAccV2"] == expected.to_dict()["MaxBoxAccV2"]
     # Without --checkpoint it runs with the factory's weights, and says so.
     no_weights = [a for a in args if a != "--checkpoint" and not a.endswith("model.pt")]
     assert cli.main(no_weights) == 0

@@ -68,6 +68,9 @@ def add_evaluate_commands(sub: Any) -> None:
                        help="negative weight clamping for --method cam (the Rethinking-CAM paper's NWC; off by "
                             "default: the standard protocol evaluates plain CAM)")
     model.add_argument("--target-layer", help="module name of the layer to explain (default: the last conv-like)")
+    model.add_argument("--upsample", choices=["bilinear", "bicubic"], default="bilinear",
+                       help="how maps are resized to the image (bicubic: as wsolevaluation's reference pipeline, "
+                            "cv2.INTER_CUBIC; default bilinear, the fused kernels)")
     model.add_argument("--image-size", type=_positive_int,
                        help="images are resized to this square (default: the canvas size a `rethinkcam train` "
                             "checkpoint records, e.g. 64 for the digits model; else 224)")
@@ -192,7 +195,8 @@ def _cmd_evaluate_model(args: argparse.Namespace) -> int:
         if args.checkpoint is None and rank_and_world()[0] == 0:
             print(f"rethinkcam {args.command}: warning: no --checkpoint: {args.model} runs with the weights its "
                   "factory gives it (random for a torchvision name)", file=sys.stderr)
-        engine = CAMEngine(model, args.method, args.target_layer, boxes=False, warn_degenerate=False, nwc=args.nwc)
+        engine = CAMEngine(model, args.method, args.target_layer, boxes=False, warn_degenerate=False, nwc=args.nwc,
+                           upsample=args.upsample)
         channels = input_channels(model)
         normalize = channels == 3 if args.normalize == "auto" else args.normalize == "imagenet"
         image_size = args.image_size or (trained_size[0] if trained_size else None) or 224

@@ -66,12 +66,20 @@ def minmax_normalize(maps: Tensor, degenerate: Tensor | None = None) -> tuple[Te
     return out.view(maps.shape), degenerate
 
 
-def fuse_maps_reference(maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum") -> tuple[Tensor, Tensor]:
-    """Pure-PyTorch fusion: ``(cams float32 [N, H, W] in [0, 1], degenerate bool [N])``."""
+UPSAMPLE_MODES = ("bilinear", "bicubic")
+
+
+def fuse_maps_reference(maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum",
+                        upsample: str = "bilinear") -> tuple[Tensor, Tensor]:
+    """Pure-PyTorch fusion: ``(cams float32 [N, H, W] in [0, 1], degenerate bool [N])``.
+
+    ``upsample="bicubic"`` resizes as wsolevaluation's ``cv2.resize(cam, size, INTER_CUBIC)`` does
+    (PyTorch's bicubic, ``align_corners=False``: the same cubic, ``a = -0.75``, with the same half-pixel
+    centres and clamped borders; equal to OpenCV's float32 result to rounding), before the min-max."""
     fused = None
     for m in maps:
-        up = F.interpolate(m.float()[:, None], size=tuple(output_size), mode="bilinear", align_corners=False)[:, 0]
-        # Constancy is decided on the source map: bilinear weights can round a constant to values
+        up = F.interpolate(m.float()[:, None], size=tuple(output_size), mode=upsample, align_corners=False)[:, 0]
+        # Constancy is decided on the source map: interpolation weights can round a constant to values
         # that differ in the last bit, which min-max would blow up into noise.
         norm, degenerate = minmax_normalize(up, degenerate_maps(m))
         if fused is None:
@@ -523,6 +531,6 @@ def fuse_maps_trusted(maps: list[Tensor], output_size: list[int], fuse: str, bac
 
 
 __all__ = [
-    "FUSE_MODES", "degenerate_maps", "fuse_maps", "fuse_maps_native", "fuse_maps_reference", "fuse_maps_trusted",
-    "fuse_maps_triton", "minmax_normalize",
+    "FUSE_MODES", "UPSAMPLE_MODES", "degenerate_maps", "fuse_maps", "fuse_maps_native", "fuse_maps_reference",
+    "fuse_maps_trusted", "fuse_maps_triton", "minmax_normalize",
 ]
