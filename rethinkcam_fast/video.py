@@ -13,15 +13,17 @@ size mid-stream simply starts a new batch. On CUDA, batches overlap: a batch is 
 before the previous one's results are collected, so the host's work on one batch overlaps the
 device's on the next; a result is then at most ``2 * batch_size - 1`` frames late (without overlap,
 ``batch_size - 1``), and when the source has no frame ready (a live camera) finished results are
-handed out at once. Memory is bounded by the decode queue and two batches, whatever the length of the
-input.
+handed out at once; after ``max_wait`` seconds without a frame the partial batch goes too. Memory is
+bounded by the decode queue and two batches, whatever the length of the input.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ._cuda_graph import CapturedCall
-from .engine import CAMEngine
+from .engine import CAMEngine, _class_index
 from .folding import fold_batchnorm
 from .localize import IMAGENET_MEAN, IMAGENET_STD, input_channels
 from .ops.boxes import boxes_from_packed, pack_results, packed_to_host
@@ -81,31 +83,52 @@ class VideoReadError(RuntimeError):
 @dataclass
 class DecodeReport:
     """What a stream delivered: frames decoded (by :func:`read_frames`), the count the container
-    announced, its frame rate, and the frames localized."""
+    announced, its frame rate, the frames localized, and whether a ``KeyboardInterrupt`` stopped it.
+    Frame indices count decoded frames: a frame the decoder skips (a corrupt packet) shifts the later
+    ones, and shows only as fewer frames read than announced (``truncated``)."""
 
     frames_read: int = 0
     frames_announced: int | None = None
     fps: float | None = None
     frames_processed: int = 0
+    interrupted: bool = False
 
     @property
     def truncated(self) -> bool:
         return self.frames_announced is not None and 0 < self.frames_read < self.frames_announced - 1
 
 
-def read_frames(source: str | int, report: DecodeReport | None = None) -> Iterator[np.ndarray]:
-    """Decode a video file (path) or a camera (index) with OpenCV: RGB ``uint8 [H, W, 3]`` frames.
+def _video_source(source: str | int | os.PathLike | bytes) -> str | int:
+    """A path (``str``, ``bytes`` or path-like), a URL (``rtsp://...``) or a camera index, as OpenCV takes it."""
+    if isinstance(source, (bool, np.bool_)) or not isinstance(source, (str, int, bytes, os.PathLike)):
+        raise TypeError(f"a video source is a path, a URL or a camera index, got {type(source).__name__}")
+    return int(source) if isinstance(source, int) else os.fsdecode(os.fspath(source))
+
+
+def read_frames(source: str | int | os.PathLike, report: DecodeReport | None = None) -> Iterator[np.ndarray]:
+    """Decode a video file (path), a stream (URL, e.g. ``rtsp://``) or a camera (index) with OpenCV: RGB
+    ``uint8 [H, W, 3]`` frames.
 
     Raises :class:`VideoReadError` when the source cannot be opened or yields no frame at all; a
     stream that breaks off after some frames stops cleanly at the last good one (``report`` then
-    says how many frames were read and how many the container announced).
+    says how many frames were read and how many the container announced). A file whose index comes
+    after its frames (MP4's ``moov`` atom, as most encoders write it) cannot be opened at all once cut
+    short; AVI and MKV files can.
     """
     cv2 = _require_cv2()
-    if isinstance(source, str) and not os.path.exists(source):
+    source = _video_source(source)
+    is_file = isinstance(source, str) and "://" not in source
+    if is_file and not os.path.exists(source):
         raise VideoReadError(f"video file not found: {source}")
+    if is_file and os.path.isdir(source):
+        raise VideoReadError(f"video source {source!r} is a directory")
     capture = cv2.VideoCapture(source)
     if not capture.isOpened():
-        raise VideoReadError(f"cannot open video source {source!r} (unsupported format or device)")
+        if isinstance(source, int):
+            raise VideoReadError(f"cannot open camera {source} (no such device, or it is in use)")
+        what = ("not a video OpenCV can decode, or an incomplete file (an MP4 cut short has no index and "
+                "cannot be opened)") if is_file else "the stream cannot be opened"
+        raise VideoReadError(f"cannot open video source {source!r}: {what}")
     report = report if report is not None else DecodeReport()
     announced = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
     report.frames_announced = announced if announced > 0 else None
@@ -125,17 +148,25 @@ def read_frames(source: str | int, report: DecodeReport | None = None) -> Iterat
 
 
 NOT_READY = object()  # prefetch(..., poll=True): the next frame is not decoded yet
+IDLE = object()  # prefetch(..., idle=t): no frame for t seconds
 
 
-def prefetch(frames: Iterable, depth: int, *, poll: bool = False, gate: threading.Event | None = None) -> Iterator:
+def prefetch(frames: Iterable, depth: int, *, poll: bool = False, idle: float | None = None,
+             gate: threading.Event | None = None) -> Iterator:
     """Iterate ``frames`` in a background thread, at most ``depth`` items ahead (decode overlaps compute).
 
     Exceptions of the producer are re-raised in the consumer, at the point they happened. With
     ``poll``, :data:`NOT_READY` is yielded (once) before waiting for an item that is not there yet, so
     that the consumer can do other work first (the stream hands out finished results instead of
-    holding them while a live source is slow). With ``gate``, the producer hands over the first item,
-    then waits for the gate to be set before it asks the source for the next one (the source stays
-    on the producer's thread throughout, with whatever thread-local state it sets).
+    holding them while a live source is slow); with ``idle`` too, :data:`IDLE` is yielded (once) when
+    that wait has lasted ``idle`` seconds (the stream then sends a partial batch). With ``gate``, the
+    producer hands over the first item, then waits for the gate to be set before it asks the source
+    for the next one (the source stays on the producer's thread throughout, with whatever
+    thread-local state it sets).
+
+    When the consumer stops early (a break, an error, Ctrl-C), the producer is told to stop and
+    waited for at most a second: a source stuck inside its ``next()`` (a frozen camera, a stalled
+    network stream) is left to its daemon thread rather than hanging the caller.
     """
     items: queue.Queue = queue.Queue(maxsize=max(1, depth))
     done = object()
@@ -165,7 +196,16 @@ def prefetch(frames: Iterable, depth: int, *, poll: bool = False, gate: threadin
         while True:
             if poll and items.empty():
                 yield NOT_READY
-            kind, value = items.get()
+                if idle is not None:
+                    try:
+                        kind, value = items.get(timeout=idle)
+                    except queue.Empty:
+                        yield IDLE
+                        kind, value = items.get()
+                else:
+                    kind, value = items.get()
+            else:
+                kind, value = items.get()
             if kind == "item":
                 yield value
             elif kind == "error":
@@ -174,7 +214,8 @@ def prefetch(frames: Iterable, depth: int, *, poll: bool = False, gate: threadin
                 return
     finally:
         stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
+        deadline = time.monotonic() + 1.0
+        while thread.is_alive() and time.monotonic() < deadline:  # unblock a producer waiting on a full queue
             try:
                 items.get_nowait()
             except queue.Empty:
@@ -185,12 +226,15 @@ def _as_hwc_uint8(frame, index: int) -> Tensor:
     """A frame as a CPU ``uint8 [H, W, 3]`` tensor.
 
     Accepted: numpy arrays or tensors, ``uint8 [H, W, C]`` (C = 1, 3, or 4 with the alpha dropped),
-    ``uint8 [H, W]`` (grey), float ``[C, H, W]`` (C = 1 or 3) or float ``[H, W]`` in ``[0, 1]``.
+    ``uint8 [C, H, W]`` (C = 1 or 3, torchvision's ``read_image`` layout: taken as such when the last
+    dimension cannot be channels), ``uint8 [H, W]`` (grey), float ``[C, H, W]`` (C = 1 or 3) or float
+    ``[H, W]`` in ``[0, 1]``.
     """
     if isinstance(frame, np.ndarray):
         frame = torch.from_numpy(np.ascontiguousarray(frame))
     if not isinstance(frame, Tensor):
         raise TypeError(f"frame {index}: expected a numpy array or a tensor, got {type(frame).__name__}")
+    frame = frame.detach()
     given = tuple(frame.shape)
     if frame.dim() not in (2, 3):
         raise ValueError(f"frame {index}: expected [H, W, C], [C, H, W] or [H, W], got shape {given}")
@@ -207,6 +251,8 @@ def _as_hwc_uint8(frame, index: int) -> Tensor:
             raise ValueError(f"frame {index}: a float frame holds values in [0, 1], got [{low:g}, {high:g}]"
                              + (" (0-255 data: pass it as uint8)" if high > 1.0 and high <= 255.0 else ""))
         frame = (frame * 255).round().to(torch.uint8)
+    if frame.dim() == 3 and frame.shape[0] in (1, 3) and frame.shape[2] not in (1, 3, 4):  # uint8 [C, H, W]
+        frame = frame.permute(1, 2, 0)
     if frame.dim() == 2:  # grey
         frame = frame[:, :, None]
     if frame.shape[2] == 4:  # RGBA: the alpha channel is not part of the picture the model sees
@@ -214,7 +260,8 @@ def _as_hwc_uint8(frame, index: int) -> Tensor:
     if frame.shape[2] == 1:
         frame = frame.expand(-1, -1, 3)
     if frame.shape[2] != 3 or frame.shape[0] < 1 or frame.shape[1] < 1:
-        raise ValueError(f"frame {index}: expected 1, 3 or 4 channels and a non-empty image, got shape {given}")
+        raise ValueError(f"frame {index}: expected uint8 [H, W, C] with 1, 3 or 4 channels (or [C, H, W] with 1 or 3) "
+                         f"and a non-empty image, got shape {given}")
     return frame
 
 
@@ -248,6 +295,9 @@ class VideoLocalizer:
         bf16: run the model under bfloat16 autocast.
         keep_cams: attach each frame's map to its result (for overlays).
         prefetch_frames: decode queue depth (frames decoded ahead of the compute).
+        max_wait: seconds without a new frame after which a partial batch goes to the device anyway
+            (a live camera between frames, a stalled stream), so that a frame's latency is bounded in
+            time as well as in frames; ``None``: a batch waits until it is full or the stream ends.
         cuda_graph: on CUDA, capture preprocessing + forward + backward to the target layer + CAM +
             PaS threshold once per batch shape and replay it (boxes are cut after the replay). Frames
             of one size in full batches replay; other batches run eagerly. Needs a model without
@@ -286,6 +336,7 @@ class VideoLocalizer:
         bf16: bool = False,
         keep_cams: bool = False,
         prefetch_frames: int = 32,
+        max_wait: float | None = 0.1,
         cuda_graph: bool = False,
         overlap_batches: bool | None = None,
         channels_last: bool = True,
@@ -294,6 +345,8 @@ class VideoLocalizer:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_wait is not None and not max_wait > 0:
+            raise ValueError(f"max_wait must be None or a positive number of seconds, got {max_wait!r}")
         if cuda_graph and engine_options.get("warn_degenerate"):
             raise ValueError("warn_degenerate=True reads the device on the host after every batch, which a CUDA "
                              "graph capture cannot do: leave it off with cuda_graph=True")
@@ -312,6 +365,7 @@ class VideoLocalizer:
         self.bf16 = bool(bf16)
         self.keep_cams = bool(keep_cams)
         self.prefetch_frames = int(prefetch_frames)
+        self.max_wait = None if max_wait is None else float(max_wait)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {self.device}")
@@ -449,6 +503,13 @@ class VideoLocalizer:
                 received are localized and yielded first.
             targets: a class index to explain in every frame (default: each frame's top-1).
         """
+        if isinstance(frames, (str, bytes, os.PathLike)):
+            raise TypeError(f"stream() takes frames, got the path {frames!r}: decode it with read_frames(path), "
+                            "or use localize_video(localizer, path)")
+        if targets is not None:
+            if _class_index(targets) is None:
+                raise TypeError(f"targets must be None or one class index for every frame, got {type(targets).__name__}")
+            targets = _class_index(targets)
         # Folding traces the model, which patches nn.Module.__call__ process-wide: the decode thread
         # holds the source back after the first frame until the fold on that frame is done (see
         # _fold_model), and the source itself never leaves the decode thread.
@@ -482,8 +543,14 @@ class VideoLocalizer:
             yield from drain()
 
         try:
-            for frame in prefetch(frames, self.prefetch_frames, poll=True, gate=gate):
+            for frame in prefetch(frames, self.prefetch_frames, poll=True, idle=self.max_wait, gate=gate):
                 if frame is NOT_READY:  # the source is slower than the device: hand out what is done
+                    yield from drain()
+                    continue
+                if frame is IDLE:  # no frame for max_wait seconds: the partial batch goes now
+                    if pending:
+                        batch, batch_first, pending, first = pending, first, [], index
+                        yield from submit(batch_first, batch)
                     yield from drain()
                     continue
                 hwc = _as_hwc_uint8(frame, index)
@@ -521,30 +588,47 @@ class _InFlight:
 
 def localize_video(
     localizer: VideoLocalizer,
-    source: str | int | Iterable,
+    source: str | int | os.PathLike | Iterable,
     *,
     out_video: str | None = None,
     out_jsonl: str | None = None,
     fps: float | None = None,
     display_scale: int = 1,
     on_frame: Callable[[FrameResult], None] | None = None,
+    max_frames: int | None = None,
+    report: DecodeReport | None = None,
 ) -> DecodeReport:
-    """Run ``localizer`` over a file, a camera index or an iterable of frames; optionally write an
+    """Run ``localizer`` over a file, a URL, a camera index or an iterable of frames; optionally write an
     annotated video (heatmap overlay + box) and one JSON line per frame.
 
-    Outputs are written to temporary files next to their targets and renamed when the stream ends,
-    so an interrupted run leaves complete files or none. ``display_scale`` enlarges the annotated
-    frames (nearest neighbour) for small inputs. Returns what the decoder reported.
+    Outputs are written to temporary files next to their targets (``*.partial*``) and renamed when the
+    stream ends, so a failed run leaves no file, and an interrupted one (``KeyboardInterrupt``: Ctrl-C,
+    or SIGTERM under the ``rethinkcam`` command) keeps what it finished: the video is closed (a playable
+    file with every frame written so far) and the JSON lines are complete; ``report.interrupted``
+    says so, then the interrupt goes on to the caller. Each JSON line is flushed as it is written;
+    ``out_jsonl="-"`` writes them to standard output instead. ``max_frames`` stops after that many
+    frames (a camera never ends on its own). ``display_scale`` enlarges the annotated frames (nearest
+    neighbour) for small inputs; the video's frames are padded to even sizes (what the MP4 encoder
+    takes) and later frames of another size are resized to the first one's. Returns what the decoder
+    reported (into ``report`` when one is given: the caller can read it after an interrupt too).
     """
     if display_scale < 1:
         raise ValueError(f"display_scale must be >= 1, got {display_scale}")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be None or >= 1, got {max_frames}")
     for name, path in (("out_video", out_video), ("out_jsonl", out_jsonl)):
-        if path is not None:
+        if path is not None and path != "-":
             _check_target(name, path)
+    if out_video is not None and out_jsonl is not None and out_jsonl != "-" and (
+            os.path.abspath(out_video) == os.path.abspath(out_jsonl)):
+        raise ValueError(f"out_video and out_jsonl are the same file: {out_video!r}")
     import json
+    import sys
 
-    report = DecodeReport()
-    frames = read_frames(source, report) if isinstance(source, (str, int)) else source
+    report = report if report is not None else DecodeReport()
+    frames = read_frames(source, report) if isinstance(source, (str, int, bytes, os.PathLike)) else source
+    if max_frames is not None:
+        frames = itertools.islice(frames, max_frames)
     if out_video is not None and not localizer.keep_cams:
         raise ValueError("writing a video needs the maps: create the VideoLocalizer with keep_cams=True")
     writer = None
@@ -552,6 +636,7 @@ def localize_video(
     jsonl = None
     cv2 = _require_cv2() if out_video is not None else None
     raw_frames: dict[int, np.ndarray] = {}
+    frame_size = None
 
     def remember(stream):  # keep the raw frames for the overlay until their result arrives
         for k, frame in enumerate(stream):
@@ -560,50 +645,74 @@ def localize_video(
                 raw_frames[k] = frame.numpy()
             yield frame
 
-    try:
-        if out_jsonl is not None:
-            temp_jsonl = out_jsonl + ".partial"
-            jsonl = open(temp_jsonl, "w", encoding="utf-8")
-        for result in localizer.stream(remember(frames)):
-            if out_video is not None:
-                image = overlay(raw_frames.pop(result.index), result.cam, result.box, display_scale)
-                if writer is None:
-                    temp_video = _temp_name(out_video)
-                    rate = fps or report.fps or 25.0
-                    writer = cv2.VideoWriter(temp_video, cv2.VideoWriter_fourcc(*"mp4v"), rate,
-                                             (image.shape[1], image.shape[0]))
-                    if not writer.isOpened():
-                        raise VideoReadError(f"cannot write video {out_video!r} (codec mp4v unavailable?)")
-                    frame_size = image.shape[:2]
-                if image.shape[:2] != frame_size:  # one container, one size: fit later frames to it
-                    image = cv2.resize(image, (frame_size[1], frame_size[0]), interpolation=cv2.INTER_AREA)
-                writer.write(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-            if jsonl is not None:
-                jsonl.write(json.dumps(result.as_json()) + "\n")
-            report.frames_processed += 1
-            if on_frame is not None:
-                on_frame(result)
-        if report.frames_processed == 0:  # an empty video is not a result: write nothing, say so
-            raise VideoReadError("the source gave no frames; nothing was written")
+    def finalize() -> None:  # close the outputs and give them their names
+        nonlocal writer, jsonl, temp_video, temp_jsonl
         if writer is not None:
             writer.release()
             writer = None
             os.replace(temp_video, out_video)
             temp_video = None
-        if jsonl is not None:
+        if jsonl is not None and jsonl is not sys.stdout:
             jsonl.close()
             jsonl = None
             os.replace(temp_jsonl, out_jsonl)
             temp_jsonl = None
+
+    try:
+        if out_jsonl == "-":
+            jsonl = sys.stdout
+        elif out_jsonl is not None:
+            temp_jsonl = out_jsonl + ".partial"
+            jsonl = open(temp_jsonl, "w", encoding="utf-8", buffering=1)  # (line-buffered: flushed per frame)
+        try:
+            for result in localizer.stream(remember(frames)):
+                if out_video is not None:
+                    image = overlay(raw_frames.pop(result.index), result.cam, result.box, display_scale)
+                    if writer is None:
+                        temp_video = _temp_name(out_video)
+                        rate = fps or report.fps or 25.0
+                        frame_size = (image.shape[0] + image.shape[0] % 2, image.shape[1] + image.shape[1] % 2)
+                        writer = cv2.VideoWriter(temp_video, cv2.VideoWriter_fourcc(*"mp4v"), rate,
+                                                 (frame_size[1], frame_size[0]))
+                        if not writer.isOpened():
+                            raise VideoReadError(f"cannot write video {out_video!r} (codec mp4v unavailable for "
+                                                 f"{os.path.splitext(out_video)[1] or 'a file without extension'}?)")
+                    writer.write(cv2.cvtColor(_fit(image, frame_size, cv2), cv2.COLOR_RGB2BGR))
+                if jsonl is not None:
+                    jsonl.write(json.dumps(result.as_json()) + "\n")
+                    if jsonl is sys.stdout:
+                        jsonl.flush()
+                report.frames_processed += 1
+                if on_frame is not None:
+                    on_frame(result)
+        except KeyboardInterrupt:
+            report.interrupted = True
+            if report.frames_processed:  # what is finished stays: a playable video, complete lines
+                finalize()
+            raise
+        if report.frames_processed == 0:  # an empty video is not a result: write nothing, say so
+            raise VideoReadError("the source gave no frames; nothing was written")
+        finalize()
     finally:
         if writer is not None:
             writer.release()
-        if jsonl is not None:
+        if jsonl is not None and jsonl is not sys.stdout:
             jsonl.close()
         for leftover in (temp_video, temp_jsonl):
             if leftover is not None and os.path.exists(leftover):
                 os.remove(leftover)
     return report
+
+
+def _fit(image: np.ndarray, size: tuple[int, int], cv2) -> np.ndarray:
+    """``image`` at the video's frame size ``(H, W)``: a frame one pixel smaller (the even padding of an
+    odd size) is padded with black at the bottom and right; one of another size is resized."""
+    height, width = image.shape[:2]
+    if (height, width) == size:
+        return image
+    if size[0] - height in (0, 1) and size[1] - width in (0, 1):
+        return cv2.copyMakeBorder(image, 0, size[0] - height, 0, size[1] - width, cv2.BORDER_CONSTANT, value=0)
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
 
 
 def _check_target(name: str, path: str) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+import time
+import warnings
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from conftest import requires_triton
 
 from rethinkcam_fast import CAMEngine
 from rethinkcam_fast.video import (
+    DecodeReport,
     VideoLocalizer,
     VideoReadError,
     localize_video,
@@ -189,7 +193,7 @@ def test_overlapped_batches_submit_the_next_batch_before_collecting_and_keep_the
 
     import rethinkcam_fast.video as video
 
-    monkeypatch.setattr(video, "prefetch", lambda items, depth, poll=False, gate=None: iter(items))
+    monkeypatch.setattr(video, "prefetch", lambda items, depth, poll=False, idle=None, gate=None: iter(items))
     results = list(localizer.stream(eager_source()))
     assert [(r.index, r.label, r.box, r.score) for r in results] == [(r.index, r.label, r.box, r.score) for r in sequential]
     assert events[:5] == [("submit", 0), ("submit", 2), ("collect", 0), ("submit", 4), ("collect", 2)]
@@ -211,7 +215,7 @@ def test_an_error_while_results_are_handed_out_never_repeats_a_frame(model, monk
     monkeypatch.setattr(localizer, "_collect", flaky)
     import rethinkcam_fast.video as video
 
-    monkeypatch.setattr(video, "prefetch", lambda items, depth, poll=False, gate=None: iter(items))
+    monkeypatch.setattr(video, "prefetch", lambda items, depth, poll=False, idle=None, gate=None: iter(items))
     seen = []
     with pytest.raises(RuntimeError, match="cutting the boxes failed"):
         for result in localizer.stream(random_frames(6)):
@@ -311,18 +315,39 @@ def test_a_long_stream_holds_a_bounded_number_of_frames(model, tmp_path):
     assert traced[400] - traced[100] < 300 * frame.nbytes // 4  # a frame kept per result would add 300 frames
 
 
-def test_interrupted_run_leaves_no_output(model, tmp_path):
+def test_interrupted_run_keeps_what_it_finished(model, tmp_path):
+    """Ctrl-C (a camera's only way to stop) keeps the frames done: a closed, playable video and complete
+    JSON lines, under their own names; interrupted before any frame, it leaves nothing."""
+    cv2 = pytest.importorskip("cv2")
     out_video, out_jsonl = str(tmp_path / "out.mp4"), str(tmp_path / "boxes.jsonl")
     localizer = VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=2, keep_cams=True)
 
-    def stop_after_three(result):
+    def stop_after_four(result):
         if result.index == 3:
             raise KeyboardInterrupt
 
+    report = DecodeReport()
     with pytest.raises(KeyboardInterrupt):
         localize_video(localizer, random_frames(10), out_video=out_video, out_jsonl=out_jsonl,
-                       on_frame=stop_after_three)
-    assert os.listdir(tmp_path) == []
+                       on_frame=stop_after_four, report=report)
+    assert report.interrupted and report.frames_processed == 4
+    assert sorted(os.listdir(tmp_path)) == ["boxes.jsonl", "out.mp4"]
+    lines = open(out_jsonl).read().splitlines()
+    assert [json.loads(line)["frame"] for line in lines] == [0, 1, 2, 3]
+    capture = cv2.VideoCapture(out_video)
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
+    capture.release()
+
+    def interrupted_source():
+        raise KeyboardInterrupt
+        yield
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        localize_video(localizer, interrupted_source(), out_video=str(empty / "out.mp4"),
+                       out_jsonl=str(empty / "b.jsonl"))
+    assert os.listdir(empty) == []
 
 
 def test_unreadable_and_truncated_sources(tmp_path, model):
@@ -603,9 +628,12 @@ def test_every_frame_form_becomes_the_same_rgb_frame():
     grey = torch.randint(0, 256, (20, 30), dtype=torch.uint8)
     rgb = grey[:, :, None].expand(-1, -1, 3)
     forms = [grey, grey.numpy(), grey[:, :, None], rgb.numpy(), torch.cat([rgb, torch.full((20, 30, 1), 7, dtype=torch.uint8)], 2),
-             grey.float() / 255, (grey.float() / 255)[None], (rgb.float() / 255).permute(2, 0, 1)]
-    for k, form in enumerate(forms):
-        assert torch.equal(_as_hwc_uint8(form, k), rgb), k
+             grey.float() / 255, (grey.float() / 255)[None], (rgb.float() / 255).permute(2, 0, 1),
+             rgb.permute(2, 0, 1), grey[None], (grey.float() / 255).requires_grad_()]  # uint8 CHW: read_image's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a frame that requires grad: no autograd warning)
+        for k, form in enumerate(forms):
+            assert torch.equal(_as_hwc_uint8(form, k), rgb), k
     for bad in (torch.rand(2, 20, 30), torch.rand(20, 30, 3), torch.zeros(20, 30, 2, dtype=torch.uint8),
                 torch.zeros(2, 3, 4, 5)):
         with pytest.raises(ValueError, match="frame 9"):
@@ -621,3 +649,104 @@ def test_a_frame_feeds_the_model_as_localize_feeds_an_image(model):
     got = localizer.preprocess(frame[None])
     want = preprocess(frame.permute(2, 0, 1), 32, normalize=True)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_stalled_source_neither_holds_a_partial_batch_nor_hangs_the_exit(model):
+    """A live source that stops delivering (a frozen camera): after max_wait seconds the frames
+    already received go out as a partial batch, and leaving the stream returns promptly although the
+    source is still stuck inside next()."""
+    resume = threading.Event()
+    frames = random_frames(3)
+
+    def stalling():
+        yield from frames
+        resume.wait(20)  # the camera hangs
+        yield from frames
+
+    localizer = VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=8, max_wait=0.05)
+    start, arrived = time.monotonic(), []
+    try:
+        for result in localizer.stream(stalling()):
+            arrived.append((result.index, time.monotonic() - start))
+            if result.index == 2:
+                break
+        left = time.monotonic() - start
+    finally:
+        resume.set()
+    assert [i for i, _ in arrived] == [0, 1, 2] and arrived[-1][1] < 10
+    assert left < 10  # (the consumer waits for the producer at most a second)
+    with pytest.raises(ValueError, match="max_wait"):
+        VideoLocalizer(model, "cam", max_wait=0)
+
+
+def test_stream_argument_errors(model):
+    localizer = VideoLocalizer(model, "cam", input_size=(32, 32))
+    with pytest.raises(TypeError, match="read_frames"):
+        next(localizer.stream("clip.mp4"))
+    with pytest.raises(TypeError, match="one class index for every frame"):
+        next(localizer.stream(random_frames(2), targets=[0, 1]))
+    assert next(localizer.stream(random_frames(2), targets=torch.tensor(1))).label == 1
+
+
+def test_localize_video_limits_pads_and_writes_json_to_stdout(model, tmp_path, capsys):
+    """max_frames stops a source early; odd-sized frames are padded to even sizes (not cropped by the
+    encoder); out_jsonl="-" writes the lines to standard output; one file for both is refused."""
+    cv2 = pytest.importorskip("cv2")
+    localizer = VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=2, keep_cams=True)
+    out = tmp_path / "odd.mp4"
+    report = localize_video(localizer, random_frames(9, height=41, width=53), out_video=str(out), out_jsonl="-",
+                            max_frames=5)
+    assert report.frames_processed == 5
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["frame"] for line in lines] == [0, 1, 2, 3, 4]
+    capture = cv2.VideoCapture(str(out))
+    ok, first = capture.read()
+    assert ok and first.shape[:2] == (42, 54) and int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 5
+    capture.release()
+    with pytest.raises(ValueError, match="same file"):
+        localize_video(localizer, random_frames(2), out_video=str(tmp_path / "a.mp4"), out_jsonl=str(tmp_path / "a.mp4"))
+
+
+def test_read_frames_sources_and_messages(tmp_path):
+    pytest.importorskip("cv2")
+    path = tmp_path / "clip.mp4"
+    write_video(str(path), random_frames(4))
+    assert len(list(read_frames(path))) == 4  # a Path
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # the index comes last: lost
+    with pytest.raises(VideoReadError, match="incomplete file"):
+        list(read_frames(str(cut)))
+    with pytest.raises(VideoReadError, match="is a directory"):
+        list(read_frames(str(tmp_path)))
+    with pytest.raises(TypeError, match="path, a URL or a camera index"):
+        list(read_frames(1.5))
+
+
+def test_cli_video_file_options(tmp_path, capsys):
+    """--frames stops a file early; --jsonl - prints the lines (the summary goes to stderr); --no-nwc;
+    a file named like a camera index is read as the file; bad --out names fail before any work."""
+    pytest.importorskip("cv2")
+    from rethinkcam_fast import cli
+
+    clip = tmp_path / "0"  # a file named like camera 0
+    write_video(str(tmp_path / "clip.mp4"), random_frames(6))
+    os.rename(tmp_path / "clip.mp4", clip)
+    model = "rethinkcam_fast.models:digits_cam_net"
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert cli.main(["video", "0", "--model", model, "--method", "cam", "--frames", "4", "--quiet",
+                         "--jsonl", "-"]) == 0
+        captured = capsys.readouterr()
+        assert [json.loads(line)["frame"] for line in captured.out.splitlines()] == [0, 1, 2, 3]
+        assert "4 frames" in captured.err
+        assert cli.main(["video", "0", "--model", model, "--method", "cam", "--no-nwc", "--quiet",
+                         "--jsonl", "plain.jsonl"]) == 0
+        capsys.readouterr()
+        assert len(open("plain.jsonl").read().splitlines()) == 6
+        for bad, message in ((["--out", "x.gif"], "ending in one of"), (["--out", "x.mp4", "--jsonl", "x.mp4"], "same file"),
+                             (["--no-nwc", "--jsonl", "y.jsonl"], "--method cam only")):
+            assert cli.main(["video", "0", "--model", model, *bad]) == 2
+            assert message in capsys.readouterr().err
+    finally:
+        os.chdir(cwd)
