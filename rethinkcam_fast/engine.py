@@ -195,6 +195,11 @@ def _class_index(value) -> int | None:
     if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
         return int(value)
     return None
+_NO_DOUBLE_BACKWARD = (
+    "method={method!r} with differentiable=True differentiates the model's gradient (create_graph=True): the "
+    "loss's backward is then a double backward, which a torch.compile'd model's backward cannot do (AOT autograd); "
+    "explain the uncompiled model, or take the CAM loss with method='cam' (rcf.class_activation_map on the "
+    "features), which needs no gradient")
 _UNCHECKED = object()  # (the pooling check not made yet)
 
 
@@ -289,6 +294,8 @@ class CAMEngine:
             raise ValueError(f"fuse must be one of {FUSE_MODES}, got {fuse!r}")
         if nwc and method != "cam":
             raise ValueError("nwc=True (negative weight clamping) applies to method='cam' only")
+        if differentiable and method != "cam" and type(model).__name__ == "OptimizedModule":  # torch.compile's wrapper
+            raise ValueError(_NO_DOUBLE_BACKWARD.format(method=method))
         if upsample not in UPSAMPLE_MODES:
             raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
         if upsample != "bilinear" and differentiable:
@@ -888,13 +895,15 @@ class CAMEngine:
         try:
             (grad,) = torch.autograd.grad(scores.sum(), activation, create_graph=self.differentiable)
         except RuntimeError as exc:
-            if "not have been used in the graph" not in str(exc):
-                raise
-            raise self._off_graph_error([layer]) from None
+            if "not have been used in the graph" in str(exc):
+                raise self._off_graph_error([layer]) from None
+            self._check_double_backward(exc)
+            raise
         if self.differentiable:  # plain PyTorch ops: the graph runs through the activation and its gradient
             def reduce(a, weights=None, grads=None, mode="channel", relu=True):
-                with torch.autocast(a.device.type, enabled=False):  # float32 sums, as the kernel's
-                    return weighted_map_reference(a, weights, grads, mode, relu)
+                # (float32 sums, as the kernel's; a float64 model keeps float64, as the differentiable ops)
+                return weighted_map_reference(a, weights, grads, mode, relu,
+                                              acc=torch.float64 if a.dtype == torch.float64 else torch.float32)
         else:
             activation = activation.detach()
 
@@ -910,7 +919,11 @@ class CAMEngine:
         if self.method == "fullycam":
             acts = [capture.activations[id(m)] for m in layers]
             on_graph = [a for a in acts if a.requires_grad]  # (a no_grad stem's outputs are not)
-            found = iter(torch.autograd.grad(scores.sum(), on_graph, create_graph=True, allow_unused=True))
+            try:
+                found = iter(torch.autograd.grad(scores.sum(), on_graph, create_graph=True, allow_unused=True))
+            except RuntimeError as exc:
+                self._check_double_backward(exc)
+                raise
             grads = [next(found) if a.requires_grad else None for a in acts]
             for module, grad in zip(layers, grads):
                 if grad is None:
@@ -964,6 +977,12 @@ class CAMEngine:
             "on the autograd graph of the logits (the model computes it under no_grad/inference_mode, or it is a "
             "torch.compile'd model, whose hooks see tensors outside the compiled graph); gradient methods need "
             "it: explain the uncompiled model, or use method='cam'")
+
+    def _check_double_backward(self, exc: RuntimeError) -> None:
+        """A clear error for a gradient that a compiled model's backward refuses to differentiate again
+        (``differentiable=True``: ``create_graph=True``); other errors are the caller's to re-raise."""
+        if "donated buffers" in str(exc) or "does not currently support double backward" in str(exc):
+            raise ValueError(_NO_DOUBLE_BACKWARD.format(method=self.method)) from None
 
     def _flm_layer_map(self, activation: Tensor, grad: Tensor) -> Tensor:
         """One layer's FLM map at feature resolution, ``sum_k relu(g) * relu(A)``, off the graph."""

@@ -4,6 +4,8 @@ mode is unchanged."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,6 +79,7 @@ def test_cam_loss_backpropagates_into_the_parameters_as_autograd_does(method, fu
     images = images_for(2).double()
     params = [p for p in model.parameters()]
     result = engine(model, method, fuse, differentiable=True, backend="reference", boxes=False)(images, targets=torch.tensor([0, 3, 1]))
+    assert result.cams.dtype == torch.float64
     weights = torch.rand(result.cams.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     got = torch.autograd.grad((result.cams * weights).sum(), params, allow_unused=True)
     want = torch.autograd.grad(oracle_loss(model, method, images, result.labels, weights, fuse), params,
@@ -86,8 +89,7 @@ def test_cam_loss_backpropagates_into_the_parameters_as_autograd_does(method, fu
         if w is None or not w.any():
             assert g is None or not g.any()
             continue
-        # The engine's Grad-CAM weights are float32 by design (its maps are float32); the ops keep float64.
-        assert_close_scaled(g, w, 1e-6 if method == "gradcam" else 1e-9)
+        assert_close_scaled(g, w, 1e-9)  # (float64 throughout: a float64 model's maps are float64)
         reached += 1
     assert reached >= len(params) - 1  # every parameter but the classifier bias moves the map
 
@@ -259,3 +261,14 @@ def test_a_stand_in_input_only_when_a_frozen_target_needs_it():
             torch.testing.assert_close(result.cams.detach(), plain.cams, atol=1e-5, rtol=0)
     finally:
         hook.remove()
+
+
+def test_a_compiled_model_with_a_gradient_cam_loss_gets_a_clear_error():
+    """differentiable=True makes the loss's backward a double backward, which a torch.compile'd model's
+    backward cannot do (AOT autograd): said at construction ("cam" needs no gradient: allowed)."""
+    compiled = torch.compile(make(SmallCNN))  # (lazy: nothing compiles here)
+    for method in ("gradcam", "fullycam"):
+        with pytest.raises(ValueError, match="double backward"):
+            engine(compiled, method, differentiable=True)
+    engine(compiled, "cam", differentiable=True)
+    engine(compiled, "gradcam")  # (without differentiable=True, no second backward)

@@ -80,20 +80,20 @@ def gradient_channel_weights_reference(a: Tensor, g: Tensor, mode: str) -> Tenso
 
 def weighted_map_reference(
     activations: Tensor, weights: Tensor | None = None, grads: Tensor | None = None,
-    mode: str = "channel", relu: bool = True,
+    mode: str = "channel", relu: bool = True, acc: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Pure-PyTorch ``M[N, h, w]`` in float32 (see the module docstring for the modes), summed in
-    float32 under autocast too."""
+    """Pure-PyTorch ``M[N, h, w]`` in ``acc`` (float32; float64 for the differentiable engine's float64
+    models; see the module docstring for the modes), summed in ``acc`` under autocast too."""
     with autocast_off(activations):
-        a = activations.float()
+        a = activations.to(acc)
         if mode in GRADIENT_WEIGHT_MODES:
-            weights = gradient_channel_weights_reference(a, grads.float(), mode)
+            weights = gradient_channel_weights_reference(a, grads.to(acc), mode)
         if mode in ("channel", *GRADIENT_WEIGHT_MODES):
-            m = torch.einsum("nk,nkhw->nhw", weights.float(), a)
+            m = torch.einsum("nk,nkhw->nhw", weights.to(acc), a)
         elif mode == "layercam":
-            m = (relu_nan_to_zero(grads.float()) * a).sum(dim=1)
+            m = (relu_nan_to_zero(grads.to(acc)) * a).sum(dim=1)
         else:
-            m = (relu_nan_to_zero(grads.float()) * relu_nan_to_zero(a)).sum(dim=1)
+            m = (relu_nan_to_zero(grads.to(acc)) * relu_nan_to_zero(a)).sum(dim=1)
         return m.relu() if relu else m
 
 
