@@ -11,7 +11,11 @@ reaches the features and the classifier weights in the same backward as the cros
 For every seed it trains the same TAP model with and without the term (same data, same
 initialisation) and evaluates both like the ablation: plain CAM with NWC at the protocol's
 thresholds on the test split (MaxBoxAccV2, MaxBoxAcc, Top-1 Loc), plus classification accuracy.
-AMP (bf16) and channels_last on CUDA; ``--compile`` compiles the whole loss.
+AMP (bf16) and channels_last on CUDA. ``--compile`` passes the loss function through ``torch.compile``
+(the model's forward is traced inside it): with ``--loss area`` as one graph; with ``--loss shift`` the
+random shift is drawn on the host (``torch.randint`` with a generator, then ``int()``), a graph break that splits the loss into two
+graphs (and can recompile as the shifts change).
+All options are checked before any work (``argparse`` errors, exit code 2).
 
     python examples/train_with_cam_loss.py                          # 3 seeds, shift loss, the README's numbers
     python examples/train_with_cam_loss.py --loss area --weight 0.5 --seeds 0 1 2
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -32,7 +37,7 @@ from torch import Tensor, nn
 from rethinkcam_fast import class_activation_map
 from rethinkcam_fast.datasets import ClutteredDigitsConfig, generate_cluttered_digits
 from rethinkcam_fast.models import DigitsCAMNet
-from rethinkcam_fast.training import TrainOptions, cross_entropy_loss, train_model
+from rethinkcam_fast.training import TrainOptions, cross_entropy_loss, resolve_device, train_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 from ablation import evaluate_row  # noqa: E402  (the ablation's metrics, same protocol)
@@ -60,18 +65,55 @@ def cam_loss_fn(kind: str, weight: float, generator: torch.Generator):
     return loss_fn
 
 
-def main() -> int:
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if value < 0:  # (numpy's generators take non-negative seeds only)
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _weight(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):  # (NaN fails both)
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, all checked here, before any data is generated or any model trained."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--loss", choices=["shift", "area"], default="shift")
-    parser.add_argument("--weight", type=float, default=1.0, help="weight of the CAM term")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--train-size", type=int, default=2000)
-    parser.add_argument("--test-size", type=int, default=500)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--weight", type=_weight, default=1.0, help="weight of the CAM term, finite, >= 0 (default: 1)")
+    parser.add_argument("--seeds", type=_seed, nargs="+", default=[0, 1, 2], help="non-negative (default: 0 1 2)")
+    parser.add_argument("--epochs", type=_positive_int, default=4, help="(default: 4)")
+    parser.add_argument("--train-size", type=_positive_int, default=2000, help="training canvases (default: 2000)")
+    parser.add_argument("--test-size", type=_positive_int, default=500, help="test canvases (default: 500)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the loss function (see above)")
     parser.add_argument("--json", help="also write the per-seed numbers here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    try:
+        resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json):
+            parser.error(f"--json {args.json}: is a directory; give a file name")
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            parser.error(f"--json {args.json}: the folder {folder} does not exist or is not writable")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     runs = []
     start = time.perf_counter()

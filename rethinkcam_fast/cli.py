@@ -88,15 +88,22 @@ def _fail(exc: Exception | str, made: list[str] | None = None) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .datasets import ClutteredDigitsConfig, generate_cluttered_digits, write_wsol_dataset
+    from .datasets import DATASET_NAME, ClutteredDigitsConfig, generate_cluttered_digits, write_wsol_dataset
     from .training import TrainOptions, resolve_device, train_digits_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     made: list[str] = []
+    data_out_made: list[str] = []
     try:  # everything that can be wrong with the arguments fails here, before the data and the training
         resolve_device(args.device)
         made = check_output_file(args.out)
+        if args.data_out:  # a writable folder, and its dataset folder (written into) not a file
+            dataset_dir = os.path.join(args.data_out, DATASET_NAME)
+            for folder, what in ((args.data_out, "exists"), (dataset_dir, f"{dataset_dir} exists")):
+                if os.path.exists(folder) and not os.path.isdir(folder):
+                    raise ValueError(f"--data-out {args.data_out}: {what} and is not a directory")
+            data_out_made = _writable_folder(args.data_out, f"--data-out {args.data_out}", "it", "the directory")
         if args.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {args.seed}")
         if args.tau is not None and args.pool != "tap":
@@ -110,6 +117,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         options = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                device=args.device, amp=not args.no_amp, compile=args.compile)
     except ValueError as exc:
+        _remove_if_empty(data_out_made)
         return _fail(exc, made)
     splits = generate_cluttered_digits(data)
     if args.data_out:
@@ -219,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     train.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
     train.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
-    train.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train.add_argument("--compile", action="store_true",
+                       help="torch.compile the training loss function (the model's forward is traced inside it)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=_cmd_train)
 
@@ -264,16 +273,21 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("rethinkcam: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, _Terminated)
+        print(f"rethinkcam: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)  # the shell's convention: 143, 130
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, unwound like Ctrl-C (the commands' cleanup runs the same way)."""
+
+
 def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+    raise _Terminated
 
 
 if __name__ == "__main__":

@@ -153,7 +153,9 @@ def state_dict_of(payload: Mapping[str, Any], path: str) -> dict[str, Tensor]:
 def load_state_into(model: nn.Module, state: Mapping[str, Tensor], path: str) -> nn.Module:
     """``model.load_state_dict(state, strict=True)`` with a readable error for another architecture."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    # (TAP's tau entry may be absent: files from before it was recorded load, the TAP keeping its own)
+    missing = [k for k in own if k not in state and not (
+        k.endswith("_extra_state") and isinstance(model.get_submodule(k.rpartition(".")[0]), TAP))]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
                   if k in state and state[k].shape != v.shape]

@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TextIO
 
 import torch
@@ -28,7 +28,9 @@ class TrainOptions:
     """Optimisation settings (AdamW; linear warm-up then cosine decay of the learning rate).
 
     ``device="auto"`` picks CUDA when available. ``amp`` (bf16 autocast) and ``channels_last`` apply on
-    CUDA only unless ``channels_last_on_cpu``; ``compile`` wraps the model in ``torch.compile``.
+    CUDA only (:func:`applied_options` gives what a run on a device really uses); ``compile`` wraps the
+    training objective, ``loss_fn(model, images, labels)``, in ``torch.compile``: the model's forward is
+    traced inside it, the backward compiled through AOTAutograd, the optimizer step stays eager.
     """
 
     epochs: int = 6
@@ -58,6 +60,14 @@ class TrainReport:
     train_loss: list[float] = field(default_factory=list)
     val_accuracy: list[float] = field(default_factory=list)
     device: str = "cpu"
+
+
+def applied_options(options: TrainOptions, device: torch.device) -> TrainOptions:
+    """``options`` as a run on ``device`` applies them: the resolved device, and ``amp`` /
+    ``channels_last`` off unless it is a CUDA device. Checkpoints record this, not the request."""
+    on_cuda = device.type == "cuda"
+    return replace(options, device=str(device), amp=options.amp and on_cuda,
+                   channels_last=options.channels_last and on_cuda)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -147,18 +157,21 @@ def train_model(model: nn.Module, train: CanvasSet, options: TrainOptions, val: 
 
     ``loss_fn(model, images, labels) -> scalar`` is the objective (cross-entropy by default; e.g. plus a
     CAM term through :func:`rethinkcam_fast.class_activation_map`, see ``examples/train_with_cam_loss.py``);
-    with ``options.compile`` it is compiled together with the model.
+    with ``options.compile`` it is passed through ``torch.compile`` (which traces the model's forward
+    inside it).
 
     The training canvases are moved to the device once. After every epoch: validation accuracy (if
-    ``val``), and an atomic checkpoint at ``checkpoint_path`` (``DigitsCAMNet`` only). Returns the model
-    in ``eval()`` mode, moved back to the CPU.
+    ``val``), and an atomic checkpoint at ``checkpoint_path`` (``DigitsCAMNet`` only) whose ``meta`` is
+    ``checkpoint_meta`` plus ``options`` (:func:`applied_options`: what this run applied), ``threads``
+    (``torch.get_num_threads()``), ``epoch``, ``train_loss`` and ``val_accuracy``. Returns the model in
+    ``eval()`` mode, moved back to the CPU.
     """
     if checkpoint_path is not None and not isinstance(model, DigitsCAMNet):
         raise TypeError(f"checkpoints are written for DigitsCAMNet only, got {type(model).__name__}")
     device = resolve_device(options.device)
+    applied = applied_options(options, device)
     torch.manual_seed(options.seed)
-    channels_last = options.channels_last and device.type == "cuda"
-    use_amp = options.amp and device.type == "cuda"
+    channels_last, use_amp = applied.channels_last, applied.amp
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -195,8 +208,9 @@ def train_model(model: nn.Module, train: CanvasSet, options: TrainOptions, val: 
             stats["val_acc"] = accuracy
         bar.close(**stats)
         if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, model, {**(checkpoint_meta or {}), "epoch": epoch + 1,
-                                                     "train_loss": report.train_loss, "val_accuracy": report.val_accuracy})
+            save_checkpoint(checkpoint_path, model, {
+                **(checkpoint_meta or {}), "options": asdict(applied), "threads": torch.get_num_threads(),
+                "epoch": epoch + 1, "train_loss": report.train_loss, "val_accuracy": report.val_accuracy})
     report.seconds = time.perf_counter() - start
     report.images_per_second = options.epochs * len(train) / report.seconds
     report.model = model.to("cpu", memory_format=torch.contiguous_format).eval()
@@ -209,8 +223,8 @@ def train_digits_model(pool: str = "tap", tau: float = 0.1, widths: tuple[int, i
                        progress: bool = True) -> TrainReport:
     """Generate cluttered digits (``data``, or use ``splits``) and train a :class:`DigitsCAMNet` on them.
 
-    The checkpoint's ``meta`` records the data config, the options and the final validation accuracy,
-    so a shipped file says how it was made.
+    The checkpoint's ``meta`` records the data config, the options as applied (see :func:`train_model`),
+    the thread count, the torch version and the losses and accuracies, so a shipped file says how it was made.
     """
     options = options or TrainOptions()
     data = data or ClutteredDigitsConfig()
@@ -218,9 +232,9 @@ def train_digits_model(pool: str = "tap", tau: float = 0.1, widths: tuple[int, i
     torch.manual_seed(options.seed)
     model = DigitsCAMNet(pool=pool, tau=tau, widths=widths)
     meta = {"data": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(data).items()},
-            "options": asdict(options), "torch": str(torch.__version__)}
+            "torch": str(torch.__version__)}
     return train_model(model, splits["train"], options, splits.get("val"), checkpoint_path, meta, progress)
 
 
-__all__ = ["ProgressBar", "TrainOptions", "TrainReport", "classify", "cross_entropy_loss", "resolve_device",
-           "train_digits_model", "train_model"]
+__all__ = ["ProgressBar", "TrainOptions", "TrainReport", "applied_options", "classify", "cross_entropy_loss",
+           "resolve_device", "train_digits_model", "train_model"]

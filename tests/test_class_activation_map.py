@@ -272,3 +272,28 @@ def test_gradcheck_float64_on_gpu():
         return class_activation_map(f, w, labels.cuda(), True, (9, 11), backend="triton")
 
     assert torch.autograd.gradcheck(fn, (features, weight))
+
+
+@pytest.mark.parametrize("name", ["nwc", "normalize"])
+@pytest.mark.parametrize("value", ["no", "False", 0, 1, None, torch.tensor(True)])
+def test_flags_must_be_real_bools(name, value):
+    """bool() of any value would turn nwc="no" into NWC and normalize="False" into normalising."""
+    features, weight, labels = make_inputs((2, 3, 4, 4), 5, torch.float32)
+    with pytest.raises(TypeError, match=f"{name} must be a bool"):
+        class_activation_map(features, weight, labels, **{name: value})
+
+
+def test_numpy_bools_are_accepted_as_flags():
+    import numpy as np
+
+    features, weight, labels = make_inputs((2, 3, 4, 4), 5, torch.float32)
+    got = class_activation_map(features, weight, labels, nwc=np.bool_(True), normalize=np.False_)
+    torch.testing.assert_close(got, class_activation_map(features, weight, labels, nwc=True, normalize=False))
+
+
+def test_out_of_range_labels_error_names_the_values():
+    features, weight, labels = make_inputs((6, 3, 4, 4), 5, torch.float32)
+    with pytest.raises(ValueError, match=r"out of range for 5 classes .*valid labels 0\.\.4\): labels\[1\] = 5$"):
+        class_activation_map(features, weight, torch.tensor([0, 5, 1, 2, 3, 4]))
+    with pytest.raises(ValueError, match=r"labels\[0\] = -1, labels\[2\] = 7, labels\[3\] = 9 \(4 in all\)$"):
+        class_activation_map(features, weight, torch.tensor([-1, 0, 7, 9, 1, 5]))

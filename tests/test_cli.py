@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+
 import pytest
 
 from rethinkcam_fast import cli
@@ -114,6 +119,17 @@ def test_an_interrupted_command_ends_with_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_cmd_info", interrupted)
     assert cli.main(["info"]) == 130
     assert capsys.readouterr().err.strip() == "rethinkcam: interrupted"
+
+    if threading.current_thread() is not threading.main_thread():  # (no handler: SIGTERM would end the run)
+        pytest.skip("signal handlers need the main thread")
+
+    def terminated(_args):  # SIGTERM, as the handler main() installs delivers it
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # (the handler raises in the main thread before this returns)
+
+    monkeypatch.setattr(cli, "_cmd_info", terminated)
+    assert cli.main(["info"]) == 143
+    assert capsys.readouterr().err.strip() == "rethinkcam: terminated"
 
 
 def test_iou_thresholds_given_as_fractions_are_refused(capsys):

@@ -498,3 +498,13 @@ def test_the_forward_state_is_released_by_the_backward_and_a_second_backward_rec
     second = torch.autograd.grad(cams, acts, grad_out)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_fuse_must_be_a_string():
+    import numpy as np
+
+    a, g = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    for fuse in (np.array("sum"), None, ["sum"]):
+        with pytest.raises(TypeError, match="fuse must be a str"):
+            flm_fuse([a], [g], (8, 8), fuse=fuse)
+    torch.testing.assert_close(flm_fuse([a], [g], (8, 8), fuse=np.str_("max")), flm_fuse([a], [g], (8, 8), fuse="max"))

@@ -168,3 +168,102 @@ def test_a_checkpoint_records_the_pool_the_model_has_now(tmp_path):
     save_checkpoint(str(tmp_path / "c.pt"), model)
     loaded = load_checkpoint(str(tmp_path / "c.pt"))[0]
     assert isinstance(loaded.pool, TAP) and loaded.pool.tau == 0.3
+
+
+class SqueezeExcitation(nn.Module):
+    """The structure of torchvision.ops.SqueezeExcitation (MobileNetV3, EfficientNet, RegNetY): the pooled
+    vector gates the block's own input."""
+
+    def __init__(self, channels: int, squeezed: int) -> None:
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, squeezed, 1)
+        self.fc2 = nn.Conv2d(squeezed, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(self.avgpool(x)))))
+
+
+class MobileNetV3Style(nn.Module):
+    def __init__(self, head_pool: nn.Module) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Hardswish(), SqueezeExcitation(16, 4),
+                                      nn.Conv2d(16, 16, 3, padding=1), nn.Hardswish())
+        self.avgpool = head_pool
+        self.classifier = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def _tap_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, TAP)]
+
+
+def test_replace_gap_leaves_squeeze_and_excitation_pools_alone():
+    torch.manual_seed(0)
+    model = MobileNetV3Style(nn.AdaptiveAvgPool2d(1))
+    x = torch.randn(2, 3, 10, 10)
+    features = model.features(x)
+    assert replace_gap_with_tap(model, 0.2) is model
+    assert _tap_names(model) == ["avgpool"]
+    assert type(model.features[2].avgpool) is nn.AdaptiveAvgPool2d
+    torch.testing.assert_close(model.features(x), features)  # the attention is unchanged
+    torch.testing.assert_close(model(x), model.classifier(rethinkcam_fast.tap(features, 0.2)))
+
+
+def test_replace_gap_with_only_se_pools_and_a_fixed_window_head_raises():
+    model = MobileNetV3Style(nn.AvgPool2d(10))
+    with pytest.raises(ValueError, match=r"no global average pool.*skipped 1 .*features\.2\.avgpool.*names=.*"
+                                         r"avgpool is an nn\.AvgPool2d"):
+        replace_gap_with_tap(model)
+    assert _tap_names(model) == []  # nothing swapped
+
+
+def test_replace_gap_names_swaps_exactly_the_given_pools():
+    model = MobileNetV3Style(nn.AdaptiveAvgPool2d(1))
+    replace_gap_with_tap(model, 0.3, names=["features.2.avgpool"])  # an SE pool, on request
+    assert _tap_names(model) == ["features.2.avgpool"] and model.features[2].avgpool.tau == 0.3
+    assert type(model.avgpool) is nn.AdaptiveAvgPool2d
+    model = TimmStyle(fast=True)
+    replace_gap_with_tap(model, names=iter(["global_pool.pool"]))
+    assert _tap_names(model) == ["global_pool.pool"] and model.global_pool.pool.flatten
+
+
+@pytest.mark.parametrize("names, error, message", [
+    (["fc2"], ValueError, r"names: MobileNetV3Style has no module 'fc2'"),
+    (["features.9.avgpool"], ValueError, r"no module 'features\.9\.avgpool'"),
+    (["classifier"], ValueError, r"names: 'classifier' is Linear.*not a global average pool"),
+    (["avgpool", "features.0"], ValueError, r"'features\.0' is Conv2d"),
+    ([""], ValueError, "the model itself"),
+    ([], ValueError, "names is empty"),
+    ("avgpool", TypeError, "iterable of module names"),
+    ([3], TypeError, "module names"),
+])
+def test_replace_gap_names_errors(names, error, message):
+    model = MobileNetV3Style(nn.AdaptiveAvgPool2d(1))
+    with pytest.raises(error, match=message):
+        replace_gap_with_tap(model, names=names)
+    assert _tap_names(model) == []  # all names checked before any swap
+
+
+@pytest.mark.parametrize("class_name, attention", [
+    ("SqueezeExcitation", True), ("SqueezeExcite", True), ("SEModule", True), ("EffectiveSEModule", True),
+    ("SELayer", True), ("_SE", True), ("se_block", True), ("EcaModule", True), ("eca_layer", True),
+    ("ChannelAttention", True), ("ChannelGate", True), ("CBAM", True),
+    ("SENet", False), ("SEResNet", False), ("SqueezeNet", False), ("ResNet", False), ("Sequential", False),
+    ("SelectAdaptivePool2d", False), ("ClassifierHead", False), ("Bottleneck", False), ("Sequence", False),
+])
+def test_channel_attention_block_naming_rule(class_name, attention):
+    from rethinkcam_fast.modules import is_channel_attention_block
+
+    block = type(class_name, (nn.Module,), {})()
+    assert is_channel_attention_block(block) is attention
+    holder = type(class_name, (nn.Module,), {})()
+    holder.pool = nn.AdaptiveAvgPool2d(1)
+    model = nn.Sequential(holder, nn.Flatten())
+    if attention:
+        with pytest.raises(ValueError, match="skipped 1"):
+            replace_gap_with_tap(model)
+    else:
+        assert _tap_names(replace_gap_with_tap(model)) == ["0.pool"]

@@ -214,3 +214,101 @@ def test_custom_loss_with_a_differentiable_cam_term(tiny_splits):
     for name, value in plain.items():
         torch.testing.assert_close(zero[name], value, rtol=1e-5, atol=1e-6)  # CE + 0 x term == CE
     assert any(not torch.allclose(area[name], value) for name, value in plain.items() if value.is_floating_point())
+
+
+def test_checkpoint_records_the_options_as_applied(tmp_path, tiny_splits):
+    """On the CPU neither bf16 autocast nor channels_last is applied: the checkpoint must say so, with
+    the resolved device and the thread count."""
+    from rethinkcam_fast.training import applied_options
+
+    path = str(tmp_path / "m.pt")
+    options = TrainOptions(epochs=1, batch_size=32, seed=3, device="auto", amp=True, channels_last=True)
+    train_digits_model("tap", 0.1, (4, 8, 8), options, TINY_DATA, {"train": tiny_splits["train"].subset(32)}, path,
+                       progress=False)
+    meta = load_checkpoint(path)[1]
+    assert meta["options"]["device"] == "cpu" and meta["options"]["amp"] is False
+    assert meta["options"]["channels_last"] is False and meta["threads"] == torch.get_num_threads()
+    assert TrainOptions(**meta["options"]) == applied_options(options, torch.device("cpu"))
+    on_gpu = applied_options(options, torch.device("cuda", 0))
+    assert on_gpu.amp and on_gpu.channels_last and on_gpu.device == "cuda:0"
+    assert "channels_last_on_cpu" not in TrainOptions.__doc__
+
+
+def _cli_error(argv, capsys) -> tuple[int, str]:
+    from rethinkcam_fast import cli
+
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_train_cli_data_out_errors_come_before_any_work(tmp_path, capsys, monkeypatch):
+    from rethinkcam_fast import datasets
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the data was generated before the arguments were checked")
+
+    monkeypatch.setattr(datasets, "generate_cluttered_digits", no_work)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    out = tmp_path / "new" / "m.pt"
+    train = ["train", "--out", str(out), "--epochs", "1", "--train-size", "8", "--quiet"]
+    code, err = _cli_error([*train, "--data-out", str(a_file)], capsys)
+    assert code == 2 and err == f"rethinkcam: error: --data-out {a_file}: exists and is not a directory\n"
+    assert not (tmp_path / "new").exists()  # the --out folder it made is removed again
+    blocked = tmp_path / "data"
+    blocked.mkdir()
+    (blocked / "ClutteredDigits").write_text("x")
+    code, err = _cli_error([*train, "--data-out", str(blocked)], capsys)
+    assert code == 2 and "ClutteredDigits exists and is not a directory" in err
+    code, err = _cli_error([*train, "--data-out", str(a_file / "sub")], capsys)
+    assert code == 2 and err.startswith(f"rethinkcam: error: --data-out {a_file / 'sub'}: cannot create it")
+    code, err = _cli_error([*train, "--data-out", str(tmp_path / "fresh"), "--seed", "-1"], capsys)
+    assert code == 2 and "--seed must be >= 0" in err
+    assert not (tmp_path / "fresh").exists()  # the --data-out folder it made is removed again
+
+
+def test_train_cli_help_says_what_compile_compiles(capsys):
+    from rethinkcam_fast import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "torch.compile the training loss function" in text and "torch.compile the model" not in text
+
+
+def _example():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_with_cam_loss.py"
+    spec = importlib.util.spec_from_file_location("train_with_cam_loss", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train-size", "0"], "argument --train-size: must be a positive integer, got 0"),
+    (["--test-size", "0"], "argument --test-size: must be a positive integer, got 0"),
+    (["--epochs", "0"], "argument --epochs: must be a positive integer, got 0"),
+    (["--weight", "nan"], "argument --weight: must be a finite number >= 0, got nan"),
+    (["--weight", "inf"], "argument --weight: must be a finite number >= 0, got inf"),
+    (["--seeds", "0", "-1"], "argument --seeds: must be a non-negative integer, got -1"),
+    (["--device", "tpu"], "--device tpu: not a device"),
+    (["--json", "."], "--json .: is a directory"),
+    (["--json", "/no/such/folder/x.json"], "--json /no/such/folder/x.json: the folder /no/such/folder does not exist"),
+])
+def test_example_checks_its_options_before_any_work(argv, message, capsys, monkeypatch):
+    example = _example()
+    monkeypatch.setattr(example, "generate_cluttered_digits", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(SystemExit) as exit_info:
+        example.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_example_docstring_does_not_claim_a_whole_graph_for_the_shift_loss():
+    doc = " ".join(_example().__doc__.split())
+    assert "compiles the whole loss" not in doc and "graph break" in doc

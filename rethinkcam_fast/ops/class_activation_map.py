@@ -23,6 +23,7 @@ product plus an einsum: one pass each already) and the epilogue runs in C++ (``c
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -328,7 +329,20 @@ def _check_cam_args(features, weight, labels) -> None:
     elif n and not torch.compiler.is_compiling():
         low, high = torch.stack(torch.aminmax(labels)).tolist()
         if low < 0 or high >= weight.shape[0]:
-            raise ValueError(f"labels out of range for {weight.shape[0]} classes (weight has {weight.shape[0]} rows)")
+            classes = weight.shape[0]
+            bad = ((labels < 0) | (labels >= classes)).nonzero().flatten()
+            first = bad[:3]
+            shown = ", ".join(f"labels[{i}] = {v}" for i, v in zip(first.tolist(), labels[first].tolist()))
+            more = f" ({len(bad)} in all)" if len(bad) > 3 else ""
+            raise ValueError(f"labels out of range for {classes} classes (weight has {classes} rows; valid labels "
+                             f"0..{classes - 1}): {shown}{more}")
+
+
+def _check_flag(name: str, value: object) -> bool:
+    """``value`` as a Python bool; only ``bool`` and ``numpy.bool_`` are accepted (``bool("no")`` is True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def class_activation_map(
@@ -351,15 +365,17 @@ def class_activation_map(
     Returns:
         ``Tensor[N, H, W]``, float32 (float64 when an input is float64).
     Raises:
-        TypeError: a non-tensor, non-floating ``features``/``weight``, non-integer ``labels``.
+        TypeError: a non-tensor, non-floating ``features``/``weight``, non-integer ``labels``; ``nwc`` or
+            ``normalize`` not a bool (Python or numpy).
         ValueError: wrong ranks or mismatched shapes, ``labels`` out of range (checked with one device
             sync; not under ``torch.compile``; during a CUDA graph capture a device-side assert instead),
             bad ``output_size``.
     """
     _check_cam_args(features, weight, labels)
+    nwc, normalize = _check_flag("nwc", nwc), _check_flag("normalize", normalize)
     size = output_size_arg(output_size, features.shape[2:])
     check_backend(backend)
-    return class_activation_map_with_flags(features, weight, labels.long(), bool(nwc), size, bool(normalize), backend)[0]
+    return class_activation_map_with_flags(features, weight, labels.long(), nwc, size, normalize, backend)[0]
 
 
 def class_activation_map_with_flags(

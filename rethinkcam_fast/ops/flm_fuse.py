@@ -289,13 +289,16 @@ def flm_fuse(
         ``Tensor[N, H, W]`` in ``[0, 1]``, float32 (float64 when an input is float64). A constant or
         non-finite layer map contributes zeros (and gets zero gradient); a constant fused map is zeros.
     Raises:
-        TypeError: non-list arguments, non-tensor or non-floating layers, bad ``output_size`` types.
+        TypeError: non-list arguments, non-tensor or non-floating layers, bad ``output_size`` types, a
+            non-string ``fuse``.
         ValueError: empty or unequal lists, mismatched shapes or batches, bad ``fuse`` / ``output_size``.
     """
     _check_flm_args(activations, gradients)
     if output_size is None:
         raise TypeError("output_size must be a pair (H, W) of ints, got None")
     size = output_size_arg(output_size, (0, 0))
+    if not isinstance(fuse, str):  # (a tensor or array would make `in` compare elementwise)
+        raise TypeError(f"fuse must be a str, one of {FUSE_MODES}, got {type(fuse).__name__}")
     if fuse not in FUSE_MODES:
         raise ValueError(f"fuse must be one of {FUSE_MODES}, got {fuse!r}")
     check_backend(backend)
