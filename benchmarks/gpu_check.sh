@@ -23,7 +23,10 @@
 # (the level sweep box kernel, the CUDA weighted_map kernel, CAMEngine.graphed, video's packed
 # transfer and overlapping batches; then the split PaS histogram, Grad-CAM/Grad-CAM++ weights inside
 # the map kernel, GraphedCAM's one-copy boxes, video's NCHW row and batch 256; then the launch cache
-# (every Triton launch), batch-norm folding and its video rows, the diffcam ours-triton-launch rows).
+# (every Triton launch), batch-norm folding and its video rows, the diffcam ours-triton-launch rows; then
+# position blocks on grid axis 0 (grid_pair) in the weighted-map, channel-reduce, FLM-backward and
+# TAP-backward kernels, fuse_maps without FMA contraction, captures on a stream of the example's device,
+# upsample="bicubic", and the per-image non-finite-score flag: the CUDA tests cover all of them).
 # Planned for the next session, as two back-to-back calls (peer wheels carried: bash
 # benchmarks/peer_wheels.sh, carry benchmarks/peer_wheels):
 #   STAGES="build tests sanitize bench" SUITES="boxes evaluate cam" DEADLINE=560 TESTS_BOX=150 BOX_SANITIZE=60

@@ -134,6 +134,8 @@ def run_video_command(args: argparse.Namespace) -> int:
         report = DecodeReport()
 
         def on_frame(result) -> None:
+            if bar.total is None and report.frames_announced:  # a file: its announced length, for an ETA
+                bar.total = min(report.frames_announced, args.frames or report.frames_announced)
             bar.update(1)
             if gt_boxes is not None:
                 iou = float(box_iou_matrix(torch.tensor([result.box]), torch.from_numpy(gt_boxes[result.index][None]))[0, 0])
