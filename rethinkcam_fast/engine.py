@@ -603,11 +603,12 @@ class CAMEngine:
             else:  # (PyTorch's interpolation: the epilogue kernels are bilinear)
                 cams, degenerate = fuse_maps_reference(maps, size, self.fuse, self.upsample)
         # A map explaining a non-finite score (NaN logits: a NaN in the image) is zeros and flagged,
-        # whatever the method: the NaN policy of LayerCAM's and Fully-CAM's ReLUs (NaN -> 0) can leave
-        # such a map finite and plausible-looking. (No host sync: three elementwise ops.)
-        finite = torch.isfinite(scores.detach())
-        cams = cams * finite[:, None, None]
-        degenerate = degenerate | ~finite
+        # whatever the method: the NaN policy of Fully-CAM's ReLUs (NaN -> 0) can leave such a map finite
+        # and plausible-looking. (No host sync, five aten ops: y - y is 0 exactly when y is finite.)
+        scored = scores.detach()
+        bad = (scored - scored).ne(0)
+        cams = cams.masked_fill(bad.view(-1, 1, 1), 0)
+        degenerate = degenerate | bad
         if self.warn_degenerate:
             _warn_degenerate(degenerate, stacklevel=3 + depth)
         layer_maps = None
