@@ -46,7 +46,7 @@ class CAMResult:
         cams: ``Tensor[N, H, W]`` float32 in ``[0, 1]``, on the input's device; attached to the graph
             with ``differentiable=True``.
         degenerate: ``BoolTensor[N]``, images whose map was constant or non-finite, or whose target score
-            was (returned as zeros).
+            was (their ``cams`` are zeros; ``layer_maps`` are left as computed).
         layer_maps: per-layer maps at feature resolution (``{name: Tensor[N, h, w]}``), on request.
         boxes: ``LongTensor[N, 4]`` (x0, y0, x1, y1) of the largest contour above the PaS threshold
             (``None`` with ``boxes=False``); ``[0, 0, 0, 0]`` for an empty mask.
@@ -201,6 +201,7 @@ _NO_DOUBLE_BACKWARD = (
     "explain the uncompiled model, or take the CAM loss with method='cam' (rcf.class_activation_map on the "
     "features), which needs no gradient")
 _UNCHECKED = object()  # (the pooling check not made yet)
+_UNDECIDED_IN_TRAINING = object()  # (the pooling check, in train() mode: settled by the first eval()-mode call)
 
 
 def _trains(module: nn.Module) -> bool:
@@ -553,14 +554,16 @@ class CAMEngine:
         if self.method == "cam" and logits.shape[0]:
             key = (size, id(layers[0]), id(classifier))
             better = self._pooling.get(key, _UNCHECKED)
-            if better is _UNCHECKED:
+            training = self._training()
+            if (better is _UNCHECKED or (better is _UNDECIDED_IN_TRAINING and not training)) and not (
+                    logits.is_cuda and torch.cuda.is_current_stream_capturing()):  # (no host sync in a capture)
                 better = self._check_pooling(layers[0], capture.activations[id(layers[0])], logits, classifier,
-                                             images, may_move=self._find_target and pooled is None,
+                                             images, training, may_move=self._find_target and pooled is None,
                                              stacklevel=4 + depth)
-                if better is _UNCHECKED:  # (this batch could not tell: a later call checks again)
-                    better = None
-                else:
+                if better is not _UNCHECKED:  # (_UNCHECKED: this batch could not tell; a later call checks)
                     self._pooling[key] = better
+            if better is _UNCHECKED or better is _UNDECIDED_IN_TRAINING:
+                better = None
             if better is not None and pooled is None and self._find_target:
                 # The default target, moved to the output the classifier pools (also where another
                 # thread's first call at this size stored the unmoved one meanwhile).
@@ -607,7 +610,9 @@ class CAMEngine:
         # and plausible-looking. (No host sync, five aten ops: y - y is 0 exactly when y is finite.)
         scored = scores.detach()
         bad = (scored - scored).ne(0)
-        cams = cams.masked_fill(bad.view(-1, 1, 1), 0)
+        if bad.device != cams.device:  # (a model split over devices: the head's scores, the target's maps)
+            bad = bad.to(cams.device)
+        cams = cams.masked_fill(bad.view(-1, 1, 1), 0) if self.differentiable else cams.masked_fill_(bad.view(-1, 1, 1), 0)
         degenerate = degenerate | bad
         if self.warn_degenerate:
             _warn_degenerate(degenerate, stacklevel=3 + depth)
@@ -732,7 +737,7 @@ class CAMEngine:
             "pass classifier= (an nn.Linear, or a 1x1 nn.Conv2d) or target_layers=")
 
     def _check_pooling(self, target: nn.Module, activation: Tensor, logits: Tensor, classifier: nn.Module,
-                       images: Tensor, may_move: bool, stacklevel: int):
+                       images: Tensor, training: bool, may_move: bool, stacklevel: int):
         """``"cam"``, once per input size, target and classifier: the CAM is ``W`` times the target layer's output,
         which is the classifier's view of the logits only if the forward pools that very output into it
         — a global average, or a :class:`TAP` of the model (the CAM itself is then still taken from the
@@ -742,23 +747,17 @@ class CAMEngine:
         target, whose output it does pool (one more forward). With ``may_move`` (a default target)
         that module is returned, to be the target; otherwise warn, naming it when there is one.
 
-        In ``train()`` mode (dropout and batch statistics make the call's own logits no exact
-        reference) the check runs on that one more forward, made in ``eval()`` mode, the modules'
-        modes restored after. Images with non-finite logits are left out; returns ``_UNCHECKED`` when
-        the batch cannot tell (no image left, or the extra forward failed), for a later call to check."""
+        Images with non-finite logits are left out; ``_UNCHECKED`` when none is left (a later call
+        checks). In ``train()`` mode a match in the call's own forward settles it too, but a mismatch may
+        be dropout's (or a batch statistic's) doing: ``_UNDECIDED_IN_TRAINING``, no extra forward and no
+        warning (an extra forward would update batch-norm statistics, or need the shared model switched
+        to ``eval()``); the first ``eval()``-mode call decides."""
         from .modules import TAP
         from .ops.tap import tap
 
         taus = sorted({float(m.tau) for m in self.model.modules() if isinstance(m, TAP)})
-        channels = activation.shape[1]
-        run = None
-        if self._training():
-            run = self._recorded_forward(images, channels, eval_mode=True)
-            if run is None or run[0].get(id(target), (0, None, None))[2] is None:
-                return _UNCHECKED
-            activation, logits = run[0][id(target)][2], run[1]
         with torch.no_grad(), autocast_off(activation):  # (no cast of the weights: a captured call reads none)
-            weight = self._classifier_weight(classifier, channels, logits.shape[1]).float()
+            weight = self._classifier_weight(classifier, activation.shape[1], logits.shape[1]).float()
             bias = getattr(classifier, "bias", None)
             bias = None if bias is None else bias.detach().float()
             want = logits.detach().float()
@@ -772,19 +771,20 @@ class CAMEngine:
 
         def error(output: Tensor) -> float:  # max |classifier(pool of output) - logits|, the closest pool's
             with torch.no_grad(), autocast_off(output):
-                x = output.detach().float()[finite]
+                x = output.detach().float()[finite.to(output.device)]
                 best = float("inf")
                 for pooled in [x.mean(dim=(2, 3))] + [tap(x, tau) for tau in taus]:
-                    pooled = pooled @ weight.T
-                    pooled = pooled if bias is None else pooled + bias
+                    pooled = pooled.to(want.device) @ weight.T.to(want.device)
+                    pooled = pooled if bias is None else pooled + bias.to(want.device)
                     best = min(best, float((pooled - want).abs().max()))
                 return best
 
         off = error(activation)
         if off <= tolerance:
             return None
-        run = run or self._recorded_forward(images, channels)
-        pooled_layer = None if run is None else self._pooled_layer(run[0], target, error, tolerance)
+        if training:
+            return _UNDECIDED_IN_TRAINING
+        pooled_layer = self._pooled_layer(images, target, weight.shape[1], error, tolerance)
         if may_move and pooled_layer is not None:
             return pooled_layer
         advice = (f"pass target_layers={self.layer_name(pooled_layer)!r}, whose output it pools" if pooled_layer
@@ -797,13 +797,13 @@ class CAMEngine:
             RuntimeWarning, stacklevel=stacklevel)
         return None
 
-    def _recorded_forward(self, images: Tensor, channels: int, eval_mode: bool = False):
-        """One more forward (no grad; in ``eval()`` mode with ``eval_mode``, each module's mode restored
-        after) recording each module's last run: ``({id: (order, module, output)}, logits)``, the output
-        kept only when 4-D with ``channels`` channels over a spatial extent; None when the forward fails
-        (a ScriptModule refuses hooks; memory; the model's own error on a second run: the check is
-        advice, not the call's work)."""
-        last: dict[int, tuple[int, nn.Module, Tensor | None]] = {}
+    def _pooled_layer(self, images: Tensor, target: nn.Module, channels: int, error, tolerance: float):
+        """The module whose output the classifier pools: among the modules whose last run finishes
+        after the target's, with a 4-D output of ``channels`` channels that varies over a spatial
+        extent, the last one whose pool the classifier turns into the logits (so the outermost of
+        modules sharing that tensor: a block rather than its final ReLU); or None, also when the extra
+        forward (eval mode, no grad) fails (the check is advice, not the call's work)."""
+        last: dict[int, tuple[int, nn.Module, Tensor | None]] = {}  # a module's last run: (order, module, output)
         thread, counter = threading.get_ident(), itertools.count()
 
         def record(module, inputs, output) -> None:
@@ -813,30 +813,18 @@ class CAMEngine:
                     and output.shape[2] * output.shape[3] > 1)
             last[id(module)] = (next(counter), module, output if keep else None)
 
-        handles, modes = [], [(m, m.training) for m in self.model.modules()] if eval_mode else []
+        handles = []
         try:
             for m in self.model.modules():  # (one by one: a module refusing hooks must not orphan the others')
                 if m is not self.model:
                     handles.append(m.register_forward_hook(record))
-            if eval_mode:
-                self.model.eval()
             with torch.no_grad():
-                logits = self._logits_of(self.model(images.detach()))
-        except Exception:
+                self._logits_of(self.model(images.detach()))
+        except Exception:  # (a ScriptModule refuses hooks; memory; the model's own error on a second run)
             return None
         finally:
             for handle in handles:
                 handle.remove()
-            for m, mode in modes:
-                m.training = mode
-        return last, logits
-
-    @staticmethod
-    def _pooled_layer(last: dict, target: nn.Module, error, tolerance: float) -> nn.Module | None:
-        """The module whose output the classifier pools, from a recorded forward: among the modules
-        whose last run finishes after the target's, with a kept output that varies over its pixels, the
-        last one whose pool the classifier turns into the logits (so the outermost of modules sharing
-        that tensor: a block rather than its final ReLU); or None."""
         if id(target) not in last:
             return None
         after = last[id(target)][0]

@@ -123,7 +123,8 @@ def replace_gap_with_tap(model: nn.Module, tau: float = 0.1, *, names: Iterable[
     fixed-window ``nn.AvgPool2d(k)`` head, and ``nn.AdaptiveAvgPool2d((7, 7))`` (torchvision VGG: not
     a global pool). Replace such a pool with ``nn.AdaptiveAvgPool2d(1)`` first.
 
-    By default every recognised pool is swapped except those whose parent module is a
+    By default every recognised pool is swapped except those whose parent module (not the model
+    itself: a classifier named ``AttentionCNN`` keeps its head pool) is a
     squeeze-and-excitation / channel-attention block (:func:`is_channel_attention_block`: torchvision's
     ``SqueezeExcitation`` in MobileNetV3, EfficientNet and RegNetY, ...): there the pooled vector drives
     an attention that rescales the features, and TAP would change that attention, not the classifier's
@@ -149,8 +150,8 @@ def replace_gap_with_tap(model: nn.Module, tau: float = 0.1, *, names: Iterable[
                 flatten = None if child is None else _is_global_avg_pool(child)
                 if flatten is None:
                     continue
-                if is_channel_attention_block(parent):
-                    skipped.append(f"{parent_name}.{name}" if parent_name else name)
+                if parent_name and is_channel_attention_block(parent):  # (never the model itself: AttentionCNN)
+                    skipped.append(f"{parent_name}.{name}")
                 else:
                     targets.append((parent, name, flatten))
         if not targets:

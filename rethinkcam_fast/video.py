@@ -26,7 +26,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -83,7 +83,9 @@ class VideoReadError(RuntimeError):
 @dataclass
 class DecodeReport:
     """What a stream delivered: frames decoded (by :func:`read_frames`), the count the container
-    announced, its frame rate, the frames localized, and whether a ``KeyboardInterrupt`` stopped it.
+    announced, its frame rate, the frames localized, whether a ``KeyboardInterrupt`` stopped it, and
+    the output files :func:`localize_video` left on disk (``*.partial*`` ones when a second interrupt
+    came while the first one's outputs were being closed).
     Frame indices count decoded frames: a frame the decoder skips (a corrupt packet) shifts the later
     ones, and shows only as fewer frames read than announced (``truncated``)."""
 
@@ -92,6 +94,7 @@ class DecodeReport:
     fps: float | None = None
     frames_processed: int = 0
     interrupted: bool = False
+    written: list[str] = field(default_factory=list)  # output files on disk (localize_video), in order
 
     @property
     def truncated(self) -> bool:
@@ -166,7 +169,8 @@ def prefetch(frames: Iterable, depth: int, *, poll: bool = False, idle: float | 
 
     When the consumer stops early (a break, an error, Ctrl-C), the producer is told to stop and
     waited for at most a second: a source stuck inside its ``next()`` (a frozen camera, a stalled
-    network stream) is left to its daemon thread rather than hanging the caller.
+    network stream) is left to its daemon thread rather than hanging the caller (so that generator
+    cannot be iterated again until its ``next()`` returns).
     """
     items: queue.Queue = queue.Queue(maxsize=max(1, depth))
     done = object()
@@ -298,6 +302,8 @@ class VideoLocalizer:
         max_wait: seconds without a new frame after which a partial batch goes to the device anyway
             (a live camera between frames, a stalled stream), so that a frame's latency is bounded in
             time as well as in frames; ``None``: a batch waits until it is full or the stream ends.
+            With ``cuda_graph``, partial batches run eagerly: for a source slower than
+            ``1 / max_wait`` frames a second, raise it or pass ``None`` to keep replaying full batches.
         cuda_graph: on CUDA, capture preprocessing + forward + backward to the target layer + CAM +
             PaS threshold once per batch shape and replay it (boxes are cut after the replay). Frames
             of one size in full batches replay; other batches run eagerly. Needs a model without
@@ -616,6 +622,8 @@ def localize_video(
         raise ValueError(f"display_scale must be >= 1, got {display_scale}")
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be None or >= 1, got {max_frames}")
+    if out_video == "-":
+        raise ValueError("out_video '-': a video is written to a file (out_jsonl='-' writes the JSON lines to stdout)")
     for name, path in (("out_video", out_video), ("out_jsonl", out_jsonl)):
         if path is not None and path != "-":
             _check_target(name, path)
@@ -634,6 +642,8 @@ def localize_video(
     writer = None
     temp_video = temp_jsonl = None
     jsonl = None
+    to_stdout = out_jsonl == "-"
+    keep_partials = False  # (after an interrupt: a second one must not delete what the first kept)
     cv2 = _require_cv2() if out_video is not None else None
     raw_frames: dict[int, np.ndarray] = {}
     frame_size = None
@@ -651,15 +661,17 @@ def localize_video(
             writer.release()
             writer = None
             os.replace(temp_video, out_video)
+            report.written.append(out_video)
             temp_video = None
-        if jsonl is not None and jsonl is not sys.stdout:
+        if jsonl is not None and not to_stdout:
             jsonl.close()
             jsonl = None
             os.replace(temp_jsonl, out_jsonl)
+            report.written.append(out_jsonl)
             temp_jsonl = None
 
     try:
-        if out_jsonl == "-":
+        if to_stdout:
             jsonl = sys.stdout
         elif out_jsonl is not None:
             temp_jsonl = out_jsonl + ".partial"
@@ -680,7 +692,7 @@ def localize_video(
                     writer.write(cv2.cvtColor(_fit(image, frame_size, cv2), cv2.COLOR_RGB2BGR))
                 if jsonl is not None:
                     jsonl.write(json.dumps(result.as_json()) + "\n")
-                    if jsonl is sys.stdout:
+                    if to_stdout:
                         jsonl.flush()
                 report.frames_processed += 1
                 if on_frame is not None:
@@ -688,6 +700,7 @@ def localize_video(
         except KeyboardInterrupt:
             report.interrupted = True
             if report.frames_processed:  # what is finished stays: a playable video, complete lines
+                keep_partials = True  # (a second interrupt inside finalize leaves the *.partial files)
                 finalize()
             raise
         if report.frames_processed == 0:  # an empty video is not a result: write nothing, say so
@@ -696,11 +709,14 @@ def localize_video(
     finally:
         if writer is not None:
             writer.release()
-        if jsonl is not None and jsonl is not sys.stdout:
+        if jsonl is not None and not to_stdout:
             jsonl.close()
         for leftover in (temp_video, temp_jsonl):
             if leftover is not None and os.path.exists(leftover):
-                os.remove(leftover)
+                if keep_partials:
+                    report.written.append(leftover)
+                else:
+                    os.remove(leftover)
     return report
 
 

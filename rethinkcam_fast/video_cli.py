@@ -149,8 +149,8 @@ def run_video_command(args: argparse.Namespace) -> int:
                            max_frames=None if args.demo else args.frames, report=report)
         except KeyboardInterrupt:
             bar.close()
-            kept = [p for p in (args.out, args.jsonl) if p and p != "-"] if report.frames_processed else []
-            say(f"rethinkcam video: interrupted after {report.frames_processed} frames"  # (what localize_video kept)
+            kept = [path for path in report.written if os.path.exists(path)]  # (what localize_video left)
+            say(f"rethinkcam video: interrupted after {report.frames_processed} frames"
                 + (f"; kept {', '.join(kept)}" if kept else ""), flush=True)
             raise
         finally:

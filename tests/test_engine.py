@@ -750,18 +750,29 @@ def test_cam_default_target_is_the_pooled_output_with_gap_or_tap(tau):
         CAMEngine(model, "cam", "2", boxes=False)(images)
 
 
-def test_cam_default_target_is_the_same_in_train_and_eval_mode():
-    """A CAM loss in a training loop: the first call, in train() mode, already finds the pooled
-    output (checked on one more forward in eval() mode), and every module's mode is restored."""
+def test_cam_pooling_check_in_train_mode_runs_no_extra_forward():
+    """A CAM loss in a training loop: in train() mode the check uses the call's own forward only (an
+    extra one would update batch-norm statistics, or need the shared model switched to eval()): a
+    match settles it, a mismatch (dropout or batch statistics may explain it) waits for the first
+    eval()-mode call, whose answer train-mode calls then use."""
     model = _conv_bn_relu_head(0.1).train()
-    model[1].eval()  # (a module in eval() inside a train() model keeps its own mode)
     engine = CAMEngine(model, "cam", differentiable=True, boxes=False)
     engine(images_for(size=16)).cams.sum().backward()
+    assert int(model[3].num_batches_tracked) == 1  # one forward
+    assert engine.target_layers == [model[2]]  # (the conv before the batch norm: not decided in training)
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    engine(images_for(size=16))
     assert engine.target_layers == [model[4]]
-    assert model.training and model[3].training and not model[1].training
-    evaluated = CAMEngine(model.eval(), "cam", boxes=False)
-    evaluated(images_for(size=16))
-    assert evaluated.target_layers == [model[4]]
+    model.train()
+    engine(images_for(size=16))
+    assert engine.target_layers == [model[4]] and int(model[3].num_batches_tracked) == 2
+    matching = _conv_bn_relu_head().train()  # the default's output is what is pooled: settled in training
+    engine = CAMEngine(matching, "cam", target_layers=[matching[4]], differentiable=True, boxes=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine(images_for(size=16))
+    assert list(engine._pooling.values()) == [None]
 
 
 def test_cam_pooling_check_leaves_out_images_with_non_finite_logits():

@@ -212,6 +212,15 @@ def test_replace_gap_leaves_squeeze_and_excitation_pools_alone():
     torch.testing.assert_close(model(x), model.classifier(rethinkcam_fast.tap(features, 0.2)))
 
 
+def test_a_model_named_like_an_attention_block_keeps_its_head_pool_swappable():
+    """The rule looks at the pool's parent module, never at the model itself (AttentionCNN, SEResNeXt50)."""
+    for class_name in ("AttentionCNN", "SEResNeXt50"):
+        model = type(class_name, (nn.Sequential,), {})(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                                       nn.Linear(4, 2))
+        replace_gap_with_tap(model)
+        assert _tap_names(model) == ["1"], class_name
+
+
 def test_replace_gap_with_only_se_pools_and_a_fixed_window_head_raises():
     model = MobileNetV3Style(nn.AvgPool2d(10))
     with pytest.raises(ValueError, match=r"no global average pool.*skipped 1 .*features\.2\.avgpool.*names=.*"

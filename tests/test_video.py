@@ -331,12 +331,28 @@ def test_interrupted_run_keeps_what_it_finished(model, tmp_path):
         localize_video(localizer, random_frames(10), out_video=out_video, out_jsonl=out_jsonl,
                        on_frame=stop_after_four, report=report)
     assert report.interrupted and report.frames_processed == 4
-    assert sorted(os.listdir(tmp_path)) == ["boxes.jsonl", "out.mp4"]
+    assert sorted(os.listdir(tmp_path)) == ["boxes.jsonl", "out.mp4"] and report.written == [out_video, out_jsonl]
     lines = open(out_jsonl).read().splitlines()
     assert [json.loads(line)["frame"] for line in lines] == [0, 1, 2, 3]
     capture = cv2.VideoCapture(out_video)
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
     capture.release()
+
+    # A second Ctrl-C while the first one's outputs are being closed: they stay, as *.partial files.
+    twice = tmp_path / "twice"
+    twice.mkdir()
+
+    def interrupted_rename(*args):
+        raise KeyboardInterrupt
+
+    report = DecodeReport()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "replace", interrupted_rename)
+        with pytest.raises(KeyboardInterrupt):
+            localize_video(localizer, random_frames(10), out_video=str(twice / "out.mp4"),
+                           out_jsonl=str(twice / "b.jsonl"), on_frame=stop_after_four, report=report)
+    assert sorted(os.listdir(twice)) == ["b.jsonl.partial", "out.partial.mp4"]
+    assert sorted(report.written) == sorted(str(twice / name) for name in os.listdir(twice))
 
     def interrupted_source():
         raise KeyboardInterrupt

@@ -93,7 +93,8 @@ def flm_reduce_backward_triton(grad_maps: Tensor, activation: Tensor, gradient: 
     n, k, h, w = activation.shape
     block_k, block_s = _tile_config(k, h * w, a_ss)
     acc = acc_dtype(activation, gradient)
-    # (image, position block) on axis 0 (grid_pair): position blocks outgrow axis 2's 65,535 at 2048²
+    # (image, position block) on axis 0 (grid_pair): position blocks outgrow axis 2's 65,535 at 2048²;
+    # the channel blocks, on axis 1, now run after the position blocks (the order only, not the results)
     launch(_flm_reduce_bwd_kernel, (n * cdiv(h * w, block_s), cdiv(k, block_k)),
         grad_maps.to(acc).contiguous(), a, g, d_act, d_grad, n, k, h * w,
         a_sn, a_sk, a_ss, g_sn, g_sk, g_ss, da_sn, da_sk, da_ss, dg_sn, dg_sk, dg_ss,
