@@ -317,6 +317,7 @@ class CAMEngine:
         # moves to (a default target whose output the classifier does not pool), or None.
         self._pooling: dict[tuple, nn.Module | None] = {}
         self._warned_training = False
+        self._warned_unconfirmed = False  # ("cam"'s pooling check undecided in train() mode: said once)
         # The modules whose behaviour depends on train()/eval() (the training-mode warning reads these).
         self._mode_modules = [m for m in model.modules()
                               if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))]
@@ -780,11 +781,25 @@ class CAMEngine:
                 return best
 
         off = error(activation)
-        if off <= tolerance:
+        # TAP keeps only values above tau * max > 0, so it pools a map and its ReLU alike: a default
+        # target with negative values may have a ReLU after it (wsolevaluation's VGG: conv6, ReLU, pool)
+        # whose output is what is pooled; looked for as for a mismatch.
+        relu_blind = bool(taus) and may_move and bool((activation < 0).any())
+        if off <= tolerance and not relu_blind:
             return None
         if training:
+            if may_move and not self._warned_unconfirmed:
+                self._warned_unconfirmed = True
+                warnings.warn(
+                    f"method='cam' in train() mode: the default target {self.layer_name(target)!r} is not confirmed as "
+                    "the output the classifier pools (dropout and batch statistics change a train-mode forward; a "
+                    "ReLU or batch norm after the layer changes what is pooled), and checking needs one more forward: "
+                    "the first eval()-mode call does it and may move the default target; for a CAM loss in training, "
+                    "pass target_layers= the module whose output is pooled", RuntimeWarning, stacklevel=stacklevel)
             return _UNDECIDED_IN_TRAINING
         pooled_layer = self._pooled_layer(images, target, weight.shape[1], error, tolerance)
+        if off <= tolerance:  # (TAP, matched at the target already: a ReLU after it, if any)
+            return pooled_layer if pooled_layer is not None and pooled_layer is not target else None
         if may_move and pooled_layer is not None:
             return pooled_layer
         advice = (f"pass target_layers={self.layer_name(pooled_layer)!r}, whose output it pools" if pooled_layer

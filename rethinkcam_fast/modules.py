@@ -105,12 +105,14 @@ def is_channel_attention_block(module: nn.Module) -> bool:
     ``squeeze``, ``excite``, ``excitation``, ``attention``, ``attn``, ``gate``, ``gating``, ``cbam``
     (torchvision ``SqueezeExcitation``, timm ``SqueezeExcite`` / ``SEModule`` / ``EffectiveSEModule`` /
     ``EcaModule``, ``SELayer``, CBAM's ``ChannelAttention`` / ``ChannelGate``), unless the name contains
-    ``net`` (a whole network such as ``SENet`` or ``SqueezeNet``, whose pool is the head's).
+    ``net`` (a whole network such as ``SENet`` or ``SqueezeNet``, whose pool is the head's) or the module
+    holds more than four convolutions and linear layers (an attention block holds two or three; a
+    network, e.g. an ``AttentionCNN`` inside a wrapper, holds its whole backbone).
     """
     name = type(module).__name__
-    if "net" in name.lower():
+    if "net" in name.lower() or not any(word.lower() in _ATTENTION_WORDS for word in _NAME_WORDS.findall(name)):
         return False
-    return any(word.lower() in _ATTENTION_WORDS for word in _NAME_WORDS.findall(name))
+    return sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules()) <= 4
 
 
 def replace_gap_with_tap(model: nn.Module, tau: float = 0.1, *, names: Iterable[str] | None = None) -> nn.Module:

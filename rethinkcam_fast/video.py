@@ -19,9 +19,10 @@ bounded by the decode queue and two batches, whatever the length of the input.
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import os
 import queue
+import signal
 import threading
 import time
 import warnings
@@ -96,9 +97,12 @@ class DecodeReport:
     interrupted: bool = False
     written: list[str] = field(default_factory=list)  # output files on disk (localize_video), in order
 
+    limited: bool = False  # (localize_video's max_frames stopped the stream: not a truncation)
+
     @property
     def truncated(self) -> bool:
-        return self.frames_announced is not None and 0 < self.frames_read < self.frames_announced - 1
+        return (not self.limited and self.frames_announced is not None
+                and 0 < self.frames_read < self.frames_announced - 1)
 
 
 def _video_source(source: str | int | os.PathLike | bytes) -> str | int:
@@ -636,7 +640,7 @@ def localize_video(
     report = report if report is not None else DecodeReport()
     frames = read_frames(source, report) if isinstance(source, (str, int, bytes, os.PathLike)) else source
     if max_frames is not None:
-        frames = itertools.islice(frames, max_frames)
+        frames = _limited(frames, max_frames, report)
     if out_video is not None and not localizer.keep_cams:
         raise ValueError("writing a video needs the maps: create the VideoLocalizer with keep_cams=True")
     writer = None
@@ -689,12 +693,15 @@ def localize_video(
                         if not writer.isOpened():
                             raise VideoReadError(f"cannot write video {out_video!r} (codec mp4v unavailable for "
                                                  f"{os.path.splitext(out_video)[1] or 'a file without extension'}?)")
-                    writer.write(cv2.cvtColor(_fit(image, frame_size, cv2), cv2.COLOR_RGB2BGR))
-                if jsonl is not None:
-                    jsonl.write(json.dumps(result.as_json()) + "\n")
-                    if to_stdout:
-                        jsonl.flush()
-                report.frames_processed += 1
+                    image = cv2.cvtColor(_fit(image, frame_size, cv2), cv2.COLOR_RGB2BGR)
+                with _signals_deferred():  # (a frame's video frame and JSON line: both, or neither)
+                    if writer is not None:
+                        writer.write(image)
+                    if jsonl is not None:
+                        jsonl.write(json.dumps(result.as_json()) + "\n")
+                        if to_stdout:
+                            jsonl.flush()
+                    report.frames_processed += 1
                 if on_frame is not None:
                     on_frame(result)
         except KeyboardInterrupt:
@@ -718,6 +725,32 @@ def localize_video(
                 else:
                     os.remove(leftover)
     return report
+
+
+def _limited(frames: Iterable, count: int, report: DecodeReport) -> Iterator:
+    """The first ``count`` frames (no frame more is asked for: a camera's next one may be a while);
+    ``report.limited`` once they are all there."""
+    for k, frame in enumerate(frames):
+        yield frame
+        if k + 1 == count:
+            report.limited = True
+            return
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM held back (POSIX, main thread) until the block is done: their
+    ``KeyboardInterrupt`` then comes after it, not halfway through."""
+    deferrable = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if not deferrable:
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _fit(image: np.ndarray, size: tuple[int, int], cv2) -> np.ndarray:

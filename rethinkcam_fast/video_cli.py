@@ -98,6 +98,10 @@ def run_video_command(args: argparse.Namespace) -> int:
         return _fail(f"--out {args.out!r}: give a video file name ending in one of {', '.join(VIDEO_EXTENSIONS)}")
     if args.out and args.jsonl and args.jsonl != "-" and os.path.abspath(args.out) == os.path.abspath(args.jsonl):
         return _fail(f"--out and --jsonl name the same file: {args.out!r}")
+    for option, path in (("--out", args.out), ("--jsonl", args.jsonl)):
+        if path and path != "-" and args.input and os.path.isfile(args.input) and os.path.exists(path) and (
+                os.path.samefile(path, args.input)):
+            return _fail(f"{option} {path!r} is the input video: writing it would destroy what is being read")
     if args.no_nwc and args.method != "cam":
         return _fail("--no-nwc applies to --method cam only")
     if args.threads:

@@ -726,18 +726,22 @@ def test_bicubic_upsampling_gives_wsolevaluations_maps():
         CAMEngine(model, "cam", upsample="bicubic", differentiable=True)
 
 
-def _conv_bn_relu_head(tau=None):
-    """wsolevaluation's VggCam layout in small: features, conv, BN, ReLU, pool (GAP, or TAP with tau), fc."""
+def _conv_bn_relu_head(tau=None, batch_norm=True):
+    """wsolevaluation's VggCam layout in small: features, conv, (BN,) ReLU, pool (GAP, or TAP with tau), fc."""
     pool = nn.AdaptiveAvgPool2d(1) if tau is None else TAP(tau)
+    norm = nn.BatchNorm2d(8) if batch_norm else nn.Identity()  # (kept as a module: the same indices)
     return make(lambda: nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1),
-                                      nn.BatchNorm2d(8), nn.ReLU(), pool, nn.Flatten(), nn.Linear(8, 5)))
+                                      norm, nn.ReLU(), pool, nn.Flatten(), nn.Linear(8, 5)))
 
 
+@pytest.mark.parametrize("batch_norm", [True, False], ids=["bn", "no-bn"])
 @pytest.mark.parametrize("tau", [None, 0.0, 0.3], ids=["gap", "tap0", "tap0.3"])
-def test_cam_default_target_is_the_pooled_output_with_gap_or_tap(tau):
+def test_cam_default_target_is_the_pooled_output_with_gap_or_tap(tau, batch_norm):
     """The rethinking-CAM setup (VGG + TAP): the default target is the ReLU whose output TAP pools, as
-    with GAP, not the conv before its batch norm; a given pre-activation target warns, naming it."""
-    model = _conv_bn_relu_head(tau).eval()
+    with GAP, not the conv before it (with or without a batch norm between: TAP, which keeps only
+    values above tau * max, pools the conv's output and its ReLU alike); a given pre-activation
+    target warns, naming it (where the pool tells them apart)."""
+    model = _conv_bn_relu_head(tau, batch_norm).eval()
     images = images_for(size=16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -746,8 +750,9 @@ def test_cam_default_target_is_the_pooled_output_with_gap_or_tap(tau):
     assert engine.target_layers == [model[4]]
     want = oracle_single(model, model[4], images, got.labels, "cam", classifier=model[7])
     torch.testing.assert_close(got.cams.double(), want, atol=2e-5, rtol=1e-4)
-    with pytest.warns(RuntimeWarning, match="'2''s output does not give the logits.*pass target_layers='4'"):
-        CAMEngine(model, "cam", "2", boxes=False)(images)
+    if batch_norm or tau is None:
+        with pytest.warns(RuntimeWarning, match="'2''s output does not give the logits.*pass target_layers='4'"):
+            CAMEngine(model, "cam", "2", boxes=False)(images)
 
 
 def test_cam_pooling_check_in_train_mode_runs_no_extra_forward():
@@ -757,7 +762,8 @@ def test_cam_pooling_check_in_train_mode_runs_no_extra_forward():
     eval()-mode call, whose answer train-mode calls then use."""
     model = _conv_bn_relu_head(0.1).train()
     engine = CAMEngine(model, "cam", differentiable=True, boxes=False)
-    engine(images_for(size=16)).cams.sum().backward()
+    with pytest.warns(RuntimeWarning, match="default target '2' is not confirmed.*pass target_layers="):
+        engine(images_for(size=16)).cams.sum().backward()
     assert int(model[3].num_batches_tracked) == 1  # one forward
     assert engine.target_layers == [model[2]]  # (the conv before the batch norm: not decided in training)
     assert model.training and all(m.training for m in model.modules())
@@ -827,10 +833,10 @@ def test_a_1x1_conv_head_after_a_given_target_or_inside_the_default_one():
     torch.testing.assert_close(got.cams, want.cams, atol=0, rtol=0)
 
 
-def test_no_pooling_warning_for_dropout_or_batch_statistics_in_training():
+def test_dropout_in_training_leaves_the_default_target_unconfirmed_with_one_warning():
     """A CAM loss in training (differentiable=True, train() mode): dropout before the classifier
-    makes the logits differ from the classifier of the pooled map; the check runs in eval() mode, so
-    no warning for that."""
+    makes the logits differ from the classifier of the pooled map, which a train-mode forward cannot
+    tell from a layer after the target: one warning, then the training goes on."""
     class DropHead(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -841,10 +847,14 @@ def test_no_pooling_warning_for_dropout_or_batch_statistics_in_training():
             return self.fc(self.drop(self.features(x).mean((2, 3))))
 
     model = make(DropHead).train()
+    engine = CAMEngine(model, "cam", differentiable=True, boxes=False)
+    with pytest.warns(RuntimeWarning, match="not confirmed") as caught:
+        engine(images_for()).cams.sum().backward()
+    assert len(caught) == 1 and model.fc.weight.grad is not None
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        CAMEngine(model, "cam", differentiable=True, boxes=False)(images_for()).cams.sum().backward()
-    assert model.fc.weight.grad is not None
+        warnings.simplefilter("error")  # once
+        engine(images_for())
+        CAMEngine(model, "cam", "features", differentiable=True, boxes=False)(images_for())  # a given target: silent
 
 
 def test_the_default_target_follows_the_input_size_not_the_call_history():

@@ -219,6 +219,11 @@ def test_a_model_named_like_an_attention_block_keeps_its_head_pool_swappable():
                                                        nn.Linear(4, 2))
         replace_gap_with_tap(model)
         assert _tap_names(model) == ["1"], class_name
+        backbone = [layer for _ in range(3) for layer in (nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())]
+        wrapped = nn.Sequential(type(class_name, (nn.Sequential,), {})(  # (inside a wrapper: its backbone tells)
+            nn.Conv2d(3, 4, 3), *backbone, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)))
+        replace_gap_with_tap(wrapped)
+        assert _tap_names(wrapped) == ["0.7"], class_name
 
 
 def test_replace_gap_with_only_se_pools_and_a_fixed_window_head_raises():

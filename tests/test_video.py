@@ -755,7 +755,9 @@ def test_cli_video_file_options(tmp_path, capsys):
                          "--jsonl", "-"]) == 0
         captured = capsys.readouterr()
         assert [json.loads(line)["frame"] for line in captured.out.splitlines()] == [0, 1, 2, 3]
-        assert "4 frames" in captured.err
+        assert "4 frames" in captured.err and "truncated" not in captured.err  # (stopped by --frames)
+        assert cli.main(["video", "0", "--model", model, "--out", "0.mp4", "--jsonl", "0"]) == 2  # the input itself
+        assert "is the input video" in capsys.readouterr().err and os.path.getsize("0") > 1000
         assert cli.main(["video", "0", "--model", model, "--method", "cam", "--no-nwc", "--quiet",
                          "--jsonl", "plain.jsonl"]) == 0
         capsys.readouterr()
