@@ -613,7 +613,8 @@ class CAMEngine:
         bad = (scored - scored).ne(0)
         if bad.device != cams.device:  # (a model split over devices: the head's scores, the target's maps)
             bad = bad.to(cams.device)
-        cams = cams.masked_fill(bad.view(-1, 1, 1), 0) if self.differentiable else cams.masked_fill_(bad.view(-1, 1, 1), 0)
+        bad_images = bad.view(-1, 1, 1)
+        cams = cams.masked_fill(bad_images, 0) if self.differentiable else cams.masked_fill_(bad_images, 0)
         degenerate = degenerate | bad
         if self.warn_degenerate:
             _warn_degenerate(degenerate, stacklevel=3 + depth)
@@ -750,9 +751,9 @@ class CAMEngine:
 
         Images with non-finite logits are left out; ``_UNCHECKED`` when none is left (a later call
         checks). In ``train()`` mode a match in the call's own forward settles it too, but a mismatch may
-        be dropout's (or a batch statistic's) doing: ``_UNDECIDED_IN_TRAINING``, no extra forward and no
-        warning (an extra forward would update batch-norm statistics, or need the shared model switched
-        to ``eval()``); the first ``eval()``-mode call decides."""
+        be dropout's (or a batch statistic's) doing: ``_UNDECIDED_IN_TRAINING``, with one warning for a
+        default target and no extra forward (it would update batch-norm statistics, or need the shared
+        model switched to ``eval()``); the first ``eval()``-mode call decides."""
         from .modules import TAP
         from .ops.tap import tap
 
@@ -817,7 +818,7 @@ class CAMEngine:
         after the target's, with a 4-D output of ``channels`` channels that varies over a spatial
         extent, the last one whose pool the classifier turns into the logits (so the outermost of
         modules sharing that tensor: a block rather than its final ReLU); or None, also when the extra
-        forward (eval mode, no grad) fails (the check is advice, not the call's work)."""
+        forward (no grad; made in eval() mode only) fails (the check is advice, not the call's work)."""
         last: dict[int, tuple[int, nn.Module, Tensor | None]] = {}  # a module's last run: (order, module, output)
         thread, counter = threading.get_ident(), itertools.count()
 
