@@ -81,6 +81,11 @@ class VideoReadError(RuntimeError):
     """A video source that cannot be opened or decoded."""
 
 
+class FrameBatchError(RuntimeError):
+    """The model (or the CAM engine) failed on a batch of frames; the message names the frames and their
+    size (e.g. a frame too small for the model's pooling, mid-stream); the original error is the cause."""
+
+
 @dataclass
 class DecodeReport:
     """What a stream delivered: frames decoded (by :func:`read_frames`), the count the container
@@ -454,6 +459,17 @@ class VideoLocalizer:
     def _submit(self, first_index: int, frames: list[Tensor], targets: int | None) -> _InFlight:
         """Enqueue a batch: frames to the device, the (replayed or eager) explain, its packed results
         to pinned host memory; returns without waiting for the device (on CUDA)."""
+        try:
+            return self._submit_batch(first_index, frames, targets)
+        except RuntimeError as exc:
+            if isinstance(exc, FrameBatchError):
+                raise
+            last = first_index + len(frames) - 1
+            which = f"frame {first_index}" if last == first_index else f"frames {first_index}-{last}"
+            height, width = frames[0].shape[:2]
+            raise FrameBatchError(f"{which} ({width}x{height} pixels): the model failed on them: {exc}") from exc
+
+    def _submit_batch(self, first_index: int, frames: list[Tensor], targets: int | None) -> _InFlight:
         batch_u8 = self._to_device(frames)
         if self.cuda_graph and len(frames) == self.batch_size:
             key = tuple(batch_u8.shape) + (-1 if targets is None else int(targets),)
@@ -796,5 +812,5 @@ def overlay(frame: np.ndarray, cam: Tensor | None, box: tuple[int, int, int, int
     return np.ascontiguousarray(image)
 
 
-__all__ = ["DecodeReport", "FrameResult", "VideoLocalizer", "VideoReadError", "localize_video", "overlay",
-           "prefetch", "read_frames"]
+__all__ = ["DecodeReport", "FrameBatchError", "FrameResult", "VideoLocalizer", "VideoReadError", "localize_video",
+           "overlay", "prefetch", "read_frames"]

@@ -80,7 +80,7 @@ def run_video_command(args: argparse.Namespace) -> int:
     from .models import CheckpointError
     from .ops.box_ious import box_iou_matrix
     from .training import resolve_device
-    from .video import DecodeReport, VideoLocalizer, VideoReadError, localize_video
+    from .video import DecodeReport, FrameBatchError, VideoLocalizer, VideoReadError, localize_video
 
     if args.demo and args.input is not None:
         return _fail("give a video INPUT (file or camera index) or --demo, not both")
@@ -160,7 +160,7 @@ def run_video_command(args: argparse.Namespace) -> int:
         finally:
             bar.close()
         seconds = time.perf_counter() - start
-    except (VideoReadError, CheckpointError, ValueError, FileNotFoundError, ImportError) as exc:
+    except (VideoReadError, FrameBatchError, CheckpointError, ValueError, FileNotFoundError, ImportError) as exc:
         return _fail(exc, made)
     done = report.frames_processed
     note = ""

@@ -768,3 +768,17 @@ def test_cli_video_file_options(tmp_path, capsys):
             assert message in capsys.readouterr().err
     finally:
         os.chdir(cwd)
+
+
+def test_a_frame_the_model_cannot_take_is_named(model):
+    """A frame too small for the model mid-stream (no input_size): the error names the frame and its
+    size, after the frames before it were handed out."""
+    from rethinkcam_fast.video import FrameBatchError
+
+    frames = random_frames(3) + [np.zeros((1, 1, 3), np.uint8)]  # (SmallCNN max-pools by 2)
+    localizer = VideoLocalizer(model, "cam", input_size=None, batch_size=3)
+    got = []
+    with pytest.raises(FrameBatchError, match=r"frame 3 \(1x1 pixels\): the model failed on them"):
+        for result in localizer.stream(frames):
+            got.append(result.index)
+    assert got == [0, 1, 2]
