@@ -18,6 +18,14 @@ def check_tensor(name: str, value: object, ndim: int | None = None) -> torch.Ten
     return value
 
 
+def check_score_maps(name: str, value: object) -> torch.Tensor:
+    """Score maps ``Tensor[N, H, W]`` with a spatial extent (an empty batch may have any)."""
+    maps = check_tensor(name, value, ndim=3)
+    if maps.shape[0] and maps.shape[1] * maps.shape[2] == 0:
+        raise ValueError(f"{name} must have a non-empty spatial extent, got shape {tuple(maps.shape)}")
+    return maps
+
+
 def check_float_dtype(name: str, value: torch.Tensor) -> None:
     if value.dtype not in FLOAT_DTYPES:
         raise TypeError(

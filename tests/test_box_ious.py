@@ -287,6 +287,30 @@ def test_bad_input_raises_clear_errors():
     assert full[0].item() == 36 / 72  # the full-map box [0, 0, 5, 5] against a box twice as wide
 
 
+def test_the_box_ops_agree_on_maps_without_pixels_and_name_bad_thresholds():
+    """Maps with H or W = 0 are one ValueError naming cams in every op (an empty batch, of any extent,
+    gives empty outputs); thresholds too large for any integer type, or intervals that are not
+    numbers, are errors naming the argument."""
+    empty_extent = torch.zeros(2, 0, 5)
+    gt, offsets = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1]]), torch.tensor([0, 1, 2])
+    for call in (lambda: rethinkcam_fast.percentile_threshold(empty_extent),
+                 lambda: rethinkcam_fast.boxes_from_cams(empty_extent, 0),
+                 lambda: rethinkcam_fast.protocol_thresholds(empty_extent, [0.5]),
+                 lambda: best_box_ious(empty_extent, 0, gt, offsets)):
+        with pytest.raises(ValueError, match=r"cams must have a non-empty spatial extent, got shape \(2, 0, 5\)"):
+            call()
+    assert rethinkcam_fast.percentile_threshold(torch.zeros(0, 0, 5)).shape == (0,)
+    cams = torch.rand(2, 6, 6)
+    for thresholds in (2**70, -1, 256):
+        with pytest.raises(ValueError, match=rf"uint8 levels in \[0, 255\], got {thresholds}"):
+            rethinkcam_fast.boxes_from_cams(cams, thresholds)
+    with pytest.raises(ValueError, match="got values from 0 to 300"):
+        rethinkcam_fast.boxes_from_cams(cams, torch.tensor([0, 300]))
+    for interval in ("0.1", None, True):
+        with pytest.raises(TypeError, match="cam_curve_interval must be a real number"):
+            rethinkcam_fast.cam_curve_thresholds(interval)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_maps_give_the_cpu_result_on_the_device():

@@ -232,4 +232,5 @@ def test_one_threshold_per_map_matches_opencv_every_dtype(dtype, threads):
     with pytest.raises(ValueError, match=r"cams\[5\] has non-finite values"):
         boxes_from_cams(bad, thresholds)
     assert boxes_from_cams(bad, thresholds, validate=False).shape == (9, 4)  # the caller's promise
-    assert boxes_from_cams(cams[:, :0], thresholds).tolist() == [[0, 0, 0, 0]] * 9  # empty maps
+    with pytest.raises(ValueError, match="non-empty spatial extent"):  # maps without pixels (as every box op)
+        boxes_from_cams(cams[:, :0], thresholds)

@@ -305,6 +305,13 @@ def test_bad_gt_boxes_and_arguments_raise():
         evaluator.update(maps, [torch.tensor([[0, 0, 10, 10]]), torch.tensor([[2, 2, 11, 9]])])
     assert evaluator.num_images == 2  # (x1 == W, a scaled box at the edge, passes without a warning)
     evaluator.reset()
+    two = torch.tensor([[0, 0, 5, 5], [2, 2, 8, 8]])
+    for columns in (two.T, two.reshape(1, 8), two.reshape(8), torch.zeros(1, 5, dtype=torch.long)):  # not [k, 4]
+        with pytest.raises(ValueError, match=r"gt_boxes\[1\]: an image's GT boxes are \[k, 4\]"):
+            evaluator.update(maps, [two, columns])
+    evaluator.update(maps, [two, torch.tensor([2, 2, 8, 8])])  # one box as [4]
+    assert evaluator.num_images == 2
+    evaluator.reset()
     with pytest.raises(ValueError, match="percentages"):
         BoxEvaluator(0.1, (50, 150))
     with pytest.raises(ValueError, match="repeat"):

@@ -93,6 +93,18 @@ def _check_iou_thresholds(values: Sequence[float]) -> tuple[float, ...]:
     return values
 
 
+def _image_boxes(boxes, index: int) -> Tensor:
+    """One image's GT boxes as ``[k, 4]``: given as ``[k, 4]`` (rows ``x0, y0, x1, y1``), or one box as
+    ``[4]``. Anything else is refused rather than reshaped (``[4, k]`` columns would be read as boxes)."""
+    boxes = torch.as_tensor(boxes)
+    if boxes.dim() == 1 and boxes.shape[0] == 4:
+        return boxes[None]
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"gt_boxes[{index}]: an image's GT boxes are [k, 4] (rows x0, y0, x1, y1) or one box [4], got "
+                         f"shape {tuple(boxes.shape)}")
+    return boxes
+
+
 def _ragged_boxes(gt_boxes: Tensor | Sequence[Tensor], gt_offsets: Tensor | None, n: int) -> tuple[Tensor, Tensor]:
     """``(LongTensor[G, 4], LongTensor[N + 1])`` on the CPU from either form of ragged GT boxes."""
     if isinstance(gt_boxes, Tensor):
@@ -101,7 +113,7 @@ def _ragged_boxes(gt_boxes: Tensor | Sequence[Tensor], gt_offsets: Tensor | None
         return gt_boxes, gt_offsets
     if gt_offsets is not None:
         raise ValueError("gt_offsets goes with gt_boxes as one tensor, not with a list of per-image boxes")
-    boxes = [torch.as_tensor(b).reshape(-1, 4) for b in gt_boxes]
+    boxes = [_image_boxes(b, k) for k, b in enumerate(gt_boxes)]
     if len(boxes) != n:
         raise ValueError(f"got GT boxes for {len(boxes)} images and {n} maps")
     counts = torch.tensor([len(b) for b in boxes], dtype=torch.int64)

@@ -20,13 +20,14 @@ threshold), which is also the test oracle.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Real
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .. import _native
-from .._validation import check_float_dtype, check_tensor, check_unit_maps
+from .._validation import check_float_dtype, check_score_maps, check_tensor, check_unit_maps
 from .boxes import _thresholds_2d, boxes_from_cams
 from .level_sweep import gpu_boxes_enabled, level_sweep
 from .percentile_threshold import host_levels, scaled_levels
@@ -61,6 +62,8 @@ def box_iou_matrix(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
 
 def cam_curve_thresholds(interval: float) -> np.ndarray:
     """The protocol's CAM thresholds, ``np.arange(0, 1, interval)`` (float64, as the reference builds them)."""
+    if isinstance(interval, (bool, np.bool_)) or not isinstance(interval, Real):
+        raise TypeError(f"cam_curve_interval must be a real number in (0, 1), got {type(interval).__name__} {interval!r}")
     if not (0.0 < float(interval) < 1.0):
         raise ValueError(f"cam_curve_interval must lie in (0, 1), got {interval!r}")
     return np.arange(0, 1, interval)
@@ -78,7 +81,7 @@ def protocol_thresholds(cams: Tensor, cam_thresholds: Sequence[float] | np.ndarr
         cam_thresholds: the ``T`` thresholds ``t`` in ``[0, 1)`` (e.g. :func:`cam_curve_thresholds`).
         validate: check that the maps are finite and in ``[0, 1]`` (``ValueError`` naming the image).
     """
-    check_tensor("cams", cams, ndim=3)
+    check_score_maps("cams", cams)
     check_float_dtype("cams", cams)
     if validate:
         check_unit_maps("cams", cams)
@@ -170,7 +173,7 @@ def best_box_ious(
         ``DoubleTensor[N, T]`` (``[N]`` for 0-/1-D thresholds) on ``cams``' device; an empty mask
         scores its ``[0, 0, 0, 0]`` box, as in the reference.
     """
-    check_tensor("cams", cams, ndim=3)
+    check_score_maps("cams", cams)
     check_float_dtype("cams", cams)
     n = cams.shape[0]
     table, single = _thresholds_2d(thresholds, n)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._validation import check_float_dtype, check_flagged_maps, check_tensor, check_unit_maps
+from .._validation import check_flagged_maps, check_float_dtype, check_score_maps, check_unit_maps
 from .level_sweep import gpu_boxes_enabled, level_sweep
 from .percentile_threshold import host_levels, scaled_levels
 
@@ -97,6 +97,8 @@ def _thresholds_2d(thresholds: int | Tensor, n: int) -> tuple[Tensor, bool]:
         if thresholds.dim() == 0:  # one level for every image, like an int
             thresholds = int(thresholds)
     if isinstance(thresholds, Integral):  # numpy integers too
+        if not 0 <= int(thresholds) <= 255:  # (before a tensor is made: 2**70 does not fit one)
+            raise ValueError(f"thresholds must be uint8 levels in [0, 255], got {int(thresholds)}")
         thresholds = torch.full((n,), int(thresholds), dtype=torch.int64)
     single = thresholds.dim() == 1
     if thresholds.dim() not in (1, 2) or thresholds.shape[0] != n:
@@ -105,7 +107,8 @@ def _thresholds_2d(thresholds: int | Tensor, n: int) -> tuple[Tensor, bool]:
     if table.numel():
         values = table.numpy()
         if values.min() < 0 or values.max() > 255:
-            raise ValueError("thresholds must be uint8 levels in [0, 255]")
+            raise ValueError(f"thresholds must be uint8 levels in [0, 255], got values from {values.min()} to "
+                             f"{values.max()}")
     return table, single
 
 
@@ -251,7 +254,7 @@ def boxes_from_cams(
         TypeError / ValueError: bad ranks, dtypes, modes, conventions, thresholds outside 0..255, and
         (with ``validate``) maps with non-finite values or values outside ``[0, 1]``, naming the image.
     """
-    check_tensor("cams", cams, ndim=3)
+    check_score_maps("cams", cams)
     check_float_dtype("cams", cams)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import _native
 from .._triton import cdiv, launch, next_power_of_2, tl, triton
-from .._validation import check_float_dtype, check_flagged_maps, check_tensor, check_unit_maps
+from .._validation import check_flagged_maps, check_float_dtype, check_score_maps, check_unit_maps
 from ._launch import device_guard, split_count, use_triton
 
 
@@ -171,16 +171,16 @@ def percentile_threshold(
         ValueError: ``cams`` not 3-D or empty in H·W; ``q``/``theta`` out of range; with ``validate``,
             an image with non-finite values or values outside ``[0, 1]`` (its index is named).
     """
-    check_tensor("cams", cams, ndim=3)
+    check_score_maps("cams", cams)
     check_float_dtype("cams", cams)
     for name, value, upper in (("q", q, 100.0), ("theta", theta, 1.0)):
         if isinstance(value, bool) or not isinstance(value, Real):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
         if not 0.0 <= float(value) <= upper:
             raise ValueError(f"{name} must lie in [0, {upper:g}], got {value!r}")
+    if cams.shape[0] == 0:  # (an empty batch, of any extent)
+        return torch.zeros(0, dtype=torch.int64, device=cams.device)
     n_pixels = cams.shape[1] * cams.shape[2]
-    if n_pixels == 0:
-        raise ValueError(f"cams must have a non-empty spatial extent, got shape {tuple(cams.shape)}")
     triton_path = use_triton("percentile_threshold", backend, cams.device)
     hist = None
     if not triton_path and backend == "auto" and cams.device.type == "cpu":
