@@ -18,12 +18,19 @@ def check_tensor(name: str, value: object, ndim: int | None = None) -> torch.Ten
     return value
 
 
-def check_score_maps(name: str, value: object) -> torch.Tensor:
+def check_cams_shape(name: str, value: object) -> torch.Tensor:
     """Score maps ``Tensor[N, H, W]`` with a spatial extent (an empty batch may have any)."""
     maps = check_tensor(name, value, ndim=3)
     if maps.shape[0] and maps.shape[1] * maps.shape[2] == 0:
         raise ValueError(f"{name} must have a non-empty spatial extent, got shape {tuple(maps.shape)}")
     return maps
+
+
+def check_flag(name: str, value: object) -> bool:
+    """``value`` as a bool; only ``bool`` and ``numpy.bool_`` are taken (``bool("no")`` is True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def check_float_dtype(name: str, value: torch.Tensor) -> None:

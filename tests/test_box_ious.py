@@ -309,6 +309,18 @@ def test_the_box_ops_agree_on_maps_without_pixels_and_name_bad_thresholds():
     for interval in ("0.1", None, True):
         with pytest.raises(TypeError, match="cam_curve_interval must be a real number"):
             rethinkcam_fast.cam_curve_thresholds(interval)
+    with pytest.raises(TypeError, match="multi_contour must be a bool"):
+        best_box_ious(cams, 0, gt, offsets, multi_contour="no")
+    with pytest.raises(TypeError, match="integer tensors, got torch.bool"):
+        best_box_ious(cams, 0, gt.bool(), offsets)
+    with pytest.raises(TypeError, match="integer pixel coordinates, got torch.bool"):
+        rethinkcam_fast.box_iou_matrix(gt.bool(), gt)
+    from rethinkcam_fast.evaluation import BoxEvaluator
+
+    with pytest.raises(TypeError, match="multi_contour must be a bool"):
+        BoxEvaluator(0.1, multi_contour="no")
+    with pytest.raises(ValueError, match=r"maps must have a non-empty spatial extent"):
+        BoxEvaluator(0.1).update(empty_extent, [gt[:1], gt[1:]])
 
 
 @pytest.mark.cuda

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._validation import check_float_dtype, check_tensor, first_bad_unit_map
+from .._validation import check_cams_shape, check_float_dtype, first_bad_unit_map
 from ..ops.box_ious import cam_curve_thresholds
 
 
@@ -144,7 +144,7 @@ def describe_image(image_ids: Sequence[str] | None, index: int) -> str:
 
 def check_score_maps(maps: Tensor, image_ids: Sequence[str] | None) -> None:
     """Score maps ``Tensor[N, H, W]``, finite and in ``[0, 1]``; ``ValueError`` naming the first bad image."""
-    check_tensor("maps", maps, ndim=3)
+    check_cams_shape("maps", maps)
     check_float_dtype("maps", maps)
     if image_ids is not None and len(image_ids) != maps.shape[0]:
         raise ValueError(f"got {len(image_ids)} image ids for {maps.shape[0]} maps")

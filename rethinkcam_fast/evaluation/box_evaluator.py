@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._validation import check_flag
 from ..ops.box_ious import best_box_ious, protocol_thresholds
 from ._accumulator import CountingEvaluator, check_score_maps, describe_image
 from .metadata import WSOLMetadata
@@ -146,7 +147,7 @@ class BoxEvaluator(CountingEvaluator):
                  multi_contour: bool = True, *, metadata: WSOLMetadata | None = None,
                  device: torch.device | str | None = None) -> None:
         self.iou_thresholds = _check_iou_thresholds(iou_thresholds)
-        self.multi_contour = bool(multi_contour)
+        self.multi_contour = check_flag("multi_contour", multi_contour)
         if metadata is not None and metadata.boxes is None:
             raise ValueError("BoxEvaluator needs box metadata (localization 'boxes'); masks go to MaskEvaluator")
         self.metadata = metadata

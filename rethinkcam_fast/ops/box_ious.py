@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._validation import check_float_dtype, check_score_maps, check_tensor, check_unit_maps
+from .._validation import check_cams_shape, check_flag, check_float_dtype, check_tensor, check_unit_maps
 from .boxes import _thresholds_2d, boxes_from_cams
 from .level_sweep import gpu_boxes_enabled, level_sweep
 from .percentile_threshold import host_levels, scaled_levels
@@ -45,7 +45,7 @@ def box_iou_matrix(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
         check_tensor(name, boxes, ndim=2)
         if boxes.shape[1] != 4:
             raise ValueError(f"{name} must have shape (K, 4), got {tuple(boxes.shape)}")
-        if boxes.is_floating_point() or boxes.is_complex():
+        if boxes.is_floating_point() or boxes.is_complex() or boxes.dtype == torch.bool:
             raise TypeError(f"{name} must hold integer pixel coordinates, got {boxes.dtype}")
     a = boxes_a.to(torch.int64)[:, None, :]
     b = boxes_b.to(torch.int64)[None, :, :]
@@ -81,7 +81,7 @@ def protocol_thresholds(cams: Tensor, cam_thresholds: Sequence[float] | np.ndarr
         cam_thresholds: the ``T`` thresholds ``t`` in ``[0, 1)`` (e.g. :func:`cam_curve_thresholds`).
         validate: check that the maps are finite and in ``[0, 1]`` (``ValueError`` naming the image).
     """
-    check_score_maps("cams", cams)
+    check_cams_shape("cams", cams)
     check_float_dtype("cams", cams)
     if validate:
         check_unit_maps("cams", cams)
@@ -103,8 +103,8 @@ def _check_gt(gt_boxes: Tensor, gt_offsets: Tensor, n: int) -> tuple[Tensor, Ten
     check_tensor("gt_offsets", gt_offsets, ndim=1)
     if gt_boxes.shape[1] != 4:
         raise ValueError(f"gt_boxes must have shape (G, 4), got {tuple(gt_boxes.shape)}")
-    if gt_boxes.is_floating_point() or gt_offsets.is_floating_point():
-        raise TypeError("gt_boxes and gt_offsets must be integer tensors")
+    if any(t.is_floating_point() or t.is_complex() or t.dtype == torch.bool for t in (gt_boxes, gt_offsets)):
+        raise TypeError(f"gt_boxes and gt_offsets must be integer tensors, got {gt_boxes.dtype} and {gt_offsets.dtype}")
     if gt_offsets.numel() != n + 1:
         raise ValueError(f"gt_offsets must have N + 1 = {n + 1} entries, got {gt_offsets.numel()}")
     boxes = gt_boxes.to(device="cpu", dtype=torch.int64).contiguous()
@@ -173,8 +173,9 @@ def best_box_ious(
         ``DoubleTensor[N, T]`` (``[N]`` for 0-/1-D thresholds) on ``cams``' device; an empty mask
         scores its ``[0, 0, 0, 0]`` box, as in the reference.
     """
-    check_score_maps("cams", cams)
+    check_cams_shape("cams", cams)
     check_float_dtype("cams", cams)
+    check_flag("multi_contour", multi_contour)
     n = cams.shape[0]
     table, single = _thresholds_2d(thresholds, n)
     # Boxes reaching past the map grid are scored as they are, as the reference does: annotation

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._validation import check_flagged_maps, check_float_dtype, check_score_maps, check_unit_maps
+from .._validation import check_cams_shape, check_flagged_maps, check_float_dtype, check_unit_maps
 from .level_sweep import gpu_boxes_enabled, level_sweep
 from .percentile_threshold import host_levels, scaled_levels
 
@@ -254,7 +254,7 @@ def boxes_from_cams(
         TypeError / ValueError: bad ranks, dtypes, modes, conventions, thresholds outside 0..255, and
         (with ``validate``) maps with non-finite values or values outside ``[0, 1]``, naming the image.
     """
-    check_score_maps("cams", cams)
+    check_cams_shape("cams", cams)
     check_float_dtype("cams", cams)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -23,12 +23,11 @@ product plus an einsum: one pass each already) and the epilogue runs in C++ (``c
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .._triton import cdiv, grid_pair, launch, next_power_of_2, tl, triton
-from .._validation import check_float_dtype, check_same_device, check_tensor, output_size_arg
+from .._validation import check_flag, check_float_dtype, check_same_device, check_tensor, output_size_arg
 from . import _launch
 from ._launch import autocast_off, check_backend, device_guard, flat_spatial, use_triton
 from .map_epilogue import acc_dtype, epilogue_backward_impl, epilogue_function_forward, map_epilogue_op
@@ -338,13 +337,6 @@ def _check_cam_args(features, weight, labels) -> None:
                              f"0..{classes - 1}): {shown}{more}")
 
 
-def _check_flag(name: str, value: object) -> bool:
-    """``value`` as a Python bool; only ``bool`` and ``numpy.bool_`` are accepted (``bool("no")`` is True)."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
-    return bool(value)
-
-
 def class_activation_map(
     features: Tensor, weight: Tensor, labels: Tensor, nwc: bool = False,
     output_size: tuple[int, int] | None = None, normalize: bool = True, *, backend: str = "auto",
@@ -372,7 +364,7 @@ def class_activation_map(
             bad ``output_size``.
     """
     _check_cam_args(features, weight, labels)
-    nwc, normalize = _check_flag("nwc", nwc), _check_flag("normalize", normalize)
+    nwc, normalize = check_flag("nwc", nwc), check_flag("normalize", normalize)
     size = output_size_arg(output_size, features.shape[2:])
     check_backend(backend)
     return class_activation_map_with_flags(features, weight, labels.long(), nwc, size, normalize, backend)[0]

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import _native
 from .._triton import cdiv, launch, next_power_of_2, tl, triton
-from .._validation import check_flagged_maps, check_float_dtype, check_score_maps, check_unit_maps
+from .._validation import check_cams_shape, check_flagged_maps, check_float_dtype, check_unit_maps
 from ._launch import device_guard, split_count, use_triton
 
 
@@ -171,7 +171,7 @@ def percentile_threshold(
         ValueError: ``cams`` not 3-D or empty in H·W; ``q``/``theta`` out of range; with ``validate``,
             an image with non-finite values or values outside ``[0, 1]`` (its index is named).
     """
-    check_score_maps("cams", cams)
+    check_cams_shape("cams", cams)
     check_float_dtype("cams", cams)
     for name, value, upper in (("q", q, 100.0), ("theta", theta, 1.0)):
         if isinstance(value, bool) or not isinstance(value, Real):
