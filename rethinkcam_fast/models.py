@@ -86,13 +86,18 @@ class CheckpointError(ValueError):
     """A weights file that cannot be read, or that does not fit the model."""
 
 
-def save_checkpoint(path: str, model: DigitsCAMNet, meta: Mapping[str, Any] | None = None) -> None:
+def save_checkpoint(path: str, model: DigitsCAMNet, meta: Mapping[str, Any] | None = None,
+                    resume: Mapping[str, Any] | None = None) -> None:
     """Write ``model``'s checkpoint atomically: a temporary file in the same directory, then ``os.replace``.
 
-    A crash mid-write leaves the previous file intact; readers never see a partial file.
+    A crash mid-write leaves the previous file intact; readers never see a partial file. ``resume``
+    (the training state of an unfinished run: tensors, numbers and lists only, so that it reads back
+    with ``weights_only=True``) is stored under ``"resume"``.
     """
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in _plain_state_dict(model).items()}
     payload = {"format": CHECKPOINT_FORMAT, "arch": dict(model.arch), "state_dict": state, "meta": dict(meta or {})}
+    if resume is not None:
+        payload["resume"] = dict(resume)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)

@@ -152,7 +152,8 @@ def cross_entropy_loss(model: nn.Module, images: Tensor, labels: Tensor) -> Tens
 def train_model(model: nn.Module, train: CanvasSet, options: TrainOptions, val: CanvasSet | None = None,
                 checkpoint_path: str | None = None, checkpoint_meta: dict[str, Any] | None = None,
                 progress: bool = True,
-                loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] = cross_entropy_loss) -> TrainReport:
+                loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] = cross_entropy_loss,
+                resume: dict[str, Any] | None = None) -> TrainReport:
     """Train ``model`` on ``train`` (``images[N, H, W]`` grey canvases, ``labels[N]``).
 
     ``loss_fn(model, images, labels) -> scalar`` is the objective (cross-entropy by default; e.g. plus a
@@ -163,8 +164,11 @@ def train_model(model: nn.Module, train: CanvasSet, options: TrainOptions, val: 
     The training canvases are moved to the device once. After every epoch: validation accuracy (if
     ``val``), and an atomic checkpoint at ``checkpoint_path`` (``DigitsCAMNet`` only) whose ``meta`` is
     ``checkpoint_meta`` plus ``options`` (:func:`applied_options`: what this run applied), ``threads``
-    (``torch.get_num_threads()``), ``epoch``, ``train_loss`` and ``val_accuracy``. Returns the model in
-    ``eval()`` mode, moved back to the CPU.
+    (``torch.get_num_threads()``), ``epoch``, ``train_loss`` and ``val_accuracy``; until the last epoch
+    it also holds the run's training state (optimizer, schedule, batch order and RNG states), which
+    ``resume`` (a checkpoint's ``"resume"`` entry, the model holding its weights) continues from, to the
+    same weights as an uninterrupted run on the same machine (see :func:`resume_training`). Returns the
+    model in ``eval()`` mode, moved back to the CPU.
     """
     if checkpoint_path is not None and not isinstance(model, DigitsCAMNet):
         raise TypeError(f"checkpoints are written for DigitsCAMNet only, got {type(model).__name__}")
@@ -182,8 +186,16 @@ def train_model(model: nn.Module, train: CanvasSet, options: TrainOptions, val: 
     order_generator = torch.Generator().manual_seed(options.seed)
     images, labels = train.float_images().to(device), train.labels.to(device)  # 16 kB per 64x64 canvas
     report = TrainReport(model, 0.0, 0.0, device=str(device))
+    first_epoch = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        order_generator.set_state(resume["order"])
+        torch.set_rng_state(resume["rng"])
+        first_epoch = int(resume["epoch"])
+        report.train_loss, report.val_accuracy = list(resume["train_loss"]), list(resume["val_accuracy"])
     start = time.perf_counter()
-    for epoch in range(options.epochs):
+    for epoch in range(first_epoch, options.epochs):
         model.train()
         bar = ProgressBar(steps_per_epoch, f"epoch {epoch + 1}/{options.epochs}", enabled=progress)
         order = torch.randperm(len(train), generator=order_generator)
@@ -208,11 +220,15 @@ def train_model(model: nn.Module, train: CanvasSet, options: TrainOptions, val: 
             stats["val_acc"] = accuracy
         bar.close(**stats)
         if checkpoint_path is not None:
+            unfinished = epoch + 1 < options.epochs
+            state = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                     "order": order_generator.get_state(), "rng": torch.get_rng_state(),
+                     "train_loss": report.train_loss, "val_accuracy": report.val_accuracy} if unfinished else None
             save_checkpoint(checkpoint_path, model, {
                 **(checkpoint_meta or {}), "options": asdict(applied), "threads": torch.get_num_threads(),
-                "epoch": epoch + 1, "train_loss": report.train_loss, "val_accuracy": report.val_accuracy})
+                "epoch": epoch + 1, "train_loss": report.train_loss, "val_accuracy": report.val_accuracy}, state)
     report.seconds = time.perf_counter() - start
-    report.images_per_second = options.epochs * len(train) / report.seconds
+    report.images_per_second = (options.epochs - first_epoch) * len(train) / max(report.seconds, 1e-9)
     report.model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     return report
 
@@ -236,5 +252,35 @@ def train_digits_model(pool: str = "tap", tau: float = 0.1, widths: tuple[int, i
     return train_model(model, splits["train"], options, splits.get("val"), checkpoint_path, meta, progress)
 
 
+def resume_training(checkpoint_path: str, progress: bool = True) -> TrainReport:
+    """Continue the :func:`train_digits_model` run whose checkpoint (written after an epoch, before the
+    last) is ``checkpoint_path``: the model, data and options recorded there, the data generated
+    again from its recorded config and seed, the optimizer, schedule, batch order and RNG states
+    restored; the checkpoint is updated after every epoch as before. On the machine and thread count
+    that wrote it, the result equals the uninterrupted run's weights (a CUDA run's kernels may differ
+    in the last bits).
+
+    Raises:
+        CheckpointError: not a checkpoint, or one with nothing to resume (a finished run, or one from
+            before checkpoints held the training state).
+    """
+    from .models import CheckpointError, load_state_into, model_from_arch, read_weights, state_dict_of
+
+    payload = read_weights(checkpoint_path)
+    resume, meta = payload.get("resume"), payload.get("meta") or {}
+    if not isinstance(resume, dict) or "data" not in meta or "options" not in meta:
+        finished = isinstance(meta.get("epoch"), int) and meta.get("epoch") == (meta.get("options") or {}).get("epochs")
+        raise CheckpointError(f"{checkpoint_path}: nothing to resume ("
+                              + ("the run finished" if finished else "no training state in this checkpoint") + ")")
+    model = model_from_arch(payload["arch"], checkpoint_path)
+    load_state_into(model, state_dict_of(payload, checkpoint_path), checkpoint_path)
+    data = ClutteredDigitsConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["data"].items()})
+    options = TrainOptions(**meta["options"])
+    splits = generate_cluttered_digits(data)
+    base = {"data": meta["data"], "torch": str(torch.__version__)}
+    return train_model(model, splits["train"], options, splits.get("val"), checkpoint_path, base, progress,
+                       resume=resume)
+
+
 __all__ = ["ProgressBar", "TrainOptions", "TrainReport", "applied_options", "classify", "cross_entropy_loss",
-           "resolve_device", "train_digits_model", "train_model"]
+           "resolve_device", "resume_training", "train_digits_model", "train_model"]

@@ -312,3 +312,43 @@ def test_example_checks_its_options_before_any_work(argv, message, capsys, monke
 def test_example_docstring_does_not_claim_a_whole_graph_for_the_shift_loss():
     doc = " ".join(_example().__doc__.split())
     assert "compiles the whole loss" not in doc and "graph break" in doc
+
+
+def test_an_interrupted_training_run_resumes_to_the_same_weights(tmp_path, capsys, monkeypatch):
+    """`rethinkcam train` stopped after its first epoch (Ctrl-C) and continued with --resume ends with
+    the weights of the run that was never stopped (CPU, one thread); the last checkpoint carries no
+    training state, and a finished or foreign file has nothing to resume."""
+    from rethinkcam_fast import cli, training
+    from rethinkcam_fast.models import read_weights
+
+    train = ["train", "--epochs", "2", "--train-size", "48", "--val-size", "8", "--test-size", "0",
+             "--canvas-size", "24", "--widths", "4", "4", "4", "--batch-size", "16", "--threads", "1", "--quiet"]
+    previous = torch.get_num_threads()
+    try:
+        whole = tmp_path / "whole.pt"
+        assert cli.main([*train, "--out", str(whole)]) == 0
+        stopped = tmp_path / "stopped.pt"
+        save = training.save_checkpoint
+
+        def save_then_interrupt(path, model, meta, resume=None):
+            save(path, model, meta, resume)
+            if meta["epoch"] == 1:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(training, "save_checkpoint", save_then_interrupt)
+        assert cli.main([*train, "--out", str(stopped)]) == 130
+        monkeypatch.setattr(training, "save_checkpoint", save)
+        assert read_weights(str(stopped))["resume"]["epoch"] == 1
+        assert cli.main(["train", "--out", str(stopped), "--resume", "--quiet", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(previous)
+    got, want = read_weights(str(stopped)), read_weights(str(whole))
+    assert "resume" not in got and "resume" not in want
+    assert got["meta"]["epoch"] == 2 and got["meta"]["train_loss"] == want["meta"]["train_loss"]
+    for key, value in want["state_dict"].items():
+        assert torch.equal(got["state_dict"][key], value), key
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(whole), "--resume"]) == 2
+    assert "nothing to resume (the run finished)" in capsys.readouterr().err
+    assert cli.main(["train", "--out", str(tmp_path / "missing.pt"), "--resume"]) == 2
+    assert "is not a checkpoint file" in capsys.readouterr().err
