@@ -28,7 +28,7 @@ from .ops.level_sweep import gpu_boxes_enabled
 from .ops.class_activation_map import class_activation_map_with_flags
 from .ops.flm_fuse import flm_fuse_with_flags
 from .ops.fuse_maps import FUSE_MODES, UPSAMPLE_MODES, fuse_maps_reference, fuse_maps_trusted
-from .ops.map_epilogue import map_epilogue_op
+from .ops.map_epilogue import acc_dtype, map_epilogue_op
 from .ops.percentile_threshold import percentile_threshold
 from .ops.weighted_map import weighted_map, weighted_map_reference, weighted_map_trusted
 
@@ -759,10 +759,10 @@ class CAMEngine:
 
         taus = sorted({float(m.tau) for m in self.model.modules() if isinstance(m, TAP)})
         with torch.no_grad(), autocast_off(activation):  # (no cast of the weights: a captured call reads none)
-            weight = self._classifier_weight(classifier, activation.shape[1], logits.shape[1]).float()
+            want = logits.detach().float()  # (the classifier on the logits' device, once)
+            weight = self._classifier_weight(classifier, activation.shape[1], logits.shape[1]).float().to(want.device)
             bias = getattr(classifier, "bias", None)
-            bias = None if bias is None else bias.detach().float()
-            want = logits.detach().float()
+            bias = None if bias is None else bias.detach().float().to(want.device)
             finite = torch.isfinite(want).all(dim=1)
             if not bool(finite.any()):
                 return _UNCHECKED
@@ -776,8 +776,8 @@ class CAMEngine:
                 x = output.detach().float()[finite.to(output.device)]
                 best = float("inf")
                 for pooled in [x.mean(dim=(2, 3))] + [tap(x, tau) for tau in taus]:
-                    pooled = pooled.to(want.device) @ weight.T.to(want.device)
-                    pooled = pooled if bias is None else pooled + bias.to(want.device)
+                    pooled = pooled.to(want.device) @ weight.T
+                    pooled = pooled if bias is None else pooled + bias
                     best = min(best, float((pooled - want).abs().max()))
                 return best
 
@@ -907,8 +907,7 @@ class CAMEngine:
         if self.differentiable:  # plain PyTorch ops: the graph runs through the activation and its gradient
             def reduce(a, weights=None, grads=None, mode="channel", relu=True):
                 # (float32 sums, as the kernel's; a float64 model keeps float64, as the differentiable ops)
-                return weighted_map_reference(a, weights, grads, mode, relu,
-                                              acc=torch.float64 if a.dtype == torch.float64 else torch.float32)
+                return weighted_map_reference(a, weights, grads, mode, relu, acc=acc_dtype(a))
         else:
             activation = activation.detach()
 

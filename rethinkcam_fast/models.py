@@ -156,14 +156,15 @@ def state_dict_of(payload: Mapping[str, Any], path: str) -> dict[str, Tensor]:
 
 
 def load_state_into(model: nn.Module, state: Mapping[str, Tensor], path: str) -> nn.Module:
-    """``model.load_state_dict(state, strict=True)`` with a readable error for another architecture."""
+    """``model.load_state_dict(state, strict=True)`` with a readable error for another architecture (the
+    model, which every caller builds for the purpose, may then hold some of the weights). Which keys
+    may be absent is the modules' own rule (a TAP from before its ``tau`` was saved keeps its own)."""
     own = model.state_dict()
-    # (TAP's tau entry may be absent: files from before it was recorded load, the TAP keeping its own)
-    missing = [k for k in own if k not in state and not (
-        k.endswith("_extra_state") and isinstance(model.get_submodule(k.rpartition(".")[0]), TAP))]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                  if k in state and state[k].shape != v.shape]
+    wrong_shape = {k for k, v in own.items() if k in state and state[k].shape != v.shape}
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in wrong_shape]
+    keys = model.load_state_dict({k: v for k, v in state.items() if k not in wrong_shape}, strict=False)
+    missing = [k for k in keys.missing_keys if k not in wrong_shape]
+    unexpected = keys.unexpected_keys
     if missing or unexpected or mismatched:
         details = []
         for what, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
@@ -171,7 +172,6 @@ def load_state_into(model: nn.Module, state: Mapping[str, Tensor], path: str) ->
                 details.append(f"{len(items)} {what} (e.g. {', '.join(items[:3])})")
         raise CheckpointError(f"{path}: weights are for another architecture than {type(model).__name__}: "
                               + "; ".join(details))
-    model.load_state_dict(state, strict=True)
     return model
 
 

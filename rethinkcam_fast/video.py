@@ -207,17 +207,14 @@ def prefetch(frames: Iterable, depth: int, *, poll: bool = False, idle: float | 
     thread.start()
     try:
         while True:
+            wait = None  # (blocks until an item comes)
             if poll and items.empty():
                 yield NOT_READY
-                if idle is not None:
-                    try:
-                        kind, value = items.get(timeout=idle)
-                    except queue.Empty:
-                        yield IDLE
-                        kind, value = items.get()
-                else:
-                    kind, value = items.get()
-            else:
+                wait = idle
+            try:
+                kind, value = items.get(timeout=wait)
+            except queue.Empty:  # (idle seconds without an item)
+                yield IDLE
                 kind, value = items.get()
             if kind == "item":
                 yield value
@@ -533,9 +530,10 @@ class VideoLocalizer:
             raise TypeError(f"stream() takes frames, got the path {frames!r}: decode it with read_frames(path), "
                             "or use localize_video(localizer, path)")
         if targets is not None:
-            if _class_index(targets) is None:
+            one = _class_index(targets)
+            if one is None:
                 raise TypeError(f"targets must be None or one class index for every frame, got {type(targets).__name__}")
-            targets = _class_index(targets)
+            targets = one
         # Folding traces the model, which patches nn.Module.__call__ process-wide: the decode thread
         # holds the source back after the first frame until the fold on that frame is done (see
         # _fold_model), and the source itself never leaves the decode thread.

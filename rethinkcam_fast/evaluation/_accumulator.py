@@ -12,7 +12,6 @@ import copy
 import hashlib
 import json
 from collections.abc import Sequence
-from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -20,17 +19,14 @@ import torch
 from torch import Tensor
 
 from .._validation import check_cams_shape, check_float_dtype, first_bad_unit_map
-from ..ops.box_ious import cam_curve_thresholds
+from ..ops.box_ious import cam_curve_thresholds, check_cam_curve_interval
 
 
 class CountingEvaluator:
     """Base class: subclasses define :meth:`_config` and :meth:`_zero_state` and add to ``self._state``."""
 
     def __init__(self, cam_curve_interval: float, device: torch.device | str | None) -> None:
-        if isinstance(cam_curve_interval, (bool, np.bool_)) or not isinstance(cam_curve_interval, Real):
-            raise TypeError(f"cam_curve_interval must be a number, got {type(cam_curve_interval).__name__}")
-        cam_curve_interval = float(cam_curve_interval)  # numpy scalars included
-        self.cam_curve_interval = float(cam_curve_interval)
+        self.cam_curve_interval = check_cam_curve_interval(cam_curve_interval)  # (a float: numpy scalars too)
         self.cam_thresholds: np.ndarray = cam_curve_thresholds(self.cam_curve_interval)
         self._state: dict[str, Tensor] = self._zero_state(torch.device(device or "cpu"))
 

@@ -60,12 +60,19 @@ def box_iou_matrix(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
     return iou.masked_fill(degenerate, 0.0)
 
 
-def cam_curve_thresholds(interval: float) -> np.ndarray:
-    """The protocol's CAM thresholds, ``np.arange(0, 1, interval)`` (float64, as the reference builds them)."""
+def check_cam_curve_interval(interval: object) -> float:
+    """``interval`` as a float: a real number (numpy's too) in ``(0, 1)``, else ``TypeError`` /
+    ``ValueError`` naming ``cam_curve_interval``."""
     if isinstance(interval, (bool, np.bool_)) or not isinstance(interval, Real):
         raise TypeError(f"cam_curve_interval must be a real number in (0, 1), got {type(interval).__name__} {interval!r}")
     if not (0.0 < float(interval) < 1.0):
         raise ValueError(f"cam_curve_interval must lie in (0, 1), got {interval!r}")
+    return float(interval)
+
+
+def cam_curve_thresholds(interval: float) -> np.ndarray:
+    """The protocol's CAM thresholds, ``np.arange(0, 1, interval)`` (float64, as the reference builds them)."""
+    check_cam_curve_interval(interval)
     return np.arange(0, 1, interval)
 
 
