@@ -30,7 +30,7 @@ from .ops.flm_fuse import flm_fuse_with_flags
 from .ops.fuse_maps import FUSE_MODES, UPSAMPLE_MODES, fuse_maps_reference, fuse_maps_trusted
 from .ops.map_epilogue import acc_dtype, map_epilogue_op
 from .ops.percentile_threshold import percentile_threshold
-from .ops.weighted_map import weighted_map, weighted_map_reference, weighted_map_trusted
+from .ops.weighted_map import flm_layer_reducer, weighted_map, weighted_map_reference, weighted_map_trusted
 
 METHODS = ("cam", "gradcam", "gradcam++", "layercam", "fullycam")
 
@@ -1006,6 +1006,7 @@ class CAMEngine:
         """
         keys = [id(m) for m in layers]
         handles = []
+        reduce = flm_layer_reducer(self.backend)  # (the backend chosen once, not in each layer's hook)
 
         def make_hook(key: int):
             def hook(grad: Tensor | None) -> None:
@@ -1013,7 +1014,7 @@ class CAMEngine:
                     return
                 activation = capture.activations.pop(key, None)
                 if activation is not None:
-                    capture.maps[key] = self._flm_layer_map(activation, grad)
+                    capture.maps[key] = reduce(activation, grad)
 
             return hook
 
@@ -1036,7 +1037,7 @@ class CAMEngine:
             grads = torch.autograd.grad(scores.sum(), sources, allow_unused=True) if sources else ()
             for key, grad in zip(restarts, grads[len(sources) - len(restarts):]):
                 if key not in capture.maps and grad is not None:  # a hook on an input need not fire
-                    capture.maps[key] = self._flm_layer_map(capture.activations[key], grad)
+                    capture.maps[key] = reduce(capture.activations[key], grad)
             del grads
             if not exhaustive and any(key not in capture.maps and key in capture.activations
                                       and capture.activations[key].requires_grad for key in keys):

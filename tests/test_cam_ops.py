@@ -401,3 +401,55 @@ def test_host_cdiv_and_next_power_of_2_match_tritons():
         for b in range(1, 33):
             assert cdiv(a, b) == triton.cdiv(a, b)
     assert next_power_of_2(0) == 1 and next_power_of_2(-5) == 1
+
+
+def _layout(t, layout):
+    if layout == "nhwc":
+        return t.to(memory_format=torch.channels_last)
+    if layout == "transposed":  # neither NCHW nor channels_last: flat_spatial copies it
+        return t.transpose(2, 3).contiguous().transpose(2, 3)
+    return t
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flm_layer_reducer_equals_weighted_map_bit_for_bit(backend):
+    """The engine's per-layer FLM reduction (backend and kernel plan chosen once, not per layer) gives
+    weighted_map's mode="flm" values exactly, for every layout, dtype and shape it meets in one call,
+    the reused plans included (the same shapes again, new values)."""
+    from rethinkcam_fast.ops.weighted_map import flm_layer_reducer
+
+    reduce = flm_layer_reducer(backend)
+    gen = torch.Generator().manual_seed(11)
+    cases = [((2, 37, 5, 6), "nchw", torch.float32), ((2, 37, 5, 6), "nhwc", torch.float32),
+             ((1, 3, 1, 1), "nchw", torch.float32), ((2, 6, 4, 3), "transposed", torch.float32),
+             ((3, 70, 7, 7), "nhwc", torch.bfloat16), ((0, 4, 3, 3), "nchw", torch.float32),
+             ((2, 5, 3, 4), "nchw", torch.float64), ((2, 5, 3, 4), "nchw", (torch.bfloat16, torch.float32))]
+    for _ in range(2):
+        for shape, layout, dtype in cases:
+            a_dtype, g_dtype = dtype if isinstance(dtype, tuple) else (dtype, dtype)  # (mixed: no native kernel)
+            a = _layout(torch.randn(shape, generator=gen).to(a_dtype), layout)
+            g = _layout(torch.randn(shape, generator=gen).to(g_dtype), layout)
+            a[..., :1, :1] = float("nan")  # the FLM NaN policy: relu(NaN) = 0 inside the sum
+            got = reduce(a.requires_grad_(), g)
+            want = weighted_map(a.detach(), grads=g, mode="flm", relu=False, backend=backend)
+            assert got.dtype == torch.float32 and got.shape == want.shape and not got.requires_grad
+            assert torch.equal(got, want), (shape, layout, dtype)
+
+
+@requires_triton
+def test_flm_layer_reducer_plans_once_per_shape_and_layout(monkeypatch):
+    """On the Triton path a layer's grid and arguments come from a plan made once per shape and
+    layout: the launches of a second call equal a fresh weighted_map_triton's."""
+    from rethinkcam_fast.ops import weighted_map as wm
+
+    launched = []
+    monkeypatch.setattr(wm, "launch", lambda kernel, grid, *args, **kw: launched.append((kernel, grid, args[4:], kw)))
+    a = torch.randn(2, 9, 5, 6).to(memory_format=torch.channels_last)
+    g = torch.randn(2, 9, 5, 6)
+    reduce = wm.flm_layer_reducer("triton")
+    plans = []
+    monkeypatch.setattr(wm, "_flm_plan", lambda *t, _real=wm._flm_plan: plans.append(1) or _real(*t))
+    reduce(a, g), reduce(a, g)
+    wm.weighted_map_triton(a, None, g, "flm", False)
+    assert len(plans) == 1 and len(launched) == 3
+    assert launched[0] == launched[1] == launched[2]

@@ -37,6 +37,7 @@ Kernels, all accumulating in float32 and reading NCHW or channels_last in place,
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -245,21 +246,101 @@ def weighted_map_triton(
         )
         mode = "channel"
     if mode == "channel":
-        g, g_sn, g_sk, g_ss = a, 0, 0, 0  # unused
-        wt, w_sn, w_sk = weights, weights.stride(0), weights.stride(1)
+        g, g_strides = a, (0, 0, 0)  # unused
+        wt, w_strides = weights, (weights.stride(0), weights.stride(1))
     else:
-        g, g_sn, g_sk, g_ss = flat_spatial(grads)
-        wt, w_sn, w_sk = a, 0, 0  # unused
-    channels_last = a_sk == 1 and k > 1
+        g, *g_strides = flat_spatial(grads)
+        wt, w_strides = a, (0, 0)  # unused
+    grid, ints, constexprs = _map_kernel_plan(n, k, s, (a_sn, a_sk, a_ss), w_strides, g_strides, mode, relu)
+    launch(_weighted_map_kernel, grid, a, wt, g, out, *ints, **constexprs)
+    return out
+
+
+def _map_kernel_plan(n: int, k: int, s: int, a_strides, w_strides, g_strides, mode: str, relu: bool):
+    """``(grid, int arguments, constexprs and launch options)`` of ``_weighted_map_kernel`` for maps
+    ``[n, k, s]`` with these flat strides (see :func:`flat_spatial`)."""
+    channels_last = a_strides[1] == 1 and k > 1
     block_s = min(next_power_of_2(s), 32 if channels_last else 128)
     block_k = max(1, min(next_power_of_2(k), 4096 // block_s, 64))
     grid = (n * cdiv(s, block_s),)  # (image, position block), images fastest (grid_pair)
-    launch(_weighted_map_kernel, grid,
-        a, wt, g, out, n, k, s, a_sn, a_sk, a_ss, w_sn, w_sk, g_sn, g_sk, g_ss,
-        MODE=_MODE_CODES[mode], RELU=relu, BLOCK_K=block_k, BLOCK_S=block_s,
-        num_warps=8 if block_k * block_s >= 4096 else 4,  # 4K-element tiles on 4 warps: up to 128 registers
-    )                                                      # a thread and spills in bf16 (sm_90)
-    return out
+    # (4K-element tiles on 4 warps: up to 128 registers a thread and spills in bf16 on sm_90)
+    constexprs = dict(MODE=_MODE_CODES[mode], RELU=relu, BLOCK_K=block_k, BLOCK_S=block_s,
+                      num_warps=8 if block_k * block_s >= 4096 else 4)
+    return grid, (n, k, s, *a_strides, *w_strides, *g_strides), constexprs
+
+
+def flm_layer_reducer(backend: str = "auto") -> Callable[[Tensor, Tensor], Tensor]:
+    """A function ``(A[N, K, h, w], G[N, K, h, w]) -> M[N, h, w]``, ``M = sum_k relu(G) relu(A)``
+    (float32), equal to ``weighted_map(A, grads=G, mode="flm", relu=False, backend=backend)`` without its
+    checks, for Fully-CAM's per-layer reductions: the CAM engine runs one per target layer inside an
+    autograd hook (53 a ResNet50 call) while the backward waits on the host, and on the H100 that host
+    time showed as the call's excess over its floor (README, GPU). So the backend is chosen once per
+    device and dtype pair, not per layer, and on the Triton path the kernel's grid and arguments once
+    per shape and layout; what remains per layer is the output's allocation and the launch. Arguments
+    must be what the engine passes: floating, same shape and device, no graph to record (a hook's
+    gradient, a detached or recorded activation: the Triton and native kernels record nothing, the
+    reference path detaches both)."""
+    routes: dict = {}
+
+    def reduce(activations: Tensor, grads: Tensor) -> Tensor:
+        key = (activations.device, activations.dtype, grads.dtype)
+        route = routes.get(key)
+        if route is None:
+            route = routes[key] = _flm_route(activations, grads, backend)
+        return route(activations, grads)
+
+    return reduce
+
+
+def _flm_route(activations: Tensor, grads: Tensor, backend: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """:func:`flm_layer_reducer`'s function for tensors of this device and these dtypes, picked as
+    :func:`_weighted_map_impl` picks its path."""
+    if torch.compiler.is_compiling():
+        return lambda a, g: weighted_map_trusted(a, grads=g, mode="flm", relu=False, backend=backend)
+    kernel = _native_grad_modes(activations, grads, "flm", backend)
+    if kernel is not None:
+        def native(a: Tensor, g: Tensor) -> Tensor:
+            with device_guard(a):
+                return weighted_map_native(kernel, a, g, "flm", False)
+        return native
+    if not use_triton("weighted_map", backend, activations.device):
+        return lambda a, g: weighted_map_reference(a.detach(), None, g.detach(), "flm", False)
+    plans: dict = {}
+    device = activations.device
+    index = device.index if device.type == "cuda" else None
+
+    def triton_flm(a: Tensor, g: Tensor) -> Tensor:
+        # (a launch goes to the current device: in a CUDA backward's hooks, autograd's thread for the
+        # tensors' device, so the guard is only entered from other threads)
+        if index is not None and torch.cuda.current_device() != index:
+            with torch.cuda.device(index):
+                return triton_flm(a, g)
+        key = (a.shape, a.stride(), g.stride())
+        plan = plans.get(key)
+        if plan is None:
+            plan = plans[key] = _flm_plan(a, g)
+        if plan is None:  # an empty map, or a layout flat_spatial copies: the general path
+            return weighted_map_triton(a, None, g, "flm", False)
+        n, h, w, grid, ints, constexprs = plan
+        out = torch.empty((n, h, w), dtype=torch.float32, device=device)
+        launch(_weighted_map_kernel, grid, a, a, g, out, *ints, **constexprs)
+        return out
+
+    return triton_flm
+
+
+def _flm_plan(a: Tensor, g: Tensor):
+    """``(n, h, w, grid, ints, constexprs)`` of the FLM kernel for tensors shaped and strided as ``a``
+    and ``g``, or ``None`` where the general launcher must run (an empty map; a layout that
+    :func:`flat_spatial` would copy)."""
+    n, k, h, w = a.shape
+    if n * k * h * w == 0:
+        return None
+    flat_a, *a_strides = flat_spatial(a)
+    flat_g, *g_strides = flat_spatial(g)
+    if flat_a is not a or flat_g is not g:
+        return None
+    return (n, h, w, *_map_kernel_plan(n, k, h * w, a_strides, (0, 0), g_strides, "flm", False))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,5 +455,5 @@ def weighted_map_trusted(
     return run_trusted(_weighted_map_op, _weighted_map_impl, activations, weights, grads, mode, relu, backend)
 
 
-__all__ = ["CUDA_KERNEL_ENV", "GRADCAM_PP_EPS", "GRADIENT_WEIGHT_MODES", "MODES", "gradient_channel_weights_reference",
-           "weighted_map", "weighted_map_trusted", "weighted_map_native", "weighted_map_reference", "weighted_map_triton"]
+__all__ = ["CUDA_KERNEL_ENV", "GRADCAM_PP_EPS", "GRADIENT_WEIGHT_MODES", "MODES", "flm_layer_reducer",
+           "gradient_channel_weights_reference", "weighted_map", "weighted_map_trusted", "weighted_map_native", "weighted_map_reference", "weighted_map_triton"]
