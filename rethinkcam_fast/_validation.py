@@ -47,11 +47,20 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"tensors must be on one device: {listed}")
 
 
-def check_unit_interval(name: str, value: object, *, include_one: bool = False) -> float:
-    """``value`` as a float in ``[0, 1)`` (or ``[0, 1]``); ``TypeError``/``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, Real):
+def real_number(name: str, value: object) -> float:
+    """``value`` as a float: a real number (Python's or numpy's) or a 0-d real tensor (read on the host:
+    a hyperparameter, not data); ``TypeError`` naming ``name`` for anything else, booleans included."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool and not value.is_complex():
+        return float(value.item())
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    result = float(value)
+    return float(value)
+
+
+def check_unit_interval(name: str, value: object, *, include_one: bool = False) -> float:
+    """``value`` (see :func:`real_number`) as a float in ``[0, 1)`` (or ``[0, 1]``); ``TypeError``/``ValueError``
+    naming ``name``."""
+    result = real_number(name, value)
     upper_ok = result <= 1.0 if include_one else result < 1.0
     if not (result >= 0.0 and upper_ok):  # also rejects NaN
         interval = "[0, 1]" if include_one else "[0, 1)"

@@ -13,7 +13,7 @@ import itertools
 import threading
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from numbers import Integral
 
 import numpy as np
@@ -35,7 +35,7 @@ from .ops.weighted_map import flm_layer_reducer, weighted_map, weighted_map_refe
 METHODS = ("cam", "gradcam", "gradcam++", "layercam", "fullycam")
 
 
-@dataclass
+@dataclass(repr=False)
 class CAMResult:
     """What the engine returns for a batch of ``N`` images.
 
@@ -44,7 +44,7 @@ class CAMResult:
         scores: ``Tensor[N]`` (float32), their logits (the seed paper's "weight"); attached to the graph
             with ``differentiable=True``, detached otherwise.
         cams: ``Tensor[N, H, W]`` float32 in ``[0, 1]``, on the input's device; attached to the graph
-            with ``differentiable=True``.
+            with ``differentiable=True`` (float64 then for a float64 model, whose gradients stay float64).
         degenerate: ``BoolTensor[N]``, images whose map was constant or non-finite, or whose target score
             was (their ``cams`` are zeros; ``layer_maps`` are left as computed).
         layer_maps: per-layer maps at feature resolution (``{name: Tensor[N, h, w]}``), on request.
@@ -63,6 +63,38 @@ class CAMResult:
     boxes: Tensor | None = None
     thresholds: Tensor | None = None
     logits: Tensor | None = None
+
+    def __len__(self) -> int:
+        """``N``, the number of images."""
+        return len(self.labels)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CAMResult:
+        """A result with every tensor on ``device`` (dtypes kept; tensors already there are shared,
+        as ``Tensor.to`` shares them; gradients flow through the copies)."""
+        def move(t):
+            return t.to(device, non_blocking=non_blocking) if isinstance(t, Tensor) else t
+
+        values = {f.name: move(getattr(self, f.name)) for f in fields(self)}
+        if self.layer_maps is not None:
+            values["layer_maps"] = {name: move(m) for name, m in self.layer_maps.items()}
+        return CAMResult(**values)
+
+    def cpu(self) -> CAMResult:
+        """:meth:`to` the CPU."""
+        return self.to("cpu")
+
+    def __repr__(self) -> str:
+        """Shapes, dtypes and the device, not the values (print a field for those)."""
+        def describe(t):
+            if not isinstance(t, Tensor):
+                return repr(t)
+            return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+
+        parts = [f"{f.name}={describe(getattr(self, f.name))}" for f in fields(self)
+                 if f.name != "layer_maps" and getattr(self, f.name) is not None]
+        if self.layer_maps is not None:
+            parts.append(f"layer_maps={{{', '.join(f'{k!r}: {describe(v)}' for k, v in self.layer_maps.items())}}}")
+        return f"CAMResult(N={len(self)}, device={self.cams.device}, {', '.join(parts)})"
 
 
 def _warn_degenerate(degenerate: Tensor, stacklevel: int) -> None:
@@ -410,7 +442,25 @@ class CAMEngine:
         return layers
 
     def layer_name(self, module: nn.Module) -> str:
+        """``module``'s name in the model (as ``named_modules()`` gives it; the model's class name for
+        the model itself), or its class name when it is not one of the model's modules."""
         return self._names.get(id(module), type(module).__name__)
+
+    def __repr__(self) -> str:
+        layers = self._target_layers
+        where = ("default (found at the first call)" if layers is None else
+                 f"{len(layers)} convs" if self._default_layers and len(layers) > 3 else
+                 str([self.layer_name(m) for m in layers]))
+        options = [f"method={self.method!r}", f"target_layers={where}"]
+        if self.method == "cam":
+            options.append(f"nwc={self.nwc}")
+        if self.method == "fullycam":
+            options.append(f"fuse={self.fuse!r}")
+        options += [f"output_size={self.output_size}", f"upsample={self.upsample!r}",
+                    f"boxes={self.boxes}" + (f" (PaS q={self.pas_q}, theta={self.pas_theta}, {self.box_convention!r})"
+                                             if self.boxes else ""),
+                    f"backend={self.backend!r}", f"differentiable={self.differentiable}"]
+        return f"CAMEngine({type(self.model).__name__}, {', '.join(options)})"
 
     # -- context manager: hooks live only inside __call__, so there is nothing left to remove ----
 
@@ -514,12 +564,14 @@ class CAMEngine:
             images = images.detach().requires_grad_(True)
         handles = []
         try:  # (hooks registered one by one inside: a module refusing one must not orphan the others')
+            hook = self._forward_hook(capture)  # (one closure for every module)
             for m in candidates:
-                handles.append(m.register_forward_hook(self._forward_hook(capture)))
+                handles.append(m.register_forward_hook(hook))
             if self.method == "cam" and classifier is None:  # which nn.Linear (or 1x1 conv head) makes the logits
+                hook = self._linear_hook(capture)
                 for m in self.model.modules():
                     if isinstance(m, (nn.Linear, nn.Conv2d)):
-                        handles.append(m.register_forward_hook(self._linear_hook(capture)))
+                        handles.append(m.register_forward_hook(hook))
             logits = self._logits_of(self.model(images))
         finally:
             for handle in handles:
@@ -621,7 +673,7 @@ class CAMEngine:
         layer_maps = None
         if self.return_layer_maps:
             layer_maps = {self.layer_name(m): mp for m, mp in zip(layers, maps)}
-        result = CAMResult(labels=labels, scores=scores.detach().float(), cams=cams, degenerate=degenerate,
+        result = CAMResult(labels=labels, scores=scored.float(), cams=cams, degenerate=degenerate,
                            layer_maps=layer_maps)
         if self.differentiable:
             result.scores, result.logits = scores.float(), logits

@@ -36,8 +36,13 @@ class TAP(nn.Module):
 
     def __init__(self, tau: float = 0.1, flatten: bool = False) -> None:
         super().__init__()
-        self.tau = check_unit_interval("tau", tau)
+        self.tau = tau
         self.flatten = bool(flatten)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "tau":  # checked when set (a schedule assigning it too), not at the next forward
+            value = check_unit_interval("tau", value)
+        super().__setattr__(name, value)
 
     def forward(self, x: Tensor) -> Tensor:
         unbatched = x.dim() == 3  # [C, H, W], as nn.AdaptiveAvgPool2d accepts
@@ -63,7 +68,7 @@ class TAP(nn.Module):
         tau, flatten = (float(v) for v in state.detach().to("cpu", torch.float64))
         if flatten not in (0.0, 1.0):
             raise ValueError(f"TAP extra state: flatten must be 0 or 1, got {flatten}")
-        self.tau = check_unit_interval("tau (TAP extra state)", tau)
+        self.tau = check_unit_interval("tau (TAP extra state)", tau)  # (named for the error; set checks again)
         self.flatten = flatten == 1.0
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -37,7 +37,7 @@ from ._cuda_graph import CapturedCall
 from .engine import CAMEngine, _class_index
 from .folding import fold_batchnorm
 from .localize import IMAGENET_MEAN, IMAGENET_STD, input_channels
-from .ops.boxes import boxes_from_packed, pack_results, packed_to_host
+from .ops.boxes import CONVENTIONS, boxes_from_packed, pack_results, packed_to_host
 from .ops.percentile_threshold import percentile_threshold
 
 LUMA = (0.299, 0.587, 0.114)  # RGB -> grey (ITU-R BT.601), for single-channel models
@@ -293,7 +293,12 @@ class VideoLocalizer:
 
     Args:
         model: the classifier (put in ``eval()`` by the caller; its mode is left untouched).
-        method: any :class:`CAMEngine` method; ``engine_options`` are passed on (``nwc``, ``pas_q``...).
+        method: any :class:`CAMEngine` method; ``engine_options`` are passed on (``nwc``,
+            ``target_layers``...), except ``pas_q`` / ``pas_theta`` (the PaS threshold, cut here after
+            the CAM) and ``box_convention`` (default ``"exact"``, inclusive pixel extents in the frame, as
+            the JSON lines give them; ``"wsol"`` for the reference's one pixel larger boxes). ``boxes`` and
+            ``output_size`` are the video path's own (one box per frame, maps in the frame's pixels):
+            passing them raises ``TypeError``.
         input_size: ``(H, W)`` the model sees, or one int for a square (frames are resized on the
             device); ``None``: as is.
         mean, std: per-channel normalisation after scaling to ``[0, 1]`` (ImageNet's by default;
@@ -388,7 +393,13 @@ class VideoLocalizer:
         # PaS and the box are cut here, after the (possibly replayed) CAM, not inside the engine.
         self.pas_q = float(engine_options.pop("pas_q", 90.0))
         self.pas_theta = float(engine_options.pop("pas_theta", 0.35))
-        engine_options.pop("box_convention", None)
+        for name in ("boxes", "output_size"):
+            if name in engine_options:
+                raise TypeError(f"VideoLocalizer sets {name}= itself (one box a frame, cut from maps in the frame's "
+                                "own pixels): leave it out")
+        self.box_convention = engine_options.pop("box_convention", "exact")
+        if self.box_convention not in CONVENTIONS:
+            raise ValueError(f"box_convention must be one of {CONVENTIONS}, got {self.box_convention!r}")
         engine_options["boxes"] = False
         self.engine = CAMEngine(model, method, **engine_options)
         self._engine_options = engine_options
@@ -508,7 +519,7 @@ class VideoLocalizer:
 
     def _collect(self, job: _InFlight) -> list[FrameResult]:
         """Wait for a submitted batch's results, cut its boxes on the host, one result per frame."""
-        labels, scores, _, boxes = boxes_from_packed(job.host, job.done, job.shape, "exact")
+        labels, scores, _, boxes = boxes_from_packed(job.host, job.done, job.shape, self.box_convention)
         labels, scores, boxes = labels.tolist(), scores.tolist(), boxes.tolist()
         return [
             FrameResult(index=job.first_index + k, label=int(labels[k]), score=float(scores[k]),

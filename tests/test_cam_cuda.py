@@ -37,7 +37,8 @@ def test_weighted_map_on_gpu(monkeypatch, kernel, dtype, layout, shape):
     for mode in ("channel", "layercam", "flm", "gradcam", "gradcam++"):
         # Grad-CAM++ on post-ReLU activations, as its targets give (its float32 formula cancels on signed ones)
         acts, acts_gpu = (a.relu(), ac.relu()) if mode == "gradcam++" else (a, ac)
-        got = weighted_map(acts_gpu, wc, gc, mode=mode, relu=True).cpu()
+        weights, grads = (wc, None) if mode == "channel" else (None, gc)  # (the other is refused)
+        got = weighted_map(acts_gpu, weights, grads, mode=mode, relu=True).cpu()
         want = oracle_weighted(acts, w, g, mode, True)
         scale = max(1.0, float(want.abs().max())) if mode == "gradcam++" else 1.0
         torch.testing.assert_close(got.double(), want, atol=1e-4 * shape[1] ** 0.5 * scale, rtol=1e-3)

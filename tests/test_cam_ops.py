@@ -73,8 +73,9 @@ def test_weighted_map_matches_oracle(backend, dtype, layout, shape):
         # denominator 2 g² + sum(A) g³ cancels and any float32 evaluation (the reference's too) is
         # off by up to 1 % of the map's scale.
         acts = a.relu() if mode == "gradcam++" else a
+        weights, grads = (w, None) if mode == "channel" else (None, g)  # (the other is refused)
         for relu in (True, False):
-            got = weighted_map(acts, w, g, mode=mode, relu=relu, backend=backend)
+            got = weighted_map(acts, weights, grads, mode=mode, relu=relu, backend=backend)
             want = oracle_weighted(acts, w, g, mode, relu)
             assert got.dtype == torch.float32 and got.shape == (shape[0], shape[2], shape[3])
             scale = 1.0 if mode != "gradcam++" else max(1.0, float(want.abs().max()))  # its maps reach 1e4
@@ -160,6 +161,14 @@ def test_bad_input_raises_clear_errors():
         weighted_map(a, torch.randn(2, 5), backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         fuse_maps(torch.rand(2, 3, 3), (4, 4), backend="native")
+    # an argument the mode does not use is refused, not dropped
+    with pytest.raises(ValueError, match="mode='channel' does not use grads="):
+        weighted_map(a, torch.randn(2, 5), grads=torch.randn_like(a), mode="channel")
+    for mode in ("layercam", "gradcam"):
+        with pytest.raises(ValueError, match=f"mode='{mode}' does not use weights="):
+            weighted_map(a, torch.randn(2, 5), grads=torch.randn_like(a), mode=mode)
+    maps = torch.rand(2, 3, 3)  # fuse positional, as flm_fuse's
+    assert torch.equal(fuse_maps(maps, (4, 4), "max")[0], fuse_maps(maps, (4, 4), fuse="max")[0])
 
 
 def test_fuse_maps_output_size_is_checked_like_the_other_ops():
@@ -237,7 +246,8 @@ def test_weighted_map_nan_policy_is_the_same_on_every_backend(backend, layout):
             "flm": (relu0(g) * relu0(a)).sum(1)}
     for mode, want_sum in sums.items():
         for relu in (False, True):
-            got = weighted_map(a, w, g, mode=mode, relu=relu, backend=backend).double()
+            weights, grads = (w, None) if mode == "channel" else (None, g)
+            got = weighted_map(a, weights, grads, mode=mode, relu=relu, backend=backend).double()
             want = torch.where(want_sum < 0, 0.0, want_sum) if relu else want_sum
             assert torch.equal(torch.isnan(got), torch.isnan(want)), (mode, relu)
             assert torch.equal(torch.isinf(got), torch.isinf(want)), (mode, relu)

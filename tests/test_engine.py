@@ -999,3 +999,23 @@ def test_the_pooling_check_survives_a_module_that_refuses_hooks():
     with pytest.warns(RuntimeWarning, match="does not give the logits"):  # (no module to name: the search failed)
         CAMEngine(model, "cam", boxes=False)(images_for())
     assert all(not m._forward_hooks for m in model.modules() if not isinstance(m, torch.jit.ScriptModule))
+
+
+def test_result_moves_as_a_whole_and_reprs_show_shapes_not_values():
+    model = make(MiniResNet, classes=5).eval()
+    engine = CAMEngine(model, "gradcam", return_layer_maps=True, warn_degenerate=False)
+    assert repr(engine).startswith("CAMEngine(MiniResNet, method='gradcam', target_layers=default")
+    result = engine(torch.rand(2, 3, 32, 32))
+    assert "target_layers=['layer3']" in repr(engine) and len(result) == 2
+    text = repr(result)
+    assert text.startswith("CAMResult(N=2, device=cpu, labels=int64[2], scores=float32[2], cams=float32[2, 32, 32]")
+    assert "layer_maps={'layer3': float32[2, 2, 2]}" in text and "tensor(" not in text
+    moved = result.to(torch.device("meta"))  # (another device, on a CPU-only machine)
+    for name in ("labels", "scores", "cams", "degenerate", "boxes", "thresholds"):
+        assert getattr(moved, name).device.type == "meta"
+        assert getattr(moved, name).dtype == getattr(result, name).dtype
+    assert moved.layer_maps["layer3"].device.type == "meta" and result.layer_maps["layer3"].device.type == "cpu"
+    assert result.cpu().cams is result.cams  # already there: shared, as Tensor.to shares
+    trained = CAMEngine(model, "cam", differentiable=True, boxes=False)(torch.rand(2, 3, 32, 32)).to("cpu")
+    trained.cams.sum().backward()  # gradients flow through the moved result
+    assert model.fc.weight.grad is not None

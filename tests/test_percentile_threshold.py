@@ -111,6 +111,11 @@ def test_bad_input_raises_clear_errors():
         percentile_threshold(cams, theta=-0.1)
     with pytest.raises(TypeError, match="q must be a real number"):
         percentile_threshold(cams, q="90")
+    with pytest.raises(TypeError, match="theta must be a real number"):
+        percentile_threshold(cams, theta=torch.tensor([0.35]))
+    # 0-d tensors and numpy scalars are numbers
+    assert torch.equal(percentile_threshold(cams, q=torch.tensor(80.0), theta=np.float32(0.5)),
+                       percentile_threshold(cams, q=80.0, theta=float(np.float32(0.5))))
     with pytest.raises(ValueError, match="backend must be one of"):
         percentile_threshold(cams, backend="cuda")
 

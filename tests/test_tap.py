@@ -225,6 +225,17 @@ def test_bad_input_raises_clear_errors():
         rethinkcam_fast.tap(x, backend="cuda")
     with pytest.raises(ValueError, match="tau must lie in"):
         rethinkcam_fast.TAP(tau=2.0)
+    pool = rethinkcam_fast.TAP(tau=0.2)
+    with pytest.raises(ValueError, match="tau must lie in"):
+        pool.tau = 1.5  # checked when set (a schedule assigning it), not at the next forward
+    with pytest.raises(TypeError, match="tau must be a real number"):
+        pool.tau = torch.tensor([0.1, 0.2])
+    assert pool.tau == 0.2
+    pool.tau = torch.tensor(0.3, dtype=torch.float64)  # a 0-d tensor is a number: kept as a float
+    assert type(pool.tau) is float and pool.tau == 0.3
+    assert torch.equal(rethinkcam_fast.tap(x, torch.tensor(0.3)), rethinkcam_fast.tap(x, 0.3))
+    with pytest.raises(TypeError, match="tau must be a real number"):
+        rethinkcam_fast.tap(x, torch.tensor(True))
     with pytest.raises(ValueError, match="one device: grad_out on cpu, x on meta"):
         check_same_device(grad_out=torch.zeros(1), x=torch.zeros(1, device="meta"))
 

@@ -60,6 +60,22 @@ def test_stream_matches_the_engine_frame_by_frame(model):
         assert 0 <= x0 <= x1 < 52 and 0 <= y0 <= y1 < 40
 
 
+def test_box_convention_reaches_the_video_boxes(model, monkeypatch):
+    """As the engine's (the video default: exact, inclusive extents, as the JSON lines give them)."""
+    import rethinkcam_fast.video as video
+
+    frames = random_frames(4)
+    conventions = []
+    real = video.boxes_from_packed
+    monkeypatch.setattr(video, "boxes_from_packed", lambda *a: conventions.append(a[-1]) or real(*a))
+    wsol = list(VideoLocalizer(model, "gradcam", input_size=(32, 32), batch_size=2, box_convention="wsol").stream(frames))
+    list(VideoLocalizer(model, "gradcam", input_size=(32, 32), batch_size=4).stream(frames))
+    assert conventions == ["wsol", "wsol", "exact"]
+    batch = VideoLocalizer(model, input_size=(32, 32)).preprocess(torch.from_numpy(np.stack(frames)))
+    expected = CAMEngine(model, "gradcam", output_size=(40, 52), box_convention="wsol", warn_degenerate=False)(batch)
+    assert [r.box for r in wsol] == [tuple(b) for b in expected.boxes.tolist()]
+
+
 def test_nchw_layout_gives_the_same_results(model):
     frames = random_frames(5)
     nhwc = VideoLocalizer(model, "gradcam", input_size=(32, 32), batch_size=2, keep_cams=True)
@@ -415,6 +431,11 @@ def test_bad_input_raises_clear_errors(model):
         with pytest.raises(error, match="input_size"):
             VideoLocalizer(model, input_size=size)
     assert VideoLocalizer(model, input_size=48).input_size == (48, 48)
+    for option in ({"boxes": True}, {"output_size": (4, 4)}):  # the video path's own: never silently dropped
+        with pytest.raises(TypeError, match=f"sets {next(iter(option))}= itself"):
+            VideoLocalizer(model, **option)
+    with pytest.raises(ValueError, match="box_convention must be one of"):
+        VideoLocalizer(model, box_convention="bogus")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device='cuda'"):
             VideoLocalizer(model, device="cuda")

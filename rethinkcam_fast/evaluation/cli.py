@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from ..cli import _positive_int
+from ..engine import METHODS
 from .metadata import DATASETS
 
 
@@ -60,10 +61,11 @@ def add_evaluate_commands(sub: Any) -> None:
 
     model = sub.add_parser("evaluate-model", help="WSOL metrics of a model's CAMs, computed on the fly")
     model.add_argument("--model", required=True, help="MODULE:CALLABLE or FILE.py:CALLABLE returning the nn.Module")
-    model.add_argument("--checkpoint", help="state_dict to load (torch.load with weights_only=True)")
+    model.add_argument("--checkpoint", "--weights", dest="checkpoint",
+                       help="state dict or `rethinkcam train` checkpoint to load (weights_only=True)")
     model.add_argument("--data-root", required=True, help="holds the images <image_id>")
     _add_protocol_flags(model)
-    model.add_argument("--method", default="cam", help="CAM method (cam, gradcam, gradcam++, layercam, fullycam)")
+    model.add_argument("--method", default="cam", choices=METHODS, help="CAM method (default: cam)")
     model.add_argument("--nwc", action="store_true",
                        help="negative weight clamping for --method cam (the Rethinking-CAM paper's NWC; off by "
                             "default: the standard protocol evaluates plain CAM)")

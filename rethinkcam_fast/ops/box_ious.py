@@ -20,14 +20,13 @@ threshold), which is also the test oracle.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from numbers import Real
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .. import _native
-from .._validation import check_cams_shape, check_flag, check_float_dtype, check_tensor, check_unit_maps
+from .._validation import check_cams_shape, check_flag, check_float_dtype, check_tensor, check_unit_maps, real_number
 from .boxes import _thresholds_2d, boxes_from_cams
 from .level_sweep import gpu_boxes_enabled, level_sweep
 from .percentile_threshold import host_levels, scaled_levels
@@ -60,19 +59,18 @@ def box_iou_matrix(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
     return iou.masked_fill(degenerate, 0.0)
 
 
-def check_cam_curve_interval(interval: object) -> float:
+def check_cam_curve_interval(interval: object, name: str = "cam_curve_interval") -> float:
     """``interval`` as a float: a real number (numpy's too) in ``(0, 1)``, else ``TypeError`` /
-    ``ValueError`` naming ``cam_curve_interval``."""
-    if isinstance(interval, (bool, np.bool_)) or not isinstance(interval, Real):
-        raise TypeError(f"cam_curve_interval must be a real number in (0, 1), got {type(interval).__name__} {interval!r}")
-    if not (0.0 < float(interval) < 1.0):
-        raise ValueError(f"cam_curve_interval must lie in (0, 1), got {interval!r}")
-    return float(interval)
+    ``ValueError`` naming the argument (``name``)."""
+    value = real_number(name, interval)
+    if not (0.0 < value < 1.0):
+        raise ValueError(f"{name} must lie in (0, 1), got {interval!r}")
+    return value
 
 
 def cam_curve_thresholds(interval: float) -> np.ndarray:
     """The protocol's CAM thresholds, ``np.arange(0, 1, interval)`` (float64, as the reference builds them)."""
-    check_cam_curve_interval(interval)
+    check_cam_curve_interval(interval, "interval")
     return np.arange(0, 1, interval)
 
 

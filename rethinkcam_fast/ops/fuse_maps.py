@@ -488,7 +488,7 @@ def _fuse_maps_fake(maps, output_size, fuse, backend):
 
 
 def fuse_maps(
-    maps: list[Tensor] | Tensor, output_size: tuple[int, int], *, fuse: str = "sum", backend: str = "auto"
+    maps: list[Tensor] | Tensor, output_size: tuple[int, int], fuse: str = "sum", *, backend: str = "auto"
 ) -> tuple[Tensor, Tensor]:
     """Upsample, min-max normalise and fuse per-layer maps (see the module docstring).
 

@@ -17,14 +17,13 @@ its floor and fractional part ``gamma``, and ``_lerp``'s two-sided formula
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 from torch import Tensor
 
 from .. import _native
 from .._triton import cdiv, launch, next_power_of_2, tl, triton
-from .._validation import check_cams_shape, check_flagged_maps, check_float_dtype, check_unit_maps
+from .._validation import check_cams_shape, check_flagged_maps, check_float_dtype, check_unit_maps, real_number
 from ._launch import device_guard, split_count, use_triton
 
 
@@ -174,10 +173,9 @@ def percentile_threshold(
     check_cams_shape("cams", cams)
     check_float_dtype("cams", cams)
     for name, value, upper in (("q", q, 100.0), ("theta", theta, 1.0)):
-        if isinstance(value, bool) or not isinstance(value, Real):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-        if not 0.0 <= float(value) <= upper:
+        if not 0.0 <= real_number(name, value) <= upper:
             raise ValueError(f"{name} must lie in [0, {upper:g}], got {value!r}")
+    q, theta = float(q), float(theta)
     if cams.shape[0] == 0:  # (an empty batch, of any extent)
         return torch.zeros(0, dtype=torch.int64, device=cams.device)
     n_pixels = cams.shape[1] * cams.shape[2]

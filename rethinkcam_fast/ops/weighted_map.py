@@ -429,6 +429,11 @@ def weighted_map(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     n, k = activations.shape[:2]
+    unused = "grads" if mode == "channel" and grads is not None else (
+        "weights" if mode != "channel" and weights is not None else None)
+    if unused is not None:  # (never dropped silently: the caller meant something by it)
+        raise ValueError(f"mode={mode!r} does not use {unused}= (mode='channel' takes weights=, the other modes "
+                         "grads=); leave it out")
     if mode == "channel":
         check_tensor("weights", weights, ndim=2)
         check_float_dtype("weights", weights)
