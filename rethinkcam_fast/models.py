@@ -152,7 +152,17 @@ def state_dict_of(payload: Mapping[str, Any], path: str) -> dict[str, Tensor]:
             break
     if not payload or not all(isinstance(v, Tensor) for v in payload.values()):
         raise CheckpointError(f"{path}: holds no state dict (a mapping of parameter names to tensors)")
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in payload.items()}
+    return {_unwrapped_key(k): v for k, v in payload.items()}
+
+
+def _unwrapped_key(key: str) -> str:
+    """A parameter name without the prefixes of the wrappers around the model: DDP's ``module.`` and
+    ``torch.compile``'s ``_orig_mod.``, stacked in either order (``compile(DDP(model))`` gives both)."""
+    while True:
+        stripped = key.removeprefix("module.").removeprefix("_orig_mod.")
+        if stripped == key:
+            return key
+        key = stripped
 
 
 def load_state_into(model: nn.Module, state: Mapping[str, Tensor], path: str) -> nn.Module:

@@ -161,6 +161,12 @@ def test_opcheck(backend, layout):
     grad_maps = torch.randn(2, 3, 4)
     torch.library.opcheck(torch.ops.rethinkcam_fast.cam_reduce_backward,
                           (grad_maps, features.detach(), weight.detach(), labels, False, backend))
+    # a classifier stored [K, C] (logits = pooled @ head): the weight is a transposed view, and d_weight
+    # is contiguous on every backend, as the fake impl says (torch.compile checks the strides)
+    head = torch.randn(3, 4)
+    for nwc in (False, True):
+        torch.library.opcheck(torch.ops.rethinkcam_fast.cam_reduce_backward,
+                              (grad_maps, features.detach(), head.t(), labels, nwc, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -249,6 +255,28 @@ def test_torch_compile_fullgraph_forward_and_backward(backend):
     want = torch.autograd.grad(loss(features, weight), (features, weight))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+    # a classifier stored [K, C]: its weight a transposed view (the backward's strides, traced)
+    head = weight.detach().t().contiguous().requires_grad_(True)
+    got = torch.autograd.grad(compiled(features, head.t()), head)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(loss(features, head.t()), head)[0])
+
+
+@pytest.mark.slow
+def test_inference_ops_in_a_compiled_loss_carry_no_gradient():
+    """weighted_map and fuse_maps beside differentiable terms: their outputs carry no gradient, compiled
+    as eagerly (they have no autograd formula, so torch.compile gets them on detached inputs)."""
+    a = torch.randn(2, 3, 4, 4, requires_grad=True)
+    g = torch.randn(2, 3, 4, 4)
+
+    def loss(a, g):
+        m = rethinkcam_fast.weighted_map(a, grads=g, mode="layercam")
+        fused, _ = rethinkcam_fast.fuse_maps([m, a[:, 0]], (6, 6))
+        return a.square().mean() + m.mean() + fused.mean()
+
+    (got,) = torch.autograd.grad(torch.compile(loss, backend="aot_eager")(a, g), a)
+    (want,) = torch.autograd.grad(loss(a, g), a)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(want, a.detach() / a.numel() * 2)  # only the square term has a gradient
 
 
 @pytest.mark.cuda

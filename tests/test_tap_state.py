@@ -112,6 +112,23 @@ def test_tap_is_scriptable(flatten):
         pool(torch.rand(5, 4))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
+def test_a_traced_tap_model_saves_and_loads():
+    """torch.jit.trace records the registered op, not the Python autograd.Function (which torch.jit.save
+    cannot export)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), TAP(0.2, flatten=True), nn.Linear(4, 2))
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    traced = torch.jit.trace(model, x)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(loaded(x).sum(), x)
+    torch.testing.assert_close(grad, torch.autograd.grad(model(x).sum(), x)[0], rtol=0, atol=0)
+
+
 def test_tap_behaves_the_same_in_eval_mode():
     x = torch.randn(2, 4, 5, 5)
     pool = TAP(0.1)

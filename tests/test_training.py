@@ -125,6 +125,19 @@ def test_wrong_architecture_is_named(tmp_path):
         load_checkpoint(bare)
 
 
+def test_weights_saved_from_wrapped_models_load():
+    """DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes, stacked in either order
+    (``torch.compile(DDP(model))`` saves ``_orig_mod.module.*``)."""
+    from rethinkcam_fast.models import state_dict_of
+
+    model = DigitsCAMNet("tap", widths=TINY_WIDTHS)
+    state = model.state_dict()
+    for prefix in ("", "module.", "_orig_mod.", "_orig_mod.module.", "module._orig_mod."):
+        wrapped = {prefix + k: v for k, v in state.items()}
+        fresh = load_state_into(DigitsCAMNet("tap", widths=TINY_WIDTHS), state_dict_of(wrapped, prefix), prefix)
+        assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items()), prefix
+
+
 def test_progress_bar_prints_one_line_per_epoch_when_not_a_terminal():
     stream = io.StringIO()
     bar = ProgressBar(4, "epoch 1/1", stream=stream)

@@ -83,12 +83,28 @@ def autocast_off(t: Tensor):
     return contextlib.nullcontext()
 
 
+def graph_capture() -> bool:
+    """Whether the call is being recorded as a graph (``torch.compile`` or ``torch.jit.trace``): the
+    ops then go through their registered custom ops, which the graph can hold, rather than Python
+    ``autograd.Function``s, which ``torch.jit.save`` cannot export."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _detached(arg):
+    if isinstance(arg, Tensor):
+        return arg.detach()
+    if isinstance(arg, (list, tuple)):
+        return [a.detach() if isinstance(a, Tensor) else a for a in arg]
+    return arg
+
+
 def run_inference_op(op, impl, *args):
-    """Call an inference-only custom op: traced as ``op`` under ``torch.compile``; eagerly its
-    implementation runs directly under ``no_grad`` (the outputs carry no gradient either way), which
-    skips the dispatcher's autograd wrapper — about 0.1 ms a call, visible per video frame."""
+    """Call an inference-only custom op: traced as ``op`` under ``torch.compile``, on detached inputs
+    (it has no autograd formula: its outputs carry no gradient, in a loss beside differentiable terms
+    too); eagerly its implementation runs directly under ``no_grad`` (the same), which skips the
+    dispatcher's autograd wrapper — about 0.1 ms a call, visible per video frame."""
     if torch.compiler.is_compiling():
-        return op(*args)
+        return op(*[_detached(a) for a in args])
     with torch.no_grad():
         return impl(*args)
 
@@ -101,5 +117,5 @@ def run_trusted(op, impl, *args):
     thread while the backward waits): the public entry points' checks cost 13-16 µs a call on the CI
     CPU (``benchmarks/host_overhead.py``), more for Fully-CAM's 53 maps."""
     if torch.compiler.is_compiling():
-        return op(*args)
+        return op(*[_detached(a) for a in args])
     return impl(*args)

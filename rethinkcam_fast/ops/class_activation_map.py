@@ -29,7 +29,7 @@ from torch import Tensor
 from .._triton import cdiv, grid_pair, launch, next_power_of_2, tl, triton
 from .._validation import check_flag, check_float_dtype, check_same_device, check_tensor, output_size_arg
 from . import _launch
-from ._launch import autocast_off, check_backend, device_guard, flat_spatial, use_triton
+from ._launch import autocast_off, check_backend, device_guard, flat_spatial, graph_capture, use_triton
 from .map_epilogue import acc_dtype, epilogue_backward_impl, epilogue_function_forward, map_epilogue_op
 from .tap import _grad_buffer, _memory_format, _tile_config
 
@@ -196,7 +196,7 @@ def _weight_grad(dw_rows: Tensor, weight: Tensor, labels: Tensor, nwc: bool, by_
         d_weight = torch.nn.functional.one_hot(labels, weight.shape[0]).to(dw_rows.dtype).T @ dw_rows
     if nwc:
         d_weight = torch.where(weight > 0, d_weight, torch.zeros_like(d_weight))
-    return d_weight.to(weight.dtype)
+    return d_weight.to(weight.dtype).contiguous()  # (where() can take a transposed weight's strides)
 
 
 def cam_reduce_backward_reference(
@@ -259,7 +259,8 @@ def cam_reduce_backward(
 
 @cam_reduce_backward.register_fake
 def _cam_reduce_backward_fake(grad_maps, features, weight, labels, nwc, backend):
-    return torch.empty_like(features, memory_format=_memory_format(features)), torch.empty_like(weight)
+    # (d_weight contiguous, as _weight_grad returns it, whatever the weight's strides: a transposed head)
+    return torch.empty_like(features, memory_format=_memory_format(features)), weight.new_empty(weight.shape)
 
 
 def _cam_reduce_setup_context(ctx, inputs, output) -> None:
@@ -325,7 +326,7 @@ def _check_cam_args(features, weight, labels) -> None:
     if n and labels.is_cuda and torch.cuda.is_current_stream_capturing():
         torch._assert_async(((labels >= 0) & (labels < weight.shape[0])).all(),
                             f"labels out of range for {weight.shape[0]} classes")
-    elif n and not torch.compiler.is_compiling():
+    elif n and not graph_capture():
         low, high = torch.stack(torch.aminmax(labels)).tolist()
         if low < 0 or high >= weight.shape[0]:
             classes = weight.shape[0]
@@ -374,7 +375,7 @@ def class_activation_map_with_flags(
     features: Tensor, weight: Tensor, labels: Tensor, nwc: bool, output_size: list[int], normalize: bool, backend: str
 ) -> tuple[Tensor, Tensor]:
     """:func:`class_activation_map` without argument checks, plus the ``degenerate`` flags ``bool [N]``."""
-    if torch.compiler.is_compiling():
+    if graph_capture():  # (torch.compile, torch.jit.trace)
         maps = cam_reduce(features, weight, labels, nwc, backend)
         return map_epilogue_op([maps], output_size, "sum", normalize, backend)
     return ClassActivationMapFunction.apply(features, weight, labels, nwc, output_size, normalize, backend)

@@ -29,7 +29,7 @@ from torch import Tensor
 from .. import _native
 from .._triton import cdiv, grid_pair, launch, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, output_size_arg
-from ._launch import check_backend, device_guard, flat_spatial, use_triton
+from ._launch import check_backend, device_guard, flat_spatial, graph_capture, use_triton
 from .class_activation_map import MODE_FLM, channel_reduce_triton, tl_acc
 from .fuse_maps import FUSE_MODES
 from .map_epilogue import (
@@ -310,7 +310,7 @@ def flm_fuse_with_flags(
     activations: list[Tensor], gradients: list[Tensor], output_size: list[int], fuse: str, backend: str
 ) -> tuple[Tensor, Tensor]:
     """:func:`flm_fuse` without argument checks, plus the ``degenerate`` flags ``bool [N]``."""
-    if torch.compiler.is_compiling():
+    if graph_capture():  # (torch.compile, torch.jit.trace)
         maps = [flm_reduce(a, g, backend) for a, g in zip(activations, gradients)]
         return map_epilogue_op(maps, output_size, fuse, True, backend)
     return FLMFuseFunction.apply(output_size, fuse, backend, *activations, *gradients)

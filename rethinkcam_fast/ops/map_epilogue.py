@@ -831,7 +831,13 @@ def map_epilogue_backward_native(kernel, grad_out: Tensor, maps: list[Tensor], o
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_unnormalized(maps, normalize) -> None:
+    if not normalize and len(maps) != 1:  # (a fusion is always normalised: its maps are each min-maxed)
+        raise ValueError(f"normalize=False takes one map (plain upsampling), got {len(maps)}")
+
+
 def epilogue_forward_impl(maps, output_size, fuse, normalize, backend) -> tuple[Tensor, Tensor]:
+    _check_unnormalized(maps, normalize)
     output_size = tuple(output_size)
     if use_triton("map_epilogue", backend, maps[0].device):
         with device_guard(maps[0]):
@@ -889,6 +895,7 @@ def map_epilogue_op(
 
 @map_epilogue_op.register_fake
 def _map_epilogue_fake(maps, output_size, fuse, normalize, backend):
+    _check_unnormalized(maps, normalize)
     n = maps[0].shape[0]
     acc = acc_dtype(*maps)
     return maps[0].new_empty((n, *output_size), dtype=acc), maps[0].new_empty((n,), dtype=torch.bool)

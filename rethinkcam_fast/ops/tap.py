@@ -31,7 +31,7 @@ from .. import _native
 from .._triton import can_launch_triton, cdiv, grid_pair, ieee_reciprocal, launch, next_power_of_2, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, check_unit_interval
 from . import _launch
-from ._launch import device_guard, flat_spatial
+from ._launch import device_guard, flat_spatial, graph_capture
 
 BACKENDS = ("auto", "triton", "cuda", "native", "reference")
 
@@ -590,7 +590,7 @@ def tap(x: Tensor, tau: float = 0.1, *, backend: str = "auto") -> Tensor:
         raise ValueError(f"x must have a non-empty spatial extent, got shape {tuple(x.shape)}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if torch.compiler.is_compiling():
+    if graph_capture():  # (torch.compile, torch.jit.trace)
         return tap_forward(x, tau, backend)[0]
     return TAPFunction.apply(x, tau, backend)
 
