@@ -325,3 +325,36 @@ def test_out_of_range_labels_error_names_the_values():
         class_activation_map(features, weight, torch.tensor([0, 5, 1, 2, 3, 4]))
     with pytest.raises(ValueError, match=r"labels\[0\] = -1, labels\[2\] = 7, labels\[3\] = 9 \(4 in all\)$"):
         class_activation_map(features, weight, torch.tensor([-1, 0, 7, 9, 1, 5]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_maps_are_judged_in_float64(backend):
+    """A float64 map past float32's range, or with a span below float32's resolution, is a map like any
+    other (not "constant or non-finite": zeros with no gradient), on every backend, in both ops."""
+    weight, labels = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
+    for values in ([0.0, 1e39, 2e39, 3e39], [1.0, 1.0 + 1e-9, 1.0 + 2e-9, 1.0 + 3e-9]):
+        features = torch.tensor(values, dtype=torch.float64).view(1, 1, 2, 2).requires_grad_(True)
+        out = class_activation_map(features, weight, labels, backend=backend)
+        torch.testing.assert_close(out.flatten(), torch.tensor([0, 1 / 3, 2 / 3, 1], dtype=torch.float64))
+        (grad,) = torch.autograd.grad(out[0, 0, 1], features)
+        assert grad.abs().max() > 0
+        fused = rethinkcam_fast.flm_fuse([features], [torch.ones_like(features)], (2, 2), backend=backend)
+        torch.testing.assert_close(fused.flatten(), out.detach().flatten())
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy, by design
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_span_past_float32_is_zeros_and_flagged_not_nan(backend):
+    """Finite float32 values whose max - min overflows: zeros and degenerate, as fuse_maps and the
+    engine's inference maps decide it, never NaN maps or gradients."""
+    from rethinkcam_fast.ops.class_activation_map import class_activation_map_with_flags
+
+    features = torch.tensor([-3e38, 3e38, 0.0, 1e38]).view(1, 1, 2, 2).requires_grad_(True)
+    weight, labels = torch.ones(1, 1), torch.zeros(1, dtype=torch.long)
+    out, degenerate = class_activation_map_with_flags(features, weight, labels, False, [4, 4], True, backend)
+    assert torch.equal(out, torch.zeros(1, 4, 4)) and degenerate.tolist() == [True]
+    (grad,) = torch.autograd.grad(out.sum(), features)
+    assert torch.equal(grad, torch.zeros_like(grad))
+    fused = rethinkcam_fast.flm_fuse([features, features.detach().abs()], [torch.ones_like(features)] * 2, (4, 4),
+                                     backend=backend)
+    assert torch.isfinite(fused).all()

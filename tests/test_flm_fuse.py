@@ -149,9 +149,9 @@ def test_epilogue_backward_is_exact(backend, sizes, out_size, fuse, normalize):
                                                   ([(5, 6), (3, 3), (9, 8), (1, 1)], "max", True)], ids=str)
 def test_cpu_native_epilogue_equals_the_reference_on_edge_cases(dtype, sizes, fuse, normalize):
     """The C++ epilogue against the reference's forward (values, degenerate flags) and its written-out
-    backward (NaN positions too; test_epilogue_backward_is_exact holds both to autograd): constant, NaN, inf and 1x1 source maps, a float64 map constant at float32 resolution (the
-    reference judges constancy in float32), ties at the extremes and between layers, a NaN upstream
-    gradient, a 1x1 output; results equal whatever the thread count."""
+    backward (NaN positions too; test_epilogue_backward_is_exact holds both to autograd): constant, NaN, inf and 1x1 source maps, a float64 map constant at float32 resolution
+    (a map all the same: constancy is judged in float64 for float64 maps), ties at the extremes and
+    between layers, a NaN upstream gradient, a 1x1 output; results equal whatever the thread count."""
     forward, backward = epilogue_forward("auto"), epilogue_backward("auto")
     gen = torch.Generator().manual_seed(21)
     maps = [torch.rand((7, *s), generator=gen, dtype=torch.float64).to(dtype) for s in sizes]
@@ -168,6 +168,9 @@ def test_cpu_native_epilogue_equals_the_reference_on_edge_cases(dtype, sizes, fu
     # keeps them tied), so there image 4's gradients are not compared.
     for size in [(1, 1), (10, 12), (33, 70)] if normalize else [(1, 1), (17, 12)]:
         compared = [n for n in range(7) if size != (33, 70) or n != 4]
+        # Image 5 in float64 spans 1e-12: the two interpolation formulas' last-bit differences, times
+        # 1 / span, are ~1e-4 of the normalised values. Its flags are compared; its values loosely.
+        exact = [n for n in range(7) if not (dtype == torch.float64 and n == 5)]
         want, want_degenerate = epi.map_epilogue_reference(maps, size, fuse, normalize)
         grad_out = torch.randn(want.shape, generator=gen, dtype=dtype)
         grad_out[0, 0, 0] = float("nan")  # NaN sums: NaN at the pixel and at image 0's extremes
@@ -187,10 +190,14 @@ def test_cpu_native_epilogue_equals_the_reference_on_edge_cases(dtype, sizes, fu
         assert all(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
                    for a, b in zip(got, got2))
         assert out.dtype == want.dtype and torch.equal(degenerate, want_degenerate)
-        torch.testing.assert_close(out, want, atol=1e-6 if dtype == torch.float32 else 1e-12, rtol=0, equal_nan=True)
+        torch.testing.assert_close(out[exact], want[exact], atol=1e-6 if dtype == torch.float32 else 1e-12, rtol=0,
+                                   equal_nan=True)
+        torch.testing.assert_close(out, want, atol=1e-3, rtol=0, equal_nan=True)
+        if dtype == torch.float64 and normalize and size != (1, 1):
+            assert not degenerate[5] and out[5].max() == 1  # (a map in float64, not constant)
         assert len(got) == (len(maps) if normalize else 1)
         for g, w in zip(got, wanted):
-            g, w = g[compared], w[compared]
+            g, w = g[[n for n in compared if n in exact]], w[[n for n in compared if n in exact]]
             assert torch.equal(g.isnan(), w.isnan())
             scale = float(w.nan_to_num().abs().max()) or 1.0
             torch.testing.assert_close(g, w, atol=(1e-5 if dtype == torch.float32 else 1e-12) * scale, rtol=0,

@@ -63,14 +63,15 @@ inline bool is_finite(T v) {
 }
 
 // Whether a source map [count] normalises to zeros whatever its upsampling: a non-finite value or a
-// constant map, judged on its float32 values (degenerate_maps in fuse_maps.py converts to float32
-// first, so a float64 map whose values differ below float32's resolution counts as constant).
-template <typename T>
+// constant map, judged on its values in J: float (fuse_maps: degenerate_maps in fuse_maps.py converts
+// to float32 first, so a float64 map whose values differ below float32's resolution counts as
+// constant), or the map's own type (the differentiable epilogue, which keeps float64 maps float64).
+template <typename J = float, typename T>
 bool source_degenerate(const T* m, int64_t count) {
-  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  J lo = std::numeric_limits<J>::infinity(), hi = -lo;
   bool finite = true;
   for (int64_t k = 0; k < count; ++k) {
-    const float v = static_cast<float>(m[k]);
+    const J v = static_cast<J>(m[k]);
     finite &= is_finite(v);
     lo = std::min(lo, v);
     hi = std::max(hi, v);

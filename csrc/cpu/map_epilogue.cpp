@@ -8,8 +8,9 @@
 //     exact where neighbours are equal, so the pixels of a plateau at a map's extreme all tie there
 //     and share its gradient (F.interpolate's rounding leaves some of them an ulp off; elsewhere the
 //     two agree to rounding); without normalisation, F.interpolate's formula;
-//   * P_l = (U_l - lo) / (hi - lo), zeros when the source map is constant or non-finite (judged on
-//     its float32 values), when U_l holds a non-finite value, or when hi - lo is not > 0;
+//   * P_l = (U_l - lo) / (hi - lo), zeros when the source map is constant or non-finite (judged in
+//     T, float64 for float64 maps), when U_l holds a non-finite value, or when hi - lo is not a
+//     positive finite number (a span past T's range would normalise to NaN);
 //   * several maps: F = P_0 + P_1 + ... in order, or their maximum (NaN propagating, as amax), then
 //     F's own min-max (one map: out = P_0; normalize = false: out = U_0).
 // The backward differentiates that function as autograd differentiates the reference: the min and
@@ -132,7 +133,8 @@ Range<T> min_max(const T* x, int64_t count, bool forced) {
   }
   Range<T> r;
   // A non-finite value (NaN or inf) makes amin or amax non-finite: the reference zeroes the map.
-  r.degenerate = forced || !finite || !(hi - lo > static_cast<T>(0));
+  // (a span past T's range, finite values near +-3e38 in float32, would normalise to NaN)
+  r.degenerate = forced || !finite || !(hi - lo > static_cast<T>(0)) || !is_finite(hi - lo);
   r.lo = lo;
   r.hi = hi;
   return r;
@@ -176,7 +178,7 @@ struct Image {
     for (int64_t l = 0; l < L; ++l) {
       const Layer<T>& layer = layers[static_cast<size_t>(l)];
       const int64_t hw = layer.h * layer.w;
-      forced[static_cast<size_t>(l)] = source_degenerate(layer.maps + n * hw, hw) ? 1 : 0;
+      forced[static_cast<size_t>(l)] = source_degenerate<T>(layer.maps + n * hw, hw) ? 1 : 0;
     }
   }
 

@@ -39,9 +39,11 @@ FUSE_MODES = ("sum", "max")
 EXACT_FP = {"enable_fp_fusion": False}
 
 
-def degenerate_maps(maps: Tensor) -> Tensor:
-    """``bool [N]``: maps that are constant or hold a non-finite value (they normalise to zeros)."""
-    flat = maps.float().flatten(1)
+def degenerate_maps(maps: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``bool [N]``: maps that are constant or hold a non-finite value in ``dtype`` (they normalise to
+    zeros): float32 for fuse_maps' float32 maps, the accumulation dtype for the differentiable
+    epilogue's (float64 maps judged as float64, where their float32 rounding could overflow or tie)."""
+    flat = maps.to(dtype).flatten(1)
     finite = torch.isfinite(flat).all(dim=1)
     return ~finite | ~(flat.amax(dim=1) > flat.amin(dim=1))
 

@@ -83,7 +83,7 @@ def _minmax_differentiable(maps: Tensor, forced: Tensor | None = None) -> tuple[
         flat = torch.where(bad[:, None], 0, flat)
         lo, hi = flat.amin(dim=1), flat.amax(dim=1)
     span = hi - lo
-    degenerate = bad | ~(span > 0)
+    degenerate = bad | ~(span > 0) | ~torch.isfinite(span)  # (a span past the dtype's range: NaN otherwise)
     out = (flat - lo[:, None]) / torch.where(degenerate, 1, span)[:, None]
     return torch.where(degenerate[:, None], 0, out).view(maps.shape), degenerate
 
@@ -100,7 +100,7 @@ def map_epilogue_reference(
         up = F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
         if not normalize:
             return up, torch.zeros(m.shape[0], dtype=torch.bool, device=m.device)
-        parts.append(_minmax_differentiable(up, degenerate_maps(m)))
+        parts.append(_minmax_differentiable(up, degenerate_maps(m, acc)))
     if len(parts) == 1:
         return parts[0]
     if fuse == "sum":
@@ -140,11 +140,19 @@ def _store_stats(stats_base, lo, hi, inv, c_lo, c_hi):
 
 
 @triton.jit
+def _no_span(lo, hi):
+    """Whether ``[lo, hi]`` cannot be normalised: no positive span, or one past the dtype's range
+    (finite values near +-3e38 in float32, whose (x - lo) / span would be NaN), as fuse_maps decides."""
+    span = hi - lo
+    return ~(span > 0.0) | ~(span < float("inf"))
+
+
+@triton.jit
 def _source_degenerate(map_base, h, w, lo, hi, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """A map normalises to zeros when its source is constant or non-finite (decided on the source:
     bilinear rounding can break a constant's ties) or its upsampling has no span."""
     src_lo, src_hi, src_bad = _range(map_base, h * w, BLOCK, ACC)
-    return (src_bad > 0) | ~(src_hi > src_lo) | ~(hi - lo > 0.0)
+    return (src_bad > 0) | ~(src_hi > src_lo) | _no_span(lo, hi)
 
 
 @triton.jit
@@ -229,7 +237,7 @@ def _fused_final_kernel(
     parts = FusedPartial_ptr + (n * SPLITS + tl.arange(0, SPLITS)) * 2
     lo = tl.min(tl.load(parts), axis=0)
     hi = tl.max(tl.load(parts + 1), axis=0)
-    degenerate = ~(hi - lo > 0.0)
+    degenerate = _no_span(lo, hi)
     inv, _, _ = _normalizer(lo, hi, degenerate, BLOCK, ACC)
     first_o = part * CHUNK
     stop = tl.minimum(first_o + CHUNK, HW)
@@ -354,7 +362,7 @@ def _fused_fwd_kernel(
                                        H, W, row, 0, HW, lo, hi, inv, degenerate, FUSE_MAX, BLOCK, ACC)
         _store_stats(Stats_ptr + (n * L + l) * 5, lo, hi, inv, tl.sum(c_lo, axis=0), tl.sum(c_hi, axis=0))
     lo, hi, _ = _range(Fused_ptr + row, HW, BLOCK, ACC)
-    degenerate = ~(hi - lo > 0.0)
+    degenerate = _no_span(lo, hi)
     inv, _, _ = _normalizer(lo, hi, degenerate, BLOCK, ACC)
     c_lo, c_hi = _normalize_fused_chunk(Fused_ptr, Out_ptr, row, 0, HW, lo, hi, inv, degenerate, STORE_OUT, BLOCK, ACC)
     _store_stats(Final_ptr + n * 5, lo, hi, inv, tl.sum(c_lo, axis=0), tl.sum(c_hi, axis=0))
@@ -728,7 +736,7 @@ def _minmax_backward(grad: Tensor, maps: Tensor, forced: Tensor | None = None) -
     if bool(bad.any()):
         flat = torch.where(bad, 0, flat)
         lo, hi = torch.aminmax(flat, dim=1, keepdim=True)
-    degenerate = bad | ~(hi - lo > 0)
+    degenerate = bad | ~(hi - lo > 0) | ~torch.isfinite(hi - lo)
     inv = torch.where(degenerate, 0, 1 / torch.where(degenerate, 1, hi - lo))
     at_lo, at_hi = flat == lo, flat == hi
     s1 = g.sum(dim=1, keepdim=True)
@@ -759,7 +767,7 @@ def map_epilogue_backward_reference(
     ups = [F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for m in sources]
     if not normalize:
         return [_upsample_adjoint(grad, sources[0]).to(maps[0].dtype)]
-    forced = [degenerate_maps(m) for m in sources]
+    forced = [degenerate_maps(m, acc) for m in sources]
     shares = [grad] * len(maps)
     if len(maps) > 1:
         parts = torch.stack([_minmax_differentiable(u, f)[0] for u, f in zip(ups, forced)])
