@@ -9,7 +9,8 @@ import sys
 import threading
 
 
-# rethinkcam_fast.engine.METHODS, spelled out so that `rethinkcam --help` does not import torch.
+# rethinkcam_fast.engine.METHODS, spelled out so that building the parser needs no op module
+# (tests/test_cli.py checks that the two agree).
 CAM_METHODS = ("cam", "gradcam", "gradcam++", "layercam", "fullycam")
 
 

@@ -311,6 +311,12 @@ def test_the_box_ops_agree_on_maps_without_pixels_and_name_bad_thresholds():
             rethinkcam_fast.cam_curve_thresholds(interval)
     with pytest.raises(TypeError, match="multi_contour must be a bool"):
         best_box_ious(cams, 0, gt, offsets, multi_contour="no")
+    for call in (lambda: best_box_ious(cams, 0, gt, offsets, validate="no"),
+                 lambda: rethinkcam_fast.boxes_from_cams(cams, 0, validate="no"),
+                 lambda: rethinkcam_fast.percentile_threshold(cams, validate="no"),
+                 lambda: protocol_thresholds(cams, [0.5], validate="no")):
+        with pytest.raises(TypeError, match="validate must be a bool"):
+            call()
     with pytest.raises(TypeError, match="integer tensors, got torch.bool"):
         best_box_ious(cams, 0, gt.bool(), offsets)
     with pytest.raises(TypeError, match="integer pixel coordinates, got torch.bool"):

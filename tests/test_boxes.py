@@ -234,3 +234,18 @@ def test_one_threshold_per_map_matches_opencv_every_dtype(dtype, threads):
     assert boxes_from_cams(bad, thresholds, validate=False).shape == (9, 4)  # the caller's promise
     with pytest.raises(ValueError, match="non-empty spatial extent"):  # maps without pixels (as every box op)
         boxes_from_cams(cams[:, :0], thresholds)
+
+
+def test_without_the_extension_or_opencv_the_error_says_what_to_install(monkeypatch):
+    """OpenCV is an extra: an install whose C++ extension is missing falls back to it, and without it
+    too the error names both ways out, not a bare ModuleNotFoundError."""
+    import sys
+
+    from rethinkcam_fast import _native
+
+    monkeypatch.setattr(_native, "cpu_kernel", lambda name: None)
+    monkeypatch.setattr(_native, "_warned", set())  # (the fallback warning is given once a process)
+    monkeypatch.setitem(sys.modules, "cv2", None)  # (import cv2 then raises ImportError)
+    with pytest.warns(RuntimeWarning, match="falling back to an OpenCV loop"):
+        with pytest.raises(RuntimeError, match="C\\+\\+ extension.*pip install opencv-python-headless"):
+            boxes_from_cams(torch.rand(1, 8, 8), 100, mode="all")

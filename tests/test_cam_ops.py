@@ -169,6 +169,8 @@ def test_bad_input_raises_clear_errors():
             weighted_map(a, torch.randn(2, 5), grads=torch.randn_like(a), mode=mode)
     with pytest.raises(ValueError, match="normalize=False takes one map"):  # (the registered epilogue op)
         torch.ops.rethinkcam_fast.map_epilogue([torch.rand(2, 3, 3)] * 2, [4, 4], "sum", False, "auto")
+    with pytest.raises(TypeError, match="relu must be a bool"):  # (bool("no") would be True)
+        weighted_map(a, grads=torch.randn_like(a), mode="layercam", relu="no")
     maps = torch.rand(2, 3, 3)  # fuse positional, as flm_fuse's
     assert torch.equal(fuse_maps(maps, (4, 4), "max")[0], fuse_maps(maps, (4, 4), fuse="max")[0])
 

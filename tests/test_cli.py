@@ -138,3 +138,10 @@ def test_iou_thresholds_given_as_fractions_are_refused(capsys):
     assert _percentage("50") == 50 and _percentage("0") == 0
     with pytest.raises(Exception, match="looks like a fraction"):
         _percentage("0.5")
+
+
+def test_the_cli_method_choices_are_the_engines():
+    from rethinkcam_fast.cli import CAM_METHODS
+    from rethinkcam_fast.engine import METHODS
+
+    assert CAM_METHODS == METHODS

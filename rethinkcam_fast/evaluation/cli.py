@@ -13,8 +13,7 @@ import sys
 import time
 from typing import Any
 
-from ..cli import _positive_int
-from ..engine import METHODS
+from ..cli import CAM_METHODS, _positive_int
 from .metadata import DATASETS
 
 
@@ -65,7 +64,7 @@ def add_evaluate_commands(sub: Any) -> None:
                        help="state dict or `rethinkcam train` checkpoint to load (weights_only=True)")
     model.add_argument("--data-root", required=True, help="holds the images <image_id>")
     _add_protocol_flags(model)
-    model.add_argument("--method", default="cam", choices=METHODS, help="CAM method (default: cam)")
+    model.add_argument("--method", default="cam", choices=CAM_METHODS, help="CAM method (default: cam)")
     model.add_argument("--nwc", action="store_true",
                        help="negative weight clamping for --method cam (the Rethinking-CAM paper's NWC; off by "
                             "default: the standard protocol evaluates plain CAM)")

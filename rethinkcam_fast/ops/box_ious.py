@@ -88,7 +88,7 @@ def protocol_thresholds(cams: Tensor, cam_thresholds: Sequence[float] | np.ndarr
     """
     check_cams_shape("cams", cams)
     check_float_dtype("cams", cams)
-    if validate:
+    if check_flag("validate", validate):
         check_unit_maps("cams", cams)
     t = torch.as_tensor(np.asarray(cam_thresholds, dtype=np.float64) if not isinstance(cam_thresholds, Tensor)
                         else cam_thresholds.double(), device=cams.device)
@@ -181,6 +181,7 @@ def best_box_ious(
     check_cams_shape("cams", cams)
     check_float_dtype("cams", cams)
     check_flag("multi_contour", multi_contour)
+    validate = check_flag("validate", validate)
     n = cams.shape[0]
     table, single = _thresholds_2d(thresholds, n)
     # Boxes reaching past the map grid are scored as they are, as the reference does: annotation

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._validation import check_cams_shape, check_flagged_maps, check_float_dtype, check_unit_maps
+from .._validation import check_cams_shape, check_flag, check_flagged_maps, check_float_dtype, check_unit_maps
 from .level_sweep import gpu_boxes_enabled, level_sweep
 from .percentile_threshold import host_levels, scaled_levels
 
@@ -114,7 +114,13 @@ def _thresholds_2d(thresholds: int | Tensor, n: int) -> tuple[Tensor, bool]:
 
 def _contours_opencv(levels: np.ndarray, table: np.ndarray):
     """OpenCV fallback with the native kernel's outputs: (counts, xywh, areas, is_hole)."""
-    import cv2
+    try:
+        import cv2
+    except ImportError:  # (OpenCV is an extra: a core install has the C++ kernels, or neither path)
+        raise RuntimeError(
+            f"boxes need the C++ extension, which is not available ({_native.load_error('_C')}), or OpenCV for "
+            "the slower fallback: reinstall rethinkcam_fast with a C++ compiler present, or `pip install "
+            "opencv-python-headless`") from None
 
     counts, boxes, areas, holes = [], [], [], []
     for n in range(levels.shape[0]):
@@ -260,6 +266,7 @@ def boxes_from_cams(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    validate = check_flag("validate", validate)
     n, height, width = cams.shape
     table, single = _thresholds_2d(thresholds, n)
     if mode == "largest" and gpu_boxes_enabled(cams):

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from .. import _native
 from .._triton import cdiv, launch, next_power_of_2, tl, triton
-from .._validation import check_cams_shape, check_flagged_maps, check_float_dtype, check_unit_maps, real_number
+from .._validation import (check_cams_shape, check_flag, check_flagged_maps, check_float_dtype, check_unit_maps,
+                           real_number)
 from ._launch import device_guard, split_count, use_triton
 
 
@@ -176,6 +177,7 @@ def percentile_threshold(
         if not 0.0 <= real_number(name, value) <= upper:
             raise ValueError(f"{name} must lie in [0, {upper:g}], got {value!r}")
     q, theta = float(q), float(theta)
+    validate = check_flag("validate", validate)
     if cams.shape[0] == 0:  # (an empty batch, of any extent)
         return torch.zeros(0, dtype=torch.int64, device=cams.device)
     n_pixels = cams.shape[1] * cams.shape[2]

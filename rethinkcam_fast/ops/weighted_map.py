@@ -44,7 +44,7 @@ from torch import Tensor
 
 from .. import _native
 from .._triton import cdiv, grid_pair, ieee_div, launch, next_power_of_2, tl, triton
-from .._validation import check_float_dtype, check_same_device, check_tensor
+from .._validation import check_flag, check_float_dtype, check_same_device, check_tensor
 from ._launch import autocast_off, check_backend, device_guard, flat_spatial, run_inference_op, run_trusted, use_triton
 
 MODES = ("channel", "layercam", "flm", "gradcam", "gradcam++")
@@ -447,7 +447,8 @@ def weighted_map(
             raise ValueError(f"grads must have the activations' shape {tuple(activations.shape)}, got {tuple(grads.shape)}")
         check_same_device(activations=activations, grads=grads)
     check_backend(backend)
-    return run_inference_op(_weighted_map_op, _weighted_map_impl, activations, weights, grads, mode, bool(relu), backend)
+    relu = check_flag("relu", relu)
+    return run_inference_op(_weighted_map_op, _weighted_map_impl, activations, weights, grads, mode, relu, backend)
 
 
 def weighted_map_trusted(
