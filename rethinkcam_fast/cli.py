@@ -291,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         terminated = isinstance(exc, _Terminated)
         print(f"rethinkcam: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)  # the shell's convention: 143, 130
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): quietly, as a shell tool does
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit's flush)
+        except (OSError, ValueError):
+            pass
+        return 128 + 13  # SIGPIPE
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

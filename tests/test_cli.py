@@ -145,3 +145,16 @@ def test_the_cli_method_choices_are_the_engines():
     from rethinkcam_fast.engine import METHODS
 
     assert CAM_METHODS == METHODS
+
+
+def test_a_closed_stdout_ends_quietly_as_a_shell_tool_does(tmp_path):
+    """`rethinkcam ... | head -1`: the reader went away; no BrokenPipeError traceback, SIGPIPE's code."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "rethinkcam_fast", "info"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the first line (Python and torch start up first)
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr

@@ -6,8 +6,8 @@ Files of one split (one record per line, comma separated, no header):
 * ``class_labels.txt``: ``path,label``.
 * ``image_sizes.txt``: ``path,width,height`` of the original image.
 * ``localization.txt``: ``path,x0,y0,x1,y1`` per ground-truth box (several lines per image allowed;
-  inclusive pixel coordinates of the original image, integers or decimals as the reference's
-  ``float()`` reads them; a box starting outside its image is an error) — or, for masks (OpenImages),
+  inclusive pixel coordinates of the original image: integers, or decimals (an extension: the
+  reference reads ``int()``); a box starting outside its image is an error) — or, for masks (OpenImages),
   ``path,mask.png,ignore.png`` per instance mask, the ignore mask on the image's first line only.
 
 Every malformed line raises :class:`MetadataError` naming ``file:line``; empty lines are skipped.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -39,7 +40,7 @@ def _records(path: str, fields: int, layout: str) -> Iterator[tuple[int, list[st
     if not os.path.isfile(path):
         raise MetadataError(f"{path}: metadata file not found")
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # (a byte-order mark, as Notepad writes, is not an id)
             lines = fh.read().splitlines()
     except UnicodeDecodeError as exc:
         raise MetadataError(f"{path}: not UTF-8 text ({exc})") from None
@@ -60,7 +61,8 @@ def _once(seen: dict[str, int], path: str, number: int, image_id: str) -> None:
 
 
 def _parse_coordinate(path: str, number: int, text: str, what: str) -> float:
-    """A box coordinate: an integer or, as the reference's ``float()`` reads it, a decimal."""
+    """A box coordinate: an integer or a decimal (an extension: the reference's loader reads ``int()``,
+    its resizing ``float()``)."""
     try:
         value = float(text)
     except ValueError:
@@ -110,6 +112,11 @@ class WSOLMetadata:
         digest = hashlib.sha1("\n".join(self.image_ids).encode("utf-8"))
         return digest.hexdigest()[:16]
 
+    @property
+    def boxes_past_image(self) -> frozenset[str]:
+        """Images with a box that ends past the image (warned about, naming the line, when read)."""
+        return self._cache.get("boxes_past_image", frozenset())
+
     def labels_of(self, image_ids: Sequence[str]) -> Tensor:
         """``LongTensor[N]``: the class labels of ``image_ids``."""
         self.require_labels(image_ids)
@@ -118,6 +125,8 @@ class WSOLMetadata:
     def require_labels(self, image_ids: Sequence[str] | None = None) -> None:
         """A ``MetadataError`` unless ``class_labels.txt`` gives a label to each of ``image_ids`` (all the
         split's by default): read when present, it is needed only where labels are (Top-1 Loc)."""
+        if "labels_error" in self._cache:  # a class_labels.txt the box metrics never needed to parse
+            raise self._cache["labels_error"]
         _require(self.class_labels, self.image_ids if image_ids is None else image_ids,
                  os.path.join(self.directory, "class_labels.txt"), "class label")
 
@@ -200,11 +209,15 @@ def _read_image_sizes(directory: str) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-def _read_boxes(directory: str, sizes: dict[str, tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
-    """Boxes per image, float64 ``[k, 4]`` in the original image's pixels (integers, or decimals as
-    the reference reads them); with ``sizes``, a box that starts outside its image is an error."""
+def _read_boxes(directory: str, sizes: dict[str, tuple[int, int]] | None = None,
+                past: set[str] | None = None) -> dict[str, np.ndarray]:
+    """Boxes per image, float64 ``[k, 4]`` in the original image's pixels (integers, or decimals);
+    with ``sizes``, a box that starts outside its image is an error, and boxes that end past it are
+    scored as they are (as the reference scores them) with one warning naming the first's line; their
+    images go into ``past``."""
     path = os.path.join(directory, "localization.txt")
     boxes: dict[str, list[tuple[float, float, float, float]]] = {}
+    first_past, count_past = None, 0
     for number, (image_id, *coords) in _records(path, 5, "path,x0,y0,x1,y1"):
         x0, y0, x1, y1 = box = tuple(_parse_coordinate(path, number, c, name)
                                      for c, name in zip(coords, ("x0", "y0", "x1", "y1")))
@@ -217,7 +230,16 @@ def _read_boxes(directory: str, sizes: dict[str, tuple[int, int]] | None = None)
         if size is not None and (x0 >= size[0] or y0 >= size[1]):
             raise MetadataError(f"{path}:{number}: box {shown} of image {image_id!r} lies outside the image "
                                 f"({size[0]}x{size[1]} in image_sizes.txt)")
+        if size is not None and (x1 > size[0] or y1 > size[1]):  # (x1 == width: the usual one past the edge)
+            count_past += 1
+            first_past = first_past or f"{path}:{number}: box {shown} of image {image_id!r} ({size[0]}x{size[1]})"
+            if past is not None:
+                past.add(image_id)
         boxes.setdefault(image_id, []).append(box)
+    if count_past:
+        more = f" (and {count_past - 1} more)" if count_past > 1 else ""
+        warnings.warn(f"{first_past} ends past its image{more}: scored as it is, as the reference scores it",
+                      RuntimeWarning, stacklevel=4)
     return {image_id: np.array(b, dtype=np.float64).reshape(-1, 4) for image_id, b in boxes.items()}
 
 
@@ -261,18 +283,31 @@ def read_metadata(directory: str, localization: str = "boxes") -> WSOLMetadata:
         raise MetadataError(f"{directory}: metadata directory not found")
     image_ids = _read_image_ids(directory)
     labels_path = os.path.join(directory, "class_labels.txt")
-    labels = _read_class_labels(directory) if os.path.isfile(labels_path) else None  # (checked where needed)
+    # (checked where labels are used: a file that does not parse, e.g. WordNet ids for labels, stops
+    # only what needs it, as the reference reads it only for Top-1 Loc)
+    labels, labels_error = None, None
+    if os.path.isfile(labels_path):
+        try:
+            labels = _read_class_labels(directory)
+        except MetadataError as exc:
+            labels_error = exc
     local_path = os.path.join(directory, "localization.txt")
     if localization == "boxes":
         sizes_path = os.path.join(directory, "image_sizes.txt")
         sizes = _read_image_sizes(directory) if os.path.isfile(sizes_path) else None
         _require(sizes, image_ids, sizes_path, "size")
-        boxes = _read_boxes(directory, sizes)
+        past: set[str] = set()
+        boxes = _read_boxes(directory, sizes, past)
         _require(boxes, image_ids, local_path, "box")
-        return WSOLMetadata(directory, image_ids, "boxes", labels, sizes, boxes=boxes)
-    masks, ignores = _read_masks(directory)
-    _require(masks, image_ids, local_path, "mask")
-    return WSOLMetadata(directory, image_ids, "masks", labels, mask_paths=masks, ignore_paths=ignores)
+        metadata = WSOLMetadata(directory, image_ids, "boxes", labels, sizes, boxes=boxes)
+        metadata._cache["boxes_past_image"] = frozenset(past)
+    else:
+        masks, ignores = _read_masks(directory)
+        _require(masks, image_ids, local_path, "mask")
+        metadata = WSOLMetadata(directory, image_ids, "masks", labels, mask_paths=masks, ignore_paths=ignores)
+    if labels_error is not None:
+        metadata._cache["labels_error"] = labels_error
+    return metadata
 
 
 def detect_localization(directory: str) -> str:
