@@ -249,3 +249,17 @@ def test_without_the_extension_or_opencv_the_error_says_what_to_install(monkeypa
     with pytest.warns(RuntimeWarning, match="falling back to an OpenCV loop"):
         with pytest.raises(RuntimeError, match="C\\+\\+ extension.*pip install opencv-python-headless"):
             boxes_from_cams(torch.rand(1, 8, 8), 100, mode="all")
+
+
+def test_thresholds_as_lists_and_numpy_arrays_are_tensors_too():
+    cams = torch.rand(3, 9, 9, generator=torch.Generator().manual_seed(2))
+    levels = [[10, 200], [50, 60], [0, 255]]
+    want = boxes_from_cams(cams, torch.tensor(levels))
+    assert torch.equal(boxes_from_cams(cams, levels), want)
+    assert torch.equal(boxes_from_cams(cams, np.array(levels, dtype=np.uint8)), want)
+    assert torch.equal(boxes_from_cams(cams, [10, 50, 0]), boxes_from_cams(cams, torch.tensor([10, 50, 0])))
+    for bad in ([0.5, 1.0, 2.0], np.array([True, False, True])):
+        with pytest.raises(TypeError, match="integer uint8 levels"):
+            boxes_from_cams(cams, bad)
+    with pytest.raises(ValueError, match=r"uint8 levels in \[0, 255\]"):
+        boxes_from_cams(cams, [10, 300, 0])

@@ -341,13 +341,19 @@ def test_native_fuse_maps_equals_the_reference_to_rounding_at_cam_sizes(fuse):
 
 
 
-@pytest.mark.parametrize("shape,size", [((1, 14, 1), (1, 7)), ((2, 1, 14), (224, 1)), ((1, 5, 1), (9, 9))])
-def test_a_map_that_resizes_to_a_constant_is_flagged_on_the_cpu(shape, size):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("shape,size", [((1, 14, 1), (1, 7)), ((2, 1, 14), (224, 1)), ((1, 5, 1), (9, 9)),
+                                        ((1, 1, 6), (7, 1))])
+def test_a_map_that_resizes_to_a_constant_is_flagged_on_the_cpu(shape, size, backend):
     """An output side of 1 samples one row (or column); a source side of 1 is constant along it. The
-    C++ kernel interpolates as a + (b - a) * l, exact for equal neighbours, so the constant stays
-    constant and is flagged instead of last-bit noise stretched to [0, 1]."""
+    C++ kernel and the reference interpolate as a + (b - a) * l, exact for equal neighbours, so the
+    constant stays constant and is flagged instead of last-bit noise stretched to [0, 1]; the
+    differentiable epilogue too."""
+    from rethinkcam_fast.ops.map_epilogue import epilogue_forward_impl
+
     maps = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    cams, degenerate = fuse_maps(maps, size)
+    cams, degenerate = fuse_maps(maps, size, backend=backend)
+    assert torch.equal(epilogue_forward_impl([maps], list(size), "sum", True, backend)[1], degenerate)
     for n in range(shape[0]):
         up = F.interpolate(maps[n:n + 1, None].double(), size=size, mode="bilinear", align_corners=False)[0, 0]
         constant = bool((up.max() - up.min()) < 1e-12)

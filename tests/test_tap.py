@@ -236,6 +236,8 @@ def test_bad_input_raises_clear_errors():
     assert torch.equal(rethinkcam_fast.tap(x, torch.tensor(0.3)), rethinkcam_fast.tap(x, 0.3))
     with pytest.raises(TypeError, match="tau must be a real number"):
         rethinkcam_fast.tap(x, torch.tensor(True))
+    with pytest.raises(ValueError, match="x must be a 4-D tensor"):  # the reference says it as tap does
+        rethinkcam_fast.tap_reference(torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match="one device: grad_out on cpu, x on meta"):
         check_same_device(grad_out=torch.zeros(1), x=torch.zeros(1, device="meta"))
 

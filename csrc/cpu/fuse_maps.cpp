@@ -9,7 +9,8 @@
 //     a + (b - a) * l, exact where the two neighbours are equal.  That is the one place where this
 //     kernel rounds differently from ATen's a * (1 - l) + b * l on purpose: on a map that resizes
 //     to a constant (an output side of 1, a symmetric downsample) ATen's last-bit noise would be
-//     stretched to [0, 1] by min-max, where here the map stays constant and is flagged;
+//     stretched to [0, 1] by min-max, where here the map stays constant and is flagged (the
+//     PyTorch reference, fuse_maps.bilinear_upsample, interpolates the same way);
 //   * a layer is degenerate when its source map has a non-finite value or is constant (decided
 //     before upsampling, whose rounding can make a constant map differ in the last bit), or when
 //     the upsampled span is not a positive finite number; it then contributes zeros;

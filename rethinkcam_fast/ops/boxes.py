@@ -88,7 +88,13 @@ def _to_convention(xywh: Tensor, height: int, width: int, convention: str) -> Te
 
 
 def _thresholds_2d(thresholds: int | Tensor, n: int) -> tuple[Tensor, bool]:
-    """``(int64 [N, T] on the CPU, whether the caller gave one threshold per image)``."""
+    """``(int64 [N, T] on the CPU, whether the caller gave one threshold per image)``. An int (numpy's
+    too), an integer tensor, or an integer numpy array or (nested) list of ints, as a tensor would be."""
+    if isinstance(thresholds, (np.ndarray, list, tuple)):
+        array = np.asarray(thresholds)
+        if array.dtype.kind not in "iu" and array.size:  # (an empty list is no level at all: shape checked below)
+            raise TypeError(f"thresholds must be integer uint8 levels, got an array of {array.dtype}")
+        thresholds = torch.from_numpy(array.astype(np.int64))
     if isinstance(thresholds, (bool, np.bool_)) or not isinstance(thresholds, (Integral, Tensor)):
         raise TypeError(f"thresholds must be an int or an integer tensor, got {type(thresholds).__name__}")
     if isinstance(thresholds, Tensor):

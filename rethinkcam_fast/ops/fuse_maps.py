@@ -71,6 +71,39 @@ def minmax_normalize(maps: Tensor, degenerate: Tensor | None = None) -> tuple[Te
 UPSAMPLE_MODES = ("bilinear", "bicubic")
 
 
+def _bilinear_axis(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device):
+    """``(i0, i1, l1)`` of one axis: PyTorch's ``align_corners=False`` source positions, computed in
+    ``dtype`` as the C++ kernels compute them (csrc/cpu/bilinear.h, ``bilinear_axis``)."""
+    scale = torch.tensor(n_in, dtype=dtype) / torch.tensor(n_out, dtype=dtype)
+    src = (scale * (torch.arange(n_out, dtype=dtype) + 0.5) - 0.5).clamp_min(0)
+    i0 = src.floor().to(torch.int64).clamp_max(n_in - 1)
+    l1 = (src - i0.to(dtype)).clamp(0, 1)
+    i1 = torch.where(i0 < n_in - 1, i0 + 1, i0)
+    return i0.to(device), i1.to(device), l1.to(device)
+
+
+def _lerp(a: Tensor, b: Tensor, l: Tensor) -> Tensor:
+    """``a + (b - a) * l``, exact where ``a == b``; ATen's ``a * (1 - l) + b * l`` where ``b - a`` overflows
+    (finite neighbours of opposite signs near the dtype's limit: it stays finite there)."""
+    d = b - a
+    return torch.where(d.abs() <= torch.finfo(d.dtype).max, a + d * l, a * (1 - l) + b * l)
+
+
+def bilinear_upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """``maps [N, h, w]`` -> ``[N, H, W]``, bilinear with ``align_corners=False`` (``F.interpolate``'s
+    sampling) interpolated as ``lerp(lerp(...), lerp(...))``, the C++ kernels' arithmetic, in the maps'
+    dtype; differentiable. ``F.interpolate`` computes ``a * (1 - l) + b * l``, which rounds a plateau
+    to last-bit noise: a map that resizes to a constant (a 1 x W map to H x 1) then min-max
+    normalises to noise stretched over ``[0, 1]``, and a plateau at a map's extreme stops tying there."""
+    height, width = int(size[0]), int(size[1])
+    y0, y1, ly = _bilinear_axis(maps.shape[1], height, maps.dtype, maps.device)
+    x0, x1, lx = _bilinear_axis(maps.shape[2], width, maps.dtype, maps.device)
+    r0, r1 = maps[:, y0], maps[:, y1]
+    top = _lerp(r0[:, :, x0], r0[:, :, x1], lx)
+    bottom = _lerp(r1[:, :, x0], r1[:, :, x1], lx)
+    return _lerp(top, bottom, ly[:, None])
+
+
 def fuse_maps_reference(maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum",
                         upsample: str = "bilinear") -> tuple[Tensor, Tensor]:
     """Pure-PyTorch fusion: ``(cams float32 [N, H, W] in [0, 1], degenerate bool [N])``.
@@ -80,7 +113,10 @@ def fuse_maps_reference(maps: list[Tensor], output_size: tuple[int, int], fuse: 
     centres and clamped borders; equal to OpenCV's float32 result to rounding), before the min-max."""
     fused = None
     for m in maps:
-        up = F.interpolate(m.float()[:, None], size=tuple(output_size), mode=upsample, align_corners=False)[:, 0]
+        if upsample == "bilinear":
+            up = bilinear_upsample(m.float(), output_size)
+        else:
+            up = F.interpolate(m.float()[:, None], size=tuple(output_size), mode=upsample, align_corners=False)[:, 0]
         # Constancy is decided on the source map: interpolation weights can round a constant to values
         # that differ in the last bit, which min-max would blow up into noise.
         norm, degenerate = minmax_normalize(up, degenerate_maps(m))

@@ -33,14 +33,14 @@ where there is none (the custom ops under ``torch.compile``, a second backward w
 
 C++ (CPU, ``backend="auto"``, ``csrc/cpu/map_epilogue.cpp``): the forward and the backward, one image
 per thread work item, all of its layers in cache-resident per-image buffers, nothing stored between
-the passes (the backward recomputes the upsampled maps). Same formulas as the reference, with one
-deliberate rounding difference: the upsampling interpolates as ``a + (b - a) * l``, exact where the
-neighbours are equal (as the engine's ``fuse_maps`` kernel), where ``F.interpolate`` computes
-``a * (1 - l) + b * l``; so a plateau at a map's extreme ties there whole and shares its gradient,
-where the reference can leave some of its pixels an ulp below it. Values agree with the
-reference's to rounding — a few ulp of the upsampled maps, which min-max normalisation scales by
-1 / span (a map whose span is a few ulp of its magnitude differs at the scale of the output) — and
-the float32 forward equals ``fuse_maps``' bit for bit.
+the passes (the backward recomputes the upsampled maps). Same formulas as the reference, the
+upsampling included: both interpolate as ``a + (b - a) * l`` (:func:`~rethinkcam_fast.ops.fuse_maps.bilinear_upsample`),
+exact where the neighbours are equal, where ``F.interpolate`` computes ``a * (1 - l) + b * l``; so a
+plateau at a map's extreme ties there whole and shares its gradient, and a map that resizes to a
+constant stays constant (flagged) instead of last-bit noise stretched to ``[0, 1]``. The float32
+forward equals ``fuse_maps``' bit for bit. The Triton kernels interpolate with ``F.interpolate``'s
+formula: on the GPU those two cases can differ from the CPU paths in the last bits, scaled by
+min-max normalisation.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ from .. import _native
 from .._triton import cdiv, ieee_div, ieee_reciprocal, launch, next_power_of_2, tl, triton
 from . import _launch
 from ._launch import device_guard, use_triton
-from .fuse_maps import EXACT_FP, _bilinear, _layer_at, _layer_table, _range, _upsampled_range, degenerate_maps
+from .fuse_maps import (EXACT_FP, _bilinear, _layer_at, _layer_table, _range, _upsampled_range, bilinear_upsample,
+                        degenerate_maps)
 
 _STATS = 5  # per (image, layer): min, max, 1/span (0 when degenerate), #pixels at min, #pixels at max
 # The backward recomputes upsampled values in other kernels and finds the pixels at the min, at the max
@@ -97,7 +98,7 @@ def map_epilogue_reference(
     parts = []
     for m in maps:
         m = m.to(acc)
-        up = F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        up = bilinear_upsample(m, size)
         if not normalize:
             return up, torch.zeros(m.shape[0], dtype=torch.bool, device=m.device)
         parts.append(_minmax_differentiable(up, degenerate_maps(m, acc)))
@@ -764,7 +765,7 @@ def map_epilogue_backward_reference(
     size = tuple(int(v) for v in output_size)
     grad = grad_out.to(acc)
     sources = [m.to(acc) for m in maps]
-    ups = [F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for m in sources]
+    ups = [bilinear_upsample(m, size) for m in sources]
     if not normalize:
         return [_upsample_adjoint(grad, sources[0]).to(maps[0].dtype)]
     forced = [degenerate_maps(m, acc) for m in sources]

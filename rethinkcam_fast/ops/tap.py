@@ -54,7 +54,10 @@ def tap_reference(x: Tensor, tau: float = 0.1) -> Tensor:
         tau: threshold ratio in ``[0, 1)``.
     Returns:
         ``Tensor[N, C]`` in ``x.dtype``.
+    Raises:
+        ValueError: ``x`` is not 4-D (as :func:`tap` says it).
     """
+    check_tensor("x", x, ndim=4)
     n, c = x.shape[:2]
     max_vals = x.amax(dim=(2, 3))  # amax propagates NaN like torch.max
     thr = (max_vals * tau).view(n, c, 1, 1)
@@ -586,7 +589,7 @@ def tap(x: Tensor, tau: float = 0.1, *, backend: str = "auto") -> Tensor:
     check_tensor("x", x, ndim=4)
     check_float_dtype("x", x)
     tau = check_unit_interval("tau", tau)
-    if x.shape[2] * x.shape[3] == 0:
+    if not torch.jit.is_tracing() and x.shape[2] * x.shape[3] == 0:  # (traced sizes are tensors: no bool)
         raise ValueError(f"x must have a non-empty spatial extent, got shape {tuple(x.shape)}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
