@@ -347,7 +347,9 @@ def class_activation_map(
     Args:
         features: ``Tensor[N, K, h, w]`` (the layer before the global pool), floating, NCHW or channels_last.
         weight: ``Tensor[C, K]``, the classifier after the global pool (no bias is used).
-        labels: ``LongTensor[N]`` (any integer dtype), the class explained per image, in ``[0, C)``.
+        labels: ``LongTensor[N]`` (any integer dtype), the class explained per image, in ``[0, C)``: the
+            batch's label tensor, as a training loop holds it (``CAMEngine``'s ``targets`` also take an
+            int for every image, or a list; this op takes the tensor only).
         nwc: negative weight clamping, ``max(W, 0)`` (gradient only where ``W > 0``).
         output_size: ``(H, W)`` of the maps; ``None`` keeps the feature resolution ``(h, w)``.
         normalize: per-image min-max into ``[0, 1]`` — differentiable, through the min and the max
