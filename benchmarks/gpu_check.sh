@@ -26,7 +26,11 @@
 # (every Triton launch), batch-norm folding and its video rows, the diffcam ours-triton-launch rows; then
 # position blocks on grid axis 0 (grid_pair) in the weighted-map, channel-reduce, FLM-backward and
 # TAP-backward kernels, fuse_maps without FMA contraction, captures on a stream of the example's device,
-# upsample="bicubic", and the per-image non-finite-score flag: the CUDA tests cover all of them).
+# upsample="bicubic", and the per-image non-finite-score flag; then Fully-CAM's per-layer reduction
+# through flm_layer_reducer (backend and launch plan chosen once; in autograd's CUDA device threads),
+# the differentiable epilogue's span check (_no_span) and its float64 source judgement, inference ops
+# under torch.compile on detached inputs, and the reference's bilinear_upsample on CUDA tensors: the
+# CUDA tests cover all of them).
 # Planned for the next session, as two back-to-back calls (peer wheels carried: bash
 # benchmarks/peer_wheels.sh, carry benchmarks/peer_wheels):
 #   STAGES="build tests sanitize bench" SUITES="boxes evaluate cam" DEADLINE=560 TESTS_BOX=150 BOX_SANITIZE=60
