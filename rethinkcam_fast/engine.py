@@ -29,7 +29,7 @@ from .ops.class_activation_map import class_activation_map_with_flags
 from .ops.flm_fuse import flm_fuse_with_flags
 from .ops.fuse_maps import FUSE_MODES, UPSAMPLE_MODES, fuse_maps_reference, fuse_maps_trusted
 from .ops.map_epilogue import acc_dtype, map_epilogue_op
-from .ops.percentile_threshold import percentile_threshold
+from .ops.percentile_threshold import check_pas_parameters, percentile_threshold
 from .ops.weighted_map import flm_layer_reducer, weighted_map, weighted_map_reference, weighted_map_trusted
 
 METHODS = ("cam", "gradcam", "gradcam++", "layercam", "fullycam")
@@ -364,9 +364,9 @@ class CAMEngine:
             raise ValueError(f"box_convention must be one of {CONVENTIONS}, got {box_convention!r}")
         self.boxes = bool(boxes)
         self.pas_q, self.pas_theta, self.box_convention = pas_q, pas_theta, box_convention
-        if self.boxes:  # validate q and theta now rather than after a forward pass
+        if self.boxes:  # checked (and made floats) now rather than after a forward pass, and once
             try:
-                percentile_threshold(torch.zeros(0, 1, 1), pas_q, pas_theta)
+                self.pas_q, self.pas_theta = check_pas_parameters(pas_q, pas_theta)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"pas_q={pas_q!r}, pas_theta={pas_theta!r}: {exc}") from None
         check_backend(backend)  # now, not at the first call
@@ -992,7 +992,8 @@ class CAMEngine:
             cams, degenerate = flm_fuse_with_flags(acts, grads, size, self.fuse, self.backend)
             if not self.return_layer_maps:
                 return [], cams, degenerate
-            return [self._flm_layer_map(a, g) for a, g in zip(acts, grads)], cams, degenerate
+            reduce = flm_layer_reducer(self.backend)
+            return [reduce(a.detach(), g.detach()) for a, g in zip(acts, grads)], cams, degenerate
         activation = capture.activations[id(layers[0])]
         if self.method != "cam":
             (layer_map,) = maps = [self._single_layer_map(layers[0], activation, labels, scores, logits.shape[1], None)]
@@ -1039,11 +1040,6 @@ class CAMEngine:
         (``differentiable=True``: ``create_graph=True``); other errors are the caller's to re-raise."""
         if "donated buffers" in str(exc) or "does not currently support double backward" in str(exc):
             raise ValueError(_NO_DOUBLE_BACKWARD.format(method=self.method)) from None
-
-    def _flm_layer_map(self, activation: Tensor, grad: Tensor) -> Tensor:
-        """One layer's FLM map at feature resolution, ``sum_k relu(g) * relu(A)``, off the graph."""
-        return weighted_map_trusted(activation.detach(), grads=grad.detach(), mode="flm", relu=False,
-                                    backend=self.backend)
 
     def _fully_cam_maps(self, layers: list[nn.Module], capture: _Capture, scores: Tensor, images: Tensor,
                         exhaustive: bool = False) -> list[Tensor] | None:

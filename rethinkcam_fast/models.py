@@ -152,24 +152,35 @@ def state_dict_of(payload: Mapping[str, Any], path: str) -> dict[str, Tensor]:
             break
     if not payload or not all(isinstance(v, Tensor) for v in payload.values()):
         raise CheckpointError(f"{path}: holds no state dict (a mapping of parameter names to tensors)")
-    return {_unwrapped_key(k): v for k, v in payload.items()}
+    return dict(payload)
 
 
-def _unwrapped_key(key: str) -> str:
-    """A parameter name without the prefixes of the wrappers around the model: DDP's ``module.`` and
-    ``torch.compile``'s ``_orig_mod.``, stacked in either order (``compile(DDP(model))`` gives both)."""
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP's, torch.compile's
+
+
+def _unwrapped(state: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """``state`` with the prefixes of the wrappers it was saved through taken off: DDP's ``module.`` and
+    ``torch.compile``'s ``_orig_mod.``, stacked in any order (``compile(DDP(model))`` saves both), one
+    shared by every key at a time, as far as matches the model's own keys best (a model may have a
+    child called ``module``: DDP then saves ``module.module.*``, which loads as ``module.*``)."""
+    best, best_overlap = state, len(own.keys() & state.keys())
     while True:
-        stripped = key.removeprefix("module.").removeprefix("_orig_mod.")
-        if stripped == key:
-            return key
-        key = stripped
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            return best
+        state = {k[len(prefix):]: v for k, v in state.items()}
+        overlap = len(own.keys() & state.keys())
+        if overlap > best_overlap:
+            best, best_overlap = state, overlap
 
 
 def load_state_into(model: nn.Module, state: Mapping[str, Tensor], path: str) -> nn.Module:
     """``model.load_state_dict(state, strict=True)`` with a readable error for another architecture (the
-    model, which every caller builds for the purpose, may then hold some of the weights). Which keys
+    model, which every caller builds for the purpose, may then hold some of the weights); the prefixes
+    of DDP and ``torch.compile`` wrappers are taken off as the model's keys need. Which keys
     may be absent is the modules' own rule (a TAP from before its ``tau`` was saved keeps its own)."""
     own = model.state_dict()
+    state = _unwrapped(state, own)
     wrong_shape = {k for k, v in own.items() if k in state and state[k].shape != v.shape}
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in wrong_shape]
     keys = model.load_state_dict({k: v for k, v in state.items() if k not in wrong_shape}, strict=False)

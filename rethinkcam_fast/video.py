@@ -38,7 +38,7 @@ from .engine import CAMEngine, _class_index
 from .folding import fold_batchnorm
 from .localize import IMAGENET_MEAN, IMAGENET_STD, input_channels
 from .ops.boxes import CONVENTIONS, boxes_from_packed, pack_results, packed_to_host
-from .ops.percentile_threshold import percentile_threshold
+from .ops.percentile_threshold import check_pas_parameters, percentile_threshold
 
 LUMA = (0.299, 0.587, 0.114)  # RGB -> grey (ITU-R BT.601), for single-channel models
 
@@ -391,8 +391,11 @@ class VideoLocalizer:
         self._graphs: dict[tuple[int, ...], CapturedCall] = {}
         engine_options.setdefault("warn_degenerate", False)  # no per-batch device sync for a warning
         # PaS and the box are cut here, after the (possibly replayed) CAM, not inside the engine.
-        self.pas_q = float(engine_options.pop("pas_q", 90.0))
-        self.pas_theta = float(engine_options.pop("pas_theta", 0.35))
+        pas_q, pas_theta = engine_options.pop("pas_q", 90.0), engine_options.pop("pas_theta", 0.35)
+        try:  # (checked as CAMEngine checks them, and made floats once)
+            self.pas_q, self.pas_theta = check_pas_parameters(pas_q, pas_theta)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"pas_q={pas_q!r}, pas_theta={pas_theta!r}: {exc}") from None
         for name in ("boxes", "output_size"):
             if name in engine_options:
                 raise TypeError(f"VideoLocalizer sets {name}= itself (one box a frame, cut from maps in the frame's "
@@ -408,7 +411,6 @@ class VideoLocalizer:
                           "every convolution is a target, so no batch norm can fold into one", stacklevel=2)
             fold_batchnorm = False
         self._fold_pending = bool(fold_batchnorm)
-        percentile_threshold(torch.zeros(0, 1, 1), self.pas_q, self.pas_theta)  # validate q and theta now
         self.channels = input_channels(model)
         self._luma = torch.tensor(LUMA, dtype=torch.float32, device=self.device)
         self._mean = None if mean is None else torch.tensor(mean, dtype=torch.float32, device=self.device)

@@ -119,12 +119,15 @@ def test_engine_bf16_autocast_channels_last_on_gpu():
     assert result.cams.shape == (4, 64, 64) and result.cams.min() >= 0 and result.cams.max() <= 1
 
 
-@pytest.mark.parametrize("method", ["cam", "gradcam", "gradcam++", "layercam", "fullycam"])
-def test_graphed_engine_replays_what_the_engine_gives(method):
+@pytest.mark.parametrize("method,backend", [("cam", "auto"), ("gradcam", "auto"), ("gradcam++", "auto"),
+                                            ("layercam", "auto"), ("fullycam", "auto"), ("fullycam", "reference")])
+def test_graphed_engine_replays_what_the_engine_gives(method, backend):
     """CAMEngine.graphed: one capture, replayed on new images of the same shape, gives the eager
-    engine's labels, maps, thresholds and boxes; the copies survive the next replay."""
+    engine's labels, maps, thresholds and boxes; the copies survive the next replay. The PyTorch
+    reference path too (its upsampling builds its tables on the device: a host copy would sync,
+    which a capture refuses)."""
     model = make(MiniResNet).cuda()
-    engine = CAMEngine(model, method, warn_degenerate=False)
+    engine = CAMEngine(model, method, warn_degenerate=False, backend=backend)
     gen = torch.Generator().manual_seed(5)
     batches = [torch.randn(4, 3, 64, 64, generator=gen).cuda() for _ in range(3)]
     deterministic = torch.backends.cudnn.deterministic

@@ -162,10 +162,10 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="backend must be one of"):
         fuse_maps(torch.rand(2, 3, 3), (4, 4), backend="native")
     # an argument the mode does not use is refused, not dropped
-    with pytest.raises(ValueError, match="mode='channel' does not use grads="):
+    with pytest.raises(TypeError, match="mode='channel' does not use grads="):
         weighted_map(a, torch.randn(2, 5), grads=torch.randn_like(a), mode="channel")
     for mode in ("layercam", "gradcam"):
-        with pytest.raises(ValueError, match=f"mode='{mode}' does not use weights="):
+        with pytest.raises(TypeError, match=f"mode='{mode}' does not use weights="):
             weighted_map(a, torch.randn(2, 5), grads=torch.randn_like(a), mode=mode)
     with pytest.raises(ValueError, match="normalize=False takes one map"):  # (the registered epilogue op)
         torch.ops.rethinkcam_fast.map_epilogue([torch.rand(2, 3, 3)] * 2, [4, 4], "sum", False, "auto")

@@ -231,6 +231,9 @@ def test_every_missing_map_is_counted_before_any_is_read(small_split, monkeypatc
                                                 r".*img_0003.*img_0004"):
         _evaluate(small_split, cam_curve_interval=0.1)
     assert read == []
+    os.remove(os.path.join(small_split["scoremap_root"], small_split["ids"][0] + ".npy"))  # the grid's map too
+    with pytest.raises(FileNotFoundError, match=r"img_0000\.jpg' not found: .*; 4 of 5 are missing"):
+        _evaluate(small_split, cam_curve_interval=0.1)
 
 
 def test_cli_names_a_mean_over_other_deltas_for_what_it_is(small_split, capsys):

@@ -137,6 +137,17 @@ def test_weights_saved_from_wrapped_models_load():
         fresh = load_state_into(DigitsCAMNet("tap", widths=TINY_WIDTHS), state_dict_of(wrapped, prefix), prefix)
         assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items()), prefix
 
+    class Holder(torch.nn.Module):  # a model whose network is a child called "module"
+        def __init__(self):
+            super().__init__()
+            self.module = torch.nn.Linear(3, 2)
+
+    holder = Holder()
+    for prefix in ("", "module.", "_orig_mod.module."):  # as saved plain, through DDP, through compile(DDP)
+        wrapped = {prefix + k: v for k, v in holder.state_dict().items()}
+        fresh = load_state_into(Holder(), state_dict_of(wrapped, prefix), prefix)
+        assert torch.equal(fresh.module.weight, holder.module.weight), prefix
+
 
 def test_progress_bar_prints_one_line_per_epoch_when_not_a_terminal():
     stream = io.StringIO()

@@ -436,6 +436,11 @@ def test_bad_input_raises_clear_errors(model):
             VideoLocalizer(model, **option)
     with pytest.raises(ValueError, match="box_convention must be one of"):
         VideoLocalizer(model, box_convention="bogus")
+    for bad in ("90", True):  # as CAMEngine refuses them (float() took both)
+        with pytest.raises(TypeError, match=f"pas_q={bad!r}.*q must be a real number"):
+            VideoLocalizer(model, pas_q=bad)
+    with pytest.raises(ValueError, match=r"pas_theta=1.5.*theta must lie in \[0, 1\]"):
+        VideoLocalizer(model, pas_theta=1.5)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device='cuda'"):
             VideoLocalizer(model, device="cuda")

@@ -90,6 +90,10 @@ class WSOLMetadata:
         class_labels: ``{image_id: label}`` (``None`` when ``class_labels.txt`` is absent).
         image_sizes: ``{image_id: (width, height)}`` (``None`` when ``image_sizes.txt`` is absent; boxes need it).
         boxes: ``{image_id: int64 array [k, 4]}`` original-image boxes ``(x0, y0, x1, y1)``, for ``"boxes"``.
+        boxes_past_image: images with a box that ends past the image (warned about when read, naming
+            the line; scored as they are, as the reference scores them).
+        labels_error: why ``class_labels.txt`` did not parse, raised where labels are needed (the box
+            metrics do not read it).
         mask_paths: ``{image_id: (mask, ...)}`` paths relative to the mask root, for ``"masks"``.
         ignore_paths: ``{image_id: path or None}``, for ``"masks"``.
     """
@@ -102,6 +106,8 @@ class WSOLMetadata:
     boxes: dict[str, np.ndarray] | None = None
     mask_paths: dict[str, tuple[str, ...]] | None = None
     ignore_paths: dict[str, str | None] | None = None
+    boxes_past_image: frozenset[str] = frozenset()
+    labels_error: str | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -112,11 +118,6 @@ class WSOLMetadata:
         digest = hashlib.sha1("\n".join(self.image_ids).encode("utf-8"))
         return digest.hexdigest()[:16]
 
-    @property
-    def boxes_past_image(self) -> frozenset[str]:
-        """Images with a box that ends past the image (warned about, naming the line, when read)."""
-        return self._cache.get("boxes_past_image", frozenset())
-
     def labels_of(self, image_ids: Sequence[str]) -> Tensor:
         """``LongTensor[N]``: the class labels of ``image_ids``."""
         self.require_labels(image_ids)
@@ -125,8 +126,8 @@ class WSOLMetadata:
     def require_labels(self, image_ids: Sequence[str] | None = None) -> None:
         """A ``MetadataError`` unless ``class_labels.txt`` gives a label to each of ``image_ids`` (all the
         split's by default): read when present, it is needed only where labels are (Top-1 Loc)."""
-        if "labels_error" in self._cache:  # a class_labels.txt the box metrics never needed to parse
-            raise self._cache["labels_error"]
+        if self.labels_error is not None:  # a class_labels.txt the box metrics never needed to parse
+            raise MetadataError(self.labels_error)
         _require(self.class_labels, self.image_ids if image_ids is None else image_ids,
                  os.path.join(self.directory, "class_labels.txt"), "class label")
 
@@ -290,7 +291,7 @@ def read_metadata(directory: str, localization: str = "boxes") -> WSOLMetadata:
         try:
             labels = _read_class_labels(directory)
         except MetadataError as exc:
-            labels_error = exc
+            labels_error = str(exc)
     local_path = os.path.join(directory, "localization.txt")
     if localization == "boxes":
         sizes_path = os.path.join(directory, "image_sizes.txt")
@@ -299,15 +300,12 @@ def read_metadata(directory: str, localization: str = "boxes") -> WSOLMetadata:
         past: set[str] = set()
         boxes = _read_boxes(directory, sizes, past)
         _require(boxes, image_ids, local_path, "box")
-        metadata = WSOLMetadata(directory, image_ids, "boxes", labels, sizes, boxes=boxes)
-        metadata._cache["boxes_past_image"] = frozenset(past)
-    else:
-        masks, ignores = _read_masks(directory)
-        _require(masks, image_ids, local_path, "mask")
-        metadata = WSOLMetadata(directory, image_ids, "masks", labels, mask_paths=masks, ignore_paths=ignores)
-    if labels_error is not None:
-        metadata._cache["labels_error"] = labels_error
-    return metadata
+        return WSOLMetadata(directory, image_ids, "boxes", labels, sizes, boxes=boxes,
+                            boxes_past_image=frozenset(past), labels_error=labels_error)
+    masks, ignores = _read_masks(directory)
+    _require(masks, image_ids, local_path, "mask")
+    return WSOLMetadata(directory, image_ids, "masks", labels, mask_paths=masks, ignore_paths=ignores,
+                        labels_error=labels_error)
 
 
 def detect_localization(directory: str) -> str:

@@ -215,6 +215,10 @@ def evaluate_scoremaps(
                                multi_contour=multi_contour, mask_root=mask_root, device=device)
     rank, world = rank_and_world()
     shard = metadata.image_ids[rank::world]
+    if metadata.image_ids and not os.path.isfile(scoremap_path(scoremap_root, metadata.image_ids[0])):
+        # (the first map gives the grid: without it, every missing map of the split is named; every
+        # rank reaches the same error here, so none waits for another)
+        _check_all_present(scoremap_root, metadata.image_ids)
     shape = evaluation_shape(scoremap_root, metadata.image_ids[0]) if metadata.image_ids else None
     run = {"dataset": dataset_name, "split": split, "image_ids": metadata.fingerprint(), "map_shape": shape,
            "scoremap_root": os.path.abspath(scoremap_root), "rank": rank, "world_size": world}

@@ -47,13 +47,22 @@ def flat_spatial(t: Tensor) -> tuple[Tensor, int, int, int]:
     NCHW-contiguous and channels_last both flatten (H, W) to one stride, so they are read in place;
     any other layout where that fails is made contiguous first (one copy).
     """
-    _, _, h, w = t.shape
-    if w == 1:
-        return t, t.stride(0), t.stride(1), t.stride(2)
-    if h == 1 or t.stride(2) == w * t.stride(3):
-        return t, t.stride(0), t.stride(1), t.stride(3)
+    strides = flat_strides(t)
+    if strides is not None:
+        return (t, *strides)
     t = t.contiguous()
     return t, t.stride(0), t.stride(1), t.stride(3)
+
+
+def flat_strides(t: Tensor) -> tuple[int, int, int] | None:
+    """``(stride_n, stride_c, stride_s)`` of ``t[N, C, H, W]`` read as ``[N, C, H*W]`` in place, or
+    ``None`` when its layout flattens (H, W) to no single stride (:func:`flat_spatial` copies those)."""
+    _, _, h, w = t.shape
+    if w == 1:
+        return t.stride(0), t.stride(1), t.stride(2)
+    if h == 1 or t.stride(2) == w * t.stride(3):
+        return t.stride(0), t.stride(1), t.stride(3)
+    return None
 
 
 def check_backend(backend: str) -> None:
@@ -102,8 +111,10 @@ def run_inference_op(op, impl, *args):
     """Call an inference-only custom op: traced as ``op`` under ``torch.compile``, on detached inputs
     (it has no autograd formula: its outputs carry no gradient, in a loss beside differentiable terms
     too); eagerly its implementation runs directly under ``no_grad`` (the same), which skips the
-    dispatcher's autograd wrapper — about 0.1 ms a call, visible per video frame."""
-    if torch.compiler.is_compiling():
+    dispatcher's autograd wrapper — about 0.1 ms a call, visible per video frame. Under
+    ``torch.jit.trace`` too the registered op is called, so that the trace records it (the kernels would
+    run outside the tracer, leaving the trace an empty allocation)."""
+    if graph_capture():
         return op(*[_detached(a) for a in args])
     with torch.no_grad():
         return impl(*args)
@@ -115,7 +126,8 @@ def run_trusted(op, impl, *args):
     no argument checks upstream and no ``no_grad`` context here. The engine calls the epilogue once and
     the per-layer reduction once a target layer (53 times a ResNet50 Fully-CAM call, on the autograd
     thread while the backward waits): the public entry points' checks cost 13-16 µs a call on the CI
-    CPU (``benchmarks/host_overhead.py``), more for Fully-CAM's 53 maps."""
+    CPU (``benchmarks/host_overhead.py``), more for Fully-CAM's 53 maps. (The engine cannot be traced by
+    ``torch.jit.trace`` — its hooks — so only ``torch.compile`` is asked about here.)"""
     if torch.compiler.is_compiling():
         return op(*[_detached(a) for a in args])
     return impl(*args)

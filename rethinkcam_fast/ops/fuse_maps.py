@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -73,20 +74,26 @@ UPSAMPLE_MODES = ("bilinear", "bicubic")
 
 def _bilinear_axis(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device):
     """``(i0, i1, l1)`` of one axis: PyTorch's ``align_corners=False`` source positions, computed in
-    ``dtype`` as the C++ kernels compute them (csrc/cpu/bilinear.h, ``bilinear_axis``)."""
-    scale = torch.tensor(n_in, dtype=dtype) / torch.tensor(n_out, dtype=dtype)
-    src = (scale * (torch.arange(n_out, dtype=dtype) + 0.5) - 0.5).clamp_min(0)
-    i0 = src.floor().to(torch.int64).clamp_max(n_in - 1)
-    l1 = (src - i0.to(dtype)).clamp(0, 1)
+    ``dtype`` as the C++ kernels compute them (csrc/cpu/bilinear.h, ``bilinear_axis``). Built on the
+    device (no host-to-device copy: a copy syncs, which a CUDA-graph capture refuses); the scale is
+    ``dtype(n_in) / dtype(n_out)``, rounded as the kernels round it."""
+    scale = float(np.float32(n_in) / np.float32(n_out)) if dtype == torch.float32 else n_in / n_out
+    src = torch.arange(n_out, dtype=dtype, device=device).add_(0.5).mul_(scale).sub_(0.5).clamp_min_(0)
+    i0 = src.floor().to(torch.int64).clamp_max_(n_in - 1)
+    l1 = (src - i0.to(dtype)).clamp_(0, 1)
     i1 = torch.where(i0 < n_in - 1, i0 + 1, i0)
-    return i0.to(device), i1.to(device), l1.to(device)
+    return i0, i1, l1
 
 
 def _lerp(a: Tensor, b: Tensor, l: Tensor) -> Tensor:
     """``a + (b - a) * l``, exact where ``a == b``; ATen's ``a * (1 - l) + b * l`` where ``b - a`` overflows
     (finite neighbours of opposite signs near the dtype's limit: it stays finite there)."""
     d = b - a
-    return torch.where(d.abs() <= torch.finfo(d.dtype).max, a + d * l, a * (1 - l) + b * l)
+    out = a + d * l
+    finite = d.abs() <= torch.finfo(d.dtype).max
+    if d.device.type == "cpu" and bool(finite.all()):  # (the usual case, without the second formula; on a
+        return out                                     # GPU that test would sync, so both are computed)
+    return torch.where(finite, out, a * (1 - l) + b * l)
 
 
 def bilinear_upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
@@ -98,10 +105,10 @@ def bilinear_upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
     height, width = int(size[0]), int(size[1])
     y0, y1, ly = _bilinear_axis(maps.shape[1], height, maps.dtype, maps.device)
     x0, x1, lx = _bilinear_axis(maps.shape[2], width, maps.dtype, maps.device)
-    r0, r1 = maps[:, y0], maps[:, y1]
-    top = _lerp(r0[:, :, x0], r0[:, :, x1], lx)
-    bottom = _lerp(r1[:, :, x0], r1[:, :, x1], lx)
-    return _lerp(top, bottom, ly[:, None])
+    # Along x on the source rows first (h rows, not H: the same values as interpolating the two rows of
+    # each output row, which is the kernels' order), then along y.
+    rows = _lerp(maps.index_select(2, x0), maps.index_select(2, x1), lx)
+    return _lerp(rows.index_select(1, y0), rows.index_select(1, y1), ly[:, None])
 
 
 def fuse_maps_reference(maps: list[Tensor], output_size: tuple[int, int], fuse: str = "sum",

@@ -152,6 +152,19 @@ def lerp_like_numpy(a: Tensor, b: Tensor, gamma: float) -> Tensor:
     return b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma
 
 
+def _pas_parameter(name: str, value: object, upper: float) -> float:
+    number = real_number(name, value)
+    if not 0.0 <= number <= upper:
+        raise ValueError(f"{name} must lie in [0, {upper:g}], got {value!r}")
+    return number
+
+
+def check_pas_parameters(q: object, theta: object) -> tuple[float, float]:
+    """``(q, theta)`` as floats, checked as :func:`percentile_threshold` checks them (callers that keep
+    them, as the engine and the video path, check and convert once)."""
+    return _pas_parameter("q", q, 100.0), _pas_parameter("theta", theta, 1.0)
+
+
 def percentile_threshold(
     cams: Tensor, q: float = 90.0, theta: float = 0.35, *, validate: bool = True, backend: str = "auto"
 ) -> Tensor:
@@ -173,10 +186,7 @@ def percentile_threshold(
     """
     check_cams_shape("cams", cams)
     check_float_dtype("cams", cams)
-    for name, value, upper in (("q", q, 100.0), ("theta", theta, 1.0)):
-        if not 0.0 <= real_number(name, value) <= upper:
-            raise ValueError(f"{name} must lie in [0, {upper:g}], got {value!r}")
-    q, theta = float(q), float(theta)
+    q, theta = _pas_parameter("q", q, 100.0), _pas_parameter("theta", theta, 1.0)
     validate = check_flag("validate", validate)
     if cams.shape[0] == 0:  # (an empty batch, of any extent)
         return torch.zeros(0, dtype=torch.int64, device=cams.device)
@@ -200,4 +210,4 @@ def percentile_threshold(
     return (float(theta) * value).to(torch.int64)  # values >= 0: truncation is int()
 
 
-__all__ = ["level_histogram_native", "level_histogram_reference", "level_histogram_triton", "lerp_like_numpy", "percentile_plan", "percentile_threshold", "scaled_levels", "to_uint8_levels"]
+__all__ = ["check_pas_parameters", "level_histogram_native", "level_histogram_reference", "level_histogram_triton", "lerp_like_numpy", "percentile_plan", "percentile_threshold", "scaled_levels", "to_uint8_levels"]

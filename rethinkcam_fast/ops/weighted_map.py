@@ -45,7 +45,8 @@ from torch import Tensor
 from .. import _native
 from .._triton import cdiv, grid_pair, ieee_div, launch, next_power_of_2, tl, triton
 from .._validation import check_flag, check_float_dtype, check_same_device, check_tensor
-from ._launch import autocast_off, check_backend, device_guard, flat_spatial, run_inference_op, run_trusted, use_triton
+from ._launch import (autocast_off, check_backend, device_guard, flat_spatial, flat_strides, run_inference_op,
+                      run_trusted, use_triton)
 
 MODES = ("channel", "layercam", "flm", "gradcam", "gradcam++")
 GRADIENT_WEIGHT_MODES = ("gradcam", "gradcam++")  # channel weights computed from G inside the op
@@ -276,7 +277,8 @@ def flm_layer_reducer(backend: str = "auto") -> Callable[[Tensor, Tensor], Tenso
     autograd hook (53 a ResNet50 call) while the backward waits on the host, and on the H100 that host
     time showed as the call's excess over its floor (README, GPU). So the backend is chosen once per
     device and dtype pair, not per layer, and on the Triton path the kernel's grid and arguments once
-    per shape and layout; what remains per layer is the output's allocation and the launch. Arguments
+    per shape and layout within the call (a reducer lives for one call: the plans are a dict lookup
+    away from the arguments); what remains per layer is the output's allocation and the launch. Arguments
     must be what the engine passes: floating, same shape and device, no graph to record (a hook's
     gradient, a detached or recorded activation: the Triton and native kernels record nothing, the
     reference path detaches both)."""
@@ -334,11 +336,8 @@ def _flm_plan(a: Tensor, g: Tensor):
     and ``g``, or ``None`` where the general launcher must run (an empty map; a layout that
     :func:`flat_spatial` would copy)."""
     n, k, h, w = a.shape
-    if n * k * h * w == 0:
-        return None
-    flat_a, *a_strides = flat_spatial(a)
-    flat_g, *g_strides = flat_spatial(g)
-    if flat_a is not a or flat_g is not g:
+    a_strides, g_strides = flat_strides(a), flat_strides(g)
+    if n * k * h * w == 0 or a_strides is None or g_strides is None:
         return None
     return (n, h, w, *_map_kernel_plan(n, k, h * w, a_strides, (0, 0), g_strides, "flm", False))
 
@@ -431,9 +430,9 @@ def weighted_map(
     n, k = activations.shape[:2]
     unused = "grads" if mode == "channel" and grads is not None else (
         "weights" if mode != "channel" and weights is not None else None)
-    if unused is not None:  # (never dropped silently: the caller meant something by it)
-        raise ValueError(f"mode={mode!r} does not use {unused}= (mode='channel' takes weights=, the other modes "
-                         "grads=); leave it out")
+    if unused is not None:  # (never dropped: the caller meant something by it; TypeError, as for a keyword
+        raise TypeError(f"mode={mode!r} does not use {unused}= (mode='channel' takes weights=, the other modes "
+                         "grads=); leave it out")  # the call does not take: VideoLocalizer's boxes= too
     if mode == "channel":
         check_tensor("weights", weights, ndim=2)
         check_float_dtype("weights", weights)
