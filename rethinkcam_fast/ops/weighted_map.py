@@ -430,9 +430,11 @@ def weighted_map(
     n, k = activations.shape[:2]
     unused = "grads" if mode == "channel" and grads is not None else (
         "weights" if mode != "channel" and weights is not None else None)
-    if unused is not None:  # (never dropped: the caller meant something by it; TypeError, as for a keyword
+    # An argument the mode does not use is refused, never dropped (the caller meant something by it): a
+    # TypeError, as for a keyword a call does not take (VideoLocalizer's boxes= is refused alike).
+    if unused is not None:
         raise TypeError(f"mode={mode!r} does not use {unused}= (mode='channel' takes weights=, the other modes "
-                         "grads=); leave it out")  # the call does not take: VideoLocalizer's boxes= too
+                        "grads=); leave it out")
     if mode == "channel":
         check_tensor("weights", weights, ndim=2)
         check_float_dtype("weights", weights)
@@ -461,4 +463,5 @@ def weighted_map_trusted(
 
 
 __all__ = ["CUDA_KERNEL_ENV", "GRADCAM_PP_EPS", "GRADIENT_WEIGHT_MODES", "MODES", "flm_layer_reducer",
-           "gradient_channel_weights_reference", "weighted_map", "weighted_map_trusted", "weighted_map_native", "weighted_map_reference", "weighted_map_triton"]
+           "gradient_channel_weights_reference", "weighted_map", "weighted_map_native", "weighted_map_reference",
+           "weighted_map_triton", "weighted_map_trusted"]
