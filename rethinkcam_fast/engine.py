@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ._cuda_graph import CapturedCall
 from ._validation import check_float_dtype, check_tensor, output_size_arg
+from .folding import TRANSIENT_HOOK
 from .ops._launch import autocast_off, check_backend
 from .ops.boxes import CONVENTIONS, boxes_from_cams, boxes_from_packed, pack_results, packed_to_host
 from .ops.level_sweep import gpu_boxes_enabled
@@ -743,6 +744,7 @@ class CAMEngine:
                         return
             cut_inputs.discard(key)
 
+        setattr(hook, TRANSIENT_HOOK, True)  # (removed when the call ends: fold_batchnorm looks past it)
         return hook
 
     @staticmethod
@@ -755,6 +757,7 @@ class CAMEngine:
             if isinstance(output, Tensor) and threading.get_ident() == thread:
                 linears.append((module, output if output.dim() == 2 else None, len(order)))
 
+        setattr(hook, TRANSIENT_HOOK, True)
         return hook
 
     def _find_classifier(self, target: nn.Module, capture: _Capture, logits: Tensor) -> nn.Module:

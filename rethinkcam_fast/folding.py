@@ -24,6 +24,7 @@ once, on the tracer's proxies), so a model with hooks is refused.
 from __future__ import annotations
 
 import copy
+import threading
 from collections import Counter
 from collections.abc import Iterable
 
@@ -37,11 +38,26 @@ from .ops.tap import _memory_format
 class _KeepTracer(fx.Tracer):
     """Traces through the modules that hold a batch norm, except the ``keep`` ones (by identity): the
     others (PyTorch's own layers, and e.g. a TAP pool or an attention head whose forward branches on
-    values) are called as they are, since nothing inside them can fold."""
+    values) are called as they are, since nothing inside them can fold.
+
+    While it traces, torch.fx patches ``nn.Module.__call__`` and ``__getattr__`` for the whole process:
+    a module called from another thread (a service's other requests, another engine on the same model)
+    would land in this trace. Calls from any thread but the tracing one run as they are."""
 
     def __init__(self, keep: set[int]) -> None:
         super().__init__()
         self.keep = keep
+        self.thread = threading.get_ident()
+
+    def call_module(self, m, forward, args, kwargs):
+        if threading.get_ident() != self.thread:
+            return forward(*args, **kwargs)  # (fx's forward here: the original nn.Module.__call__)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != self.thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return (id(module) in self.keep or super().is_leaf_module(module, qualified_name)
@@ -56,12 +72,29 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# Marks the hooks a CAMEngine call registers for its own duration (engine.py): another thread's call may
+# hold some while a model is folded; they are not the model's, so they neither stop the folding nor go
+# into the copy (where they would run on the tracer's proxies and feed the other call's capture).
+TRANSIENT_HOOK = "_rethinkcam_transient_hook"
+
+
+def _own_hooks(module: nn.Module, attr: str) -> list:
+    return [h for h in getattr(module, attr, {}).values() if not getattr(h, TRANSIENT_HOOK, False)]
+
+
+def _drop_transient_hooks(model: nn.Module) -> None:
+    for m in model.modules():
+        for attr in _HOOKS:
+            hooks = getattr(m, attr, None)
+            if hooks:
+                for key in [k for k, h in hooks.items() if getattr(h, TRANSIENT_HOOK, False)]:
+                    del hooks[key]
 
 
 def _check_no_hooks(model: nn.Module) -> None:
     """Refuse a model with module hooks (or global ones): a traced copy cannot keep them."""
     hooked = [name or type(model).__name__ for name, m in model.named_modules()
-              if any(getattr(m, attr, None) for attr in _HOOKS)]
+              if any(_own_hooks(m, attr) for attr in _HOOKS)]
     if hooked:
         raise ValueError(f"fold_batchnorm: {hooked[:5]} {'have' if len(hooked) > 1 else 'has'} hooks, which a traced "
                          "copy cannot keep (remove them, e.g. detach a CAM tool, or run the model unfolded)")
@@ -159,10 +192,13 @@ def fold_batchnorm(model: nn.Module, keep: nn.Module | str | Iterable[nn.Module 
         else:
             raise ValueError(f"keep: {type(entry).__name__} is not a submodule of {type(model).__name__}")
     if "" in kept_names:  # keeping the whole model: nothing may change
-        return copy.deepcopy(model)
+        twin = copy.deepcopy(model)
+        _drop_transient_hooks(twin)
+        return twin
     # The copy first: a traced GraphModule shares its submodules with the traced root, and folding
     # replaces some of them.
     twin = copy.deepcopy(model)
+    _drop_transient_hooks(twin)
     kept = {id(twin.get_submodule(name)): name for name in kept_names}
     folded = _trace_and_fold(twin, set(kept), type(model).__name__)
     # Each kept module: folded on its own (what a hook on it sees is its output, unchanged), and put

@@ -185,3 +185,63 @@ def test_hooks_unused_kept_modules_and_parametrized_convs(resnet):
     images = torch.rand(2, 3, 40, 40)
     with torch.no_grad():
         torch.testing.assert_close(folded(images), resnet(images), atol=1e-5, rtol=1e-5)
+
+
+def test_folding_leaves_other_threads_models_alone():
+    """torch.fx patches nn.Module.__call__ for the whole process while it traces: another thread's
+    forward (a service's other requests) must run as it is, not land in the trace."""
+    import threading
+
+    from _models import SmallCNN
+
+    other = make(SmallCNN).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = other(x)
+    stop, outcomes = threading.Event(), {"ok": 0, "failed": []}
+
+    def requests():
+        while not stop.is_set():
+            try:
+                with torch.no_grad():
+                    if torch.equal(other(x), expected):
+                        outcomes["ok"] += 1
+                    else:
+                        outcomes["failed"].append("wrong values")
+            except Exception as exc:  # noqa: BLE001 - any failure is the finding
+                outcomes["failed"].append(repr(exc)[:200])
+
+    thread = threading.Thread(target=requests)
+    thread.start()
+    try:
+        for _ in range(10):
+            fold_batchnorm(make(MiniResNet).eval())
+    finally:
+        stop.set()
+        thread.join()
+    assert outcomes["failed"] == [] and outcomes["ok"] > 0
+
+
+def test_a_cam_call_in_progress_on_another_thread_neither_stops_the_folding_nor_enters_the_copy(resnet):
+    """An engine call holds hooks on the model for its duration; folding the model meanwhile (another
+    thread) looks past them and leaves them out of the copy. A user's own hook still stops it."""
+    from rethinkcam_fast.folding import TRANSIENT_HOOK
+
+    model = resnet.eval()
+
+    def engine_hook(module, inputs, output):
+        raise AssertionError("the engine's hook ran inside the folded copy")
+
+    setattr(engine_hook, TRANSIENT_HOOK, True)
+    handle = model.fc.register_forward_hook(engine_hook)  # (a module the folded copy keeps as it is)
+    try:
+        folded = fold_batchnorm(model)
+        folded(torch.rand(1, 3, 32, 32))
+        assert not any(getattr(m, "_forward_hooks", None) for m in folded.modules())
+        assert len(model.fc._forward_hooks) == 1  # the original keeps it (its call removes it)
+        mine = model.layer2.register_forward_hook(lambda *a: None)
+        with pytest.raises(ValueError, match="has hooks"):
+            fold_batchnorm(model)
+        mine.remove()
+    finally:
+        handle.remove()
