@@ -487,6 +487,17 @@ class CAMEngine:
         ``differentiable=True``) leave them for their own pass (an inference-mode input is copied
         once into a normal tensor, which autograd can record).
         """
+        return self._call(images, targets, None)
+
+    def call_at_size(self, images: Tensor, targets: int | Tensor | np.ndarray | list | None,
+                     output_size: tuple[int, int] | None) -> CAMResult:
+        """:meth:`__call__` with maps (and boxes) at ``output_size = (H, W)`` for this call only (``None``:
+        the engine's ``output_size``), leaving the engine as it is: one engine can serve callers that
+        want different sizes from several threads (the video path: each frame's own pixels)."""
+        return self._call(images, targets, output_size)
+
+    def _call(self, images: Tensor, targets, output_size) -> CAMResult:
+        """The call, one frame below the public entry points (the warnings' stack levels count it)."""
         check_tensor("images", images, ndim=4)
         check_float_dtype("images", images)
         # (the model's own flag first: an eval() model, the usual case, costs one attribute read a call)
@@ -494,15 +505,16 @@ class CAMEngine:
             self._warned_training = True
             warnings.warn(f"{type(self.model).__name__} has batch norms or dropout in training mode: calls update "
                           "the batch norms' running statistics and dropout makes the maps random; call model.eval() "
-                          "for inference CAMs (the engine leaves the mode to you)", RuntimeWarning, stacklevel=2)
+                          "for inference CAMs (the engine leaves the mode to you)", RuntimeWarning, stacklevel=3)
         needs_graph = self.method != "cam" or self.differentiable
+        size = None if output_size is None else tuple(output_size_arg(output_size, (0, 0)))
         if not needs_graph:
             with torch.set_grad_enabled(False):
-                return self._explain(images, targets)
+                return self._explain(images, targets, out_size=size, depth=1)
         with torch.inference_mode(False), torch.enable_grad():
             if images.is_inference():
                 images = images.clone()
-            return self._explain(images, targets)
+            return self._explain(images, targets, out_size=size, depth=1)
 
     def graphed(self, example: Tensor, targets: int | Tensor | None = None) -> GraphedCAM:
         """This engine's call for batches shaped like ``example``, captured once in a CUDA graph.
@@ -524,17 +536,19 @@ class CAMEngine:
         """
         return GraphedCAM(self, example, targets)
 
-    def _explain(self, images: Tensor, targets: int | Tensor | None, *, stand_in: bool | None = None,
+    def _explain(self, images: Tensor, targets: int | Tensor | None, *, out_size: tuple[int, int] | None = None,
+                 stand_in: bool | None = None,
                  exhaustive: bool = False, head: nn.Module | None = None,
                  pooled: nn.Module | None = None, depth: int = 0) -> CAMResult:
         """One call. ``stand_in``: record the graph from a leaf copy of the images (``None``: decide);
         ``exhaustive``: Fully-CAM's backward also runs to every target layer (see _fully_cam_maps);
         both are set by the retries below, in the rare models that need them; ``head``: a 1x1 conv
         classifier found by the call (see _find_classifier); ``pooled``: ``"cam"``'s default target
-        moved to the module whose output the classifier pools (see _check_pooling); ``depth``: how
-        many restarts led here (the warnings' stack levels)."""
+        moved to the module whose output the classifier pools (see _check_pooling); ``out_size``: this
+        call's output size (``call_at_size``); ``depth``: frames between the user's call and this one
+        beyond ``_call`` (the public entry point, then one per restart: the warnings' stack levels)."""
         given = images
-        output_size = self.output_size or (images.shape[2], images.shape[3])
+        output_size = out_size or self.output_size or (images.shape[2], images.shape[3])
         capture = _Capture()
         size = tuple(images.shape[2:])
         found_target, classifier = self._found.get(size, (None, None))
@@ -589,7 +603,7 @@ class CAMEngine:
             classifier = self._find_classifier(layers[0], capture, logits)
             if any(m is classifier for m in layers[0].modules()):  # the default target held the 1x1 conv head:
                 # again, with it as the head (the target is then found among the modules without it)
-                return self._explain(given, targets, stand_in=stand_in, exhaustive=exhaustive, head=classifier,
+                return self._explain(given, targets, out_size=out_size, stand_in=stand_in, exhaustive=exhaustive, head=classifier,
                                      depth=depth + 1)
         if self._find_target or self._find_head:
             self._found[size] = (layers[0] if self._find_target else None, classifier if self._find_head else None)
@@ -621,12 +635,12 @@ class CAMEngine:
             if better is not None and pooled is None and self._find_target:
                 # The default target, moved to the output the classifier pools (also where another
                 # thread's first call at this size stored the unmoved one meanwhile).
-                return self._explain(given, targets, stand_in=stand_in, exhaustive=exhaustive, head=head,
+                return self._explain(given, targets, out_size=out_size, stand_in=stand_in, exhaustive=exhaustive, head=head,
                                      pooled=better, depth=depth + 1)
         if self.method != "cam":
             if not stand_in and any(not capture.activations[id(m)].requires_grad and not _trains(m) for m in layers):
                 # (differentiable=True, a default target found frozen): record from a stand-in input
-                return self._explain(given, targets, stand_in=True, exhaustive=exhaustive, head=head, pooled=pooled,
+                return self._explain(given, targets, out_size=out_size, stand_in=True, exhaustive=exhaustive, head=head, pooled=pooled,
                                      depth=depth + 1)
             self._check_on_graph(layers, capture, scores)
         if self.differentiable:
@@ -636,7 +650,7 @@ class CAMEngine:
             if self.method == "fullycam":
                 maps = self._fully_cam_maps(layers, capture, scores, images, exhaustive)
                 if maps is None:  # a cut the forward hooks could not see: again, reaching every layer
-                    return self._explain(given, targets, stand_in=stand_in, exhaustive=True, head=head,
+                    return self._explain(given, targets, out_size=out_size, stand_in=stand_in, exhaustive=True, head=head,
                                          pooled=pooled, depth=depth + 1)
             else:
                 activation = capture.activations[id(layers[0])]
@@ -670,7 +684,7 @@ class CAMEngine:
         cams = cams.masked_fill(bad_images, 0) if self.differentiable else cams.masked_fill_(bad_images, 0)
         degenerate = degenerate | bad
         if self.warn_degenerate:
-            _warn_degenerate(degenerate, stacklevel=3 + depth)
+            _warn_degenerate(degenerate, stacklevel=4 + depth)  # (_warn_degenerate, _explain, _call, the entry point)
         layer_maps = None
         if self.return_layer_maps:
             layer_maps = {self.layer_name(m): mp for m, mp in zip(layers, maps)}
@@ -989,7 +1003,7 @@ class CAMEngine:
                     warnings.warn(
                         f"layer {self.layer_name(module)} received no gradient from the target score; its map is zeros",
                         RuntimeWarning,
-                        stacklevel=4,
+                        stacklevel=5,  # (the user's call, without restarts)
                     )
             grads = [torch.zeros_like(a) if g is None else g for a, g in zip(acts, grads)]
             cams, degenerate = flm_fuse_with_flags(acts, grads, size, self.fuse, self.backend)
@@ -1104,7 +1118,7 @@ class CAMEngine:
                 warnings.warn(
                     f"layer {self.layer_name(module)} received no gradient from the target score; its map is zeros",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=5,  # (the user's call, without restarts)
                 )
                 act = capture.activations.get(key)
                 shape = act.shape if act is not None else (scores.shape[0], 1, 1, 1)

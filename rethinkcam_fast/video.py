@@ -452,11 +452,11 @@ class VideoLocalizer:
         if self._fold_pending:
             self._fold_model(batch_u8, targets)
         images = self.preprocess(batch_u8)
-        self.engine.output_size = (batch_u8.shape[1], batch_u8.shape[2])  # maps in the frame's own pixels
         # No cast cache: under a caller's enclosing autocast the cached bf16 weights would outlive this
-        # call (and a CUDA graph captured here would read them after they are freed).
+        # call (and a CUDA graph captured here would read them after they are freed). The maps in the
+        # frame's own pixels, for this call only (streams of other sizes may share the localizer).
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
-            result = self.engine(images, targets)
+            result = self.engine.call_at_size(images, targets, (batch_u8.shape[1], batch_u8.shape[2]))
         thresholds = percentile_threshold(result.cams, self.pas_q, self.pas_theta, validate=False)
         return result.labels, result.scores, result.cams, thresholds
 

@@ -1019,3 +1019,28 @@ def test_result_moves_as_a_whole_and_reprs_show_shapes_not_values():
     trained = CAMEngine(model, "cam", differentiable=True, boxes=False)(torch.rand(2, 3, 32, 32)).to("cpu")
     trained.cams.sum().backward()  # gradients flow through the moved result
     assert model.fc.weight.grad is not None
+
+
+def test_call_at_size_is_per_call_and_warnings_point_at_the_callers_line():
+    """call_at_size leaves the engine's output_size alone (one engine, callers of several sizes, as the
+    video path's streams); the engine's warnings name the caller's line, through either entry point."""
+    model = make(MiniResNet, classes=5).eval()
+    engine = CAMEngine(model, "gradcam", warn_degenerate=False)
+    images = torch.rand(2, 3, 32, 32)
+    result = engine.call_at_size(images, None, (20, 24))
+    assert result.cams.shape == (2, 20, 24) and engine.output_size is None
+    assert torch.equal(result.cams, CAMEngine(model, "gradcam", output_size=(20, 24), warn_degenerate=False)(images).cams)
+    assert engine(images).cams.shape == (2, 32, 32)
+    model.train()
+    try:
+        for call in (lambda e: e(images), lambda e: e.call_at_size(images, None, (8, 8))):
+            with pytest.warns(RuntimeWarning, match="training mode") as caught:
+                call(CAMEngine(model, "gradcam", warn_degenerate=False))
+            assert caught[0].filename == __file__
+    finally:
+        model.eval()
+    nan = torch.full((1, 3, 32, 32), float("nan"))  # a non-finite score: a zero map, warned about
+    for method in ("gradcam", "fullycam"):
+        with pytest.warns(RuntimeWarning, match="constant or non-finite") as caught:
+            CAMEngine(model, method)(nan)
+        assert [w.filename for w in caught] == [__file__] * len(caught)
