@@ -234,3 +234,41 @@ def test_cli_evaluate_model_nwc(dataset, capsys, monkeypatch):
     capsys.readouterr()
     assert cli.main(args + ["--nwc", "--method", "gradcam"]) == 2
     assert "applies to --method cam only" in capsys.readouterr().err
+
+
+def test_top1_predictions_come_from_the_engines_logits_of_this_threads_forward(monkeypatch):
+    """evaluate_model reads each batch's top-1 predictions as the engine picks its logits (logits=) and
+    from its own thread's forward only (another thread may run the same model meanwhile)."""
+    import threading
+
+    from _models import SmallCNN, make
+    from torch import nn
+
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = make(SmallCNN, classes=4)
+
+        def forward(self, x):
+            y = self.net(x)
+            return y, y.sum()
+
+    model = TwoOutputs().eval()
+    gen = torch.Generator().manual_seed(3)
+    images = torch.rand(4, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        labels = model(images)[0].argmax(1)  # the true top-1: Top-1 Cls is 100 %
+    boxes = [torch.tensor([[0, 0, 15, 15]])] * 4
+    engine = CAMEngine(model, "gradcam", logits=0, boxes=False)
+    real_call = CAMEngine.__call__
+
+    def call_then_another_thread_runs_the_model(self, *args, **kwargs):
+        result = real_call(self, *args, **kwargs)
+        other = threading.Thread(target=lambda: model(torch.rand(7, 3, 32, 32)))  # another request, batch 7
+        other.start()
+        other.join()
+        return result
+
+    monkeypatch.setattr(CAMEngine, "__call__", call_then_another_thread_runs_the_model)
+    metrics = evaluate_model(engine, [(images, labels, boxes)], BoxEvaluator(0.01))
+    assert metrics.top1_cls == 100.0

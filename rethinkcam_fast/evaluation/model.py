@@ -9,6 +9,7 @@ output) and gives Top-1 Loc and Top-1 Cls.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -121,9 +122,17 @@ def evaluate_model(
         raise TypeError(f"engine must be a CAMEngine, got {type(engine).__name__}")
     device = torch.device(device) if device is not None else _model_device(engine.model)
     seen: list[Tensor] = []
+    thread = threading.get_ident()
 
     def keep_logits(_module: nn.Module, _inputs: Any, output: Any) -> None:
-        seen[:] = [output.detach()] if isinstance(output, Tensor) else []
+        # This thread's forwards only (another thread may run the same model), and the logits as the
+        # engine picks them from the model's output (its logits= option).
+        if threading.get_ident() != thread:
+            return
+        try:
+            seen[:] = [engine._logits_of(output).detach()]
+        except ValueError:
+            seen[:] = []
 
     handle = engine.model.register_forward_hook(keep_logits)
     try:
