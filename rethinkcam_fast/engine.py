@@ -34,6 +34,7 @@ from .ops.percentile_threshold import check_pas_parameters, percentile_threshold
 from .ops.weighted_map import flm_layer_reducer, weighted_map, weighted_map_reference, weighted_map_trusted
 
 METHODS = ("cam", "gradcam", "gradcam++", "layercam", "fullycam")
+_SIZES_KEPT = 1024  # input sizes whose default target, classifier and pooling check an engine remembers
 
 
 @dataclass(repr=False)
@@ -349,6 +350,9 @@ class CAMEngine:
         # "cam": (input size, target, classifier) checked against the logits -> the module the target
         # moves to (a default target whose output the classifier does not pool), or None.
         self._pooling: dict[tuple, nn.Module | None] = {}
+        # (both start over past _SIZES_KEPT entries: a service sees arbitrary sizes for days, and an entry
+        # is one forward to find again)
+        self._warned_pooling: set[tuple[int, int]] = set()  # (target, classifier) pairs warned about
         self._warned_training = False
         self._warned_unconfirmed = False  # ("cam"'s pooling check undecided in train() mode: said once)
         # The modules whose behaviour depends on train()/eval() (the training-mode warning reads these).
@@ -606,6 +610,8 @@ class CAMEngine:
                 return self._explain(given, targets, out_size=out_size, stand_in=stand_in, exhaustive=exhaustive, head=classifier,
                                      depth=depth + 1)
         if self._find_target or self._find_head:
+            if len(self._found) >= _SIZES_KEPT:
+                self._found.clear()
             self._found[size] = (layers[0] if self._find_target else None, classifier if self._find_head else None)
             if self._find_target:  # (the latest call's, for the caller to read)
                 self._target_layers = layers
@@ -629,6 +635,8 @@ class CAMEngine:
                                              images, training, may_move=self._find_target and pooled is None,
                                              stacklevel=4 + depth)
                 if better is not _UNCHECKED:  # (_UNCHECKED: this batch could not tell; a later call checks)
+                    if len(self._pooling) >= _SIZES_KEPT:
+                        self._pooling.clear()
                     self._pooling[key] = better
             if better is _UNCHECKED or better is _UNDECIDED_IN_TRAINING:
                 better = None
@@ -867,6 +875,9 @@ class CAMEngine:
                     "the first eval()-mode call does it and may move the default target; for a CAM loss in training, "
                     "pass target_layers= the module whose output is pooled", RuntimeWarning, stacklevel=stacklevel)
             return _UNDECIDED_IN_TRAINING
+        pair = (id(target), id(classifier))
+        if off > tolerance and not may_move and pair in self._warned_pooling:
+            return None  # (said once per target and classifier: no extra forward to name the fix again)
         pooled_layer = self._pooled_layer(images, target, weight.shape[1], error, tolerance)
         if off <= tolerance:  # (TAP, matched at the target already: a ReLU after it, if any)
             return pooled_layer if pooled_layer is not None and pooled_layer is not target else None
@@ -874,6 +885,9 @@ class CAMEngine:
             return pooled_layer
         advice = (f"pass target_layers={self.layer_name(pooled_layer)!r}, whose output it pools" if pooled_layer
                   is not None else "pass the module whose output is pooled as target_layers=, or use a gradient method")
+        if pair in self._warned_pooling:  # (once per target and classifier, not once per input size)
+            return None
+        self._warned_pooling.add(pair)
         warnings.warn(
             f"method='cam': {type(classifier).__name__} {self.layer_name(classifier)!r} applied to the global pool "
             f"of target layer {self.layer_name(target)!r}'s output does not give the logits (off by {off:.3g}): the "

@@ -685,7 +685,12 @@ def test_cam_warns_when_the_classifier_does_not_pool_the_target_layer():
     sequential = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),
                                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
     with pytest.warns(RuntimeWarning, match="'2''s output does not give the logits.*pass target_layers='4'"):
-        CAMEngine(sequential, "cam", "2", boxes=False)(images_for())  # a given target stays, with advice
+        given = CAMEngine(sequential, "cam", "2", boxes=False)
+        given(images_for())  # a given target stays, with advice
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per target and classifier, not once per input size
+        for side in (20, 24, 28):
+            given(torch.rand(2, 3, side, side))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         engine = CAMEngine(sequential, "cam", boxes=False)  # the default moves past the batch norm and the ReLU
@@ -1044,3 +1049,17 @@ def test_call_at_size_is_per_call_and_warnings_point_at_the_callers_line():
         with pytest.warns(RuntimeWarning, match="constant or non-finite") as caught:
             CAMEngine(model, method)(nan)
         assert [w.filename for w in caught] == [__file__] * len(caught)
+
+
+def test_an_engine_remembers_a_bounded_number_of_input_sizes(monkeypatch):
+    """A service sees arbitrary sizes for days: what an engine finds per size (default target,
+    classifier, pooling check) starts over past a bound instead of growing; results are unchanged."""
+    import rethinkcam_fast.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_SIZES_KEPT", 3)
+    model = make(SmallCNN, classes=4).eval()
+    engine = CAMEngine(model, "cam", boxes=False, warn_degenerate=False)
+    for side in range(20, 30):
+        images = torch.rand(1, 3, side, side)
+        assert torch.equal(engine(images).cams, CAMEngine(model, "cam", boxes=False, warn_degenerate=False)(images).cams)
+        assert len(engine._found) <= 3 and len(engine._pooling) <= 3

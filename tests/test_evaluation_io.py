@@ -54,6 +54,10 @@ def test_boxes_are_scaled_with_the_reference_truncation(boxes):
                 for bs, (w, h) in zip(boxes["boxes"], boxes["sizes"]) for x0, y0, x1, y1 in bs]
     assert [tuple(b) for b in scaled.tolist()] == expected
     assert offsets.tolist() == [0] + list(np.cumsum([len(b) for b in boxes["boxes"]]))
+    for side in range(20, 30):  # the split's scaled tables are kept for a few sizes only (megabytes each at scale)
+        metadata.resized_boxes(boxes["ids"][:2], (side, side))
+        assert len(metadata._cache["resized"]) <= 4
+    assert torch.equal(metadata.resized_boxes(boxes["ids"], (96, 130))[0], scaled)
 
 
 def test_reference_resize_case(tmp_path):

@@ -154,8 +154,12 @@ class WSOLMetadata:
         return self._cache["row"]
 
     def _resized_table(self, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every box of the split scaled to ``size`` at once (cached per size)."""
-        if size not in self._cache:
+        """Every box of the split scaled to ``size`` at once (cached for the last few sizes: a split's
+        table is megabytes at ImageNet scale, and a run uses one size)."""
+        tables = self._cache.setdefault("resized", {})
+        if size not in tables:
+            if len(tables) >= 4:
+                tables.clear()
             boxes = [self.boxes[i] for i in self.image_ids]
             counts = np.array([len(b) for b in boxes], dtype=np.int64)
             starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
@@ -166,8 +170,8 @@ class WSOLMetadata:
             # x * new / old in float64, then int() truncation (all values are >= 0), as resize_bbox does.
             scaled[:, 0::2] = original[:, 0::2] * new_w / wh[:, 0:1]
             scaled[:, 1::2] = original[:, 1::2] * new_h / wh[:, 1:2]
-            self._cache[size] = (scaled.astype(np.int64), starts, counts)
-        return self._cache[size]
+            tables[size] = (scaled.astype(np.int64), starts, counts)
+        return tables[size]
 
 
 def _known(metadata: WSOLMetadata, image_ids: Sequence[str]) -> Sequence[str]:
