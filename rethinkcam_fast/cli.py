@@ -143,10 +143,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def check_output_file(path: str, option: str = "--out") -> list[str]:
-    """A file can be written at ``path`` (its folder exists or can be made, and it is not a folder);
-    returns the folders it made (see :func:`_writable_folder`)."""
+    """A file can be written at ``path`` (its folder exists or can be made, and it is not a folder, a
+    device or a pipe: the file is replaced atomically); returns the folders it made (see
+    :func:`_writable_folder`)."""
+    from ._files import replaceable
+
     if os.path.isdir(path):
         raise ValueError(f"{option} {path}: is a directory; give a file name")
+    replaceable(path, option)
     folder = os.path.dirname(os.path.abspath(path))
     return _writable_folder(folder, f"{option} {path}", "its folder", f"the folder {folder}")
 

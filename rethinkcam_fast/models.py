@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._files import replaceable
 from .datasets import NUM_CLASSES
 from .modules import TAP
 
@@ -98,7 +99,8 @@ def save_checkpoint(path: str, model: DigitsCAMNet, meta: Mapping[str, Any] | No
     payload = {"format": CHECKPOINT_FORMAT, "arch": dict(model.arch), "state_dict": state, "meta": dict(meta or {})}
     if resume is not None:
         payload["resume"] = dict(resume)
-    directory = os.path.dirname(os.path.abspath(path))
+    path = replaceable(path, "checkpoint")  # (a symlink's file; never a device or a pipe)
+    directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
     try:

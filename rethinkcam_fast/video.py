@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ._cuda_graph import CapturedCall
+from ._files import is_stream, replaceable
 from .engine import CAMEngine, _class_index
 from .folding import fold_batchnorm
 from .localize import IMAGENET_MEAN, IMAGENET_STD, input_channels
@@ -674,6 +675,11 @@ def localize_video(
     temp_video = temp_jsonl = None
     jsonl = None
     to_stdout = out_jsonl == "-"
+    into_stream = out_jsonl is not None and not to_stdout and is_stream(out_jsonl)  # (a pipe, /dev/null...)
+    if out_video is not None:
+        out_video = replaceable(out_video, "out_video")  # (a symlink: its file is replaced, the link stays)
+    if out_jsonl is not None and not to_stdout and not into_stream:
+        out_jsonl = replaceable(out_jsonl, "out_jsonl")
     keep_partials = False  # (after an interrupt: a second one must not delete what the first kept)
     cv2 = _require_cv2() if out_video is not None else None
     raw_frames: dict[int, np.ndarray] = {}
@@ -697,16 +703,19 @@ def localize_video(
         if jsonl is not None and not to_stdout:
             jsonl.close()
             jsonl = None
-            os.replace(temp_jsonl, out_jsonl)
+            if temp_jsonl is not None:  # (written into a pipe or a device: nothing to rename)
+                os.replace(temp_jsonl, out_jsonl)
+                temp_jsonl = None
             report.written.append(out_jsonl)
-            temp_jsonl = None
 
     try:
         if to_stdout:
             jsonl = sys.stdout
+        elif into_stream:
+            jsonl = open(out_jsonl, "w", encoding="utf-8", buffering=1)  # (line-buffered: flushed per frame)
         elif out_jsonl is not None:
             temp_jsonl = out_jsonl + ".partial"
-            jsonl = open(temp_jsonl, "w", encoding="utf-8", buffering=1)  # (line-buffered: flushed per frame)
+            jsonl = open(temp_jsonl, "w", encoding="utf-8", buffering=1)
         try:
             for result in localizer.stream(remember(frames)):
                 if out_video is not None:
@@ -792,9 +801,13 @@ def _fit(image: np.ndarray, size: tuple[int, int], cv2) -> np.ndarray:
 
 
 def _check_target(name: str, path: str) -> None:
-    """An output file can be made at ``path`` (checked before any frame is read)."""
+    """An output file can be made at ``path`` (checked before any frame is read). The JSON lines may
+    also go into a device or a pipe (written into, not replaced); the video must be a file."""
     if os.path.isdir(path):
         raise ValueError(f"{name} {path!r} is a directory; give a file name")
+    if name == "out_jsonl" and is_stream(path):
+        return
+    replaceable(path, name)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{name} {path!r}: the folder {folder} does not exist")

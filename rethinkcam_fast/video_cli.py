@@ -75,6 +75,7 @@ def run_video_command(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from ._files import is_stream
     from .cli import _fail, check_output_file
     from .localize import BOX_THRESHOLDS, IMAGENET_MEAN, IMAGENET_STD, input_policy, load_user_model
     from .models import CheckpointError
@@ -113,7 +114,7 @@ def run_video_command(args: argparse.Namespace) -> int:
     try:
         device = resolve_device(args.device)
         for option, path in (("--out", args.out), ("--jsonl", args.jsonl)):
-            if path and path != "-":
+            if path and path != "-" and not (option == "--jsonl" and is_stream(path)):  # (a pipe: written into)
                 made += check_output_file(path, option)
         if args.demo:
             model, source, gt_boxes, label, method, box_threshold = _demo_source(args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import threading
 import time
@@ -294,6 +295,39 @@ def test_file_in_video_and_jsonl_out(model, tmp_path):
     assert all(set(line) == {"frame", "label", "score", "box"} and len(line["box"]) == 4 for line in lines)
     assert len(list(read_frames(out_video))) == 9  # the annotated video plays back
     assert not [name for name in os.listdir(tmp_path) if "partial" in name]
+
+
+def test_outputs_into_a_pipe_and_through_symlinks_leave_them_as_they_are(model, tmp_path):
+    """JSON lines into a named pipe (``>(jq ...)``, a device) are written into it, not replaced by a
+    file; a symlinked output keeps its link and its file gets the result; a checkpoint or a video
+    refuses a pipe (they are written by replacing a file)."""
+    localizer = VideoLocalizer(model, "cam", input_size=(32, 32), batch_size=4, keep_cams=True)
+    pipe = str(tmp_path / "lines.jsonl")
+    os.mkfifo(pipe)
+    received = []
+    reader = threading.Thread(target=lambda: received.extend(open(pipe, encoding="utf-8").read().splitlines()),
+                              daemon=True)  # (a writer that never opens the pipe must not hang the tests)
+    reader.start()
+    localize_video(localizer, random_frames(5), out_jsonl=pipe)
+    reader.join(timeout=30)
+    assert [json.loads(line)["frame"] for line in received] == list(range(5))
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode)
+    (tmp_path / "real.jsonl").write_text("old\n")
+    (tmp_path / "real.mp4").write_bytes(b"old")
+    os.symlink("real.jsonl", tmp_path / "link.jsonl")
+    os.symlink("real.mp4", tmp_path / "link.mp4")
+    localize_video(localizer, random_frames(5), out_video=str(tmp_path / "link.mp4"),
+                   out_jsonl=str(tmp_path / "link.jsonl"))
+    assert os.path.islink(tmp_path / "link.jsonl") and os.path.islink(tmp_path / "link.mp4")
+    assert len((tmp_path / "real.jsonl").read_text().splitlines()) == 5
+    assert len(list(read_frames(str(tmp_path / "real.mp4")))) == 5
+    with pytest.raises(ValueError, match="out_video .* is a device, pipe or socket, not a file"):
+        localize_video(localizer, random_frames(1), out_video=pipe)
+    from rethinkcam_fast.models import DigitsCAMNet, save_checkpoint
+
+    with pytest.raises(ValueError, match="checkpoint .* is a device, pipe or socket, not a file"):
+        save_checkpoint(pipe, DigitsCAMNet("tap", widths=(4, 4, 4)))
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode)
 
 
 def test_a_long_stream_holds_a_bounded_number_of_frames(model, tmp_path):

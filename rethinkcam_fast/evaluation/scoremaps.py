@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from .._files import replaceable
 from .box_evaluator import BoxEvaluator, BoxMetrics
 from .distributed import any_rank_failed, rank_and_world
 from .mask_evaluator import MaskEvaluator, MaskMetrics
@@ -114,7 +115,8 @@ def _prefetched(ids: Sequence[str], batch_size: int, load_batch: Callable[[list[
 
 
 def _atomic_save(payload: dict[str, Any], path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
+    path = replaceable(path, "evaluation state")  # (a symlink's file; never a device or a pipe)
+    directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
