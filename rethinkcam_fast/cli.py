@@ -93,17 +93,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .models import CheckpointError
     from .training import TrainOptions, resolve_device, resume_training, train_digits_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.resume:  # the run recorded in --out: its model, data and options (the other options are not read)
-        if not os.path.isfile(args.out):
+    if args.resume:  # the run recorded in --out: its model, data, options and thread count (--threads
+        if not os.path.isfile(args.out):  # overrides that one; the other options are not read)
             return _fail(f"--resume: {args.out} is not a checkpoint file to continue")
         try:
-            report = resume_training(args.out, progress=not args.quiet)
+            report = resume_training(args.out, progress=not args.quiet, threads=args.threads)
         except CheckpointError as exc:
             return _fail(exc)
         print(f"resumed and trained on {report.device} in {report.seconds:.1f} s; wrote {args.out}")
         return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     made: list[str] = []
     data_out_made: list[str] = []
     try:  # everything that can be wrong with the arguments fails here, before the data and the training
@@ -245,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--compile", action="store_true",
                        help="torch.compile the training loss function (the model's forward is traced inside it)")
     train.add_argument("--resume", action="store_true",
-                       help="continue the interrupted run whose checkpoint is --out (its recorded model, data and "
-                            "options; the other training options are not read)")
+                       help="continue the interrupted run whose checkpoint is --out (its recorded model, data, "
+                            "options and thread count, which --threads overrides; the other training options are "
+                            "not read)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=_cmd_train)
 

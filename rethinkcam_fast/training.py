@@ -252,13 +252,14 @@ def train_digits_model(pool: str = "tap", tau: float = 0.1, widths: tuple[int, i
     return train_model(model, splits["train"], options, splits.get("val"), checkpoint_path, meta, progress)
 
 
-def resume_training(checkpoint_path: str, progress: bool = True) -> TrainReport:
+def resume_training(checkpoint_path: str, progress: bool = True, threads: int | None = None) -> TrainReport:
     """Continue the :func:`train_digits_model` run whose checkpoint (written after an epoch, before the
     last) is ``checkpoint_path``: the model, data and options recorded there, the data generated
     again from its recorded config and seed, the optimizer, schedule, batch order and RNG states
     restored; the checkpoint is updated after every epoch as before. On the machine and thread count
     that wrote it, the result equals the uninterrupted run's weights (a CUDA run's kernels may differ
-    in the last bits).
+    in the last bits). ``threads``: CPU threads for the rest of the run (``torch.set_num_threads``);
+    ``None``: the count the checkpoint recorded, which the equality needs (a CPU sum's order follows it).
 
     Raises:
         CheckpointError: not a checkpoint, or one with nothing to resume (a finished run, or one from
@@ -272,6 +273,9 @@ def resume_training(checkpoint_path: str, progress: bool = True) -> TrainReport:
         finished = isinstance(meta.get("epoch"), int) and meta.get("epoch") == (meta.get("options") or {}).get("epochs")
         raise CheckpointError(f"{checkpoint_path}: nothing to resume ("
                               + ("the run finished" if finished else "no training state in this checkpoint") + ")")
+    recorded = meta.get("threads")
+    if threads is not None or isinstance(recorded, int) and recorded > 0:
+        torch.set_num_threads(threads if threads is not None else recorded)
     model = model_from_arch(payload["arch"], checkpoint_path)
     load_state_into(model, state_dict_of(payload, checkpoint_path), checkpoint_path)
     data = ClutteredDigitsConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["data"].items()})
