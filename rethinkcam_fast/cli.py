@@ -21,6 +21,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_positive_int.__name__ = "positive integer"  # (argparse says "invalid positive integer value: '1e3'")
+
+
 def _tap_tau(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -115,8 +118,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 if os.path.exists(folder) and not os.path.isdir(folder):
                     raise ValueError(f"--data-out {args.data_out}: {what} and is not a directory")
             data_out_made = _writable_folder(args.data_out, f"--data-out {args.data_out}", "it", "the directory")
-        if args.seed < 0:
-            raise ValueError(f"--seed must be >= 0, got {args.seed}")
+        if not 0 <= args.seed < 2**64:  # (torch.manual_seed's range: checked before any data is made)
+            raise ValueError(f"--seed must be >= 0 and < 2**64, got {args.seed}")
         if args.tau is not None and args.pool != "tap":
             raise ValueError(f"--tau is TAP's threshold: it needs --pool tap (got --pool {args.pool})")
         if args.canvas_size < 8:
@@ -157,7 +160,7 @@ def check_output_file(path: str, option: str = "--out") -> list[str]:
 
 def _cmd_localize(args: argparse.Namespace) -> int:
     from .imageio import ImageReadError
-    from .localize import input_policy, load_user_model, localize_files
+    from .localize import input_channels, input_policy, load_user_model, localize_files
     from .models import CheckpointError
 
     from .training import resolve_device
@@ -166,8 +169,13 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     made: list[str] = []
     try:
         device = resolve_device(args.device)
+        if args.no_nwc and args.method != "cam":  # (as video and evaluate-model refuse it)
+            raise ValueError("--no-nwc applies to --method cam only")
         made = _check_output_dir(args.out)
         model = load_user_model(args.model, args.weights)
+        if args.normalize == "imagenet" and input_channels(model) == 1:
+            raise ValueError("--normalize imagenet: the model takes one channel (grey images in [0, 1]); ImageNet's "
+                             "statistics are for RGB models")
         if args.weights is None:
             print(f"rethinkcam: warning: no --weights: {args.model} runs with the weights its factory gives it "
                   "(random for a torchvision name)", file=sys.stderr)
@@ -296,12 +304,18 @@ def main(argv: list[str] | None = None) -> int:
         terminated = isinstance(exc, _Terminated)
         print(f"rethinkcam: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)  # the shell's convention: 143, 130
+    except MemoryError:  # (a size too large for this machine: --count, --scale...)
+        print("rethinkcam: error: out of memory (a size or count too large for this machine?)", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # the reader of stdout went away (`| head`): quietly, as a shell tool does
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit's flush)
         except (OSError, ValueError):
             pass
         return 128 + 13  # SIGPIPE
+    except OSError as exc:  # writing an output failed (a full disk, a folder where a file goes...)
+        print(f"rethinkcam: error: {exc}", file=sys.stderr)
+        return 1
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

@@ -45,6 +45,8 @@ def read_image(path: str, channels: int = 3) -> Tensor:
 
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if os.path.isdir(path):
+        raise ImageReadError(f"{path}: is a directory; give image files (e.g. {os.path.join(path, '*.png')})")
     if not os.path.isfile(path):
         raise ImageReadError(f"{path}: image not found")
     try:

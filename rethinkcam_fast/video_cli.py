@@ -91,6 +91,8 @@ def run_video_command(args: argparse.Namespace) -> int:
         return _fail("--model is required with a video INPUT")
     if args.demo and (args.model or args.weights):
         return _fail("--demo runs the shipped model: leave out --model/--weights (or give a video INPUT)")
+    if args.demo and (args.image_size is not None or args.normalize != "auto"):
+        return _fail("--demo feeds the shipped model its own input: leave out --image-size/--normalize")
     if not (args.out or args.jsonl):
         return _fail("nothing to write: give --out and/or --jsonl")
     if args.fps is not None and not (args.fps > 0 and math.isfinite(args.fps)):
@@ -134,8 +136,9 @@ def run_video_command(args: argparse.Namespace) -> int:
             pas_q=q, pas_theta=theta)
         hits, ious = [], []
         total = len(source) if isinstance(source, list) else None
+        # (a bar only on a terminal: in a log its redraws are noise; the summary line says the rate)
         bar = tqdm(total=total if args.frames is None or total is None else min(total, args.frames), unit="frame",
-                   disable=args.quiet, desc="rethinkcam video")
+                   disable=args.quiet or not sys.stderr.isatty(), desc="rethinkcam video")
         report = DecodeReport()
 
         def on_frame(result) -> None:

@@ -158,3 +158,40 @@ def test_a_closed_stdout_ends_quietly_as_a_shell_tool_does(tmp_path):
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, stderr
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr
+
+
+def test_conflicting_flags_and_write_failures_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    """Flags a command would silently ignore are refused (as the other commands refuse them), a failed
+    write is one line (exit 1), not a traceback, and argparse names a refused value readably."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    image = tmp_path / "digit.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)).save(image)
+    model = ["--model", "rethinkcam_fast.models:digits_cam_net"]
+
+    def error_of(argv: list[str], code: int = 2) -> str:
+        assert cli.main(argv) == code
+        err = capsys.readouterr().err.strip()
+        assert err.splitlines()[-1].startswith("rethinkcam: error: ") and "Traceback" not in err
+        return err.splitlines()[-1]
+
+    assert "leave out --image-size/--normalize" in error_of(
+        ["video", "--demo", "--jsonl", "-", "--image-size", "16"])
+    assert "--no-nwc applies to --method cam only" in error_of(
+        ["localize", str(image), *model, "--method", "gradcam", "--no-nwc"])
+    assert "the model takes one channel" in error_of(["localize", str(image), *model, "--normalize", "imagenet"])
+    assert "is a directory; give image files" in error_of(["localize", str(tmp_path), *model])
+    (tmp_path / "out" / "localizations.json").mkdir(parents=True)  # a folder where the command writes a file
+    assert "Is a directory" in error_of(["demo", "--count", "2", "--out", str(tmp_path / "out")], code=1)
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--count", "1e3"])
+    assert "invalid positive integer value: '1e3'" in capsys.readouterr().err
+
+
+def test_the_video_progress_bar_stays_out_of_logs(tmp_path, capsys):
+    """stderr is not a terminal here (a log): no progress-bar redraws, the summary line only."""
+    assert cli.main(["video", "--demo", "--frames", "6", "--jsonl", str(tmp_path / "b.jsonl")]) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "frame/s" not in captured.err and "frames/s" in captured.out

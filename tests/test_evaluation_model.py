@@ -150,8 +150,10 @@ def test_cli_evaluate_model_json_matches_the_function(dataset, capsys):
             "--method", "gradcam", "--image-size", str(SIZE), "--batch-size", "4", "--cam-curve-interval", "0.01",
             "--json"]
     assert cli.main(args) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    result = json.loads(out[-1])
+    captured = capsys.readouterr()
+    (line,) = captured.out.strip().splitlines()  # the JSON object alone; the table on stderr
+    result = json.loads(line)
+    out = captured.err.strip().splitlines()
     metadata = load_metadata(dataset["metadata_root"], "CUB", "test")
     engine = CAMEngine(dataset["model"], "gradcam", boxes=False, warn_degenerate=False)
     expected = evaluate_model(engine, _loader(metadata, dataset["data_root"]), BoxEvaluator(0.01, metadata=metadata))

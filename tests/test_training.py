@@ -291,6 +291,8 @@ def test_train_cli_data_out_errors_come_before_any_work(tmp_path, capsys, monkey
     assert code == 2 and err.startswith(f"rethinkcam: error: --data-out {a_file / 'sub'}: cannot create it")
     code, err = _cli_error([*train, "--data-out", str(tmp_path / "fresh"), "--seed", "-1"], capsys)
     assert code == 2 and "--seed must be >= 0" in err
+    code, err = _cli_error([*train, "--seed", str(2**64)], capsys)  # (torch.manual_seed's range, before any data)
+    assert code == 2 and "< 2**64" in err
     assert not (tmp_path / "fresh").exists()  # the --data-out folder it made is removed again
 
 

@@ -34,6 +34,9 @@ def _interval(text: str) -> float:
     return value
 
 
+# (argparse names a refused value by its type function: "invalid IoU percentage value: 'x'")
+_percentage.__name__, _interval.__name__ = "IoU percentage", "interval"
+
 def _add_protocol_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metadata-root", required=True, help="holds <dataset>/<split>/{image_ids,...}.txt")
     parser.add_argument("--mask-root", help="PNG masks (OpenImages): paths relative to it or to <it>/OpenImages")
@@ -47,7 +50,8 @@ def _add_protocol_flags(parser: argparse.ArgumentParser) -> None:
                         help="IoU thresholds δ in percent (default 30 50 70)")
     parser.add_argument("--multi-contour", action=argparse.BooleanOptionalAction, default=True,
                         help="boxes of every contour (MaxBoxAccV2, default) or of the largest only (MaxBoxAcc v1)")
-    parser.add_argument("--json", action="store_true", help="end with one line of JSON on stdout")
+    parser.add_argument("--json", action="store_true",
+                        help="one line of JSON on stdout, nothing else there (the table goes to stderr)")
     parser.add_argument("--threads", type=_positive_int,
                         help="CPU threads for PyTorch (default: PyTorch's; on a machine busy with other jobs, 1 "
                              "can be several times faster: the per-batch counting is many small ops)")
@@ -123,7 +127,8 @@ def _report(args: argparse.Namespace, metrics: Any, seconds: float, world: int, 
     title = (f"rethinkcam {args.command}: {args.dataset_name}/{args.split}, {metrics.num_images} images, "
              f"interval {args.cam_curve_interval:g}{contours}, {world} process{'es' if world > 1 else ''} on {device.type}, "
              f"{seconds:.2f} s ({metrics.num_images / max(seconds, 1e-9):.0f} img/s)")
-    print(format_metrics(metrics, title))
+    # With --json, standard output holds the JSON object alone (`| jq`); the table goes to standard error.
+    print(format_metrics(metrics, title), file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:
         extra = {"dataset": args.dataset_name, "split": args.split, "world_size": world, "seconds": round(seconds, 4)}
         print(json.dumps({**result, **extra}), flush=True)
