@@ -676,10 +676,10 @@ def localize_video(
     jsonl = None
     to_stdout = out_jsonl == "-"
     into_stream = out_jsonl is not None and not to_stdout and is_stream(out_jsonl)  # (a pipe, /dev/null...)
-    if out_video is not None:
-        out_video = replaceable(out_video, "out_video")  # (a symlink: its file is replaced, the link stays)
-    if out_jsonl is not None and not to_stdout and not into_stream:
-        out_jsonl = replaceable(out_jsonl, "out_jsonl")
+    # The files the temporary outputs are renamed over (a symlink's file: the link stays); the names
+    # given are the ones reported.
+    video_file = replaceable(out_video, "out_video") if out_video is not None else None
+    jsonl_file = replaceable(out_jsonl, "out_jsonl") if out_jsonl is not None and not (to_stdout or into_stream) else None
     keep_partials = False  # (after an interrupt: a second one must not delete what the first kept)
     cv2 = _require_cv2() if out_video is not None else None
     raw_frames: dict[int, np.ndarray] = {}
@@ -697,14 +697,14 @@ def localize_video(
         if writer is not None:
             writer.release()
             writer = None
-            os.replace(temp_video, out_video)
+            os.replace(temp_video, video_file)
             report.written.append(out_video)
             temp_video = None
         if jsonl is not None and not to_stdout:
             jsonl.close()
             jsonl = None
             if temp_jsonl is not None:  # (written into a pipe or a device: nothing to rename)
-                os.replace(temp_jsonl, out_jsonl)
+                os.replace(temp_jsonl, jsonl_file)
                 temp_jsonl = None
             report.written.append(out_jsonl)
 
@@ -714,14 +714,14 @@ def localize_video(
         elif into_stream:
             jsonl = open(out_jsonl, "w", encoding="utf-8", buffering=1)  # (line-buffered: flushed per frame)
         elif out_jsonl is not None:
-            temp_jsonl = out_jsonl + ".partial"
+            temp_jsonl = jsonl_file + ".partial"
             jsonl = open(temp_jsonl, "w", encoding="utf-8", buffering=1)
         try:
             for result in localizer.stream(remember(frames)):
                 if out_video is not None:
                     image = overlay(raw_frames.pop(result.index), result.cam, result.box, display_scale)
                     if writer is None:
-                        temp_video = _temp_name(out_video)
+                        temp_video = _temp_name(video_file)
                         rate = fps or report.fps or 25.0
                         frame_size = (image.shape[0] + image.shape[0] % 2, image.shape[1] + image.shape[1] % 2)
                         writer = cv2.VideoWriter(temp_video, cv2.VideoWriter_fourcc(*"mp4v"), rate,
