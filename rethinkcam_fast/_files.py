@@ -13,14 +13,26 @@ import os
 import stat
 
 
+_DESCRIPTOR_PATHS = ("/dev/", "/proc/")  # /dev/stdout, /dev/fd/N, /proc/self/fd/N: a descriptor, not a file
+
+
 def is_stream(path: str) -> bool:
     """Whether ``path`` names something to write *into*, not a file to replace: an existing character
-    device, named pipe or socket (a JSON-lines target such as ``/dev/stdout`` or ``>(jq ...)``)."""
+    device, named pipe or socket (a JSON-lines target such as ``>(jq ...)``), or a path through a
+    process's descriptors (``/dev/stdout`` redirected to a log file names that file: written into, in
+    append mode, never replaced)."""
+    if os.path.abspath(path).startswith(_DESCRIPTOR_PATHS) and os.path.exists(path):
+        return True
     try:
         mode = os.stat(path).st_mode  # (follows symlinks: /dev/fd/N links to its pipe)
     except OSError:
         return False
     return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def output_folder(path: str) -> str:
+    """The folder a write to ``path`` lands in: the resolved file's (a symlink may point elsewhere)."""
+    return os.path.dirname(os.path.realpath(path))
 
 
 def replaceable(path: str, what: str) -> str:
@@ -34,4 +46,4 @@ def replaceable(path: str, what: str) -> str:
     return real
 
 
-__all__ = ["is_stream", "replaceable"]
+__all__ = ["is_stream", "output_folder", "replaceable"]

@@ -149,12 +149,12 @@ def check_output_file(path: str, option: str = "--out") -> list[str]:
     """A file can be written at ``path`` (its folder exists or can be made, and it is not a folder, a
     device or a pipe: the file is replaced atomically); returns the folders it made (see
     :func:`_writable_folder`)."""
-    from ._files import replaceable
+    from ._files import output_folder, replaceable
 
     if os.path.isdir(path):
         raise ValueError(f"{option} {path}: is a directory; give a file name")
     replaceable(path, option)
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = output_folder(path)  # (a symlink's file's folder)
     return _writable_folder(folder, f"{option} {path}", "its folder", f"the folder {folder}")
 
 

@@ -912,6 +912,7 @@ class CAMEngine:
                     and output.shape[2] * output.shape[3] > 1)
             last[id(module)] = (next(counter), module, output if keep else None)
 
+        setattr(record, TRANSIENT_HOOK, True)  # (removed when the check ends: fold_batchnorm looks past it)
         handles = []
         try:
             for m in self.model.modules():  # (one by one: a module refusing hooks must not orphan the others')

@@ -79,7 +79,8 @@ TRANSIENT_HOOK = "_rethinkcam_transient_hook"
 
 
 def _own_hooks(module: nn.Module, attr: str) -> list:
-    return [h for h in getattr(module, attr, {}).values() if not getattr(h, TRANSIENT_HOOK, False)]
+    hooks = list(getattr(module, attr, {}).values())  # (one C call: atomic against other threads' hooks)
+    return [h for h in hooks if not getattr(h, TRANSIENT_HOOK, False)]
 
 
 def _drop_transient_hooks(model: nn.Module) -> None:
@@ -89,6 +90,21 @@ def _drop_transient_hooks(model: nn.Module) -> None:
             if hooks:
                 for key in [k for k, h in hooks.items() if getattr(h, TRANSIENT_HOOK, False)]:
                     del hooks[key]
+
+
+def _copy_without_transient_hooks(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` without the engine calls' transient hooks. Another thread's call may add
+    or remove its hooks while the copy walks the hook dicts ("OrderedDict mutated during iteration"):
+    the copy is then made again."""
+    for attempt in range(20):
+        try:
+            twin = copy.deepcopy(model)
+            break
+        except RuntimeError as exc:
+            if "mutated during iteration" not in str(exc) or attempt == 19:
+                raise
+    _drop_transient_hooks(twin)
+    return twin
 
 
 def _check_no_hooks(model: nn.Module) -> None:
@@ -192,13 +208,10 @@ def fold_batchnorm(model: nn.Module, keep: nn.Module | str | Iterable[nn.Module 
         else:
             raise ValueError(f"keep: {type(entry).__name__} is not a submodule of {type(model).__name__}")
     if "" in kept_names:  # keeping the whole model: nothing may change
-        twin = copy.deepcopy(model)
-        _drop_transient_hooks(twin)
-        return twin
+        return _copy_without_transient_hooks(model)
     # The copy first: a traced GraphModule shares its submodules with the traced root, and folding
     # replaces some of them.
-    twin = copy.deepcopy(model)
-    _drop_transient_hooks(twin)
+    twin = _copy_without_transient_hooks(model)
     kept = {id(twin.get_submodule(name)): name for name in kept_names}
     folded = _trace_and_fold(twin, set(kept), type(model).__name__)
     # Each kept module: folded on its own (what a hook on it sees is its output, unchanged), and put
@@ -222,12 +235,18 @@ def fold_batchnorm(model: nn.Module, keep: nn.Module | str | Iterable[nn.Module 
     return folded
 
 
+# One fx trace at a time in the process: each patches nn.Module.__call__ process-wide, and two at once
+# would route each other's calls and restore the patches out of order.
+_TRACE_LOCK = threading.Lock()
+
+
 def _trace_and_fold(module: nn.Module, keep: set[int], what: str, whole_if_untraceable: bool = False) -> nn.Module:
     """``module`` traced (``keep`` as leaves) and folded; ``module`` itself when nothing folds (or, with
     ``whole_if_untraceable``, when it cannot be traced: a kept module is then run as it is)."""
     tracer = _KeepTracer(keep)
     try:
-        graph = tracer.trace(module)
+        with _TRACE_LOCK:
+            graph = tracer.trace(module)
     except Exception as exc:  # noqa: BLE001 - fx raises many types; the message names the cause
         if whole_if_untraceable:
             return module

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ._cuda_graph import CapturedCall
-from ._files import is_stream, replaceable
+from ._files import is_stream, output_folder, replaceable
 from .engine import CAMEngine, _class_index
 from .folding import fold_batchnorm
 from .localize import IMAGENET_MEAN, IMAGENET_STD, input_channels
@@ -680,6 +680,8 @@ def localize_video(
     # given are the ones reported.
     video_file = replaceable(out_video, "out_video") if out_video is not None else None
     jsonl_file = replaceable(out_jsonl, "out_jsonl") if out_jsonl is not None and not (to_stdout or into_stream) else None
+    if video_file is not None and video_file == jsonl_file:  # (through a symlink too)
+        raise ValueError(f"out_video and out_jsonl are the same file: {out_video!r} and {out_jsonl!r}")
     keep_partials = False  # (after an interrupt: a second one must not delete what the first kept)
     cv2 = _require_cv2() if out_video is not None else None
     raw_frames: dict[int, np.ndarray] = {}
@@ -711,8 +713,8 @@ def localize_video(
     try:
         if to_stdout:
             jsonl = sys.stdout
-        elif into_stream:
-            jsonl = open(out_jsonl, "w", encoding="utf-8", buffering=1)  # (line-buffered: flushed per frame)
+        elif into_stream:  # (appended: /dev/stdout redirected with >> keeps what the log held)
+            jsonl = open(out_jsonl, "a", encoding="utf-8", buffering=1)  # (line-buffered: flushed per frame)
         elif out_jsonl is not None:
             temp_jsonl = jsonl_file + ".partial"
             jsonl = open(temp_jsonl, "w", encoding="utf-8", buffering=1)
@@ -808,7 +810,7 @@ def _check_target(name: str, path: str) -> None:
     if name == "out_jsonl" and is_stream(path):
         return
     replaceable(path, name)
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = output_folder(path)  # (a symlink's file's folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{name} {path!r}: the folder {folder} does not exist")
 

@@ -99,7 +99,7 @@ def run_video_command(args: argparse.Namespace) -> int:
         return _fail(f"--fps must be a positive frame rate, got {args.fps}")
     if args.out and os.path.splitext(args.out)[1].lower() not in VIDEO_EXTENSIONS:
         return _fail(f"--out {args.out!r}: give a video file name ending in one of {', '.join(VIDEO_EXTENSIONS)}")
-    if args.out and args.jsonl and args.jsonl != "-" and os.path.abspath(args.out) == os.path.abspath(args.jsonl):
+    if args.out and args.jsonl and args.jsonl != "-" and os.path.realpath(args.out) == os.path.realpath(args.jsonl):
         return _fail(f"--out and --jsonl name the same file: {args.out!r}")
     for option, path in (("--out", args.out), ("--jsonl", args.jsonl)):
         if path and path != "-" and args.input and os.path.isfile(args.input) and os.path.exists(path) and (

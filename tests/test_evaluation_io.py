@@ -393,6 +393,13 @@ def test_class_labels_are_needed_only_where_labels_are(tmp_path):
         WSOLImageDataset(str(tmp_path), metadata, 32)  # (Top-1 Loc needs them all)
 
 
+def test_cli_resume_folder_made_for_a_failed_run_is_removed(small_split, tmp_path, capsys):
+    os.remove(os.path.join(small_split["scoremap_root"], small_split["ids"][2] + ".npy"))
+    state = tmp_path / "new" / "state.pt"
+    assert cli.main(_cli_args(small_split) + ["--resume", str(state)]) == 2
+    assert "img_0002.jpg' not found" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
 def test_cli_threads_option(boxes, capsys, monkeypatch):
     set_to = []
     monkeypatch.setattr(torch, "set_num_threads", set_to.append)

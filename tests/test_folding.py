@@ -245,3 +245,75 @@ def test_a_cam_call_in_progress_on_another_thread_neither_stops_the_folding_nor_
         mine.remove()
     finally:
         handle.remove()
+
+
+def test_two_folds_at_once_in_two_threads_both_succeed_and_restore_the_module_call():
+    """Each fx trace patches nn.Module.__call__ process-wide: a second fold started while the first is
+    inside its trace (held there by a gate) must neither break it nor leave a patch behind."""
+    import threading
+
+    entered = {name: threading.Event() for name in "AB"}
+    release = threading.Event()
+
+    class Gated(nn.Module):  # traced through (it holds a batch norm): its forward runs under the trace
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            name = threading.current_thread().name
+            if name in entered:
+                entered[name].set()
+                release.wait(10)
+            return self.bn(self.conv(x))
+
+    def model():
+        return nn.Sequential(Gated(), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+
+    original_call, original_getattr = nn.Module.__call__, nn.Module.__getattr__
+    results = {}
+
+    def fold(name):
+        try:
+            results[name] = fold_batchnorm(model())
+        except Exception as exc:  # noqa: BLE001 - any failure is the finding
+            results[name] = exc
+
+    first = threading.Thread(target=fold, args=("A",), name="A")
+    first.start()
+    assert entered["A"].wait(10)
+    second = threading.Thread(target=fold, args=("B",), name="B")
+    second.start()
+    entered["B"].wait(1)  # (one trace at a time: B enters only after A's trace ends)
+    release.set()
+    first.join()
+    second.join()
+    assert not any(isinstance(r, Exception) for r in results.values()), results
+    assert all(_batch_norms(r) == 0 for r in results.values()) and len(results) == 2
+    assert nn.Module.__call__ is original_call and nn.Module.__getattr__ is original_getattr
+
+
+def test_every_hook_a_call_registers_is_marked_transient(monkeypatch):
+    """The engine's calls (the pooling check's extra forward included) and evaluate_model register
+    hooks for their own duration only: each is marked, so folding on another thread looks past it."""
+    from rethinkcam_fast.evaluation import BoxEvaluator, evaluate_model
+    from rethinkcam_fast.folding import TRANSIENT_HOOK
+
+    registered = []
+    real = nn.Module.register_forward_hook
+
+    def spy(self, hook, *args, **kwargs):
+        registered.append(hook)
+        return real(self, hook, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "register_forward_hook", spy)
+    # "cam" whose default target (the conv) is not what the classifier pools (after BN and ReLU): the
+    # pooling check runs its extra hooked forward to find the pooled module
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
+    engine = CAMEngine(model, "cam", boxes=False, warn_degenerate=False)
+    engine(torch.rand(2, 3, 20, 20))
+    evaluate_model(engine, [(torch.rand(2, 3, 20, 20), torch.tensor([0, 1]), [torch.tensor([[0, 0, 9, 9]])] * 2)],
+                   BoxEvaluator(0.1))
+    assert {h.__name__ for h in registered} >= {"hook", "record", "keep_logits"}
+    assert all(getattr(h, TRANSIENT_HOOK, False) for h in registered)

@@ -328,6 +328,22 @@ def test_outputs_into_a_pipe_and_through_symlinks_leave_them_as_they_are(model, 
     with pytest.raises(ValueError, match="checkpoint .* is a device, pipe or socket, not a file"):
         save_checkpoint(pipe, DigitsCAMNet("tap", widths=(4, 4, 4)))
     assert stat.S_ISFIFO(os.stat(pipe).st_mode)
+    # a descriptor path (as /dev/stdout redirected with >> to a log): appended to, the log kept
+    log = tmp_path / "run.log"
+    log.write_text("EARLIER LOG LINE\n")
+    with open(log, "a") as handle:
+        inode = os.stat(log).st_ino
+        localize_video(localizer, random_frames(3), out_jsonl=f"/proc/self/fd/{handle.fileno()}")
+    lines = log.read_text().splitlines()
+    assert lines[0] == "EARLIER LOG LINE" and len(lines) == 4 and os.stat(log).st_ino == inode
+    # the same file through a symlink; a dangling link into a missing folder: refused before any frame
+    os.symlink("both.mp4", tmp_path / "to_video.jsonl")
+    with pytest.raises(ValueError, match="same file"):
+        localize_video(localizer, random_frames(1), out_video=str(tmp_path / "both.mp4"),
+                       out_jsonl=str(tmp_path / "to_video.jsonl"))
+    os.symlink("missing/real.jsonl", tmp_path / "dangling.jsonl")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        localize_video(localizer, random_frames(1), out_jsonl=str(tmp_path / "dangling.jsonl"))
 
 
 def test_a_long_stream_holds_a_bounded_number_of_frames(model, tmp_path):

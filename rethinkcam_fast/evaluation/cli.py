@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from ..cli import CAM_METHODS, _positive_int, check_output_file
+from ..cli import CAM_METHODS, _positive_int, _remove_if_empty, check_output_file
 from .metadata import DATASETS
 
 
@@ -165,12 +165,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .scoremaps import evaluate_scoremaps
 
     def evaluate(device: Any) -> Any:
-        if args.resume:  # (before any map is read: not after the first batch, naming a temporary file)
-            check_output_file(args.resume, "--resume")
-        return evaluate_scoremaps(
-            args.scoremap_root, args.metadata_root, args.dataset_name, args.split, mask_root=args.mask_root,
-            cam_curve_interval=args.cam_curve_interval, iou_thresholds=args.iou_thresholds,
-            multi_contour=args.multi_contour, device=device, resume=args.resume, progress=True)
+        # (--resume checked before any map is read, not after the first batch naming a temporary file;
+        # a folder made for it is removed again if the run fails before writing there)
+        made = check_output_file(args.resume, "--resume") if args.resume else []
+        try:
+            return evaluate_scoremaps(
+                args.scoremap_root, args.metadata_root, args.dataset_name, args.split, mask_root=args.mask_root,
+                cam_curve_interval=args.cam_curve_interval, iou_thresholds=args.iou_thresholds,
+                multi_contour=args.multi_contour, device=device, resume=args.resume, progress=True)
+        except BaseException:
+            _remove_if_empty(made)
+            raise
 
     return _run(args, evaluate)
 

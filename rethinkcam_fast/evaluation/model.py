@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..engine import CAMEngine
+from ..folding import TRANSIENT_HOOK
 from ..imageio import to_8bit
 from ..localize import IMAGENET_MEAN, IMAGENET_STD, load_user_model
 from .box_evaluator import BoxEvaluator, BoxMetrics
@@ -134,6 +135,7 @@ def evaluate_model(
         except ValueError:
             seen[:] = []
 
+    setattr(keep_logits, TRANSIENT_HOOK, True)  # (this evaluation's own: fold_batchnorm looks past it)
     handle = engine.model.register_forward_hook(keep_logits)
     try:
         for images, labels, targets in tqdm(batches, unit="batch", disable=None if progress else True):
