@@ -653,10 +653,10 @@ class CAMEngine:
             self._check_on_graph(layers, capture, scores)
         if self.differentiable:
             maps, cams, degenerate = self._differentiable_maps(layers, capture, labels, scores, logits, output_size,
-                                                               classifier)
+                                                               classifier, depth)
         else:
             if self.method == "fullycam":
-                maps = self._fully_cam_maps(layers, capture, scores, images, exhaustive)
+                maps = self._fully_cam_maps(layers, capture, scores, images, exhaustive, depth)
                 if maps is None:  # a cut the forward hooks could not see: again, reaching every layer
                     return self._explain(given, targets, out_size=out_size, stand_in=stand_in, exhaustive=True, head=head,
                                          pooled=pooled, depth=depth + 1)
@@ -1000,7 +1000,7 @@ class CAMEngine:
         # LayerCAM, Grad-CAM and Grad-CAM++ (channel weights from the gradient, in the op: DESIGN.md §2)
         return reduce(activation, grads=grad, mode=self.method, relu=True)
 
-    def _differentiable_maps(self, layers, capture, labels, scores, logits, output_size, classifier):
+    def _differentiable_maps(self, layers, capture, labels, scores, logits, output_size, classifier, depth=1):
         """``(per-layer maps, cams, degenerate)``: cams attached to the graph, the per-layer maps (only
         with ``return_layer_maps``) detached."""
         size = [int(output_size[0]), int(output_size[1])]
@@ -1018,7 +1018,7 @@ class CAMEngine:
                     warnings.warn(
                         f"layer {self.layer_name(module)} received no gradient from the target score; its map is zeros",
                         RuntimeWarning,
-                        stacklevel=5,  # (the user's call, without restarts)
+                        stacklevel=4 + depth,  # (this, _explain, _call, the entry point; restarts)
                     )
             grads = [torch.zeros_like(a) if g is None else g for a, g in zip(acts, grads)]
             cams, degenerate = flm_fuse_with_flags(acts, grads, size, self.fuse, self.backend)
@@ -1074,7 +1074,7 @@ class CAMEngine:
             raise ValueError(_NO_DOUBLE_BACKWARD.format(method=self.method)) from None
 
     def _fully_cam_maps(self, layers: list[nn.Module], capture: _Capture, scores: Tensor, images: Tensor,
-                        exhaustive: bool = False) -> list[Tensor] | None:
+                        exhaustive: bool = False, depth: int = 1) -> list[Tensor] | None:
         """CGM: one backward from the target scores; FLM's per-layer reduction runs inside tensor hooks.
 
         Each layer's gradient is reduced to ``M_n = sum_k relu(g) * relu(A)`` the moment autograd
@@ -1133,7 +1133,7 @@ class CAMEngine:
                 warnings.warn(
                     f"layer {self.layer_name(module)} received no gradient from the target score; its map is zeros",
                     RuntimeWarning,
-                    stacklevel=5,  # (the user's call, without restarts)
+                    stacklevel=4 + depth,  # (this, _explain, _call, the entry point; restarts)
                 )
                 act = capture.activations.get(key)
                 shape = act.shape if act is not None else (scores.shape[0], 1, 1, 1)

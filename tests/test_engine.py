@@ -432,9 +432,13 @@ def test_gradient_methods_on_a_layer_off_the_graph_raise_a_clear_error():
     with pytest.raises(ValueError, match=r"\['stem'\] is not on the autograd graph"):
         CAMEngine(model, "gradcam", target_layers="stem")(images)
     # Fully-CAM over every conv: the stem gets no gradient (zeros, with a warning), the body its map.
-    with pytest.warns(RuntimeWarning, match="stem received no gradient"):
+    with pytest.warns(RuntimeWarning, match="stem received no gradient") as caught:
         result = CAMEngine(model, "fullycam", return_layer_maps=True, warn_degenerate=False)(images)
     assert result.layer_maps["body"].abs().sum() > 0
+    assert {w.filename for w in caught if "no gradient" in str(w.message)} == {__file__}  # (the caller's line)
+    with pytest.warns(RuntimeWarning, match="stem received no gradient") as caught:
+        CAMEngine(model, "fullycam", differentiable=True, warn_degenerate=False)(images)
+    assert {w.filename for w in caught if "no gradient" in str(w.message)} == {__file__}
 
 
 class _NoGradStemResidual(nn.Module):
