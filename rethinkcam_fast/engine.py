@@ -238,6 +238,13 @@ _UNCHECKED = object()  # (the pooling check not made yet)
 _UNDECIDED_IN_TRAINING = object()  # (the pooling check, in train() mode: settled by the first eval()-mode call)
 
 
+def _remember(cache: dict, key, value) -> None:
+    """``cache[key] = value``, the cache started over once it holds ``_SIZES_KEPT`` entries."""
+    if len(cache) >= _SIZES_KEPT:
+        cache.clear()
+    cache[key] = value
+
+
 def _trains(module: nn.Module) -> bool:
     """The module has a parameter that requires grad: run with grad enabled, its output is then on the
     graph whatever its input (a frozen module's output is on it only if its input is)."""
@@ -350,8 +357,8 @@ class CAMEngine:
         # "cam": (input size, target, classifier) checked against the logits -> the module the target
         # moves to (a default target whose output the classifier does not pool), or None.
         self._pooling: dict[tuple, nn.Module | None] = {}
-        # (both start over past _SIZES_KEPT entries: a service sees arbitrary sizes for days, and an entry
-        # is one forward to find again)
+        # (both start over past _SIZES_KEPT entries, _remember: a service sees arbitrary sizes for days,
+        # and an entry is one forward to find again)
         self._warned_pooling: set[tuple[int, int]] = set()  # (target, classifier) pairs warned about
         self._warned_training = False
         self._warned_unconfirmed = False  # ("cam"'s pooling check undecided in train() mode: said once)
@@ -607,12 +614,11 @@ class CAMEngine:
             classifier = self._find_classifier(layers[0], capture, logits)
             if any(m is classifier for m in layers[0].modules()):  # the default target held the 1x1 conv head:
                 # again, with it as the head (the target is then found among the modules without it)
-                return self._explain(given, targets, out_size=out_size, stand_in=stand_in, exhaustive=exhaustive, head=classifier,
-                                     depth=depth + 1)
+                return self._explain(given, targets, out_size=out_size, stand_in=stand_in, exhaustive=exhaustive,
+                                     head=classifier, depth=depth + 1)
         if self._find_target or self._find_head:
-            if len(self._found) >= _SIZES_KEPT:
-                self._found.clear()
-            self._found[size] = (layers[0] if self._find_target else None, classifier if self._find_head else None)
+            _remember(self._found, size,
+                      (layers[0] if self._find_target else None, classifier if self._find_head else None))
             if self._find_target:  # (the latest call's, for the caller to read)
                 self._target_layers = layers
             if self._find_head:
@@ -635,21 +641,19 @@ class CAMEngine:
                                              images, training, may_move=self._find_target and pooled is None,
                                              stacklevel=4 + depth)
                 if better is not _UNCHECKED:  # (_UNCHECKED: this batch could not tell; a later call checks)
-                    if len(self._pooling) >= _SIZES_KEPT:
-                        self._pooling.clear()
-                    self._pooling[key] = better
+                    _remember(self._pooling, key, better)
             if better is _UNCHECKED or better is _UNDECIDED_IN_TRAINING:
                 better = None
             if better is not None and pooled is None and self._find_target:
                 # The default target, moved to the output the classifier pools (also where another
                 # thread's first call at this size stored the unmoved one meanwhile).
-                return self._explain(given, targets, out_size=out_size, stand_in=stand_in, exhaustive=exhaustive, head=head,
-                                     pooled=better, depth=depth + 1)
+                return self._explain(given, targets, out_size=out_size, stand_in=stand_in, exhaustive=exhaustive,
+                                     head=head, pooled=better, depth=depth + 1)
         if self.method != "cam":
             if not stand_in and any(not capture.activations[id(m)].requires_grad and not _trains(m) for m in layers):
                 # (differentiable=True, a default target found frozen): record from a stand-in input
-                return self._explain(given, targets, out_size=out_size, stand_in=True, exhaustive=exhaustive, head=head, pooled=pooled,
-                                     depth=depth + 1)
+                return self._explain(given, targets, out_size=out_size, stand_in=True, exhaustive=exhaustive,
+                                     head=head, pooled=pooled, depth=depth + 1)
             self._check_on_graph(layers, capture, scores)
         if self.differentiable:
             maps, cams, degenerate = self._differentiable_maps(layers, capture, labels, scores, logits, output_size,
@@ -658,8 +662,8 @@ class CAMEngine:
             if self.method == "fullycam":
                 maps = self._fully_cam_maps(layers, capture, scores, images, exhaustive, depth)
                 if maps is None:  # a cut the forward hooks could not see: again, reaching every layer
-                    return self._explain(given, targets, out_size=out_size, stand_in=stand_in, exhaustive=True, head=head,
-                                         pooled=pooled, depth=depth + 1)
+                    return self._explain(given, targets, out_size=out_size, stand_in=stand_in, exhaustive=True,
+                                         head=head, pooled=pooled, depth=depth + 1)
             else:
                 activation = capture.activations[id(layers[0])]
                 maps = [self._single_layer_map(layers[0], activation, labels, scores, logits.shape[1], classifier)]

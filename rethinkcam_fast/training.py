@@ -247,9 +247,14 @@ def train_digits_model(pool: str = "tap", tau: float = 0.1, widths: tuple[int, i
     splits = splits if splits is not None else generate_cluttered_digits(data)
     torch.manual_seed(options.seed)
     model = DigitsCAMNet(pool=pool, tau=tau, widths=widths)
-    meta = {"data": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(data).items()},
+    return train_model(model, splits["train"], options, splits.get("val"), checkpoint_path, _run_meta(data), progress)
+
+
+def _run_meta(data: ClutteredDigitsConfig) -> dict[str, Any]:
+    """What a digits run's checkpoints record besides the training's own entries: the data config
+    (JSON-like: tuples as lists; :func:`resume_training` reads it back) and the torch version."""
+    return {"data": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(data).items()},
             "torch": str(torch.__version__)}
-    return train_model(model, splits["train"], options, splits.get("val"), checkpoint_path, meta, progress)
 
 
 def resume_training(checkpoint_path: str, progress: bool = True, threads: int | None = None) -> TrainReport:
@@ -281,8 +286,7 @@ def resume_training(checkpoint_path: str, progress: bool = True, threads: int | 
     data = ClutteredDigitsConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["data"].items()})
     options = TrainOptions(**meta["options"])
     splits = generate_cluttered_digits(data)
-    base = {"data": meta["data"], "torch": str(torch.__version__)}
-    return train_model(model, splits["train"], options, splits.get("val"), checkpoint_path, base, progress,
+    return train_model(model, splits["train"], options, splits.get("val"), checkpoint_path, _run_meta(data), progress,
                        resume=resume)
 
 

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ._cuda_graph import CapturedCall
-from ._files import is_stream, output_folder, replaceable
+from ._files import is_stream, replaceable
 from .engine import CAMEngine, _class_index
 from .folding import fold_batchnorm
 from .localize import IMAGENET_MEAN, IMAGENET_STD, input_channels
@@ -656,12 +656,15 @@ def localize_video(
         raise ValueError(f"max_frames must be None or >= 1, got {max_frames}")
     if out_video == "-":
         raise ValueError("out_video '-': a video is written to a file (out_jsonl='-' writes the JSON lines to stdout)")
-    for name, path in (("out_video", out_video), ("out_jsonl", out_jsonl)):
-        if path is not None and path != "-":
-            _check_target(name, path)
-    if out_video is not None and out_jsonl is not None and out_jsonl != "-" and (
-            os.path.abspath(out_video) == os.path.abspath(out_jsonl)):
-        raise ValueError(f"out_video and out_jsonl are the same file: {out_video!r}")
+    to_stdout = out_jsonl == "-"
+    # The files the temporary outputs are renamed over (a symlink's file: the link stays; the names
+    # given are the ones reported), checked before any frame is read; None for JSON lines written into
+    # a pipe or a device.
+    video_file = _check_target("out_video", out_video) if out_video is not None else None
+    jsonl_file = _check_target("out_jsonl", out_jsonl) if out_jsonl is not None and not to_stdout else None
+    into_stream = out_jsonl is not None and not to_stdout and jsonl_file is None  # (a pipe, /dev/null...)
+    if video_file is not None and video_file == jsonl_file:  # (through a symlink too)
+        raise ValueError(f"out_video and out_jsonl are the same file: {out_video!r} and {out_jsonl!r}")
     import json
     import sys
 
@@ -674,14 +677,6 @@ def localize_video(
     writer = None
     temp_video = temp_jsonl = None
     jsonl = None
-    to_stdout = out_jsonl == "-"
-    into_stream = out_jsonl is not None and not to_stdout and is_stream(out_jsonl)  # (a pipe, /dev/null...)
-    # The files the temporary outputs are renamed over (a symlink's file: the link stays); the names
-    # given are the ones reported.
-    video_file = replaceable(out_video, "out_video") if out_video is not None else None
-    jsonl_file = replaceable(out_jsonl, "out_jsonl") if out_jsonl is not None and not (to_stdout or into_stream) else None
-    if video_file is not None and video_file == jsonl_file:  # (through a symlink too)
-        raise ValueError(f"out_video and out_jsonl are the same file: {out_video!r} and {out_jsonl!r}")
     keep_partials = False  # (after an interrupt: a second one must not delete what the first kept)
     cv2 = _require_cv2() if out_video is not None else None
     raw_frames: dict[int, np.ndarray] = {}
@@ -802,17 +797,19 @@ def _fit(image: np.ndarray, size: tuple[int, int], cv2) -> np.ndarray:
     return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
 
 
-def _check_target(name: str, path: str) -> None:
-    """An output file can be made at ``path`` (checked before any frame is read). The JSON lines may
-    also go into a device or a pipe (written into, not replaced); the video must be a file."""
+def _check_target(name: str, path: str) -> str | None:
+    """The file an output at ``path`` replaces (a symlink's file), once it is known one can be made
+    there; ``None`` for JSON lines going into a device or a pipe (written into, not replaced: the video
+    must be a file)."""
     if os.path.isdir(path):
         raise ValueError(f"{name} {path!r} is a directory; give a file name")
     if name == "out_jsonl" and is_stream(path):
-        return
-    replaceable(path, name)
-    folder = output_folder(path)  # (a symlink's file's folder)
+        return None
+    real = replaceable(path, name)
+    folder = os.path.dirname(real)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{name} {path!r}: the folder {folder} does not exist")
+    return real
 
 
 def _temp_name(path: str) -> str:

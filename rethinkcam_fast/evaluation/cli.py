@@ -37,6 +37,7 @@ def _interval(text: str) -> float:
 # (argparse names a refused value by its type function: "invalid IoU percentage value: 'x'")
 _percentage.__name__, _interval.__name__ = "IoU percentage", "interval"
 
+
 def _add_protocol_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metadata-root", required=True, help="holds <dataset>/<split>/{image_ids,...}.txt")
     parser.add_argument("--mask-root", help="PNG masks (OpenImages): paths relative to it or to <it>/OpenImages")

@@ -214,14 +214,15 @@ def _read_image_sizes(directory: str) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-def _read_boxes(directory: str, sizes: dict[str, tuple[int, int]] | None = None,
-                past: set[str] | None = None) -> dict[str, np.ndarray]:
-    """Boxes per image, float64 ``[k, 4]`` in the original image's pixels (integers, or decimals);
-    with ``sizes``, a box that starts outside its image is an error, and boxes that end past it are
-    scored as they are (as the reference scores them) with one warning naming the first's line; their
-    images go into ``past``."""
+def _read_boxes(directory: str, sizes: dict[str, tuple[int, int]] | None = None
+                ) -> tuple[dict[str, np.ndarray], frozenset[str]]:
+    """``(boxes, images with a box past the image)``: boxes per image, float64 ``[k, 4]`` in the original
+    image's pixels (integers, or decimals); with ``sizes``, a box that starts outside its image is an
+    error, and boxes that end past it are scored as they are (as the reference scores them) with one
+    warning naming the first's line."""
     path = os.path.join(directory, "localization.txt")
     boxes: dict[str, list[tuple[float, float, float, float]]] = {}
+    past: set[str] = set()
     first_past, count_past = None, 0
     for number, (image_id, *coords) in _records(path, 5, "path,x0,y0,x1,y1"):
         x0, y0, x1, y1 = box = tuple(_parse_coordinate(path, number, c, name)
@@ -238,14 +239,13 @@ def _read_boxes(directory: str, sizes: dict[str, tuple[int, int]] | None = None,
         if size is not None and (x1 > size[0] or y1 > size[1]):  # (x1 == width: the usual one past the edge)
             count_past += 1
             first_past = first_past or f"{path}:{number}: box {shown} of image {image_id!r} ({size[0]}x{size[1]})"
-            if past is not None:
-                past.add(image_id)
+            past.add(image_id)
         boxes.setdefault(image_id, []).append(box)
     if count_past:
         more = f" (and {count_past - 1} more)" if count_past > 1 else ""
         warnings.warn(f"{first_past} ends past its image{more}: scored as it is, as the reference scores it",
                       RuntimeWarning, stacklevel=4)
-    return {image_id: np.array(b, dtype=np.float64).reshape(-1, 4) for image_id, b in boxes.items()}
+    return {image_id: np.array(b, dtype=np.float64).reshape(-1, 4) for image_id, b in boxes.items()}, frozenset(past)
 
 
 def _read_masks(directory: str) -> tuple[dict[str, tuple[str, ...]], dict[str, str | None]]:
@@ -301,11 +301,10 @@ def read_metadata(directory: str, localization: str = "boxes") -> WSOLMetadata:
         sizes_path = os.path.join(directory, "image_sizes.txt")
         sizes = _read_image_sizes(directory) if os.path.isfile(sizes_path) else None
         _require(sizes, image_ids, sizes_path, "size")
-        past: set[str] = set()
-        boxes = _read_boxes(directory, sizes, past)
+        boxes, past = _read_boxes(directory, sizes)
         _require(boxes, image_ids, local_path, "box")
         return WSOLMetadata(directory, image_ids, "boxes", labels, sizes, boxes=boxes,
-                            boxes_past_image=frozenset(past), labels_error=labels_error)
+                            boxes_past_image=past, labels_error=labels_error)
     masks, ignores = _read_masks(directory)
     _require(masks, image_ids, local_path, "mask")
     return WSOLMetadata(directory, image_ids, "masks", labels, mask_paths=masks, ignore_paths=ignores,

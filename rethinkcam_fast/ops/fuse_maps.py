@@ -49,6 +49,12 @@ def degenerate_maps(maps: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return ~finite | ~(flat.amax(dim=1) > flat.amin(dim=1))
 
 
+def no_span(span: Tensor) -> Tensor:
+    """Where a min-max span cannot normalise: not positive, or past the dtype's range (finite values
+    near +-3e38 in float32, whose ``(x - lo) / span`` would be NaN). The Triton kernels' ``_no_span``."""
+    return ~(span > 0) | ~torch.isfinite(span)
+
+
 def minmax_normalize(maps: Tensor, degenerate: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-image min-max of ``maps[N, H, W]`` into ``[0, 1]``; constant or non-finite maps become zeros.
 
@@ -60,8 +66,7 @@ def minmax_normalize(maps: Tensor, degenerate: Tensor | None = None) -> tuple[Te
         return maps.float(), torch.zeros(maps.shape[0], dtype=torch.bool, device=maps.device)
     lo, hi = flat.amin(dim=1), flat.amax(dim=1)
     span = hi - lo
-    # A span past the dtype's range (finite values near +-3e38 in float32) would normalise to NaN.
-    flagged = ~torch.isfinite(flat).all(dim=1) | ~(span > 0) | ~torch.isfinite(span)
+    flagged = ~torch.isfinite(flat).all(dim=1) | no_span(span)
     degenerate = flagged if degenerate is None else flagged | degenerate
     safe_span = torch.where(degenerate, torch.ones_like(span), span)
     out = (flat - lo[:, None]) / safe_span[:, None]
@@ -194,6 +199,14 @@ def _layer_at(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, n, l, H, W, ACC: t
 
 
 @triton.jit
+def _no_span(lo, hi):
+    """Whether ``[lo, hi]`` cannot be normalised: no positive span, or one past the dtype's range
+    (finite values near +-3e38 in float32, whose (x - lo) / span would be NaN); :func:`no_span` in PyTorch."""
+    span = hi - lo
+    return ~(span > 0.0) | ~(span < float("inf"))
+
+
+@triton.jit
 def _inverse_span(span, degenerate):
     """``1 / span`` (rounded to nearest), 0 for a degenerate map: min-max normalisation's scale."""
     return tl.where(degenerate, 0.0, ieee_reciprocal(tl.where(degenerate, 1.0, span)))
@@ -241,8 +254,7 @@ def _fuse_maps_kernel(
         # Pass 1: min and max of the upsampled map, computed on the fly and never stored.
         lo_s, hi_s = _upsampled_range(map_base, h, w, W, scale_h, scale_w, 0, HW, BLOCK, tl.float32)
         span = hi_s - lo_s
-        # A span past float32's range (finite values near +-3e38) would normalise to NaN: flagged too.
-        degenerate = source_degenerate | ~(span > 0.0) | ~(span < float("inf"))
+        degenerate = source_degenerate | _no_span(lo_s, hi_s)
         inv_span = _inverse_span(span, degenerate)
         # Pass 2: normalise and accumulate into the output (the first layer initialises it).
         for start in range(0, HW, BLOCK):

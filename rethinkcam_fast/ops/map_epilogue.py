@@ -54,8 +54,8 @@ from .. import _native
 from .._triton import cdiv, ieee_div, ieee_reciprocal, launch, next_power_of_2, tl, triton
 from . import _launch
 from ._launch import device_guard, use_triton
-from .fuse_maps import (EXACT_FP, _bilinear, _layer_at, _layer_table, _range, _upsampled_range, bilinear_upsample,
-                        degenerate_maps)
+from .fuse_maps import (EXACT_FP, _bilinear, _layer_at, _layer_table, _no_span, _range, _upsampled_range,
+                        bilinear_upsample, degenerate_maps, no_span)
 
 _STATS = 5  # per (image, layer): min, max, 1/span (0 when degenerate), #pixels at min, #pixels at max
 # The backward recomputes upsampled values in other kernels and finds the pixels at the min, at the max
@@ -84,7 +84,7 @@ def _minmax_differentiable(maps: Tensor, forced: Tensor | None = None) -> tuple[
         flat = torch.where(bad[:, None], 0, flat)
         lo, hi = flat.amin(dim=1), flat.amax(dim=1)
     span = hi - lo
-    degenerate = bad | ~(span > 0) | ~torch.isfinite(span)  # (a span past the dtype's range: NaN otherwise)
+    degenerate = bad | no_span(span)
     out = (flat - lo[:, None]) / torch.where(degenerate, 1, span)[:, None]
     return torch.where(degenerate[:, None], 0, out).view(maps.shape), degenerate
 
@@ -138,14 +138,6 @@ def _store_stats(stats_base, lo, hi, inv, c_lo, c_hi):
     tl.store(stats_base + 2, inv)
     tl.store(stats_base + 3, c_lo)
     tl.store(stats_base + 4, c_hi)
-
-
-@triton.jit
-def _no_span(lo, hi):
-    """Whether ``[lo, hi]`` cannot be normalised: no positive span, or one past the dtype's range
-    (finite values near +-3e38 in float32, whose (x - lo) / span would be NaN), as fuse_maps decides."""
-    span = hi - lo
-    return ~(span > 0.0) | ~(span < float("inf"))
 
 
 @triton.jit
@@ -737,7 +729,7 @@ def _minmax_backward(grad: Tensor, maps: Tensor, forced: Tensor | None = None) -
     if bool(bad.any()):
         flat = torch.where(bad, 0, flat)
         lo, hi = torch.aminmax(flat, dim=1, keepdim=True)
-    degenerate = bad | ~(hi - lo > 0) | ~torch.isfinite(hi - lo)
+    degenerate = bad | no_span(hi - lo)
     inv = torch.where(degenerate, 0, 1 / torch.where(degenerate, 1, hi - lo))
     at_lo, at_hi = flat == lo, flat == hi
     s1 = g.sum(dim=1, keepdim=True)

@@ -186,7 +186,7 @@ def percentile_threshold(
     """
     check_cams_shape("cams", cams)
     check_float_dtype("cams", cams)
-    q, theta = _pas_parameter("q", q, 100.0), _pas_parameter("theta", theta, 1.0)
+    q, theta = check_pas_parameters(q, theta)
     validate = check_flag("validate", validate)
     if cams.shape[0] == 0:  # (an empty batch, of any extent)
         return torch.zeros(0, dtype=torch.int64, device=cams.device)
@@ -200,14 +200,14 @@ def percentile_threshold(
             check_unit_maps("cams", cams)
         hist = level_histogram_triton(cams) if triton_path else level_histogram_reference(cams)
     cumulative = hist.cumsum(dim=1)
-    rank_lo, rank_hi, gamma = percentile_plan(n_pixels, float(q))
+    rank_lo, rank_hi, gamma = percentile_plan(n_pixels, q)
     # The k-th smallest level (0-based k) is the first level whose running count exceeds k, i.e. the
     # number of levels whose running count is <= k (counts never decrease). Python ints as operands:
     # no host-to-device copy, so this stays capturable in a CUDA graph (the video path).
     level_lo = (cumulative <= rank_lo).sum(dim=1).double()
     level_hi = (cumulative <= rank_hi).sum(dim=1).double()
     value = lerp_like_numpy(level_lo, level_hi, gamma)
-    return (float(theta) * value).to(torch.int64)  # values >= 0: truncation is int()
+    return (theta * value).to(torch.int64)  # values >= 0: truncation is int()
 
 
 __all__ = ["check_pas_parameters", "level_histogram_native", "level_histogram_reference", "level_histogram_triton", "lerp_like_numpy", "percentile_plan", "percentile_threshold", "scaled_levels", "to_uint8_levels"]
