@@ -479,3 +479,27 @@ def test_flm_layer_reducer_plans_once_per_shape_and_layout(monkeypatch):
     wm.weighted_map_triton(a, None, g, "flm", False)
     assert len(plans) == 1 and len(launched) == 3
     assert launched[0] == launched[1] == launched[2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape,size", [((2, 5, 6), (10, 12)), ((3, 7, 7), (224, 224)), ((1, 14, 14), (33, 70)),
+                                        ((2, 9, 8), (3, 2)), ((1, 1, 6), (7, 1)), ((1, 1, 1), (4, 5))], ids=str)
+def test_bilinear_upsample_is_f_interpolate_up_to_rounding_and_exact_on_plateaus(dtype, shape, size):
+    """The reference's upsampling (the C++ kernels' lerp arithmetic) samples as F.interpolate does
+    (align_corners=False), differs from it only by rounding, keeps a constant map exactly constant, and
+    carries gradients; past float range it stays finite as F.interpolate's formula does."""
+    from rethinkcam_fast.ops.fuse_maps import bilinear_upsample
+
+    gen = torch.Generator().manual_seed(sum(shape) + size[0])
+    maps = torch.rand(shape, generator=gen, dtype=dtype).requires_grad_(True)
+    got = bilinear_upsample(maps, size)
+    want = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    assert got.shape == want.shape and got.dtype == dtype
+    torch.testing.assert_close(got, want, atol=4 * torch.finfo(dtype).eps, rtol=0)
+    (grad,) = torch.autograd.grad(got.sum(), maps)
+    (want_grad,) = torch.autograd.grad(want.sum(), maps)
+    torch.testing.assert_close(grad, want_grad, atol=1e-4 if dtype == torch.float32 else 1e-10, rtol=1e-5)
+    constant = torch.full(shape, 0.3, dtype=dtype)
+    assert torch.equal(bilinear_upsample(constant, size), torch.full((shape[0], *size), 0.3, dtype=dtype))
+    extreme = torch.tensor([[[-3e38, 3e38]]], dtype=torch.float32)
+    assert torch.isfinite(bilinear_upsample(extreme, (1, 5))).all()
