@@ -501,5 +501,7 @@ def test_bilinear_upsample_is_f_interpolate_up_to_rounding_and_exact_on_plateaus
     torch.testing.assert_close(grad, want_grad, atol=1e-4 if dtype == torch.float32 else 1e-10, rtol=1e-5)
     constant = torch.full(shape, 0.3, dtype=dtype)
     assert torch.equal(bilinear_upsample(constant, size), torch.full((shape[0], *size), 0.3, dtype=dtype))
+    if shape[1] == 1:  # one source row: every output row is the same samples, exactly (F.interpolate's vary)
+        assert torch.equal(got, got[:, :1].expand_as(got))
     extreme = torch.tensor([[[-3e38, 3e38]]], dtype=torch.float32)
     assert torch.isfinite(bilinear_upsample(extreme, (1, 5))).all()
