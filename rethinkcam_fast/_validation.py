@@ -40,6 +40,17 @@ def check_float_dtype(name: str, value: torch.Tensor) -> None:
         )
 
 
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                  torch.uint16, torch.uint32, torch.uint64)
+
+
+def check_integer_dtype(name: str, value: torch.Tensor, what: str = "integers") -> None:
+    """``TypeError`` unless ``value`` holds plain integers: floating values would be rounded (hiding a
+    convention mismatch), bool, complex and quantized tensors are not numbers of that kind."""
+    if value.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"{name} must hold {what} (any integer dtype), got {value.dtype}")
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:

@@ -263,3 +263,20 @@ def test_thresholds_as_lists_and_numpy_arrays_are_tensors_too():
             boxes_from_cams(cams, bad)
     with pytest.raises(ValueError, match=r"uint8 levels in \[0, 255\]"):
         boxes_from_cams(cams, [10, 300, 0])
+
+
+def test_thresholds_of_every_integer_dtype_and_no_other():
+    """One rule for integer inputs across the box ops: any signed or unsigned integer dtype is a level
+    (uint16 to uint64 included), complex, bool and floating ones are refused, never cast."""
+    cams = torch.rand(3, 9, 9, generator=torch.Generator().manual_seed(3))
+    want = boxes_from_cams(cams, torch.tensor([10, 50, 0]))
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.uint16, torch.uint32, torch.uint64):
+        assert torch.equal(boxes_from_cams(cams, torch.tensor([10, 50, 0], dtype=dtype)), want), dtype
+    for dtype in (torch.complex64, torch.bool, torch.float16):
+        with pytest.raises(TypeError, match=f"thresholds must hold integer uint8 levels .*got {dtype}"):
+            boxes_from_cams(cams, torch.tensor([1, 0, 1], dtype=dtype))
+    gt, offsets = torch.tensor([[0, 0, 4, 4]] * 3), torch.tensor([0, 1, 2, 3])
+    from rethinkcam_fast import best_box_ious
+    for name, args in (("gt_boxes", (gt.to(torch.complex64), offsets)), ("gt_offsets", (gt, offsets.to(torch.complex64)))):
+        with pytest.raises(TypeError, match=f"{name} must hold integer"):
+            best_box_ious(cams, 0, *args)

@@ -26,7 +26,15 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._validation import check_cams_shape, check_flag, check_float_dtype, check_tensor, check_unit_maps, real_number
+from .._validation import (
+    check_cams_shape,
+    check_flag,
+    check_float_dtype,
+    check_integer_dtype,
+    check_tensor,
+    check_unit_maps,
+    real_number,
+)
 from .boxes import _thresholds_2d, boxes_from_cams
 from .level_sweep import gpu_boxes_enabled, level_sweep
 from .percentile_threshold import host_levels, scaled_levels
@@ -44,8 +52,7 @@ def box_iou_matrix(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
         check_tensor(name, boxes, ndim=2)
         if boxes.shape[1] != 4:
             raise ValueError(f"{name} must have shape (K, 4), got {tuple(boxes.shape)}")
-        if boxes.is_floating_point() or boxes.is_complex() or boxes.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integer pixel coordinates, got {boxes.dtype}")
+        check_integer_dtype(name, boxes, "integer pixel coordinates")
     a = boxes_a.to(torch.int64)[:, None, :]
     b = boxes_b.to(torch.int64)[None, :, :]
     inter_w = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0]) + 1).clamp_min(0)
@@ -108,8 +115,8 @@ def _check_gt(gt_boxes: Tensor, gt_offsets: Tensor, n: int) -> tuple[Tensor, Ten
     check_tensor("gt_offsets", gt_offsets, ndim=1)
     if gt_boxes.shape[1] != 4:
         raise ValueError(f"gt_boxes must have shape (G, 4), got {tuple(gt_boxes.shape)}")
-    if any(t.is_floating_point() or t.is_complex() or t.dtype == torch.bool for t in (gt_boxes, gt_offsets)):
-        raise TypeError(f"gt_boxes and gt_offsets must be integer tensors, got {gt_boxes.dtype} and {gt_offsets.dtype}")
+    check_integer_dtype("gt_boxes", gt_boxes, "integer pixel coordinates")
+    check_integer_dtype("gt_offsets", gt_offsets, "integer offsets")
     if gt_offsets.numel() != n + 1:
         raise ValueError(f"gt_offsets must have N + 1 = {n + 1} entries, got {gt_offsets.numel()}")
     boxes = gt_boxes.to(device="cpu", dtype=torch.int64).contiguous()

@@ -30,7 +30,14 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._validation import check_cams_shape, check_flag, check_flagged_maps, check_float_dtype, check_unit_maps
+from .._validation import (
+    check_cams_shape,
+    check_flag,
+    check_flagged_maps,
+    check_float_dtype,
+    check_integer_dtype,
+    check_unit_maps,
+)
 from .level_sweep import gpu_boxes_enabled, level_sweep
 from .percentile_threshold import host_levels, scaled_levels
 
@@ -98,8 +105,7 @@ def _thresholds_2d(thresholds: int | Tensor, n: int) -> tuple[Tensor, bool]:
     if isinstance(thresholds, (bool, np.bool_)) or not isinstance(thresholds, (Integral, Tensor)):
         raise TypeError(f"thresholds must be an int or an integer tensor, got {type(thresholds).__name__}")
     if isinstance(thresholds, Tensor):
-        if thresholds.dtype.is_floating_point or thresholds.dtype == torch.bool:
-            raise TypeError(f"thresholds must be integer uint8 levels, got {thresholds.dtype}")
+        check_integer_dtype("thresholds", thresholds, "integer uint8 levels")
         if thresholds.dim() == 0:  # one level for every image, like an int
             thresholds = int(thresholds)
     if isinstance(thresholds, Integral):  # numpy integers too
