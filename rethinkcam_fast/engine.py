@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ._cuda_graph import CapturedCall
-from ._validation import check_float_dtype, check_tensor, output_size_arg
+from ._validation import INTEGER_DTYPES, check_float_dtype, check_integer_dtype, check_tensor, output_size_arg
 from .folding import TRANSIENT_HOOK
 from .ops._launch import autocast_off, check_backend
 from .ops.boxes import CONVENTIONS, boxes_from_cams, boxes_from_packed, pack_results, packed_to_host
@@ -203,6 +203,31 @@ class _Capture:
     # "cam" without a classifier yet: (nn.Linear or nn.Conv2d, its 2-D output or None, len(order) when
     # it finished) per run.
     linears: list[tuple[nn.Module, Tensor | None, int]] = field(default_factory=list)
+    # A gradient method's default target being found: (activation or norm module, its input, its
+    # output, len(order) when it finished) per run that kept a 4-D shape.
+    followers: list[tuple[nn.Module, Tensor, Tensor, int]] = field(default_factory=list)
+
+
+# Modules that may directly follow a default target's convolution without being conv-like themselves:
+# conv -> BatchNorm -> ReLU written as separate modules. A gradient method explains the last of them,
+# so that an in-place activation (whose output is the conv's output tensor) and an out-of-place one
+# give the same map, and the map is of the rectified features, as with a target that holds its ReLU.
+_FOLLOWERS = (
+    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardtanh, nn.Softplus, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
+)
+
+
+def _past_activations(target: nn.Module, capture: _Capture) -> nn.Module:
+    """The last module of the chain of ``_FOLLOWERS`` that takes the target's output (each the one
+    before's) after the target finished; the target itself when none does."""
+    output = capture.activations[id(target)]
+    finished = capture.order.index(target)
+    for module, given, produced, done in capture.followers:
+        if done > finished and given is output:
+            target, output = module, produced
+    capture.activations[id(target)] = output
+    return target
 
 
 def _is_conv_head(module: nn.Module) -> bool:
@@ -210,11 +235,17 @@ def _is_conv_head(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
 
 
+def _conv_head_ran_last(capture: _Capture, num_classes: int) -> nn.Conv2d | None:
+    """The 1x1 conv to the classes that was the last layer with weights to run (a network-in-network
+    head, as SqueezeNet's), from the call's record of ``nn.Linear``/``nn.Conv2d`` runs; else None."""
+    if not capture.linears:
+        return None
+    last = capture.linears[-1][0]
+    return last if _is_conv_head(last) and last.out_channels == num_classes else None
+
+
 def _contains_conv(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
-
-
-_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def _class_index(value) -> int | None:
@@ -224,7 +255,7 @@ def _class_index(value) -> int | None:
         return None
     if isinstance(value, Integral):
         return int(value)
-    if isinstance(value, Tensor) and value.dim() == 0 and value.dtype in _INTEGER_DTYPES:
+    if isinstance(value, Tensor) and value.dim() == 0 and value.dtype in INTEGER_DTYPES:
         return int(value)
     if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
         return int(value)
@@ -261,12 +292,16 @@ class CAMEngine:
         target_layers: modules or their names (``model.named_modules()``). Default: the last
             conv-like layer (the last module, in execution order, that contains a convolution and
             outputs a 4-D map with a spatial extent, found for each input size) for the single-layer
-            methods; every ``nn.Conv2d`` for ``"fullycam"``.
+            methods — for the gradient methods, past the activation and norm modules that directly
+            follow it (``conv, BatchNorm2d, ReLU`` as separate modules: the ReLU, in place or not) and
+            never a 1x1 conv head to the classes (SqueezeNet's class score maps); every ``nn.Conv2d``
+            for ``"fullycam"``.
         classifier: for ``"cam"``: the ``nn.Linear`` (or 1x1 ``nn.Conv2d``) after the global pool.
             Default: the ``nn.Linear`` from the target layer's channels to the classes that the forward
             runs after the target layer (the one whose output is the logits); a 1x1 conv head to the
-            classes (network in network) when the forward has none. Checked once against the logits
-            (a warning when the classifier does not pool the target layer's output).
+            classes (network in network) when the forward has none (with a ReLU between it and the
+            pool, as SqueezeNet's, the map is the class score map before that ReLU). Checked once
+            against the logits (a warning when the classifier does not pool the target layer's output).
         nwc: negative weight clamping for ``"cam"``: ``max(W, 0)`` in the map (logits unchanged).
         output_size: ``(H, W)`` of the maps; default the input's size.
         fuse: multi-layer fusion, ``"sum"`` (Fully-CAM's formula) or ``"max"`` (LayerCAM-style: the
@@ -298,7 +333,9 @@ class CAMEngine:
             detached, parameters' ``.grad`` and ``requires_grad`` are never touched.
         logits: for a model whose forward returns more than the logits (a tuple, a dict, an object
             with fields): an index, a key or attribute name, or a callable that picks the logits
-            ``[N, C]`` from the output. Default: the output is the logits.
+            ``[N, C]`` from the output. An index or a name applies to such outputs only: an output that
+            is a 2-D tensor is the logits (GoogLeNet and Inception return a namedtuple in ``train()``
+            and the logits alone in ``eval()``). Default: the output is the logits.
 
     Usage::
 
@@ -593,10 +630,17 @@ class CAMEngine:
             hook = self._forward_hook(capture)  # (one closure for every module)
             for m in candidates:
                 handles.append(m.register_forward_hook(hook))
-            if self.method == "cam" and classifier is None:  # which nn.Linear (or 1x1 conv head) makes the logits
+            # which nn.Linear (or 1x1 conv head) makes the logits: "cam"'s classifier, or (the default
+            # target of a gradient method) a network-in-network head that is not a feature layer
+            if (self.method == "cam" and classifier is None) or (layers is None and needs_grad):
                 hook = self._linear_hook(capture)
                 for m in self.model.modules():
                     if isinstance(m, (nn.Linear, nn.Conv2d)):
+                        handles.append(m.register_forward_hook(hook))
+            if layers is None and needs_grad:  # the activations and norms right after the default target
+                hook = self._follower_hook(capture)
+                for m in self.model.modules():
+                    if isinstance(m, _FOLLOWERS):
                         handles.append(m.register_forward_hook(hook))
             logits = self._logits_of(self.model(images))
         finally:
@@ -609,7 +653,12 @@ class CAMEngine:
             # ends with the global pool (``nn.Sequential(*backbone_with_pool)``) outputs [N, C, 1, 1],
             # whose "map" is one value — its CAM would be constant, i.e. zeros.
             spatial = [m for m in capture.order if capture.activations[id(m)].shape[2] * capture.activations[id(m)].shape[3] > 1]
+            if needs_grad:  # a 1x1 conv head (SqueezeNet's) gives class scores, not features: not a target
+                nin = _conv_head_ran_last(capture, logits.shape[1])
+                spatial = [m for m in spatial if nin is None or all(x is not nin for x in m.modules())] or spatial
             layers = [(spatial or capture.order)[-1]]
+            if needs_grad:
+                layers = [_past_activations(layers[0], capture)]
         if self.method == "cam" and classifier is None:
             classifier = self._find_classifier(layers[0], capture, logits)
             if any(m is classifier for m in layers[0].modules()):  # the default target held the 1x1 conv head:
@@ -716,6 +765,10 @@ class CAMEngine:
         ``logits=`` picks from it (an index into a tuple, a key of a dict or an attribute name, a
         callable)."""
         picked = output
+        if isinstance(output, Tensor) and output.dim() == 2 and not callable(self.logits):
+            # An index or key picks from a multi-output result; GoogLeNet and Inception return the
+            # logits alone in eval() mode (a namedtuple in train()), and an index would pick an image.
+            return output
         try:
             if callable(self.logits):
                 picked = self.logits(output)
@@ -753,10 +806,10 @@ class CAMEngine:
         hooked module — 53 of them in a ResNet50 Fully-CAM call — so the capture's containers are
         bound once and the input scan is a plain loop: 1 µs a call less on the CI CPU.)"""
         activations, order, cut_inputs, thread = capture.activations, capture.order, capture.cut_inputs, capture.thread
-        get_ident, is_grad_enabled = threading.get_ident, torch.is_grad_enabled
+        get_ident, is_grad_enabled, compiling = threading.get_ident, torch.is_grad_enabled, torch.compiler.is_compiling
 
         def hook(module: nn.Module, inputs, output) -> None:
-            if not isinstance(output, Tensor) or output.dim() != 4 or get_ident() != thread:
+            if not isinstance(output, Tensor) or output.dim() != 4 or (not compiling() and get_ident() != thread):
                 return
             key = id(module)
             if key in activations:  # a module run twice counts where it last finished
@@ -774,13 +827,28 @@ class CAMEngine:
         return hook
 
     @staticmethod
+    def _follower_hook(capture: _Capture):
+        """Records each run of an activation or norm module (``_FOLLOWERS``) that keeps its input's
+        4-D shape: ``(module, input, output, len(order) when it finished)``; see _past_activations."""
+        followers, order, thread = capture.followers, capture.order, capture.thread
+
+        def hook(module: nn.Module, inputs, output) -> None:
+            if (isinstance(output, Tensor) and output.dim() == 4 and inputs and isinstance(inputs[0], Tensor)
+                    and inputs[0].shape == output.shape
+                    and (torch.compiler.is_compiling() or threading.get_ident() == thread)):
+                followers.append((module, inputs[0], output, len(order)))
+
+        setattr(hook, TRANSIENT_HOOK, True)
+        return hook
+
+    @staticmethod
     def _linear_hook(capture: _Capture):
         """Records each run of an ``nn.Linear`` or ``nn.Conv2d``: the output itself only when 2-D (the
         logits are; keeping a ConvNeXt's pointwise outputs [N, H, W, 4C] would hold them all)."""
         linears, order, thread = capture.linears, capture.order, capture.thread
 
         def hook(module: nn.Module, inputs, output) -> None:
-            if isinstance(output, Tensor) and threading.get_ident() == thread:
+            if isinstance(output, Tensor) and (torch.compiler.is_compiling() or threading.get_ident() == thread):
                 linears.append((module, output if output.dim() == 2 else None, len(order)))
 
         setattr(hook, TRANSIENT_HOOK, True)
@@ -801,15 +869,14 @@ class CAMEngine:
                and m.in_features == channels and m.out_features == num_classes]
         if ran:
             return next((m for m, out in ran if out is logits), ran[-1][0])
-        if capture.linears:  # a 1x1 conv head after the (given) target: the last layer with weights to run
-            last, _, done = capture.linears[-1]
-            if (done >= after and last is not target and _is_conv_head(last) and last.in_channels == channels
-                    and last.out_channels == num_classes):
-                return last
-        if self._find_target:  # a default target that is (or ends with) a 1x1 conv to the classes
-            convs = [m for m in target.modules() if isinstance(m, nn.Conv2d)]
-            if convs and _is_conv_head(convs[-1]) and convs[-1].out_channels == num_classes == channels:
-                return convs[-1]
+        head = _conv_head_ran_last(capture, num_classes)
+        if head is not None:
+            if capture.linears[-1][2] >= after and head is not target and head.in_channels == channels:
+                return head  # a 1x1 conv head after the (given) target
+            if self._find_target and channels == num_classes and any(m is head for m in target.modules()):
+                # a default target that is (or ends with) the head; a bottleneck conv that happens to
+                # have as many channels as there are classes is not the head: an MLP head ran after it
+                return head
         held = [m for m in self.model.modules()  # applied without its hooks (F.linear(x, fc.weight), fc.forward)
                 if isinstance(m, nn.Linear) and m.in_features == channels and m.out_features == num_classes]
         if held:  # (checked against the logits by _check_pooling)
@@ -860,6 +927,11 @@ class CAMEngine:
                     pooled = pooled.to(want.device) @ weight.T
                     pooled = pooled if bias is None else pooled + bias
                     best = min(best, float((pooled - want).abs().max()))
+                if isinstance(classifier, nn.Conv2d):  # a 1x1 conv head whose class score maps pass a ReLU
+                    # before the pool (SqueezeNet's): the CAM is the class's score map before that ReLU
+                    scores = torch.einsum("nkhw,ck->nchw", x.to(want.device), weight)
+                    scores = scores if bias is None else scores + bias[:, None, None]
+                    best = min(best, float((scores.relu().mean(dim=(2, 3)) - want).abs().max()))
                 return best
 
         off = error(activation)
@@ -966,8 +1038,7 @@ class CAMEngine:
             if not 0 <= targets < num_classes:
                 raise ValueError(f"target class {targets} out of range for {num_classes} classes")
             return torch.full((n,), targets, dtype=torch.long, device=logits.device)
-        if targets.dtype not in _INTEGER_DTYPES:
-            raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+        check_integer_dtype("targets", targets, "integer class indices")
         if targets.shape != (n,):
             raise ValueError(f"targets must have shape ({n},) to match the batch, got {tuple(targets.shape)}")
         targets = targets.to(device=logits.device, dtype=torch.long)

@@ -262,8 +262,10 @@ def test_bad_input_raises_clear_errors():
         engine(images_for(), targets=torch.tensor([0, 1, 7]))
     with pytest.raises(ValueError, match=r"shape \(3,\)"):
         engine(images_for(), targets=torch.tensor([0, 1]))
-    with pytest.raises(TypeError, match="integer tensor"):
+    with pytest.raises(TypeError, match=r"targets must hold integer class indices \(any integer dtype\), got torch.float32"):
         engine(images_for(), targets=torch.tensor([0.0, 1.0, 2.0]))
+    wide = engine(images_for(), targets=torch.tensor([0, 1, 2], dtype=torch.uint32)).labels  # any integer dtype
+    assert wide.dtype == torch.int64 and wide.tolist() == [0, 1, 2]
     headless = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2, bias=False))
     headless[4] = nn.Identity()  # logits straight from the pool: no classifier to build a CAM from
     with pytest.raises(ValueError, match="needs the classifier"):
@@ -379,9 +381,9 @@ def test_default_target_skips_a_container_that_ends_with_the_pool():
     for method in ("cam", "gradcam", "layercam"):
         engine = CAMEngine(Net().eval(), method)
         result = engine(images)
-        # ("cam" takes the ReLU after the conv: its output is what the classifier pools)
-        want = "encoder.3" if method == "cam" else "encoder.2"
-        assert engine.layer_name(engine.target_layers[0]) == want and not result.degenerate.any()
+        # (the ReLU after the conv: for "cam" its output is what the classifier pools; the gradient
+        # methods move past the activations that directly follow the conv)
+        assert engine.layer_name(engine.target_layers[0]) == "encoder.3" and not result.degenerate.any()
 
 
 def test_a_target_layer_with_an_empty_feature_map_raises_a_clear_error():
@@ -1067,3 +1069,104 @@ def test_an_engine_remembers_a_bounded_number_of_input_sizes(monkeypatch):
         images = torch.rand(1, 3, side, side)
         assert torch.equal(engine(images).cams, CAMEngine(model, "cam", boxes=False, warn_degenerate=False)(images).cams)
         assert len(engine._found) <= 3 and len(engine._pooling) <= 3
+
+
+def _flat_net(inplace: bool, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(inplace), nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16),
+                         nn.ReLU(inplace), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam"])
+def test_gradient_methods_default_past_the_activations_in_place_or_not(method):
+    """conv, BatchNorm2d, ReLU as separate modules: the default target is the ReLU, whether it runs in
+    place (its output is the conv's output tensor) or not, so both give the same map, the map of the
+    rectified features that naming the ReLU gives."""
+    images = images_for(31, n=2, size=24)
+    results = {}
+    for inplace in (True, False):
+        engine = CAMEngine(_flat_net(inplace), method, warn_degenerate=False)
+        results[inplace] = engine(images).cams
+        assert engine.layer_name(engine.target_layers[0]) == "4"
+        again = engine(images).cams  # the default found once for the size, then reused
+        assert torch.equal(again, results[inplace])
+    torch.testing.assert_close(results[True], results[False], atol=1e-6, rtol=0)
+    named = CAMEngine(_flat_net(False), method, target_layers="4", warn_degenerate=False)(images).cams
+    torch.testing.assert_close(results[False], named, atol=0, rtol=0)
+    before_relu = CAMEngine(_flat_net(False), method, target_layers="3", warn_degenerate=False)(images).cams
+    if method != "layercam":  # (the move matters on this model; LayerCAM's relu(g) relu(A) is the same
+        # before and after a ReLU: the gradient before it is the one after, masked where A <= 0)
+        assert (before_relu - named).abs().max() > 0.05
+    else:
+        torch.testing.assert_close(before_relu, named, atol=1e-6, rtol=0)
+
+
+class _SqueezeHead(nn.Module):
+    """SqueezeNet's layout: features, then Dropout, a 1x1 conv to the classes, ReLU, global pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1),
+                                      nn.ReLU())
+        self.classifier = nn.Sequential(nn.Dropout(), nn.Conv2d(12, 5, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x):
+        return self.classifier(self.features(x)).flatten(1)
+
+
+def test_squeezenet_heads_are_classifiers_for_every_method():
+    """A 1x1 conv head followed by a ReLU before the pool: ``"cam"`` takes it as the classifier, without
+    a warning (its map is the class score map before that ReLU), and the gradient methods do not take
+    it as their default target (its "feature map" would be the class's own score map)."""
+    model = make(_SqueezeHead)
+    images = images_for(32, n=2, size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine = CAMEngine(model, "cam", boxes=False, warn_degenerate=False)
+        engine(images)
+    assert engine.classifier is model.classifier[1] and engine.layer_name(engine.target_layers[0]) == "features"
+    for method in ("gradcam", "gradcam++", "layercam"):
+        engine = CAMEngine(model, method, warn_degenerate=False)
+        got = engine(images).cams
+        assert engine.layer_name(engine.target_layers[0]) == "features", method
+        torch.testing.assert_close(got, CAMEngine(model, method, "features", warn_degenerate=False)(images).cams,
+                                   atol=0, rtol=0)
+
+
+def test_a_bottleneck_conv_as_wide_as_the_classes_is_not_taken_for_the_cam_classifier():
+    """Features that end in a 1x1 conv with as many channels as there are classes, then an MLP head
+    (MobileNetV3's layout): no nn.Linear from the features to the classes, so "cam" has no classifier
+    (the error), whatever the class count; the conv is not a network-in-network head."""
+    for classes in (10, 16):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 1), nn.Hardswish()),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Sequential(nn.Linear(16, 32), nn.Hardswish(), nn.Linear(32, classes))).eval()
+        with pytest.raises(ValueError, match=rf"needs the classifier after the global pool: no nn.Linear\(16 -> {classes}\)"):
+            CAMEngine(model, "cam")(images_for(n=1, size=16))
+
+
+def test_a_logits_selector_leaves_an_output_that_is_already_the_logits():
+    """GoogLeNet and Inception return (logits, aux) as a namedtuple in train() mode and the logits
+    alone in eval(): logits=0 or "logits" serves both (an index must not pick an image)."""
+    import collections
+
+    Out = collections.namedtuple("Out", ["logits", "aux_logits"])
+
+    class Inceptionish(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 5)
+
+        def forward(self, x):
+            y = self.fc(self.conv(x).relu().mean((2, 3)))
+            return Out(y, y * 0) if self.training else y
+
+    model = make(Inceptionish)
+    images = images_for(33, n=2, size=16)
+    for selector in (0, "logits"):
+        engine = CAMEngine(model, "gradcam", logits=selector, warn_degenerate=False)
+        model.train()
+        trained = engine(images).cams
+        model.eval()
+        torch.testing.assert_close(engine(images).cams, trained, atol=0, rtol=0)
