@@ -412,6 +412,9 @@ class VideoLocalizer:
                           "every convolution is a target, so no batch norm can fold into one", stacklevel=2)
             fold_batchnorm = False
         self._fold_pending = bool(fold_batchnorm)
+        # Streams on several threads may share a localizer: the fold (once) and each CUDA-graph replay
+        # with the copies of its outputs (which the next replay overwrites) run under this lock.
+        self._lock = threading.RLock()
         self.channels = input_channels(model)
         self._luma = torch.tensor(LUMA, dtype=torch.float32, device=self.device)
         self._mean = None if mean is None else torch.tensor(mean, dtype=torch.float32, device=self.device)
@@ -482,17 +485,21 @@ class VideoLocalizer:
 
     def _submit_batch(self, first_index: int, frames: list[Tensor], targets: int | None) -> _InFlight:
         batch_u8 = self._to_device(frames)
-        if self.cuda_graph and len(frames) == self.batch_size:
-            key = tuple(batch_u8.shape) + (-1 if targets is None else int(targets),)
+        if not (self.cuda_graph and len(frames) == self.batch_size):
+            packed, cams = self._explain_packed(batch_u8, targets)
+            return self._in_flight(first_index, packed, cams)
+        key = tuple(batch_u8.shape) + (-1 if targets is None else int(targets),)
+        with self._lock:
             if key not in self._graphs:
                 if len(self._graphs) >= 4:  # a few frame sizes at most; drop the oldest capture
                     self._graphs.pop(next(iter(self._graphs)))
                 self._graphs[key] = CapturedCall(lambda u8: self._explain_packed(u8, targets), batch_u8)
             packed, cams = self._graphs[key](batch_u8)
-        else:
-            packed, cams = self._explain_packed(batch_u8, targets)
-        # A replay's outputs are the graph's, overwritten by the next replay: copies are taken now, in
-        # stream order (the maps on the device, the packed results to the host).
+            # A replay's outputs are the graph's, overwritten by the next replay: copies are taken now,
+            # in stream order (the maps on the device, the packed results to the host).
+            return self._in_flight(first_index, packed, cams)
+
+    def _in_flight(self, first_index: int, packed: Tensor, cams: Tensor) -> _InFlight:
         kept = cams.clone() if self.keep_cams else None
         host, done = packed_to_host(packed)
         return _InFlight(first_index, tuple(cams.shape), host, done, kept)
@@ -502,8 +509,13 @@ class VideoLocalizer:
         (the default one found first, by one call on the batch's first frame) and classifier kept.
         Tracing patches ``nn.Module.__call__`` process-wide while it runs: the stream holds its decode
         thread (which may run modules of the caller's frame source) until the fold is done."""
+        with self._lock:  # (another thread's stream may be folding the shared localizer right now)
+            if self._fold_pending:
+                self._fold_pending = False  # (the call below must not fold again)
+                self._fold_model_now(batch_u8, targets)
+
+    def _fold_model_now(self, batch_u8: Tensor, targets: int | None) -> None:
         engine = self.engine
-        self._fold_pending = False  # (the call below must not fold again)
         try:
             if engine.target_layers is None or (engine.method == "cam" and engine.classifier is None):
                 self.explain(batch_u8[:1], targets)  # (finds the default target and the classifier)

@@ -407,3 +407,11 @@ def test_cli_threads_option(boxes, capsys, monkeypatch):
     assert set_to == [1] and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["num_images"] == 10
     with pytest.raises(SystemExit):
         cli.main(_cli_args(boxes) + ["--threads", "0"])
+
+
+def test_a_mask_root_on_a_box_split_is_named_as_unused(boxes, tmp_path):
+    """The reference takes ``--mask_root`` for every dataset; on boxes it is unused, and said so."""
+    plain = _evaluate(boxes, cam_curve_interval=0.01)
+    with pytest.warns(UserWarning, match="mask_root .* is not used: .* has box annotations"):
+        given = _evaluate(boxes, cam_curve_interval=0.01, mask_root=str(tmp_path))
+    assert given == plain

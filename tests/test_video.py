@@ -139,6 +139,47 @@ def test_folding_holds_the_source_on_its_thread_and_explain_folds_too():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in direct.engine.model.modules())
 
 
+def test_streams_on_several_threads_share_one_localizer_and_fold_it_once(monkeypatch):
+    """Two threads stream through one folding localizer: the fold runs once (under the localizer's
+    lock, while the other thread waits or goes on with the unfolded engine), and each thread gets the
+    frames' results in its own order, equal to a single-threaded run."""
+    import rethinkcam_fast.video as video
+
+    resnet = make(MiniResNet, classes=4)
+    frames = [random_frames(4, seed=s) for s in (1, 2)]
+    single = VideoLocalizer(resnet, "gradcam", input_size=(40, 40), batch_size=2)
+    want = [[(r.index, r.label, r.box) for r in single.stream(f)] for f in frames]
+    shared = VideoLocalizer(resnet, "gradcam", input_size=(40, 40), batch_size=2, fold_batchnorm=True)
+    folds, fold = [], video.fold_batchnorm
+    start = threading.Barrier(2)
+
+    def counted(*args, **kwargs):
+        folds.append(threading.get_ident())
+        time.sleep(0.05)  # (the other thread reaches its fold meanwhile)
+        return fold(*args, **kwargs)
+
+    monkeypatch.setattr(video, "fold_batchnorm", counted)
+    got, errors = [None, None], []
+
+    def run(k):
+        try:
+            start.wait()
+            got[k] = [(r.index, r.label, r.box) for r in shared.stream(frames[k])]
+        except BaseException as exc:  # (reported below, not lost in the thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(folds) == 1
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in shared.engine.model.modules())
+    for a, b in zip(got, want):
+        assert [(i, l) for i, l, _ in a] == [(i, l) for i, l, _ in b]
+        assert all(max(abs(u - v) for u, v in zip(x[2], y[2])) <= 1 for x, y in zip(a, b))
+
+
 def test_fold_batchnorm_with_fullycam_defaults_warns_and_runs_unfolded():
     resnet = make(MiniResNet, classes=4)
     with pytest.warns(UserWarning, match="does nothing for method='fullycam'"):

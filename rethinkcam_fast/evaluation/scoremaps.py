@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -97,6 +98,9 @@ def make_evaluator(metadata: WSOLMetadata, *, cam_curve_interval: float = 0.001,
         if mask_root is None:
             raise ValueError(f"{metadata.directory} has mask annotations: a mask root is needed (--mask-root)")
         return MaskEvaluator(cam_curve_interval, metadata=metadata, mask_root=mask_root, device=device)
+    if mask_root is not None:  # (the reference takes a mask root for every dataset; it is unused on boxes)
+        warnings.warn(f"mask_root {mask_root!r} is not used: {metadata.directory} has box annotations",
+                      stacklevel=2)
     return BoxEvaluator(cam_curve_interval, iou_thresholds, multi_contour, metadata=metadata, device=device)
 
 
