@@ -158,6 +158,14 @@ def check_output_file(path: str, option: str = "--out") -> list[str]:
     return _writable_folder(folder, f"{option} {path}", "its folder", f"the folder {folder}")
 
 
+def _warn_non_finite(bad: int, total: int, what: str = "image") -> None:
+    """One line when the model gave non-finite logits: their maps are zeros, their boxes empty."""
+    if bad:
+        print(f"rethinkcam: warning: {bad} of {total} {what}(s) got non-finite logits (NaN or inf: damaged weights, or "
+              "an overflow in the model): their maps are zeros, their boxes empty, their scores null in the JSON",
+              file=sys.stderr)
+
+
 def _cmd_localize(args: argparse.Namespace) -> int:
     from .imageio import ImageReadError
     from .localize import input_channels, input_policy, load_user_model, localize_files
@@ -186,7 +194,9 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     except RuntimeError as exc:  # the model itself failed on these inputs (too small, wrong channels, ...)
         return _fail(f"the model failed on the input: {str(exc).strip().splitlines()[0]}", made)
     for record in records:
-        print(f"{record['image']}: class {record['label']} score {record['score']:.3f} box {record['box']}")
+        score = "nan" if record["score"] is None else f"{record['score']:.3f}"
+        print(f"{record['image']}: class {record['label']} score {score} box {record['box']}")
+    _warn_non_finite(sum(record["score"] is None for record in records), len(records))
     print(f"wrote {args.out}")
     return 0
 

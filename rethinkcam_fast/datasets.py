@@ -247,44 +247,32 @@ def _write_lines(path: str, lines: list[str]) -> None:
         fh.writelines(line + "\n" for line in lines)
 
 
-def _read_rows(path: str, fields: int) -> list[list[str]]:
-    rows = []
-    with open(path) as fh:
-        for number, line in enumerate(fh, 1):
-            parts = line.rstrip("\n").split(",")
-            if len(parts) != fields:
-                raise ValueError(f"{path}:{number}: expected {fields} comma-separated fields, got {line.strip()!r}")
-            rows.append(parts)
-    return rows
-
-
 def load_wsol_split(root: str, split: str, dataset_name: str = DATASET_NAME) -> CanvasSet:
     """Read a split written by :func:`write_wsol_dataset` (or any single-box grey WSOL split) into memory.
 
-    An image with several boxes keeps its first one (cluttered digits have exactly one).
+    The metadata is read (and checked, errors naming ``file:line``) as the evaluation reads it
+    (:func:`rethinkcam_fast.evaluation.read_metadata`); every image must have the first one's size. An
+    image with several boxes keeps its first one (cluttered digits have exactly one).
     """
+    from .evaluation.metadata import read_metadata
     from .imageio import read_image
 
     base = os.path.join(root, dataset_name)
     meta_dir = os.path.join(base, split)
     if not os.path.isdir(meta_dir):
         raise FileNotFoundError(f"{meta_dir}: no such split directory")
-    ids = [row[0] for row in _read_rows(os.path.join(meta_dir, "image_ids.txt"), 1)]
-    labels = {row[0]: int(row[1]) for row in _read_rows(os.path.join(meta_dir, "class_labels.txt"), 2)}
-    boxes: dict[str, list[int]] = {}
-    for row in _read_rows(os.path.join(meta_dir, "localization.txt"), 5):
-        boxes.setdefault(row[0], [int(v) for v in row[1:]])
-    missing = [i for i in ids if i not in labels or i not in boxes]
-    if missing:
-        raise ValueError(f"{meta_dir}: no label or box for {len(missing)} image(s), e.g. {missing[0]}")
-    images = torch.stack([read_image(os.path.join(base, i), channels=1)[0] for i in ids]) if ids else \
-        torch.zeros((0, 0, 0), dtype=torch.uint8)
-    return CanvasSet(images, torch.tensor([labels[i] for i in ids], dtype=torch.long),
-                     torch.tensor([boxes[i] for i in ids], dtype=torch.long).reshape(-1, 4), ids,
+    metadata = read_metadata(meta_dir, "boxes")
+    ids = list(metadata.image_ids)
+    labels = metadata.labels_of(ids)
+    images = [read_image(os.path.join(base, i), channels=1)[0] for i in ids]
+    for image_id, image in zip(ids, images):
+        if image.shape != images[0].shape:
+            raise ValueError(f"{meta_dir}: image {image_id!r} is {image.shape[1]}x{image.shape[0]}, the first "
+                             f"{ids[0]!r} {images[0].shape[1]}x{images[0].shape[0]}: a split held in one tensor "
+                             "needs one size")
+    boxes = torch.tensor([[int(v) for v in metadata.boxes[i][0]] for i in ids], dtype=torch.long).reshape(-1, 4)
+    return CanvasSet(torch.stack(images) if ids else torch.zeros((0, 0, 0), dtype=torch.uint8), labels, boxes, ids,
                      torch.full((len(ids),), -1, dtype=torch.long))
-
-
-
 
 
 def moving_digit_clip(num_frames: int = 240, config: ClutteredDigitsConfig | None = None, seed: int = 0,

@@ -20,12 +20,47 @@ class ImageReadError(ValueError):
     """An image file that is missing or cannot be decoded."""
 
 
+class ImageDecodeError(ValueError):
+    """A file that Pillow cannot decode (or refuses to: a header claiming a decompression bomb)."""
+
+
+def decoded_image(path: str):
+    """``path`` opened and decoded by Pillow (a loaded ``PIL.Image``), for every reader of the package.
+
+    Raises:
+        FileNotFoundError: no such file, or not a regular file (a directory; a named pipe, which
+            would block the reader forever).
+        ImageDecodeError: not a decodable image (truncated or corrupt; a header whose size Pillow
+            refuses as a decompression bomb), with Pillow's reason.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()  # (closing the file closes the image too)
+    except FileNotFoundError:
+        raise
+    # (Pillow raises SyntaxError for a corrupt PNG chunk, ValueError for a bad PPM header, and its
+    # DecompressionBombError, which is neither an OSError nor a ValueError, for huge headers)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"{type(exc).__name__}: {exc}") from None
+
+
 def to_8bit(image):
     """A PIL image with 16-bit or 32-bit integer pixels (``I;16*``, ``I``) rescaled to 8 bits (``L``):
     Pillow's own ``convert("L")`` clips those values at 255, which turns most of a 16-bit image white.
-    Other images are returned as they are."""
+    32-bit float pixels (``F``) in ``[0, 1]`` are scaled by 255 (``convert`` would make them black),
+    others clipped to ``[0, 255]``. Other images are returned as they are."""
     from PIL import Image
 
+    if image.mode == "F":
+        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if pixels.max(initial=0.0) <= 1.0:
+            pixels = pixels * 255.0
+        return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), mode="L")
     if image.mode.startswith("I;16"):
         return Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8), mode="L")
     if image.mode == "I":
@@ -41,20 +76,18 @@ def read_image(path: str, channels: int = 3) -> Tensor:
     Raises:
         ImageReadError: the file is missing, not a file, or not a decodable image.
     """
-    from PIL import Image, UnidentifiedImageError
-
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if os.path.isdir(path):
         raise ImageReadError(f"{path}: is a directory; give image files (e.g. {os.path.join(path, '*.png')})")
-    if not os.path.isfile(path):
-        raise ImageReadError(f"{path}: image not found")
     try:
-        with Image.open(path) as image:
-            image.load()
-            pixels = np.array(to_8bit(image).convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
+        image = decoded_image(path)
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: image not found" if not os.path.exists(path) else
+                             f"{path}: not a regular file") from None
+    except ImageDecodeError as exc:
+        raise ImageReadError(f"{path}: not a readable image ({exc})") from None
+    pixels = np.array(to_8bit(image).convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
@@ -115,5 +148,5 @@ def save_grid(path: str, tiles: Sequence[np.ndarray], captions: Sequence[str], c
     grid.save(path)
 
 
-__all__ = ["GT_COLOR", "ImageReadError", "PRED_COLOR", "draw_box", "heatmap_colors", "overlay_tile", "read_image",
-           "save_grid"]
+__all__ = ["GT_COLOR", "ImageDecodeError", "ImageReadError", "PRED_COLOR", "decoded_image", "draw_box", "heatmap_colors",
+           "overlay_tile", "read_image", "save_grid"]

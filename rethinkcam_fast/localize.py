@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -117,13 +118,20 @@ def wsol_box_metrics(cams: Tensor, gt_boxes: Tensor, labels: Tensor, predictions
     )
 
 
+def json_number(value) -> float | None:
+    """``float(value)``, or None (JSON ``null``) when it is NaN or infinite: ``json.dump`` would write a
+    bare ``NaN``, which is not JSON (strict readers refuse the file)."""
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
 def localization_records(names: Sequence[str], result: CAMResult, gt_labels: Tensor | None = None,
                          gt_boxes: Tensor | None = None) -> list[dict[str, Any]]:
-    """One JSON-ready dict per image: ``image``, ``label``, ``score`` (logit), ``box`` ``[x0, y0, x1, y1]``,
+    """One JSON-ready dict per image: ``image``, ``label``, ``score`` (logit; None when not finite), ``box`` ``[x0, y0, x1, y1]``,
     ``threshold`` (uint8 level of the box), plus ``gt_label``/``gt_box`` when given."""
     records = []
     for i, name in enumerate(names):
-        record: dict[str, Any] = {"image": name, "label": int(result.labels[i]), "score": float(result.scores[i]),
+        record: dict[str, Any] = {"image": name, "label": int(result.labels[i]), "score": json_number(result.scores[i]),
                                   "box": [int(v) for v in result.boxes[i]],
                                   "threshold": int(result.thresholds[i])}
         if gt_labels is not None:
@@ -140,9 +148,9 @@ def write_outputs(out_dir: str, records: list[dict[str, Any]], tiles: Sequence[n
     os.makedirs(out_dir, exist_ok=True)
     json_path, grid_path = os.path.join(out_dir, JSON_NAME), os.path.join(out_dir, GRID_NAME)
     with open(json_path, "w") as fh:
-        json.dump(records, fh, indent=1)
-    captions = [f"{os.path.basename(r['image'])[:15]} pred {r['label']} ({r['score']:.1f})"
-                for r in records[: len(tiles)]]
+        json.dump(records, fh, indent=1, allow_nan=False)
+    captions = [f"{os.path.basename(r['image'])[:15]} pred {r['label']} "
+                + (f"({r['score']:.1f})" if r["score"] is not None else "(score nan)") for r in records[: len(tiles)]]
     save_grid(grid_path, tiles, captions, columns)
     return json_path, grid_path
 
@@ -264,6 +272,12 @@ def localize_files(paths: Sequence[str], model: nn.Module, method: str = "cam", 
     """
     if not paths:
         raise ValueError("no images given")
+    if out_dir is not None:  # (an image named like an output, in the output folder, would be overwritten)
+        for output in (os.path.join(out_dir, JSON_NAME), os.path.join(out_dir, GRID_NAME)):
+            for path in paths:
+                if os.path.exists(output) and os.path.exists(path) and os.path.samefile(path, output):
+                    raise ValueError(f"{path} is an input image and an output of this run ({output}): writing it "
+                                     "would destroy the image; choose another output folder")
     channels = input_channels(model)
     images = [read_image(path, channels) for path in paths]
     device = torch.device(device)
@@ -298,6 +312,6 @@ def fit_tile(tile: np.ndarray, size: int) -> np.ndarray:
 
 
 __all__ = ["BOX_THRESHOLDS", "GRID_NAME", "JSON_NAME", "LocalizationMetrics", "build_model", "fit_tile", "input_channels",
-           "input_policy", "load_user_model", "localization_records", "localize_files", "preprocess", "sweep_levels",
+           "input_policy", "json_number", "load_user_model", "localization_records", "localize_files", "preprocess", "sweep_levels",
            "wsol_box_metrics", "write_outputs"]
 

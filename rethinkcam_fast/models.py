@@ -125,7 +125,7 @@ def _plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def read_weights(path: str) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` with errors that say what is wrong with the file."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: weights file not found")
+        raise CheckpointError(f"{path}: " + ("not a regular file" if os.path.exists(path) else "weights file not found"))
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -138,9 +138,10 @@ def read_weights(path: str) -> dict[str, Any]:
             f"{path}: holds pickled Python objects, not only tensors (e.g. a whole model saved with "
             "torch.save(model)); it is not loaded, since unpickling can run code. Save "
             "model.state_dict() instead and pass that file") from exc
-    except Exception as exc:  # truncated zip, random bytes, ...
+    except Exception as exc:  # truncated zip, random bytes, an empty file, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CheckpointError(f"{path}: not a readable PyTorch weights file ({type(exc).__name__}: {first})") from exc
+        raise CheckpointError(f"{path}: not a readable PyTorch weights file (not written by torch.save, or damaged: "
+                              f"{type(exc).__name__}{': ' + first if first else ''})") from exc
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: expected a state dict or a checkpoint dict, got {type(payload).__name__}")
     return payload
@@ -185,7 +186,11 @@ def load_state_into(model: nn.Module, state: Mapping[str, Tensor], path: str) ->
     state = _unwrapped(state, own)
     wrong_shape = {k for k, v in own.items() if k in state and state[k].shape != v.shape}
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in wrong_shape]
-    keys = model.load_state_dict({k: v for k, v in state.items() if k not in wrong_shape}, strict=False)
+    try:
+        keys = model.load_state_dict({k: v for k, v in state.items() if k not in wrong_shape}, strict=False)
+    except RuntimeError as exc:  # a tensor torch cannot copy in (sparse, complex, ...): its reason, in one line
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise CheckpointError(f"{path}: its weights cannot be loaded into {type(model).__name__} ({reason})") from None
     missing = [k for k in keys.missing_keys if k not in wrong_shape]
     unexpected = keys.unexpected_keys
     if missing or unexpected or mismatched:

@@ -188,12 +188,19 @@ def train_model(model: nn.Module, train: CanvasSet, options: TrainOptions, val: 
     report = TrainReport(model, 0.0, 0.0, device=str(device))
     first_epoch = 0
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        schedule.load_state_dict(resume["schedule"])
-        order_generator.set_state(resume["order"])
-        torch.set_rng_state(resume["rng"])
-        first_epoch = int(resume["epoch"])
-        report.train_loss, report.val_accuracy = list(resume["train_loss"]), list(resume["val_accuracy"])
+        try:
+            optimizer.load_state_dict(resume["optimizer"])
+            schedule.load_state_dict(resume["schedule"])
+            order_generator.set_state(resume["order"])
+            torch.set_rng_state(resume["rng"])
+            first_epoch = int(resume["epoch"])
+            report.train_loss, report.val_accuracy = list(resume["train_loss"]), list(resume["val_accuracy"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # (another version's or a damaged state)
+            from .models import CheckpointError
+
+            where = f"{checkpoint_path}: " if checkpoint_path else ""
+            raise CheckpointError(f"{where}training state does not fit this run ({type(exc).__name__}: "
+                                  f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no details'})") from None
     start = time.perf_counter()
     for epoch in range(first_epoch, options.epochs):
         model.train()
@@ -257,6 +264,10 @@ def _run_meta(data: ClutteredDigitsConfig) -> dict[str, Any]:
             "torch": str(torch.__version__)}
 
 
+# What train_model reads from a checkpoint's "resume" entry.
+_RESUME_KEYS = ("optimizer", "schedule", "order", "rng", "epoch", "train_loss", "val_accuracy")
+
+
 def resume_training(checkpoint_path: str, progress: bool = True, threads: int | None = None) -> TrainReport:
     """Continue the :func:`train_digits_model` run whose checkpoint (written after an epoch, before the
     last) is ``checkpoint_path``: the model, data and options recorded there, the data generated
@@ -278,13 +289,20 @@ def resume_training(checkpoint_path: str, progress: bool = True, threads: int | 
         finished = isinstance(meta.get("epoch"), int) and meta.get("epoch") == (meta.get("options") or {}).get("epochs")
         raise CheckpointError(f"{checkpoint_path}: nothing to resume ("
                               + ("the run finished" if finished else "no training state in this checkpoint") + ")")
+    missing = [key for key in _RESUME_KEYS if key not in resume] + (["arch"] if "arch" not in payload else [])
+    if missing:
+        raise CheckpointError(f"{checkpoint_path}: not a complete training state (no {', '.join(missing)})")
+    try:  # (a state written by another version, or edited: one line naming the file, before any work)
+        data = ClutteredDigitsConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["data"].items()})
+        options = TrainOptions(**meta["options"])
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{checkpoint_path}: its recorded data or options are not this version's "
+                              f"({type(exc).__name__}: {exc})") from None
     recorded = meta.get("threads")
     if threads is not None or isinstance(recorded, int) and recorded > 0:
         torch.set_num_threads(threads if threads is not None else recorded)
     model = model_from_arch(payload["arch"], checkpoint_path)
     load_state_into(model, state_dict_of(payload, checkpoint_path), checkpoint_path)
-    data = ClutteredDigitsConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["data"].items()})
-    options = TrainOptions(**meta["options"])
     splits = generate_cluttered_digits(data)
     return train_model(model, splits["train"], options, splits.get("val"), checkpoint_path, _run_meta(data), progress,
                        resume=resume)

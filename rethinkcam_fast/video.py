@@ -37,7 +37,7 @@ from ._cuda_graph import CapturedCall
 from ._files import is_stream, replaceable
 from .engine import CAMEngine, _class_index
 from .folding import fold_batchnorm
-from .localize import IMAGENET_MEAN, IMAGENET_STD, input_channels
+from .localize import IMAGENET_MEAN, IMAGENET_STD, input_channels, json_number
 from .ops.boxes import CONVENTIONS, boxes_from_packed, pack_results, packed_to_host
 from .ops.percentile_threshold import check_pas_parameters, percentile_threshold
 
@@ -66,7 +66,8 @@ class FrameResult:
     cam: Tensor | None = None
 
     def as_json(self) -> dict:
-        return {"frame": self.index, "label": self.label, "score": self.score, "box": list(self.box)}
+        """``frame``, ``label``, ``score`` (None when not finite: JSON has no NaN), ``box``."""
+        return {"frame": self.index, "label": self.label, "score": json_number(self.score), "box": list(self.box)}
 
 
 def _require_cv2():
@@ -743,7 +744,7 @@ def localize_video(
                     if writer is not None:
                         writer.write(image)
                     if jsonl is not None:
-                        jsonl.write(json.dumps(result.as_json()) + "\n")
+                        jsonl.write(json.dumps(result.as_json(), allow_nan=False) + "\n")
                         if to_stdout:
                             jsonl.flush()
                     report.frames_processed += 1

@@ -76,7 +76,7 @@ def run_video_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ._files import is_stream
-    from .cli import _fail, check_output_file
+    from .cli import _fail, _warn_non_finite, check_output_file
     from .localize import BOX_THRESHOLDS, IMAGENET_MEAN, IMAGENET_STD, input_policy, load_user_model
     from .models import CheckpointError
     from .ops.box_ious import box_iou_matrix
@@ -125,7 +125,11 @@ def run_video_command(args: argparse.Namespace) -> int:
             model = load_user_model(args.model, args.weights)
             image_size, normalize = input_policy(args.model, args.image_size, args.normalize)
             method, box_threshold = args.method or "gradcam", args.box_threshold or "pas"
-            source = int(args.input) if args.input.isdigit() and not os.path.exists(args.input) else args.input
+            source = args.input
+            if source.isascii() and source.isdigit() and not os.path.exists(source):  # a camera index
+                source = int(source)
+                if source > 2**31 - 1:
+                    raise ValueError(f"{args.input}: no such file, and too large for a camera index")
         q, theta = BOX_THRESHOLDS[box_threshold]
         localizer = VideoLocalizer(
             model.to(device), method, input_size=None if image_size is None else (image_size, image_size),
@@ -134,7 +138,7 @@ def run_video_command(args: argparse.Namespace) -> int:
             cuda_graph=args.cuda_graph, overlap_batches=False if args.no_overlap else None,
             channels_last=not args.nchw, fold_batchnorm=args.fold_bn, nwc=method == "cam" and not args.no_nwc,
             pas_q=q, pas_theta=theta)
-        hits, ious = [], []
+        hits, ious, non_finite = [], [], []
         total = len(source) if isinstance(source, list) else None
         # (a bar only on a terminal: in a log its redraws are noise; the summary line says the rate)
         bar = tqdm(total=total if args.frames is None or total is None else min(total, args.frames), unit="frame",
@@ -145,6 +149,8 @@ def run_video_command(args: argparse.Namespace) -> int:
             if bar.total is None and report.frames_announced:  # a file: its announced length, for an ETA
                 bar.total = min(report.frames_announced, args.frames or report.frames_announced)
             bar.update(1)
+            if not math.isfinite(result.score):
+                non_finite.append(result.index)
             if gt_boxes is not None:
                 iou = float(box_iou_matrix(torch.tensor([result.box]), torch.from_numpy(gt_boxes[result.index][None]))[0, 0])
                 ious.append(iou)
@@ -176,6 +182,7 @@ def run_video_command(args: argparse.Namespace) -> int:
     if ious:
         say(f"demo clip (digit {label}): mean IoU {100 * sum(ious) / len(ious):.1f} %, correct box and class "
             f"(IoU >= 0.5) in {100 * sum(hits) / len(hits):.1f} % of the frames")
+    _warn_non_finite(len(non_finite), done, "frame")
     for path in (args.out, args.jsonl):
         if path and path != "-":
             say(f"wrote {path}")

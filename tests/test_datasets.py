@@ -160,3 +160,33 @@ def test_the_benchmark_goes_through_the_evaluation_commands(source, tmp_path, ca
 
     with pytest.raises(Exception, match="metadata directory not found"):
         load_metadata(str(tmp_path), "NoSuchDataset", "test")
+
+
+def test_a_read_back_split_is_checked_like_the_evaluation_metadata(tmp_path, source):
+    """load_wsol_split reads the metadata through the evaluation's reader: errors name file and line
+    (a duplicated id, a negative or inverted box, a decimal label), and images of several sizes are named."""
+    from rethinkcam_fast.evaluation import MetadataError
+
+    base = tmp_path / "ClutteredDigits"
+    write_wsol_dataset(str(tmp_path), {"test": generate_split(SMALL, "test", source)})
+    meta = base / "test"
+    originals = {name: (meta / name).read_text() for name in ("image_ids.txt", "localization.txt", "class_labels.txt")}
+    first = originals["image_ids.txt"].splitlines()[0]
+    damaged = {
+        "image_ids.txt": (originals["image_ids.txt"] + first + "\n", r"image_ids\.txt:\d+: image .* already listed"),
+        "localization.txt": (f"{first},-5,2,10,12\n" + originals["localization.txt"].split("\n", 1)[1],
+                             r"localization\.txt:1: box coordinates must be non-negative"),
+        "class_labels.txt": (f"{first},1.5\n" + originals["class_labels.txt"].split("\n", 1)[1],
+                             r"class_labels\.txt:1: label must be an integer"),
+    }
+    for name, (text, message) in damaged.items():
+        (meta / name).write_text(text)
+        with pytest.raises(MetadataError, match=message):
+            load_wsol_split(str(tmp_path), "test")
+        (meta / name).write_text(originals[name])
+    from PIL import Image
+
+    second = originals["image_ids.txt"].splitlines()[1]
+    Image.fromarray(np.zeros((30, 20), dtype=np.uint8)).save(base / second)
+    with pytest.raises(ValueError, match=f"image '{second}' is 20x30, the first '{first}' 48x48"):
+        load_wsol_split(str(tmp_path), "test")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -204,3 +205,37 @@ def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path):
     assert np.array_equal(grey, (pixels >> 8).astype(np.uint8))
     rgb = read_image(str(path), channels=3).numpy()
     assert all(np.array_equal(rgb[c], grey) for c in range(3))
+
+
+def test_localize_with_non_finite_logits_writes_null_scores_and_warns(tmp_path, capsys):
+    """Damaged (NaN) weights: the JSON stays JSON (``null``, not a bare ``NaN``), the grid is drawn, and
+    one warning line says how many images got non-finite logits."""
+    paths = _write_canvases(tmp_path, 2)
+    model = DigitsCAMNet("gap", widths=(4, 8, 8))
+    nan_weights = tmp_path / "nan.pt"
+    torch.save({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                for k, v in model.state_dict().items()}, str(nan_weights))
+    out = tmp_path / "out"
+    factory = tmp_path / "m.py"
+    factory.write_text("from rethinkcam_fast.models import DigitsCAMNet\n\ndef make():\n"
+                       "    return DigitsCAMNet('gap', widths=(4, 8, 8))\n")
+    assert cli.main(["localize", *paths, "--model", f"{factory}:make", "--weights", str(nan_weights),
+                     "--out", str(out)]) == 0
+    text = (out / "localizations.json").read_text()
+    records = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert [r["score"] for r in records] == [None, None] and all(r["box"] == [0, 0, 0, 0] for r in records)
+    captured = capsys.readouterr()
+    assert "score nan" in captured.out and "2 of 2 image(s) got non-finite logits" in captured.err
+    assert (out / "grid.png").is_file()
+
+
+def test_localize_refuses_to_overwrite_an_input_image(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    photo = out / "grid.png"  # an input that is where the grid would be written
+    os.replace(_write_canvases(tmp_path, 1)[0], photo)
+    before = photo.read_bytes()
+    assert cli.main(["localize", str(photo), "--model", "rethinkcam_fast.models:DigitsCAMNet", "--weights",
+                     SHIPPED_WEIGHTS, "--out", str(out)]) == 2
+    assert "would destroy the image" in capsys.readouterr().err
+    assert photo.read_bytes() == before and not (out / "localizations.json").exists()

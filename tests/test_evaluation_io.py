@@ -113,6 +113,13 @@ def _split(tmp_path, **files):
     ({"image_ids.txt": "a.jpg\nb.jpg\na.jpg\n"}, r"image_ids\.txt:3: image 'a\.jpg' already listed on line 1"),
     ({"image_ids.txt": "a.jpg,x\n"}, r"image_ids\.txt:1: expected 'path'"),
     ({"class_labels.txt": "a.jpg,0\nb.jpg,one\n"}, r"class_labels\.txt:2: label must be an integer"),
+    # numbers no image has: errors on their line, not an int64 overflow later
+    ({"localization.txt": "a.jpg,5,5,1e30,15\nb.jpg,0,0,3,10\n"}, r"localization\.txt:1: x1 '1e30' is not a pixel coord"),
+    ({"class_labels.txt": "a.jpg,0\nb.jpg,99999999999999999999\n"}, r"class_labels\.txt:2: label '9+' is out of range"),
+    ({"image_sizes.txt": "a.jpg,100,80\nb.jpg,50,4294967296\n"}, r"image_sizes\.txt:2: height '4294967296' is out of"),
+    # a megabyte line is echoed cut short
+    ({"image_ids.txt": "a.jpg\n" + "x" * 1_000_000 + ",y\n"}, r"image_ids\.txt:2: expected 'path', got 'x{120}'\.\.\. "
+                                                             r"\(1,000,002 characters\)$"),
 ])
 def test_malformed_metadata_names_file_and_line(tmp_path, files, message):
     root, _ = _split(tmp_path, **files)
@@ -415,3 +422,21 @@ def test_a_mask_root_on_a_box_split_is_named_as_unused(boxes, tmp_path):
     with pytest.warns(UserWarning, match="mask_root .* is not used: .* has box annotations"):
         given = _evaluate(boxes, cam_curve_interval=0.01, mask_root=str(tmp_path))
     assert given == plain
+
+
+def test_localization_of_another_dataset_is_read_as_utf8(tmp_path):
+    """Datasets other than CUB/ILSVRC/OpenImages say boxes or masks by their localization.txt: read as
+    UTF-8 like every other metadata file (not in the locale's encoding), and a file that is not UTF-8
+    is named."""
+    root, split = _split(tmp_path)
+    os.rename(os.path.join(root, "CUB"), os.path.join(root, "Digits"))
+    local = os.path.join(root, "Digits", "test", "localization.txt")
+    with open(local, "a", encoding="utf-8") as fh:
+        fh.write("caf\u00e9.jpg,1,1,2,2\n")
+    from rethinkcam_fast.evaluation.metadata import detect_localization
+
+    assert detect_localization(os.path.dirname(local)) == "boxes"
+    with open(local, "wb") as fh:
+        fh.write(b"\xff\xfebad,1,1,2,2\n")
+    with pytest.raises(MetadataError, match=r"localization\.txt: not UTF-8 text"):
+        load_metadata(root, "Digits", "test")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import textwrap
 
 import numpy as np
@@ -274,3 +275,25 @@ def test_top1_predictions_come_from_the_engines_logits_of_this_threads_forward(m
     monkeypatch.setattr(CAMEngine, "__call__", call_then_another_thread_runs_the_model)
     metrics = evaluate_model(engine, [(images, labels, boxes)], BoxEvaluator(0.01))
     assert metrics.top1_cls == 100.0
+
+
+def test_non_finite_logits_are_warned_of_and_worker_errors_are_one_line(dataset, tmp_path, capsys):
+    metadata = load_metadata(dataset["metadata_root"], "CUB", "test")
+    broken = load_model(os.path.join(dataset["root"], "model_def.py") + ":build")
+    with torch.no_grad():
+        broken[-1].weight.fill_(float("nan"))  # damaged weights: every logit NaN
+    engine = CAMEngine(broken, "gradcam", boxes=False, warn_degenerate=False)
+    with pytest.warns(RuntimeWarning, match="9 of 9 images got non-finite logits"):
+        evaluate_model(engine, _loader(metadata, dataset["data_root"]), BoxEvaluator(0.01, metadata=metadata))
+    # A bad image read by a DataLoader worker process: the worker's own one-line error, not its traceback.
+    images = tmp_path / "images"
+    shutil.copytree(dataset["data_root"], images)
+    (images / dataset["ids"][3]).write_bytes(b"\x89PNG\r\n\x1a\n" + b"truncated")
+    args = ["evaluate-model", "--model", os.path.join(dataset["root"], "model_def.py") + ":build",
+            "--data-root", str(images), "--metadata-root", dataset["metadata_root"], "--dataset-name", "CUB",
+            "--split", "test", "--image-size", str(SIZE), "--batch-size", "4", "--num-workers", "1",
+            "--cam-curve-interval", "0.01"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"rethinkcam evaluate-model: error: ValueError: image '{dataset['ids'][3]}' cannot be read")
+    assert not any("Traceback" in line for line in err)

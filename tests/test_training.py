@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 
 import pytest
 import torch
@@ -381,3 +382,43 @@ def test_an_interrupted_training_run_resumes_to_the_same_weights(tmp_path, capsy
     assert "nothing to resume (the run finished)" in capsys.readouterr().err
     assert cli.main(["train", "--out", str(tmp_path / "missing.pt"), "--resume"]) == 2
     assert "is not a checkpoint file" in capsys.readouterr().err
+
+
+def test_a_malformed_training_state_is_one_line_naming_the_file(tmp_path, capsys):
+    """`rethinkcam train --resume` on a checkpoint of the right format whose training state is
+    incomplete or from another version: one line, exit code 2, before any data is generated."""
+    from rethinkcam_fast import cli
+
+    model = DigitsCAMNet("tap", widths=TINY_WIDTHS)
+    state = {"optimizer": {}, "schedule": {}, "order": torch.zeros(1), "rng": torch.zeros(1), "epoch": 1,
+             "train_loss": [1.0], "val_accuracy": [0.5]}
+    cases = {
+        "unknown_field": ({"data": {"bogus": 1}, "options": {}}, state, "recorded data or options are not this "
+                                                                       "version's .*bogus"),
+        "data_not_a_mapping": ({"data": [1, 2], "options": {}}, state, "recorded data or options"),
+        "no_optimizer": ({"data": {}, "options": {}}, {k: v for k, v in state.items() if k != "optimizer"},
+                         r"not a complete training state \(no optimizer\)"),
+        "bad_optimizer": ({"data": {"canvas_size": 24, "digit_size": [10, 14], "counts": {"train": 8, "val": 0, "test": 0}},
+                           "options": {"epochs": 2, "batch_size": 8, "device": "cpu"}}, state,
+                          "training state does not fit this run"),
+    }
+    for name, (meta, resume, message) in cases.items():
+        path = str(tmp_path / f"{name}.pt")
+        save_checkpoint(path, model, meta=meta, resume=resume)
+        assert cli.main(["train", "--out", path, "--resume", "--quiet"]) == 2, name
+        err = capsys.readouterr().err
+        assert re.search(f"{re.escape(path)}: .*{message}", err) and "Traceback" not in err, (name, err)
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_weights_torch_cannot_copy_in_are_refused_with_the_reason(tmp_path):
+    model = DigitsCAMNet("tap", widths=TINY_WIDTHS)
+    state = {k: (v.to_sparse() if v.dim() == 2 else v) for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"x\.pt: its weights cannot be loaded into DigitsCAMNet \(.*sparse"):
+        load_state_into(DigitsCAMNet("tap", widths=TINY_WIDTHS), state, "x.pt")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"not written by torch.save, or damaged: \w+\)"):
+        load_checkpoint(str(empty))
+    with pytest.raises(CheckpointError, match=f"{tmp_path}: not a regular file"):
+        load_checkpoint(str(tmp_path))

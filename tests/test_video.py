@@ -728,6 +728,18 @@ def test_cli_video_bad_arguments(tmp_path, capsys):
                      str(tmp_path / "x.jsonl")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
+    assert cli.main(["video", "9" * 20, "--model", "rethinkcam_fast.models:digits_cam_net", "--jsonl",
+                     str(tmp_path / "x.jsonl")]) == 2  # a camera index no C long holds
+    assert "too large for a camera index" in capsys.readouterr().err
+
+
+def test_frame_json_has_no_bare_nan():
+    import json
+
+    from rethinkcam_fast.video import FrameResult
+
+    line = json.dumps(FrameResult(index=3, label=1, score=float("nan"), box=(0, 0, 0, 0)).as_json(), allow_nan=False)
+    assert json.loads(line) == {"frame": 3, "label": 1, "score": None, "box": [0, 0, 0, 0]}
 
 
 def test_frames_received_before_a_source_error_are_still_localized(model):

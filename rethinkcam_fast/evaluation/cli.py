@@ -34,8 +34,15 @@ def _interval(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 # (argparse names a refused value by its type function: "invalid IoU percentage value: 'x'")
-_percentage.__name__, _interval.__name__ = "IoU percentage", "interval"
+_percentage.__name__, _interval.__name__, _non_negative_int.__name__ = "IoU percentage", "interval", "count"
 
 
 def _add_protocol_flags(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +94,7 @@ def add_evaluate_commands(sub: Any) -> None:
                        help="ImageNet mean/std (auto: for RGB models; grey models, whose first conv takes 1 "
                             "channel, get the grey image in [0, 1])")
     model.add_argument("--batch-size", type=_positive_int, default=32)
-    model.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    model.add_argument("--num-workers", type=_non_negative_int, default=0, help="DataLoader workers (default 0)")
     model.set_defaults(func=_cmd_evaluate_model)
 
 
@@ -156,7 +163,10 @@ def _run(args: argparse.Namespace, evaluate: Any) -> int:
             _report(args, metrics, time.perf_counter() - start, world, device)
         return 0
     except (MetadataError, ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
-        print(f"rethinkcam {args.command}: error: {exc}", file=sys.stderr)
+        text = str(exc).strip()
+        if "Original Traceback" in text:  # a DataLoader worker's error, with its traceback: its last line
+            text = text.splitlines()[-1]
+        print(f"rethinkcam {args.command}: error: {text}", file=sys.stderr)
         return 2
     finally:
         shutdown(created)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..imageio import ImageDecodeError, decoded_image
 from .metadata import MetadataError, WSOLMetadata
 
 
@@ -36,15 +37,14 @@ def resize_nearest(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def read_grayscale(path: str) -> np.ndarray:
     """An image file as a ``uint8 [h, w]`` grayscale array (8-bit PNG masks; colour is converted to luma)."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("L"))
+        image = decoded_image(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"mask file not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as exc:
+        what = "not found" if not os.path.exists(path) else "is not a regular file"
+        raise FileNotFoundError(f"mask file {what}: {path}") from None
+    except ImageDecodeError as exc:
         raise ValueError(f"cannot read mask file {path}: {exc}") from None
+    return np.asarray(image.convert("L"))
 
 
 def resolve_mask_root(mask_root: str, dataset_name: str = "OpenImages") -> str:

@@ -35,28 +35,43 @@ class MetadataError(ValueError):
     """A metadata file is missing, malformed or inconsistent; the message names ``file:line``."""
 
 
-def _records(path: str, fields: int, layout: str) -> Iterator[tuple[int, list[str]]]:
-    """``(line_number, fields)`` of every non-empty line of ``path``; exactly ``fields`` comma-separated fields."""
+# Numbers in metadata beyond this are not sizes, labels or pixel coordinates of any image (and would
+# overflow the int64 tables or the label tensors later, far from the line that holds them).
+_LARGEST = 2**31 - 1
+
+
+def _shown(text: str, limit: int = 120) -> str:
+    """``repr(text)``, cut to ``limit`` characters (an error echoes one line of a file, not a megabyte)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
+def _lines(path: str) -> list[str]:
+    """The lines of a metadata file, read as UTF-8 whatever the locale (a byte-order mark, as Notepad
+    writes, is not part of an id)."""
     if not os.path.isfile(path):
         raise MetadataError(f"{path}: metadata file not found")
     try:
-        with open(path, encoding="utf-8-sig") as fh:  # (a byte-order mark, as Notepad writes, is not an id)
-            lines = fh.read().splitlines()
+        with open(path, encoding="utf-8-sig") as fh:
+            return fh.read().splitlines()
     except UnicodeDecodeError as exc:
         raise MetadataError(f"{path}: not UTF-8 text ({exc})") from None
-    for number, line in enumerate(lines, start=1):
+
+
+def _records(path: str, fields: int, layout: str) -> Iterator[tuple[int, list[str]]]:
+    """``(line_number, fields)`` of every non-empty line of ``path``; exactly ``fields`` comma-separated fields."""
+    for number, line in enumerate(_lines(path), start=1):
         if not line.strip():
             continue
         parts = line.split(",")
         if len(parts) != fields or not parts[0]:
-            raise MetadataError(f"{path}:{number}: expected {layout!r}, got {line!r}")
+            raise MetadataError(f"{path}:{number}: expected {layout!r}, got {_shown(line)}")
         yield number, parts
 
 
 def _once(seen: dict[str, int], path: str, number: int, image_id: str) -> None:
     """A per-image file lists each image once (a second line would silently replace the first)."""
     if image_id in seen:
-        raise MetadataError(f"{path}:{number}: image {image_id!r} already listed on line {seen[image_id]}")
+        raise MetadataError(f"{path}:{number}: image {_shown(image_id)} already listed on line {seen[image_id]}")
     seen[image_id] = number
 
 
@@ -66,17 +81,22 @@ def _parse_coordinate(path: str, number: int, text: str, what: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise MetadataError(f"{path}:{number}: {what} must be a number, got {text!r}") from None
+        raise MetadataError(f"{path}:{number}: {what} must be a number, got {_shown(text)}") from None
     if not np.isfinite(value):
-        raise MetadataError(f"{path}:{number}: {what} must be finite, got {text!r}")
+        raise MetadataError(f"{path}:{number}: {what} must be finite, got {_shown(text)}")
+    if abs(value) > _LARGEST:
+        raise MetadataError(f"{path}:{number}: {what} {_shown(text)} is not a pixel coordinate (beyond 2**31)")
     return value
 
 
 def _parse_int(path: str, number: int, text: str, what: str) -> int:
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise MetadataError(f"{path}:{number}: {what} must be an integer, got {text!r}") from None
+        raise MetadataError(f"{path}:{number}: {what} must be an integer, got {_shown(text)}") from None
+    if abs(value) > _LARGEST:
+        raise MetadataError(f"{path}:{number}: {what} {_shown(text)} is out of range (beyond 2**31)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -178,7 +198,7 @@ def _known(metadata: WSOLMetadata, image_ids: Sequence[str]) -> Sequence[str]:
     rows = metadata._row
     for image_id in image_ids:
         if image_id not in rows:
-            raise MetadataError(f"image {image_id!r} is not in {os.path.join(metadata.directory, 'image_ids.txt')}")
+            raise MetadataError(f"image {_shown(image_id)} is not in {os.path.join(metadata.directory, 'image_ids.txt')}")
     return image_ids
 
 
@@ -234,11 +254,11 @@ def _read_boxes(directory: str, sizes: dict[str, tuple[int, int]] | None = None
             raise MetadataError(f"{path}:{number}: box must satisfy x0 <= x1 and y0 <= y1, got {shown}")
         size = None if sizes is None else sizes.get(image_id)
         if size is not None and (x0 >= size[0] or y0 >= size[1]):
-            raise MetadataError(f"{path}:{number}: box {shown} of image {image_id!r} lies outside the image "
+            raise MetadataError(f"{path}:{number}: box {shown} of image {_shown(image_id)} lies outside the image "
                                 f"({size[0]}x{size[1]} in image_sizes.txt)")
         if size is not None and (x1 > size[0] or y1 > size[1]):  # (x1 == width: the usual one past the edge)
             count_past += 1
-            first_past = first_past or f"{path}:{number}: box {shown} of image {image_id!r} ({size[0]}x{size[1]})"
+            first_past = first_past or f"{path}:{number}: box {shown} of image {_shown(image_id)} ({size[0]}x{size[1]})"
             past.add(image_id)
         boxes.setdefault(image_id, []).append(box)
     if count_past:
@@ -254,10 +274,10 @@ def _read_masks(directory: str) -> tuple[dict[str, tuple[str, ...]], dict[str, s
     ignores: dict[str, str | None] = {}
     for number, (image_id, mask, ignore) in _records(path, 3, "path,mask.png,ignore.png"):
         if not mask:
-            raise MetadataError(f"{path}:{number}: empty mask path for image {image_id!r}")
+            raise MetadataError(f"{path}:{number}: empty mask path for image {_shown(image_id)}")
         if image_id in masks:
             if ignore:
-                raise MetadataError(f"{path}:{number}: image {image_id!r} names an ignore mask on a later line; "
+                raise MetadataError(f"{path}:{number}: image {_shown(image_id)} names an ignore mask on a later line; "
                                     "it goes on the image's first line only (later lines leave it empty)")
             masks[image_id].append(mask)
         else:
@@ -272,7 +292,7 @@ def _require(mapping: dict | None, image_ids: Sequence[str], path: str, what: st
     missing = [i for i in image_ids if i not in mapping]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise MetadataError(f"{path}: no {what} for image {missing[0]!r}{more}")
+        raise MetadataError(f"{path}: no {what} for image {_shown(missing[0])}{more}")
 
 
 def read_metadata(directory: str, localization: str = "boxes") -> WSOLMetadata:
@@ -315,16 +335,13 @@ def detect_localization(directory: str) -> str:
     """``"boxes"`` or ``"masks"`` from the first line of ``<directory>/localization.txt`` (5 fields:
     ``path,x0,y0,x1,y1``; 3 fields: ``path,mask.png,ignore.png``)."""
     path = os.path.join(directory, "localization.txt")
-    if not os.path.isfile(path):
-        raise MetadataError(f"{path}: metadata file not found")
-    with open(path) as fh:
-        for number, line in enumerate(fh, 1):
-            if line.strip():
-                fields = line.strip().split(",")
-                if len(fields) in (3, 5):
-                    return "masks" if len(fields) == 3 else "boxes"
-                raise MetadataError(f"{path}:{number}: expected 'path,x0,y0,x1,y1' (boxes) or "
-                                    f"'path,mask,ignore' (masks), got {line.strip()!r}")
+    for number, line in enumerate(_lines(path), 1):
+        if line.strip():
+            fields = line.strip().split(",")
+            if len(fields) in (3, 5):
+                return "masks" if len(fields) == 3 else "boxes"
+            raise MetadataError(f"{path}:{number}: expected 'path,x0,y0,x1,y1' (boxes) or "
+                                f"'path,mask,ignore' (masks), got {_shown(line.strip())}")
     raise MetadataError(f"{path}: no localization lines")
 
 

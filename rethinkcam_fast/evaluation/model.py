@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from ..engine import CAMEngine
 from ..folding import TRANSIENT_HOOK
-from ..imageio import to_8bit
+from ..imageio import ImageDecodeError, decoded_image, to_8bit
 from ..localize import IMAGENET_MEAN, IMAGENET_STD, load_user_model
 from .box_evaluator import BoxEvaluator, BoxMetrics
 from .mask_evaluator import MaskEvaluator, MaskMetrics
@@ -61,18 +62,19 @@ class WSOLImageDataset(torch.utils.data.Dataset):
         return len(self.metadata.image_ids)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, str]:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         image_id = self.metadata.image_ids[index]
         path = os.path.join(self.data_root, image_id)
         try:
-            with Image.open(path) as image:
-                mode = "RGB" if self.channels == 3 else "L"
-                rgb = to_8bit(image).convert(mode).resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+            image = decoded_image(path)
         except FileNotFoundError:
-            raise FileNotFoundError(f"image {image_id!r} not found: {path}") from None
-        except (UnidentifiedImageError, OSError) as exc:
+            what = "not found" if not os.path.exists(path) else "is not a regular file"
+            raise FileNotFoundError(f"image {image_id!r} {what}: {path}") from None
+        except ImageDecodeError as exc:
             raise ValueError(f"image {image_id!r} cannot be read ({path}): {exc}") from None
+        mode = "RGB" if self.channels == 3 else "L"
+        rgb = to_8bit(image).convert(mode).resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
         array = np.array(rgb, dtype=np.uint8)
         pixels = torch.from_numpy(array.reshape(*array.shape[:2], self.channels)).permute(2, 0, 1).float().div(255)
         if self.normalize:
@@ -137,6 +139,7 @@ def evaluate_model(
 
     setattr(keep_logits, TRANSIENT_HOOK, True)  # (this evaluation's own: fold_batchnorm looks past it)
     handle = engine.model.register_forward_hook(keep_logits)
+    non_finite, total_images = torch.zeros((), dtype=torch.int64, device=device), 0  # (counted on the device)
     try:
         for images, labels, targets in tqdm(batches, unit="batch", disable=None if progress else True):
             images = images.to(device)
@@ -145,6 +148,8 @@ def evaluate_model(
             if not seen:
                 raise ValueError("the model's forward did not return a logits tensor")
             predictions = seen[0].argmax(dim=1)
+            non_finite += (~torch.isfinite(seen[0]).all(dim=1)).sum().to(device)
+            total_images += len(predictions)
             if all(isinstance(t, str) for t in targets):
                 if isinstance(evaluator, BoxEvaluator):
                     evaluator.update(result.cams, image_ids=list(targets), labels=labels, predictions=predictions)
@@ -156,6 +161,10 @@ def evaluate_model(
                 raise TypeError("mask evaluation from a model takes image ids as targets")
     finally:
         handle.remove()
+    if int(non_finite):
+        warnings.warn(f"{int(non_finite)} of {total_images} images got non-finite logits (NaN or inf: damaged weights, or "
+                      "an overflow in the model): their maps are zeros and their predictions meaningless",
+                      RuntimeWarning, stacklevel=2)
     total = evaluator.clone()
     if distributed is None:
         import torch.distributed as dist

@@ -162,9 +162,11 @@ def _restore(path: str, run: dict[str, Any], evaluator: BoxEvaluator | MaskEvalu
         raise ValueError(f"{path}: saved for a different run {saved.get('run')}, this run is {run}")
     try:
         evaluator.load_state_dict(saved["evaluator"])
+        return int(saved["processed"])
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
-    return int(saved["processed"])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a complete evaluation state ({type(exc).__name__}: {exc})") from None
 
 
 def _check_all_present(scoremap_root: str, image_ids: Sequence[str]) -> None:
