@@ -9,24 +9,49 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 
+import torch
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_wanted() -> bool:
+    """Whether Triton kernels can run here: a torch build for a GPU (CUDA, ROCm, XPU), or its interpreter
+    on the CPU (decided when the kernels are defined, i.e. at import). A CPU-only torch needs neither:
+    Triton's import and the parsing of every kernel (half a second) are skipped, unless something
+    imported Triton already (an offline compile check)."""
+    version = torch.version
+    return (bool(version.cuda or getattr(version, "hip", None) or getattr(version, "xpu", None))
+            or triton_interpreted() or "triton" in sys.modules)
+
+
+# Why the kernels are stubs, when they are: said by the stub that refuses to launch.
+TRITON_MISSING = None
 try:
+    if not _triton_wanted():
+        TRITON_MISSING = ("this torch build has no GPU support and TRITON_INTERPRET is not set, so Triton was not "
+                          "loaded (set TRITON_INTERPRET=1 before importing rethinkcam_fast to run the kernels on the "
+                          "CPU, slowly)")
+        raise ImportError(TRITON_MISSING)
     import triton
     import triton.language as tl
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only on machines without triton
     HAS_TRITON = False
+    TRITON_MISSING = TRITON_MISSING or "Triton is not installed; install it with `pip install triton`"
 
     class _MissingKernel:
         def __init__(self, fn):
             self.fn = fn
 
         def __getitem__(self, grid):
-            raise RuntimeError(
-                f"Triton is not installed, so the kernel {self.fn.__name__} cannot run; "
-                "install it with `pip install triton` or use another backend."
-            )
+            raise RuntimeError(f"the Triton kernel {self.fn.__name__} cannot run: {TRITON_MISSING}; or use another "
+                               "backend")
 
     class _TritonStub:
         @staticmethod
@@ -51,11 +76,6 @@ def next_power_of_2(n: int) -> int:
     """The smallest power of two ``>= n`` for host code, as ``triton.next_power_of_2`` for ``n >= 1``;
     1 for ``n <= 1`` (a block size, never 0)."""
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
-def triton_interpreted() -> bool:
-    """True when Triton kernels run on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def can_launch_triton(device: "object") -> bool:

@@ -188,7 +188,8 @@ def _cmd_localize(args: argparse.Namespace) -> int:
             print(f"rethinkcam: warning: no --weights: {args.model} runs with the weights its factory gives it "
                   "(random for a torchvision name)", file=sys.stderr)
         records = localize_files(args.images, model, args.method, nwc=not args.no_nwc, box_threshold=args.box_threshold,
-                                 image_size=image_size, normalize=normalize, device=device, out_dir=args.out)
+                                 image_size=image_size, normalize=normalize, device=device, out_dir=args.out,
+                                 grid=args.grid)
     except (ImageReadError, CheckpointError, ValueError, FileNotFoundError) as exc:
         return _fail(exc, made)
     except RuntimeError as exc:  # the model itself failed on these inputs (too small, wrong channels, ...)
@@ -205,7 +206,7 @@ def _cmd_info(_args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__, _native
-    from ._triton import HAS_TRITON, triton_interpreted
+    from ._triton import HAS_TRITON, TRITON_MISSING, triton_interpreted
 
     print(f"rethinkcam_fast {__version__}, torch {torch.__version__}")
     print(f"native CPU kernels : {'yes' if _native.has_native() else 'no (' + str(_native.load_error('_C')) + ')'}")
@@ -216,7 +217,8 @@ def _cmd_info(_args: argparse.Namespace) -> int:
         cuda_state = "built, live" if _native.has_cuda_kernels() else "built (not live: no CUDA device in this torch)"
     print(f"CUDA extension     : {cuda_state}")
     print(f"CUDA device        : {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
-    print(f"triton             : {'yes' if HAS_TRITON else 'no'}{' (interpreter)' if triton_interpreted() else ''}")
+    triton_state = ("yes" + (" (interpreter)" if triton_interpreted() else "")) if HAS_TRITON else f"no: {TRITON_MISSING}"
+    print(f"triton             : {triton_state}")
     return 0
 
 
@@ -285,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="input normalisation (auto: ImageNet for torchvision names, none otherwise)")
     localize.add_argument("--device", default="cpu")
     localize.add_argument("--out", default="rethinkcam_localize", help="directory for localizations.json and grid.png (default: rethinkcam_localize)")
+    localize.add_argument("--grid", type=_positive_int, default=16,
+                          help="images drawn in grid.png, the first ones (default: 16; every image is in the JSON)")
     localize.set_defaults(func=_cmd_localize)
 
     info = sub.add_parser("info", help="which kernels (native, CUDA, Triton) are live here")

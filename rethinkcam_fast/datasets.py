@@ -21,6 +21,7 @@ digits of the same split (random crops of them, scaled alike) that never touch t
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from dataclasses import dataclass, field
 
@@ -111,12 +112,21 @@ class CanvasSet(Dataset):
 @functools.lru_cache(maxsize=1)
 def load_source_digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's handwritten digits: ``(float32[1797, 8, 8] in [0, 1], int64[1797])``, read-only. No download."""
-    try:
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:  # a runtime dependency, but say what to do if it is missing
+        raise ImportError("the cluttered-digits benchmark needs scikit-learn: pip install scikit-learn")
+    # The file load_digits reads, read as it reads it, without importing scikit-learn (and SciPy):
+    # seconds of every `rethinkcam demo`; load_digits itself where the file is not there.
+    table = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz")
+    if os.path.isfile(table):
+        data = np.loadtxt(table, delimiter=",")
+        pixels, target = data[:, :-1].reshape(-1, 8, 8), data[:, -1]
+    else:
         from sklearn.datasets import load_digits
-    except ImportError as exc:  # a runtime dependency, but say what to do if it is missing
-        raise ImportError("the cluttered-digits benchmark needs scikit-learn: pip install scikit-learn") from exc
-    digits = load_digits()
-    images, labels = (digits.images / 16.0).astype(np.float32), digits.target.astype(np.int64)
+
+        digits = load_digits()
+        pixels, target = digits.images, digits.target
+    images, labels = (pixels / 16.0).astype(np.float32), target.astype(np.int64)
     images.flags.writeable = labels.flags.writeable = False  # shared by every caller (cached)
     return images, labels
 
@@ -141,17 +151,20 @@ def _interpolation_matrix(size: int) -> np.ndarray:
     return matrix
 
 
-def _scaled_digits(images: np.ndarray, sizes: range) -> dict[int, np.ndarray]:
-    """Every digit at every size: ``{s: uint8[count, s, s]}`` (bilinear, then rounded to grey levels).
+def _scaled_digits(images: np.ndarray, sizes: range, pool: np.ndarray) -> dict[int, np.ndarray]:
+    """The ``pool``'s digits at every size: ``{s: uint8[count, s, s]}`` (bilinear, then rounded to grey
+    levels), indexed like ``images``; the other instances' rows stay zeros (a split never draws them).
 
     Separable bilinear resampling as two small matrix products in float64 (numpy: cheap, and independent
     of torch's thread count).
     """
     scaled = {}
+    source = images[pool].astype(np.float64)
     for s in sizes:
         m = _interpolation_matrix(s)
-        up = np.einsum("yi,nij,xj->nyx", m, images.astype(np.float64), m, optimize=True)
-        scaled[s] = np.rint(np.clip(up, 0.0, 1.0) * 255).astype(np.uint8)
+        up = np.einsum("yi,nij,xj->nyx", m, source, m, optimize=True)
+        scaled[s] = np.zeros((len(images), s, s), dtype=np.uint8)
+        scaled[s][pool] = np.rint(np.clip(up, 0.0, 1.0) * 255).astype(np.uint8)
     return scaled
 
 
@@ -197,7 +210,7 @@ def generate_split(config: ClutteredDigitsConfig, split: str, source: tuple[np.n
     images, labels = source if source is not None else load_source_digits()
     pool = split_instances(len(images), config.instance_fractions, config.seed)[split]
     count = int(config.counts.get(split, 0))
-    scaled = _scaled_digits(images, range(config.digit_size[0], config.digit_size[1] + 1))
+    scaled = _scaled_digits(images, range(config.digit_size[0], config.digit_size[1] + 1), pool)
     rng = np.random.Generator(np.random.PCG64([config.seed, SPLITS.index(split)]))
     canvases = np.zeros((count, config.canvas_size, config.canvas_size), dtype=np.uint8)
     boxes = np.zeros((count, 4), dtype=np.int64)
@@ -293,7 +306,7 @@ def moving_digit_clip(num_frames: int = 240, config: ClutteredDigitsConfig | Non
     pool = split_instances(len(images), config.instance_fractions, config.seed)["test"]
     rng = np.random.Generator(np.random.PCG64([seed, 0xC11F]))
     s = int(rng.integers(config.digit_size[0], config.digit_size[1] + 1))
-    scaled = _scaled_digits(images, range(config.digit_size[0], config.digit_size[1] + 1))
+    scaled = _scaled_digits(images, range(config.digit_size[0], config.digit_size[1] + 1), pool)
     instance = int(pool[rng.integers(len(pool))])
     # The clutter: a benchmark canvas whose own digit is then erased (only its fragments stay).
     background, box = _draw_canvas(rng, config, scaled, pool, instance)

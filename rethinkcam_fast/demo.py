@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .datasets import ClutteredDigitsConfig, generate_split
-from .engine import CAMEngine
+from .engine import CAMEngine, CAMResult
 from .imageio import overlay_tile
 from .localize import (BOX_THRESHOLDS, LocalizationMetrics, fit_tile, localization_records, wsol_box_metrics,
                        write_outputs)
@@ -67,12 +67,13 @@ def run_demo(out_dir: str = DEFAULT_OUT, count: int = 200, grid: int = 16, weigh
     engine = CAMEngine(model, method, nwc=method == "cam", pas_q=q, pas_theta=theta, box_convention="exact",
                        warn_degenerate=False)
     with torch.no_grad():
-        top1 = engine(images)  # the classes the model predicts: what a user gets
+        top1 = _in_batches(engine, images)  # the classes the model predicts: what a user gets
         # The metrics want the ground-truth class's maps: only misclassified images need another pass.
         truth_cams = top1.cams.clone()
         wrong = (top1.labels.cpu() != test.labels).nonzero()[:, 0]
         if len(wrong):
-            truth_cams[wrong.to(device)] = engine(images[wrong.to(device)], targets=test.labels[wrong].to(device)).cams
+            truth_cams[wrong.to(device)] = _in_batches(engine, images[wrong.to(device)],
+                                                       test.labels[wrong].to(device)).cams
     fixed = {name: percentile_threshold(truth_cams, *qt) for name, qt in BOX_THRESHOLDS.items()}
     metrics = wsol_box_metrics(truth_cams, test.boxes, test.labels, top1.labels, fixed_thresholds=fixed)
     records = localization_records(test.image_ids, top1, test.labels, test.boxes)
@@ -84,6 +85,15 @@ def run_demo(out_dir: str = DEFAULT_OUT, count: int = 200, grid: int = 16, weigh
     report = DemoReport(metrics, json_path, grid_path, time.perf_counter() - start)
     _print_report(report, weights, model.arch["pool"], meta, method, box_threshold, len(test))
     return report
+
+
+DEMO_BATCH = 64  # canvases per engine call: the engine's memory grows with the batch, not with --count
+
+
+def _in_batches(engine: CAMEngine, images: torch.Tensor, targets: torch.Tensor | None = None) -> CAMResult:
+    """``engine(images, targets)``, DEMO_BATCH images a call."""
+    return CAMResult.cat([engine(images[i : i + DEMO_BATCH], None if targets is None else targets[i : i + DEMO_BATCH])
+                          for i in range(0, max(len(images), 1), DEMO_BATCH)])
 
 
 def _print_report(report: DemoReport, weights: str, pool: str, meta: dict, method: str, box_threshold: str,

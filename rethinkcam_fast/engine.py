@@ -12,7 +12,7 @@ import copy
 import itertools
 import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from numbers import Integral
 
@@ -84,6 +84,31 @@ class CAMResult:
     def cpu(self) -> CAMResult:
         """:meth:`to` the CPU."""
         return self.to("cpu")
+
+    @classmethod
+    def cat(cls, results: Sequence[CAMResult]) -> CAMResult:
+        """One result for the images of several, in order (the results of batches of one dataset: the
+        engine's memory grows with the batch, so large sets are explained in chunks). Every field is
+        concatenated along the images; a field must be present in all results or in none (and
+        ``layer_maps`` with the same layers), and maps must have one size and one device."""
+        if not results:
+            raise ValueError("CAMResult.cat needs at least one result")
+        if len(results) == 1:
+            return results[0]
+        values = {}
+        for f in fields(cls):
+            parts = [getattr(r, f.name) for r in results]
+            if all(p is None for p in parts):
+                values[f.name] = None
+            elif any(p is None for p in parts):
+                raise ValueError(f"CAMResult.cat: {f.name} is present in some results and not in others")
+            elif f.name == "layer_maps":
+                if any(p.keys() != parts[0].keys() for p in parts):
+                    raise ValueError("CAMResult.cat: the results' layer_maps name different layers")
+                values[f.name] = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+            else:
+                values[f.name] = torch.cat(parts)
+        return cls(**values)
 
     def __repr__(self) -> str:
         """Shapes, dtypes and the device, not the values (print a field for those)."""

@@ -262,14 +262,17 @@ def preprocess(image: Tensor, image_size: int | None, normalize: bool) -> Tensor
 def localize_files(paths: Sequence[str], model: nn.Module, method: str = "cam", *, nwc: bool = True,
                    box_threshold: str = "pas", image_size: int | None = None, normalize: bool = False,
                    device: str | torch.device = "cpu", out_dir: str | None = None,
-                   tile_size: int = 192) -> list[dict[str, Any]]:
+                   tile_size: int = 192, grid: int = 16) -> list[dict[str, Any]]:
     """Localize the top-1 class of every image file: records (see :func:`localization_records`), with
     boxes in the image's own pixels (the CAM is resized to each image's size).
 
     ``box_threshold``: ``"pas"`` (0.35 x 90th percentile) or ``"max"`` (0.2 x max), see :data:`BOX_THRESHOLDS`.
     Every image is read (and checked) before the model runs, so a bad file fails fast with
-    :class:`~rethinkcam_fast.imageio.ImageReadError`. With ``out_dir``, writes the JSON and PNG grid.
+    :class:`~rethinkcam_fast.imageio.ImageReadError`. With ``out_dir``, writes the JSON (every image)
+    and the PNG grid (the first ``grid`` images: a grid of thousands would be a huge picture).
     """
+    if grid < 1:
+        raise ValueError(f"grid must be >= 1, got {grid}")
     if not paths:
         raise ValueError("no images given")
     if out_dir is not None:  # (an image named like an output, in the output folder, would be overwritten)
@@ -290,8 +293,8 @@ def localize_files(paths: Sequence[str], model: nn.Module, method: str = "cam", 
         engine.output_size = tuple(image.shape[1:])
         result = engine(preprocess(image, image_size, normalize).to(device))
         records += localization_records([path], result)
-        tile = overlay_tile(image, result.cams[0].cpu(), result.boxes[0].tolist())
-        tiles.append(fit_tile(tile, tile_size))
+        if out_dir is not None and len(tiles) < grid:
+            tiles.append(fit_tile(overlay_tile(image, result.cams[0].cpu(), result.boxes[0].tolist()), tile_size))
     if out_dir is not None:
         write_outputs(out_dir, records, tiles)
     return records

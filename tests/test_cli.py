@@ -195,3 +195,31 @@ def test_the_video_progress_bar_stays_out_of_logs(tmp_path, capsys):
     assert cli.main(["video", "--demo", "--frames", "6", "--jsonl", str(tmp_path / "b.jsonl")]) == 0
     captured = capsys.readouterr()
     assert "\r" not in captured.err and "frame/s" not in captured.err and "frames/s" in captured.out
+
+
+def test_a_cpu_only_torch_skips_triton_and_says_why(tmp_path):
+    """Without a GPU build of torch and without TRITON_INTERPRET, no Triton kernel can run: Triton is
+    not imported (half a second of every command), `rethinkcam info` says why, the CPU paths work, and
+    a forced Triton backend names the reason."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.version.cuda or getattr(torch.version, "hip", None):
+        pytest.skip("a GPU build of torch loads Triton")
+    script = ("import sys, torch, rethinkcam_fast as r\n"
+              "print('triton loaded:', 'triton' in sys.modules)\n"
+              "x = torch.rand(2, 3, 6, 6)\n"
+              "print('tap:', tuple(r.tap(x, 0.1).shape))\n"
+              "from rethinkcam_fast.ops.fuse_maps import _fuse_maps_kernel\n"
+              "try:\n    _fuse_maps_kernel[(1,)]()\nexcept RuntimeError as e:\n    print('stub:', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "triton loaded: False" in run.stdout and "tap: (2, 3)" in run.stdout
+    assert "TRITON_INTERPRET is not set, so Triton was not loaded" in run.stdout
+    info = subprocess.run([sys.executable, "-m", "rethinkcam_fast", "info"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert "triton             : no: this torch build has no GPU support" in info.stdout, info.stdout

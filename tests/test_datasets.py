@@ -125,6 +125,26 @@ def test_source_digits_are_the_real_handwriting(source):
     images, labels = source
     assert images.shape == (1797, 8, 8) and images.dtype == np.float32
     assert images.min() == 0.0 and images.max() == 1.0 and set(labels.tolist()) == set(range(10))
+    # read from scikit-learn's data file without importing it: what load_digits returns
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    assert np.array_equal(images, (digits.images / 16.0).astype(np.float32))
+    assert np.array_equal(labels, digits.target)
+
+
+def test_source_digits_fall_back_to_load_digits(monkeypatch):
+    """Where scikit-learn keeps its digits elsewhere, load_digits itself reads them."""
+    from rethinkcam_fast import datasets
+
+    real_isfile = os.path.isfile
+    monkeypatch.setattr(datasets.os.path, "isfile", lambda p: False if p.endswith("digits.csv.gz") else real_isfile(p))
+    datasets.load_source_digits.cache_clear()
+    try:
+        images, labels = datasets.load_source_digits()
+    finally:
+        datasets.load_source_digits.cache_clear()
+    assert images.shape == (1797, 8, 8) and labels.shape == (1797,)
 
 
 def test_the_benchmark_goes_through_the_evaluation_commands(source, tmp_path, capsys):

@@ -239,3 +239,18 @@ def test_localize_refuses_to_overwrite_an_input_image(tmp_path, capsys):
                      SHIPPED_WEIGHTS, "--out", str(out)]) == 2
     assert "would destroy the image" in capsys.readouterr().err
     assert photo.read_bytes() == before and not (out / "localizations.json").exists()
+
+
+def test_localize_draws_the_first_images_of_many(tmp_path, monkeypatch):
+    """Every image is in the JSON; the grid holds the first --grid ones (a grid of thousands would be a
+    huge picture, and every tile was kept in memory until the end)."""
+    from rethinkcam_fast import localize
+
+    drawn = []
+    monkeypatch.setattr(localize, "save_grid", lambda path, tiles, captions, columns=4: drawn.append(len(tiles)))
+    paths = _write_canvases(tmp_path, 3)
+    argv = ["localize", *paths, "--model", "rethinkcam_fast.models:DigitsCAMNet", "--weights", SHIPPED_WEIGHTS]
+    assert cli.main([*argv, "--out", str(tmp_path / "a"), "--grid", "2"]) == 0
+    assert drawn == [2] and len(json.loads((tmp_path / "a" / "localizations.json").read_text())) == 3
+    assert cli.main([*argv, "--out", str(tmp_path / "b")]) == 0
+    assert drawn == [2, 3]

@@ -13,7 +13,7 @@ from conftest import requires_triton
 from torch import nn
 
 import rethinkcam_fast
-from rethinkcam_fast import TAP, CAMEngine, replace_gap_with_tap
+from rethinkcam_fast import TAP, CAMEngine, CAMResult, replace_gap_with_tap
 
 SINGLE_METHODS = ["cam", "gradcam", "gradcam++", "layercam"]
 BACKENDS = ["reference", pytest.param("triton", marks=requires_triton)]
@@ -1170,3 +1170,21 @@ def test_a_logits_selector_leaves_an_output_that_is_already_the_logits():
         trained = engine(images).cams
         model.eval()
         torch.testing.assert_close(engine(images).cams, trained, atol=0, rtol=0)
+
+
+def test_results_of_batches_concatenate_into_the_result_of_all():
+    model = make(SmallCNN, classes=4)
+    images = images_for(34, n=5, size=16)
+    engine = CAMEngine(model, "layercam", return_layer_maps=True, warn_degenerate=False)
+    whole = engine(images)
+    joined = CAMResult.cat([engine(images[:2]), engine(images[2:])])
+    for name in ("labels", "scores", "degenerate", "boxes", "thresholds"):
+        assert torch.equal(getattr(joined, name), getattr(whole, name)), name
+    torch.testing.assert_close(joined.cams, whole.cams, atol=1e-6, rtol=0)
+    assert joined.layer_maps.keys() == whole.layer_maps.keys() and joined.logits is None
+    assert CAMResult.cat([whole]) is whole
+    with pytest.raises(ValueError, match="at least one result"):
+        CAMResult.cat([])
+    plain = CAMEngine(model, "layercam", boxes=False, return_layer_maps=True, warn_degenerate=False)(images[:1])
+    with pytest.raises(ValueError, match="boxes is present in some results and not in others"):
+        CAMResult.cat([whole, plain])
