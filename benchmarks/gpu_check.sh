@@ -29,8 +29,10 @@
 # upsample="bicubic", and the per-image non-finite-score flag; then Fully-CAM's per-layer reduction
 # through flm_layer_reducer (backend and launch plan chosen once; in autograd's CUDA device threads),
 # the differentiable epilogue's span check (_no_span) and its float64 source judgement, inference ops
-# under torch.compile on detached inputs, and the reference's bilinear_upsample on CUDA tensors: the
-# CUDA tests cover all of them).
+# under torch.compile on detached inputs, and the reference's bilinear_upsample on CUDA tensors; then
+# min-max normalisation as an IEEE division in every Triton epilogue (fuse_maps, map_epilogue, the
+# fuse="max" backward's recomputed layer values, launched on 16 warps), the engine's default targets
+# past activations, and VideoLocalizer's lock around CUDA-graph replays: the CUDA tests cover all of them).
 # Planned for the next session, as two back-to-back calls (peer wheels carried: bash
 # benchmarks/peer_wheels.sh, carry benchmarks/peer_wheels):
 #   STAGES="build tests sanitize bench" SUITES="boxes evaluate cam" DEADLINE=560 TESTS_BOX=150 BOX_SANITIZE=60

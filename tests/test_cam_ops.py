@@ -505,3 +505,44 @@ def test_bilinear_upsample_is_f_interpolate_up_to_rounding_and_exact_on_plateaus
         assert torch.equal(got, got[:, :1].expand_as(got))
     extreme = torch.tensor([[[-3e38, 3e38]]], dtype=torch.float32)
     assert torch.isfinite(bilinear_upsample(extreme, (1, 5))).all()
+
+
+@requires_triton
+@pytest.mark.parametrize("splits", [1, 4])
+def test_triton_min_max_divides_as_the_cpu_paths_do(splits):
+    """Min-max normalisation divides by the span, rounded to nearest, on every path. The Triton kernels
+    multiplied by 1 / span, which rounds twice: a map's maximum came out 0.99999994 (uint8 level 254,
+    another PaS or protocol threshold than the CPU's) for about one map in six, a fused map the CPU
+    finds constant was stretched to [0, 1], and a subnormal span gave inf. At the input's own size the
+    upsampling is exact, so every path must agree bit for bit."""
+    from rethinkcam_fast import class_activation_map
+    from rethinkcam_fast.ops.fuse_maps import fuse_maps_triton
+
+    gen = torch.Generator().manual_seed(5)
+    maps = torch.rand(64, 5, 7, generator=gen) * torch.rand(64, 1, 1, generator=gen) * 9
+    maps[0] = torch.tensor([4.99913263320922852, 4.99824857711791992]).repeat(5, 4)[:, :7]  # 1/span rounds up
+    maps[1] = torch.tensor([0.0, 1e-40, 2e-40]).repeat(5, 3)[:, :7]  # a subnormal span
+    got, degenerate = fuse_maps_triton([maps], (5, 7), "sum", num_splits=splits)
+    want, want_degenerate = fuse_maps_reference([maps], (5, 7), "sum")
+    assert torch.equal(degenerate, want_degenerate) and torch.equal(got, want)
+    assert bool((got.amax(dim=(1, 2)) == 1.0).all())
+    for fuse in ("sum", "max"):  # two layers whose fusion is constant on the CPU
+        pair = [maps[:1], 1 - fuse_maps_reference([maps[:1]], (5, 7), "sum")[0]]
+        got, degenerate = fuse_maps_triton(pair, (5, 7), fuse, num_splits=splits)
+        want, want_degenerate = fuse_maps_reference(pair, (5, 7), fuse)
+        assert torch.equal(degenerate, want_degenerate) and torch.equal(got, want), fuse
+    features = maps[:, None]  # one channel, weight 1: the CAM is the map itself, min-max normalised
+    cams = class_activation_map(features, torch.ones(1, 1), torch.zeros(64, dtype=torch.long), backend="triton")
+    reference = class_activation_map(features, torch.ones(1, 1), torch.zeros(64, dtype=torch.long),
+                                     backend="reference")
+    assert torch.equal(cams, reference)
+
+
+def test_a_constant_map_is_flagged_whatever_the_upsampling():
+    """Bicubic upsampling of a constant map rounds to last-bit noise; the map is judged constant before
+    it is resized (as with bilinear), so it is flagged and zeros, not noise stretched to [0, 1]."""
+    maps = torch.full((2, 5, 7), 0.3)
+    maps[1] = torch.rand(5, 7, generator=torch.Generator().manual_seed(6))
+    for upsample in ("bilinear", "bicubic"):
+        cams, degenerate = fuse_maps_reference([maps], (19, 23), "sum", upsample)
+        assert degenerate.tolist() == [True, False] and not cams[0].any(), upsample

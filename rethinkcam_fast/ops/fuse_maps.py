@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native
-from .._triton import cdiv, ieee_div, ieee_reciprocal, launch, next_power_of_2, tl, triton
+from .._triton import cdiv, ieee_div, launch, next_power_of_2, tl, triton
 from .._validation import check_float_dtype, check_same_device, check_tensor, output_size_arg
 from . import _launch
 from ._launch import check_backend, device_guard, run_inference_op, run_trusted, use_triton
@@ -207,9 +207,13 @@ def _no_span(lo, hi):
 
 
 @triton.jit
-def _inverse_span(span, degenerate):
-    """``1 / span`` (rounded to nearest), 0 for a degenerate map: min-max normalisation's scale."""
-    return tl.where(degenerate, 0.0, ieee_reciprocal(tl.where(degenerate, 1.0, span)))
+def _span_divisor(span, degenerate):
+    """What min-max normalisation divides by: ``span``, 1 for a degenerate map (whose values are then
+    replaced by 0). A division rounded to nearest, as PyTorch's and the C++ kernels' ``(x - lo) / span``:
+    ``x * (1 / span)`` rounds twice, so a map's maximum came out as 0.99999994 for about one span in
+    six (uint8 level 254, not 255: another threshold than the CPU's), and a fused map the CPU finds
+    constant was not."""
+    return tl.where(degenerate, 1.0, span)
 
 
 @triton.jit
@@ -255,13 +259,13 @@ def _fuse_maps_kernel(
         lo_s, hi_s = _upsampled_range(map_base, h, w, W, scale_h, scale_w, 0, HW, BLOCK, tl.float32)
         span = hi_s - lo_s
         degenerate = source_degenerate | _no_span(lo_s, hi_s)
-        inv_span = _inverse_span(span, degenerate)
+        divisor = _span_divisor(span, degenerate)
         # Pass 2: normalise and accumulate into the output (the first layer initialises it).
         for start in range(0, HW, BLOCK):
             o = start + idx
             mask = o < HW
             v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
-            p = tl.where(degenerate, 0.0, (v - lo_s) * inv_span)
+            p = tl.where(degenerate, 0.0, ieee_div(v - lo_s, divisor))
             if l > 0:
                 prev = tl.load(out_base + o, mask=mask, other=0.0)
                 if FUSE_MAX:
@@ -284,12 +288,12 @@ def _fuse_maps_kernel(
         lo_s = tl.min(lo, axis=0)
         span = tl.max(hi, axis=0) - lo_s
         degenerate = ~(span > 0.0)
-        inv_span = _inverse_span(span, degenerate)
+        divisor = _span_divisor(span, degenerate)
         for start in range(0, HW, BLOCK):
             o = start + idx
             mask = o < HW
             v = tl.load(out_base + o, mask=mask, other=0.0)
-            tl.store(out_base + o, tl.where(degenerate, 0.0, (v - lo_s) * inv_span), mask=mask)
+            tl.store(out_base + o, tl.where(degenerate, 0.0, ieee_div(v - lo_s, divisor)), mask=mask)
         tl.store(Degenerate_ptr + n, degenerate.to(tl.int8))
 
 
@@ -298,7 +302,7 @@ def _fuse_maps_kernel(
 # 53 layers of a Fully-CAM), every image's output is cut into SPLITS chunks. Same arithmetic as
 # _fuse_maps_kernel in the same order (min / max are order-free), so the two give equal results.
 #   _split_range_kernel   (n, L, S): each layer's upsampled min / max over one chunk (+ the source check)
-#   _split_stats_kernel   (n, L):    each layer's lo and 1 / span (0 when degenerate)
+#   _split_stats_kernel   (n, L):    each layer's lo and span (1 when degenerate)
 #   _split_fuse_kernel    (n, S):    normalise and fuse every layer into one chunk, stored once
 #   _split_final_kernel   (n, S):    the fused map's own min-max, in place (several layers only)
 # --------------------------------------------------------------------------------------------------
@@ -335,9 +339,9 @@ def _split_stats_kernel(Partial_ptr, SourceBad_ptr, Stats_ptr, L, SPLITS: tl.con
     span = tl.max(tl.load(Partial_ptr + rows + 1), axis=0) - lo_s
     source_bad = tl.load(SourceBad_ptr + n * L + l) != 0
     degenerate = source_bad | ~(span > 0.0) | ~(span < float("inf"))
-    inv_span = _inverse_span(span, degenerate)
+    divisor = _span_divisor(span, degenerate)
     tl.store(Stats_ptr + (n * L + l) * 3, lo_s)
-    tl.store(Stats_ptr + (n * L + l) * 3 + 1, inv_span)
+    tl.store(Stats_ptr + (n * L + l) * 3 + 1, divisor)
     tl.store(Stats_ptr + (n * L + l) * 3 + 2, degenerate.to(tl.float32))
 
 
@@ -348,10 +352,10 @@ def _split_layer_value(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Stats_ptr
     map_base = Maps_ptr + block
     stats = Stats_ptr + (n * L + l) * 3
     lo_s = tl.load(stats)
-    inv_span = tl.load(stats + 1)
+    divisor = tl.load(stats + 1)
     degenerate = tl.load(stats + 2) != 0.0
     v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
-    return tl.where(degenerate, 0.0, (v - lo_s) * inv_span)
+    return tl.where(degenerate, 0.0, ieee_div(v - lo_s, divisor))
 
 
 @triton.jit
@@ -397,7 +401,7 @@ def _split_final_kernel(Out_ptr, Partial_ptr, Degenerate_ptr, H, W, CHUNK, SPLIT
     lo_s = tl.min(tl.load(Partial_ptr + (n * SPLITS + k) * 2), axis=0)
     span = tl.max(tl.load(Partial_ptr + (n * SPLITS + k) * 2 + 1), axis=0) - lo_s
     degenerate = ~(span > 0.0)
-    inv_span = _inverse_span(span, degenerate)
+    divisor = _span_divisor(span, degenerate)
     idx = tl.arange(0, BLOCK)
     first = split * CHUNK
     stop = tl.minimum(first + CHUNK, HW)
@@ -405,7 +409,7 @@ def _split_final_kernel(Out_ptr, Partial_ptr, Degenerate_ptr, H, W, CHUNK, SPLIT
         o = start + idx
         mask = o < stop
         v = tl.load(out_base + o, mask=mask, other=0.0)
-        tl.store(out_base + o, tl.where(degenerate, 0.0, (v - lo_s) * inv_span), mask=mask)
+        tl.store(out_base + o, tl.where(degenerate, 0.0, ieee_div(v - lo_s, divisor)), mask=mask)
     if split == 0:
         tl.store(Degenerate_ptr + n, degenerate.to(tl.int8))
 

@@ -126,6 +126,14 @@ def _normalizer(lo, hi, degenerate, BLOCK: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _normalized(v, lo, hi, degenerate):
+    """``(v - lo) / (hi - lo)``, 0 where degenerate: divided, rounded to nearest, as PyTorch and the C++
+    kernels (``(v - lo) * (1 / span)`` rounds twice: a map's maximum came out 0.99999994, uint8 level
+    254, for about one span in six). The backward's ``1 / span`` (the statistics' ``inv``) is its own."""
+    return tl.where(degenerate, 0.0, ieee_div(v - lo, tl.where(degenerate, 1.0, hi - lo)))
+
+
+@triton.jit
 def _count_extremes(c_lo, c_hi, v, lo, hi, mask, ACC: tl.constexpr):
     """Running per-lane counts of the pixels tied at the minimum and at the maximum."""
     return c_lo + (mask & (v == lo)).to(ACC), c_hi + (mask & (v == hi)).to(ACC)
@@ -271,7 +279,7 @@ def _single_normalize_kernel(
             v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
             c_lo, c_hi = _count_extremes(c_lo, c_hi, v, lo, hi, mask, ACC)
             if STORE_OUT:
-                tl.store(Out_ptr + row + o, tl.where(degenerate, 0.0, (v - lo) * inv), mask=mask)
+                tl.store(Out_ptr + row + o, _normalized(v, lo, hi, degenerate), mask=mask)
         counts = Counts_ptr + (n * SPLITS + part) * 2
         tl.store(counts, tl.sum(c_lo, axis=0))
         tl.store(counts + 1, tl.sum(c_hi, axis=0))
@@ -303,7 +311,7 @@ def _fuse_layer_chunk(Maps_ptr, Offsets_ptr, Heights_ptr, Widths_ptr, Fused_ptr,
         mask = o < stop
         v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
         c_lo, c_hi = _count_extremes(c_lo, c_hi, v, lo, hi, mask, ACC)
-        p = tl.where(degenerate, 0.0, (v - lo) * inv)
+        p = _normalized(v, lo, hi, degenerate)
         if FUSE_MAX:
             prev = tl.load(Fused_ptr + row + o, mask=mask & ~first, other=float("-inf"))
             count = tl.load(Count_ptr + row + o, mask=mask & ~first, other=0.0)
@@ -330,7 +338,7 @@ def _normalize_fused_chunk(Fused_ptr, Out_ptr, row, first_o, stop, lo, hi, inv, 
         f = tl.load(Fused_ptr + row + o, mask=mask, other=0.0)
         c_lo, c_hi = _count_extremes(c_lo, c_hi, f, lo, hi, mask, ACC)
         if STORE_OUT:
-            tl.store(Out_ptr + row + o, tl.where(degenerate, 0.0, (f - lo) * inv), mask=mask)
+            tl.store(Out_ptr + row + o, _normalized(f, lo, hi, degenerate), mask=mask)
     return c_lo, c_hi
 
 
@@ -441,7 +449,7 @@ def _layer_grad(d_ptr, Fused_ptr, Count_ptr, row, o, mask, map_base, h, w, W, sc
     d = tl.load(d_ptr + row + o, mask=mask, other=0.0)
     if NORMALIZE:
         v = _bilinear(map_base, o, h, w, W, scale_h, scale_w, mask)
-        p = (v - lo) * inv
+        p = _normalized(v, lo, hi, inv == 0.0)  # (bit for bit the forward's: compared with the fused max)
         if FUSE_MAX:  # the layers tied at the maximum share its gradient
             f = tl.load(Fused_ptr + row + o, mask=mask, other=0.0)
             count = tl.load(Count_ptr + row + o, mask=mask, other=1.0)
@@ -707,8 +715,10 @@ def map_epilogue_backward_triton(
             # spills; 8 warps spill-free for 16x16 source tiles, but 32x32 ones spill 60-76 B under
             # Triton 3.6 (the GPU image's); 16 warps: about 100-128 registers, no spills on 3.9; on 3.6 the
             # fuse="max" float32 specialisation spills 40 B since its scales became IEEE divisions (its
-            # forward+backward measured no slower on an H100: 3.55 ms against 3.80 before).
-            num_warps=16 if by * bx >= 1024 else 8, **EXACT_FP,
+            # forward+backward measured no slower on an H100: 3.55 ms against 3.80 before). fuse="max"
+            # recomputes each layer's normalised value with the forward's IEEE division (compared with the
+            # fused maximum for equality): on 8 warps its 16x16 tiles spilled 4 B under 3.9, on 16 none.
+            num_warps=16 if by * bx >= 1024 or fuse_max else 8, **EXACT_FP,
         )
     d_maps = d_maps.sum(dim=0) if splits > 1 else d_maps[0]  # a fixed-order sum: deterministic
     grads, start = [], 0
