@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_unit_interval
+from ._validation import check_flag, check_unit_interval
 from .ops.tap import tap
 
 
@@ -37,7 +37,7 @@ class TAP(nn.Module):
     def __init__(self, tau: float = 0.1, flatten: bool = False) -> None:
         super().__init__()
         self.tau = tau
-        self.flatten = bool(flatten)
+        self.flatten = check_flag("flatten", flatten)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "tau":  # checked when set (a schedule assigning it too), not at the next forward
@@ -52,6 +52,8 @@ class TAP(nn.Module):
                 raise ValueError("TAP: x must be a 3-D or 4-D tensor")
             pooled = torch.ops.rethinkcam_fast.tap_forward(batch, self.tau, "auto")[0]
         else:
+            if batch.dim() != 4:  # (tap() would say "4-D": the module takes an unbatched map too)
+                raise ValueError(f"TAP: x must be a 3-D [C, H, W] or 4-D [N, C, H, W] tensor, got shape {tuple(x.shape)}")
             pooled = tap(batch, self.tau)
         if not self.flatten:
             pooled = pooled[:, :, None, None]

@@ -319,7 +319,7 @@ def test_the_box_ops_agree_on_maps_without_pixels_and_name_bad_thresholds():
             call()
     with pytest.raises(TypeError, match="gt_boxes must hold integer pixel coordinates .*got torch.bool"):
         best_box_ious(cams, 0, gt.bool(), offsets)
-    with pytest.raises(TypeError, match="integer pixel coordinates, got torch.bool"):
+    with pytest.raises(TypeError, match="integer pixel coordinates .*got torch.bool"):
         rethinkcam_fast.box_iou_matrix(gt.bool(), gt)
     from rethinkcam_fast.evaluation import BoxEvaluator
 
@@ -565,3 +565,16 @@ def test_level_sweep_kernel_variant_is_checked(monkeypatch):
     monkeypatch.setenv(VARIANT_ENV, "4")
     with pytest.raises(ValueError, match="must be one of .*got '4'"):
         sweep_variant()
+
+
+def test_cam_thresholds_must_be_numbers():
+    cams = torch.rand(2, 5, 5)
+    with pytest.raises(TypeError, match="cam_thresholds must be numbers"):
+        protocol_thresholds(cams, ["0.5"])  # numpy's float64 would parse it
+
+
+def test_box_iou_matrix_of_empty_boxes_is_zero_not_nan():
+    """Boxes with no pixel (inclusive extents with x1 < x0) have an empty union: IoU 0, never NaN."""
+    empty = torch.tensor([[5, 5, 4, 4]])  # x1 < x0, y1 < y0: no pixel
+    iou = rethinkcam_fast.box_iou_matrix(empty, empty)
+    assert torch.isfinite(iou).all() and float(iou[0, 0]) == 0.0

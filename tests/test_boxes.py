@@ -272,6 +272,10 @@ def test_thresholds_of_every_integer_dtype_and_no_other():
     want = boxes_from_cams(cams, torch.tensor([10, 50, 0]))
     for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.uint16, torch.uint32, torch.uint64):
         assert torch.equal(boxes_from_cams(cams, torch.tensor([10, 50, 0], dtype=dtype)), want), dtype
+    with pytest.raises(ValueError, match=r"uint8 levels in \[0, 255\], got 9223372036854775808"):  # not wrapped
+        boxes_from_cams(cams, torch.tensor([2**63, 1, 1], dtype=torch.uint64))
+    with pytest.raises(ValueError, match="rectangular .* got a ragged list"):
+        boxes_from_cams(cams, [[1, 2], [3], [4, 5]])
     for dtype in (torch.complex64, torch.bool, torch.float16):
         with pytest.raises(TypeError, match=f"thresholds must hold integer uint8 levels .*got {dtype}"):
             boxes_from_cams(cams, torch.tensor([1, 0, 1], dtype=dtype))
@@ -280,3 +284,13 @@ def test_thresholds_of_every_integer_dtype_and_no_other():
     for name, args in (("gt_boxes", (gt.to(torch.complex64), offsets)), ("gt_offsets", (gt, offsets.to(torch.complex64)))):
         with pytest.raises(TypeError, match=f"{name} must hold integer"):
             best_box_ious(cams, 0, *args)
+
+
+def test_threshold_255_is_a_level():
+    """255 is the top uint8 level (an empty foreground: u8 > 255 never holds), accepted as an int and in
+    a tensor; 256 is not a level."""
+    cams = torch.rand(2, 6, 6, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(boxes_from_cams(cams, 255), torch.zeros(2, 4, dtype=torch.long))
+    assert torch.equal(boxes_from_cams(cams, torch.tensor([255, 255])), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="uint8 levels"):
+        boxes_from_cams(cams, 256)

@@ -358,3 +358,16 @@ def test_a_span_past_float32_is_zeros_and_flagged_not_nan(backend):
     fused = rethinkcam_fast.flm_fuse([features, features.detach().abs()], [torch.ones_like(features)] * 2, (4, 4),
                                      backend=backend)
     assert torch.isfinite(fused).all()
+
+
+def test_nwc_passes_no_gradient_to_weights_at_exactly_zero():
+    """NWC's clamp max(W, 0) passes gradient only where W > 0: a zero weight (a zero-initialised head)
+    gets none, like a negative one."""
+    features = torch.rand(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    weight = torch.tensor([[0.5, 0.0, -0.2], [0.0, 1.0, 0.3]], dtype=torch.float64, requires_grad=True)
+    for backend in ("auto", "reference"):
+        weight.grad = None
+        cams = class_activation_map(features, weight, torch.tensor([0, 1]), nwc=True, backend=backend)
+        (cams * torch.linspace(0, 1, 16, dtype=torch.float64).view(1, 4, 4)).sum().backward()
+        assert weight.grad[0, 1] == 0 and weight.grad[0, 2] == 0 and weight.grad[1, 0] == 0, backend
+        assert weight.grad[0, 0] != 0 or weight.grad[1, 1] != 0

@@ -43,6 +43,9 @@ def test_bad_arguments_and_weights_are_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "--out", str(tmp_path / "m.pt"), "--tau", "1.5"])
     assert exit_info.value.code == 2 and "must lie in [0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # the bound itself: TAP's tau < 1
+        cli.main(["train", "--out", str(tmp_path / "m.pt"), "--tau", "1.0"])
+    assert exit_info.value.code == 2 and "must lie in [0, 1), got 1.0" in capsys.readouterr().err
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"PK\x03\x04 truncated zip")
     assert cli.main(["demo", "--weights", str(broken), "--out", str(tmp_path / "d")]) == 2

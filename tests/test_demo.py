@@ -254,3 +254,21 @@ def test_localize_draws_the_first_images_of_many(tmp_path, monkeypatch):
     assert drawn == [2] and len(json.loads((tmp_path / "a" / "localizations.json").read_text())) == 3
     assert cli.main([*argv, "--out", str(tmp_path / "b")]) == 0
     assert drawn == [2, 3]
+
+
+def test_localize_max_threshold_is_a_fifth_of_the_maps_maximum(tmp_path):
+    """--box-threshold max is plain CAM thresholding, 0.2 x max: level int(0.2 * 255) = 51 of a map
+    normalised to [0, 1]; pas is 0.35 x the 90th percentile of the levels."""
+    paths = _write_canvases(tmp_path, 2)
+    argv = ["localize", *paths, "--model", "rethinkcam_fast.models:DigitsCAMNet", "--weights", SHIPPED_WEIGHTS]
+    assert cli.main([*argv, "--out", str(tmp_path / "max"), "--box-threshold", "max"]) == 0
+    records = json.loads((tmp_path / "max" / "localizations.json").read_text())
+    assert [r["threshold"] for r in records] == [51, 51]
+
+
+def test_a_failed_localize_removes_every_folder_it_made(tmp_path, capsys):
+    nested = tmp_path / "a" / "b" / "c"
+    assert cli.main(["localize", str(tmp_path / "missing.png"), "--model", "rethinkcam_fast.models:DigitsCAMNet",
+                     "--weights", SHIPPED_WEIGHTS, "--out", str(nested)]) == 2
+    assert "image not found" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

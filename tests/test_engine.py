@@ -13,7 +13,7 @@ from conftest import requires_triton
 from torch import nn
 
 import rethinkcam_fast
-from rethinkcam_fast import TAP, CAMEngine, CAMResult, replace_gap_with_tap
+from rethinkcam_fast import TAP, CAMEngine, CAMResult, boxes_from_cams, replace_gap_with_tap
 
 SINGLE_METHODS = ["cam", "gradcam", "gradcam++", "layercam"]
 BACKENDS = ["reference", pytest.param("triton", marks=requires_triton)]
@@ -260,6 +260,11 @@ def test_bad_input_raises_clear_errors():
         engine(images_for(), targets=5)
     with pytest.raises(ValueError, match="out of range"):
         engine(images_for(), targets=torch.tensor([0, 1, 7]))
+    classes = model.fc.out_features
+    with pytest.raises(ValueError, match="out of range"):  # the first class past the last
+        engine(images_for(), targets=torch.tensor([0, 1, classes]))
+    with pytest.raises(ValueError, match="out of range"):
+        engine(images_for(), targets=classes)
     with pytest.raises(ValueError, match=r"shape \(3,\)"):
         engine(images_for(), targets=torch.tensor([0, 1]))
     with pytest.raises(TypeError, match=r"targets must hold integer class indices \(any integer dtype\), got torch.float32"):
@@ -1188,3 +1193,19 @@ def test_results_of_batches_concatenate_into_the_result_of_all():
     plain = CAMEngine(model, "layercam", boxes=False, return_layer_maps=True, warn_degenerate=False)(images[:1])
     with pytest.raises(ValueError, match="boxes is present in some results and not in others"):
         CAMResult.cat([whole, plain])
+
+
+def test_the_engines_boxes_follow_its_box_convention():
+    """Boxes in the convention asked for: "exact" inclusive extents, "wsol" the reference's one pixel
+    larger (clipped at the far edges), from the same maps and thresholds."""
+    model = make(SmallCNN, classes=4)
+    images = images_for(35, n=4, size=24)
+    results = {c: CAMEngine(model, "gradcam", box_convention=c, warn_degenerate=False)(images)
+               for c in ("exact", "wsol")}
+    for convention, result in results.items():
+        want = boxes_from_cams(result.cams, result.thresholds, convention=convention)
+        assert torch.equal(result.boxes, want), convention
+    exact, wsol = results["exact"].boxes, results["wsol"].boxes
+    assert torch.equal(wsol[:, :2], exact[:, :2])
+    assert torch.equal(wsol[:, 2:], torch.minimum(exact[:, 2:] + 1, torch.tensor([23, 23])))
+    assert not torch.equal(wsol, exact)

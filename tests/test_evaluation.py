@@ -300,6 +300,8 @@ def test_bad_gt_boxes_and_arguments_raise():
         evaluator.update(maps)
     with pytest.raises(ValueError, match=r"image 'b' lies outside the maps' 10x10 grid"):  # e.g. image pixels
         evaluator.update(maps, [torch.tensor([[0, 0, 5, 5]]), torch.tensor([[80, 2, 190, 9]])], image_ids=["a", "b"])
+    with pytest.raises(ValueError, match=r"image 'b' lies outside"):  # x0 == W: the first pixel past the grid
+        evaluator.update(maps, [torch.tensor([[0, 0, 5, 5]]), torch.tensor([[10, 2, 10, 9]])], image_ids=["a", "b"])
     assert evaluator.num_images == 0
     with pytest.warns(RuntimeWarning, match=r"maps\[1\] reaches past the maps' 10x10 grid"):
         evaluator.update(maps, [torch.tensor([[0, 0, 10, 10]]), torch.tensor([[2, 2, 11, 9]])])

@@ -515,3 +515,19 @@ def test_fuse_must_be_a_string():
         with pytest.raises(TypeError, match="fuse must be a str"):
             flm_fuse([a], [g], (8, 8), fuse=fuse)
     torch.testing.assert_close(flm_fuse([a], [g], (8, 8), fuse=np.str_("max")), flm_fuse([a], [g], (8, 8), fuse="max"))
+
+
+def test_the_reference_differentiates_relu_at_exact_zeros_as_the_op():
+    """Exact zeros are common in ReLU networks' activations and gradients: the reference's autograd
+    passes no gradient there, as every backend's [G > 0] / [A > 0] masks (torch.fmax passed it)."""
+    from rethinkcam_fast.ops.flm_fuse import flm_fuse_reference
+
+    grads = {}
+    for name, fn in (("op", lambda a, g: flm_fuse([a], [g], (1, 3), backend="reference")),
+                     ("reference", lambda a, g: flm_fuse_reference([a], [g], (1, 3)))):
+        a = torch.tensor([[[[1.0, 2.0, 3.0]]]], dtype=torch.float64, requires_grad=True)
+        g = torch.tensor([[[[1.0, 0.0, 1.0]]]], dtype=torch.float64, requires_grad=True)
+        fn(a, g).backward(torch.tensor([[[1.0, 0.0, 0.0]]], dtype=torch.float64))
+        grads[name] = (a.grad, g.grad)
+    for want, got in zip(grads["op"], grads["reference"]):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)

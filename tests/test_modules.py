@@ -281,3 +281,10 @@ def test_channel_attention_block_naming_rule(class_name, attention):
             replace_gap_with_tap(model)
     else:
         assert _tap_names(replace_gap_with_tap(model)) == ["0.pool"]
+
+
+def test_tap_module_checks_its_flag_and_names_the_shapes_it_takes():
+    with pytest.raises(TypeError, match="flatten must be a bool"):
+        TAP(0.1, flatten="no")  # bool("no") is True
+    with pytest.raises(ValueError, match=r"3-D \[C, H, W\] or 4-D \[N, C, H, W\] tensor, got shape \(3, 3\)"):
+        TAP()(torch.rand(3, 3))

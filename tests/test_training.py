@@ -422,3 +422,12 @@ def test_weights_torch_cannot_copy_in_are_refused_with_the_reason(tmp_path):
         load_checkpoint(str(empty))
     with pytest.raises(CheckpointError, match=f"{tmp_path}: not a regular file"):
         load_checkpoint(str(tmp_path))
+
+
+def test_the_learning_rate_warms_up_to_its_peak_exactly_once():
+    from rethinkcam_fast.training import warmup_cosine
+
+    factor = warmup_cosine(50, 0.2)  # ten warm-up steps
+    values = [factor(step) for step in range(50)]
+    assert values[:10] == [(s + 1) / 10 for s in range(10)] and values[10] == 1.0
+    assert max(values) == 1.0 and all(b < a for a, b in zip(values[10:], values[11:]))

@@ -97,6 +97,10 @@ def protocol_thresholds(cams: Tensor, cam_thresholds: Sequence[float] | np.ndarr
     check_float_dtype("cams", cams)
     if check_flag("validate", validate):
         check_unit_maps("cams", cams)
+    if not isinstance(cam_thresholds, Tensor):
+        given = np.asarray(cam_thresholds)
+        if given.size and given.dtype.kind not in "iuf":  # (float64 would parse strings such as "0.5")
+            raise TypeError(f"cam_thresholds must be numbers, got an array of {given.dtype}")
     t = torch.as_tensor(np.asarray(cam_thresholds, dtype=np.float64) if not isinstance(cam_thresholds, Tensor)
                         else cam_thresholds.double(), device=cams.device)
     if t.dim() != 1:

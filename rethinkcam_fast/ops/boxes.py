@@ -98,7 +98,11 @@ def _thresholds_2d(thresholds: int | Tensor, n: int) -> tuple[Tensor, bool]:
     """``(int64 [N, T] on the CPU, whether the caller gave one threshold per image)``. An int (numpy's
     too), an integer tensor, or an integer numpy array or (nested) list of ints, as a tensor would be."""
     if isinstance(thresholds, (np.ndarray, list, tuple)):
-        array = np.asarray(thresholds)
+        try:
+            array = np.asarray(thresholds)
+        except ValueError:  # (numpy's own words name no argument)
+            raise ValueError("thresholds must be one level per image, or a rectangular [N, T] table of them; "
+                             "got a ragged list") from None
         if array.dtype.kind not in "iu" and array.size:  # (an empty list is no level at all: shape checked below)
             raise TypeError(f"thresholds must be integer uint8 levels, got an array of {array.dtype}")
         thresholds = torch.from_numpy(array.astype(np.int64))
@@ -106,6 +110,10 @@ def _thresholds_2d(thresholds: int | Tensor, n: int) -> tuple[Tensor, bool]:
         raise TypeError(f"thresholds must be an int or an integer tensor, got {type(thresholds).__name__}")
     if isinstance(thresholds, Tensor):
         check_integer_dtype("thresholds", thresholds, "integer uint8 levels")
+        if thresholds.dtype in (torch.uint32, torch.uint64) and thresholds.numel():  # (before int64 wraps them)
+            largest = int(thresholds.cpu().numpy().max())
+            if largest > 255:
+                raise ValueError(f"thresholds must be uint8 levels in [0, 255], got {largest}")
         if thresholds.dim() == 0:  # one level for every image, like an int
             thresholds = int(thresholds)
     if isinstance(thresholds, Integral):  # numpy integers too

@@ -63,10 +63,12 @@ _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def relu_nan_to_zero(x: Tensor) -> Tensor:
-    """``relu`` of the gradients and activations inside the sums, with ``relu(NaN) = 0`` (``fmax``), as
-    the kernels compute it: the NaN policy shared with Fully-CAM's FLM (:mod:`rethinkcam_fast.ops.flm_fuse`
-    uses this function). The ReLU of the summed map keeps NaN (``torch.relu``), so a NaN map is flagged."""
-    return torch.fmax(x, x.new_zeros(()))
+    """``relu`` of the gradients and activations inside the sums, with ``relu(NaN) = 0``, as the kernels
+    compute it: the NaN policy shared with Fully-CAM's FLM (:mod:`rethinkcam_fast.ops.flm_fuse` uses this
+    function). Its gradient is ``[x > 0]``, the kernels' mask and ``torch.relu``'s (``fmax`` would pass
+    gradient at ``x == 0``, common in ReLU networks). The ReLU of the summed map keeps NaN
+    (``torch.relu``), so a NaN map is flagged."""
+    return torch.where(x > 0, x, x.new_zeros(()))
 
 
 def gradient_channel_weights_reference(a: Tensor, g: Tensor, mode: str) -> Tensor:
