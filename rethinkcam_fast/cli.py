@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 
 # rethinkcam_fast.engine.METHODS, spelled out so that building the parser needs no op module
@@ -185,8 +186,8 @@ def _cmd_localize(args: argparse.Namespace) -> int:
             raise ValueError("--normalize imagenet: the model takes one channel (grey images in [0, 1]); ImageNet's "
                              "statistics are for RGB models")
         if args.weights is None:
-            print(f"rethinkcam: warning: no --weights: {args.model} runs with the weights its factory gives it "
-                  "(random for a torchvision name)", file=sys.stderr)
+            print(f"rethinkcam: warning: no --weights: {args.model} runs with the weights its factory gives it"
+                  + (" (random for a torchvision name)" if ":" not in args.model else ""), file=sys.stderr)
         records = localize_files(args.images, model, args.method, nwc=not args.no_nwc, box_threshold=args.box_threshold,
                                  image_size=image_size, normalize=normalize, device=device, out_dir=args.out,
                                  grid=args.grid)
@@ -274,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     localize = sub.add_parser("localize", help="boxes and CAMs for your own images and classifier")
     localize.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     localize.add_argument("--model", required=True,
-                          help="a torchvision model name (resnet50, ...) or a python path pkg.module:factory")
+                          help="a torchvision model name (resnet50, ...), or MODULE:CALLABLE or FILE.py:CALLABLE "
+                               "returning the nn.Module")
     localize.add_argument("--weights", help="state dict or checkpoint file (loaded with weights_only=True)")
     localize.add_argument("--method", default="cam", choices=CAM_METHODS,
                           help="CAM method (default: cam, with negative weight clamping unless --no-nwc)")
@@ -312,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     if in_main_thread:
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, _raise_interrupt)
+    # The library's warnings (a box past its image, an unused mask root, non-finite logits) as the
+    # commands' own: one line, not Python's file:line and source line from inside the package.
+    python_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.func(args)
     except KeyboardInterrupt as exc:
@@ -331,8 +336,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rethinkcam: error: {exc}", file=sys.stderr)
         return 1
     finally:
+        warnings.formatwarning = python_format
         if in_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"rethinkcam: warning: {message}\n"
 
 
 class _Terminated(KeyboardInterrupt):

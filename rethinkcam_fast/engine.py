@@ -317,10 +317,10 @@ class CAMEngine:
         target_layers: modules or their names (``model.named_modules()``). Default: the last
             conv-like layer (the last module, in execution order, that contains a convolution and
             outputs a 4-D map with a spatial extent, found for each input size) for the single-layer
-            methods — for the gradient methods, past the activation and norm modules that directly
-            follow it (``conv, BatchNorm2d, ReLU`` as separate modules: the ReLU, in place or not) and
-            never a 1x1 conv head to the classes (SqueezeNet's class score maps); every ``nn.Conv2d``
-            for ``"fullycam"``.
+            methods — for Grad-CAM, Grad-CAM++ and LayerCAM, past the ReLU-type activation and
+            batch/group/instance norm modules that directly follow it (``conv, BatchNorm2d, ReLU`` as
+            separate modules: the ReLU, in place or not) and never a 1x1 conv head to the classes
+            (SqueezeNet's class score maps); every ``nn.Conv2d`` for ``"fullycam"``.
         classifier: for ``"cam"``: the ``nn.Linear`` (or 1x1 ``nn.Conv2d``) after the global pool.
             Default: the ``nn.Linear`` from the target layer's channels to the classes that the forward
             runs after the target layer (the one whose output is the logits); a 1x1 conv head to the
@@ -829,12 +829,16 @@ class CAMEngine:
         """Record a module's 4-D output. It is the tensor object itself: in-place ops that follow
         (``ReLU(inplace=True)``) show in it, as in pytorch-grad-cam. (It runs after every forward of a
         hooked module — 53 of them in a ResNet50 Fully-CAM call — so the capture's containers are
-        bound once and the input scan is a plain loop: 1 µs a call less on the CI CPU.)"""
+        bound once and the input scan is a plain loop: 1 µs a call less on the CI CPU.) On a
+        ``torch.compile``'d model Dynamo cannot trace the thread check and breaks the graph at each
+        hooked module, with a warning: that break keeps the recorded output a tensor of the autograd
+        graph, whose gradient the engine takes (traced into the compiled graph, it would be an output
+        of the compiled function, off the graph)."""
         activations, order, cut_inputs, thread = capture.activations, capture.order, capture.cut_inputs, capture.thread
-        get_ident, is_grad_enabled, compiling = threading.get_ident, torch.is_grad_enabled, torch.compiler.is_compiling
+        get_ident, is_grad_enabled = threading.get_ident, torch.is_grad_enabled
 
         def hook(module: nn.Module, inputs, output) -> None:
-            if not isinstance(output, Tensor) or output.dim() != 4 or (not compiling() and get_ident() != thread):
+            if not isinstance(output, Tensor) or output.dim() != 4 or get_ident() != thread:
                 return
             key = id(module)
             if key in activations:  # a module run twice counts where it last finished
@@ -859,8 +863,7 @@ class CAMEngine:
 
         def hook(module: nn.Module, inputs, output) -> None:
             if (isinstance(output, Tensor) and output.dim() == 4 and inputs and isinstance(inputs[0], Tensor)
-                    and inputs[0].shape == output.shape
-                    and (torch.compiler.is_compiling() or threading.get_ident() == thread)):
+                    and inputs[0].shape == output.shape and threading.get_ident() == thread):
                 followers.append((module, inputs[0], output, len(order)))
 
         setattr(hook, TRANSIENT_HOOK, True)
@@ -873,7 +876,7 @@ class CAMEngine:
         linears, order, thread = capture.linears, capture.order, capture.thread
 
         def hook(module: nn.Module, inputs, output) -> None:
-            if isinstance(output, Tensor) and (torch.compiler.is_compiling() or threading.get_ident() == thread):
+            if isinstance(output, Tensor) and threading.get_ident() == thread:
                 linears.append((module, output if output.dim() == 2 else None, len(order)))
 
         setattr(hook, TRANSIENT_HOOK, True)

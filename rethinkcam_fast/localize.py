@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -175,7 +176,7 @@ def build_model(spec: str) -> nn.Module:
                 module = importlib.util.module_from_spec(loader)
                 loader.loader.exec_module(module)
             else:
-                module = importlib.import_module(module_name)
+                module = _import_from_here(module_name)
         except Exception as exc:  # ImportError, or the module's own code failing (a SyntaxError, ...)
             raise ValueError(f"--model {spec}: cannot import {module_name} ({type(exc).__name__}: {exc})") from exc
         if not hasattr(module, attr):
@@ -213,6 +214,21 @@ def input_policy(spec: str, image_size: int | None, normalize: str) -> tuple[int
     torchvision_name = ":" not in spec
     size = image_size or (224 if torchvision_name else None)
     return size, (torchvision_name if normalize == "auto" else normalize == "imagenet")
+
+
+def _import_from_here(module_name: str):
+    """``importlib.import_module``, then, for a module found nowhere, again with the working folder on
+    the path, where it stays (the module's own later imports of its neighbours need it): ``python -m
+    rethinkcam_fast`` has it there, the ``rethinkcam`` command does not (a ``mymodel.py`` next to the
+    user, given as ``--model mymodel:make``)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        here = os.getcwd()
+        if exc.name != module_name.split(".")[0] or here in sys.path or "" in sys.path:
+            raise
+        sys.path.insert(0, here)
+        return importlib.import_module(module_name)
 
 
 def load_user_model(spec: str, weights: str | None, *,

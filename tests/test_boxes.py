@@ -294,3 +294,10 @@ def test_threshold_255_is_a_level():
     assert torch.equal(boxes_from_cams(cams, torch.tensor([255, 255])), torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="uint8 levels"):
         boxes_from_cams(cams, 256)
+
+
+def test_ragged_boxes_print_counts_not_every_box():
+    cams = torch.rand(2, 9, 9, generator=torch.Generator().manual_seed(5))
+    ragged = boxes_from_cams(cams, torch.tensor([[60, 120], [100, 200]]), mode="all")
+    text = repr(ragged)
+    assert text.startswith(f"RaggedBoxes({ragged.boxes.shape[0]} boxes, ") and "for 2 images x 2 thresholds" in text

@@ -272,3 +272,23 @@ def test_a_failed_localize_removes_every_folder_it_made(tmp_path, capsys):
                      "--weights", SHIPPED_WEIGHTS, "--out", str(nested)]) == 2
     assert "image not found" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_the_rethinkcam_command_imports_a_model_module_from_the_working_folder(tmp_path):
+    """`python -m rethinkcam_fast` has the working folder on the import path, the `rethinkcam` console
+    script does not: --model mymodel:make finds mymodel.py there all the same."""
+    import shutil
+    import subprocess
+    import sys
+
+    script = shutil.which("rethinkcam", path=os.path.dirname(sys.executable))
+    if script is None:
+        pytest.skip("the rethinkcam console script is not installed next to this interpreter")
+    (tmp_path / "mymodel.py").write_text("from rethinkcam_fast.models import DigitsCAMNet\n\n"
+                                         "def make():\n    return DigitsCAMNet('gap', widths=(4, 8, 8))\n")
+    paths = _write_canvases(tmp_path, 1)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([script, "localize", *paths, "--model", "mymodel:make", "--out", str(tmp_path / "out")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "(random for a torchvision name)" not in run.stderr and "no --weights" in run.stderr

@@ -1209,3 +1209,18 @@ def test_the_engines_boxes_follow_its_box_convention():
     assert torch.equal(wsol[:, :2], exact[:, :2])
     assert torch.equal(wsol[:, 2:], torch.minimum(exact[:, 2:] + 1, torch.tensor([23, 23])))
     assert not torch.equal(wsol, exact)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "layercam"])
+def test_gradient_methods_on_a_compiled_model_equal_eager(method):
+    """torch.compile'd models: the hooks' thread check breaks Dynamo's graph at each hooked module
+    (a warning), which keeps the target's output on the autograd graph; traced into the compiled
+    graph, the gradient methods found their target off the graph."""
+    model = _flat_net(False)
+    images = images_for(36, n=2, size=16)
+    want = CAMEngine(model, method, warn_degenerate=False)(images).cams
+    compiled = torch.compile(model, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (Dynamo's graph-break notice)
+        got = CAMEngine(compiled, method, warn_degenerate=False)(images).cams
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

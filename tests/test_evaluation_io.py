@@ -440,3 +440,15 @@ def test_localization_of_another_dataset_is_read_as_utf8(tmp_path):
         fh.write(b"\xff\xfebad,1,1,2,2\n")
     with pytest.raises(MetadataError, match=r"localization\.txt: not UTF-8 text"):
         load_metadata(root, "Digits", "test")
+
+
+def test_cli_warnings_are_one_line_of_the_command(boxes, tmp_path):
+    """The library's warnings, printed by a command, read as the command's own: one
+    `rethinkcam: warning:` line, not Python's file:line and a source line from inside the package."""
+    run = _run_module(["-m", "rethinkcam_fast", *_cli_args(boxes), "--mask-root", str(tmp_path)], cwd=tmp_path,
+                      env_extra={"PYTHONWARNINGS": "default"})
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stderr.splitlines() if "mask_root" in line]
+    assert lines == [f"rethinkcam: warning: mask_root {str(tmp_path)!r} is not used: "
+                     f"{os.path.join(boxes['metadata_root'], 'CUB', 'test')} has box annotations"], run.stderr
+    assert "UserWarning" not in run.stderr and "warnings.warn" not in run.stderr

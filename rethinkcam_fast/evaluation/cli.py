@@ -225,7 +225,8 @@ def _cmd_evaluate_model(args: argparse.Namespace) -> int:
         model = model.to(device).eval()
         if args.checkpoint is None and rank_and_world()[0] == 0:
             print(f"rethinkcam {args.command}: warning: no --checkpoint: {args.model} runs with the weights its "
-                  "factory gives it (random for a torchvision name)", file=sys.stderr)
+                  "factory gives it" + (" (random for a torchvision name)" if ":" not in args.model else ""),
+                  file=sys.stderr)
         engine = CAMEngine(model, args.method, args.target_layer, boxes=False, warn_degenerate=False, nwc=args.nwc,
                            upsample=args.upsample)
         channels = input_channels(model)

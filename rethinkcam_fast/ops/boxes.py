@@ -63,6 +63,12 @@ class RaggedBoxes:
     is_hole: Tensor
     areas: Tensor
 
+    def __repr__(self) -> str:
+        """Counts, not every box (index :meth:`boxes_of` for those), as ``CAMResult``'s repr."""
+        images, thresholds = self.offsets.shape[0], self.offsets.shape[1] - 1
+        return (f"RaggedBoxes({self.boxes.shape[0]} boxes, {int(self.is_hole.sum())} of them holes, for {images} "
+                f"images x {thresholds} thresholds, device={self.boxes.device})")
+
     def boxes_of(self, n: int, t: int = 0) -> Tensor:
         """``LongTensor[k, 4]``: the boxes of image ``n`` at threshold index ``t``."""
         images, thresholds = self.offsets.shape[0], self.offsets.shape[1] - 1
