@@ -245,11 +245,16 @@ _FOLLOWERS = (
 
 def _past_activations(target: nn.Module, capture: _Capture) -> nn.Module:
     """The last module of the chain of ``_FOLLOWERS`` that takes the target's output (each the one
-    before's) after the target finished; the target itself when none does."""
+    before's) after the target finished; the target itself when none does. A module that runs more
+    than once in the forward (one ReLU shared by a block) continues the chain only with its last
+    run: the next calls at this size record a module's last run."""
     output = capture.activations[id(target)]
     finished = capture.order.index(target)
-    for module, given, produced, done in capture.followers:
+    last_run = {id(module): i for i, (module, *_) in enumerate(capture.followers)}
+    for i, (module, given, produced, done) in enumerate(capture.followers):
         if done > finished and given is output:
+            if last_run[id(module)] != i:
+                break
             target, output = module, produced
     capture.activations[id(target)] = output
     return target

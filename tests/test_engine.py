@@ -1224,3 +1224,28 @@ def test_gradient_methods_on_a_compiled_model_equal_eager(method):
         warnings.simplefilter("ignore")  # (Dynamo's graph-break notice)
         got = CAMEngine(compiled, method, warn_degenerate=False)(images).cams
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_shared_activation_module_is_the_default_target_only_through_its_last_run():
+    """One ReLU module applied several times (as a ResNet block's): the next calls record a module's
+    last run, so the default target moves to it only when that last run is the one that follows the
+    conv; otherwise it stays on the conv."""
+    class Shared(nn.Module):
+        def __init__(self, again: bool) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+            self.relu, self.fc, self.again = nn.ReLU(), nn.Linear(6, 4), again
+
+        def forward(self, x):
+            x = self.relu(self.conv2(self.relu(self.conv1(x))))
+            if self.again:  # the shared ReLU runs once more, on another tensor
+                x = x + self.relu(x - 0.5)
+            return self.fc(x.mean((2, 3)))
+
+    images = images_for(37, n=2, size=12)
+    for again, want in ((False, "relu"), (True, "conv2")):
+        model = make(Shared, again=again)
+        engine = CAMEngine(model, "gradcam", warn_degenerate=False)
+        first = engine(images).cams
+        assert engine.layer_name(engine.target_layers[0]) == want, again
+        torch.testing.assert_close(engine(images).cams, first, atol=0, rtol=0)
