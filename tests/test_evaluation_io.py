@@ -276,9 +276,9 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_numbers(boxes, tmp
         open(damaged, "wb").write(original)
     resumed = _evaluate(boxes, cam_curve_interval=0.01, batch_size=3, resume=state)
     assert resumed.max_box_acc == whole.max_box_acc and np.array_equal(resumed.accuracy_curves, whole.accuracy_curves)
-    assert resumed.num_images == 10
+    assert resumed.num_images == 10 and resumed.resumed_images == 6 and whole.resumed_images == 0
     again = _evaluate(boxes, cam_curve_interval=0.01, batch_size=3, resume=state)  # complete: nothing re-read
-    assert again.max_box_acc == whole.max_box_acc
+    assert again.max_box_acc == whole.max_box_acc and again.resumed_images == 10
     with pytest.raises(ValueError, match="different configuration"):
         _evaluate(boxes, cam_curve_interval=0.01, multi_contour=False, resume=state)
     other_split = os.path.join(boxes["metadata_root"], "CUB", "val")
@@ -452,3 +452,16 @@ def test_cli_warnings_are_one_line_of_the_command(boxes, tmp_path):
     assert lines == [f"rethinkcam: warning: mask_root {str(tmp_path)!r} is not used: "
                      f"{os.path.join(boxes['metadata_root'], 'CUB', 'test')} has box annotations"], run.stderr
     assert "UserWarning" not in run.stderr and "warnings.warn" not in run.stderr
+
+
+def test_cli_rate_of_a_resumed_run_counts_only_what_it_evaluated(boxes, tmp_path, capsys):
+    """The table's title names the images taken from the state file, and the rate leaves them out
+    (a resumed run that had nothing left to do is not thousands of images a second)."""
+    state = str(tmp_path / "state.pt")
+    assert cli.main(_cli_args(boxes) + ["--resume", state]) == 0
+    first = capsys.readouterr().out
+    assert "10 images," in first and "resumed" not in first
+    assert cli.main(_cli_args(boxes) + ["--resume", state, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert f"10 images (10 resumed from {state})" in captured.err and "(0 img/s)" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["resumed_images"] == 10

@@ -45,6 +45,8 @@ class BoxMetrics:
             only if its top-1 prediction is also correct, maximised over one dataset-wide threshold.
         top1_cls: top-1 classification accuracy when labels and predictions were given.
         accuracy_curves: ``float64 [D, T]``, accuracy at every (δ, CAM threshold).
+        resumed_images: of ``num_images``, those a resumed run took from its state file
+            (:func:`~rethinkcam_fast.evaluation.evaluate_scoremaps` with ``resume=``), not evaluated again.
     """
 
     max_box_acc: dict[float, float]
@@ -57,6 +59,7 @@ class BoxMetrics:
     top1_loc: dict[float, float] | None = None
     top1_cls: float | None = None
     accuracy_curves: np.ndarray | None = field(default=None, compare=False, repr=False)
+    resumed_images: int = field(default=0, compare=False, repr=False)
 
     @property
     def is_v2(self) -> bool:

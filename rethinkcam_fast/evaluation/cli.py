@@ -132,13 +132,16 @@ def format_metrics(metrics: Any, title: str) -> str:
 def _report(args: argparse.Namespace, metrics: Any, seconds: float, world: int, device: Any) -> None:
     result = metrics.to_dict()
     contours = "" if "PxAP" in result else (", all contours" if args.multi_contour else ", largest contour")
-    title = (f"rethinkcam {args.command}: {args.dataset_name}/{args.split}, {metrics.num_images} images, "
-             f"interval {args.cam_curve_interval:g}{contours}, {world} process{'es' if world > 1 else ''} on {device.type}, "
-             f"{seconds:.2f} s ({metrics.num_images / max(seconds, 1e-9):.0f} img/s)")
+    resumed = metrics.resumed_images  # (counted, not evaluated, by this run: not in its rate)
+    title = (f"rethinkcam {args.command}: {args.dataset_name}/{args.split}, {metrics.num_images} images"
+             + (f" ({resumed} resumed from {args.resume})" if resumed else "")
+             + f", interval {args.cam_curve_interval:g}{contours}, {world} process{'es' if world > 1 else ''} on "
+             f"{device.type}, {seconds:.2f} s ({(metrics.num_images - resumed) / max(seconds, 1e-9):.0f} img/s)")
     # With --json, standard output holds the JSON object alone (`| jq`); the table goes to standard error.
     print(format_metrics(metrics, title), file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:
-        extra = {"dataset": args.dataset_name, "split": args.split, "world_size": world, "seconds": round(seconds, 4)}
+        extra = {"dataset": args.dataset_name, "split": args.split, "world_size": world, "seconds": round(seconds, 4),
+                 "resumed_images": resumed}
         print(json.dumps({**result, **extra}), flush=True)
 
 

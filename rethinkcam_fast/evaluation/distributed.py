@@ -55,13 +55,22 @@ def shutdown(created: bool) -> None:
 
 def any_rank_failed(failed: bool, device: torch.device) -> bool:
     """Collective: True on every rank when any rank reports ``failed`` (no-op without a process group)."""
+    return bool(_reduced(1 if failed else 0, device, "max"))
+
+
+def sum_over_ranks(value: int, device: torch.device) -> int:
+    """Collective: the sum of every rank's ``value`` (``value`` itself without a process group)."""
+    return _reduced(value, device, "sum")
+
+
+def _reduced(value: int, device: torch.device, op: str) -> int:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return failed
-    flag = torch.tensor([1 if failed else 0], dtype=torch.int64, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+        return value
+    total = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return int(total.item())
 
 
-__all__ = ["any_rank_failed", "init_from_env", "launched_by_torchrun", "rank_and_world", "shutdown"]
+__all__ = ["any_rank_failed", "init_from_env", "launched_by_torchrun", "rank_and_world", "shutdown", "sum_over_ranks"]

@@ -34,6 +34,7 @@ class MaskMetrics:
         cam_curve_interval: spacing of the score thresholds.
         precision, recall: ``float64 [T + 2]`` at the cuts ``score >= edge``, highest edge first
             (precision is NaN where no pixel is predicted positive).
+        resumed_images: of ``num_images``, those a resumed run took from its state file.
     """
 
     pxap: float
@@ -41,6 +42,7 @@ class MaskMetrics:
     cam_curve_interval: float
     precision: np.ndarray = field(compare=False, repr=False)
     recall: np.ndarray = field(compare=False, repr=False)
+    resumed_images: int = field(default=0, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``{"PxAP": ..., "num_images": ..., "cam_curve_interval": ...}``."""

@@ -9,6 +9,7 @@ and the counters are all-reduced.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import warnings
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from .._files import replaceable
 from .box_evaluator import BoxEvaluator, BoxMetrics
-from .distributed import any_rank_failed, rank_and_world
+from .distributed import any_rank_failed, rank_and_world, sum_over_ranks
 from .mask_evaluator import MaskEvaluator, MaskMetrics
 from .metadata import WSOLMetadata, load_metadata
 
@@ -232,6 +233,7 @@ def evaluate_scoremaps(
            "scoremap_root": os.path.abspath(scoremap_root), "rank": rank, "world_size": world}
     path = state_file(resume, rank, world) if resume else None
     done = _restore(path, run, evaluator) if path and os.path.exists(path) else 0
+    resumed = done
 
     def load_batch(ids: list[str]) -> tuple[list[str], Tensor, tuple[Tensor, ...]]:
         maps = np.stack([load_scoremap(scoremap_root, image_id, shape) for image_id in ids])
@@ -259,7 +261,7 @@ def evaluate_scoremaps(
     total = evaluator.clone()
     if world > 1:
         total.all_reduce()
-    return total.compute()
+    return dataclasses.replace(total.compute(), resumed_images=sum_over_ranks(resumed, evaluator.device))
 
 
 __all__ = ["evaluate_scoremaps", "evaluation_shape", "load_scoremap", "make_evaluator", "scoremap_path", "state_file"]
