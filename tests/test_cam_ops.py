@@ -509,6 +509,9 @@ def test_bilinear_upsample_is_f_interpolate_up_to_rounding_and_exact_on_plateaus
 
 @requires_triton
 @pytest.mark.parametrize("splits", [1, 4])
+# (the subnormal span's 1 / span, kept for the backward, overflows float32 in the CAM epilogue: the
+# interpreter's numpy says so; the forward divides and is exact)
+@pytest.mark.filterwarnings("ignore:overflow encountered in divide:RuntimeWarning")
 def test_triton_min_max_divides_as_the_cpu_paths_do(splits):
     """Min-max normalisation divides by the span, rounded to nearest, on every path. The Triton kernels
     multiplied by 1 / span, which rounds twice: a map's maximum came out 0.99999994 (uint8 level 254,
