@@ -48,10 +48,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _check_output_dir(path: str) -> list[str]:
-    """A folder for outputs exists at ``path`` or can be made there, and is writable — checked before
-    any work, so that a bad ``--out`` is not found only after the run. Returns the folders it made."""
+    """A folder for outputs exists at ``path`` or can be made there, and is writable, and the files
+    demo and localize write there are not folders — checked before any work, so that a bad ``--out``
+    is not found only after the run (or half-way through its outputs). Returns the folders it made."""
+    from .localize import GRID_NAME, JSON_NAME
+
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"--out {path}: exists and is not a directory")
+    for name in (JSON_NAME, GRID_NAME):
+        if os.path.isdir(os.path.join(path, name)):
+            raise ValueError(f"--out {path}: {os.path.join(path, name)} is a directory, where the command writes a file")
     return _writable_folder(path, f"--out {path}", "it", "the directory")
 
 
@@ -63,6 +69,8 @@ def _writable_folder(folder: str, label: str, it: str, the_folder: str) -> list[
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
         made.insert(0, probe)
         probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):  # (makedirs would say "File exists")
+        raise ValueError(f"{label}: {probe} is a file, not a directory")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:

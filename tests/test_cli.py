@@ -77,7 +77,7 @@ def test_user_mistakes_are_one_line_errors_before_any_work(tmp_path, capsys, mon
     assert "not a device" in error_of(["localize", str(image), *model, "--device", "gpu0"])
     a_file = tmp_path / "a_file"
     a_file.write_text("")
-    assert "cannot create its folder" in error_of(["train", "--out", str(a_file / "m.pt")])
+    assert f"{a_file} is a file, not a directory" in error_of(["train", "--out", str(a_file / "m.pt")])
     train = ["train", "--out", str(tmp_path / "m.pt"), "--epochs", "1", "--train-size", "8"]
     for flags, message in ((["--canvas-size", "7"], "at least 8"), (["--pool", "gap", "--tau", "0.2"], "--pool tap"),
                            (["--lr", "inf"], "lr must be"),
@@ -91,7 +91,12 @@ def test_user_mistakes_are_one_line_errors_before_any_work(tmp_path, capsys, mon
     assert "is a directory" in error_of(["video", "--demo", "--jsonl", str(tmp_path)])
     assert "--fps must be a positive" in error_of(["video", "--demo", "--jsonl", str(tmp_path / "b.jsonl"), "--fps", "-1"])
     assert "leave out --model" in error_of(["video", "--demo", "--jsonl", str(tmp_path / "b.jsonl"), *model])
-    assert "cannot create its folder" in error_of(["video", "--demo", "--jsonl", str(a_file / "x.jsonl")])
+    assert f"{a_file} is a file, not a directory" in error_of(["video", "--demo", "--jsonl", str(a_file / "x.jsonl")])
+    outputs = tmp_path / "outputs"
+    (outputs / "grid.png").mkdir(parents=True)  # a folder where localize writes its grid: refused before the run
+    assert "grid.png is a directory, where the command writes a file" in error_of(
+        ["localize", str(image), *model, "--out", str(outputs)])
+    assert not (outputs / "localizations.json").exists()
     assert "is a directory" in error_of(["video", "--demo", "--out", str(tmp_path / "new" / "x.mp4"),
                                          "--jsonl", str(tmp_path)])
     assert not (tmp_path / "new").exists()  # the folder made for --out is removed again after the failure
@@ -187,7 +192,8 @@ def test_conflicting_flags_and_write_failures_are_one_line_errors(tmp_path, caps
     assert "the model takes one channel" in error_of(["localize", str(image), *model, "--normalize", "imagenet"])
     assert "is a directory; give image files" in error_of(["localize", str(tmp_path), *model])
     (tmp_path / "out" / "localizations.json").mkdir(parents=True)  # a folder where the command writes a file
-    assert "Is a directory" in error_of(["demo", "--count", "2", "--out", str(tmp_path / "out")], code=1)
+    assert "localizations.json is a directory, where the command writes a file" in error_of(
+        ["demo", "--count", "2", "--out", str(tmp_path / "out")])  # (before the run, not after it)
     with pytest.raises(SystemExit):
         cli.main(["demo", "--count", "1e3"])
     assert "invalid positive integer value: '1e3'" in capsys.readouterr().err

@@ -289,7 +289,8 @@ def test_train_cli_data_out_errors_come_before_any_work(tmp_path, capsys, monkey
     code, err = _cli_error([*train, "--data-out", str(blocked)], capsys)
     assert code == 2 and "ClutteredDigits exists and is not a directory" in err
     code, err = _cli_error([*train, "--data-out", str(a_file / "sub")], capsys)
-    assert code == 2 and err.startswith(f"rethinkcam: error: --data-out {a_file / 'sub'}: cannot create it")
+    assert code == 2 and err.startswith(f"rethinkcam: error: --data-out {a_file / 'sub'}: {a_file} is a file, not a "
+                                        "directory")
     code, err = _cli_error([*train, "--data-out", str(tmp_path / "fresh"), "--seed", "-1"], capsys)
     assert code == 2 and "--seed must be >= 0" in err
     code, err = _cli_error([*train, "--seed", str(2**64)], capsys)  # (torch.manual_seed's range, before any data)
