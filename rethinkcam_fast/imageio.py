@@ -29,14 +29,15 @@ def decoded_image(path: str):
 
     Raises:
         FileNotFoundError: no such file, or not a regular file (a directory; a named pipe, which
-            would block the reader forever).
+            would block the reader forever); its message is which: ``"not found"`` or ``"is not a
+            regular file"``, for the caller's sentence.
         ImageDecodeError: not a decodable image (truncated or corrupt; a header whose size Pillow
             refuses as a decompression bomb), with Pillow's reason.
     """
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(path)
+        raise FileNotFoundError("is not a regular file" if os.path.exists(path) else "not found")
     try:
         with Image.open(path) as image:
             image.load()
@@ -82,9 +83,8 @@ def read_image(path: str, channels: int = 3) -> Tensor:
         raise ImageReadError(f"{path}: is a directory; give image files (e.g. {os.path.join(path, '*.png')})")
     try:
         image = decoded_image(path)
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: image not found" if not os.path.exists(path) else
-                             f"{path}: not a regular file") from None
+    except FileNotFoundError as exc:
+        raise ImageReadError(f"{path}: image {exc}") from None
     except ImageDecodeError as exc:
         raise ImageReadError(f"{path}: not a readable image ({exc})") from None
     pixels = np.array(to_8bit(image).convert("L" if channels == 1 else "RGB"), dtype=np.uint8)

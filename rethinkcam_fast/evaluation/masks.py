@@ -39,9 +39,8 @@ def read_grayscale(path: str) -> np.ndarray:
     """An image file as a ``uint8 [h, w]`` grayscale array (8-bit PNG masks; colour is converted to luma)."""
     try:
         image = decoded_image(path)
-    except FileNotFoundError:
-        what = "not found" if not os.path.exists(path) else "is not a regular file"
-        raise FileNotFoundError(f"mask file {what}: {path}") from None
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"mask file {exc}: {path}") from None
     except ImageDecodeError as exc:
         raise ValueError(f"cannot read mask file {path}: {exc}") from None
     return np.asarray(image.convert("L"))

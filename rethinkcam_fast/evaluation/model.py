@@ -68,9 +68,8 @@ class WSOLImageDataset(torch.utils.data.Dataset):
         path = os.path.join(self.data_root, image_id)
         try:
             image = decoded_image(path)
-        except FileNotFoundError:
-            what = "not found" if not os.path.exists(path) else "is not a regular file"
-            raise FileNotFoundError(f"image {image_id!r} {what}: {path}") from None
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"image {image_id!r} {exc}: {path}") from None
         except ImageDecodeError as exc:
             raise ValueError(f"image {image_id!r} cannot be read ({path}): {exc}") from None
         mode = "RGB" if self.channels == 3 else "L"
